@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs every Debian package ksave's build, harness and tests need.
+# Idempotent: does nothing when all are present, so `make test` can call it.
+set -euo pipefail
+
+packages=(
+  # QEMU and disk tooling (qemu-system-x86 removes qemu-img: we use truncate + sgdisk)
+  qemu-system-x86 gdisk
+  # kernel A's userspace
+  kexec-tools busybox-static cpio
+  # the test kernel
+  linux-source-6.12 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+  # GRUB multiboot2 boots (restore issue)
+  grub-pc-bin grub-common xorriso mtools
+  # inspecting exports
+  binutils
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+echo "qemu/deps.sh: installing ${missing[*]}" >&2
+SUDO=
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds kernel A's initramfs: busybox, kexec-tools with its libraries, the
+# ksave image and CLI, /init and the test scenarios.
+#   mkinitramfs.sh OUT.cpio.gz KSAVE_ELF [KSAVE_CLI]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=$1 elf=$2 cli=${3:-}
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+
+mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,scenarios}
+cp /bin/busybox "$stage/bin/busybox"
+if ldd /bin/busybox >/dev/null 2>&1; then  # ldd fails on static binaries
+  echo "mkinitramfs.sh: /bin/busybox is not static (install busybox-static)" >&2; exit 1
+fi
+
+# A dynamic binary and every library it loads, at the same paths.
+add_dynamic() {
+  install -D -m 0755 "$1" "$stage$2"
+  ldd "$1" | grep -o '/[^ ]*' | while read -r lib; do
+    install -D -m 0755 "$lib" "$stage$lib"
+  done
+}
+add_dynamic "$(command -v kexec)" /usr/sbin/kexec
+[ -z "$cli" ] || add_dynamic "$cli" /usr/bin/ksave
+
+install -m 0644 "$elf" "$stage/ksave.elf"
+install -m 0755 "$here/initramfs/init" "$stage/init"
+install -m 0755 "$here"/initramfs/scenarios/*.sh "$stage/scenarios/"
+
+mkdir -p "$(dirname "$out")"
+(cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -6 > "$out.tmp"
+mv "$out.tmp" "$out"

@@ -1,0 +1,100 @@
+//! ksave started by a bootloader (multiboot 1 or 2): read the memory map and
+//! the command line.
+
+use bootinfo::memmap::{MemoryMap, RegionKind};
+use bootinfo::multiboot1;
+use multiboot2::{BootInformation, BootInformationHeader};
+
+use crate::cpu::stop;
+use crate::layout::{IDENTITY_MAPPED_END, image_range};
+use crate::physmem;
+use crate::println;
+use crate::qemu::ExitCode;
+
+/// What a bootloader told us.
+struct BootInfo<'a> {
+    protocol: &'static str,
+    cmdline: &'a str,
+    map: MemoryMap,
+}
+
+pub fn run_multiboot1(info: u64) -> ! {
+    // SAFETY: EBX of a multiboot 1 entry points at the information structure,
+    // in RAM below 4 GiB (Multiboot 0.6.96 section 3.2).
+    let parsed = multiboot1::Info::parse(unsafe { physmem::bytes(info, multiboot1::INFO_SIZE) });
+    let Some(parsed) = parsed else { fail("multiboot1 information structure unreadable") };
+    let mut map = MemoryMap::new();
+    match parsed.mmap {
+        Some((addr, len)) => {
+            // SAFETY: the loader's mmap buffer, in RAM below 4 GiB.
+            let bytes = unsafe { physmem::bytes(addr as u64, len as usize) };
+            if let Err(e) = multiboot1::add_mmap(bytes, &mut map) {
+                fail_fmt(format_args!("multiboot1 memory map unusable: {e:?}"));
+            }
+        }
+        None => fail("multiboot1 loader gave no memory map"),
+    }
+    // SAFETY: the loader's NUL-terminated command line, in RAM below 4 GiB.
+    let cmdline = parsed.cmdline.map(|a| unsafe { c_str(a as u64) }).unwrap_or("");
+    report(&BootInfo { protocol: "multiboot1", cmdline, map }, info)
+}
+
+pub fn run_multiboot2(info: u64) -> ! {
+    // SAFETY: EBX of a multiboot2 entry points at the boot information, 8-byte
+    // aligned, in RAM below 4 GiB (Multiboot2 1.0 section 3.2).
+    let mbi = match unsafe { BootInformation::load(info as *const BootInformationHeader) } {
+        Ok(mbi) => mbi,
+        Err(e) => fail_fmt(format_args!("multiboot2 boot information unreadable: {e:?}")),
+    };
+    let mut map = MemoryMap::new();
+    let Some(tag) = mbi.memory_map_tag() else { fail("multiboot2 loader gave no memory map") };
+    for area in tag.memory_areas() {
+        if let Err(e) = map.add(area.start_address(), area.size(), RegionKind::from_e820(u32::from(area.typ()))) {
+            fail_fmt(format_args!("multiboot2 memory map unusable: {e:?}"));
+        }
+    }
+    let cmdline = mbi.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
+    report(&BootInfo { protocol: "multiboot2", cmdline, map }, info)
+}
+
+fn report(boot: &BootInfo, info: u64) -> ! {
+    let (start, end) = image_range();
+    println!("ksave {}: booted by {} (info at {info:#x})", env!("CARGO_PKG_VERSION"), boot.protocol);
+    println!("ksave:   command line \"{}\"", boot.cmdline);
+    println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB)", (end - start) / 1024);
+    println!("ksave:   memory visible: identity map 0-{} GiB (2 MiB pages)", IDENTITY_MAPPED_END >> 30);
+    println!("ksave:   memory map: {} regions, {} MiB RAM", boot.map.regions().len(), boot.map.ram_bytes() >> 20);
+    for region in boot.map.regions() {
+        println!("ksave:     {region}");
+    }
+    if !boot.map.is_ram(start, end - start) {
+        fail("ksave's own load range is not RAM in this memory map");
+    }
+    println!("ksave: nothing to restore: this build only reports; stopping");
+    stop(ExitCode::Success)
+}
+
+fn fail(why: &str) -> ! {
+    fail_fmt(format_args!("{why}"))
+}
+
+fn fail_fmt(why: core::fmt::Arguments) -> ! {
+    println!("ksave: error: {why}");
+    stop(ExitCode::Failure)
+}
+
+/// A NUL-terminated string in physical memory, cut at 4 KiB and at the first
+/// non-UTF-8 byte.
+///
+/// # Safety
+/// `addr` must be readable RAM below 4 GiB.
+unsafe fn c_str<'a>(addr: u64) -> &'a str {
+    // SAFETY: upheld by the caller; at most 4 KiB are read, and the search
+    // stops at the NUL.
+    let bytes = unsafe { physmem::bytes(addr, 4096) };
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    match core::str::from_utf8(&bytes[..len]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+    }
+}

@@ -1,0 +1,153 @@
+//! ksave's CPU tables (IDT, TSS) and what happens on a CPU exception: a
+//! report on the console, then a stop. Never a silent triple fault.
+
+use core::mem::size_of;
+
+use x86::bits64::task::TaskStateSegment;
+use x86::dtables::{DescriptorTablePointer, lidt};
+use x86::segmentation::SegmentSelector;
+
+use crate::layout::image_range;
+use crate::qemu::{self, ExitCode};
+use crate::println;
+
+/// Selector of the TSS in asm/tables.s's GDT (index 4).
+const TSS_SELECTOR: u16 = 0x20;
+const KERNEL_CS: u16 = 0x10;
+/// IST slot used by double faults and NMIs, so a blown stack still reports.
+const IST_FAULT: u8 = 1;
+
+#[repr(C, align(16))]
+struct IdtEntry([u64; 2]);
+
+static mut IDT: [IdtEntry; 32] = [const { IdtEntry([0; 2]) }; 32];
+static mut TSS: TaskStateSegment = TaskStateSegment::new();
+
+#[repr(align(16))]
+struct FaultStack(#[expect(dead_code, reason = "only its address is used")] [u8; 8192]);
+static mut FAULT_STACK: FaultStack = FaultStack([0; 8192]);
+
+unsafe extern "C" {
+    static ksave_exception_stubs: [u64; 32];
+    static mut ksave_gdt: [u64; 6];
+}
+
+/// Loads ksave's IDT and TSS. Runs on every entry: the kexec caller left
+/// both descriptor tables with limit 0, a bootloader left its own.
+pub fn init() {
+    // SAFETY: single CPU with interrupts off; the statics are ksave's own and
+    // nothing else references them while they are rebuilt.
+    unsafe {
+        let tss = &raw mut TSS;
+        (*tss).ist[(IST_FAULT - 1) as usize] = (&raw mut FAULT_STACK) as u64 + size_of::<FaultStack>() as u64;
+        (*tss).iomap_base = size_of::<TaskStateSegment>() as u16;
+        let (low, high) = tss_descriptor(tss as u64, size_of::<TaskStateSegment>() as u64 - 1);
+        let gdt = &raw mut ksave_gdt;
+        (*gdt)[4] = low; // type "available": a re-entry finds it busy, ltr needs it not
+        (*gdt)[5] = high;
+        x86::task::load_tr(SegmentSelector::from_raw(TSS_SELECTOR));
+
+        let idt = &raw mut IDT;
+        for (vector, stub) in ksave_exception_stubs.iter().enumerate() {
+            let ist = if vector == 2 || vector == 8 { IST_FAULT } else { 0 };
+            (*idt)[vector] = interrupt_gate(*stub, ist);
+        }
+        lidt(&DescriptorTablePointer { limit: (size_of::<[IdtEntry; 32]>() - 1) as u16, base: idt as *const IdtEntry });
+    }
+}
+
+/// A 64-bit TSS descriptor (Intel SDM vol. 3A 8.2.3, figure 8-4): type 9
+/// (available 64-bit TSS), present.
+fn tss_descriptor(base: u64, limit: u64) -> (u64, u64) {
+    let low = (limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | 0x9 << 40
+        | 1 << 47
+        | ((limit >> 16) & 0xf) << 48
+        | ((base >> 24) & 0xff) << 56;
+    (low, base >> 32)
+}
+
+/// A 64-bit interrupt gate (Intel SDM vol. 3A 6.14.1, figure 6-8): type 0xE,
+/// present, DPL 0, interrupts stay off inside the handler.
+fn interrupt_gate(handler: u64, ist: u8) -> IdtEntry {
+    let low = (handler & 0xffff)
+        | (KERNEL_CS as u64) << 16
+        | (ist as u64) << 32
+        | 0xE << 40
+        | 1 << 47
+        | ((handler >> 16) & 0xffff) << 48;
+    IdtEntry([low, handler >> 32])
+}
+
+/// What asm/exceptions.s pushed, lowest address first.
+#[repr(C)]
+pub struct ExceptionFrame {
+    r15: u64, r14: u64, r13: u64, r12: u64, r11: u64, r10: u64, r9: u64, r8: u64,
+    rbp: u64, rdi: u64, rsi: u64, rdx: u64, rcx: u64, rbx: u64, rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const NAMES: [&str; 32] = [
+    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
+    "device not available", "double fault", "coprocessor overrun", "invalid TSS", "segment not present",
+    "stack fault", "general protection", "page fault", "reserved", "x87 FP", "alignment check",
+    "machine check", "SIMD FP", "virtualization", "control protection", "reserved", "reserved",
+    "reserved", "reserved", "reserved", "reserved", "hypervisor injection", "VMM communication",
+    "security", "reserved",
+];
+
+#[unsafe(no_mangle)]
+extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
+    // SAFETY: reading CR2 has no side effects.
+    let cr2 = unsafe { x86::controlregs::cr2() };
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
+    println!(
+        "ksave: CPU exception {} ({name}), error code {:#x}, RIP {:#x}, CR2 {:#x}, RSP {:#x}, RFLAGS {:#x}",
+        frame.vector, frame.error_code, frame.rip, cr2, frame.rsp, frame.rflags
+    );
+    println!(
+        "ksave:   rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
+        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
+    );
+    println!(
+        "ksave:   r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
+        frame.r8, frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15
+    );
+    print_call_chain(frame.rbp);
+    stop(ExitCode::Exception)
+}
+
+/// The stack hint: return addresses along the frame-pointer chain (the image
+/// is built with frame pointers), followed only inside ksave's own memory.
+fn print_call_chain(mut rbp: u64) {
+    let (start, end) = image_range();
+    crate::print!("ksave:   call chain:");
+    for _ in 0..16 {
+        if rbp % 8 != 0 || rbp < start || rbp + 16 > end {
+            break;
+        }
+        // SAFETY: rbp was just checked to be an aligned address inside
+        // ksave's own identity-mapped image.
+        let (next, ret) = unsafe { (*(rbp as *const u64), *((rbp + 8) as *const u64)) };
+        crate::print!(" {ret:#x}");
+        rbp = next;
+    }
+    println!();
+}
+
+/// Ends ksave when there is no caller to return to: QEMU exits with `code`
+/// when its debug-exit device is there; otherwise the CPU halts for good.
+pub fn stop(code: ExitCode) -> ! {
+    qemu::exit(code);
+    loop {
+        // SAFETY: interrupts are off; hlt only waits (for an NMI at most).
+        unsafe { x86::halt() };
+    }
+}

@@ -1,0 +1,16 @@
+//! The image's own memory, as the linker script laid it out.
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// ksave's load range `[start, end)`: the only memory it may write while the
+/// caller's RAM is live.
+pub fn image_range() -> (u64, u64) {
+    // Linker-script symbols: only their addresses mean anything.
+    (&raw const __image_start as u64, &raw const __image_end as u64)
+}
+
+/// Everything below this is identity-mapped by asm/tables.s.
+pub const IDENTITY_MAPPED_END: u64 = 4 << 30;

@@ -1,0 +1,76 @@
+//! ksave: a tiny kexec-jump image that saves and restores the calling
+//! kernel's RAM.
+//!
+//! Entered three ways (asm/entry.s): by a kexec jump from Linux (64-bit, the
+//! ELF entry point), or by a multiboot 1/2 bootloader (32-bit). All three end
+//! in [`ksave_main`] on ksave's own stack, GDT and page tables with SSE on.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod boot;
+mod caller;
+mod console;
+mod cpu;
+mod heap;
+mod layout;
+mod physmem;
+mod qemu;
+
+core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("../asm/tables.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("../asm/exceptions.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("../asm/mem.s"), options(att_syntax));
+
+/// How ksave was entered (asm/entry.s passes one of these in `kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// By `kexec -e` of an image loaded with `--load-preserve-context`.
+    KexecJump { reentry: u64, caller_rsp: u64 },
+    /// By a multiboot 1 loader (QEMU `-kernel`).
+    Multiboot1 { info: u64 },
+    /// By a multiboot 2 loader (GRUB).
+    Multiboot2 { info: u64 },
+}
+
+/// The first Rust code to run, on every entry.
+#[unsafe(no_mangle)]
+extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
+    let entry = match kind {
+        0 => Entry::KexecJump { reentry: arg, caller_rsp },
+        1 => Entry::Multiboot1 { info: arg },
+        2 => Entry::Multiboot2 { info: arg },
+        _ => {
+            console::init(false);
+            println!("ksave: entered with an unknown boot protocol (magic not multiboot 1 or 2)");
+            cpu::stop(qemu::ExitCode::Failure);
+        }
+    };
+    // The caller's UART settings are kept on a kexec jump; a bootloader's
+    // are replaced with ours.
+    console::init(!matches!(entry, Entry::KexecJump { .. }));
+    cpu::init();
+    heap::init();
+    match entry {
+        Entry::KexecJump { reentry, caller_rsp } => caller::run(reentry, caller_rsp),
+        Entry::Multiboot1 { info } => boot::run_multiboot1(info),
+        Entry::Multiboot2 { info } => boot::run_multiboot2(info),
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("ksave: panic: {info}");
+    // A panic is a bug in ksave, not damage to the caller: ksave writes only
+    // its own pages, so a kexec caller can safely be given control back.
+    if let Some(reentry) = caller::reentry() {
+        println!("ksave: returning to the caller after the panic");
+        caller::return_to_caller(reentry);
+    }
+    cpu::stop(qemu::ExitCode::Failure)
+}
+
+/// The precompiled `core` refers to it; with `panic = "abort"` it is never called.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,29 @@
+//! Reading physical memory through ksave's identity map.
+
+use crate::layout::IDENTITY_MAPPED_END;
+use bootinfo::PhysRead;
+
+/// Physical memory below [`IDENTITY_MAPPED_END`], read through the identity map.
+pub struct IdentityMapped;
+
+impl PhysRead for IdentityMapped {
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        if addr % 8 != 0 || addr.checked_add(8)? > IDENTITY_MAPPED_END {
+            return None;
+        }
+        // SAFETY: addr is aligned and inside the identity map built by
+        // asm/tables.s, so the read cannot fault; callers only pass
+        // addresses they were given as RAM (a read of RAM has no effects).
+        Some(unsafe { core::ptr::read_volatile(addr as *const u64) })
+    }
+}
+
+/// Borrows `len` bytes of physical memory at `addr`.
+///
+/// # Safety
+/// The range must be RAM below [`IDENTITY_MAPPED_END`] that nothing writes
+/// while the slice lives.
+pub unsafe fn bytes<'a>(addr: u64, len: usize) -> &'a [u8] {
+    // SAFETY: upheld by the caller.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+}
