@@ -67,12 +67,21 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     for region in boot.map.regions() {
         println!("ksave:     {region}");
     }
+    if boot.cmdline.split_whitespace().any(|w| w == "ksave.selftest=page-fault") {
+        println!("ksave: self-test: reading {UNMAPPED:#x}, which no page table maps");
+        // SAFETY: a deliberate page fault to prove the exception path; the
+        // handler reports it and stops, so the read never completes.
+        unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    }
     if !boot.map.is_ram(start, end - start) {
         fail("ksave's own load range is not RAM in this memory map");
     }
     println!("ksave: nothing to restore: this build only reports; stopping");
     stop(ExitCode::Success)
 }
+
+/// Canonical, but beyond the 4 GiB identity map: PDPT entry 64 is empty.
+const UNMAPPED: u64 = 0x10_0000_0000;
 
 fn fail(why: &str) -> ! {
     fail_fmt(format_args!("{why}"))

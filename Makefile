@@ -1,0 +1,59 @@
+# ksave. `make` builds the image and the CLI; `make qemu` runs the demo;
+# `make test` runs every test (host units, then real kernels in QEMU).
+SHELL := bash
+CARGO ?= cargo
+BUILD := build
+ELF := $(BUILD)/ksave.elf
+CLI := $(BUILD)/ksave
+VM_INPUTS := $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz
+
+.PHONY: all size deps vm-inputs qemu qemu-multiboot test bench clean FORCE
+all: $(ELF) $(CLI)
+
+# cargo knows what is stale; make only copies the results where they belong.
+$(ELF): FORCE
+	$(CARGO) build --release -p ksave --bin ksave-image
+	@mkdir -p $(BUILD)
+	cp target/release/ksave-image $@
+
+$(CLI): FORCE
+	$(CARGO) build --release -p ksave-tools -p ksave-qemu
+	@mkdir -p $(BUILD)
+	cp target/release/ksave $@
+
+size: $(ELF) $(CLI)
+	$(CLI) image $(ELF)
+
+deps:
+	qemu/deps.sh
+
+# The kernel is cached outside the repo by a hash of its inputs; the script
+# prints the cached path (and builds it the first time, ~7 minutes).
+$(BUILD)/bzImage: FORCE | deps
+	@mkdir -p $(BUILD)
+	k=$$(qemu/build-kernel.sh) && cmp -s "$$k" $@ || cp "$$k" $@
+
+$(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/init $(wildcard qemu/initramfs/scenarios/*) | deps
+	qemu/mkinitramfs.sh $@ $(ELF) $(CLI)
+
+vm-inputs: $(VM_INPUTS)
+
+qemu: vm-inputs
+	target/release/ksave-qemu demo
+
+qemu-multiboot: $(ELF) $(CLI)
+	target/release/ksave-qemu multiboot
+
+# Host unit tests of every crate that runs on the host, and the QEMU
+# end-to-end scenarios, in one cargo run (one VM at a time: 2 cores), then
+# one total line.
+test: vm-inputs
+	set -o pipefail; $(CARGO) test --release --lib --bins --tests -- --test-threads=1 --nocapture 2>&1 | tee $(BUILD)/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' $(BUILD)/test.log
+
+bench:
+	@echo "make bench: no benchmarks yet (they arrive with the disk drivers)"; exit 1
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

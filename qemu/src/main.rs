@@ -1,0 +1,17 @@
+//! `ksave-qemu`: runs a harness scenario with the console on the terminal.
+
+use anyhow::{Result, bail};
+use ksave_qemu::scenarios;
+
+fn main() -> Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
+    let report = match which.as_str() {
+        "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,
+        "multiboot" => scenarios::multiboot1_boot(true)?,
+        "exception" => scenarios::exception_report(true)?,
+        other => bail!("unknown scenario {other:?}: demo, multiboot or exception"),
+    };
+    println!("\n{report}");
+    println!("PASS");
+    Ok(())
+}

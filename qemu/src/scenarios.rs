@@ -1,0 +1,139 @@
+//! End-to-end scenarios. Each returns a [`Report`] of what it measured, or an
+//! error with the console lines that led to it.
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ksave_tools::elfimage::ImageLayout;
+
+use crate::{Vm, VmConfig, build_input};
+
+/// What a scenario measured, for the demo and the test log.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// Measurements, in order: what, value.
+    pub figures: Vec<(String, String)>,
+}
+
+impl Report {
+    fn new(name: &str) -> Self {
+        Self { name: name.into(), figures: Vec::new() }
+    }
+
+    fn add(&mut self, what: impl Into<String>, value: impl Into<String>) {
+        self.figures.push((what.into(), value.into()));
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "== {}", self.name)?;
+        for (what, value) in &self.figures {
+            writeln!(f, "   {what:<40} {value}")?;
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Kernel A boots, fills tmpfs with random data, loads ksave with
+/// `kexec --load-preserve-context`, jumps to it twice (the second time
+/// without reloading) and checks its data after each return; then powers off.
+pub fn kexec_round_trip(echo: bool) -> Result<Report> {
+    let elf = build_input("ksave.elf")?;
+    let layout = ImageLayout::parse(&std::fs::read(&elf)?).context("reading build/ksave.elf")?;
+    let append = format!(
+        "console=ttyS0,115200 panic=-1 ksave.test=roundtrip ksave.mem_min={:#x} ksave.mem_max={:#x}",
+        layout.start,
+        layout.end - 1
+    );
+    let config = VmConfig::new("kexec-roundtrip").arg([
+        "-kernel".into(),
+        build_input("bzImage")?.display().to_string(),
+        "-initrd".into(),
+        build_input("initramfs.cpio.gz")?.display().to_string(),
+        "-append".into(),
+        append,
+    ]);
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let mut report = Report::new("kexec jump round trip (kernel A -> ksave -> A, twice)");
+
+    let init = vm.expect("ksave-test: scenario roundtrip", 90 * SECOND)?;
+    report.add("kernel A boot to /init", ms(init.at));
+    vm.expect("sha256 before:", 60 * SECOND)?;
+    for round in 1..=2 {
+        let jump = vm.expect(&format!("jump {round}: kexec -e"), 60 * SECOND)?;
+        let banner = vm.expect(&format!("entered by kexec jump (entry {round})"), 30 * SECOND)?;
+        let map = vm.expect("backup map:", 10 * SECOND)?;
+        ensure!(map.text.contains("exactly ksave's own range"), "jump {round}: backup map not as expected: {}", map.text);
+        vm.expect("ksave: returning to caller", 10 * SECOND)?;
+        let back = vm.expect(&format!("back from jump {round}"), 30 * SECOND)?;
+        vm.expect(&format!("sha256 after jump {round} matches"), 60 * SECOND)?;
+        report.add(format!("jump {round}: `kexec -e` to ksave banner"), ms(banner.at - jump.at));
+        report.add(format!("jump {round}: ksave banner to A running again"), ms(back.at - banner.at));
+    }
+    vm.expect("KSAVE-TEST-RESULT: PASS", 30 * SECOND)?;
+    vm.refute_seen("CPU exception")?;
+    vm.refute_seen("ksave: panic")?;
+    // poweroff -f ends QEMU with 0: only the PASS line above makes it a pass.
+    vm.expect_exit(0, 30 * SECOND)?;
+    report.add("VM total run time", ms(vm.elapsed()));
+    report.add("ksave footprint", format!("{} KiB", layout.footprint() / 1024));
+    Ok(report)
+}
+
+fn boot_ksave_directly(name: &str, append: &str, echo: bool) -> Result<Vm> {
+    let elf = build_input("ksave.elf")?;
+    let config = VmConfig::new(name).arg(["-kernel", &elf.display().to_string(), "-append", append]);
+    Vm::start(VmConfig { echo, ..config })
+}
+
+/// QEMU boots ksave.elf by multiboot 1 (`-kernel`): ksave prints its banner
+/// and the memory map and exits through isa-debug-exit with success.
+pub fn multiboot1_boot(echo: bool) -> Result<Report> {
+    let mut vm = boot_ksave_directly("multiboot1", "ksave.demo", echo)?;
+    let mut report = Report::new("multiboot 1 boot (QEMU -kernel ksave.elf)");
+    let banner = vm.expect("booted by multiboot1", 30 * SECOND)?;
+    let cmdline = vm.expect("command line", 5 * SECOND)?;
+    ensure!(cmdline.text.contains("ksave.demo"), "command line not passed through: {}", cmdline.text);
+    let map = vm.expect("memory map:", 5 * SECOND)?;
+    // 512 MiB guest: the map must show nearly all of it as RAM.
+    let ram_mib: u64 = map
+        .text
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no RAM size in {:?}", map.text))?;
+    ensure!((500..=512).contains(&ram_mib), "memory map shows {ram_mib} MiB of RAM in a 512 MiB guest");
+    vm.expect("KiB RAM", 5 * SECOND)?;
+    vm.expect("nothing to restore", 5 * SECOND)?;
+    vm.expect_exit(33, 10 * SECOND)?;
+    report.add("QEMU start to ksave banner", ms(banner.at));
+    report.add("RAM in the multiboot memory map", format!("{ram_mib} MiB"));
+    report.add("VM total run time", ms(vm.elapsed()));
+    Ok(report)
+}
+
+/// ksave's self-test provokes a page fault: the handler must report vector,
+/// error code, RIP, CR2 and a call chain, then exit with the exception code.
+pub fn exception_report(echo: bool) -> Result<Report> {
+    let mut vm = boot_ksave_directly("exception", "ksave.selftest=page-fault", echo)?;
+    let mut report = Report::new("CPU exception report (provoked page fault)");
+    let fault = vm.expect("CPU exception 14 (page fault)", 30 * SECOND)?;
+    ensure!(fault.text.contains("CR2 0x1000000000,"), "fault address missing: {}", fault.text);
+    ensure!(fault.text.contains("RIP 0x2"), "RIP not inside ksave: {}", fault.text);
+    let chain = vm.expect("call chain:", 5 * SECOND)?;
+    ensure!(chain.text.split_whitespace().count() > 3, "empty call chain: {}", chain.text);
+    vm.expect_exit(37, 10 * SECOND)?;
+    report.add("VM total run time", ms(vm.elapsed()));
+    Ok(report)
+}

@@ -1,0 +1,194 @@
+//! One QEMU process and its serial console.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// How to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Name for the log file and messages.
+    pub name: String,
+    /// Arguments after the common ones (kernel, disks, ...).
+    pub args: Vec<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// Copy the console to our stdout as it arrives (the demo).
+    pub echo: bool,
+}
+
+impl VmConfig {
+    /// The harness's standard machine: 512 MiB, 2 CPUs, TCG, no display, no
+    /// reboot (a triple fault or reboot ends QEMU), isa-debug-exit on 0xf4.
+    pub fn new(name: &str) -> Self {
+        Self { name: name.into(), args: Vec::new(), memory_mib: 512, cpus: 2, echo: false }
+    }
+
+    /// Appends arguments.
+    pub fn arg<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// One console line and when it arrived, counted from QEMU's start.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// Time since the VM was started.
+    pub at: Duration,
+    /// The text, without the line ending.
+    pub text: String,
+}
+
+/// A running QEMU. Killed when dropped.
+pub struct Vm {
+    name: String,
+    child: Child,
+    lines: Receiver<Line>,
+    seen: Vec<Line>,
+    log: PathBuf,
+    started: Instant,
+}
+
+/// Lines of console shown when a step fails.
+const TAIL: usize = 40;
+
+impl Vm {
+    /// Starts QEMU; its console goes to `build/logs/NAME.log` too.
+    pub fn start(config: VmConfig) -> Result<Self> {
+        let log = crate::build_dir().join("logs").join(format!("{}.log", config.name));
+        std::fs::create_dir_all(log.parent().unwrap())?;
+        let mut log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-display", "none", "-no-reboot", "-serial", "stdio"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+            .args(["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()])
+            .args(&config.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().context("starting qemu-system-x86_64 (is QEMU installed? run qemu/deps.sh)")?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let echo = config.echo;
+        let err_tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                let at = started.elapsed();
+                let _ = writeln!(log_file, "[{:8.3}] {text}", at.as_secs_f64());
+                if echo {
+                    println!("{text}");
+                }
+                buf.clear();
+                if tx.send(Line { at, text }).is_err() {
+                    break;
+                }
+            }
+        });
+        // QEMU's own complaints (bad arguments, missing files) matter too.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let at = started.elapsed();
+                let _ = err_tx.send(Line { at, text: format!("qemu: {line}") });
+            }
+        });
+        Ok(Self { name: config.name, child, lines, seen: Vec::new(), log, started })
+    }
+
+    /// Waits up to `timeout` for a line containing `needle`, after the lines
+    /// already matched.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> Result<Line> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.text.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(self.failure(&format!("no line with {needle:?} within {timeout:?}")));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    return Err(self.failure(&format!("console closed ({status}) before a line with {needle:?}")));
+                }
+            }
+        }
+    }
+
+    /// Fails if any line seen so far contains `needle`.
+    pub fn refute_seen(&self, needle: &str) -> Result<()> {
+        match self.seen.iter().find(|l| l.text.contains(needle)) {
+            Some(l) => Err(self.failure(&format!("unexpected line: {:?}", l.text))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Collect the last lines the reader threads still hold.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code().ok_or_else(|| self.failure(&format!("QEMU killed by a signal ({status})")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(&format!("QEMU still running after {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for QEMU to exit with `code`.
+    pub fn expect_exit(&mut self, code: i32, timeout: Duration) -> Result<()> {
+        let got = self.wait_exit(timeout)?;
+        if got != code {
+            bail!(self.failure(&format!("QEMU exited {got}, expected {code}")));
+        }
+        Ok(())
+    }
+
+    /// Time since the VM started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn failure(&self, what: &str) -> anyhow::Error {
+        let tail: Vec<_> = self.seen.iter().rev().take(TAIL).rev().map(|l| format!("  [{:8.3}] {}", l.at.as_secs_f64(), l.text)).collect();
+        anyhow!(
+            "VM {}: {what}\nlast {} console lines (full log: {}):\n{}",
+            self.name,
+            tail.len(),
+            self.log.display(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

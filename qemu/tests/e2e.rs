@@ -1,0 +1,26 @@
+//! End-to-end: real kernels, real kexec, real QEMU. Needs the VM inputs that
+//! `make test` builds first (build/ksave.elf, bzImage, initramfs.cpio.gz).
+
+use ksave_qemu::scenarios;
+
+fn run(scenario: fn(bool) -> anyhow::Result<scenarios::Report>) {
+    match scenario(false) {
+        Ok(report) => println!("{report}"),
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+#[test]
+fn kexec_jump_round_trip_and_reentry() {
+    run(scenarios::kexec_round_trip);
+}
+
+#[test]
+fn multiboot1_boot_reports_memory_map() {
+    run(scenarios::multiboot1_boot);
+}
+
+#[test]
+fn cpu_exception_is_reported_not_a_triple_fault() {
+    run(scenarios::exception_report);
+}
