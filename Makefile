@@ -5,7 +5,7 @@ CARGO ?= cargo
 BUILD := build
 ELF := $(BUILD)/ksave.elf
 CLI := $(BUILD)/ksave
-VM_INPUTS := $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz
+VM_INPUTS := $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso
 
 .PHONY: all size deps vm-inputs qemu qemu-multiboot test bench clean FORCE
 all: $(ELF) $(CLI)
@@ -35,6 +35,9 @@ $(BUILD)/bzImage: FORCE | deps
 
 $(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/init $(wildcard qemu/initramfs/scenarios/*) | deps
 	qemu/mkinitramfs.sh $@ $(ELF) $(CLI)
+
+$(BUILD)/grub.iso: $(ELF) qemu/mkgrubiso.sh | deps
+	qemu/mkgrubiso.sh $@ $(ELF) ksave.demo
 
 vm-inputs: $(VM_INPUTS)
 

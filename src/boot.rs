@@ -6,7 +6,8 @@ use bootinfo::multiboot1;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
-use crate::layout::{IDENTITY_MAPPED_END, image_range};
+use crate::layout::image_range;
+use crate::paging;
 use crate::physmem;
 use crate::println;
 use crate::qemu::ExitCode;
@@ -62,7 +63,7 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     println!("ksave {}: booted by {} (info at {info:#x})", env!("CARGO_PKG_VERSION"), boot.protocol);
     println!("ksave:   command line \"{}\"", boot.cmdline);
     println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB)", (end - start) / 1024);
-    println!("ksave:   memory visible: identity map 0-{} GiB (2 MiB pages)", IDENTITY_MAPPED_END >> 30);
+    println!("ksave:   memory visible: {}", paging::Describe);
     println!("ksave:   memory map: {} regions, {} MiB RAM", boot.map.regions().len(), boot.map.ram_bytes() >> 20);
     for region in boot.map.regions() {
         println!("ksave:     {region}");
@@ -80,8 +81,9 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     stop(ExitCode::Success)
 }
 
-/// Canonical, but beyond the 4 GiB identity map: PDPT entry 64 is empty.
-const UNMAPPED: u64 = 0x10_0000_0000;
+/// 1 TiB: canonical, and beyond any identity map ksave builds (PML4 entry 2
+/// is empty).
+const UNMAPPED: u64 = 0x100_0000_0000;
 
 fn fail(why: &str) -> ! {
     fail_fmt(format_args!("{why}"))

@@ -5,7 +5,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bootinfo::kexec::{self, CallerContext};
 
-use crate::layout::{IDENTITY_MAPPED_END, image_range};
+use crate::layout::image_range;
+use crate::paging;
 use crate::physmem::IdentityMapped;
 use crate::{heap, println};
 
@@ -33,7 +34,7 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     println!("ksave {}: entered by kexec jump (entry {entry})", env!("CARGO_PKG_VERSION"));
     println!("ksave:   caller re-entry {reentry:#x}, stack {caller_rsp:#x}");
     println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB, heap {} KiB)", (end - start) / 1024, heap::HEAP_SIZE / 1024);
-    println!("ksave:   memory visible: identity map 0-{} GiB (2 MiB pages)", IDENTITY_MAPPED_END >> 30);
+    println!("ksave:   memory visible: {}", paging::Describe);
     let mem = IdentityMapped;
     match CallerContext::read(reentry, &mem) {
         Ok(ctx) => {
@@ -52,7 +53,8 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
 /// Checks that the pages the jump displaced are exactly ksave's own.
 fn report_backup_map(ctx: &CallerContext, start: u64, end: u64) {
     // Until the RAM map comes with the config, "RAM" is what is mapped.
-    let is_ram = |a: u64| a < IDENTITY_MAPPED_END;
+    let mapped_end = paging::identity_end();
+    let is_ram = |a: u64| a < mapped_end;
     let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
     match kexec::coverage(ctx.backup_head, &IdentityMapped, is_ram, start, end, &mut seen) {
         Ok(cov) if cov.is_exact() => {

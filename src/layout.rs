@@ -11,6 +11,3 @@ pub fn image_range() -> (u64, u64) {
     // Linker-script symbols: only their addresses mean anything.
     (&raw const __image_start as u64, &raw const __image_end as u64)
 }
-
-/// Everything below this is identity-mapped by asm/tables.s.
-pub const IDENTITY_MAPPED_END: u64 = 4 << 30;

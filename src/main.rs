@@ -15,6 +15,7 @@ mod console;
 mod cpu;
 mod heap;
 mod layout;
+mod paging;
 mod physmem;
 mod qemu;
 
@@ -51,6 +52,7 @@ extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
     // are replaced with ours.
     console::init(!matches!(entry, Entry::KexecJump { .. }));
     cpu::init();
+    paging::init();
     heap::init();
     match entry {
         Entry::KexecJump { reentry, caller_rsp } => caller::run(reentry, caller_rsp),

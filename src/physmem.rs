@@ -1,18 +1,18 @@
 //! Reading physical memory through ksave's identity map.
 
-use crate::layout::IDENTITY_MAPPED_END;
+use crate::paging::identity_end;
 use bootinfo::PhysRead;
 
-/// Physical memory below [`IDENTITY_MAPPED_END`], read through the identity map.
+/// Physical memory below [`identity_end`], read through the identity map.
 pub struct IdentityMapped;
 
 impl PhysRead for IdentityMapped {
     fn read_u64(&self, addr: u64) -> Option<u64> {
-        if addr % 8 != 0 || addr.checked_add(8)? > IDENTITY_MAPPED_END {
+        if addr % 8 != 0 || addr.checked_add(8)? > identity_end() {
             return None;
         }
-        // SAFETY: addr is aligned and inside the identity map built by
-        // asm/tables.s, so the read cannot fault; callers only pass
+        // SAFETY: addr is aligned and inside the identity map (asm/tables.s,
+        // paging.rs), so the read cannot fault; callers only pass
         // addresses they were given as RAM (a read of RAM has no effects).
         Some(unsafe { core::ptr::read_volatile(addr as *const u64) })
     }
@@ -21,7 +21,7 @@ impl PhysRead for IdentityMapped {
 /// Borrows `len` bytes of physical memory at `addr`.
 ///
 /// # Safety
-/// The range must be RAM below [`IDENTITY_MAPPED_END`] that nothing writes
+/// The range must be RAM below [`identity_end`] that nothing writes
 /// while the slice lives.
 pub unsafe fn bytes<'a>(addr: u64, len: usize) -> &'a [u8] {
     // SAFETY: upheld by the caller.

@@ -8,8 +8,9 @@ fn main() -> Result<()> {
     let report = match which.as_str() {
         "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,
         "multiboot" => scenarios::multiboot1_boot(true)?,
+        "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
-        other => bail!("unknown scenario {other:?}: demo, multiboot or exception"),
+        other => bail!("unknown scenario {other:?}: demo, multiboot, grub or exception"),
     };
     println!("\n{report}");
     println!("PASS");

@@ -21,6 +21,11 @@ fn multiboot1_boot_reports_memory_map() {
 }
 
 #[test]
+fn multiboot2_boot_by_grub_reports_memory_map() {
+    run(scenarios::multiboot2_grub_boot);
+}
+
+#[test]
 fn cpu_exception_is_reported_not_a_triple_fault() {
     run(scenarios::exception_report);
 }
