@@ -54,8 +54,11 @@ test: vm-inputs
 	set -o pipefail; $(CARGO) test --release --lib --bins --tests -- --test-threads=1 --nocapture 2>&1 | tee $(BUILD)/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' $(BUILD)/test.log
 
-bench:
-	@echo "make bench: no benchmarks yet (they arrive with the disk drivers)"; exit 1
+# Figures with numbers: each scenario several times (KSAVE_BENCH_RUNS, default
+# 5), min/median/max. Footprint first.
+bench: vm-inputs
+	$(CLI) image $(ELF)
+	target/release/ksave-qemu bench
 
 clean:
 	$(CARGO) clean

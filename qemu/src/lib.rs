@@ -5,6 +5,7 @@
 //! The scenarios in [`scenarios`] are shared by `make qemu` (the demo, which
 //! echoes the console) and the e2e tests.
 
+pub mod bench;
 pub mod scenarios;
 mod vm;
 

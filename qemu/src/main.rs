@@ -5,12 +5,16 @@ use ksave_qemu::scenarios;
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
+    if which == "bench" {
+        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+        return ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip);
+    }
     let report = match which.as_str() {
         "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,
         "multiboot" => scenarios::multiboot1_boot(true)?,
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
-        other => bail!("unknown scenario {other:?}: demo, multiboot, grub or exception"),
+        other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception or bench"),
     };
     println!("\n{report}");
     println!("PASS");

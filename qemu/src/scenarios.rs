@@ -9,13 +9,24 @@ use ksave_tools::elfimage::ImageLayout;
 
 use crate::{Vm, VmConfig, build_input};
 
-/// What a scenario measured, for the demo and the test log.
+/// What a scenario measured, for the demo, the test log and `make bench`.
 #[derive(Debug, Default)]
 pub struct Report {
     /// Scenario name.
     pub name: String,
-    /// Measurements, in order: what, value.
-    pub figures: Vec<(String, String)>,
+    /// Measurements, in order.
+    pub figures: Vec<Figure>,
+}
+
+/// One measurement.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    /// What was measured.
+    pub what: String,
+    /// Its value, in `unit`.
+    pub value: f64,
+    /// "ms", "KiB", "MiB".
+    pub unit: &'static str,
 }
 
 impl Report {
@@ -23,23 +34,23 @@ impl Report {
         Self { name: name.into(), figures: Vec::new() }
     }
 
-    fn add(&mut self, what: impl Into<String>, value: impl Into<String>) {
-        self.figures.push((what.into(), value.into()));
+    fn add(&mut self, what: impl Into<String>, value: f64, unit: &'static str) {
+        self.figures.push(Figure { what: what.into(), value, unit });
+    }
+
+    fn add_ms(&mut self, what: impl Into<String>, d: Duration) {
+        self.add(what, d.as_secs_f64() * 1000.0, "ms");
     }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "== {}", self.name)?;
-        for (what, value) in &self.figures {
-            writeln!(f, "   {what:<40} {value}")?;
+        for fig in &self.figures {
+            writeln!(f, "   {:<44} {:>8.0} {}", fig.what, fig.value, fig.unit)?;
         }
         Ok(())
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -67,7 +78,7 @@ pub fn kexec_round_trip(echo: bool) -> Result<Report> {
     let mut report = Report::new("kexec jump round trip (kernel A -> ksave -> A, twice)");
 
     let init = vm.expect("ksave-test: scenario roundtrip", 90 * SECOND)?;
-    report.add("kernel A boot to /init", ms(init.at));
+    report.add_ms("kernel A boot to /init", init.at);
     vm.expect("sha256 before:", 60 * SECOND)?;
     for round in 1..=2 {
         let jump = vm.expect(&format!("jump {round}: kexec -e"), 60 * SECOND)?;
@@ -77,16 +88,16 @@ pub fn kexec_round_trip(echo: bool) -> Result<Report> {
         vm.expect("ksave: returning to caller", 10 * SECOND)?;
         let back = vm.expect(&format!("back from jump {round}"), 30 * SECOND)?;
         vm.expect(&format!("sha256 after jump {round} matches"), 60 * SECOND)?;
-        report.add(format!("jump {round}: `kexec -e` to ksave banner"), ms(banner.at - jump.at));
-        report.add(format!("jump {round}: ksave banner to A running again"), ms(back.at - banner.at));
+        report.add_ms(format!("jump {round}: `kexec -e` to ksave banner"), banner.at - jump.at);
+        report.add_ms(format!("jump {round}: ksave banner to A running again"), back.at - banner.at);
     }
     vm.expect("KSAVE-TEST-RESULT: PASS", 30 * SECOND)?;
     vm.refute_seen("CPU exception")?;
     vm.refute_seen("ksave: panic")?;
     // poweroff -f ends QEMU with 0: only the PASS line above makes it a pass.
     vm.expect_exit(0, 30 * SECOND)?;
-    report.add("VM total run time", ms(vm.elapsed()));
-    report.add("ksave footprint", format!("{} KiB", layout.footprint() / 1024));
+    report.add_ms("VM total run time", vm.elapsed());
+    report.add("ksave footprint", (layout.footprint() / 1024) as f64, "KiB");
     Ok(report)
 }
 
@@ -137,9 +148,9 @@ fn check_multiboot_banner(mut vm: Vm, protocol: &str, identity_map: &str, mut re
     vm.expect("KiB RAM", 5 * SECOND)?;
     vm.expect("nothing to restore", 5 * SECOND)?;
     vm.expect_exit(33, 10 * SECOND)?;
-    report.add("QEMU start to ksave banner", ms(banner.at));
-    report.add("RAM in the multiboot memory map", format!("{ram_mib} MiB"));
-    report.add("VM total run time", ms(vm.elapsed()));
+    report.add_ms("QEMU start to ksave banner", banner.at);
+    report.add("RAM in the multiboot memory map", ram_mib as f64, "MiB");
+    report.add_ms("VM total run time", vm.elapsed());
     Ok(report)
 }
 
@@ -154,6 +165,6 @@ pub fn exception_report(echo: bool) -> Result<Report> {
     let chain = vm.expect("call chain:", 5 * SECOND)?;
     ensure!(chain.text.split_whitespace().count() > 3, "empty call chain: {}", chain.text);
     vm.expect_exit(37, 10 * SECOND)?;
-    report.add("VM total run time", ms(vm.elapsed()));
+    report.add_ms("VM total run time", vm.elapsed());
     Ok(report)
 }
