@@ -1,7 +1,327 @@
 //! Polling disk drivers for ksave: PCI discovery, AHCI, legacy IDE and
-//! partition lookup, behind a hardware-access trait so they run unchanged on
-//! QEMU and against register-level fakes on the host.
+//! partition lookup.
 //!
-//! Empty until the disk-driver issue lands; the crate exists now so the
-//! workspace layout is settled.
+//! The drivers reach hardware only through [`Hal`], so they run unchanged on
+//! a machine and against the register-level fakes in [`fakes`] (feature
+//! `fakes`) on the host. They use no interrupts: every command is issued and
+//! polled to completion with a deadline, so a dead device is an error, never
+//! a hang.
+//!
+//! Data moves by DMA straight between the disk and physical ranges
+//! ([`Segment`]), so a caller can write pages where they lie.
 #![no_std]
+#![deny(missing_docs)]
+
+#[cfg(feature = "fakes")]
+extern crate std;
+
+pub mod ahci;
+pub mod ata;
+pub mod hal;
+pub mod ide;
+pub mod part;
+pub mod pci;
+#[cfg(feature = "fakes")]
+pub mod fakes;
+
+use core::fmt;
+
+pub use hal::Hal;
+
+/// Bytes in a sector: every disk these drivers accept uses 512-byte
+/// logical sectors (IDENTIFY word 106 is checked).
+pub const SECTOR: u64 = 512;
+
+/// A physical memory range taking part in a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// What IDENTIFY told us about a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Model string, trimmed.
+    pub model: heapless_str::Str40,
+    /// Serial number, trimmed.
+    pub serial: heapless_str::Str40,
+    /// Capacity in 512-byte sectors.
+    pub sectors: u64,
+    /// The disk takes 48-bit LBA commands.
+    pub lba48: bool,
+    /// The disk (and path to it) does DMA.
+    pub dma: bool,
+}
+
+/// A transfer direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Disk to memory.
+    Read,
+    /// Memory to disk.
+    Write,
+}
+
+/// Why a disk operation failed. Every variant says where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskError {
+    /// No device answered.
+    NoDevice,
+    /// The device reported an error (ATA status and error registers).
+    Device {
+        /// The command that failed.
+        command: u8,
+        /// First LBA of the failed command.
+        lba: u64,
+        /// ATA status register.
+        status: u8,
+        /// ATA error register.
+        error: u8,
+    },
+    /// The controller reported a bus or interface error.
+    Interface {
+        /// The command that failed.
+        command: u8,
+        /// First LBA of the failed command.
+        lba: u64,
+        /// Controller-specific status (AHCI PxIS / PxSERR, IDE BMIS).
+        detail: u32,
+    },
+    /// The device did not finish in time.
+    Timeout {
+        /// The command that did not finish.
+        command: u8,
+        /// First LBA of that command.
+        lba: u64,
+        /// What was being waited for.
+        waiting_for: &'static str,
+    },
+    /// The request is beyond the end of the disk.
+    OutOfRange {
+        /// First LBA asked for.
+        lba: u64,
+        /// Sectors asked for.
+        count: u64,
+        /// Sectors the disk has.
+        capacity: u64,
+    },
+    /// A segment is not usable for DMA: not sector-sized, odd, or above
+    /// what the controller can address.
+    BadSegment(Segment),
+    /// The disk is something these drivers do not drive (e.g. ATAPI, 4K
+    /// logical sectors, no LBA).
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for DiskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::NoDevice => write!(f, "no device"),
+            Self::Device { command, lba, status, error } => {
+                write!(f, "device error on command {command:#04x} at LBA {lba}: status {status:#04x}, error {error:#04x}")
+            }
+            Self::Interface { command, lba, detail } => {
+                write!(f, "interface error on command {command:#04x} at LBA {lba}: {detail:#x}")
+            }
+            Self::Timeout { command, lba, waiting_for } => {
+                write!(f, "timeout on command {command:#04x} at LBA {lba} waiting for {waiting_for}")
+            }
+            Self::OutOfRange { lba, count, capacity } => {
+                write!(f, "LBA {lba}+{count} beyond the disk's {capacity} sectors")
+            }
+            Self::BadSegment(s) => write!(f, "segment {:#x}+{:#x} unusable for DMA", s.addr, s.len),
+            Self::Unsupported(what) => write!(f, "unsupported: {what}"),
+        }
+    }
+}
+
+/// A disk that moves whole sectors between itself and physical memory.
+pub trait BlockDevice {
+    /// What the disk said about itself.
+    fn info(&self) -> &DiskInfo;
+
+    /// Moves `sum(segments.len) / 512` sectors starting at `lba`, in segment
+    /// order. Segments must start and end on 512-byte boundaries, so that
+    /// every command carries whole sectors however it is split.
+    fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError>;
+
+    /// Makes written data durable (FLUSH CACHE EXT).
+    fn flush(&mut self) -> Result<(), DiskError>;
+
+    /// Reads sectors into a buffer in identity-mapped memory.
+    fn read(&mut self, hal: &impl Hal, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let seg = Segment { addr: hal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
+        self.transfer(Direction::Read, lba, &[seg])
+    }
+
+    /// Writes sectors from a buffer in identity-mapped memory.
+    fn write(&mut self, hal: &impl Hal, lba: u64, buf: &[u8]) -> Result<(), DiskError> {
+        let seg = Segment { addr: hal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
+        self.transfer(Direction::Write, lba, &[seg])
+    }
+}
+
+/// Checks a request against the disk and returns its sector count.
+pub(crate) fn check_request(info: &DiskInfo, lba: u64, segments: &[Segment]) -> Result<u64, DiskError> {
+    let mut bytes = 0u64;
+    for s in segments {
+        if s.len == 0 || s.len % SECTOR != 0 || s.addr % SECTOR != 0 {
+            return Err(DiskError::BadSegment(*s));
+        }
+        bytes += s.len;
+    }
+    let count = bytes / SECTOR;
+    if lba.checked_add(count).is_none_or(|end| end > info.sectors) {
+        return Err(DiskError::OutOfRange { lba, count, capacity: info.sectors });
+    }
+    Ok(count)
+}
+
+/// Walks a segment list in pieces: each call to [`Pieces::next_piece`] gives
+/// at most `max` bytes that do not cross a `boundary`-aligned address (IDE
+/// PRDs may not cross 64 KiB) from the current position.
+#[derive(Clone, Copy)]
+pub(crate) struct Pieces<'a> {
+    segments: &'a [Segment],
+    index: usize,
+    offset: u64,
+}
+
+impl<'a> Pieces<'a> {
+    pub(crate) fn new(segments: &'a [Segment]) -> Self {
+        Self { segments, index: 0, offset: 0 }
+    }
+
+    /// The next piece, or `None` at the end.
+    pub(crate) fn next_piece(&mut self, max: u64, boundary: Option<u64>) -> Option<Segment> {
+        let seg = self.segments.get(self.index)?;
+        let addr = seg.addr + self.offset;
+        let mut len = (seg.len - self.offset).min(max);
+        if let Some(b) = boundary {
+            len = len.min(b - addr % b);
+        }
+        self.offset += len;
+        if self.offset == seg.len {
+            self.index += 1;
+            self.offset = 0;
+        }
+        Some(Segment { addr, len })
+    }
+
+    /// How many of `want` sectors one command can carry from here with
+    /// `entries` descriptors of at most `prd_max` bytes, none crossing
+    /// `boundary`. Whole sectors always, since segments are sector-aligned.
+    pub(crate) fn fit_sectors(&self, want: u64, entries: usize, prd_max: u64, boundary: Option<u64>) -> u64 {
+        let mut probe = *self;
+        let limit = want * SECTOR;
+        let mut bytes = 0;
+        for _ in 0..entries {
+            match probe.next_piece((limit - bytes).min(prd_max), boundary) {
+                Some(p) => bytes += p.len,
+                None => break,
+            }
+            if bytes == limit {
+                break;
+            }
+        }
+        bytes / SECTOR
+    }
+
+}
+
+/// A fixed-capacity string for IDENTIFY's model and serial fields.
+pub mod heapless_str {
+    use core::fmt;
+
+    /// Up to 40 ASCII bytes.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub struct Str40 {
+        bytes: [u8; 40],
+        len: u8,
+    }
+
+    impl Default for Str40 {
+        fn default() -> Self {
+            Self { bytes: [0; 40], len: 0 }
+        }
+    }
+
+    impl Str40 {
+        /// From ASCII bytes, trimming spaces and NULs at both ends.
+        pub fn from_ascii_trimmed(raw: &[u8]) -> Self {
+            let is_pad = |b: &u8| *b == b' ' || *b == 0;
+            let start = raw.iter().position(|b| !is_pad(b)).unwrap_or(raw.len());
+            let end = raw.iter().rposition(|b| !is_pad(b)).map_or(start, |e| e + 1);
+            let mut s = Self::default();
+            for (i, &b) in raw[start..end].iter().take(40).enumerate() {
+                s.bytes[i] = if b.is_ascii_graphic() || b == b' ' { b } else { b'?' };
+                s.len = i as u8 + 1;
+            }
+            s
+        }
+
+        /// The text.
+        pub fn as_str(&self) -> &str {
+            core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+        }
+    }
+
+    impl fmt::Debug for Str40 {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{:?}", self.as_str())
+        }
+    }
+
+    impl fmt::Display for Str40 {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.as_str())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_respect_max_and_boundaries() {
+        let segs = [Segment { addr: 0x1_f000, len: 0x3000 }, Segment { addr: 0x40000, len: 0x200 }];
+        let mut p = Pieces::new(&segs);
+        assert_eq!(p.next_piece(0x10000, Some(0x10000)), Some(Segment { addr: 0x1_f000, len: 0x1000 }));
+        assert_eq!(p.next_piece(0x1000, Some(0x10000)), Some(Segment { addr: 0x20000, len: 0x1000 }));
+        assert_eq!(p.next_piece(0x10000, None), Some(Segment { addr: 0x21000, len: 0x1000 }));
+        assert_eq!(p.next_piece(0x10000, None), Some(Segment { addr: 0x40000, len: 0x200 }));
+        assert_eq!(p.next_piece(0x10000, None), None);
+    }
+
+    #[test]
+    fn commands_are_sized_to_descriptors_and_counts() {
+        // Sixteen scattered pages: two descriptors carry two pages.
+        let pages: [Segment; 16] = core::array::from_fn(|i| Segment { addr: 0x10_0000 * i as u64, len: 4096 });
+        let p = Pieces::new(&pages);
+        assert_eq!(p.fit_sectors(1000, 2, 1 << 22, None), 16);
+        assert_eq!(p.fit_sectors(5, 2, 1 << 22, None), 5);
+        // One contiguous 1 MiB run split at 64 KiB: 4 descriptors, 256 KiB.
+        let run = [Segment { addr: 0x1_0000, len: 1 << 20 }];
+        assert_eq!(Pieces::new(&run).fit_sectors(65536, 4, 65536, Some(65536)), 512);
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let info = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 100, lba48: true, dma: true };
+        assert_eq!(check_request(&info, 98, &[Segment { addr: 0x1000, len: 1024 }]), Ok(2));
+        assert!(matches!(check_request(&info, 99, &[Segment { addr: 0x1000, len: 1024 }]), Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(check_request(&info, 0, &[Segment { addr: 0x1000, len: 100 }]), Err(DiskError::BadSegment(_))));
+        assert!(matches!(check_request(&info, u64::MAX, &[Segment { addr: 0, len: 512 }]), Err(DiskError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn identify_strings_are_trimmed() {
+        let s = heapless_str::Str40::from_ascii_trimmed(b"  QEMU HARDDISK   \0");
+        assert_eq!(s.as_str(), "QEMU HARDDISK");
+        assert_eq!(heapless_str::Str40::from_ascii_trimmed(b"    ").as_str(), "");
+    }
+}

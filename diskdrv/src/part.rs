@@ -1,0 +1,282 @@
+//! Finding a partition: GPT (UEFI 2.10, chapter 5.3) by unique partition
+//! GUID, with both header and entry-array CRC32s checked and the backup
+//! header used when the primary is damaged; MBR by index as a fallback.
+
+use crc::{CRC_32_ISO_HDLC, Crc};
+
+use crate::{BlockDevice, DiskError, Hal, SECTOR};
+
+/// GPT's CRC32 (the ISO-HDLC/zlib one).
+const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
+
+/// A GUID in its on-disk byte order (first three fields little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Guid(pub [u8; 16]);
+
+impl Guid {
+    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (any case).
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.as_bytes();
+        if t.len() != 36 || [8, 13, 18, 23].iter().any(|&i| t[i] != b'-') {
+            return None;
+        }
+        let mut hex = [0u8; 16];
+        let mut n = 0;
+        let digits = t.iter().filter(|&&c| c != b'-');
+        let mut high = None;
+        for &c in digits {
+            let v = (c as char).to_digit(16)? as u8;
+            match high.take() {
+                None => high = Some(v),
+                Some(h) => {
+                    hex[n] = h << 4 | v;
+                    n += 1;
+                }
+            }
+        }
+        let mut b = hex;
+        b[0..4].reverse();
+        b[4..6].reverse();
+        b[6..8].reverse();
+        Some(Self(b))
+    }
+}
+
+impl core::fmt::Display for Guid {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let b = &self.0;
+        write!(
+            f,
+            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+        )
+    }
+}
+
+/// A partition's place on the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// First sector.
+    pub first_lba: u64,
+    /// Last sector, inclusive.
+    pub last_lba: u64,
+    /// Which table it came from.
+    pub source: Source,
+}
+
+impl Partition {
+    /// Size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.last_lba - self.first_lba + 1
+    }
+}
+
+/// Where a partition was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The primary GPT.
+    GptPrimary,
+    /// The backup GPT, because the primary was damaged.
+    GptBackup,
+    /// The MBR.
+    Mbr,
+}
+
+/// Why no partition was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartError {
+    /// Reading the disk failed.
+    Disk(DiskError),
+    /// Neither GPT header is valid.
+    NoValidGpt,
+    /// The GPT is valid but has no partition with that GUID.
+    NotFound,
+    /// No valid MBR, or no such MBR entry.
+    NoMbrPartition,
+}
+
+impl From<DiskError> for PartError {
+    fn from(e: DiskError) -> Self {
+        Self::Disk(e)
+    }
+}
+
+/// A GPT header's fields that matter here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GptHeader {
+    /// LBA of this header.
+    pub my_lba: u64,
+    /// LBA of the other header.
+    pub alternate_lba: u64,
+    /// First LBA of the entry array.
+    pub entries_lba: u64,
+    /// Number of entries.
+    pub entry_count: u32,
+    /// Bytes per entry (a multiple of 128).
+    pub entry_size: u32,
+    /// CRC32 of the entry array.
+    pub entries_crc: u32,
+    /// First and last LBA partitions may use.
+    pub usable: (u64, u64),
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Checks and reads a GPT header sector read from `lba`.
+pub fn parse_gpt_header(sector: &[u8; 512], lba: u64) -> Option<GptHeader> {
+    if &sector[0..8] != b"EFI PART" {
+        return None;
+    }
+    let size = le32(sector, 12) as usize;
+    if !(92..=512).contains(&size) {
+        return None;
+    }
+    let mut copy = [0u8; 512];
+    copy[..size].copy_from_slice(&sector[..size]);
+    copy[16..20].fill(0); // the CRC is computed with its own field zeroed
+    if CRC32.checksum(&copy[..size]) != le32(sector, 16) {
+        return None;
+    }
+    let header = GptHeader {
+        my_lba: le64(sector, 24),
+        alternate_lba: le64(sector, 32),
+        usable: (le64(sector, 40), le64(sector, 48)),
+        entries_lba: le64(sector, 72),
+        entry_count: le32(sector, 80),
+        entry_size: le32(sector, 84),
+        entries_crc: le32(sector, 88),
+    };
+    let sane = header.my_lba == lba
+        && header.entry_size >= 128
+        && header.entry_size % 128 == 0
+        && header.entry_count <= 16384
+        && header.usable.0 <= header.usable.1;
+    sane.then_some(header)
+}
+
+/// Finds the GPT partition whose unique GUID is `guid`, using `buf` (one
+/// sector, in memory the disk can DMA into) for reads. The backup GPT is
+/// used when the primary header or its entry array fails its CRC.
+pub fn find_gpt_partition(
+    disk: &mut impl BlockDevice,
+    hal: &impl Hal,
+    guid: Guid,
+    buf: &mut [u8; 512],
+) -> Result<Partition, PartError> {
+    let last = disk.info().sectors - 1;
+    let mut backup_lba = last;
+    disk.read(hal, 1, buf)?;
+    if let Some(primary) = parse_gpt_header(buf, 1) {
+        if let Some(found) = search_entries(disk, hal, &primary, guid, buf)? {
+            return found_in(found, &primary, Source::GptPrimary);
+        }
+        if (2..=last).contains(&primary.alternate_lba) {
+            backup_lba = primary.alternate_lba;
+        }
+    }
+    disk.read(hal, backup_lba, buf)?;
+    let backup = parse_gpt_header(buf, backup_lba).ok_or(PartError::NoValidGpt)?;
+    match search_entries(disk, hal, &backup, guid, buf)? {
+        Some(found) => found_in(found, &backup, Source::GptBackup),
+        None => Err(PartError::NoValidGpt),
+    }
+}
+
+fn found_in(found: Option<(u64, u64)>, header: &GptHeader, source: Source) -> Result<Partition, PartError> {
+    match found {
+        Some((first, last)) if first >= header.usable.0 && last <= header.usable.1 && first <= last => {
+            Ok(Partition { first_lba: first, last_lba: last, source })
+        }
+        _ => Err(PartError::NotFound),
+    }
+}
+
+/// Streams the entry array through `buf`, checking its CRC. `None` if the
+/// CRC is wrong; otherwise the first and last LBA of the entry with `guid`,
+/// if there is one.
+fn search_entries(
+    disk: &mut impl BlockDevice,
+    hal: &impl Hal,
+    header: &GptHeader,
+    guid: Guid,
+    buf: &mut [u8; 512],
+) -> Result<Option<Option<(u64, u64)>>, PartError> {
+    let total = header.entry_count as u64 * header.entry_size as u64;
+    let mut digest = CRC32.digest();
+    let mut found = None;
+    let mut offset = 0u64;
+    while offset < total {
+        disk.read(hal, header.entries_lba + offset / SECTOR, buf)?;
+        let take = (total - offset).min(SECTOR) as usize;
+        digest.update(&buf[..take]);
+        // Entry sizes are multiples of 128, so an entry's GUIDs and LBAs
+        // (its first 48 bytes) never straddle a sector.
+        for at in (0..take).step_by(128) {
+            let starts_entry = (offset + at as u64) % header.entry_size as u64 == 0;
+            let e = &buf[at..at + 128];
+            if starts_entry && found.is_none() && e[0..16] != [0; 16] && e[16..32] == guid.0 {
+                found = Some((le64(e, 32), le64(e, 40)));
+            }
+        }
+        offset += SECTOR;
+    }
+    Ok((digest.finalize() == header.entries_crc).then_some(found))
+}
+
+/// MBR partition `index` (0-3), from sector 0 read into `buf`.
+pub fn find_mbr_partition(disk: &mut impl BlockDevice, hal: &impl Hal, index: usize, buf: &mut [u8; 512]) -> Result<Partition, PartError> {
+    disk.read(hal, 0, buf)?;
+    parse_mbr(buf, index, disk.info().sectors).ok_or(PartError::NoMbrPartition)
+}
+
+/// Reads entry `index` of an MBR sector.
+pub fn parse_mbr(sector: &[u8; 512], index: usize, disk_sectors: u64) -> Option<Partition> {
+    if index > 3 || sector[510..512] != [0x55, 0xAA] {
+        return None;
+    }
+    let e = &sector[446 + 16 * index..446 + 16 * (index + 1)];
+    let (kind, first, count) = (e[4], le32(e, 8) as u64, le32(e, 12) as u64);
+    if kind == 0 || kind == 0xEE || count == 0 || first + count > disk_sectors {
+        return None; // empty, or the GPT protective entry
+    }
+    Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    extern crate std;
+    use std::string::ToString;
+
+    #[test]
+    fn guid_text_round_trips_in_mixed_endian() {
+        let g = Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
+        assert_eq!(g.0[0..4], [0xAF, 0x3D, 0xC6, 0x0F]);
+        assert_eq!(g.0[8..10], [0x8E, 0x79]);
+        assert_eq!(g.to_string(), "0fc63daf-8483-4772-8e79-3d69d8477de4");
+        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DE"), None);
+        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79_3D69D8477DE4"), None);
+        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DEG"), None);
+    }
+
+    #[test]
+    fn mbr_entries() {
+        let mut s = [0u8; 512];
+        s[510] = 0x55;
+        s[511] = 0xAA;
+        s[446 + 16 + 4] = 0x83;
+        s[446 + 16 + 8..446 + 16 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        s[446 + 16 + 12..446 + 16 + 16].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr }));
+        assert_eq!(parse_mbr(&s, 0, 100_000), None);
+        assert_eq!(parse_mbr(&s, 1, 5000), None, "entry past the end of the disk");
+        s[510] = 0;
+        assert_eq!(parse_mbr(&s, 1, 100_000), None);
+    }
+}
