@@ -5,7 +5,11 @@ use bootinfo::memmap::{MemoryMap, RegionKind};
 use bootinfo::multiboot1;
 use multiboot2::{BootInformation, BootInformationHeader};
 
+use diskdrv::ide::Mode;
+
 use crate::cpu::stop;
+use crate::disktest::{self, Job};
+use crate::cmdline;
 use crate::layout::image_range;
 use crate::paging;
 use crate::physmem;
@@ -68,7 +72,8 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     for region in boot.map.regions() {
         println!("ksave:     {region}");
     }
-    if boot.cmdline.split_whitespace().any(|w| w == "ksave.selftest=page-fault") {
+    let selftest = cmdline::get(boot.cmdline, "ksave.selftest");
+    if selftest == Some("page-fault") {
         println!("ksave: self-test: reading {UNMAPPED:#x}, which no page table maps");
         // SAFETY: a deliberate page fault to prove the exception path; the
         // handler reports it and stops, so the read never completes.
@@ -76,6 +81,20 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     }
     if !boot.map.is_ram(start, end - start) {
         fail("ksave's own load range is not RAM in this memory map");
+    }
+    let ide_mode = match cmdline::get(boot.cmdline, "ksave.ide") {
+        Some("pio") => Mode::Pio,
+        _ => Mode::Dma,
+    };
+    let bench_mib = cmdline::get(boot.cmdline, "ksave.bench_mib").and_then(|v| v.parse().ok()).unwrap_or(256);
+    let job = match (selftest, cmdline::get(boot.cmdline, "ksave.bench")) {
+        (Some("disk"), _) => Some(Job::SelfTest),
+        (_, Some("disk")) => Some(Job::Bench { mib: bench_mib }),
+        _ => None,
+    };
+    if let Some(job) = job {
+        let Some(guid) = cmdline::get(boot.cmdline, "ksave.part") else { fail("a disk test needs ksave.part=PARTUUID") };
+        stop(disktest::run(job, guid, ide_mode, &boot.map));
     }
     println!("ksave: nothing to restore: this build only reports; stopping");
     stop(ExitCode::Success)

@@ -11,9 +11,13 @@ extern crate alloc;
 
 mod boot;
 mod caller;
+mod cmdline;
 mod console;
 mod cpu;
+mod disks;
+mod disktest;
 mod heap;
+mod hw;
 mod layout;
 mod paging;
 mod physmem;

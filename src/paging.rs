@@ -6,6 +6,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 unsafe extern "C" {
     static mut boot_pdpt: [u64; 512];
+    static mut boot_pd: [u64; 2048];
 }
 
 const GIB: u64 = 1 << 30;
@@ -50,4 +51,34 @@ impl core::fmt::Display for Describe {
             end => write!(f, "identity map 0-{end} GiB (2 MiB pages to 4 GiB, 1 GiB pages above)"),
         }
     }
+}
+
+/// Page-level write-through and cache-disable (Intel SDM vol. 3A 4.9,
+/// 11.12.3): with either MTRR type, PWT|PCD makes the page UC.
+const PWT_PCD: u64 = (1 << 3) | (1 << 4);
+
+/// Makes `[addr, addr + len)` reachable for MMIO: inside the identity map
+/// and uncacheable. Below 4 GiB this marks the 2 MiB pages holding it UC (PCI
+/// MMIO shares no 2 MiB page with RAM on the machines ksave runs on: the
+/// PCI hole is 2 MiB aligned in practice); above, 1 GiB pages are left to
+/// the MTRRs, which firmware sets to UC for MMIO windows.
+pub fn map_mmio(addr: u64, len: u64) -> Result<(), &'static str> {
+    let end = addr.checked_add(len).ok_or("MMIO range overflows")?;
+    if end > identity_end() {
+        return Err("MMIO range beyond ksave's identity map");
+    }
+    let first = addr >> 21;
+    let last = (end - 1) >> 21;
+    if last < 2048 {
+        // SAFETY: boot_pd is ksave's own table; only the cache bits of the
+        // MMIO pages change, and invlpg drops their stale translations.
+        unsafe {
+            let pd = &raw mut boot_pd;
+            for page in first..=last {
+                (*pd)[page as usize] |= PWT_PCD;
+                x86::tlb::flush((page << 21) as usize);
+            }
+        }
+    }
+    Ok(())
 }

@@ -325,3 +325,19 @@ mod tests {
         assert_eq!(heapless_str::Str40::from_ascii_trimmed(b"    ").as_str(), "");
     }
 }
+
+/// The disk self-test's data: every sector's bytes depend on its LBA alone,
+/// so whoever checks a disk (ksave, the host harness, the tests) can
+/// regenerate what must be there.
+pub mod testpattern {
+    /// Fills `out` with sector `lba`'s pattern (xorshift64 seeded by the LBA).
+    pub fn sector(lba: u64, out: &mut [u8]) {
+        let mut x = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x6b73_6176_652d_7465; // "ksave-te"
+        for chunk in out.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! echoes the console) and the e2e tests.
 
 pub mod bench;
+pub mod disk;
 pub mod scenarios;
 mod vm;
 

@@ -1,9 +1,10 @@
 //! End-to-end: real kernels, real kexec, real QEMU. Needs the VM inputs that
 //! `make test` builds first (build/ksave.elf, bzImage, initramfs.cpio.gz).
 
+use ksave_qemu::disk::Bus;
 use ksave_qemu::scenarios;
 
-fn run(scenario: fn(bool) -> anyhow::Result<scenarios::Report>) {
+fn run(scenario: impl Fn(bool) -> anyhow::Result<scenarios::Report>) {
     match scenario(false) {
         Ok(report) => println!("{report}"),
         Err(e) => panic!("{e:#}"),
@@ -28,4 +29,34 @@ fn multiboot2_boot_by_grub_reports_memory_map() {
 #[test]
 fn cpu_exception_is_reported_not_a_triple_fault() {
     run(scenarios::exception_report);
+}
+
+#[test]
+fn disk_self_test_on_ahci() {
+    run(|echo| scenarios::disk_self_test(Bus::Ahci, "dma", echo));
+}
+
+#[test]
+fn disk_self_test_on_ide_primary_dma() {
+    run(|echo| scenarios::disk_self_test(Bus::IdePrimary, "dma", echo));
+}
+
+#[test]
+fn disk_self_test_on_ide_secondary_dma() {
+    run(|echo| scenarios::disk_self_test(Bus::IdeSecondary, "dma", echo));
+}
+
+#[test]
+fn disk_self_test_on_ide_secondary_pio() {
+    run(|echo| scenarios::disk_self_test(Bus::IdeSecondary, "pio", echo));
+}
+
+#[test]
+fn injected_write_error_on_ahci_is_reported() {
+    run(|echo| scenarios::disk_error(Bus::Ahci, "write", echo));
+}
+
+#[test]
+fn injected_read_error_on_ide_is_reported() {
+    run(|echo| scenarios::disk_error(Bus::IdePrimary, "read", echo));
 }

@@ -51,17 +51,13 @@ pub fn scattered(pages: &[Page]) -> Vec<Segment> {
     pages.iter().step_by(2).map(|p| Segment { addr: p.0.as_ptr() as u64, len: 4096 }).collect()
 }
 
-/// Deterministic bytes: sector `lba` holds a pattern only it has.
+/// The self-test pattern of `len / 512` sectors from `lba`.
 pub fn pattern(lba: u64, len: usize) -> Vec<u8> {
-    let mut x = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0u8; len];
+    for (i, sector) in out.chunks_mut(512).enumerate() {
+        diskdrv::testpattern::sector(lba + i as u64, sector);
+    }
+    out
 }
 
 /// Copies `data` into the memory the segments describe.

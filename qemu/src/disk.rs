@@ -1,0 +1,134 @@
+//! Raw disk images for the VMs: made with `truncate` and `sgdisk`, attached
+//! to QEMU's AHCI or PIIX IDE, and checked byte for byte afterwards.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// The unique GUID of the test partition (partition 1 of every test disk).
+pub const PART_GUID: &str = "9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B";
+/// The test partition starts here.
+pub const PART_FIRST_LBA: u64 = 2048;
+
+/// Where a disk is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bus {
+    /// Port 0 of an ICH9 AHCI HBA.
+    Ahci,
+    /// The PIIX3 IDE primary master.
+    IdePrimary,
+    /// The PIIX3 IDE secondary master.
+    IdeSecondary,
+}
+
+impl Bus {
+    /// How ksave names this position in its log.
+    pub fn ksave_name(self) -> &'static str {
+        match self {
+            Self::Ahci => "port 0",
+            Self::IdePrimary => "primary master",
+            Self::IdeSecondary => "secondary master",
+        }
+    }
+
+    /// Linux's device name for the test partition.
+    pub fn linux_partition(self) -> &'static str {
+        "/dev/sda1" // the only disk in the VM, whatever the bus
+    }
+}
+
+/// A disk image file with a GPT: the test partition, then a second one.
+pub struct TestDisk {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its bytes as made, to check that nothing outside the partition moved.
+    original: Vec<u8>,
+    /// Last LBA of the test partition.
+    pub part_last_lba: u64,
+}
+
+impl TestDisk {
+    /// Makes `build/disks/NAME.img` of `size_mib` with a `part_mib`
+    /// partition 1 of GUID [`PART_GUID`] at LBA 2048.
+    pub fn create(name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
+        let dir = crate::build_dir().join("disks");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{name}.img"));
+        let _ = std::fs::remove_file(&path);
+        run(Command::new("truncate").arg("-s").arg(format!("{size_mib}M")).arg(&path))?;
+        let part_last_lba = PART_FIRST_LBA + part_mib * 2048 - 1;
+        run(Command::new("sgdisk")
+            .arg(format!("--new=1:{PART_FIRST_LBA}:{part_last_lba}"))
+            .arg(format!("--partition-guid=1:{PART_GUID}"))
+            .arg("--new=2:0:0")
+            .arg(&path))?;
+        let original = if size_mib <= 128 { std::fs::read(&path)? } else { Vec::new() };
+        Ok(Self { path, original, part_last_lba })
+    }
+
+    /// QEMU arguments attaching the disk at `bus`, through blkdebug with
+    /// `blkdebug_config` if given.
+    pub fn qemu_args(&self, bus: Bus, blkdebug_config: Option<&str>) -> Vec<String> {
+        let file = match blkdebug_config {
+            Some(cfg) => format!("file.driver=blkdebug,file.config={cfg},file.image.filename={}", self.path.display()),
+            None => format!("file={}", self.path.display()),
+        };
+        let drive = |extra: &str| format!("{extra},format=raw,{file}");
+        match bus {
+            Bus::Ahci => vec![
+                "-device".into(),
+                "ahci,id=ahci".into(),
+                "-drive".into(),
+                drive("if=none,id=d0"),
+                "-device".into(),
+                "ide-hd,drive=d0,bus=ahci.0".into(),
+            ],
+            Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
+            Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
+        }
+    }
+
+    /// Writes a blkdebug rule failing every `iotype` ("read"/"write") I/O
+    /// that touches `sector`, and returns its path.
+    pub fn blkdebug_rule(&self, iotype: &str, sector: u64) -> Result<String> {
+        let path = self.path.with_extension(format!("{iotype}-error.cfg"));
+        let event = if iotype == "read" { "read_aio" } else { "write_aio" };
+        std::fs::write(&path, format!("[inject-error]\nevent = \"{event}\"\niotype = \"{iotype}\"\nerrno = \"5\"\nsector = \"{sector}\"\n"))?;
+        Ok(path.display().to_string())
+    }
+
+    /// Checks the partition holds ksave's self-test pattern in every sector
+    /// and that every byte outside it is as made.
+    pub fn check_self_test_pattern(&self) -> Result<()> {
+        let now = std::fs::read(&self.path)?;
+        ensure!(now.len() == self.original.len(), "disk image changed size");
+        let (start, end) = ((PART_FIRST_LBA * 512) as usize, ((self.part_last_lba + 1) * 512) as usize);
+        if let Some(i) = (0..start).chain(end..now.len()).find(|&i| now[i] != self.original[i]) {
+            bail!("byte {i} (LBA {}) outside the partition changed", i / 512);
+        }
+        let mut expect = [0u8; 512];
+        for (i, sector) in now[start..end].chunks(512).enumerate() {
+            let lba = PART_FIRST_LBA + i as u64;
+            diskdrv::testpattern::sector(lba, &mut expect);
+            ensure!(sector == expect, "LBA {lba} does not hold the self-test pattern");
+        }
+        Ok(())
+    }
+
+    /// Checks that nothing outside the partition changed.
+    pub fn check_outside_unchanged(&self) -> Result<()> {
+        let now = std::fs::read(&self.path)?;
+        let (start, end) = ((PART_FIRST_LBA * 512) as usize, ((self.part_last_lba + 1) * 512) as usize);
+        match (0..start).chain(end..now.len()).find(|&i| now[i] != self.original[i]) {
+            Some(i) => bail!("byte {i} (LBA {}) outside the partition changed", i / 512),
+            None => Ok(()),
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?} (run qemu/deps.sh)"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Finding ksave's partition on whatever disks the machine has, and opening
+//! the disk it is on.
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use diskdrv::ahci::{self, AhciDisk, AhciMemory};
+use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
+use diskdrv::part::{self, Guid, PartError, Partition};
+use diskdrv::pci::{self, Address, Storage, command};
+use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
+
+use crate::hw::KsaveHal;
+use crate::{paging, println};
+
+/// DMA memory for one open disk at a time, in ksave's own image.
+#[repr(C)]
+pub struct DiskMemory {
+    ahci: AhciMemory,
+    ide: IdeMemory,
+    sector: SectorBuf,
+}
+
+#[repr(C, align(512))]
+struct SectorBuf([u8; 512]);
+
+static mut DISK_MEMORY: DiskMemory =
+    DiskMemory { ahci: AhciMemory::new(), ide: IdeMemory::new(), sector: SectorBuf([0; 512]) };
+static DISK_MEMORY_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The disk DMA memory; once per entry.
+pub fn disk_memory() -> &'static mut DiskMemory {
+    assert!(!DISK_MEMORY_TAKEN.swap(true, Ordering::Relaxed), "disk memory taken twice");
+    // SAFETY: the flag above hands out the one reference per entry (bss,
+    // and so the flag, is cleared on every entry).
+    unsafe { &mut *(&raw mut DISK_MEMORY) }
+}
+
+/// Where a disk is.
+#[derive(Clone, Copy, Debug)]
+pub enum Location {
+    /// A port of an AHCI HBA.
+    Ahci { pci: Address, abar: u64, port: u8 },
+    /// A drive on an IDE channel.
+    Ide { pci: Address, channel: Channel, secondary: bool, drive: Drive },
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ahci { pci, port, .. } => write!(f, "AHCI {pci} port {port}"),
+            Self::Ide { pci, secondary, drive, .. } => write!(
+                f,
+                "IDE {pci} {} {}",
+                if *secondary { "secondary" } else { "primary" },
+                if *drive == Drive::Master { "master" } else { "slave" }
+            ),
+        }
+    }
+}
+
+/// A disk of either kind.
+pub enum AnyDisk<'m> {
+    /// On AHCI.
+    Ahci(AhciDisk<'m, KsaveHal>),
+    /// On IDE.
+    Ide(IdeDisk<'m, KsaveHal>),
+}
+
+impl AnyDisk<'_> {
+    /// Gives the hardware back as found (AHCI registers restored).
+    pub fn close(self) {
+        if let Self::Ahci(d) = self {
+            d.close();
+        }
+    }
+}
+
+impl BlockDevice for AnyDisk<'_> {
+    fn info(&self) -> &DiskInfo {
+        match self {
+            Self::Ahci(d) => d.info(),
+            Self::Ide(d) => d.info(),
+        }
+    }
+    fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError> {
+        match self {
+            Self::Ahci(d) => d.transfer(dir, lba, segments),
+            Self::Ide(d) => d.transfer(dir, lba, segments),
+        }
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        match self {
+            Self::Ahci(d) => d.flush(),
+            Self::Ide(d) => d.flush(),
+        }
+    }
+}
+
+/// PCI command registers changed to reach the controllers, put back by
+/// [`Controllers::restore`].
+pub struct Controllers {
+    saved: [(Address, u16); 16],
+    count: usize,
+}
+
+impl Controllers {
+    /// Nothing changed yet.
+    pub const fn new() -> Self {
+        Self { saved: [(Address { bus: 0, device: 0, function: 0 }, 0); 16], count: 0 }
+    }
+
+    fn enable(&mut self, at: Address, bits: u16) {
+        if self.saved[..self.count].iter().any(|(a, _)| *a == at) || self.count == self.saved.len() {
+            return;
+        }
+        self.saved[self.count] = (at, pci::enable(&KsaveHal, at, bits));
+        self.count += 1;
+    }
+
+    /// Puts every changed command register back.
+    pub fn restore(&mut self) {
+        for (at, old) in self.saved[..self.count].iter().rev() {
+            pci::restore_command(&KsaveHal, *at, *old);
+        }
+        self.count = 0;
+    }
+}
+
+/// Every disk location on the machine's AHCI and IDE controllers, enabling
+/// each controller's decoding and bus mastering on the way.
+fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
+    let mut found = [None; 8];
+    let mut n = 0;
+    pci::find_storage(&KsaveHal, |s| {
+        if n < found.len() {
+            found[n] = Some(s);
+            n += 1;
+        }
+    });
+    for storage in found.into_iter().flatten() {
+        match storage {
+            Storage::Ahci { function, abar } => {
+                controllers.enable(function.address, command::MEMORY | command::BUS_MASTER);
+                // ABAR: 0x100 of HBA registers + 0x80 a port (AHCI 1.3.1 3).
+                if let Err(e) = paging::map_mmio(abar, 0x1100) {
+                    println!("ksave:   AHCI {}: ABAR {abar:#x} unusable: {e}", function.address);
+                    continue;
+                }
+                let ports = ahci::disk_ports(&KsaveHal, abar);
+                for port in (0..32).filter(|p| ports & (1 << p) != 0) {
+                    f(Location::Ahci { pci: function.address, abar, port });
+                }
+            }
+            Storage::Ide { function, prog_if, bus_master } => {
+                controllers.enable(function.address, command::IO | command::BUS_MASTER);
+                for secondary in [false, true] {
+                    let Some(channel) = ide_channel(function.address, prog_if, bus_master, secondary) else { continue };
+                    for drive in [Drive::Master, Drive::Slave] {
+                        f(Location::Ide { pci: function.address, channel, secondary, drive });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A channel's ports: legacy ones in compatibility mode, BARs in native
+/// mode (programming interface bit 0 / bit 2, PCI IDE Controller spec 1.0).
+fn ide_channel(at: Address, prog_if: u8, bus_master: Option<u16>, secondary: bool) -> Option<Channel> {
+    let native = prog_if & if secondary { 1 << 2 } else { 1 << 0 } != 0;
+    let bm = bus_master.map(|b| if secondary { b + 8 } else { b });
+    if !native {
+        let mut ch = if secondary { Channel::secondary(None) } else { Channel::primary(None) };
+        ch.bus_master = bm;
+        return Some(ch);
+    }
+    let (cmd_bar, ctl_bar) = if secondary { (2, 3) } else { (0, 1) };
+    match (pci::bar(&KsaveHal, at, cmd_bar), pci::bar(&KsaveHal, at, ctl_bar)) {
+        (pci::Bar::Io(command), pci::Bar::Io(control)) => Some(Channel { command, control: control + 2, bus_master: bm }),
+        _ => None,
+    }
+}
+
+/// Opens the disk at `location`; also hands out the sector buffer, which
+/// shares the disk's memory block.
+pub fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; 512]), DiskError> {
+    let DiskMemory { ahci, ide, sector } = mem;
+    let disk = match location {
+        // SAFETY: each_location found this HBA on PCI and enabled memory
+        // decoding and bus mastering; nothing else in ksave drives it, and
+        // DiskMemory is identity-mapped ksave memory.
+        Location::Ahci { abar, port, .. } => AnyDisk::Ahci(unsafe { AhciDisk::open(KsaveHal, abar, port, ahci)? }),
+        // SAFETY: as above, for the IDE controller's I/O ports.
+        Location::Ide { channel, drive, .. } => AnyDisk::Ide(unsafe { IdeDisk::open(KsaveHal, channel, drive, ide_mode, ide)? }),
+    };
+    Ok((disk, &mut sector.0))
+}
+
+/// Why the partition was not found.
+#[derive(Debug)]
+pub enum FindError {
+    /// No disk was found at all.
+    NoDisks,
+    /// Disks were found, none has the partition.
+    NotFound { disks: u32 },
+}
+
+impl fmt::Display for FindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDisks => write!(f, "no AHCI or IDE disk found"),
+            Self::NotFound { disks } => write!(f, "no GPT partition with that GUID on any of {disks} disks"),
+        }
+    }
+}
+
+/// Looks at every disk for the GPT partition `guid`, reporting each disk.
+pub fn find_partition(
+    guid: Guid,
+    ide_mode: Mode,
+    mem: &mut DiskMemory,
+    controllers: &mut Controllers,
+) -> Result<(Location, Partition), FindError> {
+    let mut disks = 0;
+    let mut result = None;
+    each_location(controllers, |location| {
+        if result.is_some() {
+            return;
+        }
+        let (mut disk, sector) = match open(location, ide_mode, mem) {
+            Ok(d) => d,
+            Err(DiskError::NoDevice) => return,
+            Err(e) => {
+                println!("ksave:   {location}: {e}");
+                return;
+            }
+        };
+        disks += 1;
+        let info = disk.info().clone();
+        let found = part::find_gpt_partition(&mut disk, &KsaveHal, guid, sector);
+        disk.close();
+        println!(
+            "ksave:   {location}: \"{}\" {} MiB{}",
+            info.model,
+            info.sectors / 2048,
+            match found {
+                Ok(_) => "  <- has the partition",
+                Err(PartError::NoValidGpt) => "  (no valid GPT)",
+                Err(PartError::Disk(_)) => "  (read error)",
+                Err(_) => "",
+            }
+        );
+        if let Ok(p) = found {
+            result = Some((location, p));
+        }
+    });
+    result.ok_or(if disks == 0 { FindError::NoDisks } else { FindError::NotFound { disks } })
+}

@@ -1,0 +1,180 @@
+//! Disk modes for a bootloader start: the self-test (write a known pattern
+//! over a partition, read it back, verify) and the throughput bench.
+
+use bootinfo::memmap::MemoryMap;
+use diskdrv::ide::Mode;
+use diskdrv::part::Guid;
+use diskdrv::{BlockDevice, Direction, DiskError, Segment, testpattern};
+
+use crate::disks::{self, Controllers};
+use crate::hw::{self, KsaveHal};
+use crate::layout::image_range;
+use crate::println;
+use crate::qemu::ExitCode;
+use diskdrv::Hal as _;
+
+/// Bytes moved per command in the self-test.
+const CHUNK: u64 = 1 << 20;
+/// Bench transfers go in commands this large (one 48-bit command at most).
+const BENCH_CHUNK: u64 = 32 << 20;
+
+/// What to do.
+pub enum Job {
+    /// Pattern over the whole partition, then verify.
+    SelfTest,
+    /// Write then read `mib` MiB at the partition's start, timed.
+    Bench { mib: u64 },
+}
+
+/// Runs `job` on the partition `guid`; returns how it ended.
+pub fn run(job: Job, guid: &str, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
+    let Some(guid) = Guid::parse(guid) else {
+        println!("ksave: disk test: ksave.part={guid} is not a GUID");
+        return ExitCode::Failure;
+    };
+    let per_us = hw::calibrate_tsc();
+    println!("ksave: disk test: TSC {per_us} MHz; looking for partition {guid}");
+    let mut controllers = Controllers::new();
+    let mem = disks::disk_memory();
+    let result = disks::find_partition(guid, ide_mode, mem, &mut controllers)
+        .map_err(|e| println!("ksave: disk test: FAILED: {e}"))
+        .and_then(|(location, partition)| {
+            let (mut disk, _) = disks::open(location, ide_mode, mem).map_err(|e| println!("ksave: disk test: FAILED: {location}: {e}"))?;
+            let mode = match (&disk, ide_mode) {
+                (disks::AnyDisk::Ahci(_), _) => "AHCI DMA",
+                (_, Mode::Dma) => "IDE DMA",
+                (_, Mode::Pio) => "IDE PIO",
+            };
+            println!(
+                "ksave: disk test: {location} ({mode}), partition LBA {}-{} ({} MiB, {:?})",
+                partition.first_lba,
+                partition.last_lba,
+                partition.sectors() / 2048,
+                partition.source
+            );
+            let outcome = match job {
+                Job::SelfTest => self_test(&mut disk, partition.first_lba, partition.sectors(), map),
+                Job::Bench { mib } => bench(&mut disk, partition.first_lba, partition.sectors(), mib, mode, map),
+            };
+            disk.close();
+            outcome.map_err(|e| println!("ksave: disk test: FAILED: {e}"))
+        });
+    controllers.restore();
+    if result.is_ok() { ExitCode::Success } else { ExitCode::Failure }
+}
+
+/// A free RAM range of `bytes` for data buffers: a bootloader start leaves
+/// all RAM but ksave's own to us. Starts at 64 MiB, clear of what loaders
+/// use low down.
+fn scratch(map: &MemoryMap, bytes: u64) -> Result<u64, &'static str> {
+    let (image_start, image_end) = image_range();
+    let mut addr = 64 << 20;
+    while addr + bytes <= crate::paging::identity_end().min(4 << 30) {
+        let clear_of_image = addr + bytes <= image_start || addr >= image_end;
+        if map.is_ram(addr, bytes) && clear_of_image {
+            return Ok(addr);
+        }
+        addr += 2 << 20;
+    }
+    Err("no free RAM for data buffers")
+}
+
+fn mb_per_s(bytes: u64, us: u64) -> u64 {
+    bytes / us.max(1)
+}
+
+fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &MemoryMap) -> Result<(), Failure> {
+    let buf = scratch(map, CHUNK).map_err(Failure::Setup)?;
+    // SAFETY: `buf` is free RAM (see scratch), identity-mapped, CHUNK long.
+    let mem = unsafe { core::slice::from_raw_parts_mut(KsaveHal.phys_to_virt(buf), CHUNK as usize) };
+    let bytes = sectors * 512;
+    let t0 = hw::now_us();
+    let mut lba = first;
+    while lba < first + sectors {
+        let n = (first + sectors - lba).min(CHUNK / 512);
+        for (i, s) in mem[..(n * 512) as usize].chunks_mut(512).enumerate() {
+            testpattern::sector(lba + i as u64, s);
+        }
+        disk.transfer(Direction::Write, lba, &[Segment { addr: buf, len: n * 512 }])?;
+        lba += n;
+    }
+    disk.flush()?;
+    let t1 = hw::now_us();
+    let mut expect = [0u8; 512];
+    let mut lba = first;
+    while lba < first + sectors {
+        let n = (first + sectors - lba).min(CHUNK / 512);
+        mem[..(n * 512) as usize].fill(0);
+        disk.transfer(Direction::Read, lba, &[Segment { addr: buf, len: n * 512 }])?;
+        for (i, s) in mem[..(n * 512) as usize].chunks(512).enumerate() {
+            testpattern::sector(lba + i as u64, &mut expect);
+            if s != expect {
+                return Err(Failure::Mismatch(lba + i as u64));
+            }
+        }
+        lba += n;
+    }
+    let t2 = hw::now_us();
+    println!(
+        "ksave: disk test: PASS: wrote and verified {} MiB (write {} MB/s, read+verify {} MB/s)",
+        bytes >> 20,
+        mb_per_s(bytes, t1 - t0),
+        mb_per_s(bytes, t2 - t1)
+    );
+    Ok(())
+}
+
+fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: &str, map: &MemoryMap) -> Result<(), Failure> {
+    let bytes = mib << 20;
+    if bytes > sectors * 512 {
+        return Err(Failure::Setup("partition smaller than the bench size"));
+    }
+    // Data comes from (and goes to) free RAM where it lies, as a save would.
+    let buf = scratch(map, bytes).map_err(Failure::Setup)?;
+    let run = |disk: &mut dyn FnMut(u64, u64) -> Result<(), DiskError>| -> Result<u64, DiskError> {
+        let t0 = hw::now_us();
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(BENCH_CHUNK);
+            disk(done, n)?;
+            done += n;
+        }
+        Ok(hw::now_us() - t0)
+    };
+    let write_us = run(&mut |off, n| disk.transfer(Direction::Write, first + off / 512, &[Segment { addr: buf + off, len: n }]))?;
+    let flush_t0 = hw::now_us();
+    disk.flush()?;
+    let write_us = write_us + (hw::now_us() - flush_t0);
+    let read_us = run(&mut |off, n| disk.transfer(Direction::Read, first + off / 512, &[Segment { addr: buf + off, len: n }]))?;
+    println!(
+        "ksave-bench: {mode}: write {mib} MiB in {} ms = {} MB/s; read {mib} MiB in {} ms = {} MB/s",
+        write_us / 1000,
+        mb_per_s(bytes, write_us),
+        read_us / 1000,
+        mb_per_s(bytes, read_us)
+    );
+    Ok(())
+}
+
+/// How a disk test failed.
+enum Failure {
+    Setup(&'static str),
+    Disk(DiskError),
+    Mismatch(u64),
+}
+
+impl From<DiskError> for Failure {
+    fn from(e: DiskError) -> Self {
+        Self::Disk(e)
+    }
+}
+
+impl core::fmt::Display for Failure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Setup(why) => f.write_str(why),
+            Self::Disk(e) => write!(f, "{e}"),
+            Self::Mismatch(lba) => write!(f, "read back differs from what was written at LBA {lba}"),
+        }
+    }
+}
