@@ -130,7 +130,11 @@ fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: 
         return Err(Failure::Setup("partition smaller than the bench size"));
     }
     // Data comes from (and goes to) free RAM where it lies, as a save would.
+    // Touch it first (untimed): a save reads RAM the caller has used, and
+    // under QEMU untouched guest RAM costs a host page fault on first DMA.
     let buf = scratch(map, bytes).map_err(Failure::Setup)?;
+    // SAFETY: `buf` is free RAM (see scratch), identity-mapped, `bytes` long.
+    unsafe { core::slice::from_raw_parts_mut(KsaveHal.phys_to_virt(buf), bytes as usize) }.fill(0x5a);
     let run = |disk: &mut dyn FnMut(u64, u64) -> Result<(), DiskError>| -> Result<u64, DiskError> {
         let t0 = hw::now_us();
         let mut done = 0;

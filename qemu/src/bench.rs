@@ -29,3 +29,36 @@ pub fn repeat(title: &str, runs: usize, scenario: fn(bool) -> Result<Report>) ->
     }
     Ok(())
 }
+
+/// The disk table: ksave's write and read of `mib` MiB on AHCI, IDE DMA and
+/// IDE PIO, each next to Linux's `dd` on the same kind of disk; medians of
+/// `runs` (PIO, slow under TCG, once).
+pub fn disk_table(runs: usize, mib: u64) -> Result<()> {
+    use crate::disk::Bus;
+    use crate::scenarios::{disk_bench, linux_dd};
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let rates = |r: &Report| (r.figures[0].value, r.figures[1].value);
+    let mut rows = Vec::new();
+    for (label, bus, mode, n) in [("AHCI", Bus::Ahci, "dma", runs), ("IDE DMA", Bus::IdePrimary, "dma", runs), ("IDE PIO", Bus::IdePrimary, "pio", 1)] {
+        let (mut kw, mut kr, mut dw, mut dr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 1..=n {
+            eprintln!("bench: disk {label}: run {run}/{n}");
+            let (w, r) = rates(&disk_bench(bus, mode, mib)?);
+            kw.push(w);
+            kr.push(r);
+            let (w, r) = rates(&linux_dd(bus, mib)?);
+            dw.push(w);
+            dr.push(r);
+        }
+        rows.push((label, n, median(kw), median(dw), median(kr), median(dr)));
+    }
+    println!("== disk throughput, {mib} MiB, ksave vs Linux `dd bs=4M oflag/iflag=direct` on the same kind of disk (MB/s, median)");
+    println!("   {:<9} {:>4} {:>12} {:>9} {:>6} {:>11} {:>8} {:>6}", "path", "runs", "ksave write", "dd write", "ratio", "ksave read", "dd read", "ratio");
+    for (label, n, kw, dw, kr, dr) in rows {
+        println!("   {label:<9} {n:>4} {kw:>12.0} {dw:>9.0} {:>6.2} {kr:>11.0} {dr:>8.0} {:>6.2}", kw / dw, kr / dr);
+    }
+    Ok(())
+}

@@ -50,13 +50,33 @@ pub struct TestDisk {
 
 impl TestDisk {
     /// Makes `build/disks/NAME.img` of `size_mib` with a `part_mib`
-    /// partition 1 of GUID [`PART_GUID`] at LBA 2048.
+    /// partition 1 of GUID [`PART_GUID`] at LBA 2048. A sparse file.
     pub fn create(name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
+        Self::make(name, size_mib, part_mib, false)
+    }
+
+    /// As [`TestDisk::create`], but every block is written on the host
+    /// first, so that benchmarks measure the emulated disk, not the host
+    /// file system allocating blocks.
+    pub fn create_allocated(name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
+        Self::make(name, size_mib, part_mib, true)
+    }
+
+    fn make(name: &str, size_mib: u64, part_mib: u64, allocate: bool) -> Result<Self> {
         let dir = crate::build_dir().join("disks");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{name}.img"));
         let _ = std::fs::remove_file(&path);
-        run(Command::new("truncate").arg("-s").arg(format!("{size_mib}M")).arg(&path))?;
+        if allocate {
+            let mut f = std::fs::File::create(&path)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..size_mib {
+                std::io::Write::write_all(&mut f, &zeros)?;
+            }
+            f.sync_all()?;
+        } else {
+            run(Command::new("truncate").arg("-s").arg(format!("{size_mib}M")).arg(&path))?;
+        }
         let part_last_lba = PART_FIRST_LBA + part_mib * 2048 - 1;
         run(Command::new("sgdisk")
             .arg(format!("--new=1:{PART_FIRST_LBA}:{part_last_lba}"))

@@ -6,8 +6,9 @@ use ksave_qemu::scenarios;
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
     if which == "bench" {
-        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
-        return ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip);
+        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;
+        return ksave_qemu::bench::disk_table(runs, 256);
     }
     let report = match which.as_str() {
         "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,

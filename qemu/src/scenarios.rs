@@ -56,25 +56,27 @@ impl fmt::Display for Report {
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// Kernel A with its initramfs, running `ksave.test=SCENARIO` (the rest of
+/// `scenario` goes on the command line too).
+fn kernel_a(name: &str, scenario: &str) -> Result<VmConfig> {
+    Ok(VmConfig::new(name).arg([
+        "-kernel".to_string(),
+        build_input("bzImage")?.display().to_string(),
+        "-initrd".into(),
+        build_input("initramfs.cpio.gz")?.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0,115200 panic=-1 ksave.test={scenario}"),
+    ]))
+}
+
 /// Kernel A boots, fills tmpfs with random data, loads ksave with
 /// `kexec --load-preserve-context`, jumps to it twice (the second time
 /// without reloading) and checks its data after each return; then powers off.
 pub fn kexec_round_trip(echo: bool) -> Result<Report> {
     let elf = build_input("ksave.elf")?;
     let layout = ImageLayout::parse(&std::fs::read(&elf)?).context("reading build/ksave.elf")?;
-    let append = format!(
-        "console=ttyS0,115200 panic=-1 ksave.test=roundtrip ksave.mem_min={:#x} ksave.mem_max={:#x}",
-        layout.start,
-        layout.end - 1
-    );
-    let config = VmConfig::new("kexec-roundtrip").arg([
-        "-kernel".into(),
-        build_input("bzImage")?.display().to_string(),
-        "-initrd".into(),
-        build_input("initramfs.cpio.gz")?.display().to_string(),
-        "-append".into(),
-        append,
-    ]);
+    let scenario = format!("roundtrip ksave.mem_min={:#x} ksave.mem_max={:#x}", layout.start, layout.end - 1);
+    let config = kernel_a("kexec-roundtrip", &scenario)?;
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let mut report = Report::new("kexec jump round trip (kernel A -> ksave -> A, twice)");
 
@@ -223,5 +225,41 @@ pub fn disk_error(bus: Bus, iotype: &str, echo: bool) -> Result<Report> {
     vm.expect_exit(35, 10 * SECOND)?;
     disk.check_outside_unchanged()?;
     report.add_ms("QEMU start to the error report", failed.at);
+    Ok(report)
+}
+
+/// One 256 MiB (by default) write-then-read of ksave's disk bench at `bus`.
+pub fn disk_bench(bus: Bus, ide_mode: &str, mib: u64) -> Result<Report> {
+    let name = format!("bench-ksave-{bus:?}-{ide_mode}").to_lowercase();
+    let disk = TestDisk::create_allocated(&name, mib + 40, mib + 8)?;
+    let append = format!("ksave.bench=disk ksave.bench_mib={mib} ksave.part={PART_GUID} ksave.ide={ide_mode}");
+    let mut vm = ksave_with_disk(&name, &append, &disk, bus, None, false)?;
+    let line = vm.expect("ksave-bench:", 600 * SECOND)?;
+    vm.expect_exit(33, 10 * SECOND)?;
+    // "ksave-bench: MODE: write N MiB in T ms = X MB/s; read N MiB in T ms = Y MB/s"
+    let rates: Vec<f64> = line.text.split(" = ").skip(1).filter_map(|s| s.split(' ').next()?.parse().ok()).collect();
+    let [write, read] = rates[..] else { anyhow::bail!("unreadable bench line: {}", line.text) };
+    let mut report = Report::new(&format!("ksave {bus:?} {ide_mode}"));
+    report.add("write", write, "MB/s");
+    report.add("read", read, "MB/s");
+    Ok(report)
+}
+
+/// Linux (kernel A) writing and reading `mib` MiB of the same kind of disk
+/// with `dd bs=4M oflag=direct` / `iflag=direct`.
+pub fn linux_dd(bus: Bus, mib: u64) -> Result<Report> {
+    let name = format!("bench-dd-{bus:?}").to_lowercase();
+    let disk = TestDisk::create_allocated(&name, mib + 40, mib + 8)?;
+    let config = kernel_a(&name, &format!("dd ksave.dd_mib={mib}"))?.arg(disk.qemu_args(bus, None));
+    let mut vm = Vm::start(config)?;
+    let mut report = Report::new(&format!("Linux dd {bus:?}"));
+    for what in ["write", "read"] {
+        let start = vm.expect(&format!("dd {what}: start"), 120 * SECOND)?;
+        let done = vm.expect(&format!("dd {what}: done"), 600 * SECOND)?;
+        let secs = (done.at - start.at).as_secs_f64();
+        report.add(what, (mib << 20) as f64 / secs / 1e6, "MB/s");
+    }
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.expect_exit(0, 30 * SECOND)?;
     Ok(report)
 }
