@@ -12,7 +12,7 @@ fragment=$here/kernel.config
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 key=$( (echo "$src_version"; cat "$fragment" "$0") | sha256sum | cut -c1-16)
-cache=${KSAVE_CACHE:-$HOME/.cache/ksave}/kernel-$key
+cache=${KSAVE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/ksave}/kernel-$key
 image=$cache/bzImage
 if [ -f "$image" ]; then echo "$image"; exit 0; fi
 
