@@ -1,0 +1,84 @@
+//! ksave's on-disk image format (docs/FORMAT.md) and the config section the
+//! host tool writes into ksave.elf.
+//!
+//! Both sides of every interface live here: the [`writer`] that ksave drives
+//! while saving and the [`reader`] that the host tool (and restore) use, so
+//! the host tests run the real encoder against the real decoder.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod header;
+pub mod reader;
+pub mod writer;
+
+use crc::{CRC_32_ISCSI, Crc, Table};
+
+/// Page size of everything saved.
+pub const PAGE: usize = 4096;
+/// Disk sector size the format aligns to.
+pub const SECTOR: u64 = 512;
+
+/// CRC-32C (Castagnoli), slice-by-16 tables. Chosen over a 64-bit hash
+/// because corruption here is accidental (torn or bit-flipped sectors), for
+/// which CRC-32C detects every burst up to 32 bits and anything else with
+/// probability 1 - 2^-32 per chunk, from a well-kept crate.
+pub static CRC32C: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&CRC_32_ISCSI);
+
+/// True if the page is all zeros (such pages are not stored).
+pub fn is_zero_page(page: &[u8; PAGE]) -> bool {
+    // u64 words: eight bytes a compare, and an early exit on the first
+    // non-zero word, which is where most data pages leave.
+    page.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+}
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// A physical range `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Range {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+impl Range {
+    /// Pages wholly inside the range.
+    pub fn pages(&self) -> impl Iterator<Item = u64> {
+        let first = self.start.div_ceil(PAGE as u64);
+        let last = self.end / PAGE as u64;
+        first..last.max(first)
+    }
+
+    /// True if `addr` lies inside.
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+}
+
+/// One page the kexec jump displaced: the caller's data of `dest` sits in `src`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackupPair {
+    /// The page under ksave.
+    pub dest: u64,
+    /// Where its contents are now.
+    pub src: u64,
+}

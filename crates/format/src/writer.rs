@@ -1,0 +1,254 @@
+//! The encoder ksave drives while saving: pages in, chunks out.
+//!
+//! Chunk layout (docs/FORMAT.md): a header of one block (raw chunks, up to
+//! [`MAX_RAW_PAGES`] pages) or one sector (LZ4 chunks, up to [`LZ4_GROUP`]
+//! pages), then the payload, padded to a sector. Raw payloads are the pages
+//! themselves, written by the sink from where they lie.
+
+use crc::{Digest, Table};
+
+use crate::header::{DATA_OFFSET, FLAG_LZ4};
+use crate::{CRC32C, PAGE, SECTOR, is_zero_page, put16, put32, put64};
+
+/// "KSCHUNK1".
+pub const CHUNK_MAGIC: [u8; 8] = *b"KSCHUNK1";
+/// Pages in a full raw chunk (its pfn list fills one block).
+pub const MAX_RAW_PAGES: usize = 500;
+/// Pages compressed together in one LZ4 chunk.
+pub const LZ4_GROUP: usize = 16;
+/// Header bytes of an LZ4 chunk.
+pub const LZ4_HEADER: usize = SECTOR as usize;
+/// Buffer for one LZ4 chunk: header plus worst-case compressed payload.
+pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_size(LZ4_GROUP * PAGE)).next_multiple_of(SECTOR as usize);
+/// Payload encodings.
+pub const ENCODING_RAW: u8 = 0;
+/// LZ4 block format.
+pub const ENCODING_LZ4: u8 = 1;
+
+/// Worst-case bytes of an image holding `pages` non-zero pages: every page
+/// raw, plus headers. A partition smaller than this is refused up front.
+pub fn worst_case_bytes(pages: u64) -> u64 {
+    DATA_OFFSET + pages * PAGE as u64 + pages.div_ceil(MAX_RAW_PAGES as u64) * PAGE as u64
+}
+
+/// Reads the pages being saved.
+pub trait Memory {
+    /// The page at page frame `pfn`, or `None` if it cannot be reached.
+    fn page(&self, pfn: u64) -> Option<&[u8; PAGE]>;
+}
+
+/// Where chunks go. Offsets are bytes from the partition start, sector
+/// aligned.
+pub trait Sink {
+    /// The sink's error.
+    type Error;
+    /// Writes `header` and then the pages `pfns`, contiguously at `offset`.
+    fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), Self::Error>;
+    /// Writes `bytes` at `offset`.
+    fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// Why writing stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteError<E> {
+    /// The sink failed.
+    Sink(E),
+    /// A page could not be read.
+    Unreachable(u64),
+    /// The partition is full (the worst-case check should prevent this).
+    Full,
+}
+
+/// Working memory for a [`Writer`]; ksave keeps it in its image.
+pub struct Buffers<'b> {
+    /// One raw chunk header.
+    pub raw_header: &'b mut [u8; PAGE],
+    /// Pages of the LZ4 group being gathered.
+    pub lz4_in: &'b mut [u8; LZ4_GROUP * PAGE],
+    /// The LZ4 chunk being built.
+    pub lz4_out: &'b mut [u8; LZ4_OUT],
+}
+
+/// What a finished save wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Totals {
+    /// Chunks written.
+    pub chunks: u64,
+    /// Bytes after the data offset.
+    pub data_bytes: u64,
+    /// Pages stored.
+    pub pages_stored: u64,
+    /// Zero pages left out.
+    pub pages_zero: u64,
+    /// CRC over all chunk header CRCs.
+    pub chunks_crc: u32,
+    /// Header flags to record (`FLAG_LZ4` if any chunk is compressed).
+    pub flags: u32,
+    /// Pages stored in LZ4 chunks.
+    pub pages_lz4: u64,
+}
+
+/// The chunk encoder.
+pub struct Writer<'b> {
+    nonce: u64,
+    lz4: bool,
+    capacity: u64,
+    offset: u64,
+    totals: Totals,
+    chunks_digest: Digest<'static, u32, Table<16>>,
+    raw: [u64; MAX_RAW_PAGES],
+    raw_count: usize,
+    raw_digest: Digest<'static, u32, Table<16>>,
+    group: [u64; LZ4_GROUP],
+    group_count: usize,
+    bufs: Buffers<'b>,
+}
+
+impl<'b> Writer<'b> {
+    /// A writer for attempt `nonce` into a partition of `capacity` bytes.
+    pub fn new(nonce: u64, lz4: bool, capacity: u64, bufs: Buffers<'b>) -> Self {
+        Self {
+            nonce,
+            lz4,
+            capacity,
+            offset: DATA_OFFSET,
+            totals: Totals::default(),
+            chunks_digest: CRC32C.digest(),
+            raw: [0; MAX_RAW_PAGES],
+            raw_count: 0,
+            raw_digest: CRC32C.digest(),
+            group: [0; LZ4_GROUP],
+            group_count: 0,
+            bufs,
+        }
+    }
+
+    /// Adds page `pfn`: left out if zero, else queued into a chunk.
+    pub fn add_page<S: Sink>(&mut self, pfn: u64, mem: &impl Memory, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let page = mem.page(pfn).ok_or(WriteError::Unreachable(pfn))?;
+        if is_zero_page(page) {
+            self.totals.pages_zero += 1;
+            return Ok(());
+        }
+        if self.lz4 {
+            let i = self.group_count;
+            self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
+            self.group[i] = pfn;
+            self.group_count += 1;
+            if self.group_count == LZ4_GROUP {
+                self.flush_group(sink)?;
+            }
+            Ok(())
+        } else {
+            self.push_raw(pfn, page, sink)
+        }
+    }
+
+    /// Bytes written so far (for progress).
+    pub fn bytes_written(&self) -> u64 {
+        self.offset - DATA_OFFSET
+    }
+
+    fn push_raw<S: Sink>(&mut self, pfn: u64, page: &[u8], sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        self.raw[self.raw_count] = pfn;
+        self.raw_count += 1;
+        self.raw_digest.update(page);
+        if self.raw_count == MAX_RAW_PAGES {
+            self.flush_raw(sink)?;
+        }
+        Ok(())
+    }
+
+    fn flush_group<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let n = core::mem::take(&mut self.group_count);
+        if n == 0 {
+            return Ok(());
+        }
+        let input = &self.bufs.lz4_in[..n * PAGE];
+        let out = &mut self.bufs.lz4_out;
+        let compressed = lz4_flex::block::compress_into(input, &mut out[LZ4_HEADER..]).ok();
+        match compressed {
+            // Worth it only if it saves at least a sixteenth.
+            Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
+                let total = (LZ4_HEADER + len).next_multiple_of(SECTOR as usize);
+                out[LZ4_HEADER + len..total].fill(0);
+                let crc = CRC32C.checksum(&out[LZ4_HEADER..LZ4_HEADER + len]);
+                encode_chunk_header(&mut out[..LZ4_HEADER], self.totals.chunks, self.nonce, ENCODING_LZ4, &self.group[..n], len as u32, crc);
+                let header_crc: [u8; 4] = out[LZ4_HEADER - 4..LZ4_HEADER].try_into().unwrap();
+                self.check_room(total as u64)?;
+                sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
+                self.chunk_written(total as u64, header_crc);
+                self.totals.pages_stored += n as u64;
+                self.totals.pages_lz4 += n as u64;
+                self.totals.flags |= FLAG_LZ4;
+                Ok(())
+            }
+            // Incompressible: these pages go raw, from memory where they lie.
+            _ => {
+                for i in 0..n {
+                    let pfn = self.group[i];
+                    let page: [u8; PAGE] = self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].try_into().unwrap();
+                    self.push_raw(pfn, &page, sink)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn flush_raw<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let n = core::mem::take(&mut self.raw_count);
+        if n == 0 {
+            return Ok(());
+        }
+        let digest = core::mem::replace(&mut self.raw_digest, CRC32C.digest());
+        let len = (n * PAGE) as u32;
+        encode_chunk_header(&mut self.bufs.raw_header[..], self.totals.chunks, self.nonce, ENCODING_RAW, &self.raw[..n], len, digest.finalize());
+        let total = PAGE as u64 + len as u64;
+        self.check_room(total)?;
+        sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
+        let header_crc: [u8; 4] = self.bufs.raw_header[PAGE - 4..].try_into().unwrap();
+        self.chunk_written(total, header_crc);
+        self.totals.pages_stored += n as u64;
+        Ok(())
+    }
+
+    fn check_room<E>(&self, bytes: u64) -> Result<(), WriteError<E>> {
+        if self.offset + bytes > self.capacity { Err(WriteError::Full) } else { Ok(()) }
+    }
+
+    fn chunk_written(&mut self, bytes: u64, header_crc: [u8; 4]) {
+        self.chunks_digest.update(&header_crc);
+        self.offset += bytes;
+        self.totals.chunks += 1;
+    }
+
+    /// Writes what is still queued and returns the totals for the header.
+    pub fn finish<S: Sink>(mut self, sink: &mut S) -> Result<Totals, WriteError<S::Error>> {
+        self.flush_group(sink)?;
+        self.flush_raw(sink)?;
+        self.totals.data_bytes = self.offset - DATA_OFFSET;
+        self.totals.chunks_crc = self.chunks_digest.finalize();
+        Ok(self.totals)
+    }
+}
+
+/// Chunk header layout: magic, index, nonce, count, encoding, header
+/// sectors, payload length, payload CRC, pfns from byte 40, CRC of the
+/// header in its last four bytes.
+fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns: &[u64], payload_len: u32, payload_crc: u32) {
+    h.fill(0);
+    h[0..8].copy_from_slice(&CHUNK_MAGIC);
+    put64(h, 8, index);
+    put64(h, 16, nonce);
+    put16(h, 24, pfns.len() as u16);
+    h[26] = encoding;
+    h[27] = (h.len() / SECTOR as usize) as u8;
+    put32(h, 28, payload_len);
+    put32(h, 32, payload_crc);
+    for (i, pfn) in pfns.iter().enumerate() {
+        put64(h, 40 + 8 * i, *pfn);
+    }
+    let crc = CRC32C.checksum(&h[..h.len() - 4]);
+    let end = h.len() - 4;
+    put32(h, end, crc);
+}

@@ -1,0 +1,339 @@
+//! The real encoder against the real decoder, and every corruption the
+//! decoder must catch.
+
+use std::collections::BTreeMap;
+
+use ksave_format::header::{self, DATA_OFFSET, HeaderError, META_BLOCKS, META_OFFSET, State};
+use ksave_format::reader::{self, ReadError};
+use ksave_format::writer::{self, LZ4_GROUP, LZ4_OUT, Memory, Sink, Totals, WriteError, Writer, worst_case_bytes};
+use ksave_format::{BackupPair, PAGE, Range, config};
+
+/// Test memory: page frame -> contents.
+struct Mem(BTreeMap<u64, Box<[u8; PAGE]>>);
+
+impl Memory for Mem {
+    fn page(&self, pfn: u64) -> Option<&[u8; PAGE]> {
+        self.0.get(&pfn).map(|b| &**b)
+    }
+}
+
+/// A partition in a Vec.
+struct Disk {
+    bytes: Vec<u8>,
+    mem: *const Mem,
+}
+
+impl Sink for Disk {
+    type Error = &'static str;
+    fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), Self::Error> {
+        // SAFETY: test-only; `mem` outlives the save.
+        let mem = unsafe { &*self.mem };
+        let mut at = offset as usize;
+        self.put(at, header);
+        at += header.len();
+        for pfn in pfns {
+            let page = *mem.page(*pfn).unwrap();
+            self.put(at, &page);
+            at += PAGE;
+        }
+        Ok(())
+    }
+    fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), Self::Error> {
+        self.put(offset as usize, bytes);
+        Ok(())
+    }
+}
+
+impl Disk {
+    fn put(&mut self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.bytes.len(), "write beyond the partition");
+        self.bytes[at..at + data.len()].copy_from_slice(data);
+    }
+}
+
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+const RAM: [Range; 2] = [Range { start: 0, end: 0x40_0000 }, Range { start: 0x100_0000, end: 0x140_0000 }];
+const IMAGE: Range = Range { start: 0x120_0000, end: 0x121_0000 };
+
+/// Memory of the two RAM ranges: runs of 64 random, zero or text pages,
+/// as real memory comes; ksave's own pages are left out, as a save does.
+fn memory(seed: u64) -> Mem {
+    memory_in(&RAM, seed)
+}
+
+fn memory_in(ranges: &[Range], seed: u64) -> Mem {
+    let mut rng = xorshift(seed);
+    let mut map = BTreeMap::new();
+    let mut kind = 0;
+    for r in ranges {
+        for pfn in r.pages() {
+            if IMAGE.contains(pfn * PAGE as u64) {
+                continue;
+            }
+            if pfn % 64 == 0 {
+                kind = rng() % 4;
+            }
+            let mut page = Box::new([0u8; PAGE]);
+            match kind {
+                0 => {} // zero
+                1 => {
+                    let line = format!("pfn {pfn:#x}: the quick brown fox jumps over the lazy dog\n");
+                    for (i, b) in page.iter_mut().enumerate() {
+                        *b = line.as_bytes()[i % line.len()];
+                    }
+                }
+                _ => page.chunks_mut(8).for_each(|c| c.copy_from_slice(&rng().to_le_bytes())),
+            }
+            map.insert(pfn, page);
+        }
+    }
+    Mem(map)
+}
+
+const NONCE: u64 = 0x5eed_1234_abcd_0042;
+const BACKUP: [BackupPair; 2] = [BackupPair { dest: 0x120_0000, src: 0x3f_0000 }, BackupPair { dest: 0x120_1000, src: 0x3f_1000 }];
+
+/// A whole save, as ksave does it: header "writing", metadata, chunks,
+/// header "complete".
+fn save(mem: &Mem, lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
+    let mut disk = Disk { bytes: vec![0; capacity], mem };
+    let mut h = header::Header::new(State::Writing, NONCE);
+    let mut block = [0u8; PAGE];
+    h.encode(&mut block);
+    disk.write_bytes(0, &block).unwrap();
+    let mut meta = vec![0u8; META_BLOCKS as usize * PAGE];
+    let (_, meta_crc) = header::encode_meta(&RAM, &BACKUP, &mut meta);
+    disk.write_bytes(META_OFFSET, &meta).unwrap();
+    let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
+    let bufs = writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out };
+    let mut w = Writer::new(NONCE, lz4, capacity as u64, bufs);
+    for pfn in mem.0.keys() {
+        w.add_page(*pfn, mem, &mut disk)?;
+    }
+    let totals = w.finish(&mut disk)?;
+    h = header::Header::new(State::Complete, NONCE);
+    h.image = IMAGE;
+    h.ram_ranges = RAM.len() as u32;
+    h.backup_pairs = BACKUP.len() as u32;
+    h.meta_crc = meta_crc;
+    h.chunks = totals.chunks;
+    h.data_bytes = totals.data_bytes;
+    h.pages_stored = totals.pages_stored;
+    h.pages_zero = totals.pages_zero;
+    h.chunks_crc = totals.chunks_crc;
+    h.flags = totals.flags;
+    h.set_message("test host 6.12");
+    h.encode(&mut block);
+    disk.write_bytes(0, &block).unwrap();
+    Ok((disk.bytes, totals))
+}
+
+/// Reads an image back into a page map, checking everything.
+fn load(image: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, ReadError<&'static str>> {
+    let mut src = image;
+    let mut block = [0u8; PAGE];
+    let h = reader::read_header(&mut src, &mut block)?;
+    if h.state != State::Complete {
+        return Err(ReadError::Totals("not complete"));
+    }
+    let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
+    let meta = reader::read_meta(&mut src, &h, &mut meta_buf)?;
+    assert_eq!(meta.backup_pairs().collect::<Vec<_>>(), BACKUP);
+    let mut pages = BTreeMap::new();
+    let (mut hb, mut pb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
+    let bufs = reader::Buffers { header: &mut hb, page: &mut pb, lz4_in: &mut li, lz4_out: &mut lo };
+    reader::visit_chunks(&mut src, &h, &meta, bufs, |pfn, data| {
+        assert!(pages.insert(pfn, data.to_vec()).is_none(), "page {pfn} twice");
+    }, |_| {})?;
+    Ok(pages)
+}
+
+fn assert_same(mem: &Mem, pages: &BTreeMap<u64, Vec<u8>>) {
+    for (pfn, data) in &mem.0 {
+        match pages.get(pfn) {
+            Some(stored) => assert_eq!(&stored[..], &data[..], "page {pfn:#x}"),
+            None => assert!(data.iter().all(|&b| b == 0), "non-zero page {pfn:#x} missing"),
+        }
+    }
+    assert!(pages.keys().all(|p| mem.0.contains_key(p)));
+}
+
+#[test]
+fn raw_round_trip_elides_zero_pages() {
+    let mem = memory(1);
+    let (image, totals) = save(&mem, false, 8 << 20).unwrap();
+    let zero = mem.0.values().filter(|p| p.iter().all(|&b| b == 0)).count() as u64;
+    assert_eq!(totals.pages_zero, zero);
+    assert_eq!(totals.pages_stored + zero, mem.0.len() as u64);
+    assert_eq!(totals.pages_lz4, 0);
+    assert_same(&mem, &load(&image).unwrap());
+    assert!(DATA_OFFSET + totals.data_bytes <= worst_case_bytes(mem.0.len() as u64));
+}
+
+#[test]
+fn lz4_round_trip_compresses_text_and_keeps_random_raw() {
+    let mem = memory(2);
+    let (raw_image, raw) = save(&mem, false, 8 << 20).unwrap();
+    let (image, lz) = save(&mem, true, 8 << 20).unwrap();
+    assert!(lz.pages_lz4 > 0, "text pages should compress");
+    assert!(lz.pages_lz4 < lz.pages_stored, "random pages should stay raw");
+    assert!(lz.data_bytes < raw.data_bytes * 3 / 4, "{} vs {}", lz.data_bytes, raw.data_bytes);
+    assert_same(&mem, &load(&image).unwrap());
+    assert_same(&mem, &load(&raw_image).unwrap());
+}
+
+#[test]
+fn a_partition_too_small_is_full_not_overrun() {
+    let mem = memory(3);
+    assert_eq!(save(&mem, false, 1 << 20).err(), Some(WriteError::Full));
+}
+
+fn flip(image: &[u8], at: usize) -> Vec<u8> {
+    let mut v = image.to_vec();
+    v[at] ^= 0x10;
+    v
+}
+
+fn chunk_offsets(image: &[u8]) -> Vec<(u64, u8)> {
+    let mut src = image;
+    let mut block = [0u8; PAGE];
+    let h = reader::read_header(&mut src, &mut block).unwrap();
+    let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
+    let meta = reader::read_meta(&mut src, &h, &mut meta_buf).unwrap();
+    let mut out = Vec::new();
+    let (mut hb, mut pb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
+    let bufs = reader::Buffers { header: &mut hb, page: &mut pb, lz4_in: &mut li, lz4_out: &mut lo };
+    reader::visit_chunks(&mut src, &h, &meta, bufs, |_, _| {}, |c| out.push((c.offset, c.encoding))).unwrap();
+    out
+}
+
+#[test]
+fn every_corruption_is_caught() {
+    let mem = memory(4);
+    let (image, _) = save(&mem, true, 8 << 20).unwrap();
+    let chunks = chunk_offsets(&image);
+    let raw = chunks.iter().find(|c| c.1 == writer::ENCODING_RAW).unwrap().0 as usize;
+    let lz4 = chunks.iter().find(|c| c.1 == writer::ENCODING_LZ4).unwrap().0 as usize;
+
+    assert_eq!(load(&flip(&image, 20)).err(), Some(ReadError::Header(HeaderError::Checksum)), "header bit");
+    assert_eq!(load(&flip(&image, META_OFFSET as usize + 3)).err(), Some(ReadError::Header(HeaderError::Checksum)), "metadata bit");
+    let err = load(&flip(&image, raw + 45)).unwrap_err();
+    assert!(matches!(err, ReadError::Chunk { what: "header checksum", .. }), "raw chunk header: {err:?}");
+    let err = load(&flip(&image, raw + PAGE + 1000)).unwrap_err();
+    assert!(matches!(err, ReadError::Chunk { what: "payload checksum", .. }), "raw payload: {err:?}");
+    let err = load(&flip(&image, lz4 + 512 + 7)).unwrap_err();
+    assert!(matches!(err, ReadError::Chunk { what: "payload checksum", .. }), "lz4 payload: {err:?}");
+
+    // Truncated: the last chunk is cut off.
+    let len = DATA_OFFSET as usize + {
+        let mut b = [0u8; PAGE];
+        b.copy_from_slice(&image[..PAGE]);
+        header::Header::decode(&b).unwrap().data_bytes as usize
+    };
+    let err = load(&image[..len - 100]).unwrap_err();
+    assert_eq!(err, ReadError::Io("read beyond the end"), "truncated");
+
+    // Another format version, with a valid checksum.
+    let mut other = image.clone();
+    other[8] = 2;
+    let crc = ksave_format::CRC32C.checksum(&other[..PAGE - 4]);
+    other[PAGE - 4..PAGE].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(load(&other).err(), Some(ReadError::Header(HeaderError::Version(2))));
+
+    // Not ours at all.
+    assert_eq!(load(&vec![0u8; 1 << 16]).err(), Some(ReadError::Header(HeaderError::BadMagic)));
+}
+
+#[test]
+fn a_torn_save_never_looks_complete() {
+    let mem = memory(5);
+    let (mut image, _) = save(&mem, false, 8 << 20).unwrap();
+    // The commit was torn: only its first sector reached the disk.
+    let mut writing = [0u8; PAGE];
+    header::Header::new(State::Writing, NONCE).encode(&mut writing);
+    image[512..PAGE].copy_from_slice(&writing[512..]);
+    assert_eq!(load(&image).err(), Some(ReadError::Header(HeaderError::Checksum)));
+    // Never committed: the "writing" header is all there is.
+    image[..PAGE].copy_from_slice(&writing);
+    assert_eq!(load(&image).err(), Some(ReadError::Totals("not complete")));
+}
+
+#[test]
+fn chunks_of_another_attempt_are_refused() {
+    let mem = memory(6);
+    let (image, _) = save(&mem, false, 8 << 20).unwrap();
+    let mut block = [0u8; PAGE];
+    block.copy_from_slice(&image[..PAGE]);
+    let mut h = header::Header::decode(&block).unwrap();
+    h.nonce ^= 1; // a header from a later attempt over an older image's chunks
+    let mut forged = image.clone();
+    h.encode(&mut block);
+    forged[..PAGE].copy_from_slice(&block);
+    let err = load(&forged).unwrap_err();
+    assert!(matches!(err, ReadError::Chunk { what: "from another save attempt", .. }), "{err:?}");
+}
+
+#[test]
+fn random_damage_never_panics_and_never_passes_silently() {
+    // A stable-Rust stand-in for fuzzing (fuzz/ has the cargo-fuzz target):
+    // flip bytes all over a valid image; the decoder must either refuse it
+    // or hand back exactly the original pages.
+    let mem = memory_in(&RAM[..1], 7);
+    let (image, _) = save(&mem, true, 8 << 20).unwrap();
+    let mut rng = xorshift(99);
+    let used = DATA_OFFSET as usize + {
+        let mut b = [0u8; PAGE];
+        b.copy_from_slice(&image[..PAGE]);
+        header::Header::decode(&b).unwrap().data_bytes as usize
+    };
+    for _ in 0..300 {
+        let mut bad = image.clone();
+        for _ in 0..1 + rng() % 3 {
+            let at = (rng() % used as u64) as usize;
+            bad[at] ^= 1 << (rng() % 8);
+        }
+        if let Ok(pages) = load(&bad) {
+            assert_same(&mem, &pages); // damage only in padding
+        }
+    }
+}
+
+#[test]
+fn config_round_trip_and_refusals() {
+    assert_eq!(config::Config::decode(&config::SHIPPED), Err(config::ConfigError::NotConfigured));
+    let mut c = config::Config::new();
+    c.nonce = 7;
+    c.partition_guid = [0xab; 16];
+    c.partition_first_lba = 2048;
+    c.partition_sectors = 1 << 20;
+    c.lz4 = true;
+    c.ram[0] = Range { start: 0, end: 0x9f000 };
+    c.ram[1] = Range { start: 0x100000, end: 0x1ffe_0000 };
+    c.ram_count = 2;
+    c.info[..11].copy_from_slice(b"host 6.12.1");
+    let mut block = [0u8; PAGE];
+    c.encode(&mut block);
+    assert_eq!(config::Config::decode(&block), Ok(c.clone()));
+    assert_eq!(config::Config::decode(&block).unwrap().info(), "host 6.12.1");
+    let mut bad = block;
+    bad[100] ^= 1;
+    assert_eq!(config::Config::decode(&bad), Err(config::ConfigError::Checksum));
+    let mut overlapping = c.clone();
+    overlapping.ram[1].start = 0x9_0000;
+    overlapping.encode(&mut block);
+    assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("RAM ranges unsorted or overlapping")));
+    let mut none = c;
+    none.ram_count = 0;
+    none.encode(&mut block);
+    assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("RAM range count")));
+    assert_eq!(config::Config::decode(&[0u8; PAGE]), Err(config::ConfigError::BadMagic));
+}
