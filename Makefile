@@ -34,7 +34,7 @@ $(BUILD)/bzImage: FORCE | deps
 	k=$$(qemu/build-kernel.sh) && cmp -s "$$k" $@ || cp "$$k" $@
 
 $(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/init $(wildcard qemu/initramfs/scenarios/*) | deps
-	qemu/mkinitramfs.sh $@ $(ELF) $(CLI)
+	qemu/mkinitramfs.sh $@ $(ELF) $(CLI) target/release/memtest
 
 $(BUILD)/grub.iso: $(ELF) qemu/mkgrubiso.sh | deps
 	qemu/mkgrubiso.sh $@ $(ELF) ksave.demo

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds kernel A's initramfs: busybox, kexec-tools with its libraries, the
-# ksave image and CLI, /init and the test scenarios.
-#   mkinitramfs.sh OUT.cpio.gz KSAVE_ELF [KSAVE_CLI]
+# ksave image, /init, the test scenarios, and host programs for /usr/bin
+# (the ksave CLI, memtest) with their libraries.
+#   mkinitramfs.sh OUT.cpio.gz KSAVE_ELF [PROGRAM...]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=$1 elf=$2 cli=${3:-}
+out=$1 elf=$2
+shift 2
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 
@@ -22,7 +24,9 @@ add_dynamic() {
   done
 }
 add_dynamic "$(command -v kexec)" /usr/sbin/kexec
-[ -z "$cli" ] || add_dynamic "$cli" /usr/bin/ksave
+for program in "$@"; do
+  add_dynamic "$program" "/usr/bin/$(basename "$program")"
+done
 
 install -m 0644 "$elf" "$stage/ksave.elf"
 install -m 0755 "$here/initramfs/init" "$stage/init"

@@ -43,8 +43,9 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
                 ctx.control_page, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
             );
             report_backup_map(&ctx, start, end);
+            crate::save::run(&ctx);
         }
-        Err(e) => println!("ksave:   control page not usable: {e:?}"),
+        Err(e) => println!("ksave:   control page not usable, not saving: {e:?}"),
     }
     println!("ksave: returning to caller");
     return_to_caller(reentry)

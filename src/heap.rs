@@ -4,7 +4,7 @@
 use linked_list_allocator::LockedHeap;
 
 /// Heap size; the image footprint budget is 512 KiB in all.
-pub const HEAP_SIZE: usize = 64 * 1024;
+pub const HEAP_SIZE: usize = 16 * 1024;
 
 #[repr(align(4096))]
 struct Arena(#[expect(dead_code, reason = "only its address is used")] [u8; HEAP_SIZE]);

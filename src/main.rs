@@ -12,6 +12,7 @@ extern crate alloc;
 mod boot;
 mod caller;
 mod cmdline;
+mod config;
 mod console;
 mod cpu;
 mod disks;
@@ -22,6 +23,7 @@ mod layout;
 mod paging;
 mod physmem;
 mod qemu;
+mod save;
 
 core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));
 core::arch::global_asm!(include_str!("../asm/tables.s"), options(att_syntax));

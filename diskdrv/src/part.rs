@@ -160,6 +160,34 @@ pub fn parse_gpt_header(sector: &[u8; 512], lba: u64) -> Option<GptHeader> {
     sane.then_some(header)
 }
 
+/// One GPT partition entry's fields (UEFI 2.10, table 5.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Partition type GUID.
+    pub type_guid: Guid,
+    /// Unique partition GUID (Linux's PARTUUID).
+    pub unique: Guid,
+    /// First LBA.
+    pub first_lba: u64,
+    /// Last LBA, inclusive.
+    pub last_lba: u64,
+}
+
+/// Reads an entry (at least 48 bytes); `None` for an unused one.
+pub fn parse_entry(e: &[u8]) -> Option<Entry> {
+    if e[0..16] == [0; 16] {
+        return None;
+    }
+    let guid = |at: usize| Guid(e[at..at + 16].try_into().unwrap());
+    Some(Entry { type_guid: guid(0), unique: guid(16), first_lba: le64(e, 32), last_lba: le64(e, 40) })
+}
+
+/// True if `entries` (the whole entry array) matches the header's CRC.
+pub fn entries_crc_ok(header: &GptHeader, entries: &[u8]) -> bool {
+    let len = header.entry_count as usize * header.entry_size as usize;
+    entries.len() >= len && CRC32.checksum(&entries[..len]) == header.entries_crc
+}
+
 /// Finds the GPT partition whose unique GUID is `guid`, using `buf` (one
 /// sector, in memory the disk can DMA into) for reads. The backup GPT is
 /// used when the primary header or its entry array fails its CRC.
@@ -219,9 +247,10 @@ fn search_entries(
         // (its first 48 bytes) never straddle a sector.
         for at in (0..take).step_by(128) {
             let starts_entry = (offset + at as u64) % header.entry_size as u64 == 0;
-            let e = &buf[at..at + 128];
-            if starts_entry && found.is_none() && e[0..16] != [0; 16] && e[16..32] == guid.0 {
-                found = Some((le64(e, 32), le64(e, 40)));
+            if let (true, None, Some(e)) = (starts_entry, found, parse_entry(&buf[at..at + 128]))
+                && e.unique == guid
+            {
+                found = Some((e.first_lba, e.last_lba));
             }
         }
         offset += SECTOR;

@@ -49,6 +49,21 @@ pub struct TestDisk {
 }
 
 impl TestDisk {
+    /// First LBA of partition 2 (right after the test partition).
+    pub fn second_lba(&self) -> u64 {
+        self.part_last_lba + 1
+    }
+
+    /// Bytes of partition 2's start (up to `len`).
+    pub fn read_second(&self, len: usize) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&self.path)?.read_exact_at(&mut buf, self.second_lba() * 512)?;
+        Ok(buf)
+    }
+}
+
+impl TestDisk {
     /// Makes `build/disks/NAME.img` of `size_mib` with a `part_mib`
     /// partition 1 of GUID [`PART_GUID`] at LBA 2048. A sparse file.
     pub fn create(name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
@@ -81,7 +96,7 @@ impl TestDisk {
         run(Command::new("sgdisk")
             .arg(format!("--new=1:{PART_FIRST_LBA}:{part_last_lba}"))
             .arg(format!("--partition-guid=1:{PART_GUID}"))
-            .arg("--new=2:0:0")
+            .arg(format!("--new=2:{}:0", part_last_lba + 1))
             .arg(&path))?;
         let original = if size_mib <= 128 { std::fs::read(&path)? } else { Vec::new() };
         Ok(Self { path, original, part_last_lba })

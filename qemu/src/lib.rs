@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod disk;
+pub mod memdata;
 pub mod scenarios;
 mod vm;
 

@@ -15,7 +15,8 @@ fn main() -> Result<()> {
         "multiboot" => scenarios::multiboot1_boot(true)?,
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
-        other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception or bench"),
+        "hibernate" => scenarios::hibernate_snapshot(scenarios::Expect::Ok, false, 256, true)?,
+        other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
     };
     println!("\n{report}");
     println!("PASS");

@@ -263,3 +263,135 @@ pub fn linux_dd(bus: Bus, mib: u64) -> Result<Report> {
     vm.expect_exit(0, 30 * SECOND)?;
     Ok(report)
 }
+
+/// How a hibernate run should end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// A complete image, checked on the host.
+    Ok,
+    /// The partition is smaller than the worst case.
+    TooSmall,
+    /// The recorded partition GUID is not on the disk.
+    WrongGuid,
+    /// The disk fails a write (blkdebug).
+    IoError,
+}
+
+/// Kernel A holds `memtest_mib` MiB of known data and runs `ksave
+/// hibernate --snapshot` to an AHCI disk. With [`Expect::Ok`] the host
+/// then checks the image with `ksave verify` and `ksave export`: every
+/// memtest page must be in the core file at its physical address. The
+/// failure cases must leave A running with its data intact and hibernate
+/// failing with the reason.
+pub fn hibernate_snapshot(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool) -> Result<Report> {
+    let name = format!("hibernate-{expect:?}{}", if lz4 { "-lz4" } else { "" }).to_lowercase();
+    let part_mib = if expect == Expect::TooSmall { 64 } else { 520 };
+    let disk = TestDisk::create(&name, part_mib + 20, part_mib)?;
+    let rule = match expect {
+        Expect::IoError => Some(disk.blkdebug_rule("write", PART_FIRST_LBA + 20_000)?),
+        _ => None,
+    };
+    let scenario = format!(
+        "hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib} ksave.expect={}{}",
+        format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error"),
+        if lz4 { " ksave.lz4=1" } else { "" }
+    );
+    let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(Bus::Ahci, rule.as_deref()));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest", if lz4 { ", LZ4" } else { "" }));
+    if expect == Expect::TooSmall {
+        vm.expect("setup refused (as it must)", 120 * SECOND)?;
+    }
+    vm.expect("memtest: ready", 300 * SECOND)?;
+    match expect {
+        Expect::Ok => {
+            let jump = vm.expect("ksave-test: jump", 30 * SECOND)?;
+            let banner = vm.expect("entered by kexec jump", 30 * SECOND)?;
+            let first = vm.expect("ksave: image header written", 60 * SECOND)?;
+            let saved = vm.expect("ksave: saved", 600 * SECOND)?;
+            let back = vm.expect("ksave: image complete", 60 * SECOND)?;
+            report.add_ms("`ksave hibernate` to ksave's banner", banner.at - jump.at);
+            report.add_ms("ksave's banner to the first sector written", first.at - banner.at);
+            report.add_ms("`ksave hibernate` to the first sector written", first.at - jump.at);
+            report.add_ms("ksave's banner to A running again", back.at - banner.at);
+            let field = |after: &str| -> Option<f64> { saved.text.split(after).nth(1)?.split([' ', ')']).next()?.parse().ok() };
+            if let Some(v) = field(" = ") {
+                report.add("save rate over all RAM", v, "MB/s");
+            }
+            if let Some(v) = field("image ") {
+                report.add("image size", v, "MiB");
+            }
+            if let Some(v) = field(" in ") {
+                report.add("save time in ksave", v, "ms");
+            }
+        }
+        _ => {
+            let refused = vm.expect("hibernation FAILED, not powering off", 300 * SECOND)?;
+            let why = match expect {
+                Expect::TooSmall => "ksave could not save: partition holds 64 MiB",
+                Expect::WrongGuid => "no record of this attempt",
+                _ => "ksave could not save: disk error: device error on command 0x35",
+            };
+            // The last refusal is ksave's own (after the host's, where there is one).
+            let mut line = refused;
+            while !line.text.contains(why) {
+                line = vm.expect("hibernation FAILED", 300 * SECOND).with_context(|| format!("no refusal saying {why:?}"))?;
+            }
+            vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
+        }
+    }
+    vm.expect("memtest: data intact", 120 * SECOND)?;
+    vm.expect("still running, memory intact", 60 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.refute_seen("CPU exception")?;
+    vm.refute_seen("ksave: panic")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("VM total run time", vm.elapsed());
+    if expect == Expect::Ok {
+        check_image_on_host(&disk, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// `ksave verify` and `ksave export` on the disk image file, then every
+/// memtest page compared at its physical address in the core file.
+fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
+    let cli = build_input("ksave")?;
+    let run = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(&cli).args(args).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "ksave {} failed: {text}", args.join(" "));
+        Ok(text)
+    };
+    let img = disk.path.display().to_string();
+    let verified = run(&["verify", &img])?;
+    ensure!(verified.contains("OK:"), "ksave verify: {verified}");
+    let core = disk.path.with_extension("core");
+    let t = std::time::Instant::now();
+    run(&["export", "--elf", &core.display().to_string(), &img])?;
+    report.add_ms("host: ksave export", t.elapsed());
+    let readelf = std::process::Command::new("readelf").arg("-l").arg(&core).output()?;
+    let listing = String::from_utf8_lossy(&readelf.stdout);
+    ensure!(readelf.status.success() && listing.contains("CORE") && listing.contains("LOAD"), "readelf -l: {listing}");
+
+    let manifest = crate::memdata::Manifest::decode(&disk.read_second(8 << 20)?)?;
+    let data = std::fs::read(&core)?;
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&data[..])?;
+    use object::read::elf::ProgramHeader as _;
+    let endian = elf.endian();
+    let segments: Vec<_> = elf.elf_program_headers().iter().map(|p| (p.p_paddr(endian), p.p_memsz(endian), p.p_offset(endian))).collect();
+    let mut expected = [0u8; crate::memdata::PAGE];
+    for (i, pfn) in manifest.pfns.iter().enumerate() {
+        let addr = pfn * crate::memdata::PAGE as u64;
+        let (start, _, offset) = segments
+            .iter()
+            .find(|(s, len, _)| (*s..s + len).contains(&addr))
+            .with_context(|| format!("page {i} at {addr:#x} is in no PT_LOAD of the core"))?;
+        let at = (offset + addr - start) as usize;
+        crate::memdata::fill_page(manifest.seed, i as u64, &mut expected);
+        ensure!(data[at..at + expected.len()] == expected, "page {i} (frame {pfn:#x}) differs in the exported image");
+    }
+    report.add("memtest pages checked in the export", manifest.pfns.len() as f64, "pages");
+    let _ = std::fs::remove_file(&core);
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! `make test` builds first (build/ksave.elf, bzImage, initramfs.cpio.gz).
 
 use ksave_qemu::disk::Bus;
-use ksave_qemu::scenarios;
+use ksave_qemu::scenarios::{self, Expect};
 
 fn run(scenario: impl Fn(bool) -> anyhow::Result<scenarios::Report>) {
     match scenario(false) {
@@ -59,4 +59,29 @@ fn injected_write_error_on_ahci_is_reported() {
 #[test]
 fn injected_read_error_on_ide_is_reported() {
     run(|echo| scenarios::disk_error(Bus::IdePrimary, "read", echo));
+}
+
+#[test]
+fn hibernate_snapshot_writes_a_verifiable_image() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::Ok, false, 256, echo));
+}
+
+#[test]
+fn hibernate_with_lz4_writes_a_verifiable_image() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::Ok, true, 64, echo));
+}
+
+#[test]
+fn hibernate_refuses_a_partition_too_small() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::TooSmall, false, 16, echo));
+}
+
+#[test]
+fn hibernate_refuses_a_missing_partition() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::WrongGuid, false, 16, echo));
+}
+
+#[test]
+fn hibernate_reports_a_disk_write_error() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::IoError, false, 16, echo));
 }

@@ -15,6 +15,8 @@ pub struct ImageLayout {
     pub end: u64,
     /// Bytes backed by the file (`p_filesz`).
     pub file_size: u64,
+    /// Where those bytes are in the file (`p_offset`).
+    pub file_offset: u64,
     /// The 64-bit kexec-jump entry (`e_entry`).
     pub entry: u64,
 }
@@ -39,8 +41,10 @@ impl ImageLayout {
             start,
             end: start + memsz.next_multiple_of(4096),
             file_size: load.p_filesz(endian),
+            file_offset: load.p_offset(endian),
             entry: header.e_entry(endian),
         };
+        ensure!(layout.file_offset + layout.file_size <= data.len() as u64, "PT_LOAD runs past the end of the file");
         ensure!(
             (layout.start..layout.end).contains(&layout.entry),
             "entry {:#x} outside the image {:#x}..{:#x}",
@@ -88,6 +92,7 @@ mod tests {
             ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
             ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // vaddr
             ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+            ph[8..16].copy_from_slice(&0u64.to_le_bytes()); // p_offset: the headers
             ph[32..40].copy_from_slice(&filesz.to_le_bytes());
             ph[40..48].copy_from_slice(&memsz.to_le_bytes());
         }
@@ -96,7 +101,7 @@ mod tests {
 
     #[test]
     fn reads_the_single_load_range() {
-        let layout = ImageLayout::parse(&elf(&[(0x200_0000, 0x9000, 0x4_1234)], 0x200_0100)).unwrap();
+        let layout = ImageLayout::parse(&elf(&[(0x200_0000, 0x40, 0x4_1234)], 0x200_0010)).unwrap();
         assert_eq!(layout.start, 0x200_0000);
         assert_eq!(layout.end, 0x204_2000);
         assert_eq!(layout.footprint(), 0x4_2000);
@@ -107,6 +112,10 @@ mod tests {
     fn rejects_two_loads_and_stray_entries() {
         let err = ImageLayout::parse(&elf(&[(0x1000, 1, 1), (0x2000, 1, 1)], 0x1000)).unwrap_err();
         assert!(err.to_string().contains("exactly one PT_LOAD"), "{err}");
+        let err = ImageLayout::parse(&elf(&[(0x1000, 1, 1)], 0x9000)).unwrap_err();
+        assert!(err.to_string().contains("outside the image"), "{err}");
+        let err = ImageLayout::parse(&elf(&[(0x1000, 1 << 20, 1 << 20)], 0x1000)).unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
         let err = ImageLayout::parse(&elf(&[(0x1000, 1, 1)], 0x9000)).unwrap_err();
         assert!(err.to_string().contains("outside the image"), "{err}");
         assert!(ImageLayout::parse(b"not an elf").is_err());

@@ -2,3 +2,9 @@
 //! can be tested.
 
 pub mod elfimage;
+pub mod export;
+pub mod imagefile;
+pub mod inspect;
+pub mod load;
+pub mod setup;
+pub mod sys;

@@ -19,11 +19,21 @@ pub const PAGE: usize = 4096;
 /// Disk sector size the format aligns to.
 pub const SECTOR: u64 = 512;
 
-/// CRC-32C (Castagnoli), slice-by-16 tables. Chosen over a 64-bit hash
-/// because corruption here is accidental (torn or bit-flipped sectors), for
-/// which CRC-32C detects every burst up to 32 bits and anything else with
-/// probability 1 - 2^-32 per chunk, from a well-kept crate.
+/// CRC-32C (Castagnoli), slice-by-16 tables: the check of every small
+/// structure (headers, metadata, config), where it detects every burst up
+/// to 32 bits. Chunk payloads, which are nearly all the bytes, are checked
+/// with XXH3-64 instead ([`payload_hash`]): see docs/FORMAT.md.
 pub static CRC32C: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&CRC_32_ISCSI);
+
+/// The payload check: XXH3-64. A 64-bit check (collision 2^-64), and about
+/// four times fewer instructions a byte than table CRC-32C on a CPU without
+/// SSE4.2 (QEMU's default), where a save's time goes.
+pub fn payload_hash(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Streaming [`payload_hash`].
+pub type PayloadHasher = xxhash_rust::xxh3::Xxh3;
 
 /// True if the page is all zeros (such pages are not stored).
 pub fn is_zero_page(page: &[u8; PAGE]) -> bool {

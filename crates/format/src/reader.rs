@@ -3,7 +3,7 @@
 
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
 use crate::writer::{CHUNK_MAGIC, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
-use crate::{CRC32C, PAGE, SECTOR, le16, le32, le64};
+use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, le16, le32, le64, payload_hash};
 
 /// Reads bytes of the partition.
 pub trait Source {
@@ -140,7 +140,7 @@ pub fn visit_chunks<S: Source>(
         if le64(h, 16) != header.nonce {
             return Err(bad("from another save attempt"));
         }
-        let (count, encoding, payload_len, payload_crc) = (le16(h, 24) as usize, h[26], le32(h, 28) as usize, le32(h, 32));
+        let (count, encoding, payload_len, want_hash) = (le16(h, 24) as usize, h[26], le32(h, 28) as usize, le64(h, 32));
         let (max_pages, want_header) = match encoding {
             ENCODING_RAW => (MAX_RAW_PAGES, PAGE),
             ENCODING_LZ4 => (LZ4_GROUP, LZ4_HEADER),
@@ -166,13 +166,13 @@ pub fn visit_chunks<S: Source>(
                 if payload_len != count * PAGE {
                     return Err(bad("payload length"));
                 }
-                let mut digest = CRC32C.digest();
+                let mut hasher = PayloadHasher::new();
                 for (i, p) in pfns[..count].iter().enumerate() {
                     src.read_at(payload_at + (i * PAGE) as u64, &mut bufs.page[..]).map_err(ReadError::Io)?;
-                    digest.update(&bufs.page[..]);
+                    hasher.update(&bufs.page[..]);
                     page(*p, bufs.page);
                 }
-                if digest.finalize() != payload_crc {
+                if hasher.digest() != want_hash {
                     return Err(bad("payload checksum"));
                 }
             }
@@ -182,7 +182,7 @@ pub fn visit_chunks<S: Source>(
                 }
                 let stored = payload_len.next_multiple_of(SECTOR as usize);
                 src.read_at(payload_at, &mut bufs.lz4_in[..stored]).map_err(ReadError::Io)?;
-                if CRC32C.checksum(&bufs.lz4_in[..payload_len]) != payload_crc {
+                if payload_hash(&bufs.lz4_in[..payload_len]) != want_hash {
                     return Err(bad("payload checksum"));
                 }
                 let out = &mut bufs.lz4_out[..count * PAGE];

@@ -8,7 +8,7 @@
 use crc::{Digest, Table};
 
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
-use crate::{CRC32C, PAGE, SECTOR, is_zero_page, put16, put32, put64};
+use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, is_zero_page, payload_hash, put16, put32, put64};
 
 /// "KSCHUNK1".
 pub const CHUNK_MAGIC: [u8; 8] = *b"KSCHUNK1";
@@ -98,7 +98,7 @@ pub struct Writer<'b> {
     chunks_digest: Digest<'static, u32, Table<16>>,
     raw: [u64; MAX_RAW_PAGES],
     raw_count: usize,
-    raw_digest: Digest<'static, u32, Table<16>>,
+    raw_hasher: PayloadHasher,
     group: [u64; LZ4_GROUP],
     group_count: usize,
     bufs: Buffers<'b>,
@@ -116,7 +116,7 @@ impl<'b> Writer<'b> {
             chunks_digest: CRC32C.digest(),
             raw: [0; MAX_RAW_PAGES],
             raw_count: 0,
-            raw_digest: CRC32C.digest(),
+            raw_hasher: PayloadHasher::new(),
             group: [0; LZ4_GROUP],
             group_count: 0,
             bufs,
@@ -152,7 +152,7 @@ impl<'b> Writer<'b> {
     fn push_raw<S: Sink>(&mut self, pfn: u64, page: &[u8], sink: &mut S) -> Result<(), WriteError<S::Error>> {
         self.raw[self.raw_count] = pfn;
         self.raw_count += 1;
-        self.raw_digest.update(page);
+        self.raw_hasher.update(page);
         if self.raw_count == MAX_RAW_PAGES {
             self.flush_raw(sink)?;
         }
@@ -172,8 +172,8 @@ impl<'b> Writer<'b> {
             Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
                 let total = (LZ4_HEADER + len).next_multiple_of(SECTOR as usize);
                 out[LZ4_HEADER + len..total].fill(0);
-                let crc = CRC32C.checksum(&out[LZ4_HEADER..LZ4_HEADER + len]);
-                encode_chunk_header(&mut out[..LZ4_HEADER], self.totals.chunks, self.nonce, ENCODING_LZ4, &self.group[..n], len as u32, crc);
+                let hash = payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]);
+                encode_chunk_header(&mut out[..LZ4_HEADER], self.totals.chunks, self.nonce, ENCODING_LZ4, &self.group[..n], len as u32, hash);
                 let header_crc: [u8; 4] = out[LZ4_HEADER - 4..LZ4_HEADER].try_into().unwrap();
                 self.check_room(total as u64)?;
                 sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
@@ -200,9 +200,10 @@ impl<'b> Writer<'b> {
         if n == 0 {
             return Ok(());
         }
-        let digest = core::mem::replace(&mut self.raw_digest, CRC32C.digest());
+        let hash = self.raw_hasher.digest();
+        self.raw_hasher.reset();
         let len = (n * PAGE) as u32;
-        encode_chunk_header(&mut self.bufs.raw_header[..], self.totals.chunks, self.nonce, ENCODING_RAW, &self.raw[..n], len, digest.finalize());
+        encode_chunk_header(&mut self.bufs.raw_header[..], self.totals.chunks, self.nonce, ENCODING_RAW, &self.raw[..n], len, hash);
         let total = PAGE as u64 + len as u64;
         self.check_room(total)?;
         sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
@@ -233,9 +234,9 @@ impl<'b> Writer<'b> {
 }
 
 /// Chunk header layout: magic, index, nonce, count, encoding, header
-/// sectors, payload length, payload CRC, pfns from byte 40, CRC of the
-/// header in its last four bytes.
-fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns: &[u64], payload_len: u32, payload_crc: u32) {
+/// sectors, payload length, payload XXH3-64, pfns from byte 40, CRC-32C of
+/// the header in its last four bytes.
+fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns: &[u64], payload_len: u32, payload_hash: u64) {
     h.fill(0);
     h[0..8].copy_from_slice(&CHUNK_MAGIC);
     put64(h, 8, index);
@@ -244,7 +245,7 @@ fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns:
     h[26] = encoding;
     h[27] = (h.len() / SECTOR as usize) as u8;
     put32(h, 28, payload_len);
-    put32(h, 32, payload_crc);
+    put64(h, 32, payload_hash);
     for (i, pfn) in pfns.iter().enumerate() {
         put64(h, 40 + 8 * i, *pfn);
     }

@@ -1,0 +1,140 @@
+//! Preparing a configured ksave.elf and loading it for a kexec jump.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use ksave_format::PAGE;
+use ksave_format::config::{Config, MAX_RANGES};
+use object::read::elf::{ElfFile64, SectionHeader};
+use object::{Endianness, Object};
+
+use crate::elfimage::ImageLayout;
+use crate::setup::Setup;
+use crate::sys;
+
+/// The config for one save attempt: the setup, this machine's RAM, a fresh
+/// nonce, and where and when it was made.
+pub fn attempt_config(setup: &Setup) -> Result<Config> {
+    let mut c = Config::new();
+    let mut nonce = [0u8; 8];
+    getrandom(&mut nonce)?;
+    c.nonce = u64::from_le_bytes(nonce);
+    c.created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    c.partition_guid = setup.guid.0;
+    c.partition_first_lba = setup.first_lba;
+    c.partition_sectors = setup.sectors;
+    c.lz4 = setup.lz4;
+    let ram = sys::ram_ranges()?;
+    ensure!(ram.len() <= MAX_RANGES, "{} RAM ranges, ksave takes {MAX_RANGES}", ram.len());
+    c.ram[..ram.len()].copy_from_slice(&ram);
+    c.ram_count = ram.len();
+    let info = format!("{} {}", hostname(), kernel_release());
+    let n = info.len().min(c.info.len());
+    c.info[..n].copy_from_slice(&info.as_bytes()[..n]);
+    Ok(c)
+}
+
+/// A nonce needs to be unique, not secret: GRND_INSECURE never blocks, where
+/// /dev/urandom waits for the CRNG to be seeded (a second or more in a
+/// fresh VM, seen here).
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    const GRND_INSECURE: u32 = 0x0004; // include/uapi/linux/random.h, Linux 5.6+
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), GRND_INSECURE) };
+    ensure!(n == buf.len() as isize, "getrandom: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// ksave.elf with `config` written into its `.ksave_config` section.
+pub fn configure(elf: &[u8], config: &Config) -> Result<Vec<u8>> {
+    let file = ElfFile64::<Endianness>::parse(elf).context("ksave.elf is not an ELF64 file")?;
+    let section = file.section_by_name(".ksave_config").context("ksave.elf has no .ksave_config section")?;
+    let header = section.elf_section_header();
+    let (offset, size) = (header.sh_offset(file.endian()) as usize, header.sh_size(file.endian()) as usize);
+    ensure!(size == PAGE && offset + PAGE <= elf.len(), ".ksave_config is {size} bytes, expected {PAGE}");
+    ensure!(elf[offset..offset + 8] == ksave_format::config::MAGIC, ".ksave_config holds no config block");
+    let mut out = elf.to_vec();
+    let block: &mut [u8; PAGE] = (&mut out[offset..offset + PAGE]).try_into().unwrap();
+    config.encode(block);
+    Ok(out)
+}
+
+/// kexec_load(2) flags: keep the caller's context (include/uapi/linux/kexec.h)
+/// and the x86_64 architecture field (EM_X86_64 << 16).
+const KEXEC_PRESERVE_CONTEXT: u64 = 0x2;
+const KEXEC_ARCH_X86_64: u64 = 62 << 16;
+
+#[repr(C)]
+struct KexecSegment {
+    buf: *const u8,
+    bufsz: usize,
+    mem: usize,
+    memsz: usize,
+}
+
+/// Loads the image with kexec_load(2) directly: one segment, exactly the
+/// image's pages, no purgatory and no backup segments.
+pub fn load_with_syscall(elf: &[u8]) -> Result<ImageLayout> {
+    let layout = ImageLayout::parse(elf)?;
+    let data = &elf[layout.file_offset as usize..(layout.file_offset + layout.file_size) as usize];
+    let seg = KexecSegment { buf: data.as_ptr(), bufsz: data.len(), mem: layout.start as usize, memsz: layout.footprint() as usize };
+    // SAFETY: kexec_load reads one segment descriptor and `bufsz` bytes at
+    // `buf`, both alive for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_kexec_load, layout.entry, 1u64, &seg as *const KexecSegment, KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_X86_64) };
+    if rc != 0 {
+        bail!("kexec_load: {} (needs root and a kernel with CONFIG_KEXEC_JUMP)", std::io::Error::last_os_error());
+    }
+    Ok(layout)
+}
+
+/// Frees a loaded image (kexec_load with no segments).
+pub fn unload() -> Result<()> {
+    // SAFETY: no segments: nothing is read.
+    let rc = unsafe { libc::syscall(libc::SYS_kexec_load, 0u64, 0u64, std::ptr::null::<KexecSegment>(), KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_X86_64) };
+    if rc != 0 {
+        bail!("unloading the kexec image: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kexec-tools command that loads `path` for a jump, with the memory
+/// range kept tight around the image (kexec-tools adds backup segments over
+/// the whole --mem-min..--mem-max range).
+pub fn kexec_tools_command(path: &Path, layout: &ImageLayout) -> Vec<String> {
+    let [min, max] = layout.kexec_range_args();
+    ["kexec", "-t", "elf-x86_64", "--load-preserve-context", "--args-none", &min, &max, &path.display().to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Runs a kexec-tools command.
+pub fn run_kexec_tools(cmd: &[String]) -> Result<()> {
+    let status = Command::new(&cmd[0]).args(&cmd[1..]).status().context("running kexec (is kexec-tools installed?)")?;
+    ensure!(status.success(), "{} failed: {status}", cmd.join(" "));
+    Ok(())
+}
+
+/// Bytes the kernel holds while `layout` is loaded by kexec_load(2) for a
+/// jump (kernel/kexec_core.c, arch/x86/kernel/machine_kexec_64.c): a source
+/// page for every image page, one control page, one swap page, the
+/// indirection pages (511 entries each), and the identity page tables
+/// (`init_pgtable`: about one table page per level, one PMD page per GiB of
+/// RAM). MemFree cannot show it: such small allocations come from per-CPU
+/// page lists it does not count.
+pub fn held_bytes(layout: &ImageLayout, ram_bytes: u64) -> u64 {
+    let pages = layout.footprint() / PAGE as u64;
+    let entries = pages + 2; // sources, the destination entry, done
+    let indirection = entries.div_ceil(511);
+    let tables = 3 + ram_bytes.div_ceil(1 << 30);
+    (pages + 2 + indirection + tables) * PAGE as u64
+}

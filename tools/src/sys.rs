@@ -1,0 +1,151 @@
+//! What the running system says about its RAM and partitions.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use diskdrv::part::{self, Guid};
+use ksave_format::{PAGE, Range};
+
+/// The machine's RAM, as the firmware map says: /sys/firmware/memmap
+/// ("System RAM" entries), else /proc/iomem. Page-aligned, sorted, merged.
+pub fn ram_ranges() -> Result<Vec<Range>> {
+    let mut ranges = firmware_memmap().or_else(|_| proc_iomem())?;
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range> = Vec::new();
+    for r in ranges {
+        let r = Range { start: r.start.next_multiple_of(PAGE as u64), end: r.end / PAGE as u64 * PAGE as u64 };
+        if r.start >= r.end {
+            continue;
+        }
+        match merged.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    ensure!(!merged.is_empty(), "no System RAM in the firmware memory map");
+    Ok(merged)
+}
+
+fn hex(text: &str) -> Result<u64> {
+    Ok(u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)?)
+}
+
+fn firmware_memmap() -> Result<Vec<Range>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/sys/firmware/memmap")? {
+        let dir = entry?.path();
+        if std::fs::read_to_string(dir.join("type"))?.trim() != "System RAM" {
+            continue;
+        }
+        let start = hex(&std::fs::read_to_string(dir.join("start"))?)?;
+        let end = hex(&std::fs::read_to_string(dir.join("end"))?)? + 1; // inclusive
+        out.push(Range { start, end });
+    }
+    ensure!(!out.is_empty(), "empty /sys/firmware/memmap");
+    Ok(out)
+}
+
+fn proc_iomem() -> Result<Vec<Range>> {
+    let text = std::fs::read_to_string("/proc/iomem").context("reading /proc/iomem")?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with(' ') && l.ends_with(": System RAM")) {
+        let (span, _) = line.split_once(" : ").unwrap();
+        let (a, b) = span.split_once('-').context("odd /proc/iomem line")?;
+        out.push(Range { start: hex(a)?, end: hex(b)? + 1 });
+    }
+    ensure!(!out.iter().all(|r| r.start == 0 && r.end == 1), "/proc/iomem hides addresses (need root)");
+    Ok(out)
+}
+
+/// A partition, as the host sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartInfo {
+    /// The partition's device, e.g. /dev/sda1.
+    pub device: PathBuf,
+    /// Its disk, e.g. /dev/sda.
+    pub disk: PathBuf,
+    /// Its unique GUID (PARTUUID).
+    pub guid: Guid,
+    /// First LBA on the disk.
+    pub first_lba: u64,
+    /// Size in 512-byte sectors.
+    pub sectors: u64,
+}
+
+/// The GPT entries of a disk (device or image file), CRCs checked; the
+/// backup GPT is used if the primary is damaged.
+pub fn gpt_entries(disk: &Path) -> Result<Vec<part::Entry>> {
+    let file = File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let len = device_len(&file)?;
+    let read = |lba: u64, n: usize| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        file.read_exact_at(&mut buf, lba * 512)?;
+        Ok(buf)
+    };
+    for lba in [1, len / 512 - 1] {
+        let sector: [u8; 512] = read(lba, 512)?.try_into().unwrap();
+        let Some(h) = part::parse_gpt_header(&sector, lba) else { continue };
+        let bytes = read(h.entries_lba, h.entry_count as usize * h.entry_size as usize)?;
+        if !part::entries_crc_ok(&h, &bytes) {
+            continue;
+        }
+        return Ok(bytes.chunks(h.entry_size as usize).filter_map(part::parse_entry).collect());
+    }
+    bail!("{} has no valid GPT", disk.display())
+}
+
+/// Bytes in a file or block device.
+pub fn device_len(file: &File) -> Result<u64> {
+    let meta = file.metadata()?;
+    if meta.len() > 0 {
+        return Ok(meta.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 (linux/fs.h) writes one u64 through the pointer.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(file), 0x8008_1272, &mut size) };
+    ensure!(rc == 0, "cannot size the device: {}", std::io::Error::last_os_error());
+    Ok(size)
+}
+
+fn sysfs_u64(path: PathBuf) -> Result<u64> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.trim().parse()?)
+}
+
+/// Describes a partition device (e.g. /dev/sda1) from sysfs and its GPT.
+pub fn partition_info(device: &Path) -> Result<PartInfo> {
+    let name = device.file_name().context("not a device path")?.to_string_lossy().to_string();
+    let sys = PathBuf::from("/sys/class/block").join(&name);
+    ensure!(sys.join("partition").exists(), "{} is not a partition", device.display());
+    let number = sysfs_u64(sys.join("partition"))?;
+    let first_lba = sysfs_u64(sys.join("start"))?;
+    let sectors = sysfs_u64(sys.join("size"))?;
+    let disk_name = std::fs::canonicalize(&sys)?.parent().context("no parent disk")?.file_name().unwrap().to_string_lossy().to_string();
+    let disk = PathBuf::from("/dev").join(disk_name);
+    let entries = gpt_entries(&disk)?;
+    let entry = entries
+        .iter()
+        .find(|e| e.first_lba == first_lba)
+        .with_context(|| format!("{} (partition {number}) is not in {}'s GPT", device.display(), disk.display()))?;
+    Ok(PartInfo { device: device.into(), disk, guid: entry.unique, first_lba, sectors })
+}
+
+/// Finds the partition whose PARTUUID is `guid` on any disk.
+pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
+    for entry in std::fs::read_dir("/sys/class/block")? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        let sys = PathBuf::from("/sys/class/block").join(&name);
+        if !sys.join("partition").exists() {
+            continue;
+        }
+        let device = PathBuf::from("/dev").join(&name);
+        if let Ok(info) = partition_info(&device)
+            && info.guid == guid
+        {
+            return Ok(info);
+        }
+    }
+    bail!("no partition with PARTUUID {guid} on this machine")
+}
