@@ -65,7 +65,9 @@ fn kernel_a(name: &str, scenario: &str) -> Result<VmConfig> {
         "-initrd".into(),
         build_input("initramfs.cpio.gz")?.display().to_string(),
         "-append".into(),
-        format!("console=ttyS0,115200 panic=-1 ksave.test={scenario}"),
+        // quiet: kernel info messages (link resets, ...) would otherwise land in
+        // the middle of the lines the tests read.
+        format!("console=ttyS0,115200 panic=-1 quiet ksave.test={scenario}"),
     ]))
 }
 
