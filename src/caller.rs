@@ -59,7 +59,7 @@ fn report_backup_map(ctx: &CallerContext, start: u64, end: u64) {
     let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
     match kexec::coverage(ctx.backup_head, &IdentityMapped, is_ram, start, end, &mut seen) {
         Ok(cov) if cov.is_exact() => {
-            println!("ksave:   backup map: {} pages displaced, exactly ksave's own range", cov.pairs)
+            println!("ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range", cov.pairs, cov.in_place)
         }
         Ok(cov) => println!(
             "ksave:   backup map: {} pages displaced, NOT exactly ksave's range: {} outside, {} twice, {} uncovered, {} sources inside",

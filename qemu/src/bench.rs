@@ -62,3 +62,49 @@ pub fn disk_table(runs: usize, mib: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The save table: ksave saving a VM holding 256 MiB of memtest data to an
+/// AHCI disk, raw and with LZ4, next to Linux's dd on the same kind of disk;
+/// medians of `runs`.
+pub fn save_table(runs: usize) -> Result<()> {
+    use crate::disk::Bus;
+    use crate::scenarios::{hibernate_bench, linux_dd};
+    let mut by_name: BTreeMap<String, (Vec<f64>, &'static str)> = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut record = |prefix: &str, r: &Report| {
+        for f in &r.figures {
+            let key = format!("{prefix}{}", f.what);
+            if !by_name.contains_key(&key) {
+                order.push(key.clone());
+            }
+            by_name.entry(key).or_insert_with(|| (Vec::new(), f.unit)).0.push(f.value);
+        }
+    };
+    for run in 1..=runs {
+        eprintln!("bench: save: run {run}/{runs}");
+        record("raw: ", &hibernate_bench(false)?);
+        record("lz4: ", &hibernate_bench(true)?);
+        record("dd: ", &linux_dd(Bus::Ahci, 256)?);
+    }
+    let median = |k: &str| {
+        by_name.get(k).map(|(v, _)| {
+            let mut v = v.clone();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+    };
+    println!("== save: kernel A holding 256 MiB of memtest data, AHCI, {runs} runs (median)");
+    for key in &order {
+        let (_, unit) = &by_name[key];
+        println!("   {key:<58} {:>8.0} {unit}", median(key).unwrap());
+    }
+    if let (Some(ms), Some(mib), Some(dd), Some(lz_ms)) =
+        (median("raw: save time in ksave"), median("raw: data stored"), median("dd: write"), median("lz4: save time in ksave"))
+    {
+        let rate = mib * 1.048576 / (ms / 1000.0);
+        println!("   {:<58} {rate:>8.0} MB/s", "raw: data written / save time");
+        println!("   {:<58} {:>8.2}", "raw save rate / Linux dd write rate", rate / dd);
+        println!("   {:<58} {:>8.2}", "LZ4 save time / raw save time", lz_ms / ms);
+    }
+    Ok(())
+}

@@ -8,7 +8,8 @@ fn main() -> Result<()> {
     if which == "bench" {
         let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
         ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;
-        return ksave_qemu::bench::disk_table(runs, 256);
+        ksave_qemu::bench::disk_table(runs, 256)?;
+        return ksave_qemu::bench::save_table(runs);
     }
     let report = match which.as_str() {
         "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,

@@ -162,8 +162,13 @@ pub struct Coverage {
     pub duplicates: usize,
     /// Pages of the range no destination covers.
     pub uncovered: usize,
-    /// Sources inside the range: the caller's data would sit in the image.
+    /// Sources inside the range that are not their own destination: the
+    /// caller's data would sit in the image.
     pub sources_inside: usize,
+    /// Pages that are their own source: kexec allocated a free page that
+    /// happened to be its destination (`kimage_alloc_page`, `addr ==
+    /// destination`), so the jump displaced nothing there.
+    pub in_place: usize,
 }
 
 impl Coverage {
@@ -186,9 +191,11 @@ pub fn coverage(
     let pages = ((end - start) / PAGE) as usize;
     assert!(seen.len() * 64 >= pages, "scratch too small for the range");
     seen.iter_mut().for_each(|w| *w = 0);
-    let mut cov = Coverage { pairs: 0, outside: 0, duplicates: 0, uncovered: 0, sources_inside: 0 };
+    let mut cov = Coverage { pairs: 0, outside: 0, duplicates: 0, uncovered: 0, sources_inside: 0, in_place: 0 };
     cov.pairs = walk(head, mem, is_ram, |d| {
-        if (start..end).contains(&d.src) {
+        if d.src == d.dest {
+            cov.in_place += 1;
+        } else if (start..end).contains(&d.src) {
             cov.sources_inside += 1;
         }
         if d.dest < start || d.dest >= end {
@@ -275,6 +282,21 @@ mod tests {
         assert_eq!(cov.outside, 1);
         let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x23000, &mut bits).unwrap();
         assert_eq!((cov.sources_inside, cov.uncovered), (3, 16));
+        assert!(!cov.is_exact());
+    }
+
+    #[test]
+    fn a_page_that_is_its_own_source_is_fine() {
+        let mut m = three_page_image();
+        m.set(0x1000 + 16, 0x11000 | IND_SOURCE); // page 2 of 3 is its own source
+        let mut bits = [0u64; 1];
+        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
+        assert_eq!((cov.in_place, cov.sources_inside), (1, 0));
+        assert!(cov.is_exact(), "{cov:?}");
+        // A source inside the range that is another page's destination is not.
+        m.set(0x1000 + 16, 0x12000 | IND_SOURCE);
+        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
+        assert_eq!(cov.sources_inside, 1);
         assert!(!cov.is_exact());
     }
 
