@@ -255,6 +255,16 @@ pub fn run(ctx: &CallerContext) {
     controllers.restore();
 }
 
+/// CPUID leaf 0's vendor string ("GenuineIntel", "AuthenticAMD").
+fn cpu_vendor() -> [u8; 12] {
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut v = [0u8; 12];
+    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
+    v
+}
+
 fn write_block(disk: &mut AnyDisk, first_lba: u64, block: &[u8; PAGE]) -> Result<(), DiskError> {
     disk.transfer(Direction::Write, first_lba, &[Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 }])
 }
@@ -362,13 +372,9 @@ fn save(
     h.ram_ranges = ram.len() as u32;
     h.backup_pairs = npairs as u32;
     h.meta_crc = meta_crc;
-    h.chunks = totals.chunks;
-    h.data_bytes = totals.data_bytes;
-    h.pages_stored = totals.pages_stored;
-    h.pages_zero = totals.pages_zero;
-    h.chunks_crc = totals.chunks_crc;
-    h.flags = totals.flags;
+    h.record(&totals);
     h.save_us = us;
+    h.cpu_vendor = cpu_vendor();
     h.set_message(config.info());
     h.encode(&mut bufs.block);
     write_block(sink.disk, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;

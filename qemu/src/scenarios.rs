@@ -304,10 +304,11 @@ fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, alloca
         Expect::IoError => Some(disk.blkdebug_rule("write", PART_FIRST_LBA + 20_000)?),
         _ => None,
     };
+    // The LZ4 runs load through kexec-tools, the others through kexec_load(2).
     let scenario = format!(
         "hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib} ksave.expect={}{}",
         format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error"),
-        if lz4 { " ksave.lz4=1" } else { "" }
+        if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" }
     );
     let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(Bus::Ahci, rule.as_deref()));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
@@ -333,24 +334,21 @@ fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, alloca
             report.add_ms("ksave's banner to the first sector written", first.at - banner.at);
             report.add_ms("`ksave hibernate` to the first sector written", first.at - jump.at);
             report.add_ms("ksave's banner to A running again", back.at - banner.at);
+            // "saved N pages (M MiB, L LZ4) in T ms = R MB/s of RAM; Z zero pages
+            // left out; image I MiB; disk D ms, CPU C ms": each figure follows
+            // the words before it.
             let field = |after: &str| -> Option<f64> { saved.text.split(after).nth(1)?.split([' ', ')']).next()?.parse().ok() };
-            if let Some(v) = field(" = ") {
-                report.add("save rate over all RAM", v, "MB/s");
-            }
-            if let Some(v) = field("image ") {
-                report.add("image size", v, "MiB");
-            }
-            if let Some(v) = field(" in ") {
-                report.add("save time in ksave", v, "ms");
-            }
-            if let Some(v) = field("disk ") {
-                report.add("  of which disk transfers", v, "ms");
-            }
-            if let Some(v) = field("RAM; ") {
-                report.add("zero pages left out", v, "pages");
-            }
-            if let Some(v) = field("pages (") {
-                report.add("data stored", v, "MiB");
+            for (after, what, unit) in [
+                (" = ", "save rate over all RAM", "MB/s"),
+                ("image ", "image size", "MiB"),
+                (" in ", "save time in ksave", "ms"),
+                ("disk ", "  of which disk transfers", "ms"),
+                ("RAM; ", "zero pages left out", "pages"),
+                ("pages (", "data stored", "MiB"),
+            ] {
+                if let Some(v) = field(after) {
+                    report.add(what, v, unit);
+                }
             }
         }
         _ => {
@@ -394,6 +392,9 @@ fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
     let img = disk.path.display().to_string();
     let verified = run(&["verify", &img])?;
     ensure!(verified.contains("OK:"), "ksave verify: {verified}");
+    let inspected: serde_json::Value = serde_json::from_str(&run(&["inspect", "--json", &img])?)?;
+    ensure!(inspected["state"] == "complete" && inspected["checks"] == "ok", "ksave inspect --json: {inspected}");
+    report.add("chunks (raw + LZ4)", (inspected["chunks_raw"].as_u64().unwrap_or(0) + inspected["chunks_lz4"].as_u64().unwrap_or(0)) as f64, "chunks");
     let core = disk.path.with_extension("core");
     let t = std::time::Instant::now();
     run(&["export", "--elf", &core.display().to_string(), &img])?;
@@ -421,5 +422,12 @@ fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
     }
     report.add("memtest pages checked in the export", manifest.pfns.len() as f64, "pages");
     let _ = std::fs::remove_file(&core);
+
+    // Invalidated, the image must never verify again.
+    run(&["invalidate", &img])?;
+    let out = std::process::Command::new(&cli).args(["verify", &img]).output()?;
+    ensure!(!out.status.success(), "verify passed an invalidated image");
+    let status: serde_json::Value = serde_json::from_str(&run(&["status", "--json", &img])?)?;
+    ensure!(status["state"] == "invalidated", "status after invalidate: {status}");
     Ok(())
 }

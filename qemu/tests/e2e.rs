@@ -85,3 +85,30 @@ fn hibernate_refuses_a_missing_partition() {
 fn hibernate_reports_a_disk_write_error() {
     run(|echo| scenarios::hibernate_snapshot(Expect::IoError, false, 16, echo));
 }
+
+/// The host tool writes a config into the real ksave.elf's section, and
+/// what it wrote decodes back; a file without the section is refused.
+#[test]
+fn config_section_of_the_built_image_is_patched() {
+    use ksave_format::config::{Config, ConfigError};
+    let elf = std::fs::read(ksave_qemu::build_input("ksave.elf").unwrap()).unwrap();
+    let section = |data: &[u8]| -> [u8; 4096] {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(data).unwrap();
+        let s = file.section_by_name(".ksave_config").unwrap();
+        let (off, len) = s.file_range().unwrap();
+        data[off as usize..(off + len) as usize].try_into().unwrap()
+    };
+    assert_eq!(Config::decode(&section(&elf)), Err(ConfigError::NotConfigured), "ksave.elf ships unconfigured");
+    let mut config = Config::new();
+    config.nonce = 42;
+    config.partition_guid = [7; 16];
+    config.partition_sectors = 1000;
+    config.ram[0] = ksave_format::Range { start: 0, end: 0x9f000 };
+    config.ram_count = 1;
+    let configured = ksave_tools::load::configure(&elf, &config).unwrap();
+    assert_eq!(configured.len(), elf.len());
+    assert_eq!(Config::decode(&section(&configured)), Ok(config.clone()));
+    let not_ksave = std::fs::read("/proc/self/exe").unwrap();
+    assert!(ksave_tools::load::configure(&not_ksave, &config).is_err());
+}

@@ -343,6 +343,7 @@ fn header_json(h: &Header) -> serde_json::Value {
         "lz4": h.flags & ksave_format::header::FLAG_LZ4 != 0,
         "ksave_range": [h.image.start, h.image.end],
         "reentry": format!("{:#x}", h.reentry),
+        "cpu_vendor": String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0').to_string(),
         "fail_code": h.fail_code,
         "message": h.message(),
     })
@@ -358,6 +359,7 @@ fn print_header(h: &Header) {
         println!("size         {} MiB in {} chunks{}", (h.data_bytes + ksave_format::header::DATA_OFFSET) >> 20, h.chunks, if h.flags & 1 != 0 { ", some LZ4" } else { "" });
         println!("saved in     {} ms", h.save_us / 1000);
         println!("ksave range  {:#x}-{:#x}, re-entry {:#x}", h.image.start, h.image.end, h.reentry);
+        println!("CPU          {}", String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0'));
     }
 }
 

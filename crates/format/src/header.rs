@@ -91,6 +91,9 @@ pub struct Header {
     pub fail_code: u32,
     /// Creation info, or what went wrong (NUL-padded UTF-8).
     pub message: [u8; MESSAGE_LEN],
+    /// CPUID leaf 0 vendor string of the CPU that saved: restore refuses
+    /// another vendor.
+    pub cpu_vendor: [u8; 12],
 }
 
 /// Some chunks are LZ4-compressed.
@@ -141,7 +144,18 @@ impl Header {
             save_us: 0,
             fail_code: 0,
             message: [0; MESSAGE_LEN],
+            cpu_vendor: [0; 12],
         }
+    }
+
+    /// Records what the writer wrote (chunks, sizes, counts, flags).
+    pub fn record(&mut self, totals: &crate::writer::Totals) {
+        self.chunks = totals.chunks;
+        self.data_bytes = totals.data_bytes;
+        self.pages_stored = totals.pages_stored;
+        self.pages_zero = totals.pages_zero;
+        self.chunks_crc = totals.chunks_crc;
+        self.flags = totals.flags;
     }
 
     /// Sets the message (cut at [`MESSAGE_LEN`] bytes on a char boundary).
@@ -184,6 +198,7 @@ impl Header {
         put64(b, 112, self.save_us);
         put32(b, 120, self.fail_code);
         b[128..128 + MESSAGE_LEN].copy_from_slice(&self.message);
+        b[384..396].copy_from_slice(&self.cpu_vendor);
         let crc = CRC32C.checksum(&b[..PAGE - 4]);
         put32(b, PAGE - 4, crc);
     }
@@ -206,6 +221,8 @@ impl Header {
         }
         let mut message = [0; MESSAGE_LEN];
         message.copy_from_slice(&b[128..128 + MESSAGE_LEN]);
+        let mut cpu_vendor = [0; 12];
+        cpu_vendor.copy_from_slice(&b[384..396]);
         let h = Self {
             state,
             nonce: le64(b, 16),
@@ -224,6 +241,7 @@ impl Header {
             save_us: le64(b, 112),
             fail_code: le32(b, 120),
             message,
+            cpu_vendor,
         };
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));

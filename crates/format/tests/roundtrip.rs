@@ -125,12 +125,7 @@ fn save(mem: &Mem, lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), Writ
     h.ram_ranges = RAM.len() as u32;
     h.backup_pairs = BACKUP.len() as u32;
     h.meta_crc = meta_crc;
-    h.chunks = totals.chunks;
-    h.data_bytes = totals.data_bytes;
-    h.pages_stored = totals.pages_stored;
-    h.pages_zero = totals.pages_zero;
-    h.chunks_crc = totals.chunks_crc;
-    h.flags = totals.flags;
+    h.record(&totals);
     h.set_message("test host 6.12");
     h.encode(&mut block);
     disk.write_bytes(0, &block).unwrap();

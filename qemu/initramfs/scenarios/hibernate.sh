@@ -2,6 +2,7 @@
 # `ksave hibernate --snapshot` on a live system holding known data
 # (memtest), then proof that the system and its data are intact.
 #   KSAVE_PARTUUID  the image partition      KSAVE_LZ4=1      compress
+#   KSAVE_KEXEC_TOOLS=1  load through kexec-tools, not kexec_load(2)
 #   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error
 say() { echo "ksave-test: $*"; }
 expect=${KSAVE_EXPECT:-ok}
@@ -25,8 +26,8 @@ check_memtest() {
 
 case $expect in
   ok)
-    say "jump: ksave hibernate --snapshot"
-    ksave hibernate --snapshot || { say "hibernate failed"; exit 1; }
+    say "jump: ksave hibernate --snapshot ${KSAVE_KEXEC_TOOLS:+--kexec-tools}"
+    ksave hibernate --snapshot ${KSAVE_KEXEC_TOOLS:+--kexec-tools} || { say "hibernate failed"; exit 1; }
     ;;
   wrong-guid)
     # A stale setup: the recorded partition is gone.
