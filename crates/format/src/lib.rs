@@ -22,7 +22,7 @@ pub const SECTOR: u64 = 512;
 /// CRC-32C (Castagnoli), slice-by-16 tables: the check of every small
 /// structure (headers, metadata, config), where it detects every burst up
 /// to 32 bits. Chunk payloads, which are nearly all the bytes, are checked
-/// with XXH3-64 instead ([`payload_hash`]): see docs/FORMAT.md.
+/// with XXH64 instead ([`payload_hash`]): see docs/FORMAT.md.
 pub static CRC32C: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&CRC_32_ISCSI);
 
 /// The payload check: XXH64. A 64-bit check (collision 2^-64) in plain

@@ -234,7 +234,7 @@ impl<'b> Writer<'b> {
 }
 
 /// Chunk header layout: magic, index, nonce, count, encoding, header
-/// sectors, payload length, payload XXH3-64, pfns from byte 40, CRC-32C of
+/// sectors, payload length, payload XXH64, pfns from byte 40, CRC-32C of
 /// the header in its last four bytes.
 fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns: &[u64], payload_len: u32, payload_hash: u64) {
     h.fill(0);
