@@ -187,6 +187,7 @@ pub struct Summary {
     bytes: u64,
     us: u64,
     lz4_pages: u64,
+    lz4_skipped: u64,
 }
 
 /// Saves the caller's RAM; every outcome is reported on the console, and a
@@ -226,10 +227,11 @@ pub fn run(ctx: &CallerContext) {
     let bufs = unsafe { &mut *(&raw mut BUFFERS) };
     match save(&config, ctx, &mut disk, partition.first_lba, partition.sectors(), bufs, start) {
         Ok(s) => println!(
-            "ksave: saved {} pages ({} MiB, {} LZ4) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
+            "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
             s.pages_stored,
             s.pages_stored * PAGE as u64 >> 20,
             s.lz4_pages,
+            s.lz4_skipped,
             s.us / 1000,
             (s.pages_stored + s.pages_zero) * PAGE as u64 / s.us.max(1),
             s.pages_zero,
@@ -385,5 +387,6 @@ fn save(
         bytes: DATA_OFFSET + totals.data_bytes,
         us,
         lz4_pages: totals.pages_lz4,
+        lz4_skipped: totals.pages_lz4_skipped,
     })
 }

@@ -327,7 +327,7 @@ fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, alloca
             if let Some(kib) = loaded.text.split("about ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()) {
                 report.add("caller memory held while loaded", kib, "KiB");
             }
-            report.add_ms("the jump (reboot(KEXEC)) to the first sector written", first.at - loaded.at);
+            report.add_ms("the jump to the first sector written", first.at - loaded.at);
             let saved = vm.expect("ksave: saved", 600 * SECOND)?;
             let back = vm.expect("ksave: image complete", 60 * SECOND)?;
             report.add_ms("`ksave hibernate` to ksave's banner", banner.at - jump.at);

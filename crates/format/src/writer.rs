@@ -86,6 +86,8 @@ pub struct Totals {
     pub flags: u32,
     /// Pages stored in LZ4 chunks.
     pub pages_lz4: u64,
+    /// Pages sent raw without an LZ4 attempt (backoff after incompressible data).
+    pub pages_lz4_skipped: u64,
 }
 
 /// The chunk encoder.
@@ -101,8 +103,17 @@ pub struct Writer<'b> {
     raw_hasher: PayloadHasher,
     group: [u64; LZ4_GROUP],
     group_count: usize,
+    /// Pages still to send raw without trying LZ4, and the current backoff
+    /// in groups: after a group fails to compress, the next 1, 2, 4 .. 8
+    /// groups skip the attempt (random data costs LZ4 its full time for
+    /// nothing); a group that compresses resets it.
+    lz4_skip: usize,
+    lz4_backoff: usize,
     bufs: Buffers<'b>,
 }
+
+/// Most groups sent raw after incompressible ones before LZ4 is tried again.
+pub const LZ4_MAX_BACKOFF: usize = 8;
 
 impl<'b> Writer<'b> {
     /// A writer for attempt `nonce` into a partition of `capacity` bytes.
@@ -119,6 +130,8 @@ impl<'b> Writer<'b> {
             raw_hasher: PayloadHasher::new(),
             group: [0; LZ4_GROUP],
             group_count: 0,
+            lz4_skip: 0,
+            lz4_backoff: 0,
             bufs,
         }
     }
@@ -130,7 +143,11 @@ impl<'b> Writer<'b> {
             self.totals.pages_zero += 1;
             return Ok(());
         }
-        if self.lz4 {
+        if self.lz4 && self.lz4_skip > 0 {
+            self.lz4_skip -= 1;
+            self.totals.pages_lz4_skipped += 1;
+            self.push_raw(pfn, page, sink)
+        } else if self.lz4 {
             let i = self.group_count;
             self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
             self.group[i] = pfn;
@@ -181,10 +198,14 @@ impl<'b> Writer<'b> {
                 self.totals.pages_stored += n as u64;
                 self.totals.pages_lz4 += n as u64;
                 self.totals.flags |= FLAG_LZ4;
+                self.lz4_backoff = 0;
                 Ok(())
             }
-            // Incompressible: these pages go raw, from memory where they lie.
+            // Incompressible: these pages go raw, from memory where they lie,
+            // and the next groups skip the attempt.
             _ => {
+                self.lz4_backoff = (self.lz4_backoff * 2).clamp(1, LZ4_MAX_BACKOFF);
+                self.lz4_skip = self.lz4_backoff * LZ4_GROUP;
                 for i in 0..n {
                     let pfn = self.group[i];
                     let page: [u8; PAGE] = self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].try_into().unwrap();

@@ -180,6 +180,8 @@ fn lz4_round_trip_compresses_text_and_keeps_random_raw() {
     let (raw_image, raw) = save(&mem, false, 8 << 20).unwrap();
     let (image, lz) = save(&mem, true, 8 << 20).unwrap();
     assert!(lz.pages_lz4 > 0, "text pages should compress");
+    assert!(lz.pages_lz4_skipped > 0, "random runs should stop the LZ4 attempts for a while");
+    assert_eq!(raw.pages_lz4_skipped, 0);
     assert!(lz.pages_lz4 < lz.pages_stored, "random pages should stay raw");
     assert!(lz.data_bytes < raw.data_bytes * 3 / 4, "{} vs {}", lz.data_bytes, raw.data_bytes);
     assert_same(&mem, &load(&image).unwrap());
