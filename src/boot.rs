@@ -6,6 +6,10 @@ use bootinfo::multiboot1;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use diskdrv::ide::Mode;
+use diskdrv::part::Guid;
+use ksave_format::Range;
+
+use crate::restore;
 
 use crate::cpu::stop;
 use crate::disktest::{self, Job};
@@ -81,6 +85,22 @@ fn report(boot: &BootInfo, info: u64) -> ! {
     }
     if !boot.map.is_ram(start, end - start) {
         fail("ksave's own load range is not RAM in this memory map");
+    }
+    if let Some(text) = cmdline::get(boot.cmdline, "ksave.resume") {
+        let Some(guid) = Guid::parse(text) else { fail("ksave.resume= needs the image partition's PARTUUID") };
+        let mut ram = [Range::default(); 128];
+        let mut n = 0;
+        for r in boot.map.ram() {
+            let page = Range { start: r.start.next_multiple_of(4096), end: r.end / 4096 * 4096 };
+            if page.start < page.end && n < ram.len() {
+                ram[n] = page;
+                n += 1;
+            }
+        }
+        let refusal = restore::run(guid, &ram[..n]);
+        println!("ksave: not resuming: {}", refusal.0.as_str());
+        println!("ksave: no image to resume: handing over to a normal boot");
+        stop(ExitCode::NoImage);
     }
     let ide_mode = match cmdline::get(boot.cmdline, "ksave.ide") {
         Some("pio") => Mode::Pio,

@@ -74,6 +74,13 @@ impl AnyDisk<'_> {
             d.close();
         }
     }
+
+    /// Leaves the controller stopped (after a restore: see AhciDisk::stop).
+    pub fn stop(self) {
+        if let Self::Ahci(d) = self {
+            d.stop();
+        }
+    }
 }
 
 impl BlockDevice for AnyDisk<'_> {

@@ -23,7 +23,9 @@ mod layout;
 mod paging;
 mod physmem;
 mod qemu;
+mod restore;
 mod save;
+mod work;
 
 core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));
 core::arch::global_asm!(include_str!("../asm/tables.s"), options(att_syntax));

@@ -14,6 +14,9 @@ pub enum ExitCode {
     Failure = 0x11,
     /// A CPU exception: QEMU exits 37.
     Exception = 0x12,
+    /// Started to resume, but no image may be resumed: QEMU exits 39 (a
+    /// machine would boot normally).
+    NoImage = 0x13,
 }
 
 const DEBUG_EXIT_PORT: u16 = 0xf4;

@@ -8,36 +8,17 @@ use bootinfo::kexec::{self, CallerContext};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
-use ksave_format::header::{self, DATA_OFFSET, Header, META_BLOCKS, META_OFFSET, State, fail};
-use ksave_format::writer::{self, LZ4_GROUP, LZ4_OUT, Memory, Sink, Writer, worst_case_bytes};
+use ksave_format::header::{self, DATA_OFFSET, Header, META_OFFSET, State, fail};
+use ksave_format::writer::{self, Memory, Sink, Writer, worst_case_bytes};
 use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::disks::{self, AnyDisk, Controllers};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
+use crate::work::{self, Work};
 use crate::{config, paging, println};
 use diskdrv::Hal as _;
-
-/// ksave's working memory for a save, in its own image.
-#[repr(C, align(4096))]
-struct SaveBuffers {
-    block: [u8; PAGE],
-    page0: [u8; PAGE],
-    meta: [u8; META_BLOCKS as usize * PAGE],
-    raw_header: [u8; PAGE],
-    lz4_in: [u8; LZ4_GROUP * PAGE],
-    lz4_out: [u8; LZ4_OUT],
-}
-
-static mut BUFFERS: SaveBuffers = SaveBuffers {
-    block: [0; PAGE],
-    page0: [0; PAGE],
-    meta: [0; META_BLOCKS as usize * PAGE],
-    raw_header: [0; PAGE],
-    lz4_in: [0; LZ4_GROUP * PAGE],
-    lz4_out: [0; LZ4_OUT],
-};
 
 /// Why a save did not happen, with the code for the status record.
 pub struct Failure {
@@ -223,8 +204,7 @@ pub fn run(ctx: &CallerContext) {
         }
     };
     let start = hw::now_us();
-    // SAFETY: the only reference to BUFFERS on this entry (save runs once).
-    let bufs = unsafe { &mut *(&raw mut BUFFERS) };
+    let bufs = work::take();
     match save(&config, ctx, &mut disk, partition.first_lba, partition.sectors(), bufs, start) {
         Ok(s) => println!(
             "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
@@ -277,7 +257,7 @@ fn save(
     disk: &mut AnyDisk,
     first_lba: u64,
     sectors: u64,
-    bufs: &mut SaveBuffers,
+    bufs: &mut Work,
     start: u64,
 ) -> Result<Summary, Failure> {
     let io = |e: DiskError| fail!(fail::IO, "disk error: {e}");

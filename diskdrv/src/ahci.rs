@@ -381,6 +381,16 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         self.port
     }
 
+    /// Stops the port and leaves it stopped, with interrupts off: for when the
+    /// memory the firmware's command list pointed at now belongs to someone
+    /// else (after a restore), and restarting it would let the HBA DMA there.
+    pub fn stop(self) {
+        self.stop_engines();
+        self.set(PX_SERR, !0);
+        self.set(PX_IS, !0);
+        self.set(PX_IE, 0);
+    }
+
     /// Stops the port and puts back every register as it was found.
     pub fn close(self) {
         self.stop_engines();

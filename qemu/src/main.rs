@@ -17,6 +17,7 @@ fn main() -> Result<()> {
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
         "hibernate" => scenarios::hibernate_snapshot(scenarios::Expect::Ok, false, 256, true)?,
+        "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, true)?,
         other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
     };
     println!("\n{report}");

@@ -431,3 +431,46 @@ fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
     ensure!(status["state"] == "invalidated", "status after invalidate: {status}");
     Ok(())
 }
+
+/// How the machine comes back after `ksave hibernate` powered it off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeBy {
+    /// QEMU `-kernel ksave.elf` (multiboot 1) with `ksave.resume=GUID`.
+    Multiboot1,
+}
+
+/// The full story: kernel A holds 256 MiB of known data, a counting
+/// process, a tmpfs file; `ksave hibernate` powers off; a fresh QEMU (same
+/// memory, CPUs and disk) boots ksave, which resumes A; A checks everything
+/// and hibernates again; a third QEMU resumes it again.
+pub fn hibernate_resume(by: ResumeBy, echo: bool) -> Result<Report> {
+    let name = format!("resume-{by:?}").to_lowercase();
+    let disk = TestDisk::create(&name, 560, 520)?;
+    let mut report = Report::new(&format!("hibernate, power off, resume by {by:?}, twice"));
+    let config = kernel_a(&name, &format!("resume ksave.partuuid={PART_GUID}"))?.arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
+    let off = vm.expect("ksave: powering off", 120 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("first boot to power-off", off.at);
+    for round in 1..=2 {
+        let elf = build_input("ksave.elf")?;
+        let resume = VmConfig::new(&format!("{name}-{round}"))
+            .arg(["-kernel".to_string(), elf.display().to_string(), "-append".into(), format!("ksave.resume={PART_GUID}")])
+            .arg(disk.qemu_args(Bus::Ahci, None));
+        let mut vm = Vm::start(VmConfig { echo, ..resume })?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
+        let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
+        report.add_ms(format!("resume {round}: power-on to the jump into A"), jump.at);
+        report.add_ms(format!("resume {round}: power-on to A checked and running"), back.at);
+        if round == 1 {
+            vm.expect("ksave-test: hibernating (2)", 60 * SECOND)?;
+            vm.expect("ksave: powering off", 120 * SECOND)?;
+        } else {
+            vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+        }
+        vm.refute_seen("CPU exception")?;
+        vm.expect_exit(0, 60 * SECOND)?;
+    }
+    Ok(report)
+}

@@ -112,3 +112,8 @@ fn config_section_of_the_built_image_is_patched() {
     let not_ksave = std::fs::read("/proc/self/exe").unwrap();
     assert!(ksave_tools::load::configure(&not_ksave, &config).is_err());
 }
+
+#[test]
+fn hibernate_power_off_and_resume_by_multiboot1_twice() {
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, echo));
+}

@@ -294,6 +294,12 @@ fn hibernate(snapshot: bool, kexec_tools: bool, no_precheck: bool) -> Result<Exi
     let _ = load::unload(); // give the memory back
     let header = ImageFile::open(&setup.device, false).and_then(|mut f| f.header());
     let verdict = match header {
+        // Back through a restore: ksave invalidates the image before it
+        // jumps into the saved kernel, which continues right here.
+        Ok(h) if h.nonce == config.nonce && h.state == State::Invalidated => {
+            println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
+            return Ok(ExitCode::SUCCESS);
+        }
         Ok(h) if h.nonce == config.nonce && h.state == State::Complete => Ok(h),
         Ok(h) if h.nonce == config.nonce && h.state == State::Failed => Err(format!("ksave could not save: {}", h.message())),
         Ok(h) if h.nonce == config.nonce => Err(format!("the image was left {}: the save did not finish", h.state.name())),

@@ -4,8 +4,9 @@
 //!
 //!   memtest fill --mib N --seed S --manifest PATH
 //!
-//! Then: touch /tmp/memtest.check to verify (answer on stdout and in
-//! /tmp/memtest.result), touch /tmp/memtest.stop to exit.
+//! Then: touch /tmp/memtest.check to verify (answer, with a counter that
+//! ticks every 50 ms, on stdout and in /tmp/memtest.result), touch
+//! /tmp/memtest.stop to exit.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -59,8 +60,11 @@ fn main() -> Result<()> {
     let zero = (0..pages as u64).filter(|&i| is_zero_page(i)).count();
     println!("memtest: ready: {pages} pages ({zero} zero) at known frames, manifest {manifest_path}");
     std::fs::write("/tmp/memtest.ready", "")?;
+    // Keeps counting, so a resumed system shows the process carried on.
+    let mut count: u64 = 0;
     loop {
         std::thread::sleep(std::time::Duration::from_millis(50));
+        count += 1;
         if Path::new("/tmp/memtest.stop").exists() {
             return Ok(());
         }
@@ -70,7 +74,7 @@ fn main() -> Result<()> {
                 mem[i * PAGE..(i + 1) * PAGE] != page
             });
             let result = match bad {
-                None => format!("memtest: data intact ({pages} pages)"),
+                None => format!("memtest: data intact ({pages} pages), count {count}"),
                 Some(i) => format!("memtest: DATA CHANGED at page {i}"),
             };
             println!("{result}");

@@ -1,0 +1,266 @@
+//! Restoring a saved kernel from its image, and going back into it.
+//!
+//! Nothing outside ksave is written until the whole image has been read and
+//! every check has passed: the RAM map, the CPU vendor, ksave's own range,
+//! the state, and every chunk's checksum. Then every RAM page is zeroed or
+//! loaded, the image is marked invalidated on disk (never resumed twice),
+//! and ksave calls the saved re-entry address as the kexec-jump protocol
+//! does.
+
+use diskdrv::ide::Mode;
+use diskdrv::part::Guid;
+use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
+use ksave_format::header::State;
+use ksave_format::reader::{self, Source};
+use ksave_format::{PAGE, Range};
+
+use crate::disks::{self, AnyDisk, Controllers};
+use crate::hw::{self, KsaveHal};
+use crate::layout::image_range;
+use crate::work::{self, Work};
+use crate::{paging, println};
+use diskdrv::Hal as _;
+
+/// The partition, read through the disk driver.
+struct DiskSource<'d, 'm> {
+    disk: &'d mut AnyDisk<'m>,
+    first_lba: u64,
+    bytes: u64,
+}
+
+impl Source for DiskSource<'_, '_> {
+    type Error = DiskError;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        if offset + buf.len() as u64 > self.bytes {
+            return Err(DiskError::OutOfRange { lba: self.first_lba + offset / SECTOR, count: buf.len() as u64 / SECTOR, capacity: self.bytes / SECTOR });
+        }
+        let seg = Segment { addr: KsaveHal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
+        self.disk.transfer(Direction::Read, self.first_lba + offset / SECTOR, &[seg])
+    }
+}
+
+/// A refusal: why the image is not resumed. Nothing outside ksave was
+/// written when one is returned.
+pub struct Refusal(pub heapless::String);
+
+pub mod heapless {
+    /// A short message.
+    pub struct String {
+        buf: [u8; 240],
+        len: usize,
+    }
+
+    impl String {
+        pub fn new() -> Self {
+            Self { buf: [0; 240], len: 0 }
+        }
+        pub fn as_str(&self) -> &str {
+            core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+        }
+    }
+
+    impl core::fmt::Write for String {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let n = s.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.len += n;
+            Ok(())
+        }
+    }
+}
+
+macro_rules! refuse {
+    ($($arg:tt)*) => {{
+        let mut s = heapless::String::new();
+        let _ = core::fmt::write(&mut s, format_args!($($arg)*));
+        Refusal(s)
+    }};
+}
+
+/// Zeroes `len` bytes at physical `addr`. In asm: address 0 is RAM, but no
+/// Rust pointer may be null.
+///
+/// # Safety
+/// `[addr, addr+len)` must be identity-mapped RAM that nothing of ksave uses.
+unsafe fn phys_zero(addr: u64, len: usize) {
+    // SAFETY: upheld by the caller; DF is clear (entry code).
+    unsafe { core::arch::asm!("rep stosb", inout("rdi") addr => _, inout("rcx") len => _, in("al") 0u8, options(nostack, preserves_flags)) };
+}
+
+/// Copies `src` to physical `addr` (see [`phys_zero`] for why asm).
+///
+/// # Safety
+/// As for [`phys_zero`].
+unsafe fn phys_write(addr: u64, src: &[u8]) {
+    // SAFETY: upheld by the caller; src is a live slice; DF is clear.
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() => _, options(nostack, preserves_flags));
+    }
+}
+
+fn cpu_vendor() -> [u8; 12] {
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut v = [0u8; 12];
+    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
+    v
+}
+
+/// Resumes the image on partition `guid` of a machine whose RAM is `ram`
+/// (page aligned, sorted). Returns only to refuse.
+pub fn run(guid: Guid, ram: &[Range]) -> Refusal {
+    let per_us = hw::calibrate_tsc();
+    println!("ksave: resume: looking for the image on partition {guid} (TSC {per_us} MHz)");
+    let mut controllers = Controllers::new();
+    let mem = disks::disk_memory();
+    let (location, partition) = match disks::find_partition(guid, Mode::Dma, mem, &mut controllers) {
+        Ok(found) => found,
+        Err(e) => {
+            controllers.restore();
+            return refuse!("{e}");
+        }
+    };
+    let mut disk = match disks::open(location, Mode::Dma, mem) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            controllers.restore();
+            return refuse!("{location}: {e}");
+        }
+    };
+    let work = work::take();
+    let result = check_and_load(&mut disk, partition.first_lba, partition.sectors() * SECTOR, ram, work);
+    match result {
+        Err(refusal) => {
+            disk.close();
+            controllers.restore();
+            refusal
+        }
+        Ok(reentry) => {
+            // Memory is the saved kernel's now: leave the controller stopped
+            // rather than point it back at firmware addresses inside it.
+            disk.stop();
+            println!("ksave: resume: jumping to the saved kernel at {reentry:#x}");
+            jump_to_saved_kernel(reentry)
+        }
+    }
+}
+
+fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<u64, Refusal> {
+    let start = hw::now_us();
+    let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
+    let mut src = DiskSource { disk, first_lba, bytes };
+    let mut header = reader::read_header(&mut src, block).map_err(|e| refuse!("no resumable image: {e}"))?;
+    match header.state {
+        State::Complete => {}
+        State::Invalidated => return Err(refuse!("the image was already resumed or invalidated: an image is never resumed twice")),
+        State::Writing => return Err(refuse!("the image is incomplete: its save never committed")),
+        State::Failed => return Err(refuse!("no image: the last save failed ({})", header.message())),
+    }
+    let (own_start, own_end) = image_range();
+    if header.image != (Range { start: own_start, end: own_end }) {
+        return Err(refuse!(
+            "the image was saved by a ksave at {:#x}-{:#x}, this one is at {own_start:#x}-{own_end:#x}",
+            header.image.start,
+            header.image.end
+        ));
+    }
+    if header.cpu_vendor != cpu_vendor() {
+        return Err(refuse!("the image was saved on another CPU vendor"));
+    }
+    let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;
+    let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();
+    let here_ram: u64 = ram.iter().map(|r| r.end - r.start).sum();
+    if !meta.ram_ranges().eq(ram.iter().copied()) {
+        return Err(refuse!(
+            "RAM map differs: the image holds {} MiB in {} ranges, this machine has {} MiB in {} ranges",
+            saved_ram >> 20,
+            header.ram_ranges,
+            here_ram >> 20,
+            ram.len()
+        ));
+    }
+    if ram.iter().any(|r| r.end > paging::identity_end()) {
+        return Err(refuse!("RAM above ksave's identity map ({} GiB)", paging::identity_end() >> 30));
+    }
+
+    // Pass 1: every chunk read and checked, nothing written.
+    let bufs = reader::Buffers { header: raw_header, page: page0, lz4_in: lz4_out, lz4_out: lz4_in };
+    reader::visit_chunks(&mut src, &header, &meta, bufs, |_, _| {}, |_| {}).map_err(|e| refuse!("image damaged: {e}"))?;
+    let verified = hw::now_us();
+    println!(
+        "ksave: resume: image checked: {} pages in {} chunks, {} ms; loading",
+        header.pages_stored,
+        header.chunks,
+        (verified - start) / 1000
+    );
+
+    // From here on the machine's memory is the saved kernel's.
+    let own = Range { start: own_start, end: own_end };
+    for r in ram {
+        for pfn in r.pages() {
+            let addr = pfn * PAGE as u64;
+            if !own.contains(addr) {
+                // SAFETY: RAM of the current map, inside the identity map,
+                // outside ksave: nothing of ours lives there.
+                unsafe { phys_zero(addr, PAGE) };
+            }
+        }
+    }
+    let bufs = reader::Buffers { header: raw_header, page: page0, lz4_in: lz4_out, lz4_out: lz4_in };
+    let loaded = reader::visit_chunks(
+        &mut src,
+        &header,
+        &meta,
+        bufs,
+        // SAFETY: the reader checked the page lies in the saved RAM (equal
+        // to this machine's) and outside ksave's range.
+        |pfn, data| unsafe { phys_write(pfn * PAGE as u64, data) },
+        |_| {},
+    );
+    if let Err(e) = loaded {
+        // Memory is half written: neither kernel can run. Say so and stop.
+        println!("ksave: resume: FATAL: the image changed between checking and loading: {e}");
+        crate::cpu::stop(crate::qemu::ExitCode::Failure);
+    }
+    let load_done = hw::now_us();
+
+    // Never twice: the image is invalidated before the saved kernel runs.
+    header.state = State::Invalidated;
+    header.encode(block);
+    let seg = Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 };
+    let invalidated = src.disk.transfer(Direction::Write, first_lba, &[seg]).and_then(|()| src.disk.flush());
+    if let Err(e) = invalidated {
+        println!("ksave: resume: FATAL: could not invalidate the image, so not resuming it: {e}");
+        crate::cpu::stop(crate::qemu::ExitCode::Failure);
+    }
+    println!(
+        "ksave: resume: loaded in {} ms (check {} ms, load {} ms); image invalidated",
+        (hw::now_us() - start) / 1000,
+        (verified - start) / 1000,
+        (load_done - verified) / 1000
+    );
+    Ok(header.reentry)
+}
+
+unsafe extern "C" {
+    fn ksave_return_to_caller(reentry: u64) -> !;
+}
+
+/// Goes into the saved kernel the way a kexec jump returns: a `call` of its
+/// re-entry address in its control page. A cold boot left EFER.NXE clear,
+/// but the saved kernel's page tables, which relocate_kernel_64.S's
+/// virtual_mapped loads before restore_processor_state() puts EFER back
+/// (arch/x86/power/cpu.c), carry NX bits, reserved without it.
+fn jump_to_saved_kernel(reentry: u64) -> ! {
+    const MSR_EFER: u32 = 0xC000_0080;
+    const EFER_NXE: u64 = 1 << 11;
+    // SAFETY: EFER.NXE only enables the XD bit in page tables (Intel SDM
+    // vol. 3A 4.1.3); ksave's own tables set no XD bits. The re-entry
+    // address is the one the image recorded, in the saved kernel's control
+    // page, just restored and identity-mapped by ksave's tables.
+    unsafe {
+        x86::msr::wrmsr(MSR_EFER, x86::msr::rdmsr(MSR_EFER) | EFER_NXE);
+        ksave_return_to_caller(reentry)
+    }
+}
