@@ -1,6 +1,8 @@
 # memcpy, memmove, memset, memcmp/bcmp for a freestanding image. In assembly
-# so the compiler cannot turn them back into calls to themselves; `rep movsb`
-# and `rep stosb` are fast on CPUs with ERMSB (Intel SDM vol. 1 7.3.9.3).
+# so the compiler cannot turn them back into calls to themselves. Forward
+# copies and fills move quadwords, then the byte tail: fast on hardware
+# (Intel SDM vol. 1 7.3.9.3) and, under QEMU TCG, where every rep iteration
+# costs about the same, eight times fewer iterations than bytes.
 
 .section .text
 .code64
@@ -8,6 +10,10 @@
 memcpy:
     mov %rdi, %rax
     mov %rdx, %rcx
+    shr $3, %rcx
+    rep movsq
+    mov %rdx, %rcx
+    and $7, %rcx
     rep movsb
     ret
 
@@ -29,8 +35,14 @@ memmove:
 .global memset
 memset:
     mov %rdi, %r9
-    mov %esi, %eax
+    movzbl %sil, %eax
+    mov $0x0101010101010101, %r8
+    imul %r8, %rax              # the byte in all eight lanes
     mov %rdx, %rcx
+    shr $3, %rcx
+    rep stosq
+    mov %rdx, %rcx
+    and $7, %rcx
     rep stosb
     mov %r9, %rax
     ret

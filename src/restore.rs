@@ -83,8 +83,10 @@ macro_rules! refuse {
 /// # Safety
 /// `[addr, addr+len)` must be identity-mapped RAM that nothing of ksave uses.
 unsafe fn phys_zero(addr: u64, len: usize) {
-    // SAFETY: upheld by the caller; DF is clear (entry code).
-    unsafe { core::arch::asm!("rep stosb", inout("rdi") addr => _, inout("rcx") len => _, in("al") 0u8, options(nostack, preserves_flags)) };
+    debug_assert!(len % 8 == 0);
+    // SAFETY: upheld by the caller; DF is clear (entry code). Quadwords:
+    // under TCG each rep iteration costs the same whatever its width.
+    unsafe { core::arch::asm!("rep stosq", inout("rdi") addr => _, inout("rcx") len / 8 => _, in("rax") 0u64, options(nostack, preserves_flags)) };
 }
 
 /// Copies `src` to physical `addr` (see [`phys_zero`] for why asm).
@@ -92,9 +94,10 @@ unsafe fn phys_zero(addr: u64, len: usize) {
 /// # Safety
 /// As for [`phys_zero`].
 unsafe fn phys_write(addr: u64, src: &[u8]) {
+    debug_assert!(src.len() % 8 == 0);
     // SAFETY: upheld by the caller; src is a live slice; DF is clear.
     unsafe {
-        core::arch::asm!("rep movsb", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() => _, options(nostack, preserves_flags));
+        core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
     }
 }
 
@@ -148,7 +151,7 @@ pub fn run(guid: Guid, ram: &[Range]) -> Refusal {
 
 fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<u64, Refusal> {
     let start = hw::now_us();
-    let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
+    let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
     let mut header = reader::read_header(&mut src, block).map_err(|e| refuse!("no resumable image: {e}"))?;
     match header.state {
@@ -185,7 +188,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     }
 
     // Pass 1: every chunk read and checked, nothing written.
-    let bufs = reader::Buffers { header: raw_header, page: page0, lz4_in: lz4_out, lz4_out: lz4_in };
+    let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
     reader::visit_chunks(&mut src, &header, &meta, bufs, |_, _| {}, |_| {}).map_err(|e| refuse!("image damaged: {e}"))?;
     let verified = hw::now_us();
     println!(
@@ -207,7 +210,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
             }
         }
     }
-    let bufs = reader::Buffers { header: raw_header, page: page0, lz4_in: lz4_out, lz4_out: lz4_in };
+    let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
     let loaded = reader::visit_chunks(
         &mut src,
         &header,

@@ -34,8 +34,8 @@ pub fn read(file: &mut ImageFile) -> Result<Image> {
 pub fn walk(file: &mut ImageFile, image: &Image, mut page: impl FnMut(u64, &[u8; PAGE]), chunk: impl FnMut(&ChunkInfo)) -> Result<()> {
     let mut buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     let meta = reader::read_meta(file, &image.header, &mut buf).map_err(|e| anyhow!("{e}"))?;
-    let (mut h, mut p, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
-    let bufs = reader::Buffers { header: &mut h, page: &mut p, lz4_in: &mut li, lz4_out: &mut lo };
+    let (mut h, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
+    let bufs = reader::Buffers { header: &mut h, lz4_in: &mut li, lz4_out: &mut lo };
     let description = file.description.clone();
     reader::visit_chunks(file, &image.header, &meta, bufs, |pfn, data| page(pfn, data), chunk).map_err(|e| anyhow!("{description}: {e}"))
 }

@@ -71,11 +71,9 @@ pub fn read_meta<'a, S: Source>(src: &mut S, header: &Header, buf: &'a mut [u8; 
 pub struct Buffers<'b> {
     /// A chunk header.
     pub header: &'b mut [u8; PAGE],
-    /// One page.
-    pub page: &'b mut [u8; PAGE],
     /// A compressed payload.
     pub lz4_in: &'b mut [u8; LZ4_OUT],
-    /// A decompressed group.
+    /// A decompressed group, or a run of raw pages being read.
     pub lz4_out: &'b mut [u8; LZ4_GROUP * PAGE],
 }
 
@@ -166,11 +164,15 @@ pub fn visit_chunks<S: Source>(
                 if payload_len != count * PAGE {
                     return Err(bad("payload length"));
                 }
+                // Raw pages come in runs of LZ4_GROUP: one read for sixteen.
                 let mut hasher = PayloadHasher::new();
-                for (i, p) in pfns[..count].iter().enumerate() {
-                    src.read_at(payload_at + (i * PAGE) as u64, &mut bufs.page[..]).map_err(ReadError::Io)?;
-                    hasher.update(&bufs.page[..]);
-                    page(*p, bufs.page);
+                for (run, run_pfns) in pfns[..count].chunks(LZ4_GROUP).enumerate() {
+                    let buf = &mut bufs.lz4_out[..run_pfns.len() * PAGE];
+                    src.read_at(payload_at + (run * LZ4_GROUP * PAGE) as u64, buf).map_err(ReadError::Io)?;
+                    hasher.update(buf);
+                    for (p, data) in run_pfns.iter().zip(buf.chunks_exact(PAGE)) {
+                        page(*p, data.try_into().unwrap());
+                    }
                 }
                 if hasher.digest() != want_hash {
                     return Err(bad("payload checksum"));

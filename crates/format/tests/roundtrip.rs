@@ -144,8 +144,8 @@ fn load(image: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, ReadError<&'static str>>
     let meta = reader::read_meta(&mut src, &h, &mut meta_buf)?;
     assert_eq!(meta.backup_pairs().collect::<Vec<_>>(), BACKUP);
     let mut pages = BTreeMap::new();
-    let (mut hb, mut pb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
-    let bufs = reader::Buffers { header: &mut hb, page: &mut pb, lz4_in: &mut li, lz4_out: &mut lo };
+    let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
+    let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
     reader::visit_chunks(&mut src, &h, &meta, bufs, |pfn, data| {
         assert!(pages.insert(pfn, data.to_vec()).is_none(), "page {pfn} twice");
     }, |_| {})?;
@@ -207,8 +207,8 @@ fn chunk_offsets(image: &[u8]) -> Vec<(u64, u8)> {
     let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     let meta = reader::read_meta(&mut src, &h, &mut meta_buf).unwrap();
     let mut out = Vec::new();
-    let (mut hb, mut pb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
-    let bufs = reader::Buffers { header: &mut hb, page: &mut pb, lz4_in: &mut li, lz4_out: &mut lo };
+    let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
+    let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
     reader::visit_chunks(&mut src, &h, &meta, bufs, |_, _| {}, |c| out.push((c.offset, c.encoding))).unwrap();
     out
 }
