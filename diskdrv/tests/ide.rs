@@ -106,7 +106,6 @@ fn lba48_above_2_pow_28_and_28_bit_disks_split_at_256_sectors() {
 fn device_errors_carry_the_failing_command_and_lba() {
     let disk = fakes::disk(1 << 16);
     let hal = machine([Some(disk.clone()), None], [None, None]);
-    let mem = low(IdeMemory::new());
     for mode in [Mode::Dma, Mode::Pio] {
         let mem = low(IdeMemory::new());
         let mut d = open(&hal, PRIMARY, Drive::Master, mode, mem).unwrap();
@@ -128,7 +127,6 @@ fn device_errors_carry_the_failing_command_and_lba() {
 fn a_hung_channel_times_out_and_is_reset() {
     let disk = fakes::disk(1 << 16);
     let hal = machine([Some(disk), None], [None, None]);
-    let mem = low(IdeMemory::new());
     for mode in [Mode::Dma, Mode::Pio] {
         let mem = low(IdeMemory::new());
         let mut d = open(&hal, PRIMARY, Drive::Master, mode, mem).unwrap();
@@ -143,7 +141,6 @@ fn a_hung_channel_times_out_and_is_reset() {
 #[test]
 fn absent_drives_and_empty_channels_are_no_device() {
     let hal = machine([Some(fakes::disk(1024)), None], [None, None]);
-    let mem = low(IdeMemory::new());
     assert_eq!(open(&hal, PRIMARY, Drive::Slave, Mode::Pio, low(IdeMemory::new())).err(), Some(DiskError::NoDevice));
     assert_eq!(open(&hal, SECONDARY, Drive::Master, Mode::Pio, low(IdeMemory::new())).err(), Some(DiskError::NoDevice));
     let no_bm = Channel::primary(None);

@@ -474,3 +474,66 @@ pub fn hibernate_resume(by: ResumeBy, echo: bool) -> Result<Report> {
     }
     Ok(report)
 }
+
+/// Boots ksave to resume from `disk` with `memory_mib` of RAM.
+fn resume_vm(name: &str, disk: &TestDisk, memory_mib: u32, echo: bool) -> Result<Vm> {
+    let elf = build_input("ksave.elf")?;
+    let config = VmConfig::new(name)
+        .arg(["-kernel".to_string(), elf.display().to_string(), "-append".into(), format!("ksave.resume={PART_GUID}")])
+        .arg(disk.qemu_args(Bus::Ahci, None));
+    Vm::start(VmConfig { echo, memory_mib, ..config })
+}
+
+/// Restore refuses what it must, says why, writes nothing and hands over to
+/// a normal boot (exit 39 under QEMU): a bit-flipped image, a truncated
+/// one, one made with another `-m`, and a second resume of one image.
+pub fn restore_refusals(echo: bool) -> Result<Report> {
+    let name = "refusals";
+    let disk = TestDisk::create(name, 560, 520)?;
+    let mut report = Report::new("restore refusals");
+    // A complete image: kernel A takes a snapshot and powers off.
+    let config = kernel_a(name, &format!("hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib=16 ksave.expect=ok"))?
+        .arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+
+    let part = PART_FIRST_LBA * 512;
+    let image = std::fs::read(&disk.path)?;
+    let header = ksave_format::header::Header::decode(image[part as usize..part as usize + 4096].try_into()?)
+        .map_err(|e| anyhow::anyhow!("no image after the snapshot: {e}"))?;
+    let data = part + ksave_format::header::DATA_OFFSET;
+    let variant = |suffix: &str, change: &dyn Fn(&mut Vec<u8>)| -> Result<TestDisk> {
+        let copy = TestDisk::create(&format!("{name}-{suffix}"), 560, 520)?;
+        let mut bytes = image.clone();
+        change(&mut bytes);
+        std::fs::write(&copy.path, bytes)?;
+        Ok(copy)
+    };
+    let flipped = variant("bitflip", &|b| b[(data + 4096 + 100) as usize] ^= 0x08)?;
+    let truncated = variant("truncated", &|b| {
+        let from = (data + header.data_bytes / 2) as usize;
+        b[from..(data + header.data_bytes) as usize].fill(0);
+    })?;
+
+    let mut refused = |label: &str, disk: &TestDisk, memory: u32, why: &str| -> Result<()> {
+        let mut vm = resume_vm(&format!("{name}-{label}"), disk, memory, echo)?;
+        let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
+        ensure!(line.text.contains(why), "{label}: expected a refusal saying {why:?}, got {:?}", line.text);
+        vm.expect("handing over to a normal boot", 5 * SECOND)?;
+        vm.expect_exit(39, 10 * SECOND)?;
+        report.add_ms(format!("{label}: power-on to refusal"), line.at);
+        Ok(())
+    };
+    refused("bit flip", &flipped, 512, "image damaged: chunk 0")?;
+    refused("truncated", &truncated, 512, "image damaged: chunk")?;
+    refused("other -m", &disk, 384, "RAM map differs")?;
+
+    // Resumed once, the image is never resumed again.
+    let mut vm = resume_vm(&format!("{name}-resume"), &disk, 512, echo)?;
+    vm.expect("ksave: resumed from the image", 120 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 120 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    refused("second resume", &disk, 512, "already resumed")?;
+    Ok(report)
+}

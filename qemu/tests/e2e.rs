@@ -117,3 +117,8 @@ fn config_section_of_the_built_image_is_patched() {
 fn hibernate_power_off_and_resume_by_multiboot1_twice() {
     run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, echo));
 }
+
+#[test]
+fn restore_refuses_damaged_foreign_and_used_images() {
+    run(scenarios::restore_refusals);
+}
