@@ -97,7 +97,7 @@ fn report(boot: &BootInfo, info: u64) -> ! {
                 n += 1;
             }
         }
-        let refusal = restore::run(guid, &ram[..n]);
+        let refusal = restore::run(guid, &ram[..n], false);
         println!("ksave: not resuming: {}", refusal.0.as_str());
         println!("ksave: no image to resume: handing over to a normal boot");
         stop(ExitCode::NoImage);

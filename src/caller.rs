@@ -26,8 +26,14 @@ pub fn reentry() -> Option<u64> {
     }
 }
 
-/// Reports the caller and jumps back to it.
+/// Reports the caller and jumps back to it; or, started by a plain kexec
+/// (no caller), resumes the image its config names.
 pub fn run(reentry: u64, caller_rsp: u64) -> ! {
+    if reentry == 0 {
+        // relocate_kernel_64.S pushes 0 as the return address when it does
+        // not preserve context: `ksave resume` kexec'd us from kernel C.
+        resume_from_config();
+    }
     REENTRY.store(reentry, Ordering::Relaxed);
     let entry = ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     let (start, end) = image_range();
@@ -49,6 +55,22 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     }
     println!("ksave: returning to caller");
     return_to_caller(reentry)
+}
+
+/// Resumes the image the config names, in the RAM map it carries (kernel
+/// C's). C is gone, so a refusal invalidates the image (so that the next
+/// boot does not try it again) and resets the machine into a normal boot.
+fn resume_from_config() -> ! {
+    println!("ksave {}: started by kexec with no caller to return to: resuming", env!("CARGO_PKG_VERSION"));
+    match crate::config::load() {
+        Ok(config) => {
+            let refusal = crate::restore::run(diskdrv::part::Guid(config.partition_guid), config.ram(), true);
+            println!("ksave: not resuming: {}", refusal.0.as_str());
+        }
+        Err(e) => println!("ksave: not resuming: {e}"),
+    }
+    println!("ksave: resetting into a normal boot");
+    crate::cpu::reset()
 }
 
 /// Checks that the pages the jump displaced are exactly ksave's own.

@@ -151,3 +151,20 @@ pub fn stop(code: ExitCode) -> ! {
         unsafe { x86::halt() };
     }
 }
+
+/// Resets the machine: the 8042 keyboard controller's CPU reset line (port
+/// 0x64, command 0xFE), then a triple fault if that did nothing.
+pub fn reset() -> ! {
+    // SAFETY: 0xFE to the 8042 command port pulses the reset line (IBM PC/AT
+    // technical reference); the machine restarts, nothing returns.
+    unsafe { x86::io::outb(0x64, 0xFE) };
+    for _ in 0..1_000_000 {
+        core::hint::spin_loop();
+    }
+    // SAFETY: an empty IDT turns the next exception into a triple fault,
+    // which resets the CPU: the intent here.
+    unsafe {
+        x86::dtables::lidt(&x86::dtables::DescriptorTablePointer::<u64> { limit: 0, base: core::ptr::null() });
+        core::arch::asm!("int3", options(noreturn));
+    }
+}

@@ -111,8 +111,10 @@ fn cpu_vendor() -> [u8; 12] {
 }
 
 /// Resumes the image on partition `guid` of a machine whose RAM is `ram`
-/// (page aligned, sorted). Returns only to refuse.
-pub fn run(guid: Guid, ram: &[Range]) -> Refusal {
+/// (page aligned, sorted). Returns only to refuse; then, if
+/// `invalidate_refused`, a complete image is marked invalidated with the
+/// reason, so that no later boot tries it again.
+pub fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
     let per_us = hw::calibrate_tsc();
     println!("ksave: resume: looking for the image on partition {guid} (TSC {per_us} MHz)");
     let mut controllers = Controllers::new();
@@ -135,6 +137,9 @@ pub fn run(guid: Guid, ram: &[Range]) -> Refusal {
     let result = check_and_load(&mut disk, partition.first_lba, partition.sectors() * SECTOR, ram, work);
     match result {
         Err(refusal) => {
+            if invalidate_refused {
+                invalidate_with(&mut disk, partition.first_lba, &mut work.block, refusal.0.as_str());
+            }
             disk.close();
             controllers.restore();
             refusal
@@ -244,6 +249,25 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
         (load_done - verified) / 1000
     );
     Ok(header.reentry)
+}
+
+/// Marks a complete image invalidated, with `why` as its message.
+fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], why: &str) {
+    let seg = Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 };
+    if disk.transfer(Direction::Read, first_lba, &[seg]).is_err() {
+        return;
+    }
+    let Ok(mut header) = ksave_format::header::Header::decode(block) else { return };
+    if header.state != State::Complete {
+        return;
+    }
+    header.state = State::Invalidated;
+    header.set_message(why);
+    header.encode(block);
+    match disk.transfer(Direction::Write, first_lba, &[seg]).and_then(|()| disk.flush()) {
+        Ok(()) => println!("ksave: image invalidated, so no later boot tries it again"),
+        Err(e) => println!("ksave: could not invalidate the refused image: {e}"),
+    }
 }
 
 unsafe extern "C" {

@@ -18,6 +18,7 @@ fn main() -> Result<()> {
         "exception" => scenarios::exception_report(true)?,
         "hibernate" => scenarios::hibernate_snapshot(scenarios::Expect::Ok, false, 256, true)?,
         "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, true)?,
+        "resume-c" => scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, true)?,
         other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
     };
     println!("\n{report}");

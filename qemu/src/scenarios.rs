@@ -437,6 +437,8 @@ fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
 pub enum ResumeBy {
     /// QEMU `-kernel ksave.elf` (multiboot 1) with `ksave.resume=GUID`.
     Multiboot1,
+    /// Kernel C boots; `ksave resume` in its initramfs kexecs ksave.
+    KernelC,
 }
 
 /// The full story: kernel A holds 256 MiB of known data, a counting
@@ -454,10 +456,16 @@ pub fn hibernate_resume(by: ResumeBy, echo: bool) -> Result<Report> {
     vm.expect_exit(0, 60 * SECOND)?;
     report.add_ms("first boot to power-off", off.at);
     for round in 1..=2 {
-        let elf = build_input("ksave.elf")?;
-        let resume = VmConfig::new(&format!("{name}-{round}"))
-            .arg(["-kernel".to_string(), elf.display().to_string(), "-append".into(), format!("ksave.resume={PART_GUID}")])
-            .arg(disk.qemu_args(Bus::Ahci, None));
+        let resume = match by {
+            ResumeBy::Multiboot1 => VmConfig::new(&format!("{name}-{round}")).arg([
+                "-kernel".to_string(),
+                build_input("ksave.elf")?.display().to_string(),
+                "-append".into(),
+                format!("ksave.resume={PART_GUID}"),
+            ]),
+            ResumeBy::KernelC => kernel_a(&format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
+        }
+        .arg(disk.qemu_args(Bus::Ahci, None));
         let mut vm = Vm::start(VmConfig { echo, ..resume })?;
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;

@@ -122,3 +122,8 @@ fn hibernate_power_off_and_resume_by_multiboot1_twice() {
 fn restore_refuses_damaged_foreign_and_used_images() {
     run(scenarios::restore_refusals);
 }
+
+#[test]
+fn hibernate_power_off_and_resume_by_kernel_c_twice() {
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, echo));
+}

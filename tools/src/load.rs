@@ -81,15 +81,26 @@ struct KexecSegment {
     memsz: usize,
 }
 
-/// Loads the image with kexec_load(2) directly: one segment, exactly the
-/// image's pages, no purgatory and no backup segments.
+/// Loads the image with kexec_load(2) directly for a jump (preserving the
+/// caller's context): one segment, exactly the image's pages, no purgatory
+/// and no backup segments.
 pub fn load_with_syscall(elf: &[u8]) -> Result<ImageLayout> {
+    load_segment(elf, KEXEC_PRESERVE_CONTEXT)
+}
+
+/// Loads the image with a plain kexec: the kernel that loads it does not
+/// come back (used to resume an image from a fresh kernel).
+pub fn load_for_resume(elf: &[u8]) -> Result<ImageLayout> {
+    load_segment(elf, 0)
+}
+
+fn load_segment(elf: &[u8], flags: u64) -> Result<ImageLayout> {
     let layout = ImageLayout::parse(elf)?;
     let data = &elf[layout.file_offset as usize..(layout.file_offset + layout.file_size) as usize];
     let seg = KexecSegment { buf: data.as_ptr(), bufsz: data.len(), mem: layout.start as usize, memsz: layout.footprint() as usize };
     // SAFETY: kexec_load reads one segment descriptor and `bufsz` bytes at
     // `buf`, both alive for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_kexec_load, layout.entry, 1u64, &seg as *const KexecSegment, KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_X86_64) };
+    let rc = unsafe { libc::syscall(libc::SYS_kexec_load, layout.entry, 1u64, &seg as *const KexecSegment, flags | KEXEC_ARCH_X86_64) };
     if rc != 0 {
         bail!("kexec_load: {} (needs root and a kernel with CONFIG_KEXEC_JUMP)", std::io::Error::last_os_error());
     }

@@ -66,6 +66,17 @@ enum Command {
         #[arg(long)]
         no_precheck: bool,
     },
+    /// From a freshly booted kernel: if the partition holds a resumable
+    /// image, hand the machine to ksave to restore it (does not return);
+    /// else say why and exit 1, and the boot carries on.
+    Resume {
+        /// The image partition's PARTUUID (default: the one set up).
+        #[arg(long)]
+        partuuid: Option<String>,
+        /// The ksave image to load (default: the one set up).
+        #[arg(long)]
+        elf: Option<PathBuf>,
+    },
     /// Show the image header on the configured partition (or DEV|FILE).
     Status {
         /// A partition, disk or image file; default: the configured partition.
@@ -150,6 +161,7 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("ksave: loaded for nonce {:#018x}; the kernel holds about {held} KiB for it until it is unloaded", config.nonce);
         }
         Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck } => return hibernate(snapshot, kexec_tools, no_precheck),
+        Command::Resume { partuuid, elf } => return resume(partuuid, elf),
         Command::Status { path, json } => {
             let path = match path {
                 Some(p) => p,
@@ -334,6 +346,57 @@ fn hibernate(snapshot: bool, kexec_tools: bool, no_precheck: bool) -> Result<Exi
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn resume(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
+    let setup = match (&partuuid, Setup::load(&setup::path())) {
+        (Some(text), _) => {
+            let guid = Guid::parse(text).with_context(|| format!("{text} is not a GUID"))?;
+            let part = sys::partition_by_guid(guid)?;
+            Setup::new(&part, false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()))
+        }
+        (None, Ok(s)) => s,
+        (None, Err(e)) => return Err(e),
+    };
+    let elf_path = elf.unwrap_or(setup.elf.clone());
+    let mut file = ImageFile::open(&setup.device, false)?;
+    let image = match inspect::read(&mut file) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("ksave: nothing to resume: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // The host checks all it can; ksave checks everything again, and every
+    // checksum, before it writes a byte.
+    let vendor = {
+        let r = std::arch::x86_64::__cpuid(0);
+        [r.ebx.to_le_bytes(), r.edx.to_le_bytes(), r.ecx.to_le_bytes()].concat()
+    };
+    let why_not = if image.header.state != State::Complete {
+        Some(format!("the image is {} ({})", image.header.state.name(), image.header.message()))
+    } else if image.ram != sys::ram_ranges()? {
+        Some("the image was made with another RAM map".to_string())
+    } else if image.header.cpu_vendor[..] != vendor[..] {
+        Some("the image was made on another CPU vendor".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        println!("ksave: nothing to resume: {why}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let config = load::attempt_config(&setup)?;
+    let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
+    load::load_for_resume(&load::configure(&bytes, &config)?)?;
+    println!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored);
+    // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
+    // kexec image loaded the kernel hands the machine to ksave.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
+    }
+    bail!("the kexec into ksave did not happen: {}", std::io::Error::last_os_error())
 }
 
 fn header_json(h: &Header) -> serde_json::Value {
