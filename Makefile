@@ -5,7 +5,9 @@ CARGO ?= cargo
 BUILD := build
 ELF := $(BUILD)/ksave.elf
 CLI := $(BUILD)/ksave
-VM_INPUTS := $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso
+VM_INPUTS := $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BUILD)/grub-resume.iso
+# The test partition's GUID (qemu/src/disk.rs) for the resume menu.
+TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
 .PHONY: all size deps vm-inputs qemu qemu-multiboot test bench clean FORCE
 all: $(ELF) $(CLI)
@@ -38,6 +40,11 @@ $(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/ini
 
 $(BUILD)/grub.iso: $(ELF) qemu/mkgrubiso.sh | deps
 	qemu/mkgrubiso.sh $@ $(ELF) ksave.demo
+
+$(BUILD)/grub-resume.iso: $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz qemu/mkgrubiso.sh | deps
+	LINUX=$(BUILD)/bzImage INITRD=$(BUILD)/initramfs.cpio.gz \
+	  LINUX_ARGS="console=ttyS0,115200 panic=-1 quiet ksave.test=normal-boot" \
+	  qemu/mkgrubiso.sh $@ $(ELF) ksave.resume=$(TEST_PARTUUID)
 
 vm-inputs: $(VM_INPUTS)
 

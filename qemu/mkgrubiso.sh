@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Builds a GRUB rescue ISO whose one menu entry boots ksave by multiboot2,
+# Builds a GRUB rescue ISO whose first menu entry boots ksave by multiboot2,
 # with the serial console on COM1.   mkgrubiso.sh OUT.iso KSAVE_ELF [ARGS...]
+#
+# With LINUX=bzImage INITRD=initramfs LINUX_ARGS="..." in the environment, a
+# second entry boots Linux, and the first tells ksave to set CMOS bit
+# 0x7e:0 when it has nothing to resume; GRUB then clears the bit and boots
+# Linux: one menu that resumes or boots normally.
 set -euo pipefail
 out=$1 elf=$2
 shift 2
@@ -13,7 +18,22 @@ set timeout=0
 serial --unit=0 --speed=115200
 terminal_input serial
 terminal_output serial
-menuentry "ksave" { multiboot2 /boot/ksave.elf $*; boot }
 CFG
+if [ -n "${LINUX:-}" ]; then
+  cp "$LINUX" "$stage/boot/bzImage"
+  cp "$INITRD" "$stage/boot/initramfs.cpio.gz"
+  cat >> "$stage/boot/grub/grub.cfg" <<CFG
+insmod cmostest
+set default=0
+if cmostest 0x7e:0; then
+  cmosclean 0x7e:0
+  set default=1
+fi
+menuentry "ksave: resume a hibernated system" { multiboot2 /boot/ksave.elf $* ksave.no_image=cmos:0x7e:0; boot }
+menuentry "Linux" { linux /boot/bzImage ${LINUX_ARGS:-}; initrd /boot/initramfs.cpio.gz; boot }
+CFG
+else
+  echo "menuentry \"ksave\" { multiboot2 /boot/ksave.elf $*; boot }" >> "$stage/boot/grub/grub.cfg"
+fi
 grub-mkrescue -o "$out.tmp" "$stage" 2>/dev/null
 mv "$out.tmp" "$out"

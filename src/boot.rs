@@ -100,6 +100,18 @@ fn report(boot: &BootInfo, info: u64) -> ! {
         let refusal = restore::run(guid, &ram[..n], false);
         println!("ksave: not resuming: {}", refusal.0.as_str());
         println!("ksave: no image to resume: handing over to a normal boot");
+        // ksave.no_image=cmos:BYTE:BIT: a bootloader entry that tests that
+        // CMOS bit boots the normal entry instead (qemu/mkgrubiso.sh).
+        if let Some(flag) = cmdline::get(boot.cmdline, "ksave.no_image").and_then(|v| v.strip_prefix("cmos:")) {
+            match parse_cmos_bit(flag) {
+                Some((byte, bit)) => {
+                    set_cmos_bit(byte, bit);
+                    println!("ksave: CMOS {byte:#x}:{bit} set for the bootloader; resetting");
+                    crate::cpu::reset();
+                }
+                None => println!("ksave: ksave.no_image=cmos:{flag} is not BYTE:BIT (byte 0x40-0x7f)"),
+            }
+        }
         stop(ExitCode::NoImage);
     }
     let ide_mode = match cmdline::get(boot.cmdline, "ksave.ide") {
@@ -146,5 +158,27 @@ unsafe fn c_str<'a>(addr: u64) -> &'a str {
     match core::str::from_utf8(&bytes[..len]) {
         Ok(s) => s,
         Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+/// "0x7e:0" -> (0x7e, 0). Only the extended CMOS bytes 0x40-0x7f, which no
+/// standard checksum covers (0x10-0x2d are summed at 0x2e, IBM PC/AT).
+fn parse_cmos_bit(text: &str) -> Option<(u8, u8)> {
+    let (byte, bit) = text.split_once(':')?;
+    let byte = u8::from_str_radix(byte.trim_start_matches("0x"), 16).ok()?;
+    let bit: u8 = bit.parse().ok()?;
+    ((0x40..0x80).contains(&byte) && bit < 8).then_some((byte, bit))
+}
+
+/// Sets a bit in CMOS RAM through the RTC's index/data ports (MC146818:
+/// 0x70 index with bit 7 = NMI disable, 0x71 data).
+fn set_cmos_bit(byte: u8, bit: u8) {
+    // SAFETY: index then data, as the MC146818 wants; the byte is outside
+    // the RTC registers and the checksummed area (parse_cmos_bit).
+    unsafe {
+        x86::io::outb(0x70, 0x80 | byte);
+        let v = x86::io::inb(0x71);
+        x86::io::outb(0x70, 0x80 | byte);
+        x86::io::outb(0x71, v | (1 << bit));
     }
 }

@@ -19,6 +19,8 @@ fn main() -> Result<()> {
         "hibernate" => scenarios::hibernate_snapshot(scenarios::Expect::Ok, false, 256, true)?,
         "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, true)?,
         "resume-c" => scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, true)?,
+        "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, true)?,
+        "grub-no-image" => scenarios::grub_no_image_boots_normally(true)?,
         other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
     };
     println!("\n{report}");

@@ -439,6 +439,8 @@ pub enum ResumeBy {
     Multiboot1,
     /// Kernel C boots; `ksave resume` in its initramfs kexecs ksave.
     KernelC,
+    /// GRUB's menu boots ksave by multiboot 2 (build/grub-resume.iso).
+    Grub,
 }
 
 /// The full story: kernel A holds 256 MiB of known data, a counting
@@ -464,6 +466,7 @@ pub fn hibernate_resume(by: ResumeBy, echo: bool) -> Result<Report> {
                 format!("ksave.resume={PART_GUID}"),
             ]),
             ResumeBy::KernelC => kernel_a(&format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
+            ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(Bus::Ahci, None));
         let mut vm = Vm::start(VmConfig { echo, ..resume })?;
@@ -543,5 +546,31 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
     vm.expect("KSAVE-TEST-RESULT: PASS", 120 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     refused("second resume", &disk, 512, "already resumed")?;
+    Ok(report)
+}
+
+/// A VM booting build/grub-resume.iso. CD first: SeaBIOS would otherwise try
+/// the test disk, whose protective MBR has a boot signature but no code.
+fn grub_resume_menu(name: &str) -> Result<VmConfig> {
+    Ok(VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), build_input("grub-resume.iso")?.display().to_string()]))
+}
+
+/// GRUB's resume menu on a disk with no image: ksave says why, sets the
+/// CMOS bit and resets; GRUB then boots the Linux entry, which reaches
+/// userspace.
+pub fn grub_no_image_boots_normally(echo: bool) -> Result<Report> {
+    let name = "grub-no-image";
+    let disk = TestDisk::create(name, 64, 32)?;
+    let config = grub_resume_menu(name)?.arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, reboot: true, ..config })?;
+    let mut report = Report::new("GRUB menu, no image: normal boot");
+    let refusal = vm.expect("ksave: not resuming:", 120 * SECOND)?;
+    ensure!(refusal.text.contains("no resumable image"), "unexpected refusal: {}", refusal.text);
+    vm.expect("CMOS 0x7e:0 set for the bootloader; resetting", 10 * SECOND)?;
+    let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 30 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("power-on to the refusal", refusal.at);
+    report.add_ms("power-on to the normal boot's userspace", normal.at);
     Ok(report)
 }

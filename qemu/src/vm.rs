@@ -22,13 +22,16 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Copy the console to our stdout as it arrives (the demo).
     pub echo: bool,
+    /// Let a guest reset restart the machine (default: a reset ends QEMU,
+    /// so a triple fault cannot loop).
+    pub reboot: bool,
 }
 
 impl VmConfig {
     /// The harness's standard machine: 512 MiB, 2 CPUs, TCG, no display, no
     /// reboot (a triple fault or reboot ends QEMU), isa-debug-exit on 0xf4.
     pub fn new(name: &str) -> Self {
-        Self { name: name.into(), args: Vec::new(), memory_mib: 512, cpus: 2, echo: false }
+        Self { name: name.into(), args: Vec::new(), memory_mib: 512, cpus: 2, echo: false, reboot: false }
     }
 
     /// Appends arguments.
@@ -67,7 +70,8 @@ impl Vm {
         std::fs::create_dir_all(log.parent().unwrap())?;
         let mut log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        cmd.args(["-accel", "tcg", "-display", "none", "-serial", "stdio"])
+            .args(if config.reboot { &[][..] } else { &["-no-reboot"][..] })
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
             .args(["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()])
             .args(&config.args)

@@ -127,3 +127,13 @@ fn restore_refuses_damaged_foreign_and_used_images() {
 fn hibernate_power_off_and_resume_by_kernel_c_twice() {
     run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, echo));
 }
+
+#[test]
+fn hibernate_power_off_and_resume_by_grub_twice() {
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Grub, echo));
+}
+
+#[test]
+fn grub_menu_with_no_image_boots_linux_normally() {
+    run(scenarios::grub_no_image_boots_normally);
+}
