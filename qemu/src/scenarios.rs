@@ -486,18 +486,18 @@ pub fn hibernate_resume(by: ResumeBy, echo: bool) -> Result<Report> {
     Ok(report)
 }
 
-/// Boots ksave to resume from `disk` with `memory_mib` of RAM.
-fn resume_vm(name: &str, disk: &TestDisk, memory_mib: u32, echo: bool) -> Result<Vm> {
-    let elf = build_input("ksave.elf")?;
-    let config = VmConfig::new(name)
-        .arg(["-kernel".to_string(), elf.display().to_string(), "-append".into(), format!("ksave.resume={PART_GUID}")])
-        .arg(disk.qemu_args(Bus::Ahci, None));
-    Vm::start(VmConfig { echo, memory_mib, ..config })
+/// Boots the GRUB resume menu on `disk` with `memory_mib` of RAM and the
+/// given extra QEMU arguments; resets restart the machine.
+fn resume_vm(name: &str, disk: &TestDisk, memory_mib: u32, extra: &[&str], echo: bool) -> Result<Vm> {
+    let config = grub_resume_menu(name)?.arg(disk.qemu_args(Bus::Ahci, None)).arg(extra.iter().copied());
+    Vm::start(VmConfig { echo, memory_mib, reboot: true, ..config })
 }
 
-/// Restore refuses what it must, says why, writes nothing and hands over to
-/// a normal boot (exit 39 under QEMU): a bit-flipped image, a truncated
-/// one, one made with another `-m`, and a second resume of one image.
+/// Restore refuses what it must, says why, writes nothing, and the machine
+/// boots normally (GRUB's menu goes on to Linux): a bit-flipped image, a
+/// truncated one, one made with another `-m`, one made on another CPU
+/// vendor, and a second resume of one image. From kernel C, a damaged image
+/// is refused by ksave, invalidated, and the next boot carries on normally.
 pub fn restore_refusals(echo: bool) -> Result<Report> {
     let name = "refusals";
     let disk = TestDisk::create(name, 560, 520)?;
@@ -527,25 +527,42 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
         b[from..(data + header.data_bytes) as usize].fill(0);
     })?;
 
-    let mut refused = |label: &str, disk: &TestDisk, memory: u32, why: &str| -> Result<()> {
-        let mut vm = resume_vm(&format!("{name}-{label}"), disk, memory, echo)?;
+    let mut refused = |label: &str, disk: &TestDisk, memory: u32, extra: &[&str], why: &str| -> Result<()> {
+        let mut vm = resume_vm(&format!("{name}-{label}"), disk, memory, extra, echo)?;
         let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
         ensure!(line.text.contains(why), "{label}: expected a refusal saying {why:?}, got {:?}", line.text);
         vm.expect("handing over to a normal boot", 5 * SECOND)?;
-        vm.expect_exit(39, 10 * SECOND)?;
+        let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
         report.add_ms(format!("{label}: power-on to refusal"), line.at);
+        report.add_ms(format!("{label}: power-on to the normal boot's userspace"), normal.at);
         Ok(())
     };
-    refused("bit flip", &flipped, 512, "image damaged: chunk 0")?;
-    refused("truncated", &truncated, 512, "image damaged: chunk")?;
-    refused("other -m", &disk, 384, "RAM map differs")?;
+    refused("bit flip", &flipped, 512, &[], "image damaged: chunk 0")?;
+    refused("truncated", &truncated, 512, &[], "image damaged: chunk")?;
+    refused("other -m", &disk, 384, &[], "RAM map differs")?;
+    // qemu64 reports AuthenticAMD: the image was made on "AMD".
+    refused("other CPU vendor", &disk, 512, &["-cpu", "qemu64,vendor=GenuineIntel"], "another CPU vendor")?;
 
     // Resumed once, the image is never resumed again.
-    let mut vm = resume_vm(&format!("{name}-resume"), &disk, 512, echo)?;
+    let mut vm = resume_vm(&format!("{name}-resume"), &disk, 512, &[], echo)?;
     vm.expect("ksave: resumed from the image", 120 * SECOND)?;
     vm.expect("KSAVE-TEST-RESULT: PASS", 120 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
-    refused("second resume", &disk, 512, "already resumed")?;
+    refused("second resume", &disk, 512, &[], "already resumed")?;
+
+    // From kernel C: the host sees a complete image, ksave finds it damaged,
+    // invalidates it and resets; the next boot of C finds nothing to resume.
+    let damaged = variant("c-bitflip", &|b| b[(data + 4096 + 100) as usize] ^= 0x08)?;
+    let config = kernel_a(&format!("{name}-c"), &format!("resume-c ksave.partuuid={PART_GUID}"))?.arg(damaged.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, reboot: true, ..config })?;
+    vm.expect("image invalidated, so no later boot tries it again", 120 * SECOND)?;
+    let line = vm.expect("ksave: not resuming:", 10 * SECOND)?;
+    ensure!(line.text.contains("image damaged"), "kernel C: unexpected refusal {:?}", line.text);
+    vm.expect("ksave: nothing to resume: the image is invalidated", 180 * SECOND)?;
+    vm.expect("booting normally", 10 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("kernel C, damaged image: power-on to the normal boot", vm.elapsed());
     Ok(report)
 }
 
