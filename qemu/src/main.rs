@@ -5,11 +5,15 @@ use ksave_qemu::scenarios;
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
+    if which == "bench-hibernation" {
+        return ksave_qemu::bench::hibernation_table(1, 128);
+    }
     if which == "bench" {
         let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
         ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;
         ksave_qemu::bench::disk_table(runs, 256)?;
-        return ksave_qemu::bench::save_table(runs);
+        ksave_qemu::bench::save_table(runs)?;
+        return ksave_qemu::bench::hibernation_table(runs, 128);
     }
     let report = match which.as_str() {
         "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,
@@ -17,10 +21,11 @@ fn main() -> Result<()> {
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
         "hibernate" => scenarios::hibernate_snapshot(scenarios::Expect::Ok, false, 256, true)?,
-        "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, true)?,
-        "resume-c" => scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, true)?,
-        "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, true)?,
+        "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, 256, true)?,
+        "resume-c" => scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, 256, true)?,
+        "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, 256, true)?,
         "grub-no-image" => scenarios::grub_no_image_boots_normally(true)?,
+        "linux-hibernate" => scenarios::linux_hibernate_resume(128, true)?,
         other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
     };
     println!("\n{report}");

@@ -115,7 +115,7 @@ fn config_section_of_the_built_image_is_patched() {
 
 #[test]
 fn hibernate_power_off_and_resume_by_multiboot1_twice() {
-    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, echo));
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
 #[test]
@@ -125,12 +125,12 @@ fn restore_refuses_damaged_foreign_and_used_images() {
 
 #[test]
 fn hibernate_power_off_and_resume_by_kernel_c_twice() {
-    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, echo));
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, 256, echo));
 }
 
 #[test]
 fn hibernate_power_off_and_resume_by_grub_twice() {
-    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Grub, echo));
+    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::Grub, 256, echo));
 }
 
 #[test]
