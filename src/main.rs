@@ -20,6 +20,7 @@ mod disktest;
 mod heap;
 mod hw;
 mod layout;
+mod message;
 mod paging;
 mod physmem;
 mod qemu;

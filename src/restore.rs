@@ -17,6 +17,7 @@ use ksave_format::{PAGE, Range};
 use crate::disks::{self, AnyDisk, Controllers};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
+use crate::message::Message;
 use crate::work::{self, Work};
 use crate::{paging, println};
 use diskdrv::Hal as _;
@@ -41,40 +42,10 @@ impl Source for DiskSource<'_, '_> {
 
 /// A refusal: why the image is not resumed. Nothing outside ksave was
 /// written when one is returned.
-pub struct Refusal(pub heapless::String);
-
-pub mod heapless {
-    /// A short message.
-    pub struct String {
-        buf: [u8; 240],
-        len: usize,
-    }
-
-    impl String {
-        pub fn new() -> Self {
-            Self { buf: [0; 240], len: 0 }
-        }
-        pub fn as_str(&self) -> &str {
-            core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-        }
-    }
-
-    impl core::fmt::Write for String {
-        fn write_str(&mut self, s: &str) -> core::fmt::Result {
-            let n = s.len().min(self.buf.len() - self.len);
-            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-            self.len += n;
-            Ok(())
-        }
-    }
-}
+pub struct Refusal(pub Message);
 
 macro_rules! refuse {
-    ($($arg:tt)*) => {{
-        let mut s = heapless::String::new();
-        let _ = core::fmt::write(&mut s, format_args!($($arg)*));
-        Refusal(s)
-    }};
+    ($($arg:tt)*) => { Refusal(Message::format(format_args!($($arg)*))) };
 }
 
 /// Zeroes `len` bytes at physical `addr`. In asm: address 0 is RAM, but no
@@ -99,15 +70,6 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
     unsafe {
         core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
     }
-}
-
-fn cpu_vendor() -> [u8; 12] {
-    let r = core::arch::x86_64::__cpuid(0);
-    let mut v = [0u8; 12];
-    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
-    v
 }
 
 /// Resumes the image on partition `guid` of a machine whose RAM is `ram`
@@ -173,7 +135,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
             header.image.end
         ));
     }
-    if header.cpu_vendor != cpu_vendor() {
+    if header.cpu_vendor != crate::cpu::vendor() {
         return Err(refuse!("the image was saved on another CPU vendor"));
     }
     let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;

@@ -16,6 +16,7 @@ use crate::disks::{self, AnyDisk, Controllers};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
+use crate::message::Message;
 use crate::work::{self, Work};
 use crate::{config, paging, println};
 use diskdrv::Hal as _;
@@ -23,43 +24,11 @@ use diskdrv::Hal as _;
 /// Why a save did not happen, with the code for the status record.
 pub struct Failure {
     code: u32,
-    message: heapless::String,
-}
-
-mod heapless {
-    /// A 200-byte string for failure messages.
-    pub struct String {
-        buf: [u8; 200],
-        len: usize,
-    }
-
-    impl String {
-        pub fn new() -> Self {
-            Self { buf: [0; 200], len: 0 }
-        }
-        pub fn as_str(&self) -> &str {
-            core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-        }
-    }
-
-    impl core::fmt::Write for String {
-        fn write_str(&mut self, s: &str) -> core::fmt::Result {
-            let n = s.len().min(self.buf.len() - self.len);
-            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-            self.len += n;
-            Ok(())
-        }
-    }
-}
-
-fn failure(code: u32, args: core::fmt::Arguments) -> Failure {
-    let mut message = heapless::String::new();
-    let _ = core::fmt::write(&mut message, args);
-    Failure { code, message }
+    message: Message,
 }
 
 macro_rules! fail {
-    ($code:expr, $($arg:tt)*) => { failure($code, format_args!($($arg)*)) };
+    ($code:expr, $($arg:tt)*) => { Failure { code: $code, message: Message::format(format_args!($($arg)*)) } };
 }
 
 /// The caller's pages, read through the identity map. Page 0 is real RAM,
@@ -237,16 +206,6 @@ pub fn run(ctx: &CallerContext) {
     controllers.restore();
 }
 
-/// CPUID leaf 0's vendor string ("GenuineIntel", "AuthenticAMD").
-fn cpu_vendor() -> [u8; 12] {
-    let r = core::arch::x86_64::__cpuid(0);
-    let mut v = [0u8; 12];
-    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
-    v
-}
-
 fn write_block(disk: &mut AnyDisk, first_lba: u64, block: &[u8; PAGE]) -> Result<(), DiskError> {
     disk.transfer(Direction::Write, first_lba, &[Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 }])
 }
@@ -356,7 +315,7 @@ fn save(
     h.meta_crc = meta_crc;
     h.record(&totals);
     h.save_us = us;
-    h.cpu_vendor = cpu_vendor();
+    h.cpu_vendor = crate::cpu::vendor();
     h.set_message(config.info());
     h.encode(&mut bufs.block);
     write_block(sink.disk, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;
