@@ -15,8 +15,17 @@ fn main() -> Result<()> {
         ksave_qemu::bench::save_table(runs)?;
         return ksave_qemu::bench::hibernation_table(runs, 128);
     }
+    if which == "demo" {
+        // The whole story: the kexec-jump round trip, then hibernate, power
+        // off and resume (twice), with every console on the terminal.
+        let round_trip = scenarios::kexec_round_trip(true)?;
+        let story = scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, 256, true)?;
+        println!("\n{round_trip}\n{story}");
+        println!("PASS");
+        return Ok(());
+    }
     let report = match which.as_str() {
-        "demo" | "roundtrip" => scenarios::kexec_round_trip(true)?,
+        "roundtrip" => scenarios::kexec_round_trip(true)?,
         "multiboot" => scenarios::multiboot1_boot(true)?,
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,
@@ -26,7 +35,7 @@ fn main() -> Result<()> {
         "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, 256, true)?,
         "grub-no-image" => scenarios::grub_no_image_boots_normally(true)?,
         "linux-hibernate" => scenarios::linux_hibernate_resume(128, true)?,
-        other => bail!("unknown scenario {other:?}: demo, multiboot, grub, exception, hibernate or bench"),
+        other => bail!("unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, bench or bench-hibernation"),
     };
     println!("\n{report}");
     println!("PASS");
