@@ -150,7 +150,6 @@ struct Saved {
 pub struct AhciDisk<'m, H: Hal> {
     hal: H,
     abar: u64,
-    port: u8,
     base: u64,
     mem: &'m mut AhciMemory,
     s64a: bool,
@@ -182,11 +181,14 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         };
         let s64a = hal.mmio_read32(abar + CAP) & CAP_S64A != 0;
         let blank = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 0, lba48: false, dma: true };
-        let mut disk = Self { hal, abar, port, base, mem, s64a, info: blank, saved };
+        let mut disk = Self { hal, abar, base, mem, s64a, info: blank, saved };
         disk.take_ownership();
         disk.hal.mmio_write32(abar + GHC, disk.saved.ghc | GHC_AE);
-        disk.start_port()?;
-        disk.identify()?;
+        if let Err(e) = disk.start_port().and_then(|()| disk.identify()) {
+            // The port may already point at `mem`: give it back as found.
+            disk.restore_registers();
+            return Err(e);
+        }
         Ok(disk)
     }
 
@@ -376,11 +378,6 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         Ok(())
     }
 
-    /// The port number.
-    pub fn port(&self) -> u8 {
-        self.port
-    }
-
     /// Stops the port and leaves it stopped, with interrupts off: for when the
     /// memory the firmware's command list pointed at now belongs to someone
     /// else (after a restore), and restarting it would let the HBA DMA there.
@@ -393,6 +390,10 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
 
     /// Stops the port and puts back every register as it was found.
     pub fn close(self) {
+        self.restore_registers();
+    }
+
+    fn restore_registers(&self) {
         self.stop_engines();
         self.set(PX_CLB, self.saved.clb);
         self.set(PX_CLBU, self.saved.clbu);

@@ -331,11 +331,6 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
         }
         Ok(())
     }
-
-    /// The transfer mode in use.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
 }
 
 impl<H: Hal> BlockDevice for IdeDisk<'_, H> {

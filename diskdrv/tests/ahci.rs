@@ -180,4 +180,19 @@ fn close_puts_back_the_registers_it_found() {
     assert_eq!(hal.mmio_read32(port + 0x18) & 0x11, 0x11);
 }
 
+#[test]
+fn a_failed_open_puts_back_the_registers_it_found() {
+    let (hal, _) = machine(4096);
+    let port = Machine::ABAR + 0x100 + 0x80;
+    hal.mmio_write32(port + 0x00, 0x1234_5000); // CLB as "Linux" left it
+    hal.mmio_write32(port + 0x08, 0x1234_6000); // FB
+    hal.0.hba.borrow_mut().as_mut().unwrap().ports[1].faults.hang = true; // IDENTIFY never completes
+    let mut mem = Box::new(AhciMemory::new());
+    // SAFETY: the fake HBA is this test's alone.
+    let result = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 1, &mut mem) };
+    assert!(matches!(result.err(), Some(DiskError::Timeout { command: 0xEC, .. })));
+    assert_eq!(hal.mmio_read32(port + 0x00), 0x1234_5000, "CLB left pointing at our memory");
+    assert_eq!(hal.mmio_read32(port + 0x08), 0x1234_6000, "FB left pointing at our memory");
+}
+
 use diskdrv::Hal as _;
