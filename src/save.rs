@@ -1,7 +1,7 @@
 //! Saving the kexec caller's RAM to the configured partition.
 //!
-//! Nothing of the caller is written: its pages are read (zero check, CRC,
-//! LZ4) and DMA'd from where they lie; ksave's own working memory is in its
+//! Nothing of the caller is written: its pages are read (zero check,
+//! checksum, LZ4) and DMA'd from where they lie; ksave's own working memory is in its
 //! image; device registers are put back as found.
 
 use bootinfo::kexec::{self, CallerContext};
@@ -236,11 +236,26 @@ fn save(
         return Err(fail!(fail::MEMORY, "RAM {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30));
     }
 
-    // The backup map must be exactly ksave's own pages, sources in RAM.
+    // The backup map must be exactly ksave's own pages, sources in RAM: one
+    // walk collects the pairs the image records, then they are checked.
     let is_ram = |a: u64| ram.iter().any(|r| r.contains(a));
+    let mut pairs = [BackupPair::default(); header::MAX_BACKUP_PAIRS];
+    let mut npairs = 0;
+    let mut too_many = false;
+    kexec::walk(ctx.backup_head, &IdentityMapped, is_ram, |d| match pairs.get_mut(npairs) {
+        Some(slot) => {
+            *slot = BackupPair { dest: d.dest, src: d.src };
+            npairs += 1;
+        }
+        None => too_many = true,
+    })
+    .map_err(|e| fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}"))?;
+    if too_many {
+        return Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", pairs.len()));
+    }
     let mut seen = [0u64; 64];
-    let cov = kexec::coverage(ctx.backup_head, &IdentityMapped, is_ram, image_start, image_end, &mut seen)
-        .map_err(|e| fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}"))?;
+    let displaced = pairs[..npairs].iter().map(|p| kexec::Displaced { dest: p.dest, src: p.src });
+    let cov = kexec::coverage_of(displaced, image_start, image_end, &mut seen);
     if !cov.is_exact() {
         return Err(fail!(
             fail::BACKUP_MAP,
@@ -251,16 +266,6 @@ fn save(
             cov.sources_inside
         ));
     }
-    let mut pairs = [BackupPair::default(); header::MAX_BACKUP_PAIRS];
-    let mut npairs = 0;
-    kexec::walk(ctx.backup_head, &IdentityMapped, is_ram, |d| {
-        if npairs < pairs.len() {
-            pairs[npairs] = BackupPair { dest: d.dest, src: d.src };
-            npairs += 1;
-        }
-    })
-    .map_err(|e| fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}"))?;
-
     // Worst case first: a partition that might not hold it is refused now.
     let own_pages = ram.iter().map(|r| r.pages().filter(|p| image.contains(p * PAGE as u64)).count() as u64).sum::<u64>();
     let pages = ram.iter().map(|r| r.pages().count() as u64).sum::<u64>() - own_pages;

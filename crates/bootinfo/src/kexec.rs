@@ -188,28 +188,57 @@ pub fn coverage(
     end: u64,
     seen: &mut [u64],
 ) -> Result<Coverage, WalkError> {
-    let pages = ((end - start) / PAGE) as usize;
-    assert!(seen.len() * 64 >= pages, "scratch too small for the range");
-    seen.iter_mut().for_each(|w| *w = 0);
-    let mut cov = Coverage { pairs: 0, outside: 0, duplicates: 0, uncovered: 0, sources_inside: 0, in_place: 0 };
-    cov.pairs = walk(head, mem, is_ram, |d| {
+    let mut tally = Tally::new(start, end, seen);
+    walk(head, mem, is_ram, |d| tally.note(d))?;
+    Ok(tally.finish())
+}
+
+/// [`coverage`] of pairs already walked.
+pub fn coverage_of(pairs: impl IntoIterator<Item = Displaced>, start: u64, end: u64, seen: &mut [u64]) -> Coverage {
+    let mut tally = Tally::new(start, end, seen);
+    pairs.into_iter().for_each(|d| tally.note(d));
+    tally.finish()
+}
+
+struct Tally<'s> {
+    start: u64,
+    end: u64,
+    seen: &'s mut [u64],
+    cov: Coverage,
+}
+
+impl<'s> Tally<'s> {
+    fn new(start: u64, end: u64, seen: &'s mut [u64]) -> Self {
+        let pages = ((end - start) / PAGE) as usize;
+        assert!(seen.len() * 64 >= pages, "scratch too small for the range");
+        seen.iter_mut().for_each(|w| *w = 0);
+        Self { start, end, seen, cov: Coverage { pairs: 0, outside: 0, duplicates: 0, uncovered: 0, sources_inside: 0, in_place: 0 } }
+    }
+
+    fn note(&mut self, d: Displaced) {
+        let cov = &mut self.cov;
+        cov.pairs += 1;
         if d.src == d.dest {
             cov.in_place += 1;
-        } else if (start..end).contains(&d.src) {
+        } else if (self.start..self.end).contains(&d.src) {
             cov.sources_inside += 1;
         }
-        if d.dest < start || d.dest >= end {
+        if d.dest < self.start || d.dest >= self.end {
             cov.outside += 1;
             return;
         }
-        let i = ((d.dest - start) / PAGE) as usize;
-        if seen[i / 64] & (1 << (i % 64)) != 0 {
+        let i = ((d.dest - self.start) / PAGE) as usize;
+        if self.seen[i / 64] & (1 << (i % 64)) != 0 {
             cov.duplicates += 1;
         }
-        seen[i / 64] |= 1 << (i % 64);
-    })?;
-    cov.uncovered = (0..pages).filter(|i| seen[i / 64] & (1 << (i % 64)) == 0).count();
-    Ok(cov)
+        self.seen[i / 64] |= 1 << (i % 64);
+    }
+
+    fn finish(mut self) -> Coverage {
+        let pages = ((self.end - self.start) / PAGE) as usize;
+        self.cov.uncovered = (0..pages).filter(|i| self.seen[i / 64] & (1 << (i % 64)) == 0).count();
+        self.cov
+    }
 }
 
 #[cfg(test)]
@@ -276,6 +305,7 @@ mod tests {
         let mut bits = [0u64; 1];
         let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
         assert!(cov.is_exact(), "{cov:?}");
+        assert_eq!(coverage_of(seen.iter().copied(), 0x10000, 0x13000, &mut bits), cov);
         let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x14000, &mut bits).unwrap();
         assert_eq!(cov.uncovered, 1);
         let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x11000, 0x13000, &mut bits).unwrap();
