@@ -9,7 +9,7 @@
 
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
-use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
+use diskdrv::{BlockDevice, DiskError, SECTOR};
 use ksave_format::header::State;
 use ksave_format::reader::{self, Source};
 use ksave_format::{PAGE, Range};
@@ -20,7 +20,6 @@ use crate::layout::image_range;
 use crate::message::Message;
 use crate::work::{self, Work};
 use crate::{paging, println};
-use diskdrv::Hal as _;
 
 /// The partition, read through the disk driver.
 struct DiskSource<'d, 'm> {
@@ -35,8 +34,7 @@ impl Source for DiskSource<'_, '_> {
         if offset + buf.len() as u64 > self.bytes {
             return Err(DiskError::OutOfRange { lba: self.first_lba + offset / SECTOR, count: buf.len() as u64 / SECTOR, capacity: self.bytes / SECTOR });
         }
-        let seg = Segment { addr: KsaveHal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
-        self.disk.transfer(Direction::Read, self.first_lba + offset / SECTOR, &[seg])
+        self.disk.read(&KsaveHal, self.first_lba + offset / SECTOR, buf)
     }
 }
 
@@ -198,8 +196,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     // Never twice: the image is invalidated before the saved kernel runs.
     header.state = State::Invalidated;
     header.encode(block);
-    let seg = Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 };
-    let invalidated = src.disk.transfer(Direction::Write, first_lba, &[seg]).and_then(|()| src.disk.flush());
+    let invalidated = src.disk.write(&KsaveHal, first_lba, block).and_then(|()| src.disk.flush());
     if let Err(e) = invalidated {
         println!("ksave: resume: FATAL: could not invalidate the image, so not resuming it: {e}");
         crate::cpu::stop(crate::qemu::ExitCode::Failure);
@@ -215,8 +212,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
 
 /// Marks a complete image invalidated, with `why` as its message.
 fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], why: &str) {
-    let seg = Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 };
-    if disk.transfer(Direction::Read, first_lba, &[seg]).is_err() {
+    if disk.read(&KsaveHal, first_lba, block).is_err() {
         return;
     }
     let Ok(mut header) = ksave_format::header::Header::decode(block) else { return };
@@ -226,7 +222,7 @@ fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], w
     header.state = State::Invalidated;
     header.set_message(why);
     header.encode(block);
-    match disk.transfer(Direction::Write, first_lba, &[seg]).and_then(|()| disk.flush()) {
+    match disk.write(&KsaveHal, first_lba, block).and_then(|()| disk.flush()) {
         Ok(()) => println!("ksave: image invalidated, so no later boot tries it again"),
         Err(e) => println!("ksave: could not invalidate the refused image: {e}"),
     }

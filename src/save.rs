@@ -103,9 +103,8 @@ impl Sink for DiskSink<'_, '_> {
     }
 
     fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), DiskError> {
-        let seg = Segment { addr: KsaveHal.virt_to_phys(bytes.as_ptr()), len: bytes.len() as u64 };
         let t = hw::now_us();
-        self.disk.transfer(Direction::Write, self.first_lba + offset / SECTOR, &[seg])?;
+        self.disk.write(&KsaveHal, self.first_lba + offset / SECTOR, bytes)?;
         self.disk_us += hw::now_us() - t;
         self.progress.tick(offset + bytes.len() as u64);
         Ok(())
@@ -195,7 +194,7 @@ pub fn run(ctx: &CallerContext) {
             h.created_unix = config.created_unix;
             h.set_message(f.message.as_str());
             h.encode(&mut bufs.block);
-            let written = write_block(&mut disk, partition.first_lba, &bufs.block).and_then(|()| disk.flush());
+            let written = disk.write(&KsaveHal, partition.first_lba, &bufs.block).and_then(|()| disk.flush());
             match written {
                 Ok(()) => println!("ksave: failure recorded on the partition"),
                 Err(e) => println!("ksave: could not record the failure either: {e}"),
@@ -204,10 +203,6 @@ pub fn run(ctx: &CallerContext) {
     }
     disk.close();
     controllers.restore();
-}
-
-fn write_block(disk: &mut AnyDisk, first_lba: u64, block: &[u8; PAGE]) -> Result<(), DiskError> {
-    disk.transfer(Direction::Write, first_lba, &[Segment { addr: KsaveHal.virt_to_phys(block.as_ptr()), len: PAGE as u64 }])
 }
 
 fn save(
@@ -284,11 +279,11 @@ fn save(
     let mut h = Header::new(State::Writing, config.nonce);
     h.created_unix = config.created_unix;
     h.encode(&mut bufs.block);
-    write_block(disk, first_lba, &bufs.block).and_then(|()| disk.flush()).map_err(io)?;
+    disk.write(&KsaveHal, first_lba, &bufs.block).and_then(|()| disk.flush()).map_err(io)?;
     println!("ksave: image header written ({} ms after entry)", (hw::now_us() - start) / 1000);
     let (meta_len, meta_crc) = header::encode_meta(ram, &pairs[..npairs], &mut bufs.meta);
-    let meta_seg = Segment { addr: KsaveHal.virt_to_phys(bufs.meta.as_ptr()), len: (meta_len.next_multiple_of(512)).max(512) as u64 };
-    disk.transfer(Direction::Write, first_lba + META_OFFSET / SECTOR, &[meta_seg]).map_err(io)?;
+    let meta_bytes = &bufs.meta[..meta_len.next_multiple_of(SECTOR as usize).max(SECTOR as usize)];
+    disk.write(&KsaveHal, first_lba + META_OFFSET / SECTOR, meta_bytes).map_err(io)?;
 
     let wbufs = writer::Buffers { raw_header: &mut bufs.raw_header, lz4_in: &mut bufs.lz4_in, lz4_out: &mut bufs.lz4_out };
     let mut w = Writer::new(config.nonce, config.lz4, capacity, wbufs);
@@ -323,7 +318,7 @@ fn save(
     h.cpu_vendor = crate::cpu::vendor();
     h.set_message(config.info());
     h.encode(&mut bufs.block);
-    write_block(sink.disk, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;
+    sink.disk.write(&KsaveHal, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;
     Ok(Summary {
         disk_us: sink.disk_us,
         pages_stored: totals.pages_stored,
