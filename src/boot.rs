@@ -45,7 +45,7 @@ pub fn run_multiboot1(info: u64) -> ! {
     }
     // SAFETY: the loader's NUL-terminated command line, in RAM below 4 GiB.
     let cmdline = parsed.cmdline.map(|a| unsafe { c_str(a as u64) }).unwrap_or("");
-    report(&BootInfo { protocol: "multiboot1", cmdline, map }, info)
+    run(&BootInfo { protocol: "multiboot1", cmdline, map }, info)
 }
 
 pub fn run_multiboot2(info: u64) -> ! {
@@ -63,10 +63,12 @@ pub fn run_multiboot2(info: u64) -> ! {
         }
     }
     let cmdline = mbi.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
-    report(&BootInfo { protocol: "multiboot2", cmdline, map }, info)
+    run(&BootInfo { protocol: "multiboot2", cmdline, map }, info)
 }
 
-fn report(boot: &BootInfo, info: u64) -> ! {
+/// Reports what the bootloader said, then does what the command line asks
+/// (a self-test, a resume, a disk test) or stops.
+fn run(boot: &BootInfo, info: u64) -> ! {
     let (start, end) = image_range();
     println!("ksave {}: booted by {} (info at {info:#x})", env!("CARGO_PKG_VERSION"), boot.protocol);
     println!("ksave:   command line \"{}\"", boot.cmdline);
@@ -90,9 +92,8 @@ fn report(boot: &BootInfo, info: u64) -> ! {
         let Some(guid) = Guid::parse(text) else { fail("ksave.resume= needs the image partition's PARTUUID") };
         let mut ram = [Range::default(); 128];
         let mut n = 0;
-        for r in boot.map.ram() {
-            let page = Range { start: r.start.next_multiple_of(4096), end: r.end / 4096 * 4096 };
-            if page.start < page.end && n < ram.len() {
+        for page in boot.map.ram().filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
+            if n < ram.len() {
                 ram[n] = page;
                 n += 1;
             }

@@ -168,14 +168,3 @@ pub fn reset() -> ! {
         core::arch::asm!("int3", options(noreturn));
     }
 }
-
-/// CPUID leaf 0's vendor string ("GenuineIntel", "AuthenticAMD"), which an
-/// image records and restore checks.
-pub fn vendor() -> [u8; 12] {
-    let r = core::arch::x86_64::__cpuid(0);
-    let mut v = [0u8; 12];
-    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
-    v
-}

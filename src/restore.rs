@@ -133,7 +133,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
             header.image.end
         ));
     }
-    if header.cpu_vendor != crate::cpu::vendor() {
+    if header.cpu_vendor != ksave_format::cpu_vendor() {
         return Err(refuse!("the image was saved on another CPU vendor"));
     }
     let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;

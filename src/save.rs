@@ -315,7 +315,7 @@ fn save(
     h.meta_crc = meta_crc;
     h.record(&totals);
     h.save_us = us;
-    h.cpu_vendor = crate::cpu::vendor();
+    h.cpu_vendor = ksave_format::cpu_vendor();
     h.set_message(config.info());
     h.encode(&mut bufs.block);
     sink.disk.write(&KsaveHal, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;

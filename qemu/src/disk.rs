@@ -32,10 +32,6 @@ impl Bus {
         }
     }
 
-    /// Linux's device name for the test partition.
-    pub fn linux_partition(self) -> &'static str {
-        "/dev/sda1" // the only disk in the VM, whatever the bus
-    }
 }
 
 /// A disk image file with a GPT: the test partition, then a second one.

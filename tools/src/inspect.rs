@@ -1,7 +1,7 @@
 //! Reading a whole image: header, metadata and every chunk, checked.
 
 use anyhow::{Result, anyhow};
-use ksave_format::header::{Header, META_BLOCKS, State};
+use ksave_format::header::{Header, META_BLOCKS, Meta, State};
 use ksave_format::reader::{self, ChunkInfo};
 use ksave_format::writer::{LZ4_GROUP, LZ4_OUT};
 use ksave_format::{BackupPair, PAGE, Range};
@@ -16,24 +16,25 @@ pub struct Image {
     pub ram: Vec<Range>,
     /// Backup pairs.
     pub backup: Vec<BackupPair>,
+    /// The metadata blocks as read, for walking the chunks.
+    meta: Box<[u8; META_BLOCKS as usize * PAGE]>,
 }
 
 /// Reads and checks the header and metadata.
 pub fn read(file: &mut ImageFile) -> Result<Image> {
     let header = file.header()?;
+    let mut meta = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     if header.state == State::Failed {
-        return Ok(Image { header, ram: Vec::new(), backup: Vec::new() });
+        return Ok(Image { header, ram: Vec::new(), backup: Vec::new(), meta });
     }
-    let mut buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
-    let meta = reader::read_meta(file, &header, &mut buf).map_err(|e| anyhow!("{}: {e}", file.description))?;
-    let (ram, backup) = (meta.ram_ranges().collect(), meta.backup_pairs().collect());
-    Ok(Image { header, ram, backup })
+    let parsed = reader::read_meta(file, &header, &mut meta).map_err(|e| anyhow!("{}: {e}", file.description))?;
+    let (ram, backup) = (parsed.ram_ranges().collect(), parsed.backup_pairs().collect());
+    Ok(Image { header, ram, backup, meta })
 }
 
 /// Walks every chunk with full checks.
 pub fn walk(file: &mut ImageFile, image: &Image, mut page: impl FnMut(u64, &[u8; PAGE]), chunk: impl FnMut(&ChunkInfo)) -> Result<()> {
-    let mut buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
-    let meta = reader::read_meta(file, &image.header, &mut buf).map_err(|e| anyhow!("{e}"))?;
+    let meta = Meta::parse(&image.header, &image.meta[..]).map_err(|e| anyhow!("{e}"))?;
     let (mut h, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
     let bufs = reader::Buffers { header: &mut h, lz4_in: &mut li, lz4_out: &mut lo };
     let description = file.description.clone();

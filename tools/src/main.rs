@@ -163,10 +163,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck } => return hibernate(snapshot, kexec_tools, no_precheck),
         Command::Resume { partuuid, elf } => return resume(partuuid, elf),
         Command::Status { path, json } => {
-            let path = match path {
-                Some(p) => p,
-                None => Setup::load(&setup::path())?.device,
-            };
+            let path = path_or_setup(path)?;
             let header = ImageFile::open(&path, false)?.header()?;
             if json {
                 println!("{}", header_json(&header));
@@ -193,10 +190,7 @@ fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::Invalidate { path } => {
-            let path = match path {
-                Some(p) => p,
-                None => Setup::load(&setup::path())?.device,
-            };
+            let path = path_or_setup(path)?;
             let mut file = ImageFile::open(&path, true)?;
             let mut header = file.header()?;
             let was = header.state;
@@ -224,6 +218,14 @@ fn run(command: Command) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `path`, or the partition `ksave setup` recorded.
+fn path_or_setup(path: Option<PathBuf>) -> Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p),
+        None => Ok(Setup::load(&setup::path())?.device),
+    }
 }
 
 /// The host's own checks before a jump: the partition is still the one set
@@ -369,15 +371,11 @@ fn resume(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
     };
     // The host checks all it can; ksave checks everything again, and every
     // checksum, before it writes a byte.
-    let vendor = {
-        let r = std::arch::x86_64::__cpuid(0);
-        [r.ebx.to_le_bytes(), r.edx.to_le_bytes(), r.ecx.to_le_bytes()].concat()
-    };
     let why_not = if image.header.state != State::Complete {
         Some(format!("the image is {} ({})", image.header.state.name(), image.header.message()))
     } else if image.ram != sys::ram_ranges()? {
         Some("the image was made with another RAM map".to_string())
-    } else if image.header.cpu_vendor[..] != vendor[..] {
+    } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
         Some("the image was made on another CPU vendor".to_string())
     } else {
         None

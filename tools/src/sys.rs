@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use diskdrv::part::{self, Guid};
-use ksave_format::{PAGE, Range};
+use ksave_format::Range;
 
 /// The machine's RAM, as the firmware map says: /sys/firmware/memmap
 /// ("System RAM" entries), else /proc/iomem. Page-aligned, sorted, merged.
@@ -14,11 +14,7 @@ pub fn ram_ranges() -> Result<Vec<Range>> {
     let mut ranges = firmware_memmap().or_else(|_| proc_iomem())?;
     ranges.sort_by_key(|r| r.start);
     let mut merged: Vec<Range> = Vec::new();
-    for r in ranges {
-        let r = Range { start: r.start.next_multiple_of(PAGE as u64), end: r.end / PAGE as u64 * PAGE as u64 };
-        if r.start >= r.end {
-            continue;
-        }
+    for r in ranges.iter().filter_map(Range::page_aligned) {
         match merged.last_mut() {
             Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
             _ => merged.push(r),

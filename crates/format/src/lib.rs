@@ -107,6 +107,25 @@ impl Range {
     pub fn contains(&self, addr: u64) -> bool {
         (self.start..self.end).contains(&addr)
     }
+
+    /// The whole pages inside, or `None` if there are none. Image and host
+    /// both round firmware RAM ranges this way, so that their RAM maps
+    /// compare equal.
+    pub fn page_aligned(&self) -> Option<Self> {
+        let r = Self { start: self.start.next_multiple_of(PAGE as u64), end: self.end / PAGE as u64 * PAGE as u64 };
+        (r.start < r.end).then_some(r)
+    }
+}
+
+/// CPUID leaf 0's vendor string ("GenuineIntel", "AuthenticAMD"), which an
+/// image records and restore checks.
+pub fn cpu_vendor() -> [u8; 12] {
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut v = [0u8; 12];
+    v[0..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
+    v
 }
 
 /// One page the kexec jump displaced: the caller's data of `dest` sits in `src`.
@@ -116,4 +135,16 @@ pub struct BackupPair {
     pub dest: u64,
     /// Where its contents are now.
     pub src: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_round_inwards_to_whole_pages() {
+        assert_eq!(Range { start: 0, end: 0x9fc00 }.page_aligned(), Some(Range { start: 0, end: 0x9f000 }));
+        assert_eq!(Range { start: 0x100001, end: 0x200000 }.page_aligned(), Some(Range { start: 0x101000, end: 0x200000 }));
+        assert_eq!(Range { start: 0x1001, end: 0x1fff }.page_aligned(), None);
+    }
 }
