@@ -3,6 +3,8 @@
 //! header used when the primary is damaged; MBR by index as a fallback.
 
 use crc::{CRC_32_ISO_HDLC, Crc};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 use crate::{BlockDevice, DiskError, Hal, SECTOR};
 
@@ -10,48 +12,7 @@ use crate::{BlockDevice, DiskError, Hal, SECTOR};
 const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 
 /// A GUID in its on-disk byte order (first three fields little-endian).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Guid(pub [u8; 16]);
-
-impl Guid {
-    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (any case).
-    pub fn parse(text: &str) -> Option<Self> {
-        let t = text.as_bytes();
-        if t.len() != 36 || [8, 13, 18, 23].iter().any(|&i| t[i] != b'-') {
-            return None;
-        }
-        let mut hex = [0u8; 16];
-        let mut n = 0;
-        let digits = t.iter().filter(|&&c| c != b'-');
-        let mut high = None;
-        for &c in digits {
-            let v = (c as char).to_digit(16)? as u8;
-            match high.take() {
-                None => high = Some(v),
-                Some(h) => {
-                    hex[n] = h << 4 | v;
-                    n += 1;
-                }
-            }
-        }
-        let mut b = hex;
-        b[0..4].reverse();
-        b[4..6].reverse();
-        b[6..8].reverse();
-        Some(Self(b))
-    }
-}
-
-impl core::fmt::Display for Guid {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let b = &self.0;
-        write!(
-            f,
-            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
-        )
-    }
-}
+pub use uguid::Guid;
 
 /// A partition's place on the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,37 +81,72 @@ pub struct GptHeader {
     pub usable: (u64, u64),
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+/// The GPT header as it lies on disk (UEFI 2.10, table 5.5).
+#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawGptHeader {
+    signature: [u8; 8],
+    revision: U32,
+    header_size: U32,
+    header_crc: U32,
+    reserved: U32,
+    my_lba: U64,
+    alternate_lba: U64,
+    first_usable_lba: U64,
+    last_usable_lba: U64,
+    disk_guid: [u8; 16],
+    entries_lba: U64,
+    entry_count: U32,
+    entry_size: U32,
+    entries_crc: U32,
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+/// The part of a GPT entry read here (UEFI 2.10, table 5.6).
+#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawGptEntry {
+    type_guid: [u8; 16],
+    unique_guid: [u8; 16],
+    first_lba: U64,
+    last_lba: U64,
+}
+
+/// An MBR partition entry (the 16 bytes at 446 + 16 * index).
+#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawMbrEntry {
+    status: u8,
+    chs_first: [u8; 3],
+    kind: u8,
+    chs_last: [u8; 3],
+    first_lba: U32,
+    sectors: U32,
 }
 
 /// Checks and reads a GPT header sector read from `lba`.
 pub fn parse_gpt_header(sector: &[u8; 512], lba: u64) -> Option<GptHeader> {
-    if &sector[0..8] != b"EFI PART" {
+    let (raw, _) = RawGptHeader::ref_from_prefix(sector).ok()?;
+    if &raw.signature != b"EFI PART" {
         return None;
     }
-    let size = le32(sector, 12) as usize;
+    let size = raw.header_size.get() as usize;
     if !(92..=512).contains(&size) {
         return None;
     }
     let mut copy = [0u8; 512];
     copy[..size].copy_from_slice(&sector[..size]);
     copy[16..20].fill(0); // the CRC is computed with its own field zeroed
-    if CRC32.checksum(&copy[..size]) != le32(sector, 16) {
+    if CRC32.checksum(&copy[..size]) != raw.header_crc.get() {
         return None;
     }
     let header = GptHeader {
-        my_lba: le64(sector, 24),
-        alternate_lba: le64(sector, 32),
-        usable: (le64(sector, 40), le64(sector, 48)),
-        entries_lba: le64(sector, 72),
-        entry_count: le32(sector, 80),
-        entry_size: le32(sector, 84),
-        entries_crc: le32(sector, 88),
+        my_lba: raw.my_lba.get(),
+        alternate_lba: raw.alternate_lba.get(),
+        usable: (raw.first_usable_lba.get(), raw.last_usable_lba.get()),
+        entries_lba: raw.entries_lba.get(),
+        entry_count: raw.entry_count.get(),
+        entry_size: raw.entry_size.get(),
+        entries_crc: raw.entries_crc.get(),
     };
     let sane = header.my_lba == lba
         && header.entry_size >= 128
@@ -175,11 +171,16 @@ pub struct Entry {
 
 /// Reads an entry (at least 48 bytes); `None` for an unused one.
 pub fn parse_entry(e: &[u8]) -> Option<Entry> {
-    if e[0..16] == [0; 16] {
+    let (raw, _) = RawGptEntry::ref_from_prefix(e).ok()?;
+    if raw.type_guid == [0; 16] {
         return None;
     }
-    let guid = |at: usize| Guid(e[at..at + 16].try_into().unwrap());
-    Some(Entry { type_guid: guid(0), unique: guid(16), first_lba: le64(e, 32), last_lba: le64(e, 40) })
+    Some(Entry {
+        type_guid: Guid::from_bytes(raw.type_guid),
+        unique: Guid::from_bytes(raw.unique_guid),
+        first_lba: raw.first_lba.get(),
+        last_lba: raw.last_lba.get(),
+    })
 }
 
 /// True if `entries` (the whole entry array) matches the header's CRC.
@@ -269,8 +270,8 @@ pub fn parse_mbr(sector: &[u8; 512], index: usize, disk_sectors: u64) -> Option<
     if index > 3 || sector[510..512] != [0x55, 0xAA] {
         return None;
     }
-    let e = &sector[446 + 16 * index..446 + 16 * (index + 1)];
-    let (kind, first, count) = (e[4], le32(e, 8) as u64, le32(e, 12) as u64);
+    let e = RawMbrEntry::ref_from_bytes(&sector[446 + 16 * index..446 + 16 * (index + 1)]).ok()?;
+    let (kind, first, count) = (e.kind, e.first_lba.get() as u64, e.sectors.get() as u64);
     if kind == 0 || kind == 0xEE || count == 0 || first + count > disk_sectors {
         return None; // empty, or the GPT protective entry
     }
@@ -285,13 +286,13 @@ mod tests {
 
     #[test]
     fn guid_text_round_trips_in_mixed_endian() {
-        let g = Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
-        assert_eq!(g.0[0..4], [0xAF, 0x3D, 0xC6, 0x0F]);
-        assert_eq!(g.0[8..10], [0x8E, 0x79]);
+        let g = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
+        assert_eq!(g.to_bytes()[0..4], [0xAF, 0x3D, 0xC6, 0x0F]);
+        assert_eq!(g.to_bytes()[8..10], [0x8E, 0x79]);
         assert_eq!(g.to_string(), "0fc63daf-8483-4772-8e79-3d69d8477de4");
-        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DE"), None);
-        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79_3D69D8477DE4"), None);
-        assert_eq!(Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DEG"), None);
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE").is_err());
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79_3D69D8477DE4").is_err());
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DEG").is_err());
     }
 
     #[test]

@@ -19,8 +19,8 @@ fn write_gpt(disk: &fakes::Disk, parts: &[(&str, u64, u64)]) {
     let mut entries = vec![0u8; 128 * 128];
     for (i, (guid, first, last)) in parts.iter().enumerate() {
         let e = &mut entries[128 * i..128 * (i + 1)];
-        e[0..16].copy_from_slice(&Guid::parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap().0);
-        e[16..32].copy_from_slice(&Guid::parse(guid).unwrap().0);
+        e[0..16].copy_from_slice(&Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap().to_bytes());
+        e[16..32].copy_from_slice(&Guid::try_parse(guid).unwrap().to_bytes());
         e[32..40].copy_from_slice(&first.to_le_bytes());
         e[40..48].copy_from_slice(&last.to_le_bytes());
     }
@@ -64,7 +64,7 @@ fn lookup(disk: &fakes::Disk, guid: &str) -> Result<Partition, PartError> {
     // SAFETY: the fake HBA is this test's alone.
     let mut d = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 0, &mut mem) }.unwrap();
     let buf = low([0u8; 512]);
-    find_gpt_partition(&mut d, &hal, Guid::parse(guid).unwrap(), buf)
+    find_gpt_partition(&mut d, &hal, Guid::try_parse(guid).unwrap(), buf)
 }
 
 fn disk_with_two_partitions() -> fakes::Disk {

@@ -1,6 +1,9 @@
 //! The Multiboot 1 information structure (Multiboot Specification 0.6.96,
 //! section 3.3), as QEMU `-kernel` passes it in EBX.
 
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+
 use crate::memmap::{MapError, MemoryMap, RegionKind};
 
 /// EAX at a multiboot 1 entry.
@@ -24,25 +27,44 @@ pub struct Info {
     pub mmap: Option<(u32, u32)>,
 }
 
-fn u32_at(bytes: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap())
+/// The fixed part of the information structure (section 3.3), up to the
+/// memory map fields.
+#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawInfo {
+    flags: U32,
+    mem_lower: U32,
+    mem_upper: U32,
+    boot_device: U32,
+    cmdline: U32,
+    mods_count: U32,
+    mods_addr: U32,
+    syms: [U32; 4],
+    mmap_length: U32,
+    mmap_addr: U32,
 }
 
-fn u64_at(bytes: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap())
+const _: () = assert!(size_of::<RawInfo>() == INFO_SIZE);
+
+/// A memory map entry; `size` counts the bytes after itself.
+#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawMmapEntry {
+    size: U32,
+    base: U64,
+    length: U64,
+    kind: U32,
 }
 
 impl Info {
     /// Parses the fixed part (at least [`INFO_SIZE`] bytes).
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < INFO_SIZE {
-            return None;
-        }
-        let flags = u32_at(bytes, 0);
+        let (raw, _) = RawInfo::ref_from_prefix(bytes).ok()?;
+        let flags = raw.flags.get();
         Some(Self {
-            mem_lower_upper_kib: (flags & FLAG_MEM != 0).then(|| (u32_at(bytes, 4), u32_at(bytes, 8))),
-            cmdline: (flags & FLAG_CMDLINE != 0).then(|| u32_at(bytes, 16)),
-            mmap: (flags & FLAG_MMAP != 0).then(|| (u32_at(bytes, 48), u32_at(bytes, 44))),
+            mem_lower_upper_kib: (flags & FLAG_MEM != 0).then(|| (raw.mem_lower.get(), raw.mem_upper.get())),
+            cmdline: (flags & FLAG_CMDLINE != 0).then(|| raw.cmdline.get()),
+            mmap: (flags & FLAG_MMAP != 0).then(|| (raw.mmap_addr.get(), raw.mmap_length.get())),
         })
     }
 }
@@ -51,12 +73,12 @@ impl Info {
 /// `size:u32, base:u64, length:u64, type:u32`, each `size + 4` bytes long.
 pub fn add_mmap(bytes: &[u8], map: &mut MemoryMap) -> Result<(), MapError> {
     let mut off = 0;
-    while off + 24 <= bytes.len() {
-        let size = u32_at(bytes, off) as usize;
+    while let Some(Ok((e, _))) = bytes.get(off..).map(RawMmapEntry::ref_from_prefix) {
+        let size = e.size.get() as usize;
         if size < 20 {
             break; // a malformed entry would make us loop or misread: stop here
         }
-        map.add(u64_at(bytes, off + 4), u64_at(bytes, off + 12), RegionKind::from_e820(u32_at(bytes, off + 20)))?;
+        map.add(e.base.get(), e.length.get(), RegionKind::from_e820(e.kind.get()))?;
         off += size + 4;
     }
     Ok(())

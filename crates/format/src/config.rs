@@ -1,7 +1,11 @@
 //! The config section of ksave.elf (`.ksave_config`, one block): what the
 //! host tool tells ksave before loading it. ksave ships it unconfigured.
 
-use crate::{CRC32C, PAGE, Range, le32, le64, put32, put64};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::header::RangeLe;
+use crate::{CRC32C, PAGE, Range};
 
 /// "KSAVECFG".
 pub const MAGIC: [u8; 8] = *b"KSAVECFG";
@@ -12,8 +16,28 @@ pub const MAX_RANGES: usize = 128;
 /// Bytes of the host info text.
 pub const INFO_LEN: usize = 256;
 const STATE_CONFIGURED: u32 = 1;
-const RANGES_AT: usize = 72;
-const INFO_AT: usize = RANGES_AT + 16 * MAX_RANGES;
+
+/// The block as it lies in the section (docs/FORMAT.md), little-endian.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawConfig {
+    magic: [u8; 8],
+    version: U32,
+    state: U32,
+    nonce: U64,
+    created_unix: U64,
+    partition_guid: [u8; 16],
+    partition_first_lba: U64,
+    partition_sectors: U64,
+    lz4: U32,
+    ram_count: U32,
+    ram: [RangeLe; MAX_RANGES],
+    info: [u8; INFO_LEN],
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 4],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawConfig>() == PAGE && core::mem::offset_of!(RawConfig, ram) == 72);
 
 /// The block as built into ksave.elf: magic, version, not configured.
 pub const SHIPPED: [u8; PAGE] = {
@@ -106,54 +130,59 @@ impl Config {
 
     /// Encodes into the section's block.
     pub fn encode(&self, b: &mut [u8; PAGE]) {
-        b.fill(0);
-        b[0..8].copy_from_slice(&MAGIC);
-        put32(b, 8, VERSION);
-        put32(b, 12, STATE_CONFIGURED);
-        put64(b, 16, self.nonce);
-        put64(b, 24, self.created_unix);
-        b[32..48].copy_from_slice(&self.partition_guid);
-        put64(b, 48, self.partition_first_lba);
-        put64(b, 56, self.partition_sectors);
-        put32(b, 64, self.lz4 as u32);
-        put32(b, 68, self.ram_count as u32);
-        for (i, r) in self.ram().iter().enumerate() {
-            put64(b, RANGES_AT + 16 * i, r.start);
-            put64(b, RANGES_AT + 16 * i + 8, r.end);
+        let mut ram = [RangeLe::default(); MAX_RANGES];
+        for (slot, r) in ram.iter_mut().zip(self.ram()) {
+            *slot = (*r).into();
         }
-        b[INFO_AT..INFO_AT + INFO_LEN].copy_from_slice(&self.info);
+        let raw = RawConfig {
+            magic: MAGIC,
+            version: VERSION.into(),
+            state: STATE_CONFIGURED.into(),
+            nonce: self.nonce.into(),
+            created_unix: self.created_unix.into(),
+            partition_guid: self.partition_guid,
+            partition_first_lba: self.partition_first_lba.into(),
+            partition_sectors: self.partition_sectors.into(),
+            lz4: (self.lz4 as u32).into(),
+            ram_count: (self.ram_count as u32).into(),
+            ram,
+            info: self.info,
+            pad: [0; _],
+            crc: 0.into(),
+        };
+        b.copy_from_slice(raw.as_bytes());
         let crc = CRC32C.checksum(&b[..PAGE - 4]);
-        put32(b, PAGE - 4, crc);
+        b[PAGE - 4..].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes and checks the section's block.
     pub fn decode(b: &[u8; PAGE]) -> Result<Self, ConfigError> {
-        if b[0..8] != MAGIC {
+        let raw = RawConfig::ref_from_bytes(b).expect("a block is a config's size");
+        if raw.magic != MAGIC {
             return Err(ConfigError::BadMagic);
         }
-        if le32(b, 12) != STATE_CONFIGURED {
+        if raw.state.get() != STATE_CONFIGURED {
             return Err(ConfigError::NotConfigured);
         }
-        if CRC32C.checksum(&b[..PAGE - 4]) != le32(b, PAGE - 4) {
+        if CRC32C.checksum(&b[..PAGE - 4]) != raw.crc.get() {
             return Err(ConfigError::Checksum);
         }
-        let version = le32(b, 8);
-        if version != VERSION {
-            return Err(ConfigError::Version(version));
+        if raw.version.get() != VERSION {
+            return Err(ConfigError::Version(raw.version.get()));
         }
         let mut c = Self::new();
-        c.nonce = le64(b, 16);
-        c.created_unix = le64(b, 24);
-        c.partition_guid.copy_from_slice(&b[32..48]);
-        c.partition_first_lba = le64(b, 48);
-        c.partition_sectors = le64(b, 56);
-        c.lz4 = le32(b, 64) & 1 != 0;
-        c.ram_count = le32(b, 68) as usize;
+        c.nonce = raw.nonce.get();
+        c.created_unix = raw.created_unix.get();
+        c.partition_guid = raw.partition_guid;
+        c.partition_first_lba = raw.partition_first_lba.get();
+        c.partition_sectors = raw.partition_sectors.get();
+        c.lz4 = raw.lz4.get() & 1 != 0;
+        c.ram_count = raw.ram_count.get() as usize;
         if c.ram_count == 0 || c.ram_count > MAX_RANGES {
             return Err(ConfigError::Field("RAM range count"));
         }
         for i in 0..c.ram_count {
-            let r = Range { start: le64(b, RANGES_AT + 16 * i), end: le64(b, RANGES_AT + 16 * i + 8) };
+            let r = Range::from(raw.ram[i]);
             if r.start >= r.end || r.start % PAGE as u64 != 0 || r.end % PAGE as u64 != 0 {
                 return Err(ConfigError::Field("RAM range"));
             }
@@ -165,7 +194,7 @@ impl Config {
         if c.partition_guid == [0; 16] || c.partition_sectors == 0 {
             return Err(ConfigError::Field("partition"));
         }
-        c.info.copy_from_slice(&b[INFO_AT..INFO_AT + INFO_LEN]);
+        c.info = raw.info;
         Ok(c)
     }
 }

@@ -5,7 +5,10 @@
 //! flushed. Its CRC covers the whole block, so a torn rewrite reads as
 //! invalid, never as complete.
 
-use crate::{BackupPair, CRC32C, PAGE, Range, le32, le64, put32, put64};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::{BackupPair, CRC32C, PAGE, Range};
 
 /// "KSAVEIMG".
 pub const MAGIC: [u8; 8] = *b"KSAVEIMG";
@@ -148,16 +151,6 @@ impl Header {
         }
     }
 
-    /// Records what the writer wrote (chunks, sizes, counts, flags).
-    pub fn record(&mut self, totals: &crate::writer::Totals) {
-        self.chunks = totals.chunks;
-        self.data_bytes = totals.data_bytes;
-        self.pages_stored = totals.pages_stored;
-        self.pages_zero = totals.pages_zero;
-        self.chunks_crc = totals.chunks_crc;
-        self.flags = totals.flags;
-    }
-
     /// Sets the message (cut at [`MESSAGE_LEN`] bytes on a char boundary).
     pub fn set_message(&mut self, text: &str) {
         self.message = [0; MESSAGE_LEN];
@@ -176,72 +169,72 @@ impl Header {
 
     /// Encodes into one block.
     pub fn encode(&self, b: &mut [u8; PAGE]) {
-        b.fill(0);
-        b[0..8].copy_from_slice(&MAGIC);
-        put32(b, 8, VERSION);
-        put32(b, 12, self.state as u32);
-        put64(b, 16, self.nonce);
-        put64(b, 24, self.created_unix);
-        put64(b, 32, self.reentry);
-        put64(b, 40, self.image.start);
-        put64(b, 48, self.image.end);
-        put32(b, 56, PAGE as u32);
-        put32(b, 60, self.flags);
-        put32(b, 64, self.ram_ranges);
-        put32(b, 68, self.backup_pairs);
-        put32(b, 72, self.meta_crc);
-        put32(b, 76, self.chunks_crc);
-        put64(b, 80, self.chunks);
-        put64(b, 88, self.data_bytes);
-        put64(b, 96, self.pages_stored);
-        put64(b, 104, self.pages_zero);
-        put64(b, 112, self.save_us);
-        put32(b, 120, self.fail_code);
-        b[128..128 + MESSAGE_LEN].copy_from_slice(&self.message);
-        b[384..396].copy_from_slice(&self.cpu_vendor);
+        let raw = RawHeader {
+            magic: MAGIC,
+            version: VERSION.into(),
+            state: (self.state as u32).into(),
+            nonce: self.nonce.into(),
+            created_unix: self.created_unix.into(),
+            reentry: self.reentry.into(),
+            image: self.image.into(),
+            page_size: (PAGE as u32).into(),
+            flags: self.flags.into(),
+            ram_ranges: self.ram_ranges.into(),
+            backup_pairs: self.backup_pairs.into(),
+            meta_crc: self.meta_crc.into(),
+            chunks_crc: self.chunks_crc.into(),
+            chunks: self.chunks.into(),
+            data_bytes: self.data_bytes.into(),
+            pages_stored: self.pages_stored.into(),
+            pages_zero: self.pages_zero.into(),
+            save_us: self.save_us.into(),
+            fail_code: self.fail_code.into(),
+            reserved: [0; _],
+            message: self.message,
+            cpu_vendor: self.cpu_vendor,
+            pad: [0; _],
+            crc: 0.into(),
+        };
+        b.copy_from_slice(raw.as_bytes());
         let crc = CRC32C.checksum(&b[..PAGE - 4]);
-        put32(b, PAGE - 4, crc);
+        b[PAGE - 4..].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Decodes and checks one block.
     pub fn decode(b: &[u8; PAGE]) -> Result<Self, HeaderError> {
-        if b[0..8] != MAGIC {
+        let raw = RawHeader::ref_from_bytes(b).expect("a block is a header's size");
+        if raw.magic != MAGIC {
             return Err(HeaderError::BadMagic);
         }
-        if CRC32C.checksum(&b[..PAGE - 4]) != le32(b, PAGE - 4) {
+        if CRC32C.checksum(&b[..PAGE - 4]) != raw.crc.get() {
             return Err(HeaderError::Checksum);
         }
-        let version = le32(b, 8);
-        if version != VERSION {
-            return Err(HeaderError::Version(version));
+        if raw.version.get() != VERSION {
+            return Err(HeaderError::Version(raw.version.get()));
         }
-        let state = State::from_u32(le32(b, 12)).ok_or(HeaderError::Field("state"))?;
-        if le32(b, 56) != PAGE as u32 {
+        let state = State::from_u32(raw.state.get()).ok_or(HeaderError::Field("state"))?;
+        if raw.page_size.get() != PAGE as u32 {
             return Err(HeaderError::Field("page size"));
         }
-        let mut message = [0; MESSAGE_LEN];
-        message.copy_from_slice(&b[128..128 + MESSAGE_LEN]);
-        let mut cpu_vendor = [0; 12];
-        cpu_vendor.copy_from_slice(&b[384..396]);
         let h = Self {
             state,
-            nonce: le64(b, 16),
-            created_unix: le64(b, 24),
-            reentry: le64(b, 32),
-            image: Range { start: le64(b, 40), end: le64(b, 48) },
-            flags: le32(b, 60),
-            ram_ranges: le32(b, 64),
-            backup_pairs: le32(b, 68),
-            meta_crc: le32(b, 72),
-            chunks_crc: le32(b, 76),
-            chunks: le64(b, 80),
-            data_bytes: le64(b, 88),
-            pages_stored: le64(b, 96),
-            pages_zero: le64(b, 104),
-            save_us: le64(b, 112),
-            fail_code: le32(b, 120),
-            message,
-            cpu_vendor,
+            nonce: raw.nonce.get(),
+            created_unix: raw.created_unix.get(),
+            reentry: raw.reentry.get(),
+            image: raw.image.into(),
+            flags: raw.flags.get(),
+            ram_ranges: raw.ram_ranges.get(),
+            backup_pairs: raw.backup_pairs.get(),
+            meta_crc: raw.meta_crc.get(),
+            chunks_crc: raw.chunks_crc.get(),
+            chunks: raw.chunks.get(),
+            data_bytes: raw.data_bytes.get(),
+            pages_stored: raw.pages_stored.get(),
+            pages_zero: raw.pages_zero.get(),
+            save_us: raw.save_us.get(),
+            fail_code: raw.fail_code.get(),
+            message: raw.message,
+            cpu_vendor: raw.cpu_vendor,
         };
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));
@@ -253,6 +246,70 @@ impl Header {
             return Err(HeaderError::Field("ksave range"));
         }
         Ok(h)
+    }
+}
+
+/// The header block as it lies on disk (docs/FORMAT.md), little-endian.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHeader {
+    magic: [u8; 8],
+    version: U32,
+    state: U32,
+    nonce: U64,
+    created_unix: U64,
+    reentry: U64,
+    image: RangeLe,
+    page_size: U32,
+    flags: U32,
+    ram_ranges: U32,
+    backup_pairs: U32,
+    meta_crc: U32,
+    chunks_crc: U32,
+    chunks: U64,
+    data_bytes: U64,
+    pages_stored: U64,
+    pages_zero: U64,
+    save_us: U64,
+    fail_code: U32,
+    reserved: [u8; 4],
+    message: [u8; MESSAGE_LEN],
+    cpu_vendor: [u8; 12],
+    pad: [u8; PAGE - 396 - 4],
+    crc: U32,
+}
+
+const _: () = assert!(size_of::<RawHeader>() == PAGE && core::mem::offset_of!(RawHeader, message) == 128);
+
+/// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.
+#[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RangeLe {
+    first: U64,
+    second: U64,
+}
+
+impl From<Range> for RangeLe {
+    fn from(r: Range) -> Self {
+        Self { first: r.start.into(), second: r.end.into() }
+    }
+}
+
+impl From<RangeLe> for Range {
+    fn from(r: RangeLe) -> Self {
+        Self { start: r.first.get(), end: r.second.get() }
+    }
+}
+
+impl From<BackupPair> for RangeLe {
+    fn from(p: BackupPair) -> Self {
+        Self { first: p.dest.into(), second: p.src.into() }
+    }
+}
+
+impl From<RangeLe> for BackupPair {
+    fn from(r: RangeLe) -> Self {
+        Self { dest: r.first.get(), src: r.second.get() }
     }
 }
 
@@ -274,32 +331,26 @@ pub mod fail {
 
 /// Bytes of metadata for `ram` ranges and `backup` pairs.
 pub fn meta_len(ram: usize, backup: usize) -> usize {
-    16 * (ram + backup)
+    size_of::<RangeLe>() * (ram + backup)
 }
 
 /// Writes the RAM ranges then the backup pairs into `out` (the metadata
 /// blocks); returns the bytes used and their CRC.
 pub fn encode_meta(ram: &[Range], backup: &[BackupPair], out: &mut [u8]) -> (usize, u32) {
     assert!(ram.len() <= MAX_RAM_RANGES && backup.len() <= MAX_BACKUP_PAIRS);
-    let mut at = 0;
-    for r in ram {
-        put64(out, at, r.start);
-        put64(out, at + 8, r.end);
-        at += 16;
+    let len = meta_len(ram.len(), backup.len());
+    let slots = <[RangeLe]>::mut_from_bytes(&mut out[..len]).expect("metadata fits its blocks");
+    let items = ram.iter().map(|r| RangeLe::from(*r)).chain(backup.iter().map(|p| RangeLe::from(*p)));
+    for (slot, item) in slots.iter_mut().zip(items) {
+        *slot = item;
     }
-    for p in backup {
-        put64(out, at, p.dest);
-        put64(out, at + 8, p.src);
-        at += 16;
-    }
-    (at, CRC32C.checksum(&out[..at]))
+    (len, CRC32C.checksum(&out[..len]))
 }
 
 /// The metadata, checked against its header.
 pub struct Meta<'a> {
-    bytes: &'a [u8],
-    ram: usize,
-    backup: usize,
+    ram: &'a [RangeLe],
+    backup: &'a [RangeLe],
 }
 
 impl<'a> Meta<'a> {
@@ -313,7 +364,9 @@ impl<'a> Meta<'a> {
         if CRC32C.checksum(&bytes[..len]) != header.meta_crc {
             return Err(HeaderError::Checksum);
         }
-        let meta = Self { bytes, ram, backup };
+        let items = <[RangeLe]>::ref_from_bytes(&bytes[..len]).map_err(|_| HeaderError::Field("metadata length"))?;
+        let (ram, backup) = items.split_at(ram);
+        let meta = Self { ram, backup };
         if meta.ram_ranges().any(|r| r.start > r.end || r.start % PAGE as u64 != 0) {
             return Err(HeaderError::Field("RAM range"));
         }
@@ -322,12 +375,11 @@ impl<'a> Meta<'a> {
 
     /// The RAM ranges saved.
     pub fn ram_ranges(&self) -> impl Iterator<Item = Range> + '_ {
-        (0..self.ram).map(|i| Range { start: le64(self.bytes, 16 * i), end: le64(self.bytes, 16 * i + 8) })
+        self.ram.iter().map(|r| Range::from(*r))
     }
 
     /// The backup pairs.
     pub fn backup_pairs(&self) -> impl Iterator<Item = BackupPair> + '_ {
-        let base = 16 * self.ram;
-        (0..self.backup).map(move |i| BackupPair { dest: le64(self.bytes, base + 16 * i), src: le64(self.bytes, base + 16 * i + 8) })
+        self.backup.iter().map(|p| BackupPair::from(*p))
     }
 }

@@ -7,6 +7,11 @@
 #![no_std]
 #![deny(missing_docs)]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod chunk;
+pub mod commit;
 pub mod config;
 pub mod header;
 pub mod reader;
@@ -65,25 +70,6 @@ pub fn is_zero_page(page: &[u8; PAGE]) -> bool {
     // u64 words: eight bytes a compare, and an early exit on the first
     // non-zero word, which is where most data pages leave.
     page.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-}
-
-pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
-}
-pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
-pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-pub(crate) fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 /// A physical range `[start, end)`.

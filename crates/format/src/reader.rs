@@ -1,9 +1,9 @@
 //! The decoder: checks an image and hands its pages out, used by the host
 //! tool (verify, inspect, export) and by restore.
 
+use crate::chunk::{self, ChunkInfo, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
-use crate::writer::{CHUNK_MAGIC, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
-use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, le16, le32, le64, payload_hash};
+use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, payload_hash};
 
 /// Reads bytes of the partition.
 pub trait Source {
@@ -77,26 +77,11 @@ pub struct Buffers<'b> {
     pub lz4_out: &'b mut [u8; LZ4_GROUP * PAGE],
 }
 
-/// What a chunk held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkInfo {
-    /// Its index.
-    pub index: u64,
-    /// Its offset.
-    pub offset: u64,
-    /// Pages in it.
-    pub pages: u16,
-    /// Raw or LZ4.
-    pub encoding: u8,
-    /// Bytes on disk, header included.
-    pub bytes: u64,
-}
-
 /// Walks every chunk, checking each fully, and calls `page(pfn, bytes)` for
 /// every stored page and `chunk` after each chunk has passed its checks.
-/// Pages of a chunk are handed out before its payload CRC is known to be
-/// right: callers that must not act on bad data walk twice (restore checks
-/// everything first).
+/// Pages of a chunk are handed out before its payload checksum is known to
+/// be right: callers that must not act on bad data walk twice (restore
+/// checks everything first).
 pub fn visit_chunks<S: Source>(
     src: &mut S,
     header: &Header,
@@ -105,9 +90,9 @@ pub fn visit_chunks<S: Source>(
     mut page: impl FnMut(u64, &[u8; PAGE]),
     mut chunk: impl FnMut(&ChunkInfo),
 ) -> Result<(), ReadError<S::Error>> {
-    let ranges: heapless_ranges::Ranges = meta.ram_ranges().collect();
-    let mut offset = DATA_OFFSET;
+    let ram: heapless_ranges::Ranges = meta.ram_ranges().collect();
     let end = DATA_OFFSET + header.data_bytes;
+    let mut offset = DATA_OFFSET;
     let mut chunks_digest = CRC32C.digest();
     let mut pages_seen = 0u64;
     for index in 0..header.chunks {
@@ -115,106 +100,147 @@ pub fn visit_chunks<S: Source>(
         if offset + SECTOR > end {
             return Err(bad("beyond the data the header records"));
         }
-        let h = &mut bufs.header[..];
-        src.read_at(offset, &mut h[..SECTOR as usize]).map_err(ReadError::Io)?;
-        if h[0..8] != CHUNK_MAGIC {
-            return Err(bad("no chunk magic"));
-        }
-        let header_len = h[27] as usize * SECTOR as usize;
-        if header_len != SECTOR as usize && header_len != PAGE {
-            return Err(bad("header length"));
-        }
-        if header_len > SECTOR as usize {
-            src.read_at(offset + SECTOR, &mut h[SECTOR as usize..header_len]).map_err(ReadError::Io)?;
-        }
-        let h = &h[..header_len];
-        if CRC32C.checksum(&h[..header_len - 4]) != le32(h, header_len - 4) {
-            return Err(bad("header checksum"));
-        }
-        chunks_digest.update(&h[header_len - 4..]);
-        if le64(h, 8) != index {
+        let header_len = read_chunk_header(src, offset, bufs.header).map_err(|e| e.at(index, offset))?;
+        let decoded = chunk::decode(&bufs.header[..header_len]).map_err(bad)?;
+        chunks_digest.update(&bufs.header[header_len - 4..header_len]);
+        let fields = decoded.fields;
+        if fields.index != index {
             return Err(bad("out of order"));
         }
-        if le64(h, 16) != header.nonce {
+        if fields.nonce != header.nonce {
             return Err(bad("from another save attempt"));
         }
-        let (count, encoding, payload_len, want_hash) = (le16(h, 24) as usize, h[26], le32(h, 28) as usize, le64(h, 32));
-        let (max_pages, want_header) = match encoding {
-            ENCODING_RAW => (MAX_RAW_PAGES, PAGE),
-            ENCODING_LZ4 => (LZ4_GROUP, LZ4_HEADER),
-            _ => return Err(bad("unknown encoding")),
-        };
-        if count == 0 || count > max_pages || header_len != want_header {
-            return Err(bad("page count"));
-        }
-        let pfn = |i: usize| le64(h, 40 + 8 * i);
-        for i in 0..count {
-            let addr = pfn(i).checked_mul(PAGE as u64).ok_or(bad("page address"))?;
-            if !ranges.contains(addr) || header.image.contains(addr) {
-                return Err(bad("page outside the saved RAM"));
-            }
-        }
-        let payload_at = offset + header_len as u64;
         let mut pfns = [0u64; MAX_RAW_PAGES];
-        for (i, p) in pfns[..count].iter_mut().enumerate() {
-            *p = pfn(i);
+        let count = decoded.count();
+        for (slot, pfn) in pfns.iter_mut().zip(decoded.pfns()) {
+            *slot = check_page(pfn, &ram, header).map_err(bad)?;
         }
-        match encoding {
-            ENCODING_RAW => {
-                if payload_len != count * PAGE {
-                    return Err(bad("payload length"));
-                }
-                // Raw pages come in runs of LZ4_GROUP: one read for sixteen.
-                let mut hasher = PayloadHasher::new();
-                for (run, run_pfns) in pfns[..count].chunks(LZ4_GROUP).enumerate() {
-                    let buf = &mut bufs.lz4_out[..run_pfns.len() * PAGE];
-                    src.read_at(payload_at + (run * LZ4_GROUP * PAGE) as u64, buf).map_err(ReadError::Io)?;
-                    hasher.update(buf);
-                    for (p, data) in run_pfns.iter().zip(buf.chunks_exact(PAGE)) {
-                        page(*p, data.try_into().unwrap());
-                    }
-                }
-                if hasher.digest() != want_hash {
-                    return Err(bad("payload checksum"));
-                }
-            }
-            _ => {
-                if payload_len == 0 || LZ4_HEADER + payload_len > LZ4_OUT {
-                    return Err(bad("payload length"));
-                }
-                let stored = payload_len.next_multiple_of(SECTOR as usize);
-                src.read_at(payload_at, &mut bufs.lz4_in[..stored]).map_err(ReadError::Io)?;
-                if payload_hash(&bufs.lz4_in[..payload_len]) != want_hash {
-                    return Err(bad("payload checksum"));
-                }
-                let out = &mut bufs.lz4_out[..count * PAGE];
-                match lz4_flex::block::decompress_into(&bufs.lz4_in[..payload_len], out) {
-                    Ok(n) if n == count * PAGE => {}
-                    _ => return Err(bad("LZ4 payload does not decompress to its pages")),
-                }
-                for (i, p) in pfns[..count].iter().enumerate() {
-                    page(*p, (&bufs.lz4_out[i * PAGE..(i + 1) * PAGE]).try_into().unwrap());
-                }
-            }
+        let pfns = &pfns[..count];
+        let payload_at = offset + header_len as u64;
+        let payload_len = fields.payload_len as usize;
+        if fields.encoding == ENCODING_RAW {
+            read_raw_payload(src, payload_at, pfns, fields.payload_len, fields.payload_hash, bufs.lz4_out, &mut page).map_err(|e| e.at(index, offset))?;
+        } else {
+            read_lz4_payload(src, payload_at, pfns, fields.payload_len, fields.payload_hash, bufs.lz4_in, bufs.lz4_out, &mut page)
+                .map_err(|e| e.at(index, offset))?;
         }
-        let on_disk = (header_len + payload_len).next_multiple_of(SECTOR as usize) as u64;
-        let on_disk = if encoding == ENCODING_RAW { (header_len + payload_len) as u64 } else { on_disk };
-        chunk(&ChunkInfo { index, offset, pages: count as u16, encoding, bytes: on_disk });
+        let bytes = chunk::bytes_on_disk(fields.encoding, payload_len);
+        chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
         pages_seen += count as u64;
-        offset += on_disk;
+        offset += bytes;
     }
-    if offset != end {
+    check_totals(header, offset, pages_seen, chunks_digest.finalize())
+}
+
+/// A chunk's error before it knows where it is.
+enum ChunkError<E> {
+    Io(E),
+    Bad(&'static str),
+}
+
+impl<E> ChunkError<E> {
+    fn at(self, index: u64, offset: u64) -> ReadError<E> {
+        match self {
+            Self::Io(e) => ReadError::Io(e),
+            Self::Bad(what) => ReadError::Chunk { index, offset, what },
+        }
+    }
+}
+
+/// Reads a chunk header into `buf`: the first sector, then the rest its
+/// first sector announces. Returns its length.
+fn read_chunk_header<S: Source>(src: &mut S, offset: u64, buf: &mut [u8; PAGE]) -> Result<usize, ChunkError<S::Error>> {
+    let first = SECTOR as usize;
+    src.read_at(offset, &mut buf[..first]).map_err(ChunkError::Io)?;
+    let len = chunk::announced_len(&buf[..first]).map_err(ChunkError::Bad)?;
+    if len > first {
+        src.read_at(offset + SECTOR, &mut buf[first..len]).map_err(ChunkError::Io)?;
+    }
+    Ok(len)
+}
+
+/// A stored page must lie in the saved RAM and outside ksave's own range.
+fn check_page(pfn: u64, ram: &heapless_ranges::Ranges, header: &Header) -> Result<u64, &'static str> {
+    let addr = pfn.checked_mul(PAGE as u64).ok_or("page address")?;
+    if !ram.contains(addr) || header.image.contains(addr) {
+        return Err("page outside the saved RAM");
+    }
+    Ok(pfn)
+}
+
+/// Raw pages, read in runs of [`LZ4_GROUP`] (one read for sixteen) into
+/// `run_buf`, handed out, and hashed.
+fn read_raw_payload<S: Source>(
+    src: &mut S,
+    at: u64,
+    pfns: &[u64],
+    payload_len: u32,
+    want_hash: u64,
+    run_buf: &mut [u8; LZ4_GROUP * PAGE],
+    page: &mut impl FnMut(u64, &[u8; PAGE]),
+) -> Result<(), ChunkError<S::Error>> {
+    if payload_len as usize != pfns.len() * PAGE {
+        return Err(ChunkError::Bad("payload length"));
+    }
+    let mut hasher = PayloadHasher::new();
+    for (run, run_pfns) in pfns.chunks(LZ4_GROUP).enumerate() {
+        let buf = &mut run_buf[..run_pfns.len() * PAGE];
+        src.read_at(at + (run * LZ4_GROUP * PAGE) as u64, buf).map_err(ChunkError::Io)?;
+        hasher.update(buf);
+        for (p, data) in run_pfns.iter().zip(buf.chunks_exact(PAGE)) {
+            page(*p, data.try_into().unwrap());
+        }
+    }
+    if hasher.digest() != want_hash {
+        return Err(ChunkError::Bad("payload checksum"));
+    }
+    Ok(())
+}
+
+/// An LZ4 group: read, hashed, decompressed to exactly its pages, handed out.
+#[allow(clippy::too_many_arguments)]
+fn read_lz4_payload<S: Source>(
+    src: &mut S,
+    at: u64,
+    pfns: &[u64],
+    payload_len: u32,
+    want_hash: u64,
+    compressed: &mut [u8; LZ4_OUT],
+    pages_buf: &mut [u8; LZ4_GROUP * PAGE],
+    page: &mut impl FnMut(u64, &[u8; PAGE]),
+) -> Result<(), ChunkError<S::Error>> {
+    let len = payload_len as usize;
+    if len == 0 || LZ4_HEADER + len > LZ4_OUT {
+        return Err(ChunkError::Bad("payload length"));
+    }
+    src.read_at(at, &mut compressed[..len.next_multiple_of(SECTOR as usize)]).map_err(ChunkError::Io)?;
+    if payload_hash(&compressed[..len]) != want_hash {
+        return Err(ChunkError::Bad("payload checksum"));
+    }
+    let out = &mut pages_buf[..pfns.len() * PAGE];
+    match lz4_flex::block::decompress_into(&compressed[..len], out) {
+        Ok(n) if n == out.len() => {}
+        _ => return Err(ChunkError::Bad("LZ4 payload does not decompress to its pages")),
+    }
+    for (p, data) in pfns.iter().zip(out.chunks_exact(PAGE)) {
+        page(*p, data.try_into().unwrap());
+    }
+    Ok(())
+}
+
+/// The chunks walked must add up to what the header committed.
+fn check_totals<E>(header: &Header, end_offset: u64, pages_seen: u64, chunks_crc: u32) -> Result<(), ReadError<E>> {
+    if end_offset != DATA_OFFSET + header.data_bytes {
         return Err(ReadError::Totals("data length"));
     }
     if pages_seen != header.pages_stored {
         return Err(ReadError::Totals("stored page count"));
     }
-    if chunks_digest.finalize() != header.chunks_crc {
+    if chunks_crc != header.chunks_crc {
         return Err(ReadError::Totals("chunk set checksum"));
     }
     Ok(())
 }
-
 /// A fixed set of ranges for membership tests.
 mod heapless_ranges {
     use crate::Range;

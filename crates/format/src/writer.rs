@@ -1,29 +1,12 @@
-//! The encoder ksave drives while saving: pages in, chunks out.
-//!
-//! Chunk layout (docs/FORMAT.md): a header of one block (raw chunks, up to
-//! [`MAX_RAW_PAGES`] pages) or one sector (LZ4 chunks, up to [`LZ4_GROUP`]
-//! pages), then the payload, padded to a sector. Raw payloads are the pages
-//! themselves, written by the sink from where they lie.
+//! The encoder ksave drives while saving: pages in, chunks out (layout in
+//! [`chunk`](crate::chunk)). Raw payloads are the pages themselves, written
+//! by the sink from where they lie.
 
 use crc::{Digest, Table};
 
+use crate::chunk::{self, ChunkHeader, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
-use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, is_zero_page, payload_hash, put16, put32, put64};
-
-/// "KSCHUNK1".
-pub const CHUNK_MAGIC: [u8; 8] = *b"KSCHUNK1";
-/// Pages in a full raw chunk (its pfn list fills one block).
-pub const MAX_RAW_PAGES: usize = 500;
-/// Pages compressed together in one LZ4 chunk.
-pub const LZ4_GROUP: usize = 16;
-/// Header bytes of an LZ4 chunk.
-pub const LZ4_HEADER: usize = SECTOR as usize;
-/// Buffer for one LZ4 chunk: header plus worst-case compressed payload.
-pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_size(LZ4_GROUP * PAGE)).next_multiple_of(SECTOR as usize);
-/// Payload encodings.
-pub const ENCODING_RAW: u8 = 0;
-/// LZ4 block format.
-pub const ENCODING_LZ4: u8 = 1;
+use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, is_zero_page, payload_hash};
 
 /// Worst-case bytes of an image holding `pages` non-zero pages: every page
 /// raw, plus headers. A partition smaller than this is refused up front.
@@ -66,7 +49,7 @@ pub struct Buffers<'b> {
     /// Pages of the LZ4 group being gathered.
     pub lz4_in: &'b mut [u8; LZ4_GROUP * PAGE],
     /// The LZ4 chunk being built.
-    pub lz4_out: &'b mut [u8; LZ4_OUT],
+    pub lz4_out: &'b mut [u8; chunk::LZ4_OUT],
 }
 
 /// What a finished save wrote.
@@ -189,9 +172,14 @@ impl<'b> Writer<'b> {
             Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
                 let total = (LZ4_HEADER + len).next_multiple_of(SECTOR as usize);
                 out[LZ4_HEADER + len..total].fill(0);
-                let hash = payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]);
-                encode_chunk_header(&mut out[..LZ4_HEADER], self.totals.chunks, self.nonce, ENCODING_LZ4, &self.group[..n], len as u32, hash);
-                let header_crc: [u8; 4] = out[LZ4_HEADER - 4..LZ4_HEADER].try_into().unwrap();
+                let fields = ChunkHeader {
+                    index: self.totals.chunks,
+                    nonce: self.nonce,
+                    encoding: ENCODING_LZ4,
+                    payload_len: len as u32,
+                    payload_hash: payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]),
+                };
+                let header_crc = chunk::encode(&mut out[..LZ4_HEADER], &fields, &self.group[..n]);
                 self.check_room(total as u64)?;
                 sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
                 self.chunk_written(total as u64, header_crc);
@@ -221,14 +209,18 @@ impl<'b> Writer<'b> {
         if n == 0 {
             return Ok(());
         }
-        let hash = self.raw_hasher.digest();
+        let fields = ChunkHeader {
+            index: self.totals.chunks,
+            nonce: self.nonce,
+            encoding: ENCODING_RAW,
+            payload_len: (n * PAGE) as u32,
+            payload_hash: self.raw_hasher.digest(),
+        };
         self.raw_hasher.reset();
-        let len = (n * PAGE) as u32;
-        encode_chunk_header(&mut self.bufs.raw_header[..], self.totals.chunks, self.nonce, ENCODING_RAW, &self.raw[..n], len, hash);
-        let total = PAGE as u64 + len as u64;
+        let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
+        let total = chunk::bytes_on_disk(ENCODING_RAW, n * PAGE);
         self.check_room(total)?;
         sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
-        let header_crc: [u8; 4] = self.bufs.raw_header[PAGE - 4..].try_into().unwrap();
         self.chunk_written(total, header_crc);
         self.totals.pages_stored += n as u64;
         Ok(())
@@ -252,25 +244,4 @@ impl<'b> Writer<'b> {
         self.totals.chunks_crc = self.chunks_digest.finalize();
         Ok(self.totals)
     }
-}
-
-/// Chunk header layout: magic, index, nonce, count, encoding, header
-/// sectors, payload length, payload XXH64, pfns from byte 40, CRC-32C of
-/// the header in its last four bytes.
-fn encode_chunk_header(h: &mut [u8], index: u64, nonce: u64, encoding: u8, pfns: &[u64], payload_len: u32, payload_hash: u64) {
-    h.fill(0);
-    h[0..8].copy_from_slice(&CHUNK_MAGIC);
-    put64(h, 8, index);
-    put64(h, 16, nonce);
-    put16(h, 24, pfns.len() as u16);
-    h[26] = encoding;
-    h[27] = (h.len() / SECTOR as usize) as u8;
-    put32(h, 28, payload_len);
-    put64(h, 32, payload_hash);
-    for (i, pfn) in pfns.iter().enumerate() {
-        put64(h, 40 + 8 * i, *pfn);
-    }
-    let crc = CRC32C.checksum(&h[..h.len() - 4]);
-    let end = h.len() - 4;
-    put32(h, end, crc);
 }

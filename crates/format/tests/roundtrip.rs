@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use ksave_format::header::{self, DATA_OFFSET, HeaderError, META_BLOCKS, META_OFFSET, State};
 use ksave_format::reader::{self, ReadError};
-use ksave_format::writer::{self, LZ4_GROUP, LZ4_OUT, Memory, Sink, Totals, WriteError, Writer, worst_case_bytes};
+use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT};
+use ksave_format::writer::{self, Memory, Sink, Totals, WriteError, worst_case_bytes};
+use ksave_format::commit;
 use ksave_format::{BackupPair, PAGE, Range, config};
 
 /// Test memory: page frame -> contents.
@@ -17,10 +19,19 @@ impl Memory for Mem {
     }
 }
 
-/// A partition in a Vec.
+/// A partition in a Vec; `flushes` records the header state at each flush.
 struct Disk {
     bytes: Vec<u8>,
     mem: *const Mem,
+    flushes: Vec<Option<State>>,
+}
+
+impl commit::Device for Disk {
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        let block: &[u8; PAGE] = self.bytes[..PAGE].try_into().unwrap();
+        self.flushes.push(header::Header::decode(block).ok().map(|h| h.state));
+        Ok(())
+    }
 }
 
 impl Sink for Disk {
@@ -102,34 +113,39 @@ fn memory_in(ranges: &[Range], seed: u64) -> Mem {
 const NONCE: u64 = 0x5eed_1234_abcd_0042;
 const BACKUP: [BackupPair; 2] = [BackupPair { dest: 0x120_0000, src: 0x3f_0000 }, BackupPair { dest: 0x120_1000, src: 0x3f_1000 }];
 
-/// A whole save, as ksave does it: header "writing", metadata, chunks,
-/// header "complete".
+/// A whole save through the commit protocol ksave runs.
 fn save(mem: &Mem, lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
-    let mut disk = Disk { bytes: vec![0; capacity], mem };
-    let mut h = header::Header::new(State::Writing, NONCE);
-    let mut block = [0u8; PAGE];
-    h.encode(&mut block);
-    disk.write_bytes(0, &block).unwrap();
-    let mut meta = vec![0u8; META_BLOCKS as usize * PAGE];
-    let (_, meta_crc) = header::encode_meta(&RAM, &BACKUP, &mut meta);
-    disk.write_bytes(META_OFFSET, &meta).unwrap();
-    let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
-    let bufs = writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out };
-    let mut w = Writer::new(NONCE, lz4, capacity as u64, bufs);
-    for pfn in mem.0.keys() {
-        w.add_page(*pfn, mem, &mut disk)?;
-    }
-    let totals = w.finish(&mut disk)?;
-    h = header::Header::new(State::Complete, NONCE);
-    h.image = IMAGE;
-    h.ram_ranges = RAM.len() as u32;
-    h.backup_pairs = BACKUP.len() as u32;
-    h.meta_crc = meta_crc;
-    h.record(&totals);
-    h.set_message("test host 6.12");
-    h.encode(&mut block);
-    disk.write_bytes(0, &block).unwrap();
+    save_ram(mem, &RAM, lz4, capacity)
+}
+
+/// [`save`] of memory that holds only the RAM ranges `ram`.
+fn save_ram(mem: &Mem, ram: &[Range], lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
+    let mut disk = Disk { bytes: vec![0; capacity], mem, flushes: Vec::new() };
+    let (_, totals) = save_to(&mut disk, mem, ram, lz4)?;
     Ok((disk.bytes, totals))
+}
+
+fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], lz4: bool) -> Result<(header::Header, Totals), WriteError<&'static str>> {
+    let plan = commit::Plan {
+        nonce: NONCE,
+        created_unix: 0,
+        lz4,
+        capacity: disk.bytes.len() as u64,
+        ram,
+        image: IMAGE,
+        backup: &BACKUP,
+        reentry: 0,
+        info: "test host 6.12",
+        cpu_vendor: *b"TestVendor!!",
+    };
+    let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
+    let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
+    let bufs = commit::Buffers {
+        block: &mut block,
+        meta: &mut meta,
+        writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out },
+    };
+    commit::save(&plan, mem, disk, bufs, || 0, 0)
 }
 
 /// Reads an image back into a page map, checking everything.
@@ -218,8 +234,8 @@ fn every_corruption_is_caught() {
     let mem = memory(4);
     let (image, _) = save(&mem, true, 8 << 20).unwrap();
     let chunks = chunk_offsets(&image);
-    let raw = chunks.iter().find(|c| c.1 == writer::ENCODING_RAW).unwrap().0 as usize;
-    let lz4 = chunks.iter().find(|c| c.1 == writer::ENCODING_LZ4).unwrap().0 as usize;
+    let raw = chunks.iter().find(|c| c.1 == chunk::ENCODING_RAW).unwrap().0 as usize;
+    let lz4 = chunks.iter().find(|c| c.1 == chunk::ENCODING_LZ4).unwrap().0 as usize;
 
     assert_eq!(load(&flip(&image, 20)).err(), Some(ReadError::Header(HeaderError::Checksum)), "header bit");
     assert_eq!(load(&flip(&image, META_OFFSET as usize + 3)).err(), Some(ReadError::Header(HeaderError::Checksum)), "metadata bit");
@@ -285,7 +301,7 @@ fn random_damage_never_panics_and_never_passes_silently() {
     // flip bytes all over a valid image; the decoder must either refuse it
     // or hand back exactly the original pages.
     let mem = memory_in(&RAM[..1], 7);
-    let (image, _) = save(&mem, true, 8 << 20).unwrap();
+    let (image, _) = save_ram(&mem, &RAM[..1], true, 8 << 20).unwrap();
     let mut rng = xorshift(99);
     let used = DATA_OFFSET as usize + {
         let mut b = [0u8; PAGE];
@@ -333,4 +349,31 @@ fn config_round_trip_and_refusals() {
     none.encode(&mut block);
     assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("RAM range count")));
     assert_eq!(config::Config::decode(&[0u8; PAGE]), Err(config::ConfigError::BadMagic));
+}
+
+/// The commit protocol: the header reads *writing* at the first flush and
+/// at the data flush, and *complete* only at the last one.
+#[test]
+fn commit_protocol_flushes_writing_then_data_then_complete() {
+    let mem = memory(9);
+    let mut disk = Disk { bytes: vec![0; 8 << 20], mem: &mem, flushes: Vec::new() };
+    let (h, _) = save_to(&mut disk, &mem, &RAM, false).unwrap();
+    assert_eq!(disk.flushes, [Some(State::Writing), Some(State::Writing), Some(State::Complete)]);
+    assert_eq!((h.state, h.cpu_vendor, h.message()), (State::Complete, *b"TestVendor!!", "test host 6.12"));
+    assert_eq!(load(&disk.bytes).unwrap().len() as u64, h.pages_stored);
+}
+
+/// A save that fails half-way leaves a *writing* header, never an image;
+/// a failure record is never taken for one either.
+#[test]
+fn a_failed_save_leaves_no_image() {
+    let mem = memory(10);
+    let mut disk = Disk { bytes: vec![0; 1 << 20], mem: &mem, flushes: Vec::new() };
+    assert_eq!(save_to(&mut disk, &mem, &RAM, false).err(), Some(WriteError::Full));
+    assert_eq!(disk.flushes, [Some(State::Writing)]);
+    assert_eq!(load(&disk.bytes).err(), Some(ReadError::Totals("not complete")));
+    let mut block = [0u8; PAGE];
+    commit::record_failure(&mut disk, NONCE, 0, header::fail::IO, "disk error", &mut block).unwrap();
+    let h = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
+    assert_eq!((h.state, h.fail_code, h.message()), (State::Failed, header::fail::IO, "disk error"));
 }

@@ -1,0 +1,140 @@
+//! The commit protocol of a save, as ksave runs it and the host tests
+//! exercise it: header *writing* -> flush -> metadata -> chunks -> flush ->
+//! header *complete* -> flush. A crash or error at any point leaves a header
+//! that reads as not restorable; only the last write makes an image.
+
+use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
+use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
+use crate::{BackupPair, PAGE, Range, SECTOR};
+
+/// A [`Sink`] that can also make what it wrote durable.
+pub trait Device: Sink {
+    /// Returns once everything written so far is on stable storage.
+    fn flush(&mut self) -> Result<(), Self::Error>;
+
+    /// Told when the save reaches a [`Step`] (for progress reports).
+    fn reached(&mut self, _step: Step) {}
+}
+
+/// Points of the protocol a [`Device`] is told about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The *writing* header is on disk: from here a failure leaves a record.
+    HeaderWritten,
+}
+
+/// What one save attempt writes, and about whom.
+pub struct Plan<'a> {
+    /// The attempt's nonce (from the config).
+    pub nonce: u64,
+    /// When the host tool made the config.
+    pub created_unix: u64,
+    /// Compress with LZ4 where it pays.
+    pub lz4: bool,
+    /// Bytes of the partition.
+    pub capacity: u64,
+    /// The RAM saved (page aligned, sorted).
+    pub ram: &'a [Range],
+    /// ksave's own pages: inside `ram`, but not the caller's, so not saved.
+    pub image: Range,
+    /// Where the caller's displaced pages are.
+    pub backup: &'a [BackupPair],
+    /// The caller's re-entry address.
+    pub reentry: u64,
+    /// Host info for the header's message.
+    pub info: &'a str,
+    /// The saving CPU's vendor.
+    pub cpu_vendor: [u8; 12],
+}
+
+impl Plan<'_> {
+    /// The page frames saved, in order: every RAM page but ksave's own.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ram.iter().flat_map(|r| r.pages()).filter(|pfn| !self.image.contains(pfn * PAGE as u64))
+    }
+
+    /// How many pages [`Self::pages`] yields.
+    pub fn page_count(&self) -> u64 {
+        self.pages().count() as u64
+    }
+
+    /// The largest image this plan can make: the partition must hold it.
+    pub fn worst_case_bytes(&self) -> u64 {
+        writer::worst_case_bytes(self.page_count())
+    }
+}
+
+/// Working memory for [`save`].
+pub struct Buffers<'b> {
+    /// One header block.
+    pub block: &'b mut [u8; PAGE],
+    /// The metadata blocks.
+    pub meta: &'b mut [u8; META_BLOCKS as usize * PAGE],
+    /// The chunk encoder's buffers.
+    pub writer: writer::Buffers<'b>,
+}
+
+/// Runs the whole protocol for `plan`, reading pages from `mem`; returns
+/// the committed header and the writer's totals. `now_us` is a clock; the
+/// header records the time since `started_us`.
+pub fn save<D: Device>(
+    plan: &Plan,
+    mem: &impl Memory,
+    dev: &mut D,
+    bufs: Buffers,
+    now_us: impl Fn() -> u64,
+    started_us: u64,
+) -> Result<(Header, Totals), WriteError<D::Error>> {
+    let sink = WriteError::Sink;
+    let mut h = Header::new(State::Writing, plan.nonce);
+    h.created_unix = plan.created_unix;
+    h.encode(bufs.block);
+    dev.write_bytes(0, bufs.block).map_err(sink)?;
+    dev.flush().map_err(sink)?;
+    dev.reached(Step::HeaderWritten);
+
+    let (meta_len, meta_crc) = header::encode_meta(plan.ram, plan.backup, bufs.meta);
+    let meta_bytes = meta_len.next_multiple_of(SECTOR as usize).max(SECTOR as usize);
+    dev.write_bytes(META_OFFSET, &bufs.meta[..meta_bytes]).map_err(sink)?;
+
+    let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, bufs.writer);
+    for pfn in plan.pages() {
+        w.add_page(pfn, mem, dev)?;
+    }
+    let totals = w.finish(dev)?;
+    dev.flush().map_err(sink)?;
+
+    // The commit record, last.
+    let mut h = Header::new(State::Complete, plan.nonce);
+    h.created_unix = plan.created_unix;
+    h.reentry = plan.reentry;
+    h.image = plan.image;
+    h.ram_ranges = plan.ram.len() as u32;
+    h.backup_pairs = plan.backup.len() as u32;
+    h.meta_crc = meta_crc;
+    h.chunks = totals.chunks;
+    h.data_bytes = totals.data_bytes;
+    h.pages_stored = totals.pages_stored;
+    h.pages_zero = totals.pages_zero;
+    h.chunks_crc = totals.chunks_crc;
+    h.flags = totals.flags;
+    h.save_us = now_us() - started_us;
+    h.cpu_vendor = plan.cpu_vendor;
+    h.set_message(plan.info);
+    h.encode(bufs.block);
+    dev.write_bytes(0, bufs.block).map_err(sink)?;
+    dev.flush().map_err(sink)?;
+    Ok((h, totals))
+}
+
+/// Writes a *failed* record (a header that can never be taken for an
+/// image) saying why the attempt `nonce` did not save.
+pub fn record_failure<D: Device>(dev: &mut D, nonce: u64, created_unix: u64, code: u32, why: &str, block: &mut [u8; PAGE]) -> Result<(), D::Error> {
+    let mut h = Header::new(State::Failed, nonce);
+    h.fail_code = code;
+    h.created_unix = created_unix;
+    h.set_message(why);
+    h.encode(block);
+    dev.write_bytes(0, block)?;
+    dev.flush()
+}
