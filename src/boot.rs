@@ -1,24 +1,17 @@
 //! ksave started by a bootloader (multiboot 1 or 2): read the memory map and
-//! the command line.
+//! the command line, then do the one thing the command line asks ([`Mode`]).
 
 use bootinfo::memmap::{MemoryMap, RegionKind};
 use bootinfo::multiboot1;
-use multiboot2::{BootInformation, BootInformationHeader};
-
-use diskdrv::ide::Mode;
+use diskdrv::ide;
 use diskdrv::part::Guid;
-use ksave_format::Range;
-
-use crate::restore;
+use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
 use crate::disktest::{self, Job};
-use crate::cmdline;
 use crate::layout::image_range;
-use crate::paging;
-use crate::physmem;
-use crate::println;
 use crate::qemu::ExitCode;
+use crate::{cmdline, paging, physmem, println, resume};
 
 /// What a bootloader told us.
 struct BootInfo<'a> {
@@ -66,9 +59,76 @@ pub fn run_multiboot2(info: u64) -> ! {
     run(&BootInfo { protocol: "multiboot2", cmdline, map }, info)
 }
 
-/// Reports what the bootloader said, then does what the command line asks
-/// (a self-test, a resume, a disk test) or stops.
+/// What a bootloader start was asked to do.
+enum Mode<'a> {
+    /// `ksave.selftest=page-fault`: prove the exception path.
+    FaultSelfTest,
+    /// `ksave.resume=GUID [ksave.no_image=cmos:BYTE:BIT]`: resume the image
+    /// there, else hand back to the bootloader.
+    Resume { guid: Guid, no_image: Option<&'a str> },
+    /// `ksave.selftest=disk` or `ksave.bench=disk [ksave.bench_mib=N]`, with
+    /// `ksave.part=GUID [ksave.ide=pio]`.
+    DiskTest { job: Job, guid: Guid, ide: ide::Mode },
+    /// Nothing asked: report and stop.
+    Report,
+}
+
+impl<'a> Mode<'a> {
+    fn parse(line: &'a str) -> Result<Self, &'static str> {
+        let get = |key| cmdline::get(line, key);
+        let guid = |key, why| get(key).and_then(|v| Guid::try_parse(v).ok()).ok_or(why);
+        let job = match (get("ksave.selftest"), get("ksave.bench")) {
+            (Some("page-fault"), _) => return Ok(Self::FaultSelfTest),
+            (Some("disk"), _) => Some(Job::SelfTest),
+            (_, Some("disk")) => Some(Job::Bench { mib: get("ksave.bench_mib").and_then(|v| v.parse().ok()).unwrap_or(256) }),
+            _ => None,
+        };
+        if get("ksave.resume").is_some() {
+            let guid = guid("ksave.resume", "ksave.resume= needs the image partition's PARTUUID")?;
+            return Ok(Self::Resume { guid, no_image: get("ksave.no_image") });
+        }
+        match job {
+            Some(job) => {
+                let guid = guid("ksave.part", "a disk test needs ksave.part=PARTUUID")?;
+                let ide = if get("ksave.ide") == Some("pio") { ide::Mode::Pio } else { ide::Mode::Dma };
+                Ok(Self::DiskTest { job, guid, ide })
+            }
+            None => Ok(Self::Report),
+        }
+    }
+}
+
+/// Reports what the bootloader said, then runs the [`Mode`] asked for.
 fn run(boot: &BootInfo, info: u64) -> ! {
+    report(boot, info);
+    let mode = Mode::parse(boot.cmdline).unwrap_or_else(|why| fail(why));
+    if let Mode::FaultSelfTest = mode {
+        fault_self_test();
+    }
+    let (start, end) = image_range();
+    if !boot.map.is_ram(start, end - start) {
+        fail("ksave's own load range is not RAM in this memory map");
+    }
+    match mode {
+        Mode::FaultSelfTest => unreachable!("handled above"),
+        Mode::Resume { guid, no_image } => {
+            let refusal = resume::from_bootloader(guid, &boot.map);
+            println!("ksave: not resuming: {}", refusal.0.as_str());
+            println!("ksave: no image to resume: handing over to a normal boot");
+            if let Some(flag) = no_image.and_then(|v| v.strip_prefix("cmos:")) {
+                hand_over_by_cmos(flag);
+            }
+            stop(ExitCode::NoImage)
+        }
+        Mode::DiskTest { job, guid, ide } => stop(disktest::run(job, guid, ide, &boot.map)),
+        Mode::Report => {
+            println!("ksave: nothing to restore: this build only reports; stopping");
+            stop(ExitCode::Success)
+        }
+    }
+}
+
+fn report(boot: &BootInfo, info: u64) {
     let (start, end) = image_range();
     println!("ksave {}: booted by {} (info at {info:#x})", env!("CARGO_PKG_VERSION"), boot.protocol);
     println!("ksave:   command line \"{}\"", boot.cmdline);
@@ -78,59 +138,28 @@ fn run(boot: &BootInfo, info: u64) -> ! {
     for region in boot.map.regions() {
         println!("ksave:     {region}");
     }
-    let selftest = cmdline::get(boot.cmdline, "ksave.selftest");
-    if selftest == Some("page-fault") {
-        println!("ksave: self-test: reading {UNMAPPED:#x}, which no page table maps");
-        // SAFETY: a deliberate page fault to prove the exception path; the
-        // handler reports it and stops, so the read never completes.
-        unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
-    }
-    if !boot.map.is_ram(start, end - start) {
-        fail("ksave's own load range is not RAM in this memory map");
-    }
-    if let Some(text) = cmdline::get(boot.cmdline, "ksave.resume") {
-        let Some(guid) = Guid::parse(text) else { fail("ksave.resume= needs the image partition's PARTUUID") };
-        let mut ram = [Range::default(); 128];
-        let mut n = 0;
-        for page in boot.map.ram().filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
-            if n < ram.len() {
-                ram[n] = page;
-                n += 1;
-            }
+}
+
+fn fault_self_test() -> ! {
+    println!("ksave: self-test: reading {UNMAPPED:#x}, which no page table maps");
+    // SAFETY: a deliberate page fault to prove the exception path; the
+    // handler reports it and stops, so the read never completes.
+    unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    fail("the self-test page fault did not fault")
+}
+
+/// `ksave.no_image=cmos:BYTE:BIT`: a bootloader entry that tests that CMOS
+/// bit boots the normal entry instead (qemu/mkgrubiso.sh). Returns only if
+/// the flag is malformed.
+fn hand_over_by_cmos(flag: &str) {
+    match parse_cmos_bit(flag) {
+        Some((byte, bit)) => {
+            set_cmos_bit(byte, bit);
+            println!("ksave: CMOS {byte:#x}:{bit} set for the bootloader; resetting");
+            crate::cpu::reset();
         }
-        let refusal = restore::run(guid, &ram[..n], false);
-        println!("ksave: not resuming: {}", refusal.0.as_str());
-        println!("ksave: no image to resume: handing over to a normal boot");
-        // ksave.no_image=cmos:BYTE:BIT: a bootloader entry that tests that
-        // CMOS bit boots the normal entry instead (qemu/mkgrubiso.sh).
-        if let Some(flag) = cmdline::get(boot.cmdline, "ksave.no_image").and_then(|v| v.strip_prefix("cmos:")) {
-            match parse_cmos_bit(flag) {
-                Some((byte, bit)) => {
-                    set_cmos_bit(byte, bit);
-                    println!("ksave: CMOS {byte:#x}:{bit} set for the bootloader; resetting");
-                    crate::cpu::reset();
-                }
-                None => println!("ksave: ksave.no_image=cmos:{flag} is not BYTE:BIT (byte 0x40-0x7f)"),
-            }
-        }
-        stop(ExitCode::NoImage);
+        None => println!("ksave: ksave.no_image=cmos:{flag} is not BYTE:BIT (byte 0x40-0x7f)"),
     }
-    let ide_mode = match cmdline::get(boot.cmdline, "ksave.ide") {
-        Some("pio") => Mode::Pio,
-        _ => Mode::Dma,
-    };
-    let bench_mib = cmdline::get(boot.cmdline, "ksave.bench_mib").and_then(|v| v.parse().ok()).unwrap_or(256);
-    let job = match (selftest, cmdline::get(boot.cmdline, "ksave.bench")) {
-        (Some("disk"), _) => Some(Job::SelfTest),
-        (_, Some("disk")) => Some(Job::Bench { mib: bench_mib }),
-        _ => None,
-    };
-    if let Some(job) = job {
-        let Some(guid) = cmdline::get(boot.cmdline, "ksave.part") else { fail("a disk test needs ksave.part=PARTUUID") };
-        stop(disktest::run(job, guid, ide_mode, &boot.map));
-    }
-    println!("ksave: nothing to restore: this build only reports; stopping");
-    stop(ExitCode::Success)
 }
 
 /// 1 TiB: canonical, and beyond any identity map ksave builds (PML4 entry 2

@@ -1,14 +1,17 @@
-//! ksave entered by a kexec jump: who called, what the jump displaced, and
-//! the way back.
+//! The kexec caller: ksave entered by `kexec -e` of an image loaded with
+//! `--load-preserve-context`. Who called, what the jump displaced (the
+//! backup map, walked and proven once here), the save, and the way back.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use bootinfo::kexec::{self, CallerContext};
+use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, WalkError};
+use ksave_format::header::MAX_BACKUP_PAIRS;
+use ksave_format::{BackupPair, Range};
 
 use crate::layout::image_range;
-use crate::paging;
 use crate::physmem::IdentityMapped;
-use crate::{heap, println};
+use crate::work::Exclusive;
+use crate::{config, heap, paging, println};
 
 /// Kexec-jump entries since the image was loaded. In .data, not .bss, so it
 /// survives the bss clearing of a re-entry.
@@ -26,14 +29,8 @@ pub fn reentry() -> Option<u64> {
     }
 }
 
-/// Reports the caller and jumps back to it; or, started by a plain kexec
-/// (no caller), resumes the image its config names.
+/// Reports the caller, saves it if ksave.elf is configured, and jumps back.
 pub fn run(reentry: u64, caller_rsp: u64) -> ! {
-    if reentry == 0 {
-        // relocate_kernel_64.S pushes 0 as the return address when it does
-        // not preserve context: `ksave resume` kexec'd us from kernel C.
-        resume_from_config();
-    }
     REENTRY.store(reentry, Ordering::Relaxed);
     let entry = ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     let (start, end) = image_range();
@@ -41,15 +38,20 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     println!("ksave:   caller re-entry {reentry:#x}, stack {caller_rsp:#x}");
     println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB, heap {} KiB)", (end - start) / 1024, heap::HEAP_SIZE / 1024);
     println!("ksave:   memory visible: {}", paging::Describe);
-    let mem = IdentityMapped;
-    match CallerContext::read(reentry, &mem) {
+    match CallerContext::read(reentry, &IdentityMapped) {
         Ok(ctx) => {
             println!(
                 "ksave:   control page {:#x}: saved cr3 {:#x}, identity table {:#x}, swap page {:#x}, backup map head {:#x}",
                 ctx.control_page, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
             );
-            report_backup_map(&ctx, start, end);
-            crate::save::run(&ctx);
+            let config = config::load();
+            let ram = config.as_ref().ok().map(|c| c.ram());
+            let backup = BackupMap::walk(&ctx, ram, Range { start, end });
+            backup.report();
+            match config {
+                Ok(config) => crate::save::run(&config, &ctx, &backup),
+                Err(e) => println!("ksave: not saving: {e}"),
+            }
         }
         Err(e) => println!("ksave:   control page not usable, not saving: {e:?}"),
     }
@@ -57,50 +59,107 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     return_to_caller(reentry)
 }
 
-/// Resumes the image the config names, in the RAM map it carries (kernel
-/// C's). C is gone, so a refusal invalidates the image (so that the next
-/// boot does not try it again) and resets the machine into a normal boot.
-fn resume_from_config() -> ! {
-    println!("ksave {}: started by kexec with no caller to return to: resuming", env!("CARGO_PKG_VERSION"));
-    match crate::config::load() {
-        Ok(config) => {
-            let refusal = crate::restore::run(diskdrv::part::Guid(config.partition_guid), config.ram(), true);
-            println!("ksave: not resuming: {}", refusal.0.as_str());
-        }
-        Err(e) => println!("ksave: not resuming: {e}"),
-    }
-    println!("ksave: resetting into a normal boot");
-    crate::cpu::reset()
+static PAIRS: Exclusive<[BackupPair; MAX_BACKUP_PAIRS]> = Exclusive::new([BackupPair { dest: 0, src: 0 }; MAX_BACKUP_PAIRS]);
+
+/// The pages the jump displaced, walked once from the caller's indirection
+/// list, and how they cover ksave's own range.
+pub struct BackupMap {
+    pairs: &'static [BackupPair],
+    outcome: Result<Coverage, MapError>,
+    /// Whether every page address was checked against a RAM map.
+    ram_checked: bool,
 }
 
-/// Checks that the pages the jump displaced are exactly ksave's own.
-fn report_backup_map(ctx: &CallerContext, start: u64, end: u64) {
-    // Until the RAM map comes with the config, "RAM" is what is mapped.
-    let mapped_end = paging::identity_end();
-    let is_ram = |a: u64| a < mapped_end;
-    let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
-    match kexec::coverage(ctx.backup_head, &IdentityMapped, is_ram, start, end, &mut seen) {
-        Ok(cov) if cov.is_exact() => {
-            println!("ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range", cov.pairs, cov.in_place)
+/// Why the backup map cannot be used.
+#[derive(Clone, Copy, Debug)]
+pub enum MapError {
+    /// The list itself is broken.
+    Walk(WalkError),
+    /// It lists more pages than an image can record.
+    TooLong,
+}
+
+impl BackupMap {
+    /// Walks the list behind `ctx`. Every page address it names must be in
+    /// `ram`, the caller's RAM map; without one (ksave.elf not configured,
+    /// so nothing will be saved) addresses are only checked to be readable.
+    pub fn walk(ctx: &CallerContext, ram: Option<&[Range]>, own: Range) -> Self {
+        let storage = PAIRS.take();
+        let is_ram = |addr: u64| ram.is_none_or(|ram| ram.iter().any(|r| r.contains(addr)));
+        let mut n = 0;
+        let mut too_long = false;
+        let walked = kexec::walk(ctx.backup_head, &IdentityMapped, is_ram, |d| match storage.get_mut(n) {
+            Some(slot) => {
+                *slot = BackupPair { dest: d.dest, src: d.src };
+                n += 1;
+            }
+            None => too_long = true,
+        });
+        let pairs = &storage[..n];
+        let outcome = match walked {
+            Err(e) => Err(MapError::Walk(e)),
+            Ok(_) if too_long => Err(MapError::TooLong),
+            Ok(_) => {
+                let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
+                let displaced = pairs.iter().map(|p| Displaced { dest: p.dest, src: p.src });
+                Ok(kexec::coverage_of(displaced, own.start, own.end, &mut seen))
+            }
+        };
+        Self { pairs, outcome, ram_checked: ram.is_some() }
+    }
+
+    /// The displaced pages, in list order.
+    pub fn pairs(&self) -> &[BackupPair] {
+        self.pairs
+    }
+
+    /// How the map covers ksave's range, or why it is unusable.
+    pub fn outcome(&self) -> Result<Coverage, MapError> {
+        self.outcome
+    }
+
+    /// One banner line: whether the displaced pages are exactly ksave's own.
+    fn report(&self) {
+        let unchecked = if self.ram_checked { "" } else { " (not checked against a RAM map: ksave.elf is not configured)" };
+        match self.outcome {
+            Ok(cov) if cov.is_exact() => println!(
+                "ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range{unchecked}",
+                cov.pairs, cov.in_place
+            ),
+            Ok(cov) => println!(
+                "ksave:   backup map: {} pages displaced, NOT exactly ksave's range: {} outside, {} twice, {} uncovered, {} sources inside",
+                cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
+            ),
+            Err(MapError::Walk(e)) => println!("ksave:   backup map rejected: {e:?}"),
+            Err(MapError::TooLong) => println!("ksave:   backup map rejected: more than {MAX_BACKUP_PAIRS} pages"),
         }
-        Ok(cov) => println!(
-            "ksave:   backup map: {} pages displaced, NOT exactly ksave's range: {} outside, {} twice, {} uncovered, {} sources inside",
-            cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
-        ),
-        Err(e) => println!("ksave:   backup map rejected: {e:?}"),
     }
 }
 
 unsafe extern "C" {
+    /// asm/entry.s: `call`s `reentry` on ksave's stack, the way a kexec
+    /// jump returns; the caller's next `kexec -e` comes in at the entry.
     fn ksave_return_to_caller(reentry: u64) -> !;
 }
 
-/// Returns to the kexec caller (see asm/entry.s). Never returns here: the
-/// next `kexec -e` comes in through the entry point again.
+/// Returns to the kexec caller. Never returns here: the next `kexec -e`
+/// comes in through the entry point again.
 pub fn return_to_caller(reentry: u64) -> ! {
     // SAFETY: reentry is the address the caller's relocate_kernel left at
     // [rsp] on entry; it lies in the caller's control page, which our
     // identity map covers (it is RAM below 4 GiB on the machines we map) and
     // which we never wrote. The caller switches to its own stack and tables.
+    unsafe { ksave_return_to_caller(reentry) }
+}
+
+/// Goes into a saved kernel the way its kexec jump would have come back:
+/// a `call` of its re-entry address (resume, after the image is loaded).
+///
+/// # Safety
+/// `reentry` must be the re-entry address a complete image recorded, and
+/// that image must be loaded, identity-mapped, into this machine's RAM.
+pub unsafe fn enter_saved_kernel(reentry: u64) -> ! {
+    // SAFETY: upheld by the caller: the control page and everything the
+    // saved kernel's return path touches is back in place.
     unsafe { ksave_return_to_caller(reentry) }
 }

@@ -1,8 +1,8 @@
 //! Finding ksave's partition on whatever disks the machine has, and opening
-//! the disk it is on.
+//! the disk it is on: [`open_partition`] is the one way in for every mode
+//! (save, resume, disk test), so a new driver is added here only.
 
 use core::fmt;
-use core::sync::atomic::{AtomicBool, Ordering};
 
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
@@ -10,7 +10,8 @@ use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
 
-use crate::hw::KsaveHal;
+use crate::hw::{self, KsaveHal};
+use crate::work::Exclusive;
 use crate::{paging, println};
 
 /// DMA memory for one open disk at a time, in ksave's own image.
@@ -24,17 +25,8 @@ pub struct DiskMemory {
 #[repr(C, align(512))]
 struct SectorBuf([u8; 512]);
 
-static mut DISK_MEMORY: DiskMemory =
-    DiskMemory { ahci: AhciMemory::new(), ide: IdeMemory::new(), sector: SectorBuf([0; 512]) };
-static DISK_MEMORY_TAKEN: AtomicBool = AtomicBool::new(false);
-
-/// The disk DMA memory; once per entry.
-pub fn disk_memory() -> &'static mut DiskMemory {
-    assert!(!DISK_MEMORY_TAKEN.swap(true, Ordering::Relaxed), "disk memory taken twice");
-    // SAFETY: the flag above hands out the one reference per entry (bss,
-    // and so the flag, is cleared on every entry).
-    unsafe { &mut *(&raw mut DISK_MEMORY) }
-}
+static DISK_MEMORY: Exclusive<DiskMemory> =
+    Exclusive::new(DiskMemory { ahci: AhciMemory::new(), ide: IdeMemory::new(), sector: SectorBuf([0; 512]) });
 
 /// Where a disk is.
 #[derive(Clone, Copy, Debug)]
@@ -191,7 +183,7 @@ fn ide_channel(at: Address, prog_if: u8, bus_master: Option<u16>, secondary: boo
 
 /// Opens the disk at `location`; also hands out the sector buffer, which
 /// shares the disk's memory block.
-pub fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; 512]), DiskError> {
+fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; 512]), DiskError> {
     let DiskMemory { ahci, ide, sector } = mem;
     let disk = match location {
         // SAFETY: each_location found this HBA on PCI and enabled memory
@@ -223,7 +215,7 @@ impl fmt::Display for FindError {
 }
 
 /// Looks at every disk for the GPT partition `guid`, reporting each disk.
-pub fn find_partition(
+fn find_partition(
     guid: Guid,
     ide_mode: Mode,
     mem: &mut DiskMemory,
@@ -263,4 +255,81 @@ pub fn find_partition(
         }
     });
     result.ok_or(if disks == 0 { FindError::NoDisks } else { FindError::NotFound { disks } })
+}
+
+/// The image partition, open on its disk, with the controllers' PCI state
+/// to put back.
+pub struct OpenPartition {
+    /// The disk it is on.
+    pub disk: AnyDisk<'static>,
+    /// Where that disk is.
+    pub location: Location,
+    /// The partition.
+    pub partition: Partition,
+    controllers: Controllers,
+}
+
+impl OpenPartition {
+    /// The partition's first sector.
+    pub fn first_lba(&self) -> u64 {
+        self.partition.first_lba
+    }
+
+    /// The partition's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.partition.sectors() * diskdrv::SECTOR
+    }
+
+    /// Gives the disk and the controllers back as found.
+    pub fn close(mut self) {
+        self.disk.close();
+        self.controllers.restore();
+    }
+
+    /// Leaves the controller stopped and its PCI state as it is: after a
+    /// restore the memory is the saved kernel's, whose driver resets it.
+    pub fn stop(self) {
+        self.disk.stop();
+    }
+}
+
+/// Why the partition could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// It is on no disk.
+    Find(FindError),
+    /// Its disk would not open.
+    Open(Location, DiskError),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Find(e) => write!(f, "{e}"),
+            Self::Open(location, e) => write!(f, "{location}: {e}"),
+        }
+    }
+}
+
+/// Every mode's way to its partition: the clock (drivers time out by it),
+/// the controllers, the DMA memory, the partition by GUID on any disk, and
+/// its disk opened. Once per entry; on failure, nothing is left changed.
+pub fn open_partition(guid: Guid, ide_mode: Mode) -> Result<OpenPartition, OpenError> {
+    hw::calibrate_tsc();
+    let mut controllers = Controllers::new();
+    let mem = DISK_MEMORY.take();
+    let (location, partition) = match find_partition(guid, ide_mode, mem, &mut controllers) {
+        Ok(found) => found,
+        Err(e) => {
+            controllers.restore();
+            return Err(OpenError::Find(e));
+        }
+    };
+    match open(location, ide_mode, mem) {
+        Ok((disk, _)) => Ok(OpenPartition { disk, location, partition, controllers }),
+        Err(e) => {
+            controllers.restore();
+            Err(OpenError::Open(location, e))
+        }
+    }
 }

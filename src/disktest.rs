@@ -6,7 +6,7 @@ use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, Direction, DiskError, Segment, testpattern};
 
-use crate::disks::{self, Controllers};
+use crate::disks;
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::println;
@@ -27,40 +27,41 @@ pub enum Job {
 }
 
 /// Runs `job` on the partition `guid`; returns how it ended.
-pub fn run(job: Job, guid: &str, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
-    let Some(guid) = Guid::parse(guid) else {
-        println!("ksave: disk test: ksave.part={guid} is not a GUID");
-        return ExitCode::Failure;
+pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
+    println!("ksave: disk test: TSC {} MHz; looking for partition {guid}", hw::calibrate_tsc());
+    let mut part = match disks::open_partition(guid, ide_mode) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("ksave: disk test: FAILED: {e}");
+            return ExitCode::Failure;
+        }
     };
-    let per_us = hw::calibrate_tsc();
-    println!("ksave: disk test: TSC {per_us} MHz; looking for partition {guid}");
-    let mut controllers = Controllers::new();
-    let mem = disks::disk_memory();
-    let result = disks::find_partition(guid, ide_mode, mem, &mut controllers)
-        .map_err(|e| println!("ksave: disk test: FAILED: {e}"))
-        .and_then(|(location, partition)| {
-            let (mut disk, _) = disks::open(location, ide_mode, mem).map_err(|e| println!("ksave: disk test: FAILED: {location}: {e}"))?;
-            let mode = match (&disk, ide_mode) {
-                (disks::AnyDisk::Ahci(_), _) => "AHCI DMA",
-                (_, Mode::Dma) => "IDE DMA",
-                (_, Mode::Pio) => "IDE PIO",
-            };
-            println!(
-                "ksave: disk test: {location} ({mode}), partition LBA {}-{} ({} MiB, {:?})",
-                partition.first_lba,
-                partition.last_lba,
-                partition.sectors() / 2048,
-                partition.source
-            );
-            let outcome = match job {
-                Job::SelfTest => self_test(&mut disk, partition.first_lba, partition.sectors(), map),
-                Job::Bench { mib } => bench(&mut disk, partition.first_lba, partition.sectors(), mib, mode, map),
-            };
-            disk.close();
-            outcome.map_err(|e| println!("ksave: disk test: FAILED: {e}"))
-        });
-    controllers.restore();
-    if result.is_ok() { ExitCode::Success } else { ExitCode::Failure }
+    let mode = match (&part.disk, ide_mode) {
+        (disks::AnyDisk::Ahci(_), _) => "AHCI DMA",
+        (_, Mode::Dma) => "IDE DMA",
+        (_, Mode::Pio) => "IDE PIO",
+    };
+    let p = part.partition;
+    println!(
+        "ksave: disk test: {} ({mode}), partition LBA {}-{} ({} MiB, {:?})",
+        part.location,
+        p.first_lba,
+        p.last_lba,
+        p.sectors() / 2048,
+        p.source
+    );
+    let outcome = match job {
+        Job::SelfTest => self_test(&mut part.disk, p.first_lba, p.sectors(), map),
+        Job::Bench { mib } => bench(&mut part.disk, p.first_lba, p.sectors(), mib, mode, map),
+    };
+    part.close();
+    match outcome {
+        Ok(()) => ExitCode::Success,
+        Err(e) => {
+            println!("ksave: disk test: FAILED: {e}");
+            ExitCode::Failure
+        }
+    }
 }
 
 /// A free RAM range of `bytes` for data buffers: a bootloader start leaves

@@ -24,7 +24,7 @@ mod message;
 mod paging;
 mod physmem;
 mod qemu;
-mod restore;
+mod resume;
 mod save;
 mod work;
 
@@ -38,6 +38,8 @@ core::arch::global_asm!(include_str!("../asm/mem.s"), options(att_syntax));
 pub enum Entry {
     /// By `kexec -e` of an image loaded with `--load-preserve-context`.
     KexecJump { reentry: u64, caller_rsp: u64 },
+    /// By a plain kexec: no caller to return to (`ksave resume` in kernel C).
+    Kexec,
     /// By a multiboot 1 loader (QEMU `-kernel`).
     Multiboot1 { info: u64 },
     /// By a multiboot 2 loader (GRUB).
@@ -48,6 +50,9 @@ pub enum Entry {
 #[unsafe(no_mangle)]
 extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
     let entry = match kind {
+        // relocate_kernel_64.S pushes 0 as the return address when it does
+        // not preserve context.
+        0 if arg == 0 => Entry::Kexec,
         0 => Entry::KexecJump { reentry: arg, caller_rsp },
         1 => Entry::Multiboot1 { info: arg },
         2 => Entry::Multiboot2 { info: arg },
@@ -59,12 +64,13 @@ extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
     };
     // The caller's UART settings are kept on a kexec jump; a bootloader's
     // are replaced with ours.
-    console::init(!matches!(entry, Entry::KexecJump { .. }));
+    console::init(!matches!(entry, Entry::KexecJump { .. } | Entry::Kexec));
     cpu::init();
     paging::init();
     heap::init();
     match entry {
         Entry::KexecJump { reentry, caller_rsp } => caller::run(reentry, caller_rsp),
+        Entry::Kexec => resume::from_kexec(),
         Entry::Multiboot1 { info } => boot::run_multiboot1(info),
         Entry::Multiboot2 { info } => boot::run_multiboot2(info),
     }

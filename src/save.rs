@@ -1,24 +1,30 @@
-//! Saving the kexec caller's RAM to the configured partition.
+//! Saving the kexec caller's RAM to the configured partition, in stages:
+//! open the partition, check it is the one the host set up, check every RAM
+//! page is reachable, require the backup map to be exactly ksave's pages,
+//! refuse a partition below the worst case, then write the image by the
+//! format's commit protocol. Every outcome is reported on the console; a
+//! failure once the partition is open also in a record on it.
 //!
 //! Nothing of the caller is written: its pages are read (zero check,
-//! checksum, LZ4) and DMA'd from where they lie; ksave's own working memory is in its
-//! image; device registers are put back as found.
+//! checksum, LZ4) and DMA'd from where they lie; ksave's own working memory
+//! is in its image; device registers are put back as found.
 
-use bootinfo::kexec::{self, CallerContext};
+use bootinfo::kexec::CallerContext;
 use diskdrv::ide::Mode;
-use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
-use ksave_format::header::{self, DATA_OFFSET, Header, META_OFFSET, State, fail};
-use ksave_format::writer::{self, Memory, Sink, Writer, worst_case_bytes};
-use ksave_format::{BackupPair, PAGE, Range};
+use ksave_format::commit::{self, Device, Plan, Step};
+use ksave_format::config::Config;
+use ksave_format::header::{DATA_OFFSET, MAX_BACKUP_PAIRS, fail};
+use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
+use ksave_format::{PAGE, Range};
 
-use crate::disks::{self, AnyDisk, Controllers};
+use crate::caller::{BackupMap, MapError};
+use crate::disks::{self, AnyDisk, OpenPartition};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
-use crate::physmem::IdentityMapped;
 use crate::message::Message;
 use crate::work::{self, Work};
-use crate::{config, paging, println};
+use crate::{paging, println};
 use diskdrv::Hal as _;
 
 /// Why a save did not happen, with the code for the status record.
@@ -68,17 +74,36 @@ impl Memory for CallerMemory<'_> {
 
 /// Chunks go to the partition by DMA: headers from ksave's buffers, raw
 /// pages straight from the caller's memory.
-struct DiskSink<'d, 'm> {
-    disk: &'d mut AnyDisk<'m>,
+struct DiskSink<'d> {
+    disk: &'d mut AnyDisk<'static>,
     first_lba: u64,
     progress: Progress,
     /// Microseconds spent in disk transfers (the rest of a save is CPU work).
     disk_us: u64,
 }
 
-const MAX_SEGMENTS: usize = writer::MAX_RAW_PAGES + 1;
+impl<'d> DiskSink<'d> {
+    fn new(part: &'d mut OpenPartition, start_us: u64, worst: u64) -> Self {
+        let first_lba = part.first_lba();
+        Self { disk: &mut part.disk, first_lba, progress: Progress { start_us, worst, next: worst / 10 }, disk_us: 0 }
+    }
+}
 
-impl Sink for DiskSink<'_, '_> {
+impl Device for DiskSink<'_> {
+    fn flush(&mut self) -> Result<(), DiskError> {
+        self.disk.flush()
+    }
+
+    fn reached(&mut self, step: Step) {
+        match step {
+            Step::HeaderWritten => println!("ksave: image header written ({} ms after entry)", (hw::now_us() - self.progress.start_us) / 1000),
+        }
+    }
+}
+
+const MAX_SEGMENTS: usize = ksave_format::chunk::MAX_RAW_PAGES + 1;
+
+impl Sink for DiskSink<'_> {
     type Error = DiskError;
 
     fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), DiskError> {
@@ -131,90 +156,63 @@ impl Progress {
 /// What a successful save wrote.
 pub struct Summary {
     disk_us: u64,
-    pages_stored: u64,
-    pages_zero: u64,
-    bytes: u64,
+    totals: Totals,
     us: u64,
-    lz4_pages: u64,
-    lz4_skipped: u64,
 }
 
-/// Saves the caller's RAM; every outcome is reported on the console, and a
-/// failure once the partition is known also in a status record on it.
-pub fn run(ctx: &CallerContext) {
-    let config = match config::load() {
-        Ok(c) => c,
-        Err(e) => {
-            println!("ksave: not saving: {e}");
-            return;
-        }
-    };
-    let per_us = hw::calibrate_tsc();
-    let guid = Guid(config.partition_guid);
-    println!("ksave: saving to partition {guid} (TSC {per_us} MHz, nonce {:#018x})", config.nonce);
-    let mut controllers = Controllers::new();
-    let mem = disks::disk_memory();
-    let located = match disks::find_partition(guid, Mode::Dma, mem, &mut controllers) {
-        Ok(l) => l,
+/// Saves the caller's RAM as `config` says; `backup` is the caller's
+/// backup map, walked at entry.
+pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap) {
+    let guid = config.partition_guid;
+    println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
+    let mut part = match disks::open_partition(guid, Mode::Dma) {
+        Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
-            controllers.restore();
-            return;
-        }
-    };
-    let (location, partition) = located;
-    let mut disk = match disks::open(location, Mode::Dma, mem) {
-        Ok((d, _)) => d,
-        Err(e) => {
-            println!("ksave: save FAILED: {location}: {e}; nothing written");
-            controllers.restore();
             return;
         }
     };
     let start = hw::now_us();
-    let bufs = work::take();
-    match save(&config, ctx, &mut disk, partition.first_lba, partition.sectors(), bufs, start) {
-        Ok(s) => println!(
-            "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
-            s.pages_stored,
-            s.pages_stored * PAGE as u64 >> 20,
-            s.lz4_pages,
-            s.lz4_skipped,
-            s.us / 1000,
-            (s.pages_stored + s.pages_zero) * PAGE as u64 / s.us.max(1),
-            s.pages_zero,
-            s.bytes >> 20,
-            s.disk_us / 1000,
-            (s.us - s.disk_us) / 1000
-        ),
+    let work = work::take();
+    match save(config, ctx, backup, &mut part, work, start) {
+        Ok(s) => report(&s),
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
-            let mut h = Header::new(State::Failed, config.nonce);
-            h.fail_code = f.code;
-            h.created_unix = config.created_unix;
-            h.set_message(f.message.as_str());
-            h.encode(&mut bufs.block);
-            let written = disk.write(&KsaveHal, partition.first_lba, &bufs.block).and_then(|()| disk.flush());
-            match written {
+            let mut sink = DiskSink::new(&mut part, start, u64::MAX);
+            match commit::record_failure(&mut sink, config.nonce, config.created_unix, f.code, f.message.as_str(), &mut work.block) {
                 Ok(()) => println!("ksave: failure recorded on the partition"),
                 Err(e) => println!("ksave: could not record the failure either: {e}"),
             }
         }
     }
-    disk.close();
-    controllers.restore();
+    part.close();
 }
 
-fn save(
-    config: &ksave_format::config::Config,
-    ctx: &CallerContext,
-    disk: &mut AnyDisk,
-    first_lba: u64,
-    sectors: u64,
-    bufs: &mut Work,
-    start: u64,
-) -> Result<Summary, Failure> {
-    let io = |e: DiskError| fail!(fail::IO, "disk error: {e}");
+/// The stages, in order; the first that fails says why.
+fn save(config: &Config, ctx: &CallerContext, backup: &BackupMap, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<Summary, Failure> {
+    check_partition(config, part)?;
+    let (image_start, image_end) = image_range();
+    let plan = Plan {
+        nonce: config.nonce,
+        created_unix: config.created_unix,
+        lz4: config.lz4,
+        capacity: part.bytes(),
+        ram: config.ram(),
+        image: Range { start: image_start, end: image_end },
+        backup: backup.pairs(),
+        reentry: ctx.reentry,
+        info: config.info(),
+        cpu_vendor: ksave_format::cpu_vendor(),
+    };
+    check_reachable(&plan)?;
+    require_exact(backup)?;
+    let worst = check_capacity(&plan)?;
+    write_image(&plan, part, work, start, worst)
+}
+
+/// The partition found by GUID must be where the host saw it.
+fn check_partition(config: &Config, part: &OpenPartition) -> Result<(), Failure> {
+    let (first_lba, sectors) = (part.first_lba(), part.partition.sectors());
     if first_lba != config.partition_first_lba || sectors != config.partition_sectors {
         return Err(fail!(
             fail::PARTITION,
@@ -223,109 +221,88 @@ fn save(
             config.partition_sectors
         ));
     }
-    let (image_start, image_end) = image_range();
-    let image = Range { start: image_start, end: image_end };
-    let ram = config.ram();
-    let reach = paging::identity_end();
-    if let Some(r) = ram.iter().find(|r| r.end > reach) {
-        return Err(fail!(fail::MEMORY, "RAM {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30));
-    }
+    Ok(())
+}
 
-    // The backup map must be exactly ksave's own pages, sources in RAM: one
-    // walk collects the pairs the image records, then they are checked.
-    let is_ram = |a: u64| ram.iter().any(|r| r.contains(a));
-    let mut pairs = [BackupPair::default(); header::MAX_BACKUP_PAIRS];
-    let mut npairs = 0;
-    let mut too_many = false;
-    kexec::walk(ctx.backup_head, &IdentityMapped, is_ram, |d| match pairs.get_mut(npairs) {
-        Some(slot) => {
-            *slot = BackupPair { dest: d.dest, src: d.src };
-            npairs += 1;
-        }
-        None => too_many = true,
-    })
-    .map_err(|e| fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}"))?;
-    if too_many {
-        return Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", pairs.len()));
+/// Every RAM page must be inside ksave's identity map.
+fn check_reachable(plan: &Plan) -> Result<(), Failure> {
+    let reach = paging::identity_end();
+    match plan.ram.iter().find(|r| r.end > reach) {
+        Some(r) => Err(fail!(fail::MEMORY, "RAM {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30)),
+        None => Ok(()),
     }
-    let mut seen = [0u64; 64];
-    let displaced = pairs[..npairs].iter().map(|p| kexec::Displaced { dest: p.dest, src: p.src });
-    let cov = kexec::coverage_of(displaced, image_start, image_end, &mut seen);
-    if !cov.is_exact() {
-        return Err(fail!(
+}
+
+/// The backup map must list exactly ksave's own pages, with their sources
+/// in RAM: only then is every caller page either in place or in a source.
+fn require_exact(backup: &BackupMap) -> Result<(), Failure> {
+    match backup.outcome() {
+        Ok(cov) if cov.is_exact() => Ok(()),
+        Ok(cov) => Err(fail!(
             fail::BACKUP_MAP,
             "backup map is not exactly ksave's pages ({} outside, {} twice, {} uncovered, {} sources inside): refusing",
             cov.outside,
             cov.duplicates,
             cov.uncovered,
             cov.sources_inside
-        ));
+        )),
+        Err(MapError::Walk(e)) => Err(fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}")),
+        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {MAX_BACKUP_PAIRS} pages: refusing")),
     }
-    // Worst case first: a partition that might not hold it is refused now.
-    let own_pages = ram.iter().map(|r| r.pages().filter(|p| image.contains(p * PAGE as u64)).count() as u64).sum::<u64>();
-    let pages = ram.iter().map(|r| r.pages().count() as u64).sum::<u64>() - own_pages;
-    let worst = worst_case_bytes(pages);
-    let capacity = sectors * SECTOR;
-    if worst > capacity {
+}
+
+/// Worst case first: a partition that might not hold it is refused before
+/// anything is written. Returns the worst case in bytes.
+fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
+    let worst = plan.worst_case_bytes();
+    if worst > plan.capacity {
         return Err(fail!(
             fail::TOO_SMALL,
             "partition holds {} MiB, the worst case for {} MiB of RAM needs {} MiB: nothing saved",
-            capacity >> 20,
-            pages * PAGE as u64 >> 20,
+            plan.capacity >> 20,
+            plan.page_count() * PAGE as u64 >> 20,
             worst.div_ceil(1 << 20)
         ));
     }
+    Ok(worst)
+}
 
-    let mut h = Header::new(State::Writing, config.nonce);
-    h.created_unix = config.created_unix;
-    h.encode(&mut bufs.block);
-    disk.write(&KsaveHal, first_lba, &bufs.block).and_then(|()| disk.flush()).map_err(io)?;
-    println!("ksave: image header written ({} ms after entry)", (hw::now_us() - start) / 1000);
-    let (meta_len, meta_crc) = header::encode_meta(ram, &pairs[..npairs], &mut bufs.meta);
-    let meta_bytes = &bufs.meta[..meta_len.next_multiple_of(SECTOR as usize).max(SECTOR as usize)];
-    disk.write(&KsaveHal, first_lba + META_OFFSET / SECTOR, meta_bytes).map_err(io)?;
+/// The image, by the format's commit protocol.
+fn write_image(plan: &Plan, part: &mut OpenPartition, work: &mut Work, start: u64, worst: u64) -> Result<Summary, Failure> {
+    let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
+    let mem = CallerMemory::new(paging::identity_end(), page0);
+    let mut sink = DiskSink::new(part, start, worst);
+    let bufs = commit::Buffers { block, meta, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
+    let (header, totals) = commit::save(plan, &mem, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
+        WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
+        WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
+        WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
+    })?;
+    Ok(Summary { disk_us: sink.disk_us, totals, us: header.save_us })
+}
 
-    let wbufs = writer::Buffers { raw_header: &mut bufs.raw_header, lz4_in: &mut bufs.lz4_in, lz4_out: &mut bufs.lz4_out };
-    let mut w = Writer::new(config.nonce, config.lz4, capacity, wbufs);
-    let mem = CallerMemory::new(reach, &mut bufs.page0);
-    let mut sink = DiskSink { disk, first_lba, progress: Progress { start_us: start, worst, next: worst / 10 }, disk_us: 0 };
-    let werr = |e| match e {
-        writer::WriteError::Sink(d) => io(d),
-        writer::WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
-        writer::WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
-    };
-    for r in ram {
-        for pfn in r.pages() {
-            if !image.contains(pfn * PAGE as u64) {
-                w.add_page(pfn, &mem, &mut sink).map_err(werr)?;
-            }
-        }
-    }
-    let totals = w.finish(&mut sink).map_err(werr)?;
-    sink.disk.flush().map_err(io)?;
-
-    // The commit record, last.
-    let us = hw::now_us() - start;
-    let mut h = Header::new(State::Complete, config.nonce);
-    h.created_unix = config.created_unix;
-    h.reentry = ctx.reentry;
-    h.image = image;
-    h.ram_ranges = ram.len() as u32;
-    h.backup_pairs = npairs as u32;
-    h.meta_crc = meta_crc;
-    h.record(&totals);
-    h.save_us = us;
-    h.cpu_vendor = ksave_format::cpu_vendor();
-    h.set_message(config.info());
-    h.encode(&mut bufs.block);
-    sink.disk.write(&KsaveHal, first_lba, &bufs.block).and_then(|()| sink.disk.flush()).map_err(io)?;
-    Ok(Summary {
-        disk_us: sink.disk_us,
-        pages_stored: totals.pages_stored,
-        pages_zero: totals.pages_zero,
-        bytes: DATA_OFFSET + totals.data_bytes,
-        us,
-        lz4_pages: totals.pages_lz4,
-        lz4_skipped: totals.pages_lz4_skipped,
-    })
+fn report(s: &Summary) {
+    let t = &s.totals;
+    println!(
+        "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
+        t.pages_stored,
+        t.pages_stored * PAGE as u64 >> 20,
+        t.pages_lz4,
+        t.pages_lz4_skipped,
+        s.us / 1000,
+        (t.pages_stored + t.pages_zero) * PAGE as u64 / s.us.max(1),
+        t.pages_zero,
+        (DATA_OFFSET + t.data_bytes) >> 20,
+        s.disk_us / 1000,
+        (s.us - s.disk_us) / 1000
+    );
+    println!(
+        "ksave-metric save_ms={} pages_stored={} pages_zero={} pages_lz4={} image_bytes={} disk_ms={}",
+        s.us / 1000,
+        t.pages_stored,
+        t.pages_zero,
+        t.pages_lz4,
+        DATA_OFFSET + t.data_bytes,
+        s.disk_us / 1000
+    );
 }

@@ -1,13 +1,42 @@
-//! ksave's working memory for a save or a restore, in its own image. One
-//! entry does one or the other, so they share it.
+//! ksave's working memory, in its own image: statics handed out once per
+//! entry, and the buffers a save or a restore works in.
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use ksave_format::PAGE;
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
 use ksave_format::header::META_BLOCKS;
-use ksave_format::writer::{LZ4_GROUP, LZ4_OUT};
 
-/// The buffers. Page aligned, so every one of them can take DMA.
+/// A static that one entry may borrow mutably once. It must start all zero,
+/// so that it lives in .bss, which every entry clears: each entry then gets
+/// it afresh (a re-entry by `kexec -e` reloads nothing).
+pub struct Exclusive<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the flag hands out at most one reference per entry, and ksave
+// runs on one CPU.
+unsafe impl<T> Sync for Exclusive<T> {}
+
+impl<T> Exclusive<T> {
+    /// Wraps `value`.
+    pub const fn new(value: T) -> Self {
+        Self { taken: AtomicBool::new(false), value: UnsafeCell::new(value) }
+    }
+
+    /// The value; panics if this entry already took it.
+    pub fn take(&'static self) -> &'static mut T {
+        assert!(crate::layout::in_bss(self as *const Self as u64), "a once-per-entry static must be zero-initialised");
+        assert!(!self.taken.swap(true, Ordering::Relaxed), "a once-per-entry buffer was taken twice");
+        // SAFETY: the flag above makes this the only reference this entry.
+        unsafe { &mut *self.value.get() }
+    }
+}
+
+/// The buffers of a save or a restore (one entry does one or the other, so
+/// they share them). Page aligned, so every one of them can take DMA.
 #[repr(C, align(4096))]
 pub struct Work {
     /// One header block.
@@ -24,20 +53,16 @@ pub struct Work {
     pub lz4_out: [u8; LZ4_OUT],
 }
 
-static mut WORK: Work = Work {
+static WORK: Exclusive<Work> = Exclusive::new(Work {
     block: [0; PAGE],
     page0: [0; PAGE],
     meta: [0; META_BLOCKS as usize * PAGE],
     raw_header: [0; PAGE],
     lz4_in: [0; LZ4_GROUP * PAGE],
     lz4_out: [0; LZ4_OUT],
-};
-static TAKEN: AtomicBool = AtomicBool::new(false);
+});
 
 /// The work buffers; once per entry.
 pub fn take() -> &'static mut Work {
-    assert!(!TAKEN.swap(true, Ordering::Relaxed), "work buffers taken twice");
-    // SAFETY: the flag hands out the one reference per entry (bss, and so
-    // the flag, is cleared on every entry).
-    unsafe { &mut *(&raw mut WORK) }
+    WORK.take()
 }

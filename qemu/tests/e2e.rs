@@ -102,7 +102,7 @@ fn config_section_of_the_built_image_is_patched() {
     assert_eq!(Config::decode(&section(&elf)), Err(ConfigError::NotConfigured), "ksave.elf ships unconfigured");
     let mut config = Config::new();
     config.nonce = 42;
-    config.partition_guid = [7; 16];
+    config.partition_guid = diskdrv::part::Guid::from_bytes([7; 16]);
     config.partition_sectors = 1000;
     config.ram[0] = ksave_format::Range { start: 0, end: 0x9f000 };
     config.ram_count = 1;

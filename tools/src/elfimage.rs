@@ -4,7 +4,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use object::elf::{FileHeader64, PT_LOAD};
 use object::read::elf::{FileHeader, ProgramHeader};
-use object::Endianness;
+use object::write::elf as elfw;
+use object::{Endianness, elf};
 
 /// The loadable part of a ksave image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,35 +69,58 @@ impl ImageLayout {
     }
 }
 
+/// An ELF64 file header and `loads` as its program headers, laid out by
+/// object's writer: the bytes that go at the start of the file. Segment
+/// data goes at or after [`headers_len`].
+pub fn elf_headers(e_type: elf::FileType, entry: u64, loads: &[elfw::ProgramHeader]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut w = elfw::Writer::new(Endianness::Little, true, &mut out);
+    w.reserve_file_header();
+    w.reserve_program_headers(loads.len() as u32);
+    w.write_file_header(&elfw::FileHeader {
+        os_abi: elf::ELFOSABI_NONE,
+        abi_version: 0,
+        e_type,
+        e_machine: elf::EM_X86_64,
+        e_entry: entry,
+        e_flags: Default::default(),
+    })?;
+    w.write_align_program_headers();
+    for load in loads {
+        w.write_program_header(load);
+    }
+    Ok(out)
+}
+
+/// Bytes [`elf_headers`] takes for `loads` program headers.
+pub fn headers_len(loads: usize) -> u64 {
+    (size_of::<elf::FileHeader64<Endianness>>() + loads * size_of::<elf::ProgramHeader64<Endianness>>()) as u64
+}
+
+/// A PT_LOAD of `filesz` bytes at file `offset`, loaded at physical (and
+/// virtual) `paddr`, `memsz` bytes in memory.
+pub fn load_header(offset: u64, paddr: u64, filesz: u64, memsz: u64) -> elfw::ProgramHeader {
+    elfw::ProgramHeader {
+        p_type: elf::PT_LOAD,
+        p_flags: elf::PF_R | elf::PF_W,
+        p_offset: offset,
+        p_vaddr: paddr,
+        p_paddr: paddr,
+        p_filesz: filesz,
+        p_memsz: memsz,
+        p_align: 4096,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal ELF64 with the given PT_LOADs (paddr, filesz, memsz).
+    /// A minimal ELF64 with the given PT_LOADs (paddr, filesz, memsz),
+    /// each holding the headers' bytes from offset 0.
     fn elf(loads: &[(u64, u64, u64)], entry: u64) -> Vec<u8> {
-        let mut f = vec![0u8; 64 + 56 * loads.len()];
-        f[0..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2; // 64-bit
-        f[5] = 1; // little endian
-        f[6] = 1;
-        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[24..32].copy_from_slice(&entry.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        f[52..54].copy_from_slice(&64u16.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&(loads.len() as u16).to_le_bytes());
-        for (i, &(paddr, filesz, memsz)) in loads.iter().enumerate() {
-            let ph = &mut f[64 + 56 * i..64 + 56 * (i + 1)];
-            ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-            ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // vaddr
-            ph[24..32].copy_from_slice(&paddr.to_le_bytes());
-            ph[8..16].copy_from_slice(&0u64.to_le_bytes()); // p_offset: the headers
-            ph[32..40].copy_from_slice(&filesz.to_le_bytes());
-            ph[40..48].copy_from_slice(&memsz.to_le_bytes());
-        }
-        f
+        let loads: Vec<_> = loads.iter().map(|&(paddr, filesz, memsz)| load_header(0, paddr, filesz, memsz)).collect();
+        elf_headers(elf::ET_EXEC, entry, &loads).unwrap()
     }
 
     #[test]

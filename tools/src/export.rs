@@ -9,19 +9,16 @@ use anyhow::{Context, Result, ensure};
 use ksave_format::PAGE;
 use ksave_format::header::State;
 
+use crate::elfimage::{elf_headers, headers_len, load_header};
 use crate::imagefile::ImageFile;
 use crate::inspect;
-
-const EHDR: u64 = 64;
-const PHDR: u64 = 56;
 
 /// Writes the core file; returns (pages written, bytes of the file).
 pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     let image = inspect::read(file)?;
     ensure!(image.header.state == State::Complete, "the image is {}, not complete: nothing to export", image.header.state.name());
-    let n = image.ram.len() as u64;
     let mut offsets = Vec::new();
-    let mut at = (EHDR + PHDR * n).next_multiple_of(PAGE as u64);
+    let mut at = headers_len(image.ram.len()).next_multiple_of(PAGE as u64);
     for r in &image.ram {
         offsets.push(at);
         at += r.end - r.start;
@@ -29,29 +26,8 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     // Read back too: the backup map moves pages within the file.
     let core = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(out).with_context(|| format!("creating {}", out.display()))?;
     core.set_len(at)?; // sparse: zero pages cost nothing
-    let mut head = vec![0u8; (EHDR + PHDR * n) as usize];
-    head[0..4].copy_from_slice(b"\x7fELF");
-    head[4] = 2; // ELFCLASS64
-    head[5] = 1; // little endian
-    head[6] = 1; // EV_CURRENT
-    head[16..18].copy_from_slice(&4u16.to_le_bytes()); // ET_CORE
-    head[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    head[20..24].copy_from_slice(&1u32.to_le_bytes());
-    head[32..40].copy_from_slice(&EHDR.to_le_bytes()); // e_phoff
-    head[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
-    head[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
-    head[56..58].copy_from_slice(&(n as u16).to_le_bytes());
-    for (i, (r, off)) in image.ram.iter().zip(&offsets).enumerate() {
-        let p = &mut head[(EHDR + PHDR * i as u64) as usize..(EHDR + PHDR * (i as u64 + 1)) as usize];
-        p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        p[4..8].copy_from_slice(&6u32.to_le_bytes()); // RW
-        p[8..16].copy_from_slice(&off.to_le_bytes());
-        p[16..24].copy_from_slice(&r.start.to_le_bytes()); // vaddr = paddr
-        p[24..32].copy_from_slice(&r.start.to_le_bytes());
-        p[32..40].copy_from_slice(&(r.end - r.start).to_le_bytes());
-        p[40..48].copy_from_slice(&(r.end - r.start).to_le_bytes());
-        p[48..56].copy_from_slice(&(PAGE as u64).to_le_bytes());
-    }
+    let loads: Vec<_> = image.ram.iter().zip(&offsets).map(|(r, off)| load_header(*off, r.start, r.end - r.start, r.end - r.start)).collect();
+    let head = elf_headers(object::elf::ET_CORE, 0, &loads)?;
     core.write_all_at(&head, 0)?;
     let file_offset = |addr: u64| image.ram.iter().zip(&offsets).find(|(r, _)| r.contains(addr)).map(|(r, off)| off + addr - r.start);
     let mut pages = 0;

@@ -37,7 +37,7 @@ impl ImageFile {
             // ksave wrote this device behind the kernel's back: drop any
             // cached blocks so reads see the disk (BLKFLSBUF, linux/fs.h).
             // SAFETY: BLKFLSBUF takes no argument memory.
-            let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), 0x1261) };
+            let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), linux_raw_sys::ioctl::BLKFLSBUF as _) };
             if rc != 0 {
                 bail!("flushing {}'s cache: {}", path.display(), std::io::Error::last_os_error());
             }

@@ -2,8 +2,8 @@
 
 use anyhow::{Result, anyhow};
 use ksave_format::header::{Header, META_BLOCKS, Meta, State};
-use ksave_format::reader::{self, ChunkInfo};
-use ksave_format::writer::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
+use ksave_format::reader;
 use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::imagefile::ImageFile;

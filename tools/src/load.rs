@@ -21,7 +21,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     getrandom(&mut nonce)?;
     c.nonce = u64::from_le_bytes(nonce);
     c.created_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    c.partition_guid = setup.guid.0;
+    c.partition_guid = setup.guid;
     c.partition_first_lba = setup.first_lba;
     c.partition_sectors = setup.sectors;
     c.lz4 = setup.lz4;
@@ -39,9 +39,8 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
 /// /dev/urandom waits for the CRNG to be seeded (a second or more in a
 /// fresh VM, seen here).
 fn getrandom(buf: &mut [u8]) -> Result<()> {
-    const GRND_INSECURE: u32 = 0x0004; // include/uapi/linux/random.h, Linux 5.6+
     // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), GRND_INSECURE) };
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_INSECURE) };
     ensure!(n == buf.len() as isize, "getrandom: {}", std::io::Error::last_os_error());
     Ok(())
 }
@@ -68,10 +67,10 @@ pub fn configure(elf: &[u8], config: &Config) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// kexec_load(2) flags: keep the caller's context (include/uapi/linux/kexec.h)
-/// and the x86_64 architecture field (EM_X86_64 << 16).
-const KEXEC_PRESERVE_CONTEXT: u64 = 0x2;
-const KEXEC_ARCH_X86_64: u64 = 62 << 16;
+/// kexec_load(2) flags: keep the caller's context, and the architecture
+/// field (include/uapi/linux/kexec.h: KEXEC_ARCH_X86_64 is EM_X86_64 << 16).
+const KEXEC_PRESERVE_CONTEXT: u64 = libc::KEXEC_PRESERVE_CONTEXT as u64;
+const KEXEC_ARCH_X86_64: u64 = (libc::EM_X86_64 as u64) << 16;
 
 #[repr(C)]
 struct KexecSegment {

@@ -61,7 +61,7 @@ impl Setup {
                 .with_context(|| format!("{}: no {key}=", path.display()))
         };
         let guid = get("partuuid")?;
-        let Some(guid) = Guid::parse(guid) else { bail!("{}: partuuid={guid} is not a GUID", path.display()) };
+        let Ok(guid) = Guid::try_parse(guid) else { bail!("{}: partuuid={guid} is not a GUID", path.display()) };
         Ok(Self {
             device: get("device")?.into(),
             guid,
@@ -84,7 +84,7 @@ mod tests {
         let part = PartInfo {
             device: "/dev/sda1".into(),
             disk: "/dev/sda".into(),
-            guid: Guid::parse("9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B").unwrap(),
+            guid: Guid::try_parse("9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B").unwrap(),
             first_lba: 2048,
             sectors: 1 << 20,
         };

@@ -100,7 +100,7 @@ pub fn device_len(file: &File) -> Result<u64> {
     }
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 (linux/fs.h) writes one u64 through the pointer.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(file), 0x8008_1272, &mut size) };
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(file), linux_raw_sys::ioctl::BLKGETSIZE64 as _, &mut size) };
     ensure!(rc == 0, "cannot size the device: {}", std::io::Error::last_os_error());
     Ok(size)
 }

@@ -4,6 +4,8 @@
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use uguid::Guid;
+
 use crate::header::RangeLe;
 use crate::{CRC32C, PAGE, Range};
 
@@ -58,8 +60,8 @@ pub struct Config {
     pub nonce: u64,
     /// When the host tool wrote the config (seconds since the epoch).
     pub created_unix: u64,
-    /// The target partition's unique GUID, on-disk byte order.
-    pub partition_guid: [u8; 16],
+    /// The target partition's unique GUID.
+    pub partition_guid: Guid,
     /// Its first LBA, as the host sees it (cross-checked by ksave).
     pub partition_first_lba: u64,
     /// Its size in sectors, as the host sees it.
@@ -107,7 +109,7 @@ impl Config {
         Self {
             nonce: 0,
             created_unix: 0,
-            partition_guid: [0; 16],
+            partition_guid: Guid::ZERO,
             partition_first_lba: 0,
             partition_sectors: 0,
             lz4: false,
@@ -140,7 +142,7 @@ impl Config {
             state: STATE_CONFIGURED.into(),
             nonce: self.nonce.into(),
             created_unix: self.created_unix.into(),
-            partition_guid: self.partition_guid,
+            partition_guid: self.partition_guid.to_bytes(),
             partition_first_lba: self.partition_first_lba.into(),
             partition_sectors: self.partition_sectors.into(),
             lz4: (self.lz4 as u32).into(),
@@ -173,7 +175,7 @@ impl Config {
         let mut c = Self::new();
         c.nonce = raw.nonce.get();
         c.created_unix = raw.created_unix.get();
-        c.partition_guid = raw.partition_guid;
+        c.partition_guid = Guid::from_bytes(raw.partition_guid);
         c.partition_first_lba = raw.partition_first_lba.get();
         c.partition_sectors = raw.partition_sectors.get();
         c.lz4 = raw.lz4.get() & 1 != 0;
@@ -191,7 +193,7 @@ impl Config {
             }
             c.ram[i] = r;
         }
-        if c.partition_guid == [0; 16] || c.partition_sectors == 0 {
+        if c.partition_guid.is_zero() || c.partition_sectors == 0 {
             return Err(ConfigError::Field("partition"));
         }
         c.info = raw.info;

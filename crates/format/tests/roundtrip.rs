@@ -325,7 +325,7 @@ fn config_round_trip_and_refusals() {
     assert_eq!(config::Config::decode(&config::SHIPPED), Err(config::ConfigError::NotConfigured));
     let mut c = config::Config::new();
     c.nonce = 7;
-    c.partition_guid = [0xab; 16];
+    c.partition_guid = uguid::Guid::from_bytes([0xab; 16]);
     c.partition_first_lba = 2048;
     c.partition_sectors = 1 << 20;
     c.lz4 = true;

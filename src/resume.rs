@@ -1,4 +1,7 @@
-//! Restoring a saved kernel from its image, and going back into it.
+//! Resuming a saved kernel from its image, and going back into it. Two ways
+//! in: [`from_bootloader`] (GRUB multiboot2, QEMU multiboot1) and
+//! [`from_kexec`] (a plain kexec from a freshly booted kernel C, whose
+//! `ksave resume` wrote the config).
 //!
 //! Nothing outside ksave is written until the whole image has been read and
 //! every check has passed: the RAM map, the CPU vendor, ksave's own range,
@@ -7,19 +10,21 @@
 //! and ksave calls the saved re-entry address as the kexec-jump protocol
 //! does.
 
+use bootinfo::memmap::MemoryMap;
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, DiskError, SECTOR};
+use ksave_format::config::MAX_RANGES;
 use ksave_format::header::State;
 use ksave_format::reader::{self, Source};
 use ksave_format::{PAGE, Range};
 
-use crate::disks::{self, AnyDisk, Controllers};
+use crate::disks::{self, AnyDisk};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
 use crate::work::{self, Work};
-use crate::{paging, println};
+use crate::{caller, config, cpu, paging, println};
 
 /// The partition, read through the disk driver.
 struct DiskSource<'d, 'm> {
@@ -70,44 +75,62 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
     }
 }
 
+/// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
+/// this boot's RAM map, or returns why not (nothing was written; the
+/// bootloader's next entry boots normally, and a later boot may try again).
+pub fn from_bootloader(guid: Guid, map: &MemoryMap) -> Refusal {
+    let mut ram = [Range::default(); MAX_RANGES];
+    let mut n = 0;
+    for page in map.ram().filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
+        if n < ram.len() {
+            ram[n] = page;
+            n += 1;
+        }
+    }
+    run(guid, &ram[..n], false)
+}
+
+/// Started by a plain kexec (no caller to return to): `ksave resume` in
+/// kernel C wrote the partition and C's RAM map into the config. C is gone,
+/// so a refusal invalidates the image (the next boot does not try it
+/// again) and resets the machine into a normal boot.
+pub fn from_kexec() -> ! {
+    println!("ksave {}: started by kexec with no caller to return to: resuming", env!("CARGO_PKG_VERSION"));
+    match config::load() {
+        Ok(config) => {
+            let refusal = run(config.partition_guid, config.ram(), true);
+            println!("ksave: not resuming: {}", refusal.0.as_str());
+        }
+        Err(e) => println!("ksave: not resuming: {e}"),
+    }
+    println!("ksave: resetting into a normal boot");
+    cpu::reset()
+}
+
 /// Resumes the image on partition `guid` of a machine whose RAM is `ram`
 /// (page aligned, sorted). Returns only to refuse; then, if
 /// `invalidate_refused`, a complete image is marked invalidated with the
 /// reason, so that no later boot tries it again.
-pub fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
-    let per_us = hw::calibrate_tsc();
-    println!("ksave: resume: looking for the image on partition {guid} (TSC {per_us} MHz)");
-    let mut controllers = Controllers::new();
-    let mem = disks::disk_memory();
-    let (location, partition) = match disks::find_partition(guid, Mode::Dma, mem, &mut controllers) {
-        Ok(found) => found,
-        Err(e) => {
-            controllers.restore();
-            return refuse!("{e}");
-        }
-    };
-    let mut disk = match disks::open(location, Mode::Dma, mem) {
-        Ok((d, _)) => d,
-        Err(e) => {
-            controllers.restore();
-            return refuse!("{location}: {e}");
-        }
+fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
+    println!("ksave: resume: looking for the image on partition {guid} (TSC {} MHz)", hw::calibrate_tsc());
+    let mut part = match disks::open_partition(guid, Mode::Dma) {
+        Ok(p) => p,
+        Err(e) => return refuse!("{e}"),
     };
     let work = work::take();
-    let result = check_and_load(&mut disk, partition.first_lba, partition.sectors() * SECTOR, ram, work);
-    match result {
+    let (first_lba, bytes) = (part.first_lba(), part.bytes());
+    match check_and_load(&mut part.disk, first_lba, bytes, ram, work) {
         Err(refusal) => {
             if invalidate_refused {
-                invalidate_with(&mut disk, partition.first_lba, &mut work.block, refusal.0.as_str());
+                invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.0.as_str());
             }
-            disk.close();
-            controllers.restore();
+            part.close();
             refusal
         }
         Ok(reentry) => {
             // Memory is the saved kernel's now: leave the controller stopped
             // rather than point it back at firmware addresses inside it.
-            disk.stop();
+            part.stop();
             println!("ksave: resume: jumping to the saved kernel at {reentry:#x}");
             jump_to_saved_kernel(reentry)
         }
@@ -189,7 +212,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     if let Err(e) = loaded {
         // Memory is half written: neither kernel can run. Say so and stop.
         println!("ksave: resume: FATAL: the image changed between checking and loading: {e}");
-        crate::cpu::stop(crate::qemu::ExitCode::Failure);
+        cpu::stop(crate::qemu::ExitCode::Failure);
     }
     let load_done = hw::now_us();
 
@@ -199,7 +222,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     let invalidated = src.disk.write(&KsaveHal, first_lba, block).and_then(|()| src.disk.flush());
     if let Err(e) = invalidated {
         println!("ksave: resume: FATAL: could not invalidate the image, so not resuming it: {e}");
-        crate::cpu::stop(crate::qemu::ExitCode::Failure);
+        cpu::stop(crate::qemu::ExitCode::Failure);
     }
     println!(
         "ksave: resume: loaded in {} ms (check {} ms, load {} ms); image invalidated",
@@ -228,9 +251,6 @@ fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], w
     }
 }
 
-unsafe extern "C" {
-    fn ksave_return_to_caller(reentry: u64) -> !;
-}
 
 /// Goes into the saved kernel the way a kexec jump returns: a `call` of its
 /// re-entry address in its control page. A cold boot left EFER.NXE clear,
@@ -246,6 +266,6 @@ fn jump_to_saved_kernel(reentry: u64) -> ! {
     // page, just restored and identity-mapped by ksave's tables.
     unsafe {
         x86::msr::wrmsr(MSR_EFER, x86::msr::rdmsr(MSR_EFER) | EFER_NXE);
-        ksave_return_to_caller(reentry)
+        caller::enter_saved_kernel(reentry)
     }
 }

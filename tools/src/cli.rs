@@ -1,0 +1,111 @@
+//! The command line: clap's types, nothing else.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ksave", version, about = "kexec-jump hibernation: save the running kernel's RAM with a tiny image, restore it later")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Choose the partition images go to (recorded in /etc/ksave.conf or $KSAVE_CONF).
+    Setup {
+        /// The partition's device, e.g. /dev/sda2.
+        #[arg(long, conflicts_with = "partuuid", required_unless_present = "partuuid")]
+        partition: Option<PathBuf>,
+        /// Or its PARTUUID (GPT unique partition GUID).
+        #[arg(long)]
+        partuuid: Option<String>,
+        /// Compress with LZ4 where it pays.
+        #[arg(long)]
+        lz4: bool,
+        /// The ksave image to load.
+        #[arg(long, default_value = "/usr/lib/ksave/ksave.elf")]
+        elf: PathBuf,
+        /// Record the partition even if the host's checks (size) fail. For
+        /// testing ksave's own checks.
+        #[arg(long)]
+        no_precheck: bool,
+    },
+    /// Load a configured ksave for a jump (and say how much memory it holds).
+    Load {
+        /// Load with kexec-tools instead of kexec_load(2).
+        #[arg(long)]
+        kexec_tools: bool,
+    },
+    /// Save the system: load, sync, jump to ksave, check what it wrote.
+    Hibernate {
+        /// Power off after a complete image (the default).
+        #[arg(long, conflicts_with = "snapshot")]
+        poweroff: bool,
+        /// Keep running after the image is written.
+        #[arg(long)]
+        snapshot: bool,
+        /// Load with kexec-tools instead of kexec_load(2).
+        #[arg(long)]
+        kexec_tools: bool,
+        /// Skip the host's own checks of the partition (size, identity), so
+        /// that ksave's checks decide. For testing ksave.
+        #[arg(long)]
+        no_precheck: bool,
+    },
+    /// From a freshly booted kernel: if the partition holds a resumable
+    /// image, hand the machine to ksave to restore it (does not return);
+    /// else say why and exit 1, and the boot carries on.
+    Resume {
+        /// The image partition's PARTUUID (default: the one set up).
+        #[arg(long)]
+        partuuid: Option<String>,
+        /// The ksave image to load (default: the one set up).
+        #[arg(long)]
+        elf: Option<PathBuf>,
+    },
+    /// Show the image header on the configured partition (or DEV|FILE).
+    Status {
+        /// A partition, disk or image file; default: the configured partition.
+        path: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's header, RAM ranges and chunks.
+    Inspect {
+        /// A partition, disk or image file.
+        path: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum of an image; the exit code tells.
+    Verify {
+        /// A partition, disk or image file.
+        path: PathBuf,
+    },
+    /// Mark an image as never to be restored.
+    Invalidate {
+        /// A partition, disk or image file; default: the configured partition.
+        path: Option<PathBuf>,
+    },
+    /// Write an image's RAM as an ELF64 core file (PT_LOAD per RAM range at its physical address).
+    Export {
+        /// The core file to write.
+        #[arg(long)]
+        elf: PathBuf,
+        /// A partition, disk or image file.
+        path: PathBuf,
+    },
+    /// Show a ksave.elf's load range, footprint and the kexec arguments that load it.
+    Image {
+        /// Path to ksave.elf.
+        elf: PathBuf,
+        /// Print only the kexec range arguments, for scripts.
+        #[arg(long)]
+        kexec_args: bool,
+    },
+}

@@ -1,0 +1,15 @@
+//! `ksave export --elf`: an image's RAM as an ELF64 core file.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use ksave_tools::export;
+use ksave_tools::imagefile::ImageFile;
+
+pub fn run(elf: &Path, path: &Path) -> Result<ExitCode> {
+    let mut file = ImageFile::open(path, false)?;
+    let (pages, bytes) = export::export(&mut file, elf)?;
+    println!("ksave: wrote {} ({pages} stored pages, {} MiB of address space)", elf.display(), bytes >> 20);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,101 @@
+//! `ksave hibernate`: load, sync, jump to ksave, read what it wrote, and
+//! power off only for a complete image of this attempt.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use ksave_format::PAGE;
+use ksave_format::header::{DATA_OFFSET, Header, State};
+use ksave_tools::imagefile::ImageFile;
+use ksave_tools::load;
+use ksave_tools::setup::{self, Setup};
+
+use super::load::load_ksave;
+
+pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool) -> Result<ExitCode> {
+    let setup = Setup::load(&setup::path())?;
+    if !no_precheck {
+        super::precheck(&setup)?;
+    }
+    let loaded = load_ksave(&setup, kexec_tools)?;
+    println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
+    jump(kexec_tools)?;
+    // No "time away" here: Linux's clocks stand still across the jump.
+    let _ = load::unload(); // give the memory back
+    match verdict(&setup, loaded.config.nonce) {
+        Verdict::Resumed(h) => {
+            println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
+            Ok(ExitCode::SUCCESS)
+        }
+        Verdict::Saved(h) => {
+            let bytes = h.data_bytes + DATA_OFFSET;
+            println!(
+                "ksave: image complete: {} pages ({} MiB) stored, {} zero pages left out, {} MiB on disk, saved in {} ms",
+                h.pages_stored,
+                h.pages_stored * PAGE as u64 >> 20,
+                h.pages_zero,
+                bytes >> 20,
+                h.save_us / 1000
+            );
+            println!("ksave-metric image_bytes={bytes} pages_stored={} pages_zero={} save_ms={}", h.pages_stored, h.pages_zero, h.save_us / 1000);
+            if snapshot {
+                println!("ksave: snapshot taken; still running");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("ksave: powering off");
+            // SAFETY: sync and reboot(POWER_OFF) take no memory arguments.
+            unsafe {
+                libc::sync();
+                libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+            }
+            bail!("power off failed: {}", std::io::Error::last_os_error())
+        }
+        Verdict::Failed(why) => {
+            eprintln!("ksave: hibernation FAILED, not powering off: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Syncs and jumps to the loaded ksave; returns when it has come back.
+fn jump(kexec_tools: bool) -> Result<()> {
+    // SAFETY: sync has no memory arguments.
+    unsafe { libc::sync() };
+    if kexec_tools {
+        // kexec-tools 2.0.25 exits 255 even after a good jump back: only the
+        // partition tells what happened.
+        let _ = std::process::Command::new("kexec").arg("-e").status();
+        return Ok(());
+    }
+    // SAFETY: reboot(2) with LINUX_REBOOT_CMD_KEXEC and a loaded
+    // preserve-context image jumps to it and returns when it comes back.
+    let rc = unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = load::unload();
+        bail!("the jump did not happen: reboot(KEXEC): {e}");
+    }
+    Ok(())
+}
+
+/// What the partition says about attempt `nonce`.
+enum Verdict {
+    /// A complete image: safe to power off.
+    Saved(Header),
+    /// Back through a restore: ksave invalidates the image before it jumps
+    /// into the saved kernel, which continues right here.
+    Resumed(Header),
+    /// Anything else, and why.
+    Failed(String),
+}
+
+fn verdict(setup: &Setup, nonce: u64) -> Verdict {
+    match ImageFile::open(&setup.device, false).and_then(|mut f| f.header()) {
+        Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
+        Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
+        Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message())),
+        Ok(h) if h.nonce == nonce => Verdict::Failed(format!("the image was left {}: the save did not finish", h.state.name())),
+        Ok(_) => Verdict::Failed(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
+        Err(e) => Verdict::Failed(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
+    }
+}

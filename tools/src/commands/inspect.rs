@@ -1,0 +1,56 @@
+//! `ksave inspect`: an image's header, RAM ranges and chunks.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use ksave_format::PAGE;
+use ksave_format::header::State;
+use ksave_tools::imagefile::ImageFile;
+use ksave_tools::inspect;
+use serde_json::json;
+
+use super::show;
+
+pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
+    let mut file = ImageFile::open(path, false)?;
+    let image = inspect::read(&mut file)?;
+    let (mut raw, mut lz4, mut raw_bytes, mut lz4_bytes, mut lz4_pages) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let walked = if image.header.state == State::Complete {
+        inspect::walk(&mut file, &image, |_, _| {}, |c| {
+            if c.encoding == 0 {
+                raw += 1;
+                raw_bytes += c.bytes;
+            } else {
+                lz4 += 1;
+                lz4_bytes += c.bytes;
+                lz4_pages += c.pages as u64;
+            }
+        })
+        .map_err(|e| format!("{e:#}"))
+    } else {
+        Err(format!("image is {}", image.header.state.name()))
+    };
+    if json {
+        let mut v = show::header_json(&image.header);
+        v["ram_ranges"] = json!(image.ram.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>());
+        v["backup_pairs"] = json!(image.backup.len());
+        v["chunks_raw"] = json!(raw);
+        v["chunks_lz4"] = json!(lz4);
+        v["lz4_pages"] = json!(lz4_pages);
+        v["lz4_bytes"] = json!(lz4_bytes);
+        v["raw_bytes"] = json!(raw_bytes);
+        v["checks"] = json!(walked.clone().err().unwrap_or_else(|| "ok".into()));
+        println!("{v}");
+    } else {
+        println!("image        {}", file.description);
+        show::print_header(&image.header);
+        for r in &image.ram {
+            println!("RAM          {:#014x}-{:#014x} ({} MiB)", r.start, r.end, (r.end - r.start) >> 20);
+        }
+        println!("backup map   {} pages under ksave, held in source pages", image.backup.len());
+        println!("chunks       {raw} raw ({} MiB), {lz4} LZ4 ({} MiB holding {} MiB)", raw_bytes >> 20, lz4_bytes >> 20, lz4_pages * PAGE as u64 >> 20);
+        println!("checks       {}", walked.err().unwrap_or_else(|| "every checksum right".into()));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,52 @@
+//! `ksave load`: configure ksave.elf for one attempt and load it for a jump.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ksave_format::config::Config;
+use ksave_tools::elfimage::ImageLayout;
+use ksave_tools::load;
+use ksave_tools::setup::{self, Setup};
+
+pub fn run(kexec_tools: bool) -> Result<ExitCode> {
+    let setup = Setup::load(&setup::path())?;
+    let loaded = load_ksave(&setup, kexec_tools)?;
+    println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A ksave loaded for one attempt.
+pub struct Loaded {
+    /// Its config (the attempt's nonce).
+    pub config: Config,
+    /// How long configuring and loading took.
+    pub took: Duration,
+    /// KiB of memory the kernel holds for it.
+    pub held_kib: u64,
+}
+
+/// Configures and loads ksave for one attempt.
+pub fn load_ksave(setup: &Setup, kexec_tools: bool) -> Result<Loaded> {
+    let t = Instant::now();
+    let config = load::attempt_config(setup)?;
+    let elf = std::fs::read(&setup.elf).with_context(|| format!("reading {}", setup.elf.display()))?;
+    let configured = load::configure(&elf, &config)?;
+    let prepared = t.elapsed();
+    let layout = ImageLayout::parse(&configured)?;
+    if kexec_tools {
+        let path = Path::new("/run/ksave/ksave.elf");
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(path, &configured)?;
+        let cmd = load::kexec_tools_command(path, &layout);
+        println!("ksave: {}", cmd.join(" "));
+        load::run_kexec_tools(&cmd)?;
+    } else {
+        load::load_with_syscall(&configured)?;
+    }
+    let ram: u64 = config.ram().iter().map(|r| r.end - r.start).sum();
+    let held_kib = load::held_bytes(&layout, ram) / 1024;
+    eprintln!("ksave: prepared the image in {} ms, kexec load took {} ms", prepared.as_millis(), (t.elapsed() - prepared).as_millis());
+    Ok(Loaded { config, took: t.elapsed(), held_kib })
+}

@@ -1,0 +1,75 @@
+//! One module a command; what two commands share is here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, ensure};
+use ksave_format::PAGE;
+use ksave_tools::setup::Setup;
+use ksave_tools::sys;
+
+use crate::cli::Command;
+
+mod export;
+mod hibernate;
+mod image;
+mod inspect;
+mod invalidate;
+mod load;
+mod resume;
+mod setup;
+mod show;
+mod status;
+mod verify;
+
+/// Runs one command.
+pub fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Setup { partition, partuuid, lz4, elf, no_precheck } => setup::run(partition, partuuid, lz4, elf, no_precheck),
+        Command::Load { kexec_tools } => load::run(kexec_tools),
+        Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck } => hibernate::run(snapshot, kexec_tools, no_precheck),
+        Command::Resume { partuuid, elf } => resume::run(partuuid, elf),
+        Command::Status { path, json } => status::run(path, json),
+        Command::Inspect { path, json } => inspect::run(&path, json),
+        Command::Verify { path } => verify::run(&path),
+        Command::Invalidate { path } => invalidate::run(path),
+        Command::Export { elf, path } => export::run(&elf, &path),
+        Command::Image { elf, kexec_args } => image::run(&elf, kexec_args),
+    }
+}
+
+/// `path`, or the partition `ksave setup` recorded.
+fn path_or_setup(path: Option<PathBuf>) -> Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p),
+        None => Ok(Setup::load(&ksave_tools::setup::path())?.device),
+    }
+}
+
+/// The host's own checks before a jump: the partition is still the one set
+/// up, and it holds the worst case for this machine's RAM.
+fn precheck(setup: &Setup) -> Result<()> {
+    let part = sys::partition_info(&setup.device).with_context(|| format!("the configured partition {}", setup.device.display()))?;
+    ensure!(
+        part.guid == setup.guid && part.first_lba == setup.first_lba && part.sectors == setup.sectors,
+        "{} is no longer the partition set up (PARTUUID {} LBA {}+{}, now {} {}+{}): run `ksave setup` again",
+        setup.device.display(),
+        setup.guid,
+        setup.first_lba,
+        setup.sectors,
+        part.guid,
+        part.first_lba,
+        part.sectors
+    );
+    let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
+    let worst = ksave_format::writer::worst_case_bytes(pages);
+    ensure!(
+        worst <= setup.sectors * 512,
+        "{} holds {} MiB, an image of this machine's {} MiB of RAM may need {} MiB",
+        setup.device.display(),
+        setup.sectors / 2048,
+        pages * PAGE as u64 >> 20,
+        worst.div_ceil(1 << 20)
+    );
+    Ok(())
+}

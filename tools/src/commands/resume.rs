@@ -1,0 +1,60 @@
+//! `ksave resume`: from a freshly booted kernel, hand the machine to ksave
+//! if the partition holds a resumable image (does not return); else say
+//! why and exit 1, and the boot carries on.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use diskdrv::part::Guid;
+use ksave_format::header::State;
+use ksave_tools::imagefile::ImageFile;
+use ksave_tools::setup::{self, Setup};
+use ksave_tools::{inspect, load, sys};
+
+pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
+    let setup = match (&partuuid, Setup::load(&setup::path())) {
+        (Some(text), _) => {
+            let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
+            let part = sys::partition_by_guid(guid)?;
+            Setup::new(&part, false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()))
+        }
+        (None, Ok(s)) => s,
+        (None, Err(e)) => return Err(e),
+    };
+    let elf_path = elf.unwrap_or(setup.elf.clone());
+    let mut file = ImageFile::open(&setup.device, false)?;
+    let image = match inspect::read(&mut file) {
+        Ok(i) => i,
+        Err(e) => {
+            println!("ksave: nothing to resume: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // The host checks all it can; ksave checks everything again, and every
+    // checksum, before it writes a byte.
+    let why_not = if image.header.state != State::Complete {
+        Some(format!("the image is {} ({})", image.header.state.name(), image.header.message()))
+    } else if image.ram != sys::ram_ranges()? {
+        Some("the image was made with another RAM map".to_string())
+    } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
+        Some("the image was made on another CPU vendor".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        println!("ksave: nothing to resume: {why}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let config = load::attempt_config(&setup)?;
+    let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
+    load::load_for_resume(&load::configure(&bytes, &config)?)?;
+    println!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored);
+    // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
+    // kexec image loaded the kernel hands the machine to ksave.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
+    }
+    bail!("the kexec into ksave did not happen: {}", std::io::Error::last_os_error())
+}

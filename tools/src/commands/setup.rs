@@ -1,0 +1,33 @@
+//! `ksave setup`: choose the partition images go to.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, ensure};
+use diskdrv::part::Guid;
+use ksave_tools::setup::{self, Setup};
+use ksave_tools::sys;
+
+pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<ExitCode> {
+    let part = match (partition, partuuid) {
+        (Some(dev), _) => sys::partition_info(&dev)?,
+        (_, Some(text)) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?,
+        _ => unreachable!("clap requires one"),
+    };
+    ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
+    let setup = Setup::new(&part, lz4, elf);
+    if !no_precheck {
+        super::precheck(&setup)?;
+    }
+    setup.save(&setup::path())?;
+    println!(
+        "ksave: images go to {} (PARTUUID {}, LBA {}, {} MiB) on {}; recorded in {}",
+        part.device.display(),
+        part.guid,
+        part.first_lba,
+        part.sectors / 2048,
+        part.disk.display(),
+        setup::path().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

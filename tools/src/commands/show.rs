@@ -1,0 +1,40 @@
+//! How an image header is shown: as text, or as JSON for scripts and the
+//! test harness.
+
+use ksave_format::header::{DATA_OFFSET, FLAG_LZ4, Header, State};
+use serde_json::json;
+
+/// The header as JSON.
+pub fn header_json(h: &Header) -> serde_json::Value {
+    json!({
+        "state": h.state.name(),
+        "nonce": format!("{:#018x}", h.nonce),
+        "created_unix": h.created_unix,
+        "pages_stored": h.pages_stored,
+        "pages_zero": h.pages_zero,
+        "chunks": h.chunks,
+        "bytes": h.data_bytes + DATA_OFFSET,
+        "save_us": h.save_us,
+        "lz4": h.flags & FLAG_LZ4 != 0,
+        "ksave_range": [h.image.start, h.image.end],
+        "reentry": format!("{:#x}", h.reentry),
+        "cpu_vendor": String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0').to_string(),
+        "fail_code": h.fail_code,
+        "message": h.message(),
+    })
+}
+
+/// The header as text, a field a line.
+pub fn print_header(h: &Header) {
+    println!("state        {}", h.state.name());
+    println!("nonce        {:#018x}", h.nonce);
+    println!("created      {} (unix)", h.created_unix);
+    println!("message      {}", h.message());
+    if h.state == State::Complete || h.state == State::Invalidated {
+        println!("pages        {} stored, {} zero", h.pages_stored, h.pages_zero);
+        println!("size         {} MiB in {} chunks{}", (h.data_bytes + DATA_OFFSET) >> 20, h.chunks, if h.flags & FLAG_LZ4 != 0 { ", some LZ4" } else { "" });
+        println!("saved in     {} ms", h.save_us / 1000);
+        println!("ksave range  {:#x}-{:#x}, re-entry {:#x}", h.image.start, h.image.end, h.reentry);
+        println!("CPU          {}", String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0'));
+    }
+}
