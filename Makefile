@@ -35,7 +35,7 @@ $(BUILD)/bzImage: FORCE | deps
 	@mkdir -p $(BUILD)
 	k=$$(qemu/build-kernel.sh) && cmp -s "$$k" $@ || cp "$$k" $@
 
-$(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/init $(wildcard qemu/initramfs/scenarios/*) | deps
+$(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/init $(wildcard qemu/initramfs/scenarios/* qemu/initramfs/lib/*) | deps
 	qemu/mkinitramfs.sh $@ $(ELF) $(CLI) target/release/memtest
 
 $(BUILD)/grub.iso: $(ELF) qemu/mkgrubiso.sh | deps

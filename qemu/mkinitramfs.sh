@@ -31,6 +31,7 @@ done
 install -m 0644 "$elf" "$stage/ksave.elf"
 install -m 0755 "$here/initramfs/init" "$stage/init"
 install -m 0755 "$here"/initramfs/scenarios/*.sh "$stage/scenarios/"
+install -D -m 0644 "$here/initramfs/lib/test.sh" "$stage/lib/ksave-test/test.sh"
 
 mkdir -p "$(dirname "$out")"
 (cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -6 > "$out.tmp"

@@ -138,6 +138,7 @@ fn report(boot: &BootInfo, info: u64) {
     for region in boot.map.regions() {
         println!("ksave:     {region}");
     }
+    crate::metric!(ram_mib = boot.map.ram_bytes() >> 20, regions = boot.map.regions().len());
 }
 
 fn fault_self_test() -> ! {

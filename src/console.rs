@@ -56,3 +56,12 @@ macro_rules! println {
         let _ = writeln!($crate::console::Console, $($arg)*);
     }};
 }
+
+/// One line of figures for scripts and the test harness, which read them
+/// instead of the prose: `ksave-metric key=value ...`.
+#[macro_export]
+macro_rules! metric {
+    ($($key:ident = $value:expr),+ $(,)?) => {
+        $crate::println!(concat!("ksave-metric", $(" ", stringify!($key), "={}"),+), $($value),+)
+    };
+}

@@ -122,6 +122,7 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
         mb_per_s(bytes, t1 - t0),
         mb_per_s(bytes, t2 - t1)
     );
+    crate::metric!(write_mb_s = mb_per_s(bytes, t1 - t0), read_verify_mb_s = mb_per_s(bytes, t2 - t1));
     Ok(())
 }
 
@@ -158,6 +159,7 @@ fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: 
         read_us / 1000,
         mb_per_s(bytes, read_us)
     );
+    crate::metric!(bench_write_mb_s = mb_per_s(bytes, write_us), bench_read_mb_s = mb_per_s(bytes, read_us));
     Ok(())
 }
 

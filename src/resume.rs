@@ -230,6 +230,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
         (verified - start) / 1000,
         (load_done - verified) / 1000
     );
+    crate::metric!(resume_check_ms = (verified - start) / 1000, resume_load_ms = (load_done - verified) / 1000, pages_stored = header.pages_stored);
     Ok(header.reentry)
 }
 

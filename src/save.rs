@@ -296,13 +296,13 @@ fn report(s: &Summary) {
         s.disk_us / 1000,
         (s.us - s.disk_us) / 1000
     );
-    println!(
-        "ksave-metric save_ms={} pages_stored={} pages_zero={} pages_lz4={} image_bytes={} disk_ms={}",
-        s.us / 1000,
-        t.pages_stored,
-        t.pages_zero,
-        t.pages_lz4,
-        DATA_OFFSET + t.data_bytes,
-        s.disk_us / 1000
+    crate::metric!(
+        save_ms = s.us / 1000,
+        pages_stored = t.pages_stored,
+        pages_zero = t.pages_zero,
+        pages_lz4 = t.pages_lz4,
+        image_bytes = DATA_OFFSET + t.data_bytes,
+        disk_ms = s.disk_us / 1000,
+        ram_mb_s = (t.pages_stored + t.pages_zero) * PAGE as u64 / s.us.max(1),
     );
 }

@@ -3,7 +3,7 @@
 
 use ksave_format::header::META_BLOCKS;
 use ksave_format::reader::{self, Buffers};
-use ksave_format::writer::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
 use ksave_format::PAGE;
 use libfuzzer_sys::fuzz_target;
 

@@ -149,12 +149,25 @@ impl TestDisk {
 
     /// Checks that nothing outside the partition changed.
     pub fn check_outside_unchanged(&self) -> Result<()> {
-        let now = std::fs::read(&self.path)?;
         let (start, end) = ((PART_FIRST_LBA * 512) as usize, ((self.part_last_lba + 1) * 512) as usize);
-        match (0..start).chain(end..now.len()).find(|&i| now[i] != self.original[i]) {
-            Some(i) => bail!("byte {i} (LBA {}) outside the partition changed", i / 512),
-            None => Ok(()),
+        self.check_unchanged_since(&self.original, Some(start..end))
+    }
+
+    /// Fails if any byte of the disk image differs from `before`, except in
+    /// `except` (byte offsets).
+    pub fn check_unchanged_since(&self, before: &[u8], except: Option<std::ops::Range<usize>>) -> Result<()> {
+        let now = std::fs::read(&self.path)?;
+        ensure!(now.len() == before.len(), "the disk image changed size: {} -> {} bytes", before.len(), now.len());
+        let skip = except.unwrap_or(0..0);
+        for (from, to) in [(0, skip.start), (skip.end, now.len())] {
+            if now[from..to] == before[from..to] {
+                continue; // memcmp: the common case, fast on 500 MiB images
+            }
+            if let Some(i) = (from..to).find(|&i| now[i] != before[i]) {
+                bail!("byte {i} (LBA {}) of the disk changed", i / 512);
+            }
         }
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ pub mod memdata;
 pub mod scenarios;
 mod vm;
 
-pub use vm::{Line, Vm, VmConfig};
+pub use vm::{Line, Metrics, Vm, VmConfig};
 
 use std::path::PathBuf;
 

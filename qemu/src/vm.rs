@@ -1,5 +1,6 @@
 //! One QEMU process and its serial console.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -48,6 +49,38 @@ pub struct Line {
     pub at: Duration,
     /// The text, without the line ending.
     pub text: String,
+}
+
+/// The figures of one `ksave-metric key=value ...` line, which ksave and
+/// the CLI print for the harness.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// When the line arrived.
+    pub at: Duration,
+    values: BTreeMap<String, f64>,
+    text: String,
+}
+
+/// What starts a metrics line.
+pub const METRIC_PREFIX: &str = "ksave-metric ";
+
+impl Metrics {
+    /// The figures of `line`, if it is a metrics line.
+    pub fn parse(line: &Line) -> Option<Self> {
+        let (_, rest) = line.text.split_once(METRIC_PREFIX)?;
+        let values = rest.split_whitespace().filter_map(|kv| kv.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect();
+        Some(Self { at: line.at, values, text: line.text.clone() })
+    }
+
+    /// The figure `key`.
+    pub fn get(&self, key: &str) -> Result<f64> {
+        self.values.get(key).copied().ok_or_else(|| anyhow!("no {key}= in {:?}", self.text))
+    }
+
+    /// Whether the line carries `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
 }
 
 /// A running QEMU. Killed when dropped.
@@ -131,6 +164,18 @@ impl Vm {
                     let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
                     return Err(self.failure(&format!("console closed ({status}) before a line with {needle:?}")));
                 }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a metrics line carrying `key`, after the
+    /// lines already matched.
+    pub fn expect_metrics(&mut self, key: &str, timeout: Duration) -> Result<Metrics> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.expect(METRIC_PREFIX, deadline.saturating_duration_since(Instant::now())).with_context(|| format!("waiting for the metric {key}"))?;
+            if let Some(m) = Metrics::parse(&line).filter(|m| m.has(key)) {
+                return Ok(m);
             }
         }
     }

@@ -2,7 +2,7 @@
 # Baseline for `make bench`: Linux's own raw throughput to the test
 # partition with O_DIRECT, 4 MiB blocks. Debian's busybox dd prints no
 # timing, so the harness times the lines around each dd on the host.
-say() { echo "ksave-test: $*"; }
+. /lib/ksave-test/test.sh
 part=/dev/sda1
 for _ in $(seq 100); do [ -b $part ] && break; sleep 0.1; done
 [ -b $part ] || { say "no $part"; exit 1; }

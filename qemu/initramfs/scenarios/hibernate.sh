@@ -4,7 +4,7 @@
 #   KSAVE_PARTUUID  the image partition      KSAVE_LZ4=1      compress
 #   KSAVE_KEXEC_TOOLS=1  load through kexec-tools, not kexec_load(2)
 #   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error
-say() { echo "ksave-test: $*"; }
+. /lib/ksave-test/test.sh
 expect=${KSAVE_EXPECT:-ok}
 
 setup_flags=
@@ -14,15 +14,7 @@ if [ "$expect" = too-small ]; then
   setup_flags=--no-precheck
 fi
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf ${KSAVE_LZ4:+--lz4} $setup_flags || { say "setup failed"; exit 1; }
-memtest fill --mib "${KSAVE_MEMTEST_MIB:-256}" --seed 42 --manifest /tmp/manifest &
-for _ in $(seq 600); do [ -e /tmp/memtest.ready ] && break; sleep 0.1; done
-[ -e /tmp/memtest.ready ] || { say "memtest never got ready"; exit 1; }
-
-check_memtest() {
-  touch /tmp/memtest.check
-  for _ in $(seq 600); do [ -e /tmp/memtest.check ] || break; sleep 0.1; done
-  grep -q "data intact" /tmp/memtest.result || { say "memtest data changed"; exit 1; }
-}
+memtest_start "${KSAVE_MEMTEST_MIB:-256}"
 
 case $expect in
   ok)
@@ -48,11 +40,11 @@ elif [ "$expect" != ok ]; then
   ksave hibernate --snapshot --no-precheck && { say "hibernate did not fail"; exit 1; }
   say "hibernate refused (as it must)"
 fi
-check_memtest
+memtest_check
 say "still running, memory intact"
 ksave status
 if [ "$expect" = ok ]; then
   dd if=/tmp/manifest of=/dev/sda2 bs=4096 conv=fsync 2>/dev/null || { say "could not store the manifest"; exit 1; }
   say "manifest stored"
 fi
-touch /tmp/memtest.stop
+memtest_stop

@@ -2,19 +2,15 @@
 # The whole story: hibernate (power off), be resumed by another boot, check
 # everything, and do it all a second time.
 #   KSAVE_PARTUUID  the image partition
-say() { echo "ksave-test: $*"; }
+. /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
-memtest fill --mib "${KSAVE_MEMTEST_MIB:-256}" --seed 42 --manifest /tmp/manifest &
-for _ in $(seq 600); do [ -e /tmp/memtest.ready ] && break; sleep 0.1; done
-[ -e /tmp/memtest.ready ] || { say "memtest never got ready"; exit 1; }
+memtest_start "${KSAVE_MEMTEST_MIB:-256}"
 dd if=/dev/urandom of=/tmp/file bs=1M count=16 2>/dev/null
 want=$(sha256sum /tmp/file | cut -d' ' -f1)
 
 check() {
-  touch /tmp/memtest.check
-  for _ in $(seq 600); do [ -e /tmp/memtest.check ] || break; sleep 0.1; done
-  grep -q "data intact" /tmp/memtest.result || { say "memtest data changed"; exit 1; }
+  memtest_check
   count=$(sed 's/.*count //' /tmp/memtest.result)
   [ "$(sha256sum /tmp/file | cut -d' ' -f1)" = "$want" ] || { say "tmpfs file changed"; exit 1; }
   # The disk still works: write the file to partition 2 and read it back.
@@ -32,4 +28,4 @@ for round in 1 2; do
   say "resumed ($round): memory, tmpfs and disk intact, count $last -> $count"
   last=$count
 done
-touch /tmp/memtest.stop
+memtest_stop

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The kexec-jump round trip: jump to ksave, come back, jump again without
 # reloading (re-entry), come back; memory must be untouched throughout.
-say() { echo "ksave-test: $*"; }
+. /lib/ksave-test/test.sh
 
 say "filling 64 MiB of tmpfs with random data"
 dd if=/dev/urandom of=/tmp/data bs=1M count=64 2>/dev/null || exit 1

@@ -19,6 +19,7 @@ pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool) -> Result<ExitC
     }
     let loaded = load_ksave(&setup, kexec_tools)?;
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
+    println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
     let _ = load::unload(); // give the memory back

@@ -1,0 +1,66 @@
+//! The whole story: hibernate, power off, resume, twice, by each way in.
+
+use anyhow::Result;
+
+use super::{Report, SECOND, grub_resume_menu, kernel_a};
+use crate::disk::{Bus, PART_GUID, TestDisk};
+use crate::{Vm, VmConfig, build_input};
+
+/// How the machine comes back after `ksave hibernate` powered it off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeBy {
+    /// QEMU `-kernel ksave.elf` (multiboot 1) with `ksave.resume=GUID`.
+    Multiboot1,
+    /// Kernel C boots; `ksave resume` in its initramfs kexecs ksave.
+    KernelC,
+    /// GRUB's menu boots ksave by multiboot 2 (build/grub-resume.iso).
+    Grub,
+}
+
+/// The full story: kernel A holds 256 MiB of known data, a counting
+/// process, a tmpfs file; `ksave hibernate` powers off; a fresh QEMU (same
+/// memory, CPUs and disk) boots ksave, which resumes A; A checks everything
+/// and hibernates again; a third QEMU resumes it again.
+pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
+    let name = format!("resume-{by:?}").to_lowercase();
+    let disk = TestDisk::create(&name, 560, 520)?;
+    let mut report = Report::new(&format!("hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest)"));
+    let config = kernel_a(&name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}"))?.arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
+    vm.expect("ksave: image complete", 120 * SECOND)?;
+    let saved = vm.expect_metrics("image_bytes", 5 * SECOND)?;
+    vm.expect("ksave: powering off", 60 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);
+    report.add("image size", saved.get("image_bytes")? / 1048576.0, "MiB");
+    for round in 1..=2 {
+        let resume = match by {
+            ResumeBy::Multiboot1 => VmConfig::new(&format!("{name}-{round}")).arg([
+                "-kernel".to_string(),
+                build_input("ksave.elf")?.display().to_string(),
+                "-append".into(),
+                format!("ksave.resume={PART_GUID}"),
+            ]),
+            ResumeBy::KernelC => kernel_a(&format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
+            ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
+        }
+        .arg(disk.qemu_args(Bus::Ahci, None));
+        let mut vm = Vm::start(VmConfig { echo, ..resume })?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
+        let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;
+        let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
+        report.add_ms(format!("resume {round}: power-on to the jump into A"), jump.at);
+        report.add_ms(format!("resume {round}: power-on to A running"), running.at);
+        report.add_ms(format!("resume {round}: power-on to A checked and running"), back.at);
+        if round == 1 {
+            vm.expect("ksave-test: hibernating (2)", 60 * SECOND)?;
+            vm.expect("ksave: powering off", 120 * SECOND)?;
+        } else {
+            vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+        }
+        vm.refute_seen("CPU exception")?;
+        vm.expect_exit(0, 60 * SECOND)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,155 @@
+//! Saving: `ksave hibernate --snapshot` on a live kernel A, the image
+//! checked on the host, and every refusal leaving A running.
+
+use anyhow::{Context, Result, ensure};
+
+use super::{Report, SECOND, kernel_a};
+use crate::disk::{Bus, PART_FIRST_LBA, PART_GUID, TestDisk};
+use crate::{Vm, VmConfig, build_input};
+
+/// How a hibernate run should end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// A complete image, checked on the host.
+    Ok,
+    /// The partition is smaller than the worst case.
+    TooSmall,
+    /// The recorded partition GUID is not on the disk.
+    WrongGuid,
+    /// The disk fails a write (blkdebug).
+    IoError,
+}
+
+/// Kernel A holds `memtest_mib` MiB of known data and runs `ksave
+/// hibernate --snapshot` to an AHCI disk. With [`Expect::Ok`] the host
+/// then checks the image with `ksave verify` and `ksave export`: every
+/// memtest page must be in the core file at its physical address. The
+/// failure cases must leave A running with its data intact and hibernate
+/// failing with the reason.
+pub fn hibernate_snapshot(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool) -> Result<Report> {
+    hibernate_run(expect, lz4, memtest_mib, echo, false)
+}
+
+pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, allocated: bool) -> Result<Report> {
+    let name = format!("hibernate-{expect:?}{}", if lz4 { "-lz4" } else { "" }).to_lowercase();
+    let part_mib = if expect == Expect::TooSmall { 64 } else { 520 };
+    let disk = if allocated { TestDisk::create_allocated(&name, part_mib + 20, part_mib)? } else { TestDisk::create(&name, part_mib + 20, part_mib)? };
+    let rule = match expect {
+        Expect::IoError => Some(disk.blkdebug_rule("write", PART_FIRST_LBA + 20_000)?),
+        _ => None,
+    };
+    // The LZ4 runs load through kexec-tools, the others through kexec_load(2).
+    let scenario = format!(
+        "hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib} ksave.expect={}{}",
+        format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error"),
+        if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" }
+    );
+    let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(Bus::Ahci, rule.as_deref()));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest", if lz4 { ", LZ4" } else { "" }));
+    if expect == Expect::TooSmall {
+        vm.expect("setup refused (as it must)", 120 * SECOND)?;
+    }
+    vm.expect("memtest: ready", 300 * SECOND)?;
+    match expect {
+        Expect::Ok => {
+            let jump = vm.expect("ksave-test: jump", 30 * SECOND)?;
+            let loaded = vm.expect("ksave: loaded in", 30 * SECOND)?;
+            report.add("caller memory held while loaded", vm.expect_metrics("held_kib", 5 * SECOND)?.get("held_kib")?, "KiB");
+            let banner = vm.expect("entered by kexec jump", 30 * SECOND)?;
+            let first = vm.expect("ksave: image header written", 60 * SECOND)?;
+            report.add_ms("the jump to the first sector written", first.at - loaded.at);
+            vm.expect("ksave: saved", 600 * SECOND)?;
+            let saved = vm.expect_metrics("save_ms", 5 * SECOND)?;
+            let back = vm.expect("ksave: image complete", 60 * SECOND)?;
+            report.add_ms("`ksave hibernate` to ksave's banner", banner.at - jump.at);
+            report.add_ms("ksave's banner to the first sector written", first.at - banner.at);
+            report.add_ms("`ksave hibernate` to the first sector written", first.at - jump.at);
+            report.add_ms("ksave's banner to A running again", back.at - banner.at);
+            const MIB: f64 = 1048576.0;
+            report.add("save rate over all RAM", saved.get("ram_mb_s")?, "MB/s");
+            report.add("image size", saved.get("image_bytes")? / MIB, "MiB");
+            report.add("save time in ksave", saved.get("save_ms")?, "ms");
+            report.add("  of which disk transfers", saved.get("disk_ms")?, "ms");
+            report.add("zero pages left out", saved.get("pages_zero")?, "pages");
+            report.add("data stored", saved.get("pages_stored")? * 4096.0 / MIB, "MiB");
+        }
+        _ => {
+            // ksave's own refusal first (after the host's, where there is
+            // one), then the tool's, which must pass ksave's reason on.
+            let (ksave_says, tool_says) = match expect {
+                Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB", "ksave could not save: partition holds 64 MiB"),
+                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID", "no record of this attempt"),
+                _ => ("ksave: save FAILED: disk error: device error on command 0x35", "ksave could not save: disk error: device error on command 0x35"),
+            };
+            vm.expect(ksave_says, 300 * SECOND)?;
+            let line = vm.expect("hibernation FAILED, not powering off", 60 * SECOND)?;
+            ensure!(line.text.contains(tool_says), "the tool's refusal does not say {tool_says:?}: {:?}", line.text);
+            vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
+        }
+    }
+    vm.expect("memtest: data intact", 120 * SECOND)?;
+    vm.expect("still running, memory intact", 60 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.refute_seen("CPU exception")?;
+    vm.refute_seen("ksave: panic")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add_ms("VM total run time", vm.elapsed());
+    if expect == Expect::Ok {
+        check_image_on_host(&disk, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// `ksave verify` and `ksave export` on the disk image file, then every
+/// memtest page compared at its physical address in the core file.
+fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
+    let cli = build_input("ksave")?;
+    let run = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(&cli).args(args).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "ksave {} failed: {text}", args.join(" "));
+        Ok(text)
+    };
+    let img = disk.path.display().to_string();
+    let verified = run(&["verify", &img])?;
+    ensure!(verified.contains("OK:"), "ksave verify: {verified}");
+    let inspected: serde_json::Value = serde_json::from_str(&run(&["inspect", "--json", &img])?)?;
+    ensure!(inspected["state"] == "complete" && inspected["checks"] == "ok", "ksave inspect --json: {inspected}");
+    report.add("chunks (raw + LZ4)", (inspected["chunks_raw"].as_u64().unwrap_or(0) + inspected["chunks_lz4"].as_u64().unwrap_or(0)) as f64, "chunks");
+    let core = disk.path.with_extension("core");
+    let t = std::time::Instant::now();
+    run(&["export", "--elf", &core.display().to_string(), &img])?;
+    report.add_ms("host: ksave export", t.elapsed());
+    let readelf = std::process::Command::new("readelf").arg("-l").arg(&core).output()?;
+    let listing = String::from_utf8_lossy(&readelf.stdout);
+    ensure!(readelf.status.success() && listing.contains("CORE") && listing.contains("LOAD"), "readelf -l: {listing}");
+
+    let manifest = crate::memdata::Manifest::decode(&disk.read_second(8 << 20)?)?;
+    let data = std::fs::read(&core)?;
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&data[..])?;
+    use object::read::elf::ProgramHeader as _;
+    let endian = elf.endian();
+    let segments: Vec<_> = elf.elf_program_headers().iter().map(|p| (p.p_paddr(endian), p.p_memsz(endian), p.p_offset(endian))).collect();
+    let mut expected = [0u8; crate::memdata::PAGE];
+    for (i, pfn) in manifest.pfns.iter().enumerate() {
+        let addr = pfn * crate::memdata::PAGE as u64;
+        let (start, _, offset) = segments
+            .iter()
+            .find(|(s, len, _)| (*s..s + len).contains(&addr))
+            .with_context(|| format!("page {i} at {addr:#x} is in no PT_LOAD of the core"))?;
+        let at = (offset + addr - start) as usize;
+        crate::memdata::fill_page(manifest.seed, i as u64, &mut expected);
+        ensure!(data[at..at + expected.len()] == expected, "page {i} (frame {pfn:#x}) differs in the exported image");
+    }
+    report.add("memtest pages checked in the export", manifest.pfns.len() as f64, "pages");
+    let _ = std::fs::remove_file(&core);
+
+    // Invalidated, the image must never verify again.
+    run(&["invalidate", &img])?;
+    let out = std::process::Command::new(&cli).args(["verify", &img]).output()?;
+    ensure!(!out.status.success(), "verify passed an invalidated image");
+    let status: serde_json::Value = serde_json::from_str(&run(&["status", "--json", &img])?)?;
+    ensure!(status["state"] == "invalidated", "status after invalidate: {status}");
+    Ok(())
+}
