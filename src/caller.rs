@@ -59,7 +59,12 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     return_to_caller(reentry)
 }
 
-static PAIRS: Exclusive<[BackupPair; MAX_BACKUP_PAIRS]> = Exclusive::new([BackupPair { dest: 0, src: 0 }; MAX_BACKUP_PAIRS]);
+/// Most displaced pages recorded: an exact map lists only ksave's own pages,
+/// so a longer one is refused anyway (1 MiB of image; the image is half that).
+pub const MAX_PAIRS: usize = 256;
+const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
+
+static PAIRS: Exclusive<[BackupPair; MAX_PAIRS]> = Exclusive::new([BackupPair { dest: 0, src: 0 }; MAX_PAIRS]);
 
 /// The pages the jump displaced, walked once from the caller's indirection
 /// list, and how they cover ksave's own range.
@@ -75,7 +80,7 @@ pub struct BackupMap {
 pub enum MapError {
     /// The list itself is broken.
     Walk(WalkError),
-    /// It lists more pages than an image can record.
+    /// It lists more pages than ksave has ([`MAX_PAIRS`]).
     TooLong,
 }
 
@@ -131,7 +136,7 @@ impl BackupMap {
                 cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
             ),
             Err(MapError::Walk(e)) => println!("ksave:   backup map rejected: {e:?}"),
-            Err(MapError::TooLong) => println!("ksave:   backup map rejected: more than {MAX_BACKUP_PAIRS} pages"),
+            Err(MapError::TooLong) => println!("ksave:   backup map rejected: more than {MAX_PAIRS} pages"),
         }
     }
 }

@@ -14,7 +14,7 @@ use diskdrv::ide::Mode;
 use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
 use ksave_format::commit::{self, Device, Plan, Step};
 use ksave_format::config::Config;
-use ksave_format::header::{DATA_OFFSET, MAX_BACKUP_PAIRS, fail};
+use ksave_format::header::{DATA_OFFSET, fail};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
 
@@ -247,7 +247,7 @@ fn require_exact(backup: &BackupMap) -> Result<(), Failure> {
             cov.sources_inside
         )),
         Err(MapError::Walk(e)) => Err(fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}")),
-        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {MAX_BACKUP_PAIRS} pages: refusing")),
+        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", crate::caller::MAX_PAIRS)),
     }
 }
 
