@@ -55,10 +55,18 @@ multiboot2_header_end:
 .global ksave_kexec_entry
 ksave_kexec_entry:
     # relocate_kernel_64.S enters here in long mode on the caller's identity
-    # map, RSP = swap page + 4096 - 8, [RSP] = the caller's re-entry address,
-    # GDTR/IDTR limit 0, interrupts off.
+    # map: CR3 = that map's root, RSP in the swap page (+4096-8 before 6.14,
+    # -16 from 6.14), [RSP] = the caller's re-entry address, interrupts off;
+    # GDTR limit 0 up to 6.15, a GDT in the control page from 7.x. Keep
+    # what the CPU says (caller.rs checks the control page against it)
+    # before anything changes it. .data, not .bss: bss is cleared below.
     mov (%rsp), %r12                # caller re-entry
-    mov %rsp, %r13                  # caller stack (for the banner)
+    mov %rsp, %r13                  # caller stack
+    mov %cr3, %rax
+    mov %rax, ksave_entry_cr3(%rip)
+    mov %cr4, %rax
+    mov %rax, ksave_entry_cr4(%rip)
+    sgdt ksave_entry_gdtr(%rip)
     lgdt ksave_gdt_ptr(%rip)
     pushq $KERNEL_CS
     lea 1f(%rip), %rax
@@ -172,15 +180,27 @@ ksave_long_common:
     ud2
 
 # ---------------------------------------------------------------- jump back
-# ksave_return_to_caller(reentry: u64) -> !
+# ksave_return_to_caller(reentry: u64, gdtr: *const [u8; 10] or null) -> !
 # Calls the caller's re-entry address (shared/KEXEC-JUMP.md: a `call`, whose
 # pushed return address the caller keeps as our next entry point). The next
 # `kexec -e` enters at the instruction after the call, in the same state as a
-# first entry, so it starts over.
+# first entry, so it starts over. With `gdtr`, that GDT is loaded first: the
+# kernel's own, for kernels that load segments before reloading a GDT
+# (caller.rs). From then on no exception can be handled: nothing may fault.
 .global ksave_return_to_caller
 ksave_return_to_caller:
-    call *%rdi
+    test %rsi, %rsi
+    jz 1f
+    lgdt (%rsi)
+1:  call *%rdi
     jmp ksave_kexec_entry
+
+.section .data
+.balign 8
+.global ksave_entry_cr3, ksave_entry_cr4, ksave_entry_gdtr
+ksave_entry_cr3:  .quad 0
+ksave_entry_cr4:  .quad 0
+ksave_entry_gdtr: .skip 16          # limit (2 bytes), then base (8)
 
 .section .rodata
 .balign 4

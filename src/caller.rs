@@ -4,12 +4,15 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, WalkError};
+use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, EntryState, WalkError};
+use bootinfo::pagewalk;
+use ksave_format::header::fail;
 use ksave_format::header::MAX_BACKUP_PAIRS;
 use ksave_format::{BackupPair, Range};
 
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
+use crate::message::Message;
 use crate::work::Exclusive;
 use crate::{config, heap, paging, println};
 
@@ -20,6 +23,10 @@ static ENTRIES: AtomicU32 = AtomicU32::new(0);
 
 /// The caller's re-entry address on this entry, 0 when not entered by kexec.
 static REENTRY: AtomicU64 = AtomicU64::new(0);
+
+/// The GDT to leave in GDTR for the caller (base; 0 for none), found once
+/// per entry by [`kernel_gdt`].
+static RETURN_GDT: AtomicU64 = AtomicU64::new(0);
 
 /// The caller's re-entry address, if ksave was entered by a kexec jump.
 pub fn reentry() -> Option<u64> {
@@ -38,22 +45,29 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     println!("ksave:   caller re-entry {reentry:#x}, stack {caller_rsp:#x}");
     println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB, heap {} KiB)", (end - start) / 1024, heap::HEAP_SIZE / 1024);
     println!("ksave:   memory visible: {}", paging::Describe);
-    match CallerContext::read(reentry, &IdentityMapped) {
+    let config = config::load();
+    match CallerContext::find(&entry_state(reentry, caller_rsp), &IdentityMapped) {
         Ok(ctx) => {
             println!(
-                "ksave:   control page {:#x}: saved cr3 {:#x}, identity table {:#x}, swap page {:#x}, backup map head {:#x}",
-                ctx.control_page, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
+                "ksave:   control page {:#x} ({:?} layout, words at +{:#x}): saved cr3 {:#x}, identity table {:#x}, swap page {:#x}, backup map head {:#x}",
+                ctx.control_page, ctx.layout, ctx.data_offset, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
             );
-            let config = config::load();
             let ram = config.as_ref().ok().map(|c| c.ram());
+            let return_gdt = kernel_gdt(&ctx, ram);
             let backup = BackupMap::walk(&ctx, ram, Range { start, end });
             backup.report();
             match config {
-                Ok(config) => crate::save::run(&config, &ctx, &backup),
+                Ok(config) => crate::save::run(&config, &ctx, &backup, return_gdt),
                 Err(e) => println!("ksave: not saving: {e}"),
             }
         }
-        Err(e) => println!("ksave:   control page not usable, not saving: {e:?}"),
+        Err(e) => {
+            println!("ksave:   control page not usable, not saving: {e}");
+            // The host tool reads the reason from the partition.
+            if let Ok(config) = config {
+                crate::save::record_refusal(&config, fail::CONTEXT, format_args!("the kexec caller's control page is not usable: {e}"));
+            }
+        }
     }
     println!("ksave: returning to caller");
     return_to_caller(reentry)
@@ -63,6 +77,75 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
 /// so a longer one is refused anyway (1 MiB of image; the image is half that).
 pub const MAX_PAIRS: usize = 256;
 const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
+
+unsafe extern "C" {
+    // asm/entry.s keeps these at the kexec entry, before changing anything.
+    static ksave_entry_cr3: u64;
+    static ksave_entry_cr4: u64;
+    static ksave_entry_gdtr: [u8; 16];
+}
+
+/// The kernel's own per-CPU GDT, to be in GDTR when it gets control back.
+/// 6.1 (and every kernel without upstream's "Restore GDT on return from
+/// ::preserve_context kexec") loads SS, DS and ES and then does `ltr` from
+/// whatever GDTR holds before it reloads its GDT (arch/x86/power/cpu.c:
+/// `__restore_processor_state`, `fix_processor_context`); ksave's own GDT is
+/// swapped out by then. Fixed kernels load this same GDT themselves
+/// (`saved_context.gdt_desc` is `get_cpu_gdt_rw`), so it is left for every
+/// kernel. Found in the caller's RAM (`ram`, the config's map: no other
+/// memory is scanned) and addressed through the kernel's direct map.
+fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>) -> Option<(u64, u16)> {
+    let reloads = reloads_own_gdt(ctx);
+    let found = match ram {
+        Some(ram) => {
+            let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
+            let ram = ram.iter().map(|r| (r.start, r.end.min(paging::identity_end())));
+            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page, ctx.swap_page], &IdentityMapped).map_err(|e| Message::format(format_args!("{e}")))
+        }
+        None => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
+    };
+    match found {
+        Ok(va) => {
+            println!("ksave:   return GDT: the kernel's own at {va:#x} (the kernel {} it itself)", if reloads { "also reloads" } else { "does not reload" });
+            RETURN_GDT.store(va, Ordering::Relaxed);
+            Some((va, pagewalk::LINUX_GDT_LIMIT))
+        }
+        Err(why) if reloads => {
+            println!("ksave:   return GDT: not found ({}); the kernel reloads its own", why.as_str());
+            None
+        }
+        Err(why) => {
+            println!(
+                "ksave:   WARNING: this kernel does not reload its GDT after a jump back, and ksave did not find it ({}): the kernel may not survive",
+                why.as_str()
+            );
+            None
+        }
+    }
+}
+
+/// Whether the caller reloads its GDT on the way back: 6.14 on always (the
+/// data-section layout); before, if the relocate_kernel copy in the control
+/// page has `movq $saved_context, %rax; lgdt disp(%rax)` (6.6.y and 6.12.y
+/// with the fix).
+fn reloads_own_gdt(ctx: &CallerContext) -> bool {
+    if ctx.layout == kexec::Layout::DataSection {
+        return true;
+    }
+    // SAFETY: the control page is identity-mapped RAM the caller left us to
+    // read (CallerContext::find read it already); nothing writes it now.
+    let code = unsafe { crate::physmem::bytes(ctx.control_page, kexec::CONTROL_DATA_OFFSET as usize) };
+    code.windows(10).any(|w| w[..3] == [0x48, 0xc7, 0xc0] && w[7..9] == [0x0f, 0x01] && (w[9] == 0x50 || w[9] == 0x90))
+}
+
+/// What the CPU said at this kexec entry.
+fn entry_state(reentry: u64, rsp: u64) -> EntryState {
+    // SAFETY: written by asm/entry.s before Rust runs, never after.
+    let (cr3, cr4, gdtr) = unsafe { (ksave_entry_cr3, ksave_entry_cr4, ksave_entry_gdtr) };
+    let gdtr_limit = u16::from_le_bytes([gdtr[0], gdtr[1]]);
+    let gdtr_base = u64::from_le_bytes(gdtr[2..10].try_into().unwrap());
+    EntryState { reentry, rsp, cr3, cr4, gdtr_base, gdtr_limit }
+}
 
 static PAIRS: Exclusive<[BackupPair; MAX_PAIRS]> = Exclusive::new([BackupPair { dest: 0, src: 0 }; MAX_PAIRS]);
 
@@ -142,29 +225,48 @@ impl BackupMap {
 }
 
 unsafe extern "C" {
-    /// asm/entry.s: `call`s `reentry` on ksave's stack, the way a kexec
-    /// jump returns; the caller's next `kexec -e` comes in at the entry.
-    fn ksave_return_to_caller(reentry: u64) -> !;
+    /// asm/entry.s: loads `gdtr` (if not null), then `call`s `reentry` on
+    /// ksave's stack, the way a kexec jump returns; the caller's next
+    /// `kexec -e` comes in at the entry.
+    fn ksave_return_to_caller(reentry: u64, gdtr: *const [u8; 10]) -> !;
 }
 
-/// Returns to the kexec caller. Never returns here: the next `kexec -e`
-/// comes in through the entry point again.
+/// A GDTR pseudo-descriptor (Intel SDM vol. 3A 3.5.1): limit, then base.
+fn pseudo_descriptor(base: u64, limit: u16) -> [u8; 10] {
+    let mut d = [0u8; 10];
+    d[..2].copy_from_slice(&limit.to_le_bytes());
+    d[2..].copy_from_slice(&base.to_le_bytes());
+    d
+}
+
+/// Returns to the kexec caller, with the kernel's GDT in GDTR if it was
+/// found. Never returns here: the next `kexec -e` comes in through the
+/// entry point again.
 pub fn return_to_caller(reentry: u64) -> ! {
+    let gdtr = match RETURN_GDT.load(Ordering::Relaxed) {
+        0 => None,
+        base => Some(pseudo_descriptor(base, pagewalk::LINUX_GDT_LIMIT)),
+    };
     // SAFETY: reentry is the address the caller's relocate_kernel left at
     // [rsp] on entry; it lies in the caller's control page, which our
-    // identity map covers (it is RAM below 4 GiB on the machines we map) and
-    // which we never wrote. The caller switches to its own stack and tables.
-    unsafe { ksave_return_to_caller(reentry) }
+    // identity map covers and which we never wrote. The caller switches to
+    // its own stack and tables. The GDT, if any, is the caller's own,
+    // translated through its page tables (kernel_gdt); from the lgdt on,
+    // ksave takes no exception.
+    unsafe { ksave_return_to_caller(reentry, gdtr.as_ref().map_or(core::ptr::null(), |d| d as *const _)) }
 }
 
 /// Goes into a saved kernel the way its kexec jump would have come back:
-/// a `call` of its re-entry address (resume, after the image is loaded).
+/// a `call` of its re-entry address (resume, after the image is loaded),
+/// with the GDT the image recorded (base 0: none).
 ///
 /// # Safety
-/// `reentry` must be the re-entry address a complete image recorded, and
-/// that image must be loaded, identity-mapped, into this machine's RAM.
-pub unsafe fn enter_saved_kernel(reentry: u64) -> ! {
+/// `reentry` and `gdt` must be what a complete image recorded, and that
+/// image must be loaded, identity-mapped, into this machine's RAM.
+pub unsafe fn enter_saved_kernel(reentry: u64, gdt: (u64, u16)) -> ! {
+    let gdtr = pseudo_descriptor(gdt.0, gdt.1);
+    let gdtr = if gdt.0 == 0 { core::ptr::null() } else { &gdtr as *const _ };
     // SAFETY: upheld by the caller: the control page and everything the
     // saved kernel's return path touches is back in place.
-    unsafe { ksave_return_to_caller(reentry) }
+    unsafe { ksave_return_to_caller(reentry, gdtr) }
 }

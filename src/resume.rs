@@ -127,17 +127,17 @@ fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
             part.close();
             refusal
         }
-        Ok(reentry) => {
+        Ok((reentry, return_gdt)) => {
             // Memory is the saved kernel's now: leave the controller stopped
             // rather than point it back at firmware addresses inside it.
             part.stop();
             println!("ksave: resume: jumping to the saved kernel at {reentry:#x}");
-            jump_to_saved_kernel(reentry)
+            jump_to_saved_kernel(reentry, return_gdt)
         }
     }
 }
 
-fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<u64, Refusal> {
+fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<(u64, (u64, u16)), Refusal> {
     let start = hw::now_us();
     let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
@@ -231,7 +231,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
         (load_done - verified) / 1000
     );
     crate::metric!(resume_check_ms = (verified - start) / 1000, resume_load_ms = (load_done - verified) / 1000, pages_stored = header.pages_stored);
-    Ok(header.reentry)
+    Ok((header.reentry, header.return_gdt))
 }
 
 /// Marks a complete image invalidated, with `why` as its message.
@@ -258,7 +258,7 @@ fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], w
 /// but the saved kernel's page tables, which relocate_kernel_64.S's
 /// virtual_mapped loads before restore_processor_state() puts EFER back
 /// (arch/x86/power/cpu.c), carry NX bits, reserved without it.
-fn jump_to_saved_kernel(reentry: u64) -> ! {
+fn jump_to_saved_kernel(reentry: u64, return_gdt: (u64, u16)) -> ! {
     const MSR_EFER: u32 = 0xC000_0080;
     const EFER_NXE: u64 = 1 << 11;
     // SAFETY: EFER.NXE only enables the XD bit in page tables (Intel SDM
@@ -267,6 +267,6 @@ fn jump_to_saved_kernel(reentry: u64) -> ! {
     // page, just restored and identity-mapped by ksave's tables.
     unsafe {
         x86::msr::wrmsr(MSR_EFER, x86::msr::rdmsr(MSR_EFER) | EFER_NXE);
-        caller::enter_saved_kernel(reentry)
+        caller::enter_saved_kernel(reentry, return_gdt)
     }
 }

@@ -162,7 +162,7 @@ pub struct Summary {
 
 /// Saves the caller's RAM as `config` says; `backup` is the caller's
 /// backup map, walked at entry.
-pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap) {
+pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt: Option<(u64, u16)>) {
     let guid = config.partition_guid;
     println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
     let mut part = match disks::open_partition(guid, Mode::Dma) {
@@ -174,22 +174,55 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap) {
     };
     let start = hw::now_us();
     let work = work::take();
-    match save(config, ctx, backup, &mut part, work, start) {
+    match save(config, ctx, backup, return_gdt, &mut part, work, start) {
         Ok(s) => report(&s),
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
-            let mut sink = DiskSink::new(&mut part, start, u64::MAX);
-            match commit::record_failure(&mut sink, config.nonce, config.created_unix, f.code, f.message.as_str(), &mut work.block) {
-                Ok(()) => println!("ksave: failure recorded on the partition"),
-                Err(e) => println!("ksave: could not record the failure either: {e}"),
-            }
+            record(&mut part, config, &f, &mut work.block);
         }
     }
     part.close();
 }
 
+/// Writes a *failed* record of `failure` for the host tool to read.
+fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &mut [u8; PAGE]) {
+    let mut sink = DiskSink::new(part, hw::now_us(), u64::MAX);
+    match commit::record_failure(&mut sink, config.nonce, config.created_unix, failure.code, failure.message.as_str(), block) {
+        Ok(()) => println!("ksave: failure recorded on the partition"),
+        Err(e) => println!("ksave: could not record the failure either: {e}"),
+    }
+}
+
+/// Records why ksave did not even try (found before the save began), so
+/// that `ksave hibernate` can say it.
+pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
+    let refusal = Failure { code, message: Message::format(why) };
+    let mut part = match disks::open_partition(config.partition_guid, Mode::Dma) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("ksave: could not record the failure either: {e}");
+            return;
+        }
+    };
+    // Only on the partition the host set up, as for a save.
+    match check_partition(config, &part) {
+        Ok(()) => record(&mut part, config, &refusal, &mut work::take().block),
+        Err(e) => println!("ksave: could not record the failure either: {}", e.message.as_str()),
+    }
+    part.close();
+}
+
 /// The stages, in order; the first that fails says why.
-fn save(config: &Config, ctx: &CallerContext, backup: &BackupMap, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<Summary, Failure> {
+#[allow(clippy::too_many_arguments)]
+fn save(
+    config: &Config,
+    ctx: &CallerContext,
+    backup: &BackupMap,
+    return_gdt: Option<(u64, u16)>,
+    part: &mut OpenPartition,
+    work: &mut Work,
+    start: u64,
+) -> Result<Summary, Failure> {
     check_partition(config, part)?;
     let (image_start, image_end) = image_range();
     let plan = Plan {
@@ -203,6 +236,8 @@ fn save(config: &Config, ctx: &CallerContext, backup: &BackupMap, part: &mut Ope
         reentry: ctx.reentry,
         info: config.info(),
         cpu_vendor: ksave_format::cpu_vendor(),
+        return_gdt: return_gdt.unwrap_or((0, 0)),
+        cr4_needed: ctx.saved_cr4,
     };
     check_reachable(&plan)?;
     require_exact(backup)?;

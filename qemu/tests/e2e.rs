@@ -2,7 +2,7 @@
 //! `make test` builds first (build/ksave.elf, bzImage, initramfs.cpio.gz).
 
 use ksave_qemu::disk::Bus;
-use ksave_qemu::scenarios::{self, Expect};
+use ksave_qemu::scenarios::{self, Expect, Kernel, Machine, ResumeBy};
 
 fn run(scenario: impl Fn(bool) -> anyhow::Result<scenarios::Report>) {
     match scenario(false) {
@@ -136,4 +136,16 @@ fn hibernate_power_off_and_resume_by_grub_twice() {
 #[test]
 fn grub_menu_with_no_image_boots_linux_normally() {
     run(scenarios::grub_no_image_boots_normally);
+}
+
+/// The whole story on 7.3: the caller's words in a data section (6.14 on).
+#[test]
+fn hibernate_power_off_and_resume_on_linux_7_3() {
+    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
+}
+
+/// The whole story on 6.1: no GDT reload after the jump back.
+#[test]
+fn hibernate_power_off_and_resume_on_linux_6_1() {
+    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
 }

@@ -1,18 +1,31 @@
 //! The kexec-jump caller, as seen from the image it jumped to (Linux 6.1 to
-//! 6.13, x86_64).
+//! 7.3, x86_64).
 //!
 //! `relocate_kernel` (arch/x86/kernel/relocate_kernel_64.S) enters the image
 //! with `[rsp]` = its re-entry address inside the control page, and keeps a
-//! few words at control page + `KEXEC_CONTROL_CODE_MAX_SIZE` (2048). One of
-//! them is `image->head`, the first entry of the kimage indirection list: the
-//! "backup map" telling which source page now holds the caller's old contents
-//! of each destination page. This layout is private to the kernel, so every
-//! value is checked before it is trusted.
+//! few words in that page for the way back. One of them is `image->head`,
+//! the first entry of the kimage indirection list: the "backup map" telling
+//! which source page now holds the caller's old contents of each
+//! destination page. Where the words are is private to the kernel:
+//!
+//! - 6.1 to 6.13: at control page + `KEXEC_CONTROL_CODE_MAX_SIZE` (2048):
+//!   saved RSP, CR0, CR3, CR4, then the identity table page, the swap page,
+//!   the head.
+//! - 6.14 on: in `.data..relocate_kernel`, copied into the control page at an
+//!   offset that depends on the build: saved RSP, CR0, CR3, CR4, the control
+//!   page's virtual address, the table page, the swap page, the head.
+//!
+//! Both keep the identity table page next to the swap page, and ksave knows
+//! both at entry without reading the page: CR3 is the table page, and the
+//! stack is in the swap page. [`CallerContext::find`] looks for that pair,
+//! then accepts the head only when every neighbour is what it must be. No
+//! per-version table, no guess: a layout that does not verify is refused
+//! with what did not match.
 
 use crate::PhysRead;
 
 const PAGE: u64 = 4096;
-/// KEXEC_CONTROL_CODE_MAX_SIZE on x86_64 (arch/x86/include/asm/kexec.h).
+/// KEXEC_CONTROL_CODE_MAX_SIZE on x86_64 before 6.14 (arch/x86/include/asm/kexec.h).
 pub const CONTROL_DATA_OFFSET: u64 = 2048;
 
 /// Indirection entry flags (include/linux/kexec.h: IND_*).
@@ -24,6 +37,43 @@ pub const IND_DONE: u64 = 0x4;
 /// A source page, copied (for a jump: swapped) to the current destination.
 pub const IND_SOURCE: u64 = 0x8;
 
+const CR0_PE: u64 = 1 << 0;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+/// CR4.LA57: 5-level paging.
+pub const CR4_LA57: u64 = 1 << 12;
+/// The physical-address bits of a CR3 or page-table entry (bits 12-51).
+pub const PHYS_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// What the CPU says at the kexec entry, before ksave changes anything: the
+/// facts the control page's words are checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryState {
+    /// `[rsp]`: where to `call` to go back.
+    pub reentry: u64,
+    /// RSP: inside the swap page on every kernel.
+    pub rsp: u64,
+    /// CR3: the identity table page the caller built for the jump.
+    pub cr3: u64,
+    /// CR4: PAE, and LA57 if the caller ran with 5-level paging.
+    pub cr4: u64,
+    /// GDTR base and limit: limit 0 up to 6.15; from 7.x a small GDT in the
+    /// control page, after the data words.
+    pub gdtr_base: u64,
+    /// GDTR limit.
+    pub gdtr_limit: u16,
+}
+
+/// Where the caller kept its words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// 6.1 to 6.13: fixed, at control page + 2048.
+    Fixed,
+    /// 6.14 on: the copied `.data..relocate_kernel`, with the control page's
+    /// virtual address among the words.
+    DataSection,
+}
+
 /// The words `relocate_kernel` keeps in its control page for the way back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallerContext {
@@ -31,6 +81,10 @@ pub struct CallerContext {
     pub reentry: u64,
     /// The page holding the caller's relocate_kernel copy and saved state.
     pub control_page: u64,
+    /// Which layout the words were found in.
+    pub layout: Layout,
+    /// Byte offset of the saved RSP (the first word) in the control page.
+    pub data_offset: u64,
     /// The caller's saved stack pointer (virtual).
     pub saved_rsp: u64,
     /// The caller's saved CR0.
@@ -39,6 +93,8 @@ pub struct CallerContext {
     pub saved_cr3: u64,
     /// The caller's saved CR4.
     pub saved_cr4: u64,
+    /// The control page's virtual address in the caller (6.14 on), else 0.
+    pub va_control_page: u64,
     /// Root of the identity page tables the caller built for the jump.
     pub table_page: u64,
     /// The scratch page relocate_kernel swaps through.
@@ -52,33 +108,127 @@ pub struct CallerContext {
 pub enum ContextError {
     /// The control page cannot be read.
     Unreadable(u64),
-    /// A page address that must be page aligned is not.
-    Misaligned(&'static str, u64),
+    /// An entry register is not what any kernel leaves.
+    Entry(&'static str, u64),
+    /// No word pair in the control page is (identity table, swap page).
+    NotFound {
+        /// CR3 at entry.
+        table: u64,
+        /// The page RSP was in at entry.
+        swap: u64,
+    },
+    /// More than one place holds the pair: refuse rather than pick.
+    Ambiguous(u64, u64),
+    /// The pair was found at `offset`, but a neighbour is wrong.
+    Mismatch {
+        /// Byte offset of the table-page word in the control page.
+        offset: u64,
+        /// Which word, and what was wrong with it.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+impl core::fmt::Display for ContextError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Unreadable(a) => write!(f, "control page at {a:#x} unreadable"),
+            Self::Entry(what, v) => write!(f, "entry state not a kexec jump's: {what} ({v:#x})"),
+            Self::NotFound { table, swap } => {
+                write!(f, "no word pair (identity table {table:#x}, swap page {swap:#x}) in the control page: an unknown relocate_kernel layout")
+            }
+            Self::Ambiguous(a, b) => write!(f, "the identity table and swap page words stand twice (at +{a:#x} and +{b:#x})"),
+            Self::Mismatch { offset, what, value } => write!(f, "words at +{offset:#x}: {what} ({value:#x})"),
+        }
+    }
 }
 
 impl CallerContext {
-    /// Reads the context behind the re-entry address found at `[rsp]`.
-    pub fn read(reentry: u64, mem: &impl PhysRead) -> Result<Self, ContextError> {
-        let control_page = reentry & !(PAGE - 1);
-        let data = control_page + CONTROL_DATA_OFFSET;
-        let word = |i: u64| mem.read_u64(data + 8 * i).ok_or(ContextError::Unreadable(data + 8 * i));
-        let ctx = Self {
-            reentry,
-            control_page,
-            saved_rsp: word(0)?,
-            saved_cr0: word(1)?,
-            saved_cr3: word(2)?,
-            saved_cr4: word(3)?,
-            table_page: word(4)?,
-            swap_page: word(5)?,
-            backup_head: word(6)?,
-        };
-        for (name, addr) in [("table page", ctx.table_page), ("swap page", ctx.swap_page)] {
-            if addr % PAGE != 0 || addr == 0 {
-                return Err(ContextError::Misaligned(name, addr));
+    /// Finds and checks the caller's words behind `entry.reentry`.
+    pub fn find(entry: &EntryState, mem: &impl PhysRead) -> Result<Self, ContextError> {
+        let control_page = entry.reentry & !(PAGE - 1);
+        let table = entry.cr3 & PHYS_MASK;
+        let swap = entry.rsp & !(PAGE - 1);
+        if table == 0 || entry.cr4 & CR4_PAE == 0 {
+            return Err(ContextError::Entry("CR3 or CR4.PAE", entry.cr3));
+        }
+        if swap == 0 || swap == control_page {
+            return Err(ContextError::Entry("stack page", entry.rsp));
+        }
+        let word = |i: u64| mem.read_u64(control_page + 8 * i).ok_or(ContextError::Unreadable(control_page + 8 * i));
+        let mut found = None;
+        for i in 0..(PAGE / 8 - 1) {
+            if word(i)? == table && word(i + 1)? == swap {
+                if let Some(first) = found {
+                    return Err(ContextError::Ambiguous(8 * first, 8 * i));
+                }
+                found = Some(i);
             }
         }
+        let i = found.ok_or(ContextError::NotFound { table, swap })?;
+        let offset = 8 * i;
+        let bad = |what, value| ContextError::Mismatch { offset, what, value };
+        // The layout is told by position: 6.1-6.13 put the table page at
+        // exactly +0x820; 6.14 on have the control page's VA before it.
+        let (layout, first) = if offset == CONTROL_DATA_OFFSET + 0x20 {
+            (Layout::Fixed, i - 4)
+        } else if i >= 5 {
+            (Layout::DataSection, i - 5)
+        } else {
+            return Err(bad("too near the page start for the saved registers", 0));
+        };
+        let ctx = Self {
+            reentry: entry.reentry,
+            control_page,
+            layout,
+            data_offset: 8 * first,
+            saved_rsp: word(first)?,
+            saved_cr0: word(first + 1)?,
+            saved_cr3: word(first + 2)?,
+            saved_cr4: word(first + 3)?,
+            va_control_page: if layout == Layout::DataSection { word(first + 4)? } else { 0 },
+            table_page: table,
+            swap_page: swap,
+            backup_head: word(i + 2)?,
+        };
+        ctx.check(entry).map_err(|(what, value)| bad(what, value))?;
         Ok(ctx)
+    }
+
+    /// Every neighbour must be what relocate_kernel saved there.
+    fn check(&self, entry: &EntryState) -> Result<(), (&'static str, u64)> {
+        let kernel_half = |va: u64| va >= 0xff00_0000_0000_0000;
+        if !kernel_half(self.saved_rsp) {
+            return Err(("saved RSP is not a kernel address", self.saved_rsp));
+        }
+        if self.saved_cr0 & (CR0_PE | CR0_PG) != (CR0_PE | CR0_PG) || self.saved_cr0 >> 32 != 0 {
+            return Err(("saved CR0 is not paged protected mode", self.saved_cr0));
+        }
+        if self.saved_cr3 & PHYS_MASK == 0 || self.saved_cr3 & !(PHYS_MASK | 0xfff | 1 << 63) != 0 {
+            return Err(("saved CR3 is not a page-table root", self.saved_cr3));
+        }
+        // (CR4's upper half is not checked: bit 32 is FRED on new CPUs.)
+        if self.saved_cr4 & CR4_PAE == 0 {
+            return Err(("saved CR4 lacks PAE", self.saved_cr4));
+        }
+        if self.saved_cr4 & CR4_LA57 != entry.cr4 & CR4_LA57 {
+            return Err(("saved CR4.LA57 differs from the entry's", self.saved_cr4));
+        }
+        if self.layout == Layout::DataSection && (!kernel_half(self.va_control_page) || self.va_control_page % PAGE != 0) {
+            return Err(("control page VA is not a kernel page address", self.va_control_page));
+        }
+        if self.backup_head & !(PAGE - 1) == 0 || self.backup_head & (IND_DESTINATION | IND_INDIRECTION) == 0 {
+            return Err(("backup map head is not a destination or indirection entry", self.backup_head));
+        }
+        // 7.x loads a GDT that lies in the control page after the words.
+        if entry.gdtr_limit != 0 {
+            let after_words = self.control_page + self.data_offset + 8 * if self.layout == Layout::DataSection { 8 } else { 7 };
+            if !(after_words..self.control_page + PAGE).contains(&entry.gdtr_base) {
+                return Err(("GDTR at entry is not in the control page after the words", entry.gdtr_base));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -278,21 +428,81 @@ mod tests {
         m
     }
 
-    #[test]
-    fn reads_the_control_page_words() {
+    const CP: u64 = 0x3000;
+    const TABLE: u64 = 0x5000;
+    const SWAP: u64 = 0x6000;
+
+    /// The entry state relocate_kernel leaves (shared/KEXEC-JUMP.md).
+    fn entry(rsp_below_top: u64, gdtr: (u64, u16)) -> EntryState {
+        EntryState { reentry: CP + 0x1a3, rsp: SWAP + PAGE - rsp_below_top, cr3: TABLE, cr4: CR4_PAE, gdtr_base: gdtr.0, gdtr_limit: gdtr.1 }
+    }
+
+    /// A control page as 6.1-6.13 leave it: the words at +2048.
+    fn fixed_layout() -> Mem {
         let mut m = Mem::new(8);
-        let cp = 0x3000;
-        for (i, v) in [0xffff_8000_0000_1000u64, 0x8005_0033, 0x1234_5000, 0x20, 0x5000, 0x6000, 0x1002].iter().enumerate() {
-            m.set(cp + CONTROL_DATA_OFFSET + 8 * i as u64, *v);
+        for (i, v) in [0xffff_c900_0001_3e80u64, 0x8005_0033, 0x1234_5000, 0x20, TABLE, SWAP, 0x1002].iter().enumerate() {
+            m.set(CP + CONTROL_DATA_OFFSET + 8 * i as u64, *v);
         }
-        let ctx = CallerContext::read(cp + 0x1a3, &m).unwrap();
-        assert_eq!(ctx.control_page, cp);
-        assert_eq!(ctx.table_page, 0x5000);
-        assert_eq!(ctx.swap_page, 0x6000);
-        assert_eq!(ctx.backup_head, 0x1002);
-        m.set(cp + CONTROL_DATA_OFFSET + 0x28, 0x6008);
-        assert_eq!(CallerContext::read(cp + 0x1a3, &m), Err(ContextError::Misaligned("swap page", 0x6008)));
-        assert_eq!(CallerContext::read(0x100_0000, &m), Err(ContextError::Unreadable(0x100_0000 + CONTROL_DATA_OFFSET)));
+        m
+    }
+
+    /// As 7.3 leaves it: `.data..relocate_kernel` at a build-dependent
+    /// offset (here +0x340), then the debug GDT the entry's GDTR points at.
+    fn data_section_layout(at: u64) -> Mem {
+        let mut m = Mem::new(8);
+        let words = [0xffff_c900_0001_3e80u64, 0x8005_0033, 0x1234_5000, 0x20, 0xffff_8880_0000_3000, TABLE, SWAP, 0x1002, 0, 0x3f8];
+        for (i, v) in words.iter().enumerate() {
+            m.set(CP + at + 8 * i as u64, *v);
+        }
+        m
+    }
+
+    #[test]
+    fn finds_the_words_of_6_1_to_6_13() {
+        let m = fixed_layout();
+        let ctx = CallerContext::find(&entry(8, (0, 0)), &m).unwrap();
+        assert_eq!((ctx.control_page, ctx.layout, ctx.data_offset), (CP, Layout::Fixed, CONTROL_DATA_OFFSET));
+        assert_eq!((ctx.table_page, ctx.swap_page, ctx.backup_head, ctx.saved_cr3), (TABLE, SWAP, 0x1002, 0x1234_5000));
+    }
+
+    #[test]
+    fn finds_the_words_of_6_14_on_wherever_the_build_put_them() {
+        for at in [0x340, 0x5a8, 0x900] {
+            let m = data_section_layout(at);
+            let gdt = CP + (at + 80).next_multiple_of(16);
+            let ctx = CallerContext::find(&entry(16, (gdt, 0x1f)), &m).unwrap();
+            assert_eq!((ctx.layout, ctx.data_offset, ctx.va_control_page), (Layout::DataSection, at, 0xffff_8880_0000_3000));
+            assert_eq!((ctx.table_page, ctx.swap_page, ctx.backup_head), (TABLE, SWAP, 0x1002));
+            // 6.14 and 6.15 leave GDTR limit 0: found all the same.
+            assert!(CallerContext::find(&entry(16, (0, 0)), &m).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_layout_that_does_not_verify_is_refused_with_what_did_not_match() {
+        // 7.3's reported failure: no guess, a named reason.
+        let m = Mem::new(8);
+        assert_eq!(CallerContext::find(&entry(16, (0, 0)), &m), Err(ContextError::NotFound { table: TABLE, swap: SWAP }));
+        let mut m = data_section_layout(0x340);
+        m.set(CP + 0x340 + 8, 0x33); // CR0 without PG
+        let err = CallerContext::find(&entry(16, (0, 0)), &m).unwrap_err();
+        assert!(matches!(err, ContextError::Mismatch { what: "saved CR0 is not paged protected mode", .. }), "{err:?}");
+        let mut m = data_section_layout(0x340);
+        m.set(CP + 0x340 + 8 * 7, 0x8008); // a head that is a plain source
+        let err = CallerContext::find(&entry(16, (0, 0)), &m).unwrap_err();
+        assert!(matches!(err, ContextError::Mismatch { what: "backup map head is not a destination or indirection entry", .. }), "{err:?}");
+        let m = data_section_layout(0x340);
+        let err = CallerContext::find(&entry(16, (CP + 0x10, 0x1f)), &m).unwrap_err();
+        assert!(matches!(err, ContextError::Mismatch { what: "GDTR at entry is not in the control page after the words", .. }), "{err:?}");
+        let mut m = fixed_layout();
+        m.set(CP + 0x100, TABLE);
+        m.set(CP + 0x108, SWAP);
+        assert_eq!(CallerContext::find(&entry(8, (0, 0)), &m), Err(ContextError::Ambiguous(0x100, 0x820)));
+        let mut e = entry(8, (0, 0));
+        e.cr4 = CR4_PAE | CR4_LA57;
+        let err = CallerContext::find(&e, &fixed_layout()).unwrap_err();
+        assert!(matches!(err, ContextError::Mismatch { what: "saved CR4.LA57 differs from the entry's", .. }), "{err:?}");
+        assert_eq!(CallerContext::find(&EntryState { reentry: 0x100_0000, ..entry(8, (0, 0)) }, &fixed_layout()), Err(ContextError::Unreadable(0x100_0000)));
     }
 
     #[test]

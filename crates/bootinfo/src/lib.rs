@@ -4,12 +4,14 @@
 //! - [`memmap`]: a normalized physical memory map, whatever the source.
 //! - [`multiboot1`]: the multiboot 1 information structure and its mmap.
 //! - [`kexec`]: the kexec-jump caller's control page and its backup map.
+//! - [`pagewalk`]: the caller's memory through its own page tables; its GDT.
 #![no_std]
 #![deny(missing_docs)]
 
 pub mod kexec;
 pub mod memmap;
 pub mod multiboot1;
+pub mod pagewalk;
 
 /// Physical memory as the parsers see it. The image implements it over its
 /// identity map; tests implement it over a byte buffer.

@@ -45,6 +45,11 @@ pub struct Plan<'a> {
     pub info: &'a str,
     /// The saving CPU's vendor.
     pub cpu_vendor: [u8; 12],
+    /// The GDT to load before going back into the saved kernel (base 0:
+    /// none); see [`Header::return_gdt`].
+    pub return_gdt: (u64, u16),
+    /// The caller's CR4 bits its return path needs ([`header::CR4_NEEDED`]).
+    pub cr4_needed: u64,
 }
 
 impl Plan<'_> {
@@ -120,6 +125,8 @@ pub fn save<D: Device>(
     h.flags = totals.flags;
     h.save_us = now_us() - started_us;
     h.cpu_vendor = plan.cpu_vendor;
+    h.return_gdt = plan.return_gdt;
+    h.cr4_needed = plan.cr4_needed & header::CR4_NEEDED;
     h.set_message(plan.info);
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;

@@ -5,7 +5,7 @@
 //! flushed. Its CRC covers the whole block, so a torn rewrite reads as
 //! invalid, never as complete.
 
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::{BackupPair, CRC32C, PAGE, Range};
@@ -97,7 +97,21 @@ pub struct Header {
     /// CPUID leaf 0 vendor string of the CPU that saved: restore refuses
     /// another vendor.
     pub cpu_vendor: [u8; 12],
+    /// The GDT to load before going back into the saved kernel (its own
+    /// per-CPU GDT, by virtual address), or base 0 for none: kernels before
+    /// the "Restore GDT on return from ::preserve_context kexec" fix load
+    /// segments from whatever GDTR holds.
+    pub return_gdt: (u64, u16),
+    /// CR4 bits the saved kernel's return path needs before it restores its
+    /// own CR4 ([`CR4_NEEDED`]): LA57, its paging mode.
+    pub cr4_needed: u64,
 }
+
+/// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
+/// back loads the kernel's identity table, then its own CR3, before it
+/// restores CR4 (arch/x86/kernel/relocate_kernel_64.S): both are read in
+/// the paging mode the CPU is in, which must be the kernel's.
+pub const CR4_NEEDED: u64 = 1 << 12;
 
 /// Some chunks are LZ4-compressed.
 pub const FLAG_LZ4: u32 = 1 << 0;
@@ -148,6 +162,8 @@ impl Header {
             fail_code: 0,
             message: [0; MESSAGE_LEN],
             cpu_vendor: [0; 12],
+            return_gdt: (0, 0),
+            cr4_needed: 0,
         }
     }
 
@@ -192,6 +208,11 @@ impl Header {
             reserved: [0; _],
             message: self.message,
             cpu_vendor: self.cpu_vendor,
+            reserved2: [0; _],
+            return_gdt_base: self.return_gdt.0.into(),
+            return_gdt_limit: self.return_gdt.1.into(),
+            reserved3: [0; _],
+            cr4_needed: self.cr4_needed.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -235,6 +256,8 @@ impl Header {
             fail_code: raw.fail_code.get(),
             message: raw.message,
             cpu_vendor: raw.cpu_vendor,
+            return_gdt: (raw.return_gdt_base.get(), raw.return_gdt_limit.get()),
+            cr4_needed: raw.cr4_needed.get(),
         };
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));
@@ -275,11 +298,18 @@ struct RawHeader {
     reserved: [u8; 4],
     message: [u8; MESSAGE_LEN],
     cpu_vendor: [u8; 12],
-    pad: [u8; PAGE - 396 - 4],
+    reserved2: [u8; 4],
+    return_gdt_base: U64,
+    return_gdt_limit: U16,
+    reserved3: [u8; 6],
+    cr4_needed: U64,
+    pad: [u8; PAGE - 424 - 4],
     crc: U32,
 }
 
-const _: () = assert!(size_of::<RawHeader>() == PAGE && core::mem::offset_of!(RawHeader, message) == 128);
+const _: () = assert!(
+    size_of::<RawHeader>() == PAGE && core::mem::offset_of!(RawHeader, message) == 128 && core::mem::offset_of!(RawHeader, cr4_needed) == 416
+);
 
 /// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.
 #[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -327,6 +357,8 @@ pub mod fail {
     pub const PARTITION: u32 = 5;
     /// RAM the config lists is not reachable.
     pub const MEMORY: u32 = 6;
+    /// The kexec caller's control page did not verify.
+    pub const CONTEXT: u32 = 7;
 }
 
 /// Bytes of metadata for `ram` ranges and `backup` pairs.

@@ -137,6 +137,8 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], lz4: bool) -> Result<(head
         reentry: 0,
         info: "test host 6.12",
         cpu_vendor: *b"TestVendor!!",
+        return_gdt: (0xffff_8880_1f40_9000, 127),
+        cr4_needed: 1 << 12 | 1 << 5,
     };
     let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
@@ -360,6 +362,8 @@ fn commit_protocol_flushes_writing_then_data_then_complete() {
     let (h, _) = save_to(&mut disk, &mem, &RAM, false).unwrap();
     assert_eq!(disk.flushes, [Some(State::Writing), Some(State::Writing), Some(State::Complete)]);
     assert_eq!((h.state, h.cpu_vendor, h.message()), (State::Complete, *b"TestVendor!!", "test host 6.12"));
+    let read = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
+    assert_eq!((read.return_gdt, read.cr4_needed), ((0xffff_8880_1f40_9000, 127), 1 << 12), "only LA57 is a need");
     assert_eq!(load(&disk.bytes).unwrap().len() as u64, h.pages_stored);
 }
 

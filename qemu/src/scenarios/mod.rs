@@ -22,7 +22,7 @@ pub use bench::{disk_bench, hibernate_bench, linux_dd, linux_hibernate_resume};
 pub use boot::{exception_report, multiboot1_boot, multiboot2_grub_boot};
 pub use disks::{disk_error, disk_self_test};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
-pub use resume::{ResumeBy, hibernate_resume};
+pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_on};
 pub use roundtrip::kexec_round_trip;
 pub use save::{Expect, hibernate_snapshot};
 
@@ -72,12 +72,74 @@ impl fmt::Display for Report {
 
 pub(super) const SECOND: Duration = Duration::from_secs(1);
 
-/// Kernel A with its initramfs, running `ksave.test=SCENARIO` (the rest of
-/// `scenario` goes on the command line too).
+/// A test kernel; qemu/build-kernel.sh builds each from Debian's sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// 6.1 LTS: no GDT reload after a jump back.
+    Linux6_1,
+    /// 6.12: the kernel every other scenario runs.
+    Linux6_12,
+    /// 7.3: the control page's words in a data section (6.14 on).
+    Linux7_3,
+}
+
+impl Kernel {
+    fn file(self) -> &'static str {
+        match self {
+            Self::Linux6_1 => "bzImage-6.1",
+            Self::Linux6_12 => "bzImage",
+            Self::Linux7_3 => "bzImage-7.3",
+        }
+    }
+}
+
+/// What a story's VMs are: kernel, CPU model, RAM. Every VM of a story
+/// (the one that saves and those that resume) is the same machine.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine {
+    /// Kernel A (and C).
+    pub kernel: Kernel,
+    /// QEMU's `-cpu`.
+    pub cpu: &'static str,
+    /// RAM in MiB; above 3 GiB the machine is a q35, whose RAM above 2 GiB
+    /// lands above 4 GiB.
+    pub memory_mib: u32,
+}
+
+impl Machine {
+    /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
+    pub const fn qemu64(kernel: Kernel) -> Self {
+        Self { kernel, cpu: "qemu64", memory_mib: 512 }
+    }
+
+    /// `-cpu max` (LA57: 5-level paging, 1 GiB pages) with 5 GiB on a q35.
+    pub const fn la57(kernel: Kernel) -> Self {
+        Self { kernel, cpu: "max", memory_mib: 5120 }
+    }
+
+    /// `config` on this machine.
+    pub fn apply(&self, config: VmConfig) -> VmConfig {
+        let config = if self.memory_mib > 3072 { config.arg(["-machine", "q35"]) } else { config };
+        VmConfig { memory_mib: self.memory_mib, ..config.arg(["-cpu", self.cpu]) }
+    }
+
+    /// A partition that holds this machine's worst-case image, in MiB.
+    pub fn partition_mib(&self) -> u64 {
+        self.memory_mib as u64 + 8
+    }
+}
+
+/// Kernel A (6.12) with its initramfs, running `ksave.test=SCENARIO` (the
+/// rest of `scenario` goes on the command line too).
 pub(super) fn kernel_a(name: &str, scenario: &str) -> Result<VmConfig> {
+    kernel_on(Kernel::Linux6_12, name, scenario)
+}
+
+/// [`kernel_a`] with another kernel.
+pub(super) fn kernel_on(kernel: Kernel, name: &str, scenario: &str) -> Result<VmConfig> {
     Ok(VmConfig::new(name).arg([
         "-kernel".to_string(),
-        build_input("bzImage")?.display().to_string(),
+        build_input(kernel.file())?.display().to_string(),
         "-initrd".into(),
         build_input("initramfs.cpio.gz")?.display().to_string(),
         "-append".into(),

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::{Report, SECOND, grub_resume_menu, kernel_a};
+use super::{Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
 use crate::disk::{Bus, PART_GUID, TestDisk};
 use crate::{Vm, VmConfig, build_input};
 
@@ -22,11 +22,21 @@ pub enum ResumeBy {
 /// memory, CPUs and disk) boots ksave, which resumes A; A checks everything
 /// and hibernates again; a third QEMU resumes it again.
 pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
-    let name = format!("resume-{by:?}").to_lowercase();
-    let disk = TestDisk::create(&name, 560, 520)?;
-    let mut report = Report::new(&format!("hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest)"));
-    let config = kernel_a(&name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}"))?.arg(disk.qemu_args(Bus::Ahci, None));
-    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    hibernate_resume_on(Machine::qemu64(Kernel::Linux6_12), by, memtest_mib, echo)
+}
+
+/// [`hibernate_resume`] on `machine`.
+pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
+    let name = format!("resume-{by:?}-{:?}-{}-{}m", machine.kernel, machine.cpu, machine.memory_mib).to_lowercase().replace('_', ".");
+    let part_mib = machine.partition_mib();
+    let disk = TestDisk::create(&name, part_mib + 40, part_mib)?;
+    let mut report = Report::new(&format!(
+        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, -cpu {}, {} MiB)",
+        machine.kernel, machine.cpu, machine.memory_mib
+    ));
+    let config = kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}"))?
+        .arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config) })?;
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
     vm.expect("ksave: image complete", 120 * SECOND)?;
     let saved = vm.expect_metrics("image_bytes", 5 * SECOND)?;
@@ -42,11 +52,11 @@ pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Re
                 "-append".into(),
                 format!("ksave.resume={PART_GUID}"),
             ]),
-            ResumeBy::KernelC => kernel_a(&format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
+            ResumeBy::KernelC => kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
             ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(Bus::Ahci, None));
-        let mut vm = Vm::start(VmConfig { echo, ..resume })?;
+        let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume) })?;
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;
         let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
