@@ -179,6 +179,38 @@ ksave_long_common:
     call ksave_main
     ud2
 
+# ---------------------------------------------------------------- paging mode
+# ksave_set_paging(la57: u64 (0 or CR4_LA57), root: u64 below 4 GiB)
+# Switches between 4- and 5-level paging, which CR4.LA57 can only change
+# with paging off (Intel SDM vol. 3A 4.1.2): down to 32-bit compatibility
+# code, paging off (long mode goes inactive, EFER.LME stays set), CR4.LA57
+# and CR3, paging on, back to 64-bit code. Runs from ksave's identity-mapped
+# image below 4 GiB, interrupts off; the stack must be below 4 GiB too.
+.global ksave_set_paging
+ksave_set_paging:
+    push %rbx
+    mov %rdi, %rbx
+    lea 1f(%rip), %rax
+    pushq $CODE32
+    pushq %rax
+    lretq
+.code32
+1:  mov %cr0, %eax
+    and $0x7fffffff, %eax           # PG off
+    mov %eax, %cr0
+    mov %cr4, %eax
+    and $~CR4_LA57, %eax
+    or %ebx, %eax
+    mov %eax, %cr4
+    mov %esi, %cr3
+    mov %cr0, %eax
+    or $0x80000000, %eax            # PG on: long mode active again
+    mov %eax, %cr0
+    ljmp $KERNEL_CS, $2f
+.code64
+2:  pop %rbx
+    ret
+
 # ---------------------------------------------------------------- jump back
 # ksave_return_to_caller(reentry: u64, gdtr: *const [u8; 10] or null) -> !
 # Calls the caller's re-entry address (shared/KEXEC-JUMP.md: a `call`, whose

@@ -120,7 +120,19 @@ extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
         "ksave:   r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
         frame.r8, frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15
     );
+    // SAFETY: reading control registers and EFER has no side effects.
+    let (cr0, cr3, cr4, efer) = unsafe {
+        (x86::controlregs::cr0().bits(), x86::controlregs::cr3(), x86::controlregs::cr4().bits(), x86::msr::rdmsr(0xC000_0080))
+    };
+    println!("ksave:   cr0 {cr0:#x} cr3 {cr3:#x} cr4 {cr4:#x} efer {efer:#x}");
     print_call_chain(frame.rbp);
+    // Saving: ksave wrote nothing of the caller's, so the caller can go on;
+    // halting would lose it. The header on disk still says *writing*.
+    if let Some(reentry) = crate::caller::reentry() {
+        crate::disks::close_after_exception();
+        println!("ksave: save FAILED: CPU exception {} ({name}); returning to the caller", frame.vector);
+        crate::caller::return_to_caller(reentry);
+    }
     stop(ExitCode::Exception)
 }
 

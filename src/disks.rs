@@ -3,6 +3,7 @@
 //! (save, resume, disk test), so a new driver is added here only.
 
 use core::fmt;
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
@@ -290,6 +291,42 @@ impl OpenPartition {
     /// restore the memory is the saved kernel's, whose driver resets it.
     pub fn stop(self) {
         self.disk.stop();
+    }
+}
+
+/// The partition open while a save runs, for the exception handler: it
+/// puts the disk back before ksave returns to the caller.
+static OPEN_FOR_EMERGENCY: AtomicPtr<OpenPartition> = AtomicPtr::new(core::ptr::null_mut());
+
+/// While alive, an exception closes `part` before ksave jumps back: the
+/// caller's own driver then finds its registers as it left them, and no
+/// DMA of ksave's is left running into memory that is the caller's again.
+pub struct CloseOnException(());
+
+impl CloseOnException {
+    /// Registers `part`; it must not move while the guard lives.
+    pub fn register(part: &mut OpenPartition) -> Self {
+        OPEN_FOR_EMERGENCY.store(part, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for CloseOnException {
+    fn drop(&mut self) {
+        OPEN_FOR_EMERGENCY.store(core::ptr::null_mut(), Ordering::Relaxed);
+    }
+}
+
+/// From the exception handler: closes the registered partition, if any.
+pub fn close_after_exception() {
+    let part = OPEN_FOR_EMERGENCY.swap(core::ptr::null_mut(), Ordering::Relaxed);
+    if !part.is_null() {
+        // SAFETY: registered by a live CloseOnException, so it points at an
+        // OpenPartition that has not moved; the code that held it was
+        // interrupted by an exception and never runs again (the handler
+        // returns to the caller), so taking it by value aliases nothing
+        // that is used later.
+        unsafe { core::ptr::read(part) }.close();
     }
 }
 

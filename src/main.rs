@@ -82,6 +82,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     // A panic is a bug in ksave, not damage to the caller: ksave writes only
     // its own pages, so a kexec caller can safely be given control back.
     if let Some(reentry) = caller::reentry() {
+        disks::close_after_exception();
         println!("ksave: returning to the caller after the panic");
         caller::return_to_caller(reentry);
     }

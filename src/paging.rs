@@ -5,8 +5,44 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 unsafe extern "C" {
+    static boot_pml4: [u64; 512];
+    static boot_pml5: [u64; 512];
     static mut boot_pdpt: [u64; 512];
     static mut boot_pd: [u64; 2048];
+    /// asm/entry.s: switches paging mode with paging briefly off.
+    fn ksave_set_paging(la57: u64, root: u64);
+}
+
+/// CR4.LA57: 5-level paging (Intel SDM vol. 3A 2.5).
+pub const CR4_LA57: u64 = 1 << 12;
+
+/// Whether the CPU can run 5-level paging: CPUID.(EAX=07H,ECX=0):ECX[16]
+/// (Intel SDM vol. 2A, CPUID).
+pub fn cpu_has_la57() -> bool {
+    core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 16) != 0
+}
+
+/// Whether ksave runs with 5-level paging now.
+pub fn la57_active() -> bool {
+    // SAFETY: reading CR4 has no side effects.
+    unsafe { x86::controlregs::cr4().bits() as u64 & CR4_LA57 != 0 }
+}
+
+/// Puts ksave's identity map under a 4- or 5-level root, as `la57` asks
+/// (the same map either way: boot_pml5 holds boot_pml4).
+///
+/// # Safety
+/// With `la57`, the CPU must have LA57 ([`cpu_has_la57`]). Interrupts off;
+/// the caller's stack and code must be in ksave's image (identity-mapped
+/// below 4 GiB under both roots).
+pub unsafe fn set_la57(la57: bool) {
+    if la57 == la57_active() {
+        return;
+    }
+    let root = if la57 { &raw const boot_pml5 as u64 } else { &raw const boot_pml4 as u64 };
+    // SAFETY: upheld by the caller; both roots identity-map ksave's image,
+    // which is below 4 GiB (linker.ld), as 32-bit code needs.
+    unsafe { ksave_set_paging(if la57 { CR4_LA57 } else { 0 }, root) }
 }
 
 const GIB: u64 = 1 << 30;

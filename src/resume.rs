@@ -127,17 +127,27 @@ fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
             part.close();
             refusal
         }
-        Ok((reentry, return_gdt)) => {
+        Ok(back) => {
             // Memory is the saved kernel's now: leave the controller stopped
             // rather than point it back at firmware addresses inside it.
             part.stop();
-            println!("ksave: resume: jumping to the saved kernel at {reentry:#x}");
-            jump_to_saved_kernel(reentry, return_gdt)
+            println!("ksave: resume: jumping to the saved kernel at {:#x}", back.reentry);
+            jump_to_saved_kernel(&back)
         }
     }
 }
 
-fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<(u64, (u64, u16)), Refusal> {
+/// What going back into the saved kernel needs, from its image header.
+struct WayBack {
+    /// The re-entry address to `call`.
+    reentry: u64,
+    /// The GDT to leave in GDTR (base 0: none).
+    gdt: (u64, u16),
+    /// The kernel's return path runs in 5-level paging.
+    la57: bool,
+}
+
+fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<WayBack, Refusal> {
     let start = hw::now_us();
     let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
@@ -158,6 +168,10 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     }
     if header.cpu_vendor != ksave_format::cpu_vendor() {
         return Err(refuse!("the image was saved on another CPU vendor"));
+    }
+    let la57 = header.cr4_needed & paging::CR4_LA57 != 0;
+    if la57 && !paging::cpu_has_la57() {
+        return Err(refuse!("the saved kernel runs with 5-level paging (CR4.LA57), which this CPU does not have"));
     }
     let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;
     let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();
@@ -231,7 +245,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
         (load_done - verified) / 1000
     );
     crate::metric!(resume_check_ms = (verified - start) / 1000, resume_load_ms = (load_done - verified) / 1000, pages_stored = header.pages_stored);
-    Ok((header.reentry, header.return_gdt))
+    Ok(WayBack { reentry: header.reentry, gdt: header.return_gdt, la57 })
 }
 
 /// Marks a complete image invalidated, with `why` as its message.
@@ -254,19 +268,25 @@ fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], w
 
 
 /// Goes into the saved kernel the way a kexec jump returns: a `call` of its
-/// re-entry address in its control page. A cold boot left EFER.NXE clear,
-/// but the saved kernel's page tables, which relocate_kernel_64.S's
-/// virtual_mapped loads before restore_processor_state() puts EFER back
-/// (arch/x86/power/cpu.c), carry NX bits, reserved without it.
-fn jump_to_saved_kernel(reentry: u64, return_gdt: (u64, u16)) -> ! {
+/// re-entry address in its control page, in its paging mode, with its GDT.
+/// A cold boot left EFER.NXE clear, but the saved kernel's page tables,
+/// which relocate_kernel_64.S's virtual_mapped loads before
+/// restore_processor_state() puts EFER back (arch/x86/power/cpu.c), carry
+/// NX bits, reserved without it. Its way back loads its identity table and
+/// then its own CR3 before it restores CR4: both are read in the paging
+/// mode the CPU is in, so that must be the kernel's (4- or 5-level).
+fn jump_to_saved_kernel(back: &WayBack) -> ! {
     const MSR_EFER: u32 = 0xC000_0080;
     const EFER_NXE: u64 = 1 << 11;
     // SAFETY: EFER.NXE only enables the XD bit in page tables (Intel SDM
-    // vol. 3A 4.1.3); ksave's own tables set no XD bits. The re-entry
-    // address is the one the image recorded, in the saved kernel's control
-    // page, just restored and identity-mapped by ksave's tables.
+    // vol. 3A 4.1.3); ksave's own tables set no XD bits. LA57 was checked
+    // against CPUID before anything was written (check_and_load); ksave runs
+    // from its own image with interrupts off. The re-entry address and GDT
+    // are the ones the image recorded, in the saved kernel's memory, just
+    // restored and identity-mapped by ksave's tables.
     unsafe {
+        paging::set_la57(back.la57);
         x86::msr::wrmsr(MSR_EFER, x86::msr::rdmsr(MSR_EFER) | EFER_NXE);
-        caller::enter_saved_kernel(reentry, return_gdt)
+        caller::enter_saved_kernel(back.reentry, back.gdt)
     }
 }

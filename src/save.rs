@@ -19,7 +19,7 @@ use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
 
 use crate::caller::{BackupMap, MapError};
-use crate::disks::{self, AnyDisk, OpenPartition};
+use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
@@ -76,6 +76,8 @@ impl Memory for CallerMemory<'_> {
 /// pages straight from the caller's memory.
 struct DiskSink<'d> {
     disk: &'d mut AnyDisk<'static>,
+    /// Fault on purpose at [`Step::HeaderWritten`] (config self-test).
+    fault_at_header: bool,
     first_lba: u64,
     progress: Progress,
     /// Microseconds spent in disk transfers (the rest of a save is CPU work).
@@ -85,7 +87,7 @@ struct DiskSink<'d> {
 impl<'d> DiskSink<'d> {
     fn new(part: &'d mut OpenPartition, start_us: u64, worst: u64) -> Self {
         let first_lba = part.first_lba();
-        Self { disk: &mut part.disk, first_lba, progress: Progress { start_us, worst, next: worst / 10 }, disk_us: 0 }
+        Self { disk: &mut part.disk, fault_at_header: false, first_lba, progress: Progress { start_us, worst, next: worst / 10 }, disk_us: 0 }
     }
 }
 
@@ -97,6 +99,13 @@ impl Device for DiskSink<'_> {
     fn reached(&mut self, step: Step) {
         match step {
             Step::HeaderWritten => println!("ksave: image header written ({} ms after entry)", (hw::now_us() - self.progress.start_us) / 1000),
+        }
+        if self.fault_at_header {
+            println!("ksave: self-test: faulting in the middle of the save");
+            // SAFETY: a deliberate page fault (1 TiB is beyond every identity
+            // map ksave builds); the handler reports it and returns to the
+            // caller, so the read never completes.
+            unsafe { core::ptr::read_volatile(0x100_0000_0000 as *const u64) };
         }
     }
 }
@@ -174,6 +183,7 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
     };
     let start = hw::now_us();
     let work = work::take();
+    let guard = CloseOnException::register(&mut part);
     match save(config, ctx, backup, return_gdt, &mut part, work, start) {
         Ok(s) => report(&s),
         Err(f) => {
@@ -181,6 +191,7 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
             record(&mut part, config, &f, &mut work.block);
         }
     }
+    drop(guard);
     part.close();
 }
 
@@ -242,7 +253,7 @@ fn save(
     check_reachable(&plan)?;
     require_exact(backup)?;
     let worst = check_capacity(&plan)?;
-    write_image(&plan, part, work, start, worst)
+    write_image(&plan, part, work, start, worst, config.selftest_fault_in_save)
 }
 
 /// The partition found by GUID must be where the host saw it.
@@ -303,10 +314,11 @@ fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
 }
 
 /// The image, by the format's commit protocol.
-fn write_image(plan: &Plan, part: &mut OpenPartition, work: &mut Work, start: u64, worst: u64) -> Result<Summary, Failure> {
+fn write_image(plan: &Plan, part: &mut OpenPartition, work: &mut Work, start: u64, worst: u64, plan_fault: bool) -> Result<Summary, Failure> {
     let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
     let mem = CallerMemory::new(paging::identity_end(), page0);
     let mut sink = DiskSink::new(part, start, worst);
+    sink.fault_at_header = plan_fault;
     let bufs = commit::Buffers { block, meta, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
     let (header, totals) = commit::save(plan, &mem, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
         WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),

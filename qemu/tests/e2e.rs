@@ -82,6 +82,11 @@ fn hibernate_refuses_a_missing_partition() {
 }
 
 #[test]
+fn a_cpu_exception_during_a_save_returns_to_the_caller() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::CpuException, false, 16, echo));
+}
+
+#[test]
 fn hibernate_reports_a_disk_write_error() {
     run(|echo| scenarios::hibernate_snapshot(Expect::IoError, false, 16, echo));
 }
@@ -148,4 +153,17 @@ fn hibernate_power_off_and_resume_on_linux_7_3() {
 #[test]
 fn hibernate_power_off_and_resume_on_linux_6_1() {
     run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
+}
+
+/// 6.12 with 5-level paging and RAM above 4 GiB (-cpu max, 5 GiB, q35); the
+/// image is refused on the same machine without LA57, then resumed.
+#[test]
+fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_6_12() {
+    run(|echo| scenarios::hibernate_resume_on(Machine::la57(Kernel::Linux6_12), ResumeBy::Multiboot1, 256, echo));
+}
+
+/// The same on 7.3.
+#[test]
+fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_7_3() {
+    run(|echo| scenarios::hibernate_resume_on(Machine::la57(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
 }

@@ -54,6 +54,9 @@ pub enum Command {
         /// that ksave's checks decide. For testing ksave.
         #[arg(long)]
         no_precheck: bool,
+        /// Tests only: ksave faults on purpose in the middle of the save.
+        #[arg(long, hide = true)]
+        selftest_fault_in_save: bool,
     },
     /// From a freshly booted kernel: if the partition holds a resumable
     /// image, hand the machine to ksave to restore it (does not return);

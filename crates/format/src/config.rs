@@ -31,6 +31,7 @@ struct RawConfig {
     partition_guid: [u8; 16],
     partition_first_lba: U64,
     partition_sectors: U64,
+    /// Bit 0 LZ4, bit 1 the fault self-test.
     lz4: U32,
     ram_count: U32,
     ram: [RangeLe; MAX_RANGES],
@@ -68,6 +69,9 @@ pub struct Config {
     pub partition_sectors: u64,
     /// Compress with LZ4 where it pays.
     pub lz4: bool,
+    /// Tests only: fault on purpose once the *writing* header is on disk,
+    /// to prove a CPU exception during a save returns to the caller.
+    pub selftest_fault_in_save: bool,
     /// The caller's RAM.
     pub ram: [Range; MAX_RANGES],
     /// How many of `ram` are used.
@@ -113,6 +117,7 @@ impl Config {
             partition_first_lba: 0,
             partition_sectors: 0,
             lz4: false,
+            selftest_fault_in_save: false,
             ram: [Range::default(); MAX_RANGES],
             ram_count: 0,
             info: [0; INFO_LEN],
@@ -145,7 +150,7 @@ impl Config {
             partition_guid: self.partition_guid.to_bytes(),
             partition_first_lba: self.partition_first_lba.into(),
             partition_sectors: self.partition_sectors.into(),
-            lz4: (self.lz4 as u32).into(),
+            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1).into(),
             ram_count: (self.ram_count as u32).into(),
             ram,
             info: self.info,
@@ -179,6 +184,7 @@ impl Config {
         c.partition_first_lba = raw.partition_first_lba.get();
         c.partition_sectors = raw.partition_sectors.get();
         c.lz4 = raw.lz4.get() & 1 != 0;
+        c.selftest_fault_in_save = raw.lz4.get() & 2 != 0;
         c.ram_count = raw.ram_count.get() as usize;
         if c.ram_count == 0 || c.ram_count > MAX_RANGES {
             return Err(ConfigError::Field("RAM range count"));

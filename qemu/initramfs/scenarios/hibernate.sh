@@ -3,7 +3,7 @@
 # (memtest), then proof that the system and its data are intact.
 #   KSAVE_PARTUUID  the image partition      KSAVE_LZ4=1      compress
 #   KSAVE_KEXEC_TOOLS=1  load through kexec-tools, not kexec_load(2)
-#   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error
+#   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error | cpu-exception
 . /lib/ksave-test/test.sh
 expect=${KSAVE_EXPECT:-ok}
 
@@ -26,7 +26,12 @@ case $expect in
     sed -i 's/^partuuid=.*/partuuid=DEADBEEF-0000-4000-8000-000000000001/' /etc/ksave.conf
     ;;
 esac
-if [ "$expect" = io-error ]; then
+if [ "$expect" = cpu-exception ]; then
+  # ksave faults mid-save on purpose: it must come back, and the tool refuse.
+  say "jump: ksave hibernate --snapshot --selftest-fault-in-save"
+  ksave hibernate --snapshot --selftest-fault-in-save && { say "hibernate did not fail"; exit 1; }
+  say "hibernate refused (as it must)"
+elif [ "$expect" = io-error ]; then
   # The host's checks pass; the disk fails under ksave.
   say "jump: ksave hibernate --snapshot"
   ksave hibernate --snapshot && { say "hibernate did not fail"; exit 1; }

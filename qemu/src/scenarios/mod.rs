@@ -123,6 +123,11 @@ impl Machine {
         VmConfig { memory_mib: self.memory_mib, ..config.arg(["-cpu", self.cpu]) }
     }
 
+    /// The same CPU without LA57, if this one has it.
+    pub fn cpu_without_la57(&self) -> Option<&'static str> {
+        (self.cpu == "max").then_some("max,la57=off")
+    }
+
     /// A partition that holds this machine's worst-case image, in MiB.
     pub fn partition_mib(&self) -> u64 {
         self.memory_mib as u64 + 8

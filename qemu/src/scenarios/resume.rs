@@ -1,6 +1,6 @@
 //! The whole story: hibernate, power off, resume, twice, by each way in.
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 
 use super::{Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
 use crate::disk::{Bus, PART_GUID, TestDisk};
@@ -44,6 +44,20 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
     vm.expect_exit(0, 60 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);
     report.add("image size", saved.get("image_bytes")? / 1048576.0, "MiB");
+    if let Some(without) = machine.cpu_without_la57() {
+        // The same machine but for LA57: the image's kernel cannot run
+        // there. Refused before anything is written, the machine boots
+        // normally, and the image stays resumable for the right CPU.
+        let before = disk.digest()?;
+        let config = grub_resume_menu(&format!("{name}-no-la57"))?.arg(disk.qemu_args(Bus::Ahci, None));
+        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..Machine { cpu: without, ..machine }.apply(config) })?;
+        let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
+        ensure!(line.text.contains("5-level paging"), "expected a refusal for LA57, got {:?}", line.text);
+        vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        ensure!(disk.digest()? == before, "the refused boot changed the disk");
+        report.add_ms("without LA57: power-on to refusal", line.at);
+    }
     for round in 1..=2 {
         let resume = match by {
             ResumeBy::Multiboot1 => VmConfig::new(&format!("{name}-{round}")).arg([

@@ -12,12 +12,12 @@ use ksave_tools::setup::{self, Setup};
 
 use super::load::load_ksave;
 
-pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool) -> Result<ExitCode> {
+pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_in_save: bool) -> Result<ExitCode> {
     let setup = Setup::load(&setup::path())?;
     if !no_precheck {
         super::precheck(&setup)?;
     }
-    let loaded = load_ksave(&setup, kexec_tools)?;
+    let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save)?;
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     jump(kexec_tools)?;

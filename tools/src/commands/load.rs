@@ -12,7 +12,7 @@ use ksave_tools::setup::{self, Setup};
 
 pub fn run(kexec_tools: bool) -> Result<ExitCode> {
     let setup = Setup::load(&setup::path())?;
-    let loaded = load_ksave(&setup, kexec_tools)?;
+    let loaded = load_ksave(&setup, kexec_tools, false)?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
     Ok(ExitCode::SUCCESS)
 }
@@ -28,9 +28,10 @@ pub struct Loaded {
 }
 
 /// Configures and loads ksave for one attempt.
-pub fn load_ksave(setup: &Setup, kexec_tools: bool) -> Result<Loaded> {
+pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool) -> Result<Loaded> {
     let t = Instant::now();
-    let config = load::attempt_config(setup)?;
+    let mut config = load::attempt_config(setup)?;
+    config.selftest_fault_in_save = selftest_fault_in_save;
     let elf = std::fs::read(&setup.elf).with_context(|| format!("reading {}", setup.elf.display()))?;
     let configured = load::configure(&elf, &config)?;
     let prepared = t.elapsed();

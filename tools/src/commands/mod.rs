@@ -27,7 +27,9 @@ pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Setup { partition, partuuid, lz4, elf, no_precheck } => setup::run(partition, partuuid, lz4, elf, no_precheck),
         Command::Load { kexec_tools } => load::run(kexec_tools),
-        Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck } => hibernate::run(snapshot, kexec_tools, no_precheck),
+        Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck, selftest_fault_in_save } => {
+            hibernate::run(snapshot, kexec_tools, no_precheck, selftest_fault_in_save)
+        }
         Command::Resume { partuuid, elf } => resume::run(partuuid, elf),
         Command::Status { path, json } => status::run(path, json),
         Command::Inspect { path, json } => inspect::run(&path, json),
