@@ -130,7 +130,9 @@ impl Machine {
 
     /// A partition that holds this machine's worst-case image, in MiB.
     pub fn partition_mib(&self) -> u64 {
-        self.memory_mib as u64 + 8
+        // Every page raw plus a header block per 500 pages (writer.rs).
+        let mib = self.memory_mib as u64;
+        mib + mib / 400 + 8
     }
 }
 
