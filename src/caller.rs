@@ -46,6 +46,9 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     println!("ksave:   own load range {start:#x}-{end:#x} ({} KiB, heap {} KiB)", (end - start) / 1024, heap::HEAP_SIZE / 1024);
     println!("ksave:   memory visible: {}", paging::Describe);
     let config = config::load();
+    if let Ok(config) = &config {
+        map_caller_ram(config.ram());
+    }
     match CallerContext::find(&entry_state(reentry, caller_rsp), &IdentityMapped) {
         Ok(ctx) => {
             println!(
@@ -78,6 +81,17 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
 pub const MAX_PAIRS: usize = 256;
 const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
 
+/// Maps the caller's RAM into ksave's identity map where the CPU needs
+/// that (no 1 GiB pages, RAM above 4 GiB); what stays unmapped is refused
+/// by the save's reachability stage.
+fn map_caller_ram(ram: &[Range]) {
+    if let Some(last) = ram.last()
+        && let Err(e) = paging::map_ram_to(last.end)
+    {
+        println!("ksave:   {e}");
+    }
+}
+
 unsafe extern "C" {
     // asm/entry.s keeps these at the kexec entry, before changing anything.
     static ksave_entry_cr3: u64;
@@ -100,7 +114,7 @@ fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>) -> Option<(u64, u16)> 
         Some(ram) => {
             let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
             let ram = ram.iter().map(|r| (r.start, r.end.min(paging::identity_end())));
-            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page, ctx.swap_page], &IdentityMapped).map_err(|e| Message::format(format_args!("{e}")))
+            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], &IdentityMapped).map_err(|e| Message::format(format_args!("{e}")))
         }
         None => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
     };

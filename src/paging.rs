@@ -1,6 +1,8 @@
 //! ksave's identity map. asm/tables.s maps 0-4 GiB with 2 MiB pages, enough
 //! for both entry paths; here, where the CPU has 1 GiB pages, the rest of the
 //! first PDPT is filled so that RAM and 64-bit BARs up to 512 GiB are mapped.
+//! Without them, [`map_ram_to`] maps RAM above 4 GiB with 2 MiB pages from a
+//! small pool of page directories, up to [`END_WITHOUT_1G_PAGES`].
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -51,6 +53,49 @@ const HUGE_PAGE: u64 = 0x83;
 
 static IDENTITY_END: AtomicU64 = AtomicU64::new(4 * GIB);
 
+/// Page directories for RAM above 4 GiB on CPUs without 1 GiB pages: one a
+/// GiB. Eight cost 32 KiB of image; such CPUs (before about 2010) rarely
+/// have more than 12 GiB.
+const EXTRA_PDS: usize = 8;
+/// How far [`map_ram_to`] reaches without 1 GiB pages.
+pub const END_WITHOUT_1G_PAGES: u64 = (4 + EXTRA_PDS as u64) * GIB;
+
+#[repr(C, align(4096))]
+struct PageDirectories([[u64; 512]; EXTRA_PDS]);
+
+/// In .bss: cleared on every entry, filled by map_ram_to.
+static mut EXTRA: PageDirectories = PageDirectories([[0; 512]; EXTRA_PDS]);
+
+/// Maps RAM up to `end` if it is above the identity map; fails when the CPU
+/// has no 1 GiB pages and `end` is beyond [`END_WITHOUT_1G_PAGES`].
+pub fn map_ram_to(end: u64) -> Result<(), &'static str> {
+    let mapped = identity_end();
+    if end <= mapped {
+        return Ok(());
+    }
+    if end > END_WITHOUT_1G_PAGES {
+        return Err("RAM beyond what ksave maps on a CPU without 1 GiB pages");
+    }
+    // SAFETY: EXTRA and boot_pdpt are ksave's own tables; each directory gets
+    // 512 identity 2 MiB pages of its GiB before the PDPT entry that makes it
+    // reachable is written, and the CR3 reload then drops stale
+    // translations. Interrupts are off, one CPU runs.
+    unsafe {
+        let extra = &raw mut EXTRA;
+        let pdpt = &raw mut boot_pdpt;
+        for gib in mapped / GIB..end.div_ceil(GIB) {
+            let pd = &mut (*extra).0[(gib - 4) as usize];
+            for (i, entry) in pd.iter_mut().enumerate() {
+                *entry = (gib * GIB + ((i as u64) << 21)) | HUGE_PAGE;
+            }
+            (*pdpt)[gib as usize] = pd.as_ptr() as u64 | 0x3;
+        }
+        x86::controlregs::cr3_write(x86::controlregs::cr3());
+    }
+    IDENTITY_END.store(end.div_ceil(GIB) * GIB, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Extends the identity map as far as the CPU allows; returns its end.
 pub fn init() -> u64 {
     // CPUID.80000001h:EDX bit 26: 1-GByte pages (Intel SDM vol. 2A, CPUID).
@@ -83,7 +128,7 @@ pub struct Describe;
 impl core::fmt::Display for Describe {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match identity_end() >> 30 {
-            4 => write!(f, "identity map 0-4 GiB (2 MiB pages; this CPU has no 1 GiB pages)"),
+            4 => write!(f, "identity map 0-4 GiB (2 MiB pages; this CPU has no 1 GiB pages: RAM above is mapped as needed)"),
             end => write!(f, "identity map 0-{end} GiB (2 MiB pages to 4 GiB, 1 GiB pages above)"),
         }
     }

@@ -112,6 +112,13 @@ pub fn from_kexec() -> ! {
 /// `invalidate_refused`, a complete image is marked invalidated with the
 /// reason, so that no later boot tries it again.
 fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
+    // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
+    // refused below, before anything is written.
+    if let Some(last) = ram.last()
+        && let Err(e) = paging::map_ram_to(last.end)
+    {
+        println!("ksave: resume: {e}");
+    }
     println!("ksave: resume: looking for the image on partition {guid} (TSC {} MHz)", hw::calibrate_tsc());
     let mut part = match disks::open_partition(guid, Mode::Dma) {
         Ok(p) => p,

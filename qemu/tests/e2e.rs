@@ -143,10 +143,11 @@ fn grub_menu_with_no_image_boots_linux_normally() {
     run(scenarios::grub_no_image_boots_normally);
 }
 
-/// The whole story on 7.3: the caller's words in a data section (6.14 on).
+/// The whole story on 7.3 (the caller's words in a data section, 6.14 on),
+/// with RAM above 4 GiB on a CPU without 1 GiB pages (qemu64, 5 GiB, q35).
 #[test]
-fn hibernate_power_off_and_resume_on_linux_7_3() {
-    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
+fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
+    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64_high_ram(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
 }
 
 /// The whole story on 6.1: no GDT reload after the jump back.

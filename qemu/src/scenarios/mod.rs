@@ -112,6 +112,12 @@ impl Machine {
         Self { kernel, cpu: "qemu64", memory_mib: 512 }
     }
 
+    /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
+    /// 1 GiB pages to map it with.
+    pub const fn qemu64_high_ram(kernel: Kernel) -> Self {
+        Self { kernel, cpu: "qemu64", memory_mib: 5120 }
+    }
+
     /// `-cpu max` (LA57: 5-level paging, 1 GiB pages) with 5 GiB on a q35.
     pub const fn la57(kernel: Kernel) -> Self {
         Self { kernel, cpu: "max", memory_mib: 5120 }
