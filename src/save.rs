@@ -17,6 +17,7 @@ use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, fail};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
+use zerocopy::FromBytes;
 
 use crate::caller::{BackupMap, MapError};
 use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
@@ -178,6 +179,7 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
         Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
+            post_to_mailbox(config, fail::PARTITION, format_args!("{e}; nothing written"));
             return;
         }
     };
@@ -189,10 +191,34 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
             record(&mut part, config, &f, &mut work.block);
+            post_to_mailbox(config, f.code, format_args!("{}", f.message.as_str()));
         }
     }
     drop(guard);
     part.close();
+}
+
+/// Leaves the reason in the host tool's mailbox page too: the one place it
+/// can be read when the partition is what failed. Only into a page the
+/// config names that is the caller's RAM, outside ksave, and stamped for
+/// this attempt; and only once the attempt has failed, so no image is
+/// being made of that memory.
+fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
+    let pa = config.mailbox;
+    let (start, end) = image_range();
+    let in_ram = config.ram().iter().any(|r| r.start <= pa && pa + PAGE as u64 <= r.end);
+    if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa + PAGE as u64 > paging::identity_end() {
+        return;
+    }
+    // SAFETY: a whole page of the caller's RAM inside ksave's identity map
+    // (checked above), not address 0; the caller is stopped, and the host
+    // tool lent this page for exactly this (it checks the stamp below too).
+    let page = unsafe { &mut *(pa as *mut [u8; PAGE]) };
+    let Ok((mailbox, _)) = ksave_format::mailbox::Mailbox::mut_from_prefix(page) else { return };
+    if mailbox.is_for(config.nonce) {
+        mailbox.post(code, Message::format(why).as_str());
+        println!("ksave: reason left in the host tool's mailbox at {pa:#x}");
+    }
 }
 
 /// Writes a *failed* record of `failure` for the host tool to read.
@@ -208,6 +234,7 @@ fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &
 /// that `ksave hibernate` can say it.
 pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
     let refusal = Failure { code, message: Message::format(why) };
+    post_to_mailbox(config, code, format_args!("{}", refusal.message.as_str()));
     let mut part = match disks::open_partition(config.partition_guid, Mode::Dma) {
         Ok(p) => p,
         Err(e) => {

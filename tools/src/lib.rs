@@ -6,5 +6,6 @@ pub mod export;
 pub mod imagefile;
 pub mod inspect;
 pub mod load;
+pub mod mailbox;
 pub mod setup;
 pub mod sys;

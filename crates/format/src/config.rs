@@ -36,7 +36,8 @@ struct RawConfig {
     ram_count: U32,
     ram: [RangeLe; MAX_RANGES],
     info: [u8; INFO_LEN],
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 4],
+    mailbox: U64,
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 8 - 4],
     crc: U32,
 }
 
@@ -78,6 +79,9 @@ pub struct Config {
     pub ram_count: usize,
     /// Host info for the image header (hostname, kernel release).
     pub info: [u8; INFO_LEN],
+    /// Physical address of the host tool's [`mailbox`](crate::mailbox)
+    /// page, or 0 for none.
+    pub mailbox: u64,
 }
 
 /// Why a config block was refused.
@@ -121,6 +125,7 @@ impl Config {
             ram: [Range::default(); MAX_RANGES],
             ram_count: 0,
             info: [0; INFO_LEN],
+            mailbox: 0,
         }
     }
 
@@ -154,6 +159,7 @@ impl Config {
             ram_count: (self.ram_count as u32).into(),
             ram,
             info: self.info,
+            mailbox: self.mailbox.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -203,6 +209,7 @@ impl Config {
             return Err(ConfigError::Field("partition"));
         }
         c.info = raw.info;
+        c.mailbox = raw.mailbox.get();
         Ok(c)
     }
 }

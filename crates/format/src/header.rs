@@ -115,6 +115,10 @@ pub const CR4_NEEDED: u64 = 1 << 12;
 
 /// Some chunks are LZ4-compressed.
 pub const FLAG_LZ4: u32 = 1 << 0;
+/// A fresh kernel's `ksave resume` handed this image to ksave. Found again
+/// at a later boot, the attempt did not finish (ksave invalidates what it
+/// resumes): the image is invalidated then, so that no boot loops on it.
+pub const FLAG_RESUME_ATTEMPTED: u32 = 1 << 1;
 
 /// Why a header was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -91,10 +91,28 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
     let header_block = part as usize..part as usize + 4096;
     damaged.check_unchanged_since(&before, Some(header_block.clone())).context("kernel C: the refusal wrote beyond the image header")?;
     let after = std::fs::read(&damaged.path)?;
-    let header = ksave_format::header::Header::decode(after[header_block].try_into()?).map_err(|e| anyhow::anyhow!("kernel C: header after the refusal: {e}"))?;
-    ensure!(header.state == ksave_format::header::State::Invalidated, "kernel C: the refused image was left {}", header.state.name());
-    ensure!(header.message().contains("image damaged"), "kernel C: the invalidated header does not say why: {:?}", header.message());
+    let refused = ksave_format::header::Header::decode(after[header_block.clone()].try_into()?).map_err(|e| anyhow::anyhow!("kernel C: header after the refusal: {e}"))?;
+    ensure!(refused.state == ksave_format::header::State::Invalidated, "kernel C: the refused image was left {}", refused.state.name());
+    ensure!(refused.message().contains("image damaged"), "kernel C: the invalidated header does not say why: {:?}", refused.message());
     report.add_ms("kernel C, damaged image: power-on to the normal boot", vm.elapsed());
+
+    // An earlier boot handed the image to ksave, which could not finish
+    // (say no disk it drives) and could not mark it: kernel C's `ksave
+    // resume` finds the mark and invalidates it instead of looping.
+    let attempted = variant("c-attempted", &|b| {
+        let mut h = header.clone();
+        h.flags |= ksave_format::header::FLAG_RESUME_ATTEMPTED;
+        h.encode((&mut b[part as usize..part as usize + 4096]).try_into().unwrap());
+    })?;
+    let config = kernel_a(&format!("{name}-c-attempted"), &format!("resume-c ksave.partuuid={PART_GUID}"))?.arg(attempted.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    vm.expect("ksave: nothing to resume: an earlier resume of this image did not finish; image invalidated", 120 * SECOND)?;
+    vm.expect("booting normally", 10 * SECOND)?;
+    vm.refute_seen("entered by kexec")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    let after = std::fs::read(&attempted.path)?;
+    let h = ksave_format::header::Header::decode(after[header_block].try_into()?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(h.state == ksave_format::header::State::Invalidated, "the unfinished attempt's image was left {}", h.state.name());
     Ok(report)
 }
 

@@ -81,7 +81,8 @@ pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: b
             // one), then the tool's, which must pass ksave's reason on.
             let (ksave_says, tool_says) = match expect {
                 Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB", "ksave could not save: partition holds 64 MiB"),
-                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID", "no record of this attempt"),
+                // The partition is what failed: ksave's reason comes by the mailbox.
+                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID", "ksave could not save: no GPT partition with that GUID"),
                 Expect::CpuException => ("ksave: save FAILED: CPU exception 14 (page fault); returning to the caller", "the image was left writing"),
                 _ => ("ksave: save FAILED: disk error: device error on command 0x35", "ksave could not save: disk error: device error on command 0x35"),
             };

@@ -8,6 +8,7 @@ use ksave_format::PAGE;
 use ksave_format::header::{DATA_OFFSET, Header, State};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::load;
+use ksave_tools::mailbox::MailboxPage;
 use ksave_tools::setup::{self, Setup};
 
 use super::load::load_ksave;
@@ -23,7 +24,8 @@ pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
     let _ = load::unload(); // give the memory back
-    match verdict(&setup, loaded.config.nonce) {
+    let from_ksave = loaded.mailbox.as_ref().and_then(MailboxPage::posted).map(|(_, why)| why);
+    match verdict(&setup, loaded.config.nonce, from_ksave) {
         Verdict::Resumed(h) => {
             println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
             Ok(ExitCode::SUCCESS)
@@ -90,13 +92,19 @@ enum Verdict {
     Failed(String),
 }
 
-fn verdict(setup: &Setup, nonce: u64) -> Verdict {
+/// `mailbox`: what ksave left in the tool's mailbox, which speaks when the
+/// partition cannot.
+fn verdict(setup: &Setup, nonce: u64, mailbox: Option<String>) -> Verdict {
+    let unreachable = |fallback: String| match &mailbox {
+        Some(why) => Verdict::Failed(format!("ksave could not save: {why} (from ksave, by the mailbox: nothing on {})", setup.device.display())),
+        None => Verdict::Failed(fallback),
+    };
     match ImageFile::open(&setup.device, false).and_then(|mut f| f.header()) {
         Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
         Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
         Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message())),
         Ok(h) if h.nonce == nonce => Verdict::Failed(format!("the image was left {}: the save did not finish", h.state.name())),
-        Ok(_) => Verdict::Failed(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
-        Err(e) => Verdict::Failed(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
+        Ok(_) => unreachable(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
+        Err(e) => unreachable(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
     }
 }

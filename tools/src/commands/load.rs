@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use ksave_format::config::Config;
 use ksave_tools::elfimage::ImageLayout;
 use ksave_tools::load;
+use ksave_tools::mailbox::MailboxPage;
 use ksave_tools::setup::{self, Setup};
 
 pub fn run(kexec_tools: bool) -> Result<ExitCode> {
@@ -19,6 +20,9 @@ pub fn run(kexec_tools: bool) -> Result<ExitCode> {
 
 /// A ksave loaded for one attempt.
 pub struct Loaded {
+    /// Where ksave leaves its reason if the partition fails (None if the
+    /// page could not be set up: the partition record still tells).
+    pub mailbox: Option<MailboxPage>,
     /// Its config (the attempt's nonce).
     pub config: Config,
     /// How long configuring and loading took.
@@ -32,6 +36,14 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
     let t = Instant::now();
     let mut config = load::attempt_config(setup)?;
     config.selftest_fault_in_save = selftest_fault_in_save;
+    let mailbox = match MailboxPage::new(config.nonce) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("ksave: no mailbox for ksave's reasons ({e:#}); the partition's record still tells");
+            None
+        }
+    };
+    config.mailbox = mailbox.as_ref().map_or(0, MailboxPage::phys);
     let elf = std::fs::read(&setup.elf).with_context(|| format!("reading {}", setup.elf.display()))?;
     let configured = load::configure(&elf, &config)?;
     let prepared = t.elapsed();
@@ -49,5 +61,5 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
     let ram: u64 = config.ram().iter().map(|r| r.end - r.start).sum();
     let held_kib = load::held_bytes(&layout, ram) / 1024;
     eprintln!("ksave: prepared the image in {} ms, kexec load took {} ms", prepared.as_millis(), (t.elapsed() - prepared).as_millis());
-    Ok(Loaded { config, took: t.elapsed(), held_kib })
+    Ok(Loaded { mailbox, config, took: t.elapsed(), held_kib })
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use diskdrv::part::Guid;
-use ksave_format::header::State;
+use ksave_format::header::{FLAG_RESUME_ATTEMPTED, State};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
@@ -35,6 +35,15 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
     // checksum, before it writes a byte.
     let why_not = if image.header.state != State::Complete {
         Some(format!("the image is {} ({})", image.header.state.name(), image.header.message()))
+    } else if image.header.flags & FLAG_RESUME_ATTEMPTED != 0 {
+        // An earlier boot handed it to ksave, which neither resumed it nor
+        // could mark it (no disk it drives, a reset): never loop on it.
+        let why = "an earlier resume of this image did not finish";
+        let mut header = image.header.clone();
+        header.state = State::Invalidated;
+        header.set_message(why);
+        ImageFile::open(&setup.device, true)?.write_header(&header)?;
+        Some(format!("{why}; image invalidated"))
     } else if image.ram != sys::ram_ranges()? {
         Some("the image was made with another RAM map".to_string())
     } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
@@ -49,6 +58,9 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
     let config = load::attempt_config(&setup)?;
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
     load::load_for_resume(&load::configure(&bytes, &config)?)?;
+    let mut header = image.header.clone();
+    header.flags |= FLAG_RESUME_ATTEMPTED;
+    ImageFile::open(&setup.device, true)?.write_header(&header)?;
     println!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored);
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
     // kexec image loaded the kernel hands the machine to ksave.
