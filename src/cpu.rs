@@ -131,6 +131,10 @@ extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
     if let Some(reentry) = crate::caller::reentry() {
         crate::disks::close_after_exception();
         println!("ksave: save FAILED: CPU exception {} ({name}); returning to the caller", frame.vector);
+        if let Ok(config) = crate::config::load() {
+            let why = format_args!("CPU exception {} ({name}) at RIP {:#x}, CR2 {cr2:#x} during the save", frame.vector, frame.rip);
+            crate::save::post_to_mailbox(&config, ksave_format::header::fail::EXCEPTION, why);
+        }
         crate::caller::return_to_caller(reentry);
     }
     stop(ExitCode::Exception)

@@ -203,7 +203,7 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
 /// config names that is the caller's RAM, outside ksave, and stamped for
 /// this attempt; and only once the attempt has failed, so no image is
 /// being made of that memory.
-fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
+pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
     let pa = config.mailbox;
     let (start, end) = image_range();
     let in_ram = config.ram().iter().any(|r| r.start <= pa && pa + PAGE as u64 <= r.end);

@@ -363,6 +363,8 @@ pub mod fail {
     pub const MEMORY: u32 = 6;
     /// The kexec caller's control page did not verify.
     pub const CONTEXT: u32 = 7;
+    /// ksave took a CPU exception (reported through the mailbox).
+    pub const EXCEPTION: u32 = 8;
 }
 
 /// Bytes of metadata for `ram` ranges and `backup` pairs.

@@ -83,7 +83,9 @@ pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: b
                 Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB", "ksave could not save: partition holds 64 MiB"),
                 // The partition is what failed: ksave's reason comes by the mailbox.
                 Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID", "ksave could not save: no GPT partition with that GUID"),
-                Expect::CpuException => ("ksave: save FAILED: CPU exception 14 (page fault); returning to the caller", "the image was left writing"),
+                Expect::CpuException => {
+                    ("ksave: save FAILED: CPU exception 14 (page fault); returning to the caller", "the image was left writing: ksave stopped: CPU exception 14 (page fault)")
+                }
                 _ => ("ksave: save FAILED: disk error: device error on command 0x35", "ksave could not save: disk error: device error on command 0x35"),
             };
             vm.expect(ksave_says, 300 * SECOND)?;

@@ -103,7 +103,10 @@ fn verdict(setup: &Setup, nonce: u64, mailbox: Option<String>) -> Verdict {
         Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
         Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
         Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message())),
-        Ok(h) if h.nonce == nonce => Verdict::Failed(format!("the image was left {}: the save did not finish", h.state.name())),
+        Ok(h) if h.nonce == nonce => Verdict::Failed(match &mailbox {
+            Some(why) => format!("the image was left {}: ksave stopped: {why}", h.state.name()),
+            None => format!("the image was left {}: the save did not finish", h.state.name()),
+        }),
         Ok(_) => unreachable(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
         Err(e) => unreachable(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
     }
