@@ -9,7 +9,7 @@ packages=(
   # kernel A's userspace
   kexec-tools busybox-static cpio
   # the test kernel
-  linux-source-6.12 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+  linux-source-6.1 linux-source-6.12 build-essential bc bison flex libelf-dev libssl-dev xz-utils
   # GRUB multiboot2 boots (restore issue)
   grub-pc-bin grub-common xorriso mtools
   # inspecting exports
