@@ -65,10 +65,12 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
             }
         }
         Err(e) => {
-            println!("ksave:   control page not usable, not saving: {e}");
+            // The config's host info names the kernel (hostname, release).
+            let kernel = config.as_ref().map_or("an unknown kernel", |c| c.info());
+            println!("ksave:   control page not usable, not saving: {e} (caller: {kernel})");
             // The host tool reads the reason from the partition.
-            if let Ok(config) = config {
-                crate::save::record_refusal(&config, fail::CONTEXT, format_args!("the kexec caller's control page is not usable: {e}"));
+            if let Ok(config) = &config {
+                crate::save::record_refusal(config, fail::CONTEXT, format_args!("the control page of {kernel} is not usable: {e}"));
             }
         }
     }

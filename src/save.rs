@@ -205,9 +205,10 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
 /// being made of that memory.
 pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
     let pa = config.mailbox;
+    let Some(pa_end) = pa.checked_add(PAGE as u64) else { return };
     let (start, end) = image_range();
-    let in_ram = config.ram().iter().any(|r| r.start <= pa && pa + PAGE as u64 <= r.end);
-    if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa + PAGE as u64 > paging::identity_end() {
+    let in_ram = config.ram().iter().any(|r| r.start <= pa && pa_end <= r.end);
+    if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa_end > paging::identity_end() {
         return;
     }
     // SAFETY: a whole page of the caller's RAM inside ksave's identity map
