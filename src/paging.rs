@@ -108,7 +108,7 @@ pub fn init() -> u64 {
         unsafe {
             let pdpt = &raw mut boot_pdpt;
             for gib in 4..512u64 {
-                (*pdpt)[gib as usize] = gib * GIB | HUGE_PAGE;
+                (*pdpt)[gib as usize] = (gib * GIB) | HUGE_PAGE;
             }
             x86::controlregs::cr3_write(x86::controlregs::cr3());
         }

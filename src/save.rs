@@ -334,7 +334,7 @@ fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
             fail::TOO_SMALL,
             "partition holds {} MiB, the worst case for {} MiB of RAM needs {} MiB: nothing saved",
             plan.capacity >> 20,
-            plan.page_count() * PAGE as u64 >> 20,
+            (plan.page_count() * PAGE as u64) >> 20,
             worst.div_ceil(1 << 20)
         ));
     }
@@ -361,7 +361,7 @@ fn report(s: &Summary) {
     println!(
         "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
         t.pages_stored,
-        t.pages_stored * PAGE as u64 >> 20,
+        (t.pages_stored * PAGE as u64) >> 20,
         t.pages_lz4,
         t.pages_lz4_skipped,
         s.us / 1000,

@@ -150,7 +150,7 @@ pub fn parse_gpt_header(sector: &[u8; 512], lba: u64) -> Option<GptHeader> {
     };
     let sane = header.my_lba == lba
         && header.entry_size >= 128
-        && header.entry_size % 128 == 0
+        && header.entry_size.is_multiple_of(128)
         && header.entry_count <= 16384
         && header.usable.0 <= header.usable.1;
     sane.then_some(header)
@@ -247,7 +247,7 @@ fn search_entries(
         // Entry sizes are multiples of 128, so an entry's GUIDs and LBAs
         // (its first 48 bytes) never straddle a sector.
         for at in (0..take).step_by(128) {
-            let starts_entry = (offset + at as u64) % header.entry_size as u64 == 0;
+            let starts_entry = (offset + at as u64).is_multiple_of(header.entry_size as u64);
             if let (true, None, Some(e)) = (starts_entry, found, parse_entry(&buf[at..at + 128]))
                 && e.unique == guid
             {

@@ -61,7 +61,7 @@ impl ImageFile {
     /// Reads the header block (checks it).
     pub fn header(&mut self) -> Result<Header> {
         let mut block = [0u8; PAGE];
-        Ok(ksave_format::reader::read_header(self, &mut block).map_err(|e| anyhow::anyhow!("{}: {e}", self.description))?)
+        ksave_format::reader::read_header(self, &mut block).map_err(|e| anyhow::anyhow!("{}: {e}", self.description))
     }
 
     /// Rewrites the header block and syncs.

@@ -215,7 +215,7 @@ impl CallerContext {
         if self.saved_cr4 & CR4_LA57 != entry.cr4 & CR4_LA57 {
             return Err(("saved CR4.LA57 differs from the entry's", self.saved_cr4));
         }
-        if self.layout == Layout::DataSection && (!kernel_half(self.va_control_page) || self.va_control_page % PAGE != 0) {
+        if self.layout == Layout::DataSection && (!kernel_half(self.va_control_page) || !self.va_control_page.is_multiple_of(PAGE)) {
             return Err(("control page VA is not a kernel page address", self.va_control_page));
         }
         if self.backup_head & !(PAGE - 1) == 0 || self.backup_head & (IND_DESTINATION | IND_INDIRECTION) == 0 {
