@@ -2,6 +2,7 @@
 //! the command line, then do the one thing the command line asks ([`Mode`]).
 
 use bootinfo::memmap::{MemoryMap, RegionKind};
+use bootinfo::{PhysRead, acpi};
 use bootinfo::multiboot1;
 use diskdrv::ide;
 use diskdrv::part::Guid;
@@ -10,6 +11,8 @@ use multiboot2::{BootInformation, BootInformationHeader};
 use crate::cpu::stop;
 use crate::disktest::{self, Job};
 use crate::layout::image_range;
+use crate::message::Message;
+use crate::physmem::IdentityMapped;
 use crate::qemu::ExitCode;
 use crate::{cmdline, paging, physmem, println, resume};
 
@@ -18,6 +21,16 @@ struct BootInfo<'a> {
     protocol: &'static str,
     cmdline: &'a str,
     map: MemoryMap,
+    /// The ACPI RSDP's root tables (RSDT, XSDT or 0), if one was found.
+    rsdp: Option<(u32, u64)>,
+}
+
+/// The RSDP on a BIOS machine: the first KiB of the EBDA (its segment is
+/// the word at 0x40E), then 0xE0000-0xFFFFF (ACPI 6.5, 5.2.5.1).
+fn bios_rsdp() -> Option<(u32, u64)> {
+    let ebda = IdentityMapped.read_u64(0x408).map(|w| ((w >> 48) & 0xffff) << 4);
+    let in_ebda = ebda.filter(|&e| (0x8_0000..0xA_0000).contains(&e)).and_then(|e| acpi::find_rsdp(&IdentityMapped, e, e + 1024));
+    in_ebda.or_else(|| acpi::find_rsdp(&IdentityMapped, acpi::BIOS_AREA.0, acpi::BIOS_AREA.1))
 }
 
 pub fn run_multiboot1(info: u64) -> ! {
@@ -38,7 +51,7 @@ pub fn run_multiboot1(info: u64) -> ! {
     }
     // SAFETY: the loader's NUL-terminated command line, in RAM below 4 GiB.
     let cmdline = parsed.cmdline.map(|a| unsafe { c_str(a as u64) }).unwrap_or("");
-    run(&BootInfo { protocol: "multiboot1", cmdline, map }, info)
+    run(&BootInfo { protocol: "multiboot1", cmdline, map, rsdp: bios_rsdp() }, info)
 }
 
 pub fn run_multiboot2(info: u64) -> ! {
@@ -56,7 +69,13 @@ pub fn run_multiboot2(info: u64) -> ! {
         }
     }
     let cmdline = mbi.command_line_tag().and_then(|t| t.cmdline().ok()).unwrap_or("");
-    run(&BootInfo { protocol: "multiboot2", cmdline, map }, info)
+    // GRUB copies the RSDP into a tag (UEFI machines have no BIOS area).
+    let rsdp = match (mbi.rsdp_v2_tag(), mbi.rsdp_v1_tag()) {
+        (Some(v2), _) => Some((0, v2.xsdt_address() as u64)),
+        (None, Some(v1)) => Some((v1.rsdt_address() as u32, 0)),
+        (None, None) => bios_rsdp(),
+    };
+    run(&BootInfo { protocol: "multiboot2", cmdline, map, rsdp }, info)
 }
 
 /// What a bootloader start was asked to do.
@@ -112,7 +131,11 @@ fn run(boot: &BootInfo, info: u64) -> ! {
     match mode {
         Mode::FaultSelfTest => unreachable!("handled above"),
         Mode::Resume { guid, no_image } => {
-            let refusal = resume::from_bootloader(guid, &boot.map);
+            let facs_now = match boot.rsdp {
+                Some((rsdt, xsdt)) => acpi::hardware_signature(&IdentityMapped, rsdt, xsdt).map_err(|e| Message::format(format_args!("{e}"))),
+                None => Err(Message::format(format_args!("{}", acpi::AcpiError::NoRsdp))),
+            };
+            let refusal = resume::from_bootloader(guid, &boot.map, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
             println!("ksave: no image to resume: handing over to a normal boot");
             if let Some(flag) = no_image.and_then(|v| v.strip_prefix("cmos:")) {

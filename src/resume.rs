@@ -78,7 +78,7 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
 /// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
 /// this boot's RAM map, or returns why not (nothing was written; the
 /// bootloader's next entry boots normally, and a later boot may try again).
-pub fn from_bootloader(guid: Guid, map: &MemoryMap) -> Refusal {
+pub fn from_bootloader(guid: Guid, map: &MemoryMap, facs_now: Result<u32, Message>) -> Refusal {
     let mut ram = [Range::default(); MAX_RANGES];
     let mut n = 0;
     for page in map.ram().filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
@@ -87,7 +87,7 @@ pub fn from_bootloader(guid: Guid, map: &MemoryMap) -> Refusal {
             n += 1;
         }
     }
-    run(guid, &ram[..n], false)
+    run(guid, &ram[..n], false, facs_now)
 }
 
 /// Started by a plain kexec (no caller to return to): `ksave resume` in
@@ -98,7 +98,8 @@ pub fn from_kexec() -> ! {
     println!("ksave {}: started by kexec with no caller to return to: resuming", env!("CARGO_PKG_VERSION"));
     match config::load() {
         Ok(config) => {
-            let refusal = run(config.partition_guid, config.ram(), true);
+            let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
+            let refusal = run(config.partition_guid, config.ram(), true, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
         }
         Err(e) => println!("ksave: not resuming: {e}"),
@@ -111,7 +112,7 @@ pub fn from_kexec() -> ! {
 /// (page aligned, sorted). Returns only to refuse; then, if
 /// `invalidate_refused`, a complete image is marked invalidated with the
 /// reason, so that no later boot tries it again.
-fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
+fn run(guid: Guid, ram: &[Range], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(last) = ram.last()
@@ -126,7 +127,7 @@ fn run(guid: Guid, ram: &[Range], invalidate_refused: bool) -> Refusal {
     };
     let work = work::take();
     let (first_lba, bytes) = (part.first_lba(), part.bytes());
-    match check_and_load(&mut part.disk, first_lba, bytes, ram, work) {
+    match check_and_load(&mut part.disk, first_lba, bytes, ram, &facs_now, work) {
         Err(refusal) => {
             if invalidate_refused {
                 invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.0.as_str());
@@ -154,7 +155,7 @@ struct WayBack {
     la57: bool,
 }
 
-fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], work: &mut Work) -> Result<WayBack, Refusal> {
+fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refusal> {
     let start = hw::now_us();
     let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
@@ -179,6 +180,18 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     let la57 = header.cr4_needed & paging::CR4_LA57 != 0;
     if la57 && !paging::cpu_has_la57() {
         return Err(refuse!("the saved kernel runs with 5-level paging (CR4.LA57), which this CPU does not have"));
+    }
+    // The firmware changes the hardware signature when the hardware
+    // changed; a signature that cannot be read is doubt, and doubt refuses.
+    match (header.facs_signature, facs_now) {
+        (None, _) => {}
+        (Some(saved), Ok(now)) if saved == *now => {}
+        (Some(saved), Ok(now)) => {
+            return Err(refuse!("the ACPI hardware signature changed ({saved:#x} when saved, {now:#x} now): the hardware configuration changed"));
+        }
+        (Some(_), Err(why)) => {
+            return Err(refuse!("the image records an ACPI hardware signature, and this boot's cannot be read: {}", why.as_str()));
+        }
     }
     let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;
     let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();

@@ -277,6 +277,7 @@ fn save(
         cpu_vendor: ksave_format::cpu_vendor(),
         return_gdt: return_gdt.unwrap_or((0, 0)),
         cr4_needed: ctx.saved_cr4,
+        facs_signature: config.facs_signature,
     };
     check_reachable(&plan)?;
     require_exact(backup)?;

@@ -29,6 +29,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     ensure!(ram.len() <= MAX_RANGES, "{} RAM ranges, ksave takes {MAX_RANGES}", ram.len());
     c.ram[..ram.len()].copy_from_slice(&ram);
     c.ram_count = ram.len();
+    c.facs_signature = sys::acpi_hardware_signature();
     let info = format!("{} {}", hostname(), kernel_release());
     let n = info.len().min(c.info.len());
     c.info[..n].copy_from_slice(&info.as_bytes()[..n]);

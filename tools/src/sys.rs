@@ -24,6 +24,13 @@ pub fn ram_ranges() -> Result<Vec<Range>> {
     Ok(merged)
 }
 
+/// This boot's ACPI FACS hardware signature (ACPI 6.5, 5.2.10: the u32 at
+/// offset 8), if the kernel shows the table (root, CONFIG_ACPI).
+pub fn acpi_hardware_signature() -> Option<u32> {
+    let facs = std::fs::read("/sys/firmware/acpi/tables/FACS").ok()?;
+    (facs.len() >= 12 && &facs[..4] == b"FACS").then(|| u32::from_le_bytes(facs[8..12].try_into().unwrap()))
+}
+
 fn hex(text: &str) -> Result<u64> {
     Ok(u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)?)
 }

@@ -1,6 +1,7 @@
 //! What ksave learns when it is entered, as pure, allocation-free logic that
 //! builds for the bare-metal image and is tested on the host.
 //!
+//! - [`acpi`]: the FACS hardware signature, through the ACPI tables.
 //! - [`memmap`]: a normalized physical memory map, whatever the source.
 //! - [`multiboot1`]: the multiboot 1 information structure and its mmap.
 //! - [`kexec`]: the kexec-jump caller's control page and its backup map.
@@ -8,6 +9,7 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod kexec;
 pub mod memmap;
 pub mod multiboot1;

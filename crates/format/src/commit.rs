@@ -50,6 +50,8 @@ pub struct Plan<'a> {
     pub return_gdt: (u64, u16),
     /// The caller's CR4 bits its return path needs ([`header::CR4_NEEDED`]).
     pub cr4_needed: u64,
+    /// The ACPI FACS hardware signature at save time, if known.
+    pub facs_signature: Option<u32>,
 }
 
 impl Plan<'_> {
@@ -127,6 +129,7 @@ pub fn save<D: Device>(
     h.cpu_vendor = plan.cpu_vendor;
     h.return_gdt = plan.return_gdt;
     h.cr4_needed = plan.cr4_needed & header::CR4_NEEDED;
+    h.facs_signature = plan.facs_signature;
     h.set_message(plan.info);
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;

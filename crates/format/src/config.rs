@@ -37,7 +37,10 @@ struct RawConfig {
     ram: [RangeLe; MAX_RANGES],
     info: [u8; INFO_LEN],
     mailbox: U64,
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 8 - 4],
+    /// Bit 0: the signature below is known.
+    facs_known: U32,
+    facs_signature: U32,
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4],
     crc: U32,
 }
 
@@ -82,6 +85,9 @@ pub struct Config {
     /// Physical address of the host tool's [`mailbox`](crate::mailbox)
     /// page, or 0 for none.
     pub mailbox: u64,
+    /// This boot's ACPI FACS hardware signature, as the host read it
+    /// (/sys/firmware/acpi/tables/FACS), if it could.
+    pub facs_signature: Option<u32>,
 }
 
 /// Why a config block was refused.
@@ -126,6 +132,7 @@ impl Config {
             ram_count: 0,
             info: [0; INFO_LEN],
             mailbox: 0,
+            facs_signature: None,
         }
     }
 
@@ -160,6 +167,8 @@ impl Config {
             ram,
             info: self.info,
             mailbox: self.mailbox.into(),
+            facs_known: (self.facs_signature.is_some() as u32).into(),
+            facs_signature: self.facs_signature.unwrap_or(0).into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -210,6 +219,7 @@ impl Config {
         }
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();
+        c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());
         Ok(c)
     }
 }

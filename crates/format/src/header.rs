@@ -105,6 +105,10 @@ pub struct Header {
     /// CR4 bits the saved kernel's return path needs before it restores its
     /// own CR4 ([`CR4_NEEDED`]): LA57, its paging mode.
     pub cr4_needed: u64,
+    /// The ACPI FACS hardware signature when the image was saved, if known:
+    /// firmware changes it when the hardware changed, and such an image is
+    /// not resumed (ACPI 6.5, 5.2.10).
+    pub facs_signature: Option<u32>,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -168,6 +172,7 @@ impl Header {
             cpu_vendor: [0; 12],
             return_gdt: (0, 0),
             cr4_needed: 0,
+            facs_signature: None,
         }
     }
 
@@ -217,6 +222,8 @@ impl Header {
             return_gdt_limit: self.return_gdt.1.into(),
             reserved3: [0; _],
             cr4_needed: self.cr4_needed.into(),
+            facs_known: (self.facs_signature.is_some() as u32).into(),
+            facs_signature: self.facs_signature.unwrap_or(0).into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -262,6 +269,7 @@ impl Header {
             cpu_vendor: raw.cpu_vendor,
             return_gdt: (raw.return_gdt_base.get(), raw.return_gdt_limit.get()),
             cr4_needed: raw.cr4_needed.get(),
+            facs_signature: (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get()),
         };
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));
@@ -307,7 +315,9 @@ struct RawHeader {
     return_gdt_limit: U16,
     reserved3: [u8; 6],
     cr4_needed: U64,
-    pad: [u8; PAGE - 424 - 4],
+    facs_known: U32,
+    facs_signature: U32,
+    pad: [u8; PAGE - 432 - 4],
     crc: U32,
 }
 

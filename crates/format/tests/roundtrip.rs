@@ -139,6 +139,7 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], lz4: bool) -> Result<(head
         cpu_vendor: *b"TestVendor!!",
         return_gdt: (0xffff_8880_1f40_9000, 127),
         cr4_needed: 1 << 12 | 1 << 5,
+        facs_signature: Some(0x1234),
     };
     let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
@@ -364,6 +365,7 @@ fn commit_protocol_flushes_writing_then_data_then_complete() {
     assert_eq!((h.state, h.cpu_vendor, h.message()), (State::Complete, *b"TestVendor!!", "test host 6.12"));
     let read = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
     assert_eq!((read.return_gdt, read.cr4_needed), ((0xffff_8880_1f40_9000, 127), 1 << 12), "only LA57 is a need");
+    assert_eq!(read.facs_signature, Some(0x1234));
     assert_eq!(load(&disk.bytes).unwrap().len() as u64, h.pages_stored);
 }
 

@@ -67,6 +67,14 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
     refused("other -m", &disk, 384, &[], "RAM map differs")?;
     // qemu64 reports AuthenticAMD: the image was made on "AMD".
     refused("other CPU vendor", &disk, 512, &["-cpu", "qemu64,vendor=GenuineIntel"], "another CPU vendor")?;
+    // Firmware that reports other hardware: the recorded signature differs.
+    let saved = header.facs_signature.context("the image records no ACPI hardware signature")?;
+    let facs_changed = variant("facs", &|b| {
+        let mut h = header.clone();
+        h.facs_signature = Some(saved ^ 0x5a5a);
+        h.encode((&mut b[part as usize..part as usize + 4096]).try_into().unwrap());
+    })?;
+    refused("ACPI hardware signature", &facs_changed, 512, &[], "the ACPI hardware signature changed")?;
 
     // Resumed once, the image is never resumed again.
     let mut vm = resume_vm(&format!("{name}-resume"), &disk, 512, &[], echo)?;

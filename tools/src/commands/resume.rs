@@ -48,6 +48,10 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         Some("the image was made with another RAM map".to_string())
     } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
         Some("the image was made on another CPU vendor".to_string())
+    } else if let Some(saved) = image.header.facs_signature
+        && sys::acpi_hardware_signature() != Some(saved)
+    {
+        Some(format!("the ACPI hardware signature changed or cannot be read (saved {saved:#x}): the hardware configuration changed"))
     } else {
         None
     };

@@ -1,0 +1,206 @@
+//! The ACPI hardware signature (ACPI 6.5, 5.2.10 FACS): firmware changes it
+//! when the hardware configuration changed between boots, and an OS must
+//! then not resume a hibernation image. Found RSDP -> XSDT (or RSDT) ->
+//! FADT ("FACP") -> FACS, every table's checksum checked on the way.
+
+use crate::PhysRead;
+
+/// Where to look for the RSDP on a BIOS machine (ACPI 6.5, 5.2.5.1): the
+/// first KiB of the EBDA, then 0xE0000-0xFFFFF, on 16-byte boundaries.
+pub const BIOS_AREA: (u64, u64) = (0xE_0000, 0x10_0000);
+
+/// Why no signature was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcpiError {
+    /// No RSDP with a valid checksum.
+    NoRsdp,
+    /// A table is unreadable or its checksum is wrong.
+    BadTable(u64),
+    /// No FADT, or it names no FACS.
+    NoFacs,
+}
+
+impl core::fmt::Display for AcpiError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoRsdp => write!(f, "no ACPI RSDP found"),
+            Self::BadTable(a) => write!(f, "ACPI table at {a:#x} unreadable or its checksum is wrong"),
+            Self::NoFacs => write!(f, "no FACS in the ACPI tables"),
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes at `addr` through aligned u64 reads.
+fn read_bytes(mem: &impl PhysRead, addr: u64, buf: &mut [u8]) -> Option<()> {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let a = addr.checked_add(i as u64)?;
+        *b = mem.read_u64(a & !7)?.to_le_bytes()[(a & 7) as usize];
+    }
+    Some(())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn sums_to_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |s, x| s.wrapping_add(*x)) == 0
+}
+
+/// The RSDP at `addr`, if it is one: its RSDT and (revision 2+) XSDT.
+pub fn rsdp_at(mem: &impl PhysRead, addr: u64) -> Option<(u32, u64)> {
+    let mut r = [0u8; 36];
+    read_bytes(mem, addr, &mut r[..20])?;
+    if &r[..8] != b"RSD PTR " || !sums_to_zero(&r[..20]) {
+        return None;
+    }
+    let rsdt = u32_at(&r, 16);
+    if r[15] < 2 {
+        return Some((rsdt, 0));
+    }
+    read_bytes(mem, addr, &mut r)?;
+    sums_to_zero(&r).then(|| (rsdt, u64_at(&r, 24)))
+}
+
+/// Scans `[start, end)` on 16-byte boundaries for the RSDP.
+pub fn find_rsdp(mem: &impl PhysRead, start: u64, end: u64) -> Option<(u32, u64)> {
+    (start..end).step_by(16).find_map(|a| rsdp_at(mem, a))
+}
+
+/// A table's length, after checking its checksum (at most `max` bytes are
+/// summed: FADT and the root tables are small).
+fn checked_len(mem: &impl PhysRead, addr: u64, max: u32) -> Result<u32, AcpiError> {
+    let mut head = [0u8; 8];
+    read_bytes(mem, addr, &mut head).ok_or(AcpiError::BadTable(addr))?;
+    let len = u32_at(&head, 4);
+    if !(36..=max).contains(&len) {
+        return Err(AcpiError::BadTable(addr));
+    }
+    let mut sum = 0u8;
+    for i in 0..len as u64 {
+        let mut b = [0u8; 1];
+        read_bytes(mem, addr + i, &mut b).ok_or(AcpiError::BadTable(addr))?;
+        sum = sum.wrapping_add(b[0]);
+    }
+    if sum != 0 {
+        return Err(AcpiError::BadTable(addr));
+    }
+    Ok(len)
+}
+
+/// The FACS hardware signature, from the root tables an RSDP names
+/// (`rsdt`, and `xsdt` when not 0, which wins).
+pub fn hardware_signature(mem: &impl PhysRead, rsdt: u32, xsdt: u64) -> Result<u32, AcpiError> {
+    let (root, entry) = if xsdt != 0 { (xsdt, 8) } else { (rsdt as u64, 4) };
+    let len = checked_len(mem, root, 64 * 1024)?;
+    let mut fadt = None;
+    for at in (root + 36..root + len as u64).step_by(entry) {
+        let mut e = [0u8; 8];
+        read_bytes(mem, at, &mut e[..entry]).ok_or(AcpiError::BadTable(root))?;
+        let table = u64::from_le_bytes(e);
+        let mut sig = [0u8; 4];
+        read_bytes(mem, table, &mut sig).ok_or(AcpiError::BadTable(table))?;
+        if &sig == b"FACP" {
+            fadt = Some(table);
+            break;
+        }
+    }
+    let fadt = fadt.ok_or(AcpiError::NoFacs)?;
+    let len = checked_len(mem, fadt, 4096)?;
+    let mut f = [0u8; 148];
+    let n = (len as usize).min(f.len());
+    read_bytes(mem, fadt, &mut f[..n]).ok_or(AcpiError::BadTable(fadt))?;
+    // X_FIRMWARE_CTRL (ACPI 2.0+, offset 132) wins over FIRMWARE_CTRL (36).
+    let x = if n >= 140 { u64_at(&f, 132) } else { 0 };
+    let facs = if x != 0 { x } else { u32_at(&f, 36) as u64 };
+    if facs == 0 {
+        return Err(AcpiError::NoFacs);
+    }
+    let mut head = [0u8; 12];
+    read_bytes(mem, facs, &mut head).ok_or(AcpiError::BadTable(facs))?;
+    if &head[..4] != b"FACS" {
+        return Err(AcpiError::NoFacs);
+    }
+    Ok(u32_at(&head, 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    extern crate std;
+    use std::vec::Vec;
+
+    struct Mem(Vec<u8>);
+
+    impl PhysRead for Mem {
+        fn read_u64(&self, addr: u64) -> Option<u64> {
+            let a = addr as usize;
+            Some(u64::from_le_bytes(self.0.get(a..a + 8)?.try_into().unwrap()))
+        }
+    }
+
+    fn fix_checksum(t: &mut [u8], at: usize) {
+        t[at] = 0;
+        t[at] = 0u8.wrapping_sub(t.iter().fold(0u8, |s, x| s.wrapping_add(*x)));
+    }
+
+    fn table(sig: &[u8; 4], len: usize) -> Vec<u8> {
+        let mut t = std::vec![0u8; len];
+        t[..4].copy_from_slice(sig);
+        t[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        t
+    }
+
+    /// RSDP (revision 2) at 0xE0010, XSDT at 0x1000 naming a FADT at
+    /// 0x2000 whose X_FIRMWARE_CTRL is a FACS at 0x3000 with signature 0x1234.
+    fn machine() -> Mem {
+        let mut m = std::vec![0u8; 0x10_0000];
+        let mut rsdp = [0u8; 36];
+        rsdp[..8].copy_from_slice(b"RSD PTR ");
+        rsdp[15] = 2;
+        rsdp[16..20].copy_from_slice(&0x4000u32.to_le_bytes());
+        rsdp[20..24].copy_from_slice(&36u32.to_le_bytes());
+        rsdp[24..32].copy_from_slice(&0x1000u64.to_le_bytes());
+        fix_checksum(&mut rsdp[..20], 8);
+        fix_checksum(&mut rsdp, 32);
+        m[0xE_0010..0xE_0010 + 36].copy_from_slice(&rsdp);
+        let mut xsdt = table(b"XSDT", 36 + 16);
+        xsdt[36..44].copy_from_slice(&0x5000u64.to_le_bytes()); // some other table
+        xsdt[44..52].copy_from_slice(&0x2000u64.to_le_bytes());
+        fix_checksum(&mut xsdt, 9);
+        m[0x1000..0x1000 + xsdt.len()].copy_from_slice(&xsdt);
+        m[0x5000..0x5004].copy_from_slice(b"APIC");
+        let mut fadt = table(b"FACP", 244);
+        fadt[132..140].copy_from_slice(&0x3000u64.to_le_bytes());
+        fix_checksum(&mut fadt, 9);
+        m[0x2000..0x2000 + fadt.len()].copy_from_slice(&fadt);
+        m[0x3000..0x3004].copy_from_slice(b"FACS");
+        m[0x3008..0x300c].copy_from_slice(&0x1234u32.to_le_bytes());
+        Mem(m)
+    }
+
+    #[test]
+    fn reads_the_hardware_signature_through_the_xsdt() {
+        let m = machine();
+        let (rsdt, xsdt) = find_rsdp(&m, BIOS_AREA.0, BIOS_AREA.1).unwrap();
+        assert_eq!((rsdt, xsdt), (0x4000, 0x1000));
+        assert_eq!(hardware_signature(&m, rsdt, xsdt), Ok(0x1234));
+    }
+
+    #[test]
+    fn a_damaged_table_is_an_error_not_a_guess() {
+        let mut m = machine();
+        m.0[0x2000 + 50] ^= 1; // FADT checksum now wrong
+        assert_eq!(hardware_signature(&m, 0x4000, 0x1000), Err(AcpiError::BadTable(0x2000)));
+        let mut m = machine();
+        m.0[0xE_0010 + 3] ^= 1; // RSDP signature
+        assert_eq!(find_rsdp(&m, BIOS_AREA.0, BIOS_AREA.1), None);
+        let mut m = machine();
+        m.0[0x3000] = b'X';
+        assert_eq!(hardware_signature(&m, 0x4000, 0x1000), Err(AcpiError::NoFacs));
+    }
+}
