@@ -1,7 +1,7 @@
 //! How an image header is shown: as text, or as JSON for scripts and the
 //! test harness.
 
-use ksave_format::header::{DATA_OFFSET, FLAG_LZ4, Header, State};
+use ksave_format::header::{CR4_NEEDED, DATA_OFFSET, FLAG_LZ4, FLAG_RESUME_ATTEMPTED, Header, State};
 use serde_json::json;
 
 /// The header as JSON.
@@ -21,6 +21,10 @@ pub fn header_json(h: &Header) -> serde_json::Value {
         "cpu_vendor": String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0').to_string(),
         "fail_code": h.fail_code,
         "message": h.message(),
+        "needs_la57": h.cr4_needed & CR4_NEEDED != 0,
+        "return_gdt": format!("{:#x}", h.return_gdt.0),
+        "acpi_hardware_signature": h.facs_signature.map(|s| format!("{s:#x}")),
+        "resume_attempted": h.flags & FLAG_RESUME_ATTEMPTED != 0,
     })
 }
 
@@ -36,5 +40,14 @@ pub fn print_header(h: &Header) {
         println!("saved in     {} ms", h.save_us / 1000);
         println!("ksave range  {:#x}-{:#x}, re-entry {:#x}", h.image.start, h.image.end, h.reentry);
         println!("CPU          {}", String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0'));
+        println!("paging       {}", if h.cr4_needed & CR4_NEEDED != 0 { "5-level (needs LA57)" } else { "4-level" });
+        match h.return_gdt.0 {
+            0 => println!("return GDT   none (the kernel reloads its own)"),
+            va => println!("return GDT   {va:#x} (the kernel's own, loaded before going back)"),
+        }
+        match h.facs_signature {
+            Some(s) => println!("ACPI hw sig  {s:#x} (a boot with another is refused)"),
+            None => println!("ACPI hw sig  not known when saved"),
+        }
     }
 }
