@@ -8,7 +8,7 @@ use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, EntryState, Walk
 use bootinfo::pagewalk;
 use ksave_format::header::fail;
 use ksave_format::header::MAX_BACKUP_PAIRS;
-use ksave_format::{BackupPair, Range};
+use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
@@ -56,9 +56,9 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
                 ctx.control_page, ctx.layout, ctx.data_offset, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
             );
             let ram = config.as_ref().ok().map(|c| c.ram());
-            let return_gdt = kernel_gdt(&ctx, ram);
             let backup = BackupMap::walk(&ctx, ram, Range { start, end });
             backup.report();
+            let return_gdt = kernel_gdt(&ctx, ram, &backup, start);
             match config {
                 Ok(config) => crate::save::run(&config, &ctx, &backup, return_gdt),
                 Err(e) => println!("ksave: not saving: {e}"),
@@ -110,15 +110,27 @@ unsafe extern "C" {
 /// (`saved_context.gdt_desc` is `get_cpu_gdt_rw`), so it is left for every
 /// kernel. Found in the caller's RAM (`ram`, the config's map: no other
 /// memory is scanned) and addressed through the kernel's direct map.
-fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>) -> Option<(u64, u16)> {
+///
+/// Its page tables and GDT are read as the caller will see them once the
+/// swap is undone (`CallerView`): pages under ksave hold ksave now, and
+/// the caller's page tables may well have been among them.
+fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, backup: &BackupMap, own_start: u64) -> Option<(u64, u16)> {
     let reloads = reloads_own_gdt(ctx);
-    let found = match ram {
-        Some(ram) => {
+    let mut sources = [0u64; MAX_PAIRS];
+    let mut scratch = [0u16; MAX_PAIRS];
+    let found = match (ram, backup.outcome()) {
+        (Some(ram), Ok(cov)) if cov.is_exact() => {
+            let n = backup.pairs().len();
+            for p in backup.pairs() {
+                sources[((p.dest - own_start) / PAGE as u64) as usize] = p.src;
+            }
+            let view = kexec::CallerView::new(&IdentityMapped, own_start, &sources[..n], &mut scratch[..n]);
             let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
             let ram = ram.iter().map(|r| (r.start, r.end.min(paging::identity_end())));
-            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], &IdentityMapped).map_err(|e| Message::format(format_args!("{e}")))
+            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], &view).map_err(|e| Message::format(format_args!("{e}")))
         }
-        None => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
+        (None, _) => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
+        (Some(_), _) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages, so the caller's memory cannot be read as it is"))),
     };
     match found {
         Ok(va) => {

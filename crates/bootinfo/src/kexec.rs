@@ -301,6 +301,49 @@ pub fn walk(
     Err(WalkError::TooLong)
 }
 
+/// The caller's memory as the caller sees it, while the image sits in its
+/// pages: relocate_kernel swapped each destination page with its source
+/// page (`swap_pages`), and swaps them back on the way home. Reading a
+/// destination gives what its source holds and the other way round;
+/// everything else reads through. `dests` are the image's pages in order
+/// (`dests[i]` is `start + i` pages), `sources[i]` each one's source, and
+/// `by_source` the indices sorted by source, for the reverse lookup.
+pub struct CallerView<'a, M: PhysRead> {
+    mem: &'a M,
+    start: u64,
+    sources: &'a [u64],
+    by_source: &'a [u16],
+}
+
+impl<'a, M: PhysRead> CallerView<'a, M> {
+    /// A view over `mem` of an image at `start` whose page `i` was swapped
+    /// with `sources[i]`; `by_source` is scratch of the same length.
+    pub fn new(mem: &'a M, start: u64, sources: &'a [u64], by_source: &'a mut [u16]) -> Self {
+        assert!(by_source.len() == sources.len() && sources.len() <= u16::MAX as usize);
+        for (i, slot) in by_source.iter_mut().enumerate() {
+            *slot = i as u16;
+        }
+        by_source.sort_unstable_by_key(|&i| sources[i as usize]);
+        Self { mem, start, sources, by_source }
+    }
+
+    fn swapped(&self, page: u64) -> u64 {
+        if page >= self.start && ((page - self.start) / PAGE) < self.sources.len() as u64 {
+            return self.sources[((page - self.start) / PAGE) as usize];
+        }
+        match self.by_source.binary_search_by_key(&page, |&i| self.sources[i as usize]) {
+            Ok(k) => self.start + self.by_source[k] as u64 * PAGE,
+            Err(_) => page,
+        }
+    }
+}
+
+impl<M: PhysRead> PhysRead for CallerView<'_, M> {
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        self.mem.read_u64(self.swapped(addr & !(PAGE - 1)) | (addr & (PAGE - 1)))
+    }
+}
+
 /// How the destination pages of a backup map relate to a range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Coverage {
@@ -563,6 +606,20 @@ mod tests {
         m.set(0x1008, 0x8000_0000 | IND_SOURCE);
         assert_eq!(walk(0x1000 | IND_INDIRECTION, &m, m.is_ram(), |_| {}), Err(WalkError::NotRam(0x8000_0000)));
         assert_eq!(walk(0x4000_0000 | IND_INDIRECTION, &m, m.is_ram(), |_| {}), Err(WalkError::NotRam(0x4000_0000)));
+    }
+
+    #[test]
+    fn the_caller_view_undoes_the_swap() {
+        let mut m = Mem::new(64);
+        m.set(0x11008, 0xaaaa); // ksave's bytes in the image's second page
+        m.set(0x21008, 0xbbbb); // the caller's data of that page, in its source
+        m.set(0x30008, 0xcccc); // untouched memory
+        let sources = [0x22000, 0x21000, 0x20000];
+        let mut scratch = [0u16; 3];
+        let view = CallerView::new(&m, 0x10000, &sources, &mut scratch);
+        assert_eq!(view.read_u64(0x11008), Some(0xbbbb), "a destination reads its source");
+        assert_eq!(view.read_u64(0x21008), Some(0xaaaa), "a source reads its destination");
+        assert_eq!(view.read_u64(0x30008), Some(0xcccc));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub const LINUX_GDT_LIMIT: u16 = 16 * 8 - 1;
 /// node (arch/x86/include/asm/segment.h, `setup_getcpu`).
 const CPUNODE_ENTRY: u64 = 15;
 const GIB: u64 = 1 << 30;
+/// CPU_ENTRY_AREA_BASE: the direct map ends below it in both paging modes.
+const DIRECT_MAP_END: u64 = 0xffff_fe00_0000_0000;
 
 /// Why the GDT was not found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +104,9 @@ pub fn find_gdt_page(ram: impl Iterator<Item = (u64, u64)>, mem: &impl PhysRead)
 /// tried (every present entry one level above the 1 GiB level, in the
 /// kernel half).
 pub fn direct_map_base(cr3: u64, la57: bool, pa: u64, also: &[u64], mem: &impl PhysRead) -> Option<u64> {
+    // The direct map starts at __PAGE_OFFSET_BASE_L4/L5 and, under KASLR,
+    // stays below the CPU entry area (Documentation/arch/x86/x86_64/mm.rst).
+    let lowest = if la57 { 0xff11_0000_0000_0000 } else { 0xffff_8880_0000_0000 };
     let maps_all = |b: u64| core::iter::once(pa).chain(also.iter().copied()).all(|p| translate(cr3, la57, b.wrapping_add(p), mem) == Some(p));
     let root = cr3 & PHYS_MASK;
     let try_pud_table = |pud_table: u64, va_base: u64| -> Option<u64> {
@@ -109,7 +114,7 @@ pub fn direct_map_base(cr3: u64, la57: bool, pa: u64, also: &[u64], mem: &impl P
             let present = mem.read_u64(pud_table + 8 * j).is_some_and(|e| e & PRESENT != 0);
             let slot = va_base + j * GIB;
             let b = slot.wrapping_sub(pa & !(GIB - 1));
-            (present && b >= 0xff00_0000_0000_0000 && maps_all(b)).then_some(b)
+            (present && (lowest..DIRECT_MAP_END).contains(&b) && maps_all(b)).then_some(b)
         })
     };
     let sign = |va: u64| if la57 { va | 0xfe00_0000_0000_0000 } else { va | 0xffff_0000_0000_0000 };
@@ -211,6 +216,40 @@ mod tests {
         assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m), Ok(BASE + 0x0123_4000));
         put_gdt(&mut m, 0x0333_4000, 0, 0x9);
         assert_eq!(find_gdt_page(ram(), &m), Err(GdtError::Ambiguous(0x0123_4000, 0x0333_4000)));
+    }
+
+    /// What failed once in CI: the caller's PUD table lay under ksave's
+    /// image, whose page there held an identity page directory. Read raw,
+    /// the walk finds a bogus "direct map"; read as the caller sees it
+    /// (CallerView), the right one.
+    #[test]
+    fn page_tables_under_the_image_are_read_from_their_sources() {
+        let mut m = direct_map();
+        put_gdt(&mut m, 0x0123_4000, 0, 0xb);
+        // Move the PUD table from 0x2000 to 0x7000, a page of the image at
+        // 0x6000..0x8000; its contents now sit in the source page 0x9000.
+        let pud: std::vec::Vec<(u64, u64)> = m.0.range(0x2000..0x3000).map(|(a, v)| (*a, *v)).collect();
+        for (a, v) in pud {
+            m.0.remove(&a);
+            m.0.insert(a - 0x2000 + 0x9000, v);
+        }
+        m.0.insert(0x1000 + 8 * ((BASE >> 39) & 511), 0x7000 | PRESENT);
+        // KASLR put the direct map 3 GiB higher: slot 3 maps physical 0.
+        let slot0 = 0x9000 + 8 * ((BASE >> 30) & 511);
+        m.0.remove(&slot0);
+        m.0.insert(slot0 + 8 * 3, PRESENT | PAGE_SIZE_BIT);
+        let base = BASE + 3 * GIB;
+        // At 0x7000 itself, ksave's bytes: identity 1 GiB pages everywhere.
+        for j in 0..512u64 {
+            m.0.insert(0x7000 + 8 * j, (j << 30) | PRESENT | PAGE_SIZE_BIT);
+        }
+        let ram = || [(0x10_0000u64, 0x400_0000u64)].into_iter();
+        let raw = find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m);
+        assert_ne!(raw, Ok(base + 0x0123_4000), "read raw, the walk goes wrong");
+        let sources = [0x1_0000, 0x9000]; // image pages 0x6000 and 0x7000
+        let mut scratch = [0u16; 2];
+        let view = crate::kexec::CallerView::new(&m, 0x6000, &sources, &mut scratch);
+        assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &view), Ok(base + 0x0123_4000));
     }
 
     #[test]
