@@ -61,17 +61,21 @@ pub enum AnyDisk<'m> {
 }
 
 impl AnyDisk<'_> {
-    /// Gives the hardware back as found (AHCI registers restored).
+    /// Gives the hardware back as found (AHCI registers restored; IDE bus
+    /// master stopped and device interrupts on again).
     pub fn close(self) {
-        if let Self::Ahci(d) = self {
-            d.close();
+        match self {
+            Self::Ahci(d) => d.close(),
+            Self::Ide(d) => d.close(),
         }
     }
 
-    /// Leaves the controller stopped (after a restore: see AhciDisk::stop).
+    /// Leaves the controller stopped (after a restore: see AhciDisk::stop;
+    /// an IDE channel holds no pointer into memory between commands).
     pub fn stop(self) {
-        if let Self::Ahci(d) = self {
-            d.stop();
+        match self {
+            Self::Ahci(d) => d.stop(),
+            Self::Ide(d) => d.close(),
         }
     }
 }

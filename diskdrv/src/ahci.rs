@@ -375,6 +375,15 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
             self.recover();
             return Err(DiskError::Device { command, lba, status, error: err });
         }
+        // The HBA writes the bytes it moved into the header (PRDBC, section
+        // 4.2.2); a success that moved less would leave holes in the image.
+        // SAFETY: the command list is ours and the HBA is done with slot 0
+        // (PxCI clear); a volatile read sees what it wrote by DMA.
+        let moved = unsafe { core::ptr::read_volatile(&raw const self.mem.command_list[0].prdbc) } as u64;
+        if moved != bytes {
+            self.recover();
+            return Err(DiskError::Short { command, lba, asked: bytes, moved });
+        }
         Ok(())
     }
 

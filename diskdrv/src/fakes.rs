@@ -65,6 +65,8 @@ pub struct Faults {
     pub hang: bool,
     /// Stay busy until the link (AHCI) or channel (IDE) is reset.
     pub busy_until_reset: bool,
+    /// AHCI: complete reads and writes but report one sector less in PRDBC.
+    pub short_count: bool,
 }
 
 /// The whole fake machine behind a [`FakeHal`].
@@ -425,8 +427,10 @@ impl Hba {
             Ok(()) => {
                 port.regs[0x20 / 4] = 0x50;
                 port.regs[0x38 / 4] &= !1;
+                let short = port.faults.short_count && matches!(fis[2], ata::READ_DMA_EXT | ata::WRITE_DMA_EXT);
+                let moved = if short { bytes - 512 } else { bytes };
                 // SAFETY: test-only; PRDBC is the header's second dword.
-                unsafe { *((clb + 4) as *mut u32) = bytes as u32 };
+                unsafe { *((clb + 4) as *mut u32) = moved as u32 };
             }
             Err(error) => {
                 port.regs[0x20 / 4] = (error as u32) << 8 | 0x51;
@@ -452,6 +456,8 @@ pub struct IdeChannel {
     pub faults: Faults,
     /// Software resets seen.
     pub resets: u32,
+    /// The last value written to the device control register.
+    pub device_control: u8,
     /// DMA commands completed.
     pub dma_commands: u32,
     /// PIO commands completed.
@@ -489,6 +495,7 @@ impl IdeChannel {
             drives,
             faults: Faults::default(),
             resets: 0,
+            device_control: 0,
             dma_commands: 0,
             pio_commands: 0,
             lba48: true,
@@ -556,6 +563,7 @@ impl IdeChannel {
             }
             7 => self.command(v as u8),
             0x100 => {
+                self.device_control = v as u8;
                 if v as u8 & 0x04 != 0 {
                     self.resets += 1;
                     self.faults.busy_until_reset = false;

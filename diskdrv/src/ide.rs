@@ -63,6 +63,8 @@ const DEVICE: u16 = 6;
 const STATUS_COMMAND: u16 = 7;
 // Device control bits.
 const NIEN: u8 = 1 << 1;
+/// Bit 3 of device control, obsolete; libata sets it (ATA_DEVCTL_OBS).
+const DEVCTL_OBS: u8 = 1 << 3;
 const SRST: u8 = 1 << 2;
 // Bus-master registers.
 const BMIC: u16 = 0;
@@ -137,6 +139,18 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
             return Err(DiskError::Unsupported("DMA asked for, but no bus-master registers or no DMA on the disk"));
         }
         Ok(disk)
+    }
+
+    /// Gives the channel back as the OS's driver keeps it: bus master
+    /// stopped, and device interrupts on again. The device control register
+    /// cannot be read back, so ksave writes what Linux's libata leaves
+    /// there (`ap->ctl = ATA_DEVCTL_OBS`, drivers/ata/libata-sff.c) and
+    /// caches as its last value.
+    pub fn close(self) {
+        if let Some(bm) = self.channel.bus_master {
+            self.hal.outb(bm + BMIC, 0);
+        }
+        self.hal.outb(self.channel.control, DEVCTL_OBS);
     }
 
     fn reg(&self, r: u16) -> u16 {

@@ -90,6 +90,18 @@ pub enum DiskError {
         /// Controller-specific status (AHCI PxIS / PxSERR, IDE BMIS).
         detail: u32,
     },
+    /// The command completed, but moved fewer bytes than asked (AHCI
+    /// PRDBC).
+    Short {
+        /// The command.
+        command: u8,
+        /// Its first LBA.
+        lba: u64,
+        /// Bytes asked for.
+        asked: u64,
+        /// Bytes the controller says it moved.
+        moved: u64,
+    },
     /// The device did not finish in time.
     Timeout {
         /// The command that did not finish.
@@ -125,6 +137,9 @@ impl fmt::Display for DiskError {
             }
             Self::Interface { command, lba, detail } => {
                 write!(f, "interface error on command {command:#04x} at LBA {lba}: {detail:#x}")
+            }
+            Self::Short { command, lba, asked, moved } => {
+                write!(f, "short transfer on command {command:#04x} at LBA {lba}: {moved} of {asked} bytes moved")
             }
             Self::Timeout { command, lba, waiting_for } => {
                 write!(f, "timeout on command {command:#04x} at LBA {lba} waiting for {waiting_for}")

@@ -123,6 +123,22 @@ fn a_device_error_is_reported_with_its_lba_and_the_port_recovers() {
     assert!(matches!(d.transfer(Direction::Read, 200, &seg), Err(DiskError::Device { command: 0x25, lba: 200, error: 0x40, .. })));
 }
 
+/// A command the HBA completes with fewer bytes than asked (PRDBC) is an
+/// error: a save must not count a partly written chunk as written.
+#[test]
+fn a_short_byte_count_is_an_error() {
+    let (hal, _) = machine(1 << 16);
+    let mut mem = Box::new(AhciMemory::new());
+    let mut d = open(&hal, &mut mem);
+    hal.0.hba.borrow_mut().as_mut().unwrap().ports[1].faults.short_count = true;
+    let buf = pages(2);
+    let err = d.transfer(Direction::Write, 40, &[segment(buf, 0, 8192)]).unwrap_err();
+    assert_eq!(err, DiskError::Short { command: 0x35, lba: 40, asked: 8192, moved: 7680 });
+    assert!(err.to_string().contains("7680 of 8192 bytes"), "{err}");
+    hal.0.hba.borrow_mut().as_mut().unwrap().ports[1].faults.short_count = false;
+    d.transfer(Direction::Write, 40, &[segment(buf, 0, 8192)]).unwrap();
+}
+
 #[test]
 fn a_command_that_never_completes_times_out() {
     let (hal, _) = machine(1 << 16);

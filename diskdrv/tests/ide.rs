@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use diskdrv::fakes::{self, FakeHal, IdeChannel, Machine};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
-use diskdrv::{BlockDevice, Direction, DiskError};
+use diskdrv::{BlockDevice, Direction, DiskError, Hal};
 
 const PRIMARY: Channel = Channel::primary(Some(Machine::BMIDE));
 const SECONDARY: Channel = Channel::secondary(Some(Machine::BMIDE));
@@ -161,4 +161,19 @@ fn dma_memory_above_4_gib_is_refused_not_truncated() {
     let mut low_mem_disk = open(&hal, PRIMARY, Drive::Master, Mode::Dma, low(IdeMemory::new())).unwrap();
     let err = low_mem_disk.transfer(Direction::Write, 0, &[segment(&high_buf, 0, 4096)]).unwrap_err();
     assert!(matches!(err, DiskError::BadSegment(_)), "{err:?}");
+}
+
+/// ksave keeps device interrupts off while it polls, and close gives the
+/// channel back with them on, bus master stopped, as libata keeps it.
+#[test]
+fn close_turns_device_interrupts_back_on_and_stops_the_bus_master() {
+    let disk = fakes::disk(1 << 16);
+    let hal = machine([Some(disk.clone()), None], [None, None]);
+    let mem = low(IdeMemory::new());
+    let mut d = open(&hal, PRIMARY, Drive::Master, Mode::Dma, mem).unwrap();
+    round_trip(&mut d, &disk, 10);
+    assert_eq!(channel(&hal, 0x1F0, |c| c.device_control), 0x02, "nIEN while ksave drives it");
+    d.close();
+    assert_eq!(channel(&hal, 0x1F0, |c| c.device_control), 0x08, "nIEN clear, as libata leaves it");
+    assert_eq!(hal.inb(Machine::BMIDE) & 1, 0, "bus master stopped");
 }
