@@ -218,7 +218,7 @@ impl BackupMap {
             Ok(_) => {
                 let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
                 let displaced = pairs.iter().map(|p| Displaced { dest: p.dest, src: p.src });
-                Ok(kexec::coverage_of(displaced, own.start, own.end, &mut seen))
+                Ok(kexec::coverage(displaced, own.start, own.end, &mut seen))
             }
         };
         Self { pairs, outcome, ram_checked: ram.is_some() }

@@ -371,23 +371,9 @@ impl Coverage {
     }
 }
 
-/// Checks which pages of `[start, end)` the backup map displaces. `seen` is
-/// scratch with a bit per page of the range.
-pub fn coverage(
-    head: u64,
-    mem: &impl PhysRead,
-    is_ram: impl Fn(u64) -> bool,
-    start: u64,
-    end: u64,
-    seen: &mut [u64],
-) -> Result<Coverage, WalkError> {
-    let mut tally = Tally::new(start, end, seen);
-    walk(head, mem, is_ram, |d| tally.note(d))?;
-    Ok(tally.finish())
-}
-
-/// [`coverage`] of pairs already walked.
-pub fn coverage_of(pairs: impl IntoIterator<Item = Displaced>, start: u64, end: u64, seen: &mut [u64]) -> Coverage {
+/// Checks which pages of `[start, end)` the displaced `pairs` (from one
+/// [`walk`]) cover. `seen` is scratch with a bit per page of the range.
+pub fn coverage(pairs: impl IntoIterator<Item = Displaced>, start: u64, end: u64, seen: &mut [u64]) -> Coverage {
     let mut tally = Tally::new(start, end, seen);
     pairs.into_iter().for_each(|d| tally.note(d));
     tally.finish()
@@ -458,6 +444,13 @@ mod tests {
         fn read_u64(&self, addr: u64) -> Option<u64> {
             self.0.get((addr / 8) as usize).copied()
         }
+    }
+
+    /// One walk, then the tally, as ksave does it.
+    fn walked(m: &Mem, start: u64, end: u64, bits: &mut [u64]) -> Coverage {
+        let mut pairs = std::vec::Vec::new();
+        walk(0x1000 | IND_INDIRECTION, m, m.is_ram(), |d| pairs.push(d)).unwrap();
+        coverage(pairs, start, end, bits)
     }
 
     /// An image of 3 pages at 0x10000, sources at 0x20000.., list at 0x1000.
@@ -556,14 +549,14 @@ mod tests {
         assert_eq!(n, 3);
         assert_eq!(seen[2], Displaced { dest: 0x12000, src: 0x22000 });
         let mut bits = [0u64; 1];
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
+        let cov = walked(&m, 0x10000, 0x13000, &mut bits);
         assert!(cov.is_exact(), "{cov:?}");
-        assert_eq!(coverage_of(seen.iter().copied(), 0x10000, 0x13000, &mut bits), cov);
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x14000, &mut bits).unwrap();
+        assert_eq!(coverage(seen.iter().copied(), 0x10000, 0x13000, &mut bits), cov);
+        let cov = walked(&m, 0x10000, 0x14000, &mut bits);
         assert_eq!(cov.uncovered, 1);
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x11000, 0x13000, &mut bits).unwrap();
+        let cov = walked(&m, 0x11000, 0x13000, &mut bits);
         assert_eq!(cov.outside, 1);
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x23000, &mut bits).unwrap();
+        let cov = walked(&m, 0x10000, 0x23000, &mut bits);
         assert_eq!((cov.sources_inside, cov.uncovered), (3, 16));
         assert!(!cov.is_exact());
     }
@@ -573,12 +566,12 @@ mod tests {
         let mut m = three_page_image();
         m.set(0x1000 + 16, 0x11000 | IND_SOURCE); // page 2 of 3 is its own source
         let mut bits = [0u64; 1];
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
+        let cov = walked(&m, 0x10000, 0x13000, &mut bits);
         assert_eq!((cov.in_place, cov.sources_inside), (1, 0));
         assert!(cov.is_exact(), "{cov:?}");
         // A source inside the range that is another page's destination is not.
         m.set(0x1000 + 16, 0x12000 | IND_SOURCE);
-        let cov = coverage(0x1000 | IND_INDIRECTION, &m, m.is_ram(), 0x10000, 0x13000, &mut bits).unwrap();
+        let cov = walked(&m, 0x10000, 0x13000, &mut bits);
         assert_eq!(cov.sources_inside, 1);
         assert!(!cov.is_exact());
     }
