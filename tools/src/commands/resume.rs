@@ -62,9 +62,9 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
     let config = load::attempt_config(&setup)?;
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
     load::load_for_resume(&load::configure(&bytes, &config)?)?;
-    let mut header = image.header.clone();
-    header.flags |= FLAG_RESUME_ATTEMPTED;
-    ImageFile::open(&setup.device, true)?.write_header(&header)?;
+    let mut marked = image.header.clone();
+    marked.flags |= FLAG_RESUME_ATTEMPTED;
+    ImageFile::open(&setup.device, true)?.write_header(&marked)?;
     println!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored);
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
     // kexec image loaded the kernel hands the machine to ksave.
@@ -72,5 +72,9 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         libc::sync();
         libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
     }
-    bail!("the kexec into ksave did not happen: {}", std::io::Error::last_os_error())
+    let why = std::io::Error::last_os_error();
+    // Still here: ksave never ran, so the image was not tried; take the mark
+    // back, or the next boot would invalidate an image nobody attempted.
+    ImageFile::open(&setup.device, true)?.write_header(&image.header)?;
+    bail!("the kexec into ksave did not happen: {why}")
 }
