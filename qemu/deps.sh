@@ -6,6 +6,8 @@ set -euo pipefail
 packages=(
   # QEMU and disk tooling (qemu-system-x86 removes qemu-img: we use truncate + sgdisk)
   qemu-system-x86 gdisk
+  # UEFI machines (OVMF)
+  ovmf
   # kernel A's userspace
   kexec-tools busybox-static cpio
   # the test kernel

@@ -47,7 +47,7 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     println!("ksave:   memory visible: {}", paging::Describe);
     let config = config::load();
     if let Ok(config) = &config {
-        map_caller_ram(config.ram());
+        map_caller_memory(config);
     }
     match CallerContext::find(&entry_state(reentry, caller_rsp), &IdentityMapped) {
         Ok(ctx) => {
@@ -83,12 +83,12 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
 pub const MAX_PAIRS: usize = 256;
 const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
 
-/// Maps the caller's RAM into ksave's identity map where the CPU needs
-/// that (no 1 GiB pages, RAM above 4 GiB); what stays unmapped is refused
-/// by the save's reachability stage.
-fn map_caller_ram(ram: &[Range]) {
-    if let Some(last) = ram.last()
-        && let Err(e) = paging::map_ram_to(last.end)
+/// Maps the caller's RAM and NVS into ksave's identity map where the CPU
+/// needs that (no 1 GiB pages, RAM above 4 GiB); what stays unmapped is
+/// refused by the save's reachability stage.
+fn map_caller_memory(config: &ksave_format::config::Config) {
+    if let Some(end) = config.ram().iter().chain(config.nvs()).map(|r| r.end).max()
+        && let Err(e) = paging::map_ram_to(end)
     {
         println!("ksave:   {e}");
     }

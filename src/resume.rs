@@ -5,16 +5,16 @@
 //!
 //! Nothing outside ksave is written until the whole image has been read and
 //! every check has passed: the RAM map, the CPU vendor, ksave's own range,
-//! the state, and every chunk's checksum. Then every RAM page is zeroed or
-//! loaded, the image is marked invalidated on disk (never resumed twice),
-//! and ksave calls the saved re-entry address as the kexec-jump protocol
-//! does.
+//! the ACPI NVS map, the state, and every chunk's checksum. Then every RAM
+//! and NVS page is zeroed or loaded, the image is marked invalidated on
+//! disk (never resumed twice), and ksave calls the saved re-entry address
+//! as the kexec-jump protocol does.
 
-use bootinfo::memmap::MemoryMap;
+use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, DiskError, SECTOR};
-use ksave_format::config::MAX_RANGES;
+use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::header::State;
 use ksave_format::reader::{self, Source};
 use ksave_format::{PAGE, Range};
@@ -80,14 +80,40 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
 /// bootloader's next entry boots normally, and a later boot may try again).
 pub fn from_bootloader(guid: Guid, map: &MemoryMap, facs_now: Result<u32, Message>) -> Refusal {
     let mut ram = [Range::default(); MAX_RANGES];
+    let mut nvs = [Range::default(); MAX_NVS];
+    // The host tool takes the same whole pages of the same kinds from
+    // /sys/firmware/memmap (tools/src/sys.rs); more ranges than fit make
+    // the maps differ, which refuses.
+    let ram = page_aligned(map.ram(), &mut ram);
+    let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
+    run(guid, Memory { ram, nvs }, false, facs_now)
+}
+
+/// The whole pages of `regions`, in `out`.
+fn page_aligned<'a, 'o>(regions: impl Iterator<Item = &'a Region>, out: &'o mut [Range]) -> &'o [Range] {
     let mut n = 0;
-    for page in map.ram().filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
-        if n < ram.len() {
-            ram[n] = page;
+    for page in regions.filter_map(|r| Range { start: r.start, end: r.end }.page_aligned()) {
+        if n < out.len() {
+            out[n] = page;
             n += 1;
         }
     }
-    run(guid, &ram[..n], false, facs_now)
+    &out[..n]
+}
+
+/// This boot's memory that an image fills: RAM, and the ACPI NVS that
+/// Linux's own hibernation saves and puts back (kernel/power/suspend_nvs.c).
+/// Each page aligned and sorted.
+#[derive(Clone, Copy)]
+struct Memory<'a> {
+    ram: &'a [Range],
+    nvs: &'a [Range],
+}
+
+impl Memory<'_> {
+    fn ranges(&self) -> impl Iterator<Item = &Range> {
+        self.ram.iter().chain(self.nvs)
+    }
 }
 
 /// Started by a plain kexec (no caller to return to): `ksave resume` in
@@ -99,7 +125,8 @@ pub fn from_kexec() -> ! {
     match config::load() {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
-            let refusal = run(config.partition_guid, config.ram(), true, facs_now);
+            let here = Memory { ram: config.ram(), nvs: config.nvs() };
+            let refusal = run(config.partition_guid, here, true, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
         }
         Err(e) => println!("ksave: not resuming: {e}"),
@@ -108,15 +135,15 @@ pub fn from_kexec() -> ! {
     cpu::reset()
 }
 
-/// Resumes the image on partition `guid` of a machine whose RAM is `ram`
-/// (page aligned, sorted). Returns only to refuse; then, if
+/// Resumes the image on partition `guid` of a machine whose memory is
+/// `here`. Returns only to refuse; then, if
 /// `invalidate_refused`, a complete image is marked invalidated with the
 /// reason, so that no later boot tries it again.
-fn run(guid: Guid, ram: &[Range], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
+fn run(guid: Guid, here: Memory, invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
-    if let Some(last) = ram.last()
-        && let Err(e) = paging::map_ram_to(last.end)
+    if let Some(end) = here.ranges().map(|r| r.end).max()
+        && let Err(e) = paging::map_ram_to(end)
     {
         println!("ksave: resume: {e}");
     }
@@ -127,7 +154,7 @@ fn run(guid: Guid, ram: &[Range], invalidate_refused: bool, facs_now: Result<u32
     };
     let work = work::take();
     let (first_lba, bytes) = (part.first_lba(), part.bytes());
-    match check_and_load(&mut part.disk, first_lba, bytes, ram, &facs_now, work) {
+    match check_and_load(&mut part.disk, first_lba, bytes, here, &facs_now, work) {
         Err(refusal) => {
             if invalidate_refused {
                 invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.0.as_str());
@@ -155,7 +182,7 @@ struct WayBack {
     la57: bool,
 }
 
-fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range], facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refusal> {
+fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refusal> {
     let start = hw::now_us();
     let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
@@ -195,17 +222,25 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
     }
     let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;
     let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();
-    let here_ram: u64 = ram.iter().map(|r| r.end - r.start).sum();
-    if !meta.ram_ranges().eq(ram.iter().copied()) {
+    let here_ram: u64 = here.ram.iter().map(|r| r.end - r.start).sum();
+    if !meta.ram_ranges().eq(here.ram.iter().copied()) {
         return Err(refuse!(
             "RAM map differs: the image holds {} MiB in {} ranges, this machine has {} MiB in {} ranges",
             saved_ram >> 20,
             header.ram_ranges,
             here_ram >> 20,
-            ram.len()
+            here.ram.len()
         ));
     }
-    if ram.iter().any(|r| r.end > paging::identity_end()) {
+    // The saved kernel's firmware calls expect their NVS where it was.
+    if !meta.nvs_ranges().eq(here.nvs.iter().copied()) {
+        return Err(refuse!(
+            "ACPI NVS map differs: the image holds {} ranges, this machine has {}",
+            header.nvs_ranges,
+            here.nvs.len()
+        ));
+    }
+    if here.ranges().any(|r| r.end > paging::identity_end()) {
         return Err(refuse!("RAM above ksave's identity map ({} GiB)", paging::identity_end() >> 30));
     }
 
@@ -222,12 +257,13 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
 
     // From here on the machine's memory is the saved kernel's.
     let own = Range { start: own_start, end: own_end };
-    for r in ram {
+    for r in here.ranges() {
         for pfn in r.pages() {
             let addr = pfn * PAGE as u64;
             if !own.contains(addr) {
-                // SAFETY: RAM of the current map, inside the identity map,
-                // outside ksave: nothing of ours lives there.
+                // SAFETY: RAM or NVS of the current map, inside the identity
+                // map, outside ksave: nothing of ours lives there, and the
+                // firmware's NVS is the saved kernel's from here on.
                 unsafe { phys_zero(addr, PAGE) };
             }
         }
@@ -238,8 +274,8 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, ram: &[Range],
         &header,
         &meta,
         bufs,
-        // SAFETY: the reader checked the page lies in the saved RAM (equal
-        // to this machine's) and outside ksave's range.
+        // SAFETY: the reader checked the page lies in the saved RAM or NVS
+        // (equal to this machine's) and outside ksave's range.
         |pfn, data| unsafe { phys_write(pfn * PAGE as u64, data) },
         |_| {},
     );

@@ -66,8 +66,8 @@ impl Memory for CallerMemory<'_> {
         if addr == 0 {
             return Some(self.page0);
         }
-        // SAFETY: the page is inside the identity map, non-null, and RAM the
-        // config listed; the caller is stopped, so nothing writes it while
+        // SAFETY: the page is inside the identity map, non-null, and RAM or
+        // ACPI NVS the config listed (Plan::pages yields no other); the caller is stopped, so nothing writes it while
         // we read.
         Some(unsafe { &*(addr as *const [u8; PAGE]) })
     }
@@ -270,6 +270,7 @@ fn save(
         lz4: config.lz4,
         capacity: part.bytes(),
         ram: config.ram(),
+        nvs: config.nvs(),
         image: Range { start: image_start, end: image_end },
         backup: backup.pairs(),
         reentry: ctx.reentry,
@@ -299,11 +300,11 @@ fn check_partition(config: &Config, part: &OpenPartition) -> Result<(), Failure>
     Ok(())
 }
 
-/// Every RAM page must be inside ksave's identity map.
+/// Every RAM and NVS page must be inside ksave's identity map.
 fn check_reachable(plan: &Plan) -> Result<(), Failure> {
     let reach = paging::identity_end();
-    match plan.ram.iter().find(|r| r.end > reach) {
-        Some(r) => Err(fail!(fail::MEMORY, "RAM {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30)),
+    match plan.ram.iter().chain(plan.nvs).find(|r| r.end > reach) {
+        Some(r) => Err(fail!(fail::MEMORY, "memory {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30)),
         None => Ok(()),
     }
 }

@@ -128,9 +128,13 @@ fn restore_refuses_damaged_foreign_and_used_images() {
     run(scenarios::restore_refusals);
 }
 
+/// On UEFI (OVMF): the firmware's ACPI NVS travels in the image and is put
+/// back. Kernel C is the way back a UEFI machine has (GRUB EFI has no
+/// CMOS hand-over, shared/KEXEC-JUMP.md).
 #[test]
-fn hibernate_power_off_and_resume_by_kernel_c_twice() {
-    run(|echo| scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, 256, echo));
+fn hibernate_power_off_and_resume_by_kernel_c_on_uefi_twice() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).uefi();
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::KernelC, 256, echo));
 }
 
 #[test]

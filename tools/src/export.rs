@@ -1,6 +1,6 @@
-//! `ksave export --elf`: the saved RAM as an ELF64 core file, one PT_LOAD a
-//! RAM range at its physical address, so readelf, gdb and crash tools can
-//! read the caller's memory.
+//! `ksave export --elf`: the saved memory as an ELF64 core file, one
+//! PT_LOAD a RAM or ACPI NVS range at its physical address, so readelf, gdb
+//! and crash tools can read the caller's memory.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -17,26 +17,27 @@ use crate::inspect;
 pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     let image = inspect::read(file)?;
     ensure!(image.header.state == State::Complete, "the image is {}, not complete: nothing to export", image.header.state.name());
+    let ranges = image.saved_ranges();
     let mut offsets = Vec::new();
-    let mut at = headers_len(image.ram.len()).next_multiple_of(PAGE as u64);
-    for r in &image.ram {
+    let mut at = headers_len(ranges.len()).next_multiple_of(PAGE as u64);
+    for r in &ranges {
         offsets.push(at);
         at += r.end - r.start;
     }
     // Read back too: the backup map moves pages within the file.
     let core = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(out).with_context(|| format!("creating {}", out.display()))?;
     core.set_len(at)?; // sparse: zero pages cost nothing
-    let loads: Vec<_> = image.ram.iter().zip(&offsets).map(|(r, off)| load_header(*off, r.start, r.end - r.start, r.end - r.start)).collect();
+    let loads: Vec<_> = ranges.iter().zip(&offsets).map(|(r, off)| load_header(*off, r.start, r.end - r.start, r.end - r.start)).collect();
     let head = elf_headers(object::elf::ET_CORE, 0, &loads)?;
     core.write_all_at(&head, 0)?;
-    let file_offset = |addr: u64| image.ram.iter().zip(&offsets).find(|(r, _)| r.contains(addr)).map(|(r, off)| off + addr - r.start);
+    let file_offset = |addr: u64| ranges.iter().zip(&offsets).find(|(r, _)| r.contains(addr)).map(|(r, off)| off + addr - r.start);
     let mut pages = 0;
     let mut error = None;
     inspect::walk(
         file,
         &image,
         |pfn, data| {
-            let at = file_offset(pfn * PAGE as u64).expect("reader checked pages lie in RAM ranges");
+            let at = file_offset(pfn * PAGE as u64).expect("reader checked pages lie in saved ranges");
             if let Err(e) = core.write_all_at(data, at) {
                 error.get_or_insert(e);
             }

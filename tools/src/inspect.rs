@@ -16,6 +16,8 @@ pub struct Image {
     pub ram: Vec<Range>,
     /// Backup pairs.
     pub backup: Vec<BackupPair>,
+    /// ACPI NVS ranges saved.
+    pub nvs: Vec<Range>,
     /// The metadata blocks as read, for walking the chunks.
     meta: Box<[u8; META_BLOCKS as usize * PAGE]>,
 }
@@ -25,11 +27,18 @@ pub fn read(file: &mut ImageFile) -> Result<Image> {
     let header = file.header()?;
     let mut meta = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     if header.state == State::Failed {
-        return Ok(Image { header, ram: Vec::new(), backup: Vec::new(), meta });
+        return Ok(Image { header, ram: Vec::new(), backup: Vec::new(), nvs: Vec::new(), meta });
     }
     let parsed = reader::read_meta(file, &header, &mut meta).map_err(|e| anyhow!("{}: {e}", file.description))?;
-    let (ram, backup) = (parsed.ram_ranges().collect(), parsed.backup_pairs().collect());
-    Ok(Image { header, ram, backup, meta })
+    let (ram, backup, nvs) = (parsed.ram_ranges().collect(), parsed.backup_pairs().collect(), parsed.nvs_ranges().collect());
+    Ok(Image { header, ram, backup, nvs, meta })
+}
+
+impl Image {
+    /// Every range whose pages the image holds: RAM, then NVS.
+    pub fn saved_ranges(&self) -> Vec<Range> {
+        self.ram.iter().chain(&self.nvs).copied().collect()
+    }
 }
 
 /// Walks every chunk with full checks.

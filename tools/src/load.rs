@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use ksave_format::PAGE;
-use ksave_format::config::{Config, MAX_RANGES};
+use ksave_format::config::{Config, MAX_NVS, MAX_RANGES};
 use object::read::elf::{ElfFile64, SectionHeader};
 use object::{Endianness, Object};
 
@@ -29,6 +29,10 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     ensure!(ram.len() <= MAX_RANGES, "{} RAM ranges, ksave takes {MAX_RANGES}", ram.len());
     c.ram[..ram.len()].copy_from_slice(&ram);
     c.ram_count = ram.len();
+    let nvs = sys::nvs_ranges()?;
+    ensure!(nvs.len() <= MAX_NVS, "{} ACPI NVS ranges, ksave takes {MAX_NVS}", nvs.len());
+    c.nvs[..nvs.len()].copy_from_slice(&nvs);
+    c.nvs_count = nvs.len();
     c.facs_signature = sys::acpi_hardware_signature();
     let info = format!("{} {}", hostname(), kernel_release());
     let n = info.len().min(c.info.len());

@@ -8,10 +8,36 @@ use anyhow::{Context, Result, bail, ensure};
 use diskdrv::part::{self, Guid};
 use ksave_format::Range;
 
+/// The firmware map's name for RAM (/sys/firmware/memmap, /proc/iomem).
+const RAM: &str = "System RAM";
+/// Its name for ACPI NVS (arch/x86/kernel/e820.c, e820_type_to_string).
+const NVS: &str = "ACPI Non-volatile Storage";
+
 /// The machine's RAM, as the firmware map says: /sys/firmware/memmap
 /// ("System RAM" entries), else /proc/iomem. Page-aligned, sorted, merged.
 pub fn ram_ranges() -> Result<Vec<Range>> {
-    let mut ranges = firmware_memmap().or_else(|_| proc_iomem())?;
+    let listed = firmware_memmap(RAM).ok().filter(|r| !r.is_empty());
+    let merged = whole_pages(match listed {
+        Some(ranges) => ranges,
+        None => proc_iomem(RAM)?,
+    });
+    ensure!(!merged.is_empty(), "no System RAM in the firmware memory map");
+    Ok(merged)
+}
+
+/// The machine's ACPI NVS, found and shaped as [`ram_ranges`] finds RAM
+/// (ksave's resume takes the same whole pages from its boot map). Linux's
+/// hibernation saves these too (kernel/power/suspend_nvs.c). Often none.
+pub fn nvs_ranges() -> Result<Vec<Range>> {
+    let ranges = match std::fs::exists("/sys/firmware/memmap") {
+        Ok(true) => firmware_memmap(NVS)?,
+        _ => proc_iomem(NVS)?,
+    };
+    Ok(whole_pages(ranges))
+}
+
+/// The whole pages of `ranges`, sorted, touching ones merged.
+fn whole_pages(mut ranges: Vec<Range>) -> Vec<Range> {
     ranges.sort_by_key(|r| r.start);
     let mut merged: Vec<Range> = Vec::new();
     for r in ranges.iter().filter_map(Range::page_aligned) {
@@ -20,8 +46,7 @@ pub fn ram_ranges() -> Result<Vec<Range>> {
             _ => merged.push(r),
         }
     }
-    ensure!(!merged.is_empty(), "no System RAM in the firmware memory map");
-    Ok(merged)
+    merged
 }
 
 /// This boot's ACPI FACS hardware signature (ACPI 6.5, 5.2.10: the u32 at
@@ -35,30 +60,31 @@ fn hex(text: &str) -> Result<u64> {
     Ok(u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)?)
 }
 
-fn firmware_memmap() -> Result<Vec<Range>> {
+/// The `kind` entries of /sys/firmware/memmap.
+fn firmware_memmap(kind: &str) -> Result<Vec<Range>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/sys/firmware/memmap")? {
         let dir = entry?.path();
-        if std::fs::read_to_string(dir.join("type"))?.trim() != "System RAM" {
+        if std::fs::read_to_string(dir.join("type"))?.trim() != kind {
             continue;
         }
         let start = hex(&std::fs::read_to_string(dir.join("start"))?)?;
         let end = hex(&std::fs::read_to_string(dir.join("end"))?)? + 1; // inclusive
         out.push(Range { start, end });
     }
-    ensure!(!out.is_empty(), "empty /sys/firmware/memmap");
     Ok(out)
 }
 
-fn proc_iomem() -> Result<Vec<Range>> {
+/// The top-level `kind` entries of /proc/iomem.
+fn proc_iomem(kind: &str) -> Result<Vec<Range>> {
     let text = std::fs::read_to_string("/proc/iomem").context("reading /proc/iomem")?;
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with(' ') && l.ends_with(": System RAM")) {
+    for line in text.lines().filter(|l| !l.starts_with(' ') && l.split_once(" : ").is_some_and(|(_, k)| k == kind)) {
         let (span, _) = line.split_once(" : ").unwrap();
         let (a, b) = span.split_once('-').context("odd /proc/iomem line")?;
         out.push(Range { start: hex(a)?, end: hex(b)? + 1 });
     }
-    ensure!(!out.iter().all(|r| r.start == 0 && r.end == 1), "/proc/iomem hides addresses (need root)");
+    ensure!(!out.iter().any(|r| r.start == 0 && r.end == 1), "/proc/iomem hides addresses (need root)");
     Ok(out)
 }
 

@@ -35,6 +35,8 @@ pub struct Plan<'a> {
     pub capacity: u64,
     /// The RAM saved (page aligned, sorted).
     pub ram: &'a [Range],
+    /// The ACPI NVS saved (page aligned, sorted, apart from `ram`).
+    pub nvs: &'a [Range],
     /// ksave's own pages: inside `ram`, but not the caller's, so not saved.
     pub image: Range,
     /// Where the caller's displaced pages are.
@@ -55,9 +57,11 @@ pub struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    /// The page frames saved, in order: every RAM page but ksave's own.
+    /// The page frames saved, in order: every RAM page but ksave's own,
+    /// then every NVS page.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.ram.iter().flat_map(|r| r.pages()).filter(|pfn| !self.image.contains(pfn * PAGE as u64))
+        let ram = self.ram.iter().flat_map(|r| r.pages()).filter(|pfn| !self.image.contains(pfn * PAGE as u64));
+        ram.chain(self.nvs.iter().flat_map(|r| r.pages()))
     }
 
     /// How many pages [`Self::pages`] yields.
@@ -100,7 +104,7 @@ pub fn save<D: Device>(
     dev.flush().map_err(sink)?;
     dev.reached(Step::HeaderWritten);
 
-    let (meta_len, meta_crc) = header::encode_meta(plan.ram, plan.backup, bufs.meta);
+    let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, bufs.meta);
     let meta_bytes = meta_len.next_multiple_of(SECTOR as usize).max(SECTOR as usize);
     dev.write_bytes(META_OFFSET, &bufs.meta[..meta_bytes]).map_err(sink)?;
 
@@ -118,6 +122,7 @@ pub fn save<D: Device>(
     h.image = plan.image;
     h.ram_ranges = plan.ram.len() as u32;
     h.backup_pairs = plan.backup.len() as u32;
+    h.nvs_ranges = plan.nvs.len() as u32;
     h.meta_crc = meta_crc;
     h.chunks = totals.chunks;
     h.data_bytes = totals.data_bytes;

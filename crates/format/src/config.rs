@@ -15,6 +15,8 @@ pub const MAGIC: [u8; 8] = *b"KSAVECFG";
 pub const VERSION: u32 = 1;
 /// Most RAM ranges the config carries.
 pub const MAX_RANGES: usize = 128;
+/// Most ACPI NVS ranges the config carries.
+pub const MAX_NVS: usize = crate::header::MAX_NVS_RANGES;
 /// Bytes of the host info text.
 pub const INFO_LEN: usize = 256;
 const STATE_CONFIGURED: u32 = 1;
@@ -40,7 +42,9 @@ struct RawConfig {
     /// Bit 0: the signature below is known.
     facs_known: U32,
     facs_signature: U32,
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4],
+    nvs_count: U32,
+    nvs: [RangeLe; MAX_NVS],
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4],
     crc: U32,
 }
 
@@ -88,6 +92,11 @@ pub struct Config {
     /// This boot's ACPI FACS hardware signature, as the host read it
     /// (/sys/firmware/acpi/tables/FACS), if it could.
     pub facs_signature: Option<u32>,
+    /// The caller's ACPI NVS ranges ("ACPI Non-volatile Storage" in its
+    /// firmware map), saved with the RAM.
+    pub nvs: [Range; MAX_NVS],
+    /// How many of `nvs` are used.
+    pub nvs_count: usize,
 }
 
 /// Why a config block was refused.
@@ -133,12 +142,19 @@ impl Config {
             info: [0; INFO_LEN],
             mailbox: 0,
             facs_signature: None,
+            nvs: [Range::default(); MAX_NVS],
+            nvs_count: 0,
         }
     }
 
     /// The RAM ranges in use.
     pub fn ram(&self) -> &[Range] {
         &self.ram[..self.ram_count]
+    }
+
+    /// The ACPI NVS ranges.
+    pub fn nvs(&self) -> &[Range] {
+        &self.nvs[..self.nvs_count]
     }
 
     /// The info text.
@@ -151,6 +167,10 @@ impl Config {
     pub fn encode(&self, b: &mut [u8; PAGE]) {
         let mut ram = [RangeLe::default(); MAX_RANGES];
         for (slot, r) in ram.iter_mut().zip(self.ram()) {
+            *slot = (*r).into();
+        }
+        let mut nvs = [RangeLe::default(); MAX_NVS];
+        for (slot, r) in nvs.iter_mut().zip(self.nvs()) {
             *slot = (*r).into();
         }
         let raw = RawConfig {
@@ -169,6 +189,8 @@ impl Config {
             mailbox: self.mailbox.into(),
             facs_known: (self.facs_signature.is_some() as u32).into(),
             facs_signature: self.facs_signature.unwrap_or(0).into(),
+            nvs_count: (self.nvs_count as u32).into(),
+            nvs,
             pad: [0; _],
             crc: 0.into(),
         };
@@ -204,15 +226,14 @@ impl Config {
         if c.ram_count == 0 || c.ram_count > MAX_RANGES {
             return Err(ConfigError::Field("RAM range count"));
         }
-        for i in 0..c.ram_count {
-            let r = Range::from(raw.ram[i]);
-            if r.start >= r.end || r.start % PAGE as u64 != 0 || r.end % PAGE as u64 != 0 {
-                return Err(ConfigError::Field("RAM range"));
-            }
-            if i > 0 && r.start < c.ram[i - 1].end {
-                return Err(ConfigError::Field("RAM ranges unsorted or overlapping"));
-            }
-            c.ram[i] = r;
+        c.ram_count = decode_ranges(&raw.ram[..c.ram_count], &mut c.ram).ok_or(ConfigError::Field("RAM ranges"))?;
+        c.nvs_count = raw.nvs_count.get() as usize;
+        if c.nvs_count > MAX_NVS {
+            return Err(ConfigError::Field("NVS range count"));
+        }
+        c.nvs_count = decode_ranges(&raw.nvs[..c.nvs_count], &mut c.nvs).ok_or(ConfigError::Field("NVS ranges"))?;
+        if c.nvs().iter().any(|n| c.ram().iter().any(|r| n.start < r.end && r.start < n.end)) {
+            return Err(ConfigError::Field("NVS range overlaps RAM"));
         }
         if c.partition_guid.is_zero() || c.partition_sectors == 0 {
             return Err(ConfigError::Field("partition"));
@@ -222,6 +243,18 @@ impl Config {
         c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());
         Ok(c)
     }
+}
+
+/// Copies page-aligned, sorted, disjoint, non-empty ranges into `out`;
+/// `None` if any is not.
+fn decode_ranges(raw: &[RangeLe], out: &mut [Range]) -> Option<usize> {
+    for (i, r) in raw.iter().map(|r| Range::from(*r)).enumerate() {
+        if r.start >= r.end || r.start % PAGE as u64 != 0 || r.end % PAGE as u64 != 0 || (i > 0 && r.start < out[i - 1].end) {
+            return None;
+        }
+        out[i] = r;
+    }
+    Some(raw.len())
 }
 
 impl Default for Config {

@@ -22,8 +22,10 @@ pub const META_OFFSET: u64 = PAGE as u64;
 pub const DATA_OFFSET: u64 = PAGE as u64 * (1 + META_BLOCKS);
 /// Most RAM ranges an image can hold.
 pub const MAX_RAM_RANGES: usize = 128;
+/// Most ACPI NVS ranges an image can hold.
+pub const MAX_NVS_RANGES: usize = 16;
 /// Most backup pairs an image can hold (ksave's footprint in pages, with room).
-pub const MAX_BACKUP_PAIRS: usize = (META_BLOCKS as usize * PAGE - MAX_RAM_RANGES * 16) / 16;
+pub const MAX_BACKUP_PAIRS: usize = (META_BLOCKS as usize * PAGE - (MAX_RAM_RANGES + MAX_NVS_RANGES) * 16) / 16;
 /// Bytes of the message field.
 pub const MESSAGE_LEN: usize = 256;
 
@@ -72,7 +74,7 @@ pub struct Header {
     pub image: Range,
     /// Image flags (`FLAG_*`).
     pub flags: u32,
-    /// RAM ranges and backup pairs in the metadata blocks.
+    /// RAM ranges in the metadata blocks.
     pub ram_ranges: u32,
     /// Backup pairs in the metadata blocks.
     pub backup_pairs: u32,
@@ -109,6 +111,11 @@ pub struct Header {
     /// firmware changes it when the hardware changed, and such an image is
     /// not resumed (ACPI 6.5, 5.2.10).
     pub facs_signature: Option<u32>,
+    /// ACPI NVS ranges in the metadata blocks (after the backup pairs):
+    /// firmware memory that is not RAM but that the saved kernel's firmware
+    /// calls rely on, saved and put back as Linux's own hibernation does
+    /// (kernel/power/suspend_nvs.c).
+    pub nvs_ranges: u32,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -173,6 +180,7 @@ impl Header {
             return_gdt: (0, 0),
             cr4_needed: 0,
             facs_signature: None,
+            nvs_ranges: 0,
         }
     }
 
@@ -224,6 +232,7 @@ impl Header {
             cr4_needed: self.cr4_needed.into(),
             facs_known: (self.facs_signature.is_some() as u32).into(),
             facs_signature: self.facs_signature.unwrap_or(0).into(),
+            nvs_ranges: self.nvs_ranges.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -270,12 +279,16 @@ impl Header {
             return_gdt: (raw.return_gdt_base.get(), raw.return_gdt_limit.get()),
             cr4_needed: raw.cr4_needed.get(),
             facs_signature: (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get()),
+            nvs_ranges: raw.nvs_ranges.get(),
         };
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));
         }
         if h.backup_pairs as usize > MAX_BACKUP_PAIRS {
             return Err(HeaderError::Field("backup pair count"));
+        }
+        if h.nvs_ranges as usize > MAX_NVS_RANGES {
+            return Err(HeaderError::Field("NVS range count"));
         }
         if h.image.start > h.image.end {
             return Err(HeaderError::Field("ksave range"));
@@ -317,7 +330,8 @@ struct RawHeader {
     cr4_needed: U64,
     facs_known: U32,
     facs_signature: U32,
-    pad: [u8; PAGE - 432 - 4],
+    nvs_ranges: U32,
+    pad: [u8; PAGE - 436 - 4],
     crc: U32,
 }
 
@@ -377,18 +391,31 @@ pub mod fail {
     pub const EXCEPTION: u32 = 8;
 }
 
-/// Bytes of metadata for `ram` ranges and `backup` pairs.
-pub fn meta_len(ram: usize, backup: usize) -> usize {
-    size_of::<RangeLe>() * (ram + backup)
+/// What the metadata blocks list: the memory saved and where the caller's
+/// displaced pages are.
+#[derive(Clone, Copy)]
+pub struct MetaLists<'a> {
+    /// RAM ranges saved.
+    pub ram: &'a [Range],
+    /// The caller's backup pairs.
+    pub backup: &'a [BackupPair],
+    /// ACPI NVS ranges saved.
+    pub nvs: &'a [Range],
 }
 
-/// Writes the RAM ranges then the backup pairs into `out` (the metadata
-/// blocks); returns the bytes used and their CRC.
-pub fn encode_meta(ram: &[Range], backup: &[BackupPair], out: &mut [u8]) -> (usize, u32) {
-    assert!(ram.len() <= MAX_RAM_RANGES && backup.len() <= MAX_BACKUP_PAIRS);
-    let len = meta_len(ram.len(), backup.len());
+/// Bytes of metadata for `ram` ranges, `backup` pairs and `nvs` ranges.
+pub fn meta_len(ram: usize, backup: usize, nvs: usize) -> usize {
+    size_of::<RangeLe>() * (ram + backup + nvs)
+}
+
+/// Writes the RAM ranges, the backup pairs, then the NVS ranges into `out`
+/// (the metadata blocks); returns the bytes used and their CRC.
+pub fn encode_meta(lists: MetaLists, out: &mut [u8]) -> (usize, u32) {
+    let MetaLists { ram, backup, nvs } = lists;
+    assert!(ram.len() <= MAX_RAM_RANGES && backup.len() <= MAX_BACKUP_PAIRS && nvs.len() <= MAX_NVS_RANGES);
+    let len = meta_len(ram.len(), backup.len(), nvs.len());
     let slots = <[RangeLe]>::mut_from_bytes(&mut out[..len]).expect("metadata fits its blocks");
-    let items = ram.iter().map(|r| RangeLe::from(*r)).chain(backup.iter().map(|p| RangeLe::from(*p)));
+    let items = ram.iter().map(|r| RangeLe::from(*r)).chain(backup.iter().map(|p| RangeLe::from(*p))).chain(nvs.iter().map(|r| RangeLe::from(*r)));
     for (slot, item) in slots.iter_mut().zip(items) {
         *slot = item;
     }
@@ -399,13 +426,14 @@ pub fn encode_meta(ram: &[Range], backup: &[BackupPair], out: &mut [u8]) -> (usi
 pub struct Meta<'a> {
     ram: &'a [RangeLe],
     backup: &'a [RangeLe],
+    nvs: &'a [RangeLe],
 }
 
 impl<'a> Meta<'a> {
     /// Checks `bytes` (the metadata blocks) against the header's counts and CRC.
     pub fn parse(header: &Header, bytes: &'a [u8]) -> Result<Self, HeaderError> {
-        let (ram, backup) = (header.ram_ranges as usize, header.backup_pairs as usize);
-        let len = meta_len(ram, backup);
+        let (ram, backup, nvs) = (header.ram_ranges as usize, header.backup_pairs as usize, header.nvs_ranges as usize);
+        let len = meta_len(ram, backup, nvs);
         if bytes.len() < len {
             return Err(HeaderError::Field("metadata length"));
         }
@@ -413,10 +441,18 @@ impl<'a> Meta<'a> {
             return Err(HeaderError::Checksum);
         }
         let items = <[RangeLe]>::ref_from_bytes(&bytes[..len]).map_err(|_| HeaderError::Field("metadata length"))?;
-        let (ram, backup) = items.split_at(ram);
-        let meta = Self { ram, backup };
-        if meta.ram_ranges().any(|r| r.start > r.end || r.start % PAGE as u64 != 0) {
+        let (ram, rest) = items.split_at(ram);
+        let (backup, nvs) = rest.split_at(backup);
+        let meta = Self { ram, backup, nvs };
+        let bad = |r: Range| r.start > r.end || !r.start.is_multiple_of(PAGE as u64) || !r.end.is_multiple_of(PAGE as u64);
+        if meta.ram_ranges().any(bad) {
             return Err(HeaderError::Field("RAM range"));
+        }
+        if meta.nvs_ranges().any(bad) {
+            return Err(HeaderError::Field("NVS range"));
+        }
+        if meta.nvs_ranges().any(|n| meta.ram_ranges().any(|r| n.start < r.end && r.start < n.end)) {
+            return Err(HeaderError::Field("NVS range overlaps RAM"));
         }
         Ok(meta)
     }
@@ -424,6 +460,16 @@ impl<'a> Meta<'a> {
     /// The RAM ranges saved.
     pub fn ram_ranges(&self) -> impl Iterator<Item = Range> + '_ {
         self.ram.iter().map(|r| Range::from(*r))
+    }
+
+    /// The ACPI NVS ranges saved.
+    pub fn nvs_ranges(&self) -> impl Iterator<Item = Range> + '_ {
+        self.nvs.iter().map(|r| Range::from(*r))
+    }
+
+    /// Every range whose pages the image holds: RAM, then NVS.
+    pub fn saved_ranges(&self) -> impl Iterator<Item = Range> + '_ {
+        self.ram_ranges().chain(self.nvs_ranges())
     }
 
     /// The backup pairs.

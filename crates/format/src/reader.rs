@@ -90,7 +90,7 @@ pub fn visit_chunks<S: Source>(
     mut page: impl FnMut(u64, &[u8; PAGE]),
     mut chunk: impl FnMut(&ChunkInfo),
 ) -> Result<(), ReadError<S::Error>> {
-    let ram: heapless_ranges::Ranges = meta.ram_ranges().collect();
+    let saved: heapless_ranges::Ranges = meta.saved_ranges().collect();
     let end = DATA_OFFSET + header.data_bytes;
     let mut offset = DATA_OFFSET;
     let mut chunks_digest = CRC32C.digest();
@@ -113,7 +113,7 @@ pub fn visit_chunks<S: Source>(
         let mut pfns = [0u64; MAX_RAW_PAGES];
         let count = decoded.count();
         for (slot, pfn) in pfns.iter_mut().zip(decoded.pfns()) {
-            *slot = check_page(pfn, &ram, header).map_err(bad)?;
+            *slot = check_page(pfn, &saved, header).map_err(bad)?;
         }
         let pfns = &pfns[..count];
         let payload_at = offset + header_len as u64;
@@ -160,10 +160,10 @@ fn read_chunk_header<S: Source>(src: &mut S, offset: u64, buf: &mut [u8; PAGE]) 
 }
 
 /// A stored page must lie in the saved RAM and outside ksave's own range.
-fn check_page(pfn: u64, ram: &heapless_ranges::Ranges, header: &Header) -> Result<u64, &'static str> {
+fn check_page(pfn: u64, saved: &heapless_ranges::Ranges, header: &Header) -> Result<u64, &'static str> {
     let addr = pfn.checked_mul(PAGE as u64).ok_or("page address")?;
-    if !ram.contains(addr) || header.image.contains(addr) {
-        return Err("page outside the saved RAM");
+    if !saved.contains(addr) || header.image.contains(addr) {
+        return Err("page outside the saved RAM and NVS");
     }
     Ok(pfn)
 }
@@ -244,10 +244,12 @@ fn check_totals<E>(header: &Header, end_offset: u64, pages_seen: u64, chunks_crc
 /// A fixed set of ranges for membership tests.
 mod heapless_ranges {
     use crate::Range;
-    use crate::header::MAX_RAM_RANGES;
+    use crate::header::{MAX_NVS_RANGES, MAX_RAM_RANGES};
+
+    const CAPACITY: usize = MAX_RAM_RANGES + MAX_NVS_RANGES;
 
     pub struct Ranges {
-        ranges: [Range; MAX_RAM_RANGES],
+        ranges: [Range; CAPACITY],
         count: usize,
     }
 
@@ -259,8 +261,8 @@ mod heapless_ranges {
 
     impl FromIterator<Range> for Ranges {
         fn from_iter<I: IntoIterator<Item = Range>>(iter: I) -> Self {
-            let mut s = Self { ranges: [Range::default(); MAX_RAM_RANGES], count: 0 };
-            for r in iter.into_iter().take(MAX_RAM_RANGES) {
+            let mut s = Self { ranges: [Range::default(); CAPACITY], count: 0 };
+            for r in iter.into_iter().take(CAPACITY) {
                 s.ranges[s.count] = r;
                 s.count += 1;
             }

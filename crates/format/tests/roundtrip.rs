@@ -74,11 +74,16 @@ fn xorshift(seed: u64) -> impl FnMut() -> u64 {
 
 const RAM: [Range; 2] = [Range { start: 0, end: 0x40_0000 }, Range { start: 0x100_0000, end: 0x140_0000 }];
 const IMAGE: Range = Range { start: 0x120_0000, end: 0x121_0000 };
+/// ACPI NVS between the RAM ranges, as firmware maps put it.
+const NVS: [Range; 1] = [Range { start: 0x80_0000, end: 0x80_8000 }];
 
-/// Memory of the two RAM ranges: runs of 64 random, zero or text pages,
-/// as real memory comes; ksave's own pages are left out, as a save does.
+/// Memory of the two RAM ranges and the NVS: runs of 64 random, zero or
+/// text pages, as real memory comes; ksave's own pages are left out, as a
+/// save does.
 fn memory(seed: u64) -> Mem {
-    memory_in(&RAM, seed)
+    let mut mem = memory_in(&RAM, seed);
+    mem.0.extend(memory_in(&NVS, !seed).0);
+    mem
 }
 
 fn memory_in(ranges: &[Range], seed: u64) -> Mem {
@@ -115,23 +120,24 @@ const BACKUP: [BackupPair; 2] = [BackupPair { dest: 0x120_0000, src: 0x3f_0000 }
 
 /// A whole save through the commit protocol ksave runs.
 fn save(mem: &Mem, lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
-    save_ram(mem, &RAM, lz4, capacity)
+    save_ram(mem, &RAM, &NVS, lz4, capacity)
 }
 
 /// [`save`] of memory that holds only the RAM ranges `ram`.
-fn save_ram(mem: &Mem, ram: &[Range], lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
+fn save_ram(mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
     let mut disk = Disk { bytes: vec![0; capacity], mem, flushes: Vec::new() };
-    let (_, totals) = save_to(&mut disk, mem, ram, lz4)?;
+    let (_, totals) = save_to(&mut disk, mem, ram, nvs, lz4)?;
     Ok((disk.bytes, totals))
 }
 
-fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], lz4: bool) -> Result<(header::Header, Totals), WriteError<&'static str>> {
+fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) -> Result<(header::Header, Totals), WriteError<&'static str>> {
     let plan = commit::Plan {
         nonce: NONCE,
         created_unix: 0,
         lz4,
         capacity: disk.bytes.len() as u64,
         ram,
+        nvs,
         image: IMAGE,
         backup: &BACKUP,
         reentry: 0,
@@ -304,7 +310,7 @@ fn random_damage_never_panics_and_never_passes_silently() {
     // flip bytes all over a valid image; the decoder must either refuse it
     // or hand back exactly the original pages.
     let mem = memory_in(&RAM[..1], 7);
-    let (image, _) = save_ram(&mem, &RAM[..1], true, 8 << 20).unwrap();
+    let (image, _) = save_ram(&mem, &RAM[..1], &[], true, 8 << 20).unwrap();
     let mut rng = xorshift(99);
     let used = DATA_OFFSET as usize + {
         let mut b = [0u8; PAGE];
@@ -335,6 +341,8 @@ fn config_round_trip_and_refusals() {
     c.ram[0] = Range { start: 0, end: 0x9f000 };
     c.ram[1] = Range { start: 0x100000, end: 0x1ffe_0000 };
     c.ram_count = 2;
+    c.nvs[0] = Range { start: 0x1ffe_0000, end: 0x2000_0000 };
+    c.nvs_count = 1;
     c.info[..11].copy_from_slice(b"host 6.12.1");
     let mut block = [0u8; PAGE];
     c.encode(&mut block);
@@ -346,7 +354,12 @@ fn config_round_trip_and_refusals() {
     let mut overlapping = c.clone();
     overlapping.ram[1].start = 0x9_0000;
     overlapping.encode(&mut block);
-    assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("RAM ranges unsorted or overlapping")));
+    assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("RAM ranges")));
+    let mut nvs_in_ram = c.clone();
+    nvs_in_ram.nvs[0] = Range { start: 0x1000_0000, end: 0x1000_8000 };
+    nvs_in_ram.nvs_count = 1;
+    nvs_in_ram.encode(&mut block);
+    assert_eq!(config::Config::decode(&block), Err(config::ConfigError::Field("NVS range overlaps RAM")));
     let mut none = c;
     none.ram_count = 0;
     none.encode(&mut block);
@@ -360,7 +373,8 @@ fn config_round_trip_and_refusals() {
 fn commit_protocol_flushes_writing_then_data_then_complete() {
     let mem = memory(9);
     let mut disk = Disk { bytes: vec![0; 8 << 20], mem: &mem, flushes: Vec::new() };
-    let (h, _) = save_to(&mut disk, &mem, &RAM, false).unwrap();
+    let (h, _) = save_to(&mut disk, &mem, &RAM, &NVS, false).unwrap();
+    assert_eq!(h.nvs_ranges, 1);
     assert_eq!(disk.flushes, [Some(State::Writing), Some(State::Writing), Some(State::Complete)]);
     assert_eq!((h.state, h.cpu_vendor, h.message()), (State::Complete, *b"TestVendor!!", "test host 6.12"));
     let read = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
@@ -375,7 +389,7 @@ fn commit_protocol_flushes_writing_then_data_then_complete() {
 fn a_failed_save_leaves_no_image() {
     let mem = memory(10);
     let mut disk = Disk { bytes: vec![0; 1 << 20], mem: &mem, flushes: Vec::new() };
-    assert_eq!(save_to(&mut disk, &mem, &RAM, false).err(), Some(WriteError::Full));
+    assert_eq!(save_to(&mut disk, &mem, &RAM, &NVS, false).err(), Some(WriteError::Full));
     assert_eq!(disk.flushes, [Some(State::Writing)]);
     assert_eq!(load(&disk.bytes).err(), Some(ReadError::Totals("not complete")));
     let mut block = [0u8; PAGE];

@@ -22,3 +22,30 @@ memtest_check() {
 memtest_stop() {
   touch /tmp/memtest.stop
 }
+
+# nvs_mark: writes a fresh word into the last page of the largest ACPI NVS
+# range,
+# firmware memory Linux's own hibernation saves and puts back (OVMF's
+# largest is its early-boot RAM, idle once the OS runs). A resume that
+# reads the word back proves the image carried NVS and ksave restored it:
+# the resuming boot's firmware starts with its own contents there.
+nvs_mark() {
+  nvs_size=0
+  for d in /sys/firmware/memmap/*; do
+    [ "$(cat "$d/type")" = "ACPI Non-volatile Storage" ] || continue
+    s=$(($(cat "$d/start"))) e=$(($(cat "$d/end")))
+    # (e is inclusive; busybox devmem refuses a word that ends a page)
+    [ $((e - s)) -gt "$nvs_size" ] && nvs_size=$((e - s)) nvs_addr=$((e + 1 - 4096))
+  done
+  [ "$nvs_size" -gt 0 ] || { say "no ACPI NVS range to mark"; exit 1; }
+  nvs_word=$(($(od -An -N4 -tu4 /dev/urandom)))
+  devmem "$nvs_addr" 32 "$nvs_word"
+  [ $(($(devmem "$nvs_addr" 32))) = "$nvs_word" ] || { say "could not mark ACPI NVS at $nvs_addr"; exit 1; }
+}
+
+# nvs_check: the word nvs_mark wrote is there again.
+nvs_check() {
+  got=$(($(devmem "$nvs_addr" 32)))
+  [ "$got" = "$nvs_word" ] || { say "ACPI NVS not restored: $got at $nvs_addr, $nvs_word was saved"; exit 1; }
+  say "ACPI NVS restored (word $nvs_word at $nvs_addr)"
+}

@@ -2,6 +2,7 @@
 # The whole story: hibernate (power off), be resumed by another boot, check
 # everything, and do it all a second time.
 #   KSAVE_PARTUUID  the image partition
+#   KSAVE_NVS_MARK  set: prove the image carries ACPI NVS (UEFI machines)
 . /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
@@ -22,8 +23,10 @@ check
 last=$count
 for round in 1 2; do
   say "hibernating ($round), count $last"
+  [ -n "$KSAVE_NVS_MARK" ] && nvs_mark
   ksave hibernate || { say "hibernate failed"; exit 1; }
   check
+  [ -n "$KSAVE_NVS_MARK" ] && nvs_check
   [ "$count" -gt "$last" ] || { say "counter did not carry on: $count after $last"; exit 1; }
   say "resumed ($round): memory, tmpfs and disk intact, count $last -> $count"
   last=$count

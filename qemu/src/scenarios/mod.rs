@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{VmConfig, build_input};
 
@@ -93,8 +93,21 @@ impl Kernel {
     }
 }
 
-/// What a story's VMs are: kernel, CPU model, RAM. Every VM of a story
-/// (the one that saves and those that resume) is the same machine.
+/// The firmware a machine boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU's SeaBIOS.
+    Bios,
+    /// OVMF (Debian's `ovmf`), whose memory map has ACPI NVS ranges.
+    Uefi,
+}
+
+/// OVMF's code, shared read-only, and the variable store each VM copies.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// What a story's VMs are: kernel, CPU model, RAM, firmware. Every VM of a
+/// story (the one that saves and those that resume) is the same machine.
 #[derive(Clone, Copy, Debug)]
 pub struct Machine {
     /// Kernel A (and C).
@@ -104,29 +117,49 @@ pub struct Machine {
     /// RAM in MiB; above 3 GiB the machine is a q35, whose RAM above 2 GiB
     /// lands above 4 GiB.
     pub memory_mib: u32,
+    /// What boots first.
+    pub firmware: Firmware,
 }
 
 impl Machine {
     /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
     pub const fn qemu64(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 512 }
+        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios }
     }
 
     /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
     /// 1 GiB pages to map it with.
     pub const fn qemu64_high_ram(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 5120 }
+        Self { memory_mib: 5120, ..Self::qemu64(kernel) }
     }
 
     /// `-cpu max` (LA57: 5-level paging, 1 GiB pages) with 5 GiB on a q35.
     pub const fn la57(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "max", memory_mib: 5120 }
+        Self { cpu: "max", ..Self::qemu64_high_ram(kernel) }
+    }
+
+    /// This machine booting OVMF instead of SeaBIOS.
+    pub const fn uefi(self) -> Self {
+        Self { firmware: Firmware::Uefi, ..self }
     }
 
     /// `config` on this machine.
-    pub fn apply(&self, config: VmConfig) -> VmConfig {
-        let config = if self.memory_mib > 3072 { config.arg(["-machine", "q35"]) } else { config };
-        VmConfig { memory_mib: self.memory_mib, ..config.arg(["-cpu", self.cpu]) }
+    pub fn apply(&self, config: VmConfig) -> Result<VmConfig> {
+        let mut config = if self.memory_mib > 3072 { config.arg(["-machine", "q35"]) } else { config };
+        if self.firmware == Firmware::Uefi {
+            // Each VM its own variable store, as each boot of a real machine
+            // would find it: nothing of one VM's boot leaks into the next.
+            let vars = crate::build_dir().join("disks").join(format!("{}-ovmf-vars.fd", config.name));
+            std::fs::create_dir_all(vars.parent().unwrap())?;
+            std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (run qemu/deps.sh)"))?;
+            config = config.arg([
+                "-drive".to_string(),
+                format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+        }
+        Ok(VmConfig { memory_mib: self.memory_mib, ..config.arg(["-cpu", self.cpu]) })
     }
 
     /// The same CPU without LA57, if this one has it.

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use super::{Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
+use super::{Firmware, Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
 use crate::disk::{Bus, PART_GUID, TestDisk};
 use crate::{Vm, VmConfig, build_input};
 
@@ -20,23 +20,27 @@ pub enum ResumeBy {
 /// The full story: kernel A holds 256 MiB of known data, a counting
 /// process, a tmpfs file; `ksave hibernate` powers off; a fresh QEMU (same
 /// memory, CPUs and disk) boots ksave, which resumes A; A checks everything
-/// and hibernates again; a third QEMU resumes it again.
+/// and hibernates again; a third QEMU resumes it again. On UEFI, A also
+/// marks an ACPI NVS page before each hibernation and finds the mark after
+/// the resume: the image carried the firmware's NVS and ksave put it back.
 pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
     hibernate_resume_on(Machine::qemu64(Kernel::Linux6_12), by, memtest_mib, echo)
 }
 
 /// [`hibernate_resume`] on `machine`.
 pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
-    let name = format!("resume-{by:?}-{:?}-{}-{}m", machine.kernel, machine.cpu, machine.memory_mib).to_lowercase().replace('_', ".");
+    let name = format!("resume-{by:?}-{:?}-{:?}-{}-{}m", machine.firmware, machine.kernel, machine.cpu, machine.memory_mib).to_lowercase().replace('_', ".");
+    let uefi = machine.firmware == Firmware::Uefi;
     let part_mib = machine.partition_mib();
     let disk = TestDisk::create(&name, part_mib + 40, part_mib)?;
     let mut report = Report::new(&format!(
-        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, -cpu {}, {} MiB)",
-        machine.kernel, machine.cpu, machine.memory_mib
+        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, {:?}, -cpu {}, {} MiB)",
+        machine.firmware, machine.kernel, machine.cpu, machine.memory_mib
     ));
-    let config = kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}"))?
+    let nvs_mark = if uefi { " ksave.nvs_mark=1" } else { "" };
+    let config = kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}"))?
         .arg(disk.qemu_args(Bus::Ahci, None));
-    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config) })?;
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
     vm.expect("ksave: image complete", 120 * SECOND)?;
     let saved = vm.expect_metrics("image_bytes", 5 * SECOND)?;
@@ -50,7 +54,7 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
         // normally, and the image stays resumable for the right CPU.
         let before = disk.digest()?;
         let config = grub_resume_menu(&format!("{name}-no-la57"))?.arg(disk.qemu_args(Bus::Ahci, None));
-        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..Machine { cpu: without, ..machine }.apply(config) })?;
+        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..Machine { cpu: without, ..machine }.apply(config)? })?;
         let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
         ensure!(line.text.contains("5-level paging"), "expected a refusal for LA57, got {:?}", line.text);
         vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
@@ -70,9 +74,12 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
             ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(Bus::Ahci, None));
-        let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume) })?;
+        let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;
+        if uefi {
+            vm.expect("ksave-test: ACPI NVS restored", 300 * SECOND)?;
+        }
         let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
         report.add_ms(format!("resume {round}: power-on to the jump into A"), jump.at);
         report.add_ms(format!("resume {round}: power-on to A running"), running.at);

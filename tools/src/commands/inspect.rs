@@ -35,6 +35,7 @@ pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
         let mut v = show::header_json(&image.header);
         v["ram_ranges"] = json!(image.ram.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>());
         v["backup_pairs"] = json!(image.backup.len());
+        v["nvs_ranges"] = json!(image.nvs.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>());
         v["chunks_raw"] = json!(raw);
         v["chunks_lz4"] = json!(lz4);
         v["lz4_pages"] = json!(lz4_pages);
@@ -47,6 +48,9 @@ pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
         show::print_header(&image.header);
         for r in &image.ram {
             println!("RAM          {:#014x}-{:#014x} ({} MiB)", r.start, r.end, (r.end - r.start) >> 20);
+        }
+        for r in &image.nvs {
+            println!("ACPI NVS     {:#014x}-{:#014x} ({} KiB)", r.start, r.end, (r.end - r.start) >> 10);
         }
         println!("backup map   {} pages under ksave, held in source pages", image.backup.len());
         println!("chunks       {raw} raw ({} MiB), {lz4} LZ4 ({} MiB holding {} MiB)", raw_bytes >> 20, lz4_bytes >> 20, lz4_pages * PAGE as u64 >> 20);

@@ -46,6 +46,8 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         Some(format!("{why}; image invalidated"))
     } else if image.ram != sys::ram_ranges()? {
         Some("the image was made with another RAM map".to_string())
+    } else if image.nvs != sys::nvs_ranges()? {
+        Some("the image was made with another ACPI NVS map".to_string())
     } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
         Some("the image was made on another CPU vendor".to_string())
     } else if let Some(saved) = image.header.facs_signature
