@@ -3,10 +3,12 @@
 //! (save, resume, disk test), so a new driver is added here only.
 
 use core::fmt;
+use core::mem::ManuallyDrop;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
+use diskdrv::nvme::{self, NvmeDisk, NvmeMemory};
 use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
@@ -18,16 +20,53 @@ use crate::{paging, println};
 /// DMA memory for one open disk at a time, in ksave's own image.
 #[repr(C)]
 pub struct DiskMemory {
-    ahci: AhciMemory,
-    ide: IdeMemory,
+    driver: DriverMemory,
     sector: SectorBuf,
+}
+
+/// The open disk's driver memory: disks are opened one at a time, so the
+/// drivers share one block (the largest one's size, not their sum).
+#[repr(C)]
+union DriverMemory {
+    ahci: ManuallyDrop<AhciMemory>,
+    ide: ManuallyDrop<IdeMemory>,
+    nvme: ManuallyDrop<NvmeMemory>,
+}
+
+impl DriverMemory {
+    /// Zeroes the block, which is every driver's `new()`: their memory is
+    /// integers only.
+    fn zeroed(&mut self) -> &mut Self {
+        // SAFETY: writes only this union's own bytes; all-zero bytes are a
+        // valid value of each field (plain integer arrays).
+        unsafe { core::ptr::write_bytes(self as *mut Self, 0, 1) };
+        self
+    }
+
+    fn ahci(&mut self) -> &mut AhciMemory {
+        // SAFETY: zeroed just now, and zero is AhciMemory::new().
+        unsafe { &mut self.zeroed().ahci }
+    }
+
+    fn ide(&mut self) -> &mut IdeMemory {
+        // SAFETY: as for ahci().
+        unsafe { &mut self.zeroed().ide }
+    }
+
+    fn nvme(&mut self) -> &mut NvmeMemory {
+        // SAFETY: as for ahci().
+        unsafe { &mut self.zeroed().nvme }
+    }
 }
 
 #[repr(C, align(512))]
 struct SectorBuf([u8; 512]);
 
-static DISK_MEMORY: Exclusive<DiskMemory> =
-    Exclusive::new(DiskMemory { ahci: AhciMemory::new(), ide: IdeMemory::new(), sector: SectorBuf([0; 512]) });
+static DISK_MEMORY: Exclusive<DiskMemory> = Exclusive::new(DiskMemory {
+    driver: DriverMemory { nvme: ManuallyDrop::new(NvmeMemory::new()) },
+    sector: SectorBuf([0; 512]),
+});
+const _: () = assert!(size_of::<NvmeMemory>() >= size_of::<AhciMemory>() && size_of::<NvmeMemory>() >= size_of::<IdeMemory>());
 
 /// Where a disk is.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +75,8 @@ pub enum Location {
     Ahci { pci: Address, abar: u64, port: u8 },
     /// A drive on an IDE channel.
     Ide { pci: Address, channel: Channel, secondary: bool, drive: Drive },
+    /// The `index`th active namespace of an NVMe controller.
+    Nvme { pci: Address, bar: u64, index: usize },
 }
 
 impl fmt::Display for Location {
@@ -48,34 +89,41 @@ impl fmt::Display for Location {
                 if *secondary { "secondary" } else { "primary" },
                 if *drive == Drive::Master { "master" } else { "slave" }
             ),
+            Self::Nvme { pci, index, .. } => write!(f, "NVMe {pci} namespace #{}", index + 1),
         }
     }
 }
 
-/// A disk of either kind.
+/// A disk of any kind.
 pub enum AnyDisk<'m> {
     /// On AHCI.
     Ahci(AhciDisk<'m, KsaveHal>),
     /// On IDE.
     Ide(IdeDisk<'m, KsaveHal>),
+    /// An NVMe namespace.
+    Nvme(NvmeDisk<'m, KsaveHal>),
 }
 
 impl AnyDisk<'_> {
     /// Gives the hardware back as found (AHCI registers restored; IDE bus
-    /// master stopped and device interrupts on again).
+    /// master stopped and device interrupts on again; NVMe disabled with
+    /// its admin queue registers put back, for its driver's reset).
     pub fn close(self) {
         match self {
             Self::Ahci(d) => d.close(),
             Self::Ide(d) => d.close(),
+            Self::Nvme(d) => d.close(),
         }
     }
 
     /// Leaves the controller stopped (after a restore: see AhciDisk::stop;
-    /// an IDE channel holds no pointer into memory between commands).
+    /// an IDE channel holds no pointer into memory between commands; an
+    /// NVMe controller is left disabled).
     pub fn stop(self) {
         match self {
             Self::Ahci(d) => d.stop(),
             Self::Ide(d) => d.close(),
+            Self::Nvme(d) => d.stop(),
         }
     }
 }
@@ -85,18 +133,21 @@ impl BlockDevice for AnyDisk<'_> {
         match self {
             Self::Ahci(d) => d.info(),
             Self::Ide(d) => d.info(),
+            Self::Nvme(d) => d.info(),
         }
     }
     fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError> {
         match self {
             Self::Ahci(d) => d.transfer(dir, lba, segments),
             Self::Ide(d) => d.transfer(dir, lba, segments),
+            Self::Nvme(d) => d.transfer(dir, lba, segments),
         }
     }
     fn flush(&mut self) -> Result<(), DiskError> {
         match self {
             Self::Ahci(d) => d.flush(),
             Self::Ide(d) => d.flush(),
+            Self::Nvme(d) => d.flush(),
         }
     }
 }
@@ -131,7 +182,7 @@ impl Controllers {
     }
 }
 
-/// Every disk location on the machine's AHCI and IDE controllers, enabling
+/// Every disk location on the machine's AHCI, IDE and NVMe controllers, enabling
 /// each controller's decoding and bus mastering on the way.
 fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
     let mut found = [None; 8];
@@ -165,6 +216,19 @@ fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
                     }
                 }
             }
+            Storage::Nvme { function, bar } => {
+                controllers.enable(function.address, command::MEMORY | command::BUS_MASTER);
+                // Registers and the doorbells of queues 0 and 1 at any
+                // stride ksave accepts (NVMe 1.4, 3.1).
+                if let Err(e) = paging::map_mmio(bar, 0x2000) {
+                    println!("ksave:   NVMe {}: BAR0 {bar:#x} unusable: {e}", function.address);
+                    continue;
+                }
+                // Each namespace is opened in turn; a missing one says NoDevice.
+                for index in 0..nvme::MAX_NAMESPACES {
+                    f(Location::Nvme { pci: function.address, bar, index });
+                }
+            }
         }
     }
 }
@@ -189,14 +253,17 @@ fn ide_channel(at: Address, prog_if: u8, bus_master: Option<u16>, secondary: boo
 /// Opens the disk at `location`; also hands out the sector buffer, which
 /// shares the disk's memory block.
 fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; 512]), DiskError> {
-    let DiskMemory { ahci, ide, sector } = mem;
+    let DiskMemory { driver, sector } = mem;
     let disk = match location {
         // SAFETY: each_location found this HBA on PCI and enabled memory
         // decoding and bus mastering; nothing else in ksave drives it, and
         // DiskMemory is identity-mapped ksave memory.
-        Location::Ahci { abar, port, .. } => AnyDisk::Ahci(unsafe { AhciDisk::open(KsaveHal, abar, port, ahci)? }),
+        Location::Ahci { abar, port, .. } => AnyDisk::Ahci(unsafe { AhciDisk::open(KsaveHal, abar, port, driver.ahci())? }),
         // SAFETY: as above, for the IDE controller's I/O ports.
-        Location::Ide { channel, drive, .. } => AnyDisk::Ide(unsafe { IdeDisk::open(KsaveHal, channel, drive, ide_mode, ide)? }),
+        Location::Ide { channel, drive, .. } => AnyDisk::Ide(unsafe { IdeDisk::open(KsaveHal, channel, drive, ide_mode, driver.ide())? }),
+        // SAFETY: as above, for the NVMe controller's BAR0, mapped UC by
+        // each_location.
+        Location::Nvme { bar, index, .. } => AnyDisk::Nvme(unsafe { NvmeDisk::open(KsaveHal, bar, index, driver.nvme())? }),
     };
     Ok((disk, &mut sector.0))
 }
@@ -213,7 +280,7 @@ pub enum FindError {
 impl fmt::Display for FindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoDisks => write!(f, "no AHCI or IDE disk found"),
+            Self::NoDisks => write!(f, "no AHCI, IDE or NVMe disk found"),
             Self::NotFound { disks } => write!(f, "no GPT partition with that GUID on any of {disks} disks"),
         }
     }
@@ -228,13 +295,26 @@ fn find_partition(
 ) -> Result<(Location, Partition), FindError> {
     let mut disks = 0;
     let mut result = None;
+    // An NVMe controller whose namespaces ran out: its later indices would
+    // each cost a controller reset to learn the same.
+    let mut namespaces_done = None;
     each_location(controllers, |location| {
         if result.is_some() {
             return;
         }
+        if let Location::Nvme { pci, .. } = location
+            && namespaces_done == Some(pci)
+        {
+            return;
+        }
         let (mut disk, sector) = match open(location, ide_mode, mem) {
             Ok(d) => d,
-            Err(DiskError::NoDevice) => return,
+            Err(DiskError::NoDevice) => {
+                if let Location::Nvme { pci, .. } = location {
+                    namespaces_done = Some(pci);
+                }
+                return;
+            }
             Err(e) => {
                 println!("ksave:   {location}: {e}");
                 return;

@@ -96,7 +96,7 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
         for (i, s) in mem[..(n * 512) as usize].chunks_mut(512).enumerate() {
             testpattern::sector(lba + i as u64, s);
         }
-        disk.transfer(Direction::Write, lba, &[Segment { addr: buf, len: n * 512 }])?;
+        disk.write(&KsaveHal, lba, &mem[..(n * 512) as usize])?;
         lba += n;
     }
     disk.flush()?;
@@ -106,7 +106,7 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
     while lba < first + sectors {
         let n = (first + sectors - lba).min(CHUNK / 512);
         mem[..(n * 512) as usize].fill(0);
-        disk.transfer(Direction::Read, lba, &[Segment { addr: buf, len: n * 512 }])?;
+        disk.read(&KsaveHal, lba, &mut mem[..(n * 512) as usize])?;
         for (i, s) in mem[..(n * 512) as usize].chunks(512).enumerate() {
             testpattern::sector(lba + i as u64, &mut expect);
             if s != expect {
@@ -147,11 +147,13 @@ fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: 
         }
         Ok(hw::now_us() - t0)
     };
-    let write_us = run(&mut |off, n| disk.transfer(Direction::Write, first + off / 512, &[Segment { addr: buf + off, len: n }]))?;
+    // SAFETY (both): inside `buf`, free RAM that scratch() found and that
+    // nothing else uses while the bench runs.
+    let write_us = run(&mut |off, n| disk.transfer(Direction::Write, first + off / 512, &[unsafe { Segment::new(buf + off, n) }]))?;
     let flush_t0 = hw::now_us();
     disk.flush()?;
     let write_us = write_us + (hw::now_us() - flush_t0);
-    let read_us = run(&mut |off, n| disk.transfer(Direction::Read, first + off / 512, &[Segment { addr: buf + off, len: n }]))?;
+    let read_us = run(&mut |off, n| disk.transfer(Direction::Read, first + off / 512, &[unsafe { Segment::new(buf + off, n) }]))?;
     println!(
         "ksave-bench: {mode}: write {mib} MiB in {} ms = {} MB/s; read {mib} MiB in {} ms = {} MB/s",
         write_us / 1000,

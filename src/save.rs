@@ -117,16 +117,21 @@ impl Sink for DiskSink<'_> {
     type Error = DiskError;
 
     fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), DiskError> {
-        let mut segs = [Segment { addr: 0, len: 0 }; MAX_SEGMENTS];
-        segs[0] = Segment { addr: KsaveHal.virt_to_phys(header.as_ptr()), len: header.len() as u64 };
+        // SAFETY: every segment is read by the device (a write to the
+        // disk), never written: the header is ksave's own buffer, borrowed
+        // for this call; each page is caller RAM or NVS that Plan::pages
+        // listed, and the caller is stopped while ksave runs.
+        let mut segs = [unsafe { Segment::new(0, 0) }; MAX_SEGMENTS];
+        segs[0] = unsafe { Segment::new(KsaveHal.virt_to_phys(header.as_ptr()), header.len() as u64) };
         let mut n = 1;
         for pfn in pfns {
             let addr = pfn * PAGE as u64;
-            let last = &mut segs[n - 1];
-            if n > 1 && last.addr + last.len == addr {
-                last.len += PAGE as u64; // physically contiguous: one segment
+            let last = segs[n - 1];
+            if n > 1 && last.addr() + last.len() == addr {
+                // Physically contiguous: one segment.
+                segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + PAGE as u64) };
             } else {
-                segs[n] = Segment { addr, len: PAGE as u64 };
+                segs[n] = unsafe { Segment::new(addr, PAGE as u64) };
                 n += 1;
             }
         }

@@ -262,7 +262,7 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         let fb = self.hal.virt_to_phys(self.mem.received_fis.as_ptr());
         let ctba = self.hal.virt_to_phys((&raw const self.mem.table).cast());
         if !self.s64a && (clb | fb | ctba) >> 32 != 0 {
-            return Err(DiskError::BadSegment(Segment { addr: clb, len: size_of::<AhciMemory>() as u64 }));
+            return Err(DiskError::BadSegment(Segment::part(clb, size_of::<AhciMemory>() as u64)));
         }
         self.set(PX_CLB, clb as u32);
         self.set(PX_CLBU, (clb >> 32) as u32);
@@ -292,7 +292,7 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
     }
 
     fn identify(&mut self) -> Result<(), DiskError> {
-        let buf = Segment { addr: self.hal.virt_to_phys(self.mem.identify.as_ptr().cast()), len: 512 };
+        let buf = Segment::part(self.hal.virt_to_phys(self.mem.identify.as_ptr().cast()), 512);
         self.command(ata::IDENTIFY, 0, 0, Direction::Read, &mut Pieces::new(&[buf]), 512)?;
         fence(Ordering::SeqCst);
         self.info = ata::parse_identify(&self.mem.identify)?;

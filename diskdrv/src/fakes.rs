@@ -1,5 +1,6 @@
 //! Register-level fakes for host tests: PCI configuration space, an AHCI
-//! HBA and IDE channels, each backed by an in-memory disk.
+//! HBA, IDE channels and an NVMe controller, each backed by in-memory
+//! disks.
 //!
 //! On the host a "physical address" is the address of the byte in this
 //! process: the fakes do their DMA through raw pointers to the buffers the
@@ -13,6 +14,9 @@ use std::vec::Vec;
 
 use crate::Hal;
 use crate::ata::{self, identify_data};
+
+mod nvme;
+pub use nvme::{Namespace, NvmeController, NvmeFaults, NvmeStats};
 
 /// An in-memory disk, shared with the test so it can look at the bytes.
 pub type Disk = Rc<RefCell<SparseDisk>>;
@@ -80,6 +84,8 @@ pub struct Machine {
     pub hba: RefCell<Option<Hba>>,
     /// IDE channels by command block base port.
     pub ide: RefCell<BTreeMap<u16, IdeChannel>>,
+    /// The NVMe controller, mapped at [`Machine::NVME_BAR`].
+    pub nvme: RefCell<Option<NvmeController>>,
 }
 
 impl Machine {
@@ -87,6 +93,8 @@ impl Machine {
     pub const ABAR: u64 = 0xFEB0_0000;
     /// Bus-master IDE base of the fake IDE controller.
     pub const BMIDE: u16 = 0xC040;
+    /// Where the fake NVMe controller's registers are (16 KiB).
+    pub const NVME_BAR: u64 = 0xFEC0_0000;
 }
 
 /// The fakes' HAL. Clones share one machine.
@@ -116,11 +124,19 @@ unsafe impl Hal for FakeHal {
         self.io_write(port, 4, value)
     }
     fn mmio_read32(&self, addr: u64) -> u32 {
+        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
+            let nvme = self.0.nvme.borrow();
+            return nvme.as_ref().expect("MMIO read with no fake NVMe controller").read(addr - Machine::NVME_BAR);
+        }
         let mut hba = self.0.hba.borrow_mut();
         let hba = hba.as_mut().expect("MMIO read with no fake HBA");
         hba.read(addr - Machine::ABAR)
     }
     fn mmio_write32(&self, addr: u64, value: u32) {
+        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
+            let mut nvme = self.0.nvme.borrow_mut();
+            return nvme.as_mut().expect("MMIO write with no fake NVMe controller").write(addr - Machine::NVME_BAR, value);
+        }
         let mut hba = self.0.hba.borrow_mut();
         let hba = hba.as_mut().expect("MMIO write with no fake HBA");
         hba.write(addr - Machine::ABAR, value)
@@ -152,6 +168,11 @@ impl FakeHal {
     /// Installs an AHCI HBA with `ports` ports, disks on some of them.
     pub fn add_hba(&self, hba: Hba) {
         *self.0.hba.borrow_mut() = Some(hba);
+    }
+
+    /// Installs an NVMe controller at [`Machine::NVME_BAR`].
+    pub fn add_nvme(&self, controller: NvmeController) {
+        *self.0.nvme.borrow_mut() = Some(controller);
     }
 
     /// Installs an IDE channel at its command block base.

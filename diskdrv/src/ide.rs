@@ -314,7 +314,7 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
         let table = self.hal.virt_to_phys(self.mem.prdt.as_ptr().cast());
         if table >> 32 != 0 {
             // BMIDTP holds 32 bits: a higher table would be truncated.
-            return Err(DiskError::BadSegment(Segment { addr: table, len: size_of::<IdeMemory>() as u64 }));
+            return Err(DiskError::BadSegment(Segment::part(table, size_of::<IdeMemory>() as u64)));
         }
         let to_memory = if dir == Direction::Read { BMIC_TO_MEMORY } else { 0 };
         fence(Ordering::SeqCst);

@@ -1,5 +1,5 @@
-//! Polling disk drivers for ksave: PCI discovery, AHCI, legacy IDE and
-//! partition lookup.
+//! Polling disk drivers for ksave: PCI discovery, AHCI, legacy IDE, NVMe
+//! and partition lookup.
 //!
 //! The drivers reach hardware only through [`Hal`], so they run unchanged on
 //! a machine and against the register-level fakes in [`fakes`] (feature
@@ -19,6 +19,7 @@ pub mod ahci;
 pub mod ata;
 pub mod hal;
 pub mod ide;
+pub mod nvme;
 pub mod part;
 pub mod pci;
 #[cfg(feature = "fakes")]
@@ -32,13 +33,52 @@ pub use hal::Hal;
 /// logical sectors (IDENTIFY word 106 is checked).
 pub const SECTOR: u64 = 512;
 
-/// A physical memory range taking part in a transfer.
+/// A physical memory range taking part in a transfer: a device will read
+/// it (a write to the disk) or overwrite it (a read), by DMA, wherever it
+/// is. Only `unsafe` code can make one ([`Segment::new`]), so that safe
+/// code cannot point a device at memory it does not own; the safe ways in
+/// are [`BlockDevice::read`] and [`BlockDevice::write`] on a borrowed
+/// buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    addr: u64,
+    len: u64,
+}
+
+impl Segment {
+    /// The range `[addr, addr + len)` of bus (physical) addresses.
+    ///
+    /// # Safety
+    ///
+    /// For as long as any transfer given this segment runs, the range must
+    /// be memory that the device may read and, for a
+    /// [`Direction::Read`], overwrite: memory the caller owns or whose
+    /// owner is stopped, that nothing else reads or writes meanwhile, and
+    /// that is not MMIO.
+    pub const unsafe fn new(addr: u64, len: u64) -> Self {
+        Self { addr, len }
+    }
+
+    /// A part of a segment already handed in (or of the driver's own DMA
+    /// memory): it inherits that segment's promise.
+    pub(crate) const fn part(addr: u64, len: u64) -> Self {
+        Self { addr, len }
+    }
+
     /// Physical address.
-    pub addr: u64,
+    pub const fn addr(&self) -> u64 {
+        self.addr
+    }
+
     /// Length in bytes.
-    pub len: u64,
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the segment is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// What IDENTIFY told us about a disk.
@@ -90,6 +130,16 @@ pub enum DiskError {
         /// Controller-specific status (AHCI PxIS / PxSERR, IDE BMIS).
         detail: u32,
     },
+    /// An NVMe command completed with an error status (NVMe Base 1.4,
+    /// section 4.6.1: status code type in bits 10:8, status code in 7:0).
+    Nvme {
+        /// The command's opcode.
+        opcode: u8,
+        /// Its first LBA (0 for admin commands and FLUSH).
+        lba: u64,
+        /// Status code type and status code.
+        status: u16,
+    },
     /// The command completed, but moved fewer bytes than asked (AHCI
     /// PRDBC).
     Short {
@@ -138,6 +188,10 @@ impl fmt::Display for DiskError {
             Self::Interface { command, lba, detail } => {
                 write!(f, "interface error on command {command:#04x} at LBA {lba}: {detail:#x}")
             }
+            Self::Nvme { opcode, lba, status } => {
+                let s = nvme::Status(status);
+                write!(f, "NVMe command {opcode:#04x} at LBA {lba}: status type {} code {:#04x} ({})", s.code_type(), s.code(), s.meaning())
+            }
             Self::Short { command, lba, asked, moved } => {
                 write!(f, "short transfer on command {command:#04x} at LBA {lba}: {moved} of {asked} bytes moved")
             }
@@ -168,13 +222,17 @@ pub trait BlockDevice {
 
     /// Reads sectors into a buffer in identity-mapped memory.
     fn read(&mut self, hal: &impl Hal, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let seg = Segment { addr: hal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
+        // SAFETY: `buf` is borrowed mutably for the whole (polled, finished
+        // on return) transfer; `Hal::virt_to_phys` gives its bus address.
+        let seg = unsafe { Segment::new(hal.virt_to_phys(buf.as_ptr()), buf.len() as u64) };
         self.transfer(Direction::Read, lba, &[seg])
     }
 
     /// Writes sectors from a buffer in identity-mapped memory.
     fn write(&mut self, hal: &impl Hal, lba: u64, buf: &[u8]) -> Result<(), DiskError> {
-        let seg = Segment { addr: hal.virt_to_phys(buf.as_ptr()), len: buf.len() as u64 };
+        // SAFETY: a write only reads `buf`, which is borrowed for the whole
+        // transfer; `Hal::virt_to_phys` gives its bus address.
+        let seg = unsafe { Segment::new(hal.virt_to_phys(buf.as_ptr()), buf.len() as u64) };
         self.transfer(Direction::Write, lba, &[seg])
     }
 }
@@ -223,7 +281,7 @@ impl<'a> Pieces<'a> {
             self.index += 1;
             self.offset = 0;
         }
-        Some(Segment { addr, len })
+        Some(Segment::part(addr, len))
     }
 
     /// How many of `want` sectors one command can carry from here with
@@ -303,34 +361,34 @@ mod tests {
 
     #[test]
     fn pieces_respect_max_and_boundaries() {
-        let segs = [Segment { addr: 0x1_f000, len: 0x3000 }, Segment { addr: 0x40000, len: 0x200 }];
+        let segs = [Segment::part(0x1_f000, 0x3000), Segment::part(0x40000, 0x200)];
         let mut p = Pieces::new(&segs);
-        assert_eq!(p.next_piece(0x10000, Some(0x10000)), Some(Segment { addr: 0x1_f000, len: 0x1000 }));
-        assert_eq!(p.next_piece(0x1000, Some(0x10000)), Some(Segment { addr: 0x20000, len: 0x1000 }));
-        assert_eq!(p.next_piece(0x10000, None), Some(Segment { addr: 0x21000, len: 0x1000 }));
-        assert_eq!(p.next_piece(0x10000, None), Some(Segment { addr: 0x40000, len: 0x200 }));
+        assert_eq!(p.next_piece(0x10000, Some(0x10000)), Some(Segment::part(0x1_f000, 0x1000)));
+        assert_eq!(p.next_piece(0x1000, Some(0x10000)), Some(Segment::part(0x20000, 0x1000)));
+        assert_eq!(p.next_piece(0x10000, None), Some(Segment::part(0x21000, 0x1000)));
+        assert_eq!(p.next_piece(0x10000, None), Some(Segment::part(0x40000, 0x200)));
         assert_eq!(p.next_piece(0x10000, None), None);
     }
 
     #[test]
     fn commands_are_sized_to_descriptors_and_counts() {
         // Sixteen scattered pages: two descriptors carry two pages.
-        let pages: [Segment; 16] = core::array::from_fn(|i| Segment { addr: 0x10_0000 * i as u64, len: 4096 });
+        let pages: [Segment; 16] = core::array::from_fn(|i| Segment::part(0x10_0000 * i as u64, 4096));
         let p = Pieces::new(&pages);
         assert_eq!(p.fit_sectors(1000, 2, 1 << 22, None), 16);
         assert_eq!(p.fit_sectors(5, 2, 1 << 22, None), 5);
         // One contiguous 1 MiB run split at 64 KiB: 4 descriptors, 256 KiB.
-        let run = [Segment { addr: 0x1_0000, len: 1 << 20 }];
+        let run = [Segment::part(0x1_0000, 1 << 20)];
         assert_eq!(Pieces::new(&run).fit_sectors(65536, 4, 65536, Some(65536)), 512);
     }
 
     #[test]
     fn requests_are_checked() {
         let info = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 100, lba48: true, dma: true };
-        assert_eq!(check_request(&info, 98, &[Segment { addr: 0x1000, len: 1024 }]), Ok(2));
-        assert!(matches!(check_request(&info, 99, &[Segment { addr: 0x1000, len: 1024 }]), Err(DiskError::OutOfRange { .. })));
-        assert!(matches!(check_request(&info, 0, &[Segment { addr: 0x1000, len: 100 }]), Err(DiskError::BadSegment(_))));
-        assert!(matches!(check_request(&info, u64::MAX, &[Segment { addr: 0, len: 512 }]), Err(DiskError::OutOfRange { .. })));
+        assert_eq!(check_request(&info, 98, &[Segment::part(0x1000, 1024)]), Ok(2));
+        assert!(matches!(check_request(&info, 99, &[Segment::part(0x1000, 1024)]), Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(check_request(&info, 0, &[Segment::part(0x1000, 100)]), Err(DiskError::BadSegment(_))));
+        assert!(matches!(check_request(&info, u64::MAX, &[Segment::part(0, 512)]), Err(DiskError::OutOfRange { .. })));
     }
 
     #[test]

@@ -149,9 +149,16 @@ pub enum Storage {
         /// Bus-master IDE register base (BAR4), if any.
         bus_master: Option<u16>,
     },
+    /// Class 01/08/02: NVM Express.
+    Nvme {
+        /// The function.
+        function: Function,
+        /// Controller registers (BAR0, 64-bit).
+        bar: u64,
+    },
 }
 
-/// Every AHCI and IDE controller, in bus order.
+/// Every AHCI, IDE and NVMe controller, in bus order.
 pub fn find_storage(hal: &impl Hal, mut found: impl FnMut(Storage)) {
     enumerate(hal, |f| match f.class {
         (0x01, 0x06, 0x01) => {
@@ -165,6 +172,11 @@ pub fn find_storage(hal: &impl Hal, mut found: impl FnMut(Storage)) {
                 _ => None,
             };
             found(Storage::Ide { function: f, prog_if, bus_master });
+        }
+        (0x01, 0x08, 0x02) => {
+            if let Bar::Memory(bar) = bar(hal, f.address, 0) {
+                found(Storage::Nvme { function: f, bar });
+            }
         }
         _ => {}
     });

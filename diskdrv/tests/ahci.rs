@@ -98,9 +98,10 @@ fn misaligned_segments_are_refused() {
     let mut mem = Box::new(AhciMemory::new());
     let mut d = open(&hal, &mut mem);
     let buf = pages(1);
-    let odd = Segment { addr: buf.as_ptr() as u64 + 2, len: 512 };
+    // SAFETY (both): inside `buf`, owned by the test; refused before any DMA anyway.
+    let odd = unsafe { Segment::new(buf.as_ptr() as u64 + 2, 512) };
     assert_eq!(d.transfer(Direction::Read, 0, &[odd]), Err(DiskError::BadSegment(odd)));
-    let short = Segment { addr: buf.as_ptr() as u64, len: 100 };
+    let short = unsafe { Segment::new(buf.as_ptr() as u64, 100) };
     assert_eq!(d.transfer(Direction::Read, 0, &[short]), Err(DiskError::BadSegment(short)));
 }
 

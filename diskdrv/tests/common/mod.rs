@@ -43,12 +43,14 @@ pub fn low<T>(value: T) -> &'static mut T {
 pub fn segment(pages: &[Page], offset: usize, bytes: usize) -> Segment {
     let base = pages.as_ptr() as u64 + offset as u64;
     assert!(offset + bytes <= pages.len() * 4096);
-    Segment { addr: base, len: bytes as u64 }
+    // SAFETY: inside `pages`, which the test owns and keeps for the transfer.
+    unsafe { Segment::new(base, bytes as u64) }
 }
 
 /// Every other page of `pages`, as scattered segments.
 pub fn scattered(pages: &[Page]) -> Vec<Segment> {
-    pages.iter().step_by(2).map(|p| Segment { addr: p.0.as_ptr() as u64, len: 4096 }).collect()
+    // SAFETY: whole pages of `pages`, which the test owns and keeps for the transfer.
+    pages.iter().step_by(2).map(|p| unsafe { Segment::new(p.0.as_ptr() as u64, 4096) }).collect()
 }
 
 /// The self-test pattern of `len / 512` sectors from `lba`.
@@ -65,9 +67,9 @@ pub fn fill(segments: &[Segment], data: &[u8]) {
     let mut at = 0;
     for s in segments {
         // SAFETY: test memory from `pages`, alive for the test.
-        let mem = unsafe { std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len as usize) };
-        mem.copy_from_slice(&data[at..at + s.len as usize]);
-        at += s.len as usize;
+        let mem = unsafe { std::slice::from_raw_parts_mut(s.addr() as *mut u8, s.len() as usize) };
+        mem.copy_from_slice(&data[at..at + s.len() as usize]);
+        at += s.len() as usize;
     }
 }
 
@@ -76,6 +78,6 @@ pub fn gather(segments: &[Segment]) -> Vec<u8> {
     segments
         .iter()
         // SAFETY: as in `fill`.
-        .flat_map(|s| unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len as usize) }.to_vec())
+        .flat_map(|s| unsafe { std::slice::from_raw_parts(s.addr() as *const u8, s.len() as usize) }.to_vec())
         .collect()
 }

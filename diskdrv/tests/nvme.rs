@@ -1,0 +1,193 @@
+//! The NVMe driver against the register-level fake controller.
+
+mod common;
+
+use common::*;
+use diskdrv::fakes::{self, FakeHal, Machine, Namespace, NvmeController};
+use diskdrv::nvme::{NvmeDisk, NvmeMemory};
+use diskdrv::{BlockDevice, Direction, DiskError};
+
+fn machine(namespaces: &[(u64, u8)]) -> (FakeHal, Vec<fakes::Disk>) {
+    let hal = FakeHal::default();
+    let disks: Vec<_> = namespaces.iter().map(|&(sectors, _)| fakes::disk(sectors)).collect();
+    let ns = disks.iter().zip(namespaces).map(|(d, &(_, lbads))| Namespace { disk: d.clone(), lbads }).collect();
+    hal.add_nvme(NvmeController::new(ns));
+    (hal, disks)
+}
+
+fn controller(hal: &FakeHal) -> std::cell::RefMut<'_, NvmeController> {
+    std::cell::RefMut::map(hal.0.nvme.borrow_mut(), |c| c.as_mut().unwrap())
+}
+
+fn open<'m>(hal: &FakeHal, index: usize, mem: &'m mut NvmeMemory) -> Result<NvmeDisk<'m, FakeHal>, DiskError> {
+    // SAFETY: the fake controller is this test's alone.
+    unsafe { NvmeDisk::open(hal.clone(), Machine::NVME_BAR, index, mem) }
+}
+
+#[test]
+fn identifies_each_namespace_and_refuses_a_missing_one() {
+    let (hal, _) = machine(&[(1 << 20, 9), (4096, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    let d = open(&hal, 0, &mut mem).unwrap();
+    assert_eq!(d.info().model.as_str(), "ksave fake SSD");
+    assert_eq!(d.info().serial.as_str(), "FAKE0001");
+    assert_eq!((d.nsid(), d.info().sectors), (1, 1 << 20));
+    d.close();
+    let d = open(&hal, 1, &mut mem).unwrap();
+    assert_eq!((d.nsid(), d.info().sectors), (2, 4096));
+    d.close();
+    assert_eq!(open(&hal, 2, &mut mem).err(), Some(DiskError::NoDevice));
+    assert!(!controller(&hal).enabled(), "a refused open gives the controller back disabled");
+}
+
+#[test]
+fn scattered_pages_go_out_in_one_command_and_come_back() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    controller(&hal).mdts = 0; // no limit: the PRP lists decide
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let src = pages(600);
+    let segs = scattered(src); // 300 separate pages
+    let data = pattern(1000, 300 * 4096);
+    fill(&segs, &data);
+    d.transfer(Direction::Write, 1000, &segs).unwrap();
+    let stats = controller(&hal).stats.clone();
+    assert_eq!((stats.io_commands, stats.max_pages, stats.max_list_pages), (1, 300, 1), "300 pages, one PRP list page");
+    assert_eq!(disks[0].borrow().bytes(1000, 2400), data);
+    let dst = pages(300);
+    let back = [segment(dst, 0, 300 * 4096)];
+    d.transfer(Direction::Read, 1000, &back).unwrap();
+    assert_eq!(gather(&back), data);
+}
+
+#[test]
+fn a_long_command_chains_its_prp_list_across_pages() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    controller(&hal).mdts = 0;
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    // 1000 pages from a buffer that starts 512 bytes into a page: PRP1
+    // carries an offset (so 1001 pages), and the list needs two pages.
+    let buf = pages(1002);
+    let seg = [segment(buf, 512, 1000 * 4096)];
+    let data = pattern(7, 1000 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 7, &seg).unwrap();
+    let stats = controller(&hal).stats.clone();
+    assert_eq!((stats.io_commands, stats.max_pages, stats.max_list_pages), (1, 1001, 2));
+    assert_eq!(disks[0].borrow().bytes(7, 1000 * 8), data);
+    // Beyond what one command's lists hold (1023 pages): split, nothing lost.
+    let big = pages(2100);
+    let seg = [segment(big, 0, 2100 * 4096)];
+    let data = pattern(50_000, 2100 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 50_000, &seg).unwrap();
+    assert_eq!(controller(&hal).stats.io_commands, 4);
+    assert_eq!(disks[0].borrow().bytes(50_000, 2100 * 8), data);
+}
+
+#[test]
+fn mdts_and_sub_page_segments_split_commands() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    controller(&hal).mdts = 2; // 4 pages a command
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let buf = pages(16);
+    let seg = [segment(buf, 0, 16 * 4096)];
+    let data = pattern(0, 16 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 0, &seg).unwrap();
+    let stats = controller(&hal).stats.clone();
+    assert_eq!((stats.io_commands, stats.max_pages), (4, 4));
+    assert_eq!(disks[0].borrow().bytes(0, 128), data);
+    // Two 512-byte pieces in different pages cannot share a PRP list.
+    let small = pages(2);
+    let segs = [segment(small, 1024, 512), segment(small, 4096 + 2048, 512)];
+    let data = pattern(300, 1024);
+    fill(&segs, &data);
+    d.transfer(Direction::Write, 300, &segs).unwrap();
+    assert_eq!(controller(&hal).stats.io_commands, 6);
+    assert_eq!(disks[0].borrow().bytes(300, 2), data);
+}
+
+#[test]
+fn the_queues_wrap_and_the_phase_flips() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let sector = &mut pages(1)[0].0[..512];
+    for i in 0..300u64 {
+        sector.fill(i as u8);
+        d.write(&hal, i, sector).unwrap();
+    }
+    d.flush().unwrap();
+    assert_eq!(controller(&hal).stats.flushes, 1);
+    for i in 0..300u64 {
+        assert_eq!(disks[0].borrow().sector(i), [i as u8; 512]);
+    }
+}
+
+#[test]
+fn a_media_error_is_reported_with_its_status() {
+    let (hal, _) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    controller(&hal).faults.write_error_at = Some(12);
+    let buf = pages(1);
+    let err = d.transfer(Direction::Write, 10, &[segment(buf, 0, 4096)]).unwrap_err();
+    assert_eq!(err, DiskError::Nvme { opcode: 0x01, lba: 10, status: 2 << 8 | 0x80 });
+    assert!(err.to_string().contains("write fault"), "{err}");
+    // The queue carries on after an error status.
+    d.transfer(Direction::Write, 100, &[segment(buf, 0, 4096)]).unwrap();
+    controller(&hal).faults.read_error_at = Some(100);
+    let err = d.transfer(Direction::Read, 100, &[segment(buf, 0, 512)]).unwrap_err();
+    assert_eq!(err, DiskError::Nvme { opcode: 0x02, lba: 100, status: 2 << 8 | 0x81 });
+}
+
+#[test]
+fn a_command_that_never_completes_times_out_and_resets_the_controller() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let enables = controller(&hal).stats.enables;
+    controller(&hal).faults.hang_io = true;
+    let buf = pages(1);
+    let err = d.transfer(Direction::Write, 5, &[segment(buf, 0, 4096)]).unwrap_err();
+    assert!(matches!(err, DiskError::Timeout { command: 0x01, lba: 5, .. }), "{err:?}");
+    assert_eq!(controller(&hal).stats.enables, enables + 1, "reset and set up again");
+    // The reset controller works: a failure record can still be written.
+    controller(&hal).faults.hang_io = false;
+    let data = pattern(5, 4096);
+    fill(&[segment(buf, 0, 4096)], &data);
+    d.transfer(Direction::Write, 5, &[segment(buf, 0, 4096)]).unwrap();
+    assert_eq!(disks[0].borrow().bytes(5, 8), data);
+}
+
+#[test]
+fn close_disables_and_puts_the_registers_back() {
+    let (hal, _) = machine(&[(1 << 20, 9)]);
+    let before = {
+        let mut c = controller(&hal);
+        c.intms = 0b101;
+        (c.aqa, c.asq, c.acq, c.intms)
+    };
+    let mut mem = low(NvmeMemory::new());
+    let d = open(&hal, 0, &mut mem).unwrap();
+    assert_eq!(controller(&hal).intms, !0, "polled: interrupts masked while open");
+    d.close();
+    let c = controller(&hal);
+    assert!(!c.enabled(), "left disabled for the kernel's own reset");
+    assert_eq!((c.aqa, c.asq, c.acq, c.intms), before);
+}
+
+#[test]
+fn out_of_range_and_4k_namespaces_are_refused() {
+    let (hal, _) = machine(&[(1000, 9), (8000, 12)]);
+    let mut mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let buf = pages(1);
+    let err = d.transfer(Direction::Read, 999, &[segment(buf, 0, 1024)]).unwrap_err();
+    assert!(matches!(err, DiskError::OutOfRange { .. }));
+    d.close();
+    assert!(matches!(open(&hal, 1, &mut mem).err(), Some(DiskError::Unsupported(_))));
+}
