@@ -38,6 +38,7 @@ pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
     };
     let mode = match (&part.disk, ide_mode) {
         (disks::AnyDisk::Ahci(_), _) => "AHCI DMA",
+        (disks::AnyDisk::Nvme(_), _) => "NVMe",
         (_, Mode::Dma) => "IDE DMA",
         (_, Mode::Pio) => "IDE PIO",
     };

@@ -1,5 +1,5 @@
 //! Raw disk images for the VMs: made with `truncate` and `sgdisk`, attached
-//! to QEMU's AHCI or PIIX IDE, and checked byte for byte afterwards.
+//! to QEMU's AHCI, PIIX IDE or NVMe, and checked byte for byte afterwards.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +20,8 @@ pub enum Bus {
     IdePrimary,
     /// The PIIX3 IDE secondary master.
     IdeSecondary,
+    /// Namespace 1 of an NVMe controller with 512-byte blocks.
+    Nvme,
 }
 
 impl Bus {
@@ -29,6 +31,17 @@ impl Bus {
             Self::Ahci => "port 0",
             Self::IdePrimary => "primary master",
             Self::IdeSecondary => "secondary master",
+            Self::Nvme => "NVMe",
+        }
+    }
+
+    /// How ksave names a failed write or read on this bus, up to the LBA.
+    pub fn ksave_error(self, write: bool) -> &'static str {
+        match (self, write) {
+            (Self::Nvme, true) => "NVMe command 0x01 at LBA",
+            (Self::Nvme, false) => "NVMe command 0x02 at LBA",
+            (_, true) => "device error on command 0x35 at LBA",
+            (_, false) => "device error on command 0x25 at LBA",
         }
     }
 
@@ -117,6 +130,7 @@ impl TestDisk {
             ],
             Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
             Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
+            Bus::Nvme => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "nvme,serial=ksave0001,drive=d0".into()],
         }
     }
 

@@ -37,6 +37,11 @@ fn disk_self_test_on_ahci() {
 }
 
 #[test]
+fn disk_self_test_on_nvme() {
+    run(|echo| scenarios::disk_self_test(Bus::Nvme, "dma", echo));
+}
+
+#[test]
 fn disk_self_test_on_ide_primary_dma() {
     run(|echo| scenarios::disk_self_test(Bus::IdePrimary, "dma", echo));
 }
@@ -86,9 +91,10 @@ fn a_cpu_exception_during_a_save_returns_to_the_caller() {
     run(|echo| scenarios::hibernate_snapshot(Expect::CpuException, false, 16, echo));
 }
 
+/// On NVMe: the AHCI and IDE write errors are the disk tests'.
 #[test]
-fn hibernate_reports_a_disk_write_error() {
-    run(|echo| scenarios::hibernate_snapshot(Expect::IoError, false, 16, echo));
+fn hibernate_reports_a_disk_write_error_on_nvme() {
+    run(|echo| scenarios::hibernate_snapshot_on(Bus::Nvme, Expect::IoError, false, 16, echo));
 }
 
 /// The host tool writes a config into the real ksave.elf's section, and
@@ -155,6 +161,12 @@ fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
 }
 
 /// The whole story on 6.1: no GDT reload after the jump back.
+#[test]
+fn hibernate_power_off_and_resume_on_nvme() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme);
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+}
+
 #[test]
 fn hibernate_power_off_and_resume_on_linux_6_1() {
     run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));

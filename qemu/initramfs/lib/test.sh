@@ -49,3 +49,17 @@ nvs_check() {
   [ "$got" = "$nvs_word" ] || { say "ACPI NVS not restored: $got at $nvs_addr, $nvs_word was saved"; exit 1; }
   say "ACPI NVS restored (word $nvs_word at $nvs_addr)"
 }
+
+# test_partition N: the path of the test disk's partition N (1 holds the
+# image, 2 is scratch) on whatever bus it is: sda, vda or nvme0n1. Waits for
+# the kernel to have probed it.
+test_partition() {
+  for _ in $(seq 100); do
+    for p in "/dev/sda$1" "/dev/vda$1" "/dev/nvme0n1p$1"; do
+      [ -b "$p" ] && { echo "$p"; return 0; }
+    done
+    sleep 0.1
+  done
+  say "no partition $1 on the test disk"
+  return 1
+}

@@ -3,9 +3,7 @@
 # partition with O_DIRECT, 4 MiB blocks. Debian's busybox dd prints no
 # timing, so the harness times the lines around each dd on the host.
 . /lib/ksave-test/test.sh
-part=/dev/sda1
-for _ in $(seq 100); do [ -b $part ] && break; sleep 0.1; done
-[ -b $part ] || { say "no $part"; exit 1; }
+part=$(test_partition 1) || exit 1
 count=$((${KSAVE_DD_MIB:-256} / 4))
 say "dd write: start"
 dd if=/dev/zero of=$part bs=4M count=$count oflag=direct 2>/dev/null || { say "dd write failed"; exit 1; }

@@ -49,7 +49,8 @@ memtest_check
 say "still running, memory intact"
 ksave status
 if [ "$expect" = ok ]; then
-  dd if=/tmp/manifest of=/dev/sda2 bs=4096 conv=fsync 2>/dev/null || { say "could not store the manifest"; exit 1; }
+  scratch=$(test_partition 2) || exit 1
+  dd if=/tmp/manifest of="$scratch" bs=4096 conv=fsync 2>/dev/null || { say "could not store the manifest"; exit 1; }
   say "manifest stored"
 fi
 memtest_stop

@@ -6,6 +6,7 @@
 . /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
+scratch=$(test_partition 2) || exit 1
 memtest_start "${KSAVE_MEMTEST_MIB:-256}"
 dd if=/dev/urandom of=/tmp/file bs=1M count=16 2>/dev/null
 want=$(sha256sum /tmp/file | cut -d' ' -f1)
@@ -15,8 +16,8 @@ check() {
   count=$(sed 's/.*count //' /tmp/memtest.result)
   [ "$(sha256sum /tmp/file | cut -d' ' -f1)" = "$want" ] || { say "tmpfs file changed"; exit 1; }
   # The disk still works: write the file to partition 2 and read it back.
-  dd if=/tmp/file of=/dev/sda2 bs=1M count=16 oflag=direct 2>/dev/null || { say "disk write failed"; exit 1; }
-  [ "$(dd if=/dev/sda2 bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$want" ] || { say "disk read back differs"; exit 1; }
+  dd if=/tmp/file of="$scratch" bs=1M count=16 oflag=direct 2>/dev/null || { say "disk write failed"; exit 1; }
+  [ "$(dd if="$scratch" bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$want" ] || { say "disk read back differs"; exit 1; }
 }
 
 check

@@ -47,7 +47,7 @@ pub fn linux_dd(bus: Bus, mib: u64) -> Result<Report> {
 /// the host first, so the save measures the emulated disk, not the host
 /// file system allocating blocks.
 pub fn hibernate_bench(lz4: bool) -> Result<Report> {
-    hibernate_run(Expect::Ok, lz4, 256, false, true)
+    hibernate_run(Bus::Ahci, Expect::Ok, lz4, 256, false, true)
 }
 
 /// Linux's own hibernation in the same VM with the same load: swap on the

@@ -46,12 +46,7 @@ pub fn disk_error(bus: Bus, iotype: &str, echo: bool) -> Result<Report> {
     let mut vm = ksave_with_disk(&name, &append, &disk, bus, Some(&rule), echo)?;
     let mut report = Report::new(&format!("injected {iotype} error, {bus:?}"));
     let failed = vm.expect("disk test: FAILED", 60 * SECOND)?;
-    let command = if iotype == "read" { "0x25" } else { "0x35" };
-    ensure!(
-        failed.text.contains(&format!("device error on command {command} at LBA")),
-        "not the clear {iotype} error expected: {}",
-        failed.text
-    );
+    ensure!(failed.text.contains(bus.ksave_error(iotype == "write")), "not the clear {iotype} error expected: {}", failed.text);
     // The failing command is the 1 MiB chunk holding the bad sector.
     let chunk_start = PART_FIRST_LBA + (bad_sector - PART_FIRST_LBA) / 2048 * 2048;
     ensure!(failed.text.contains(&format!("LBA {chunk_start}:")), "wrong LBA reported: {}", failed.text);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::disk::Bus;
 use crate::{VmConfig, build_input};
 
 mod bench;
@@ -24,7 +25,7 @@ pub use disks::{disk_error, disk_self_test};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
 pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_on};
 pub use roundtrip::kexec_round_trip;
-pub use save::{Expect, hibernate_snapshot};
+pub use save::{Expect, hibernate_snapshot, hibernate_snapshot_on};
 
 /// What a scenario measured, for the demo, the test log and `make bench`.
 #[derive(Debug, Default)]
@@ -106,8 +107,9 @@ pub enum Firmware {
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
-/// What a story's VMs are: kernel, CPU model, RAM, firmware. Every VM of a
-/// story (the one that saves and those that resume) is the same machine.
+/// What a story's VMs are: kernel, CPU model, RAM, firmware, the disk's
+/// bus. Every VM of a story (the one that saves and those that resume) is
+/// the same machine.
 #[derive(Clone, Copy, Debug)]
 pub struct Machine {
     /// Kernel A (and C).
@@ -119,12 +121,14 @@ pub struct Machine {
     pub memory_mib: u32,
     /// What boots first.
     pub firmware: Firmware,
+    /// Where the test disk is.
+    pub bus: Bus,
 }
 
 impl Machine {
     /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
     pub const fn qemu64(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios }
+        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci }
     }
 
     /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
@@ -136,6 +140,11 @@ impl Machine {
     /// `-cpu max` (LA57: 5-level paging, 1 GiB pages) with 5 GiB on a q35.
     pub const fn la57(kernel: Kernel) -> Self {
         Self { cpu: "max", ..Self::qemu64_high_ram(kernel) }
+    }
+
+    /// This machine with its disk on `bus`.
+    pub const fn on(self, bus: Bus) -> Self {
+        Self { bus, ..self }
     }
 
     /// This machine booting OVMF instead of SeaBIOS.

@@ -3,7 +3,7 @@
 use anyhow::{Result, ensure};
 
 use super::{Firmware, Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
-use crate::disk::{Bus, PART_GUID, TestDisk};
+use crate::disk::{PART_GUID, TestDisk};
 use crate::{Vm, VmConfig, build_input};
 
 /// How the machine comes back after `ksave hibernate` powered it off.
@@ -29,17 +29,19 @@ pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Re
 
 /// [`hibernate_resume`] on `machine`.
 pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
-    let name = format!("resume-{by:?}-{:?}-{:?}-{}-{}m", machine.firmware, machine.kernel, machine.cpu, machine.memory_mib).to_lowercase().replace('_', ".");
+    let name = format!("resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m", machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib)
+        .to_lowercase()
+        .replace('_', ".");
     let uefi = machine.firmware == Firmware::Uefi;
     let part_mib = machine.partition_mib();
     let disk = TestDisk::create(&name, part_mib + 40, part_mib)?;
     let mut report = Report::new(&format!(
-        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, {:?}, -cpu {}, {} MiB)",
-        machine.firmware, machine.kernel, machine.cpu, machine.memory_mib
+        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, {:?}, {:?}, -cpu {}, {} MiB)",
+        machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib
     ));
     let nvs_mark = if uefi { " ksave.nvs_mark=1" } else { "" };
     let config = kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}"))?
-        .arg(disk.qemu_args(Bus::Ahci, None));
+        .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
     vm.expect("ksave: image complete", 120 * SECOND)?;
@@ -53,7 +55,7 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
         // there. Refused before anything is written, the machine boots
         // normally, and the image stays resumable for the right CPU.
         let before = disk.digest()?;
-        let config = grub_resume_menu(&format!("{name}-no-la57"))?.arg(disk.qemu_args(Bus::Ahci, None));
+        let config = grub_resume_menu(&format!("{name}-no-la57"))?.arg(disk.qemu_args(machine.bus, None));
         let mut vm = Vm::start(VmConfig { echo, reboot: true, ..Machine { cpu: without, ..machine }.apply(config)? })?;
         let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
         ensure!(line.text.contains("5-level paging"), "expected a refusal for LA57, got {:?}", line.text);
@@ -73,7 +75,7 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
             ResumeBy::KernelC => kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}"))?,
             ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
         }
-        .arg(disk.qemu_args(Bus::Ahci, None));
+        .arg(disk.qemu_args(machine.bus, None));
         let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;

@@ -23,17 +23,23 @@ pub enum Expect {
 }
 
 /// Kernel A holds `memtest_mib` MiB of known data and runs `ksave
-/// hibernate --snapshot` to an AHCI disk. With [`Expect::Ok`] the host
+/// hibernate --snapshot` to an AHCI disk ([`hibernate_snapshot_on`]: on
+/// `bus`). With [`Expect::Ok`] the host
 /// then checks the image with `ksave verify` and `ksave export`: every
 /// memtest page must be in the core file at its physical address. The
 /// failure cases must leave A running with its data intact and hibernate
 /// failing with the reason.
 pub fn hibernate_snapshot(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool) -> Result<Report> {
-    hibernate_run(expect, lz4, memtest_mib, echo, false)
+    hibernate_run(Bus::Ahci, expect, lz4, memtest_mib, echo, false)
 }
 
-pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, allocated: bool) -> Result<Report> {
-    let name = format!("hibernate-{expect:?}{}", if lz4 { "-lz4" } else { "" }).to_lowercase();
+/// [`hibernate_snapshot`] to a disk on `bus`.
+pub fn hibernate_snapshot_on(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u64, echo: bool) -> Result<Report> {
+    hibernate_run(bus, expect, lz4, memtest_mib, echo, false)
+}
+
+pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u64, echo: bool, allocated: bool) -> Result<Report> {
+    let name = format!("hibernate-{expect:?}{}-{bus:?}", if lz4 { "-lz4" } else { "" }).to_lowercase();
     let part_mib = if expect == Expect::TooSmall { 64 } else { 520 };
     let disk = if allocated { TestDisk::create_allocated(&name, part_mib + 20, part_mib)? } else { TestDisk::create(&name, part_mib + 20, part_mib)? };
     let rule = match expect {
@@ -46,9 +52,9 @@ pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: b
         format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error").replace("cpuexception", "cpu-exception"),
         if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" }
     );
-    let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(Bus::Ahci, rule.as_deref()));
+    let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(bus, rule.as_deref()));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
-    let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest", if lz4 { ", LZ4" } else { "" }));
+    let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest, {bus:?}", if lz4 { ", LZ4" } else { "" }));
     if expect == Expect::TooSmall {
         vm.expect("setup refused (as it must)", 120 * SECOND)?;
     }
@@ -79,18 +85,20 @@ pub(super) fn hibernate_run(expect: Expect, lz4: bool, memtest_mib: u64, echo: b
         _ => {
             // ksave's own refusal first (after the host's, where there is
             // one), then the tool's, which must pass ksave's reason on.
+            let disk_error = bus.ksave_error(true);
             let (ksave_says, tool_says) = match expect {
-                Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB", "ksave could not save: partition holds 64 MiB"),
+                Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB".to_string(), "ksave could not save: partition holds 64 MiB".to_string()),
                 // The partition is what failed: ksave's reason comes by the mailbox.
-                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID", "ksave could not save: no GPT partition with that GUID"),
-                Expect::CpuException => {
-                    ("ksave: save FAILED: CPU exception 14 (page fault); returning to the caller", "the image was left writing: ksave stopped: CPU exception 14 (page fault)")
-                }
-                _ => ("ksave: save FAILED: disk error: device error on command 0x35", "ksave could not save: disk error: device error on command 0x35"),
+                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID".into(), "ksave could not save: no GPT partition with that GUID".into()),
+                Expect::CpuException => (
+                    "ksave: save FAILED: CPU exception 14 (page fault); returning to the caller".into(),
+                    "the image was left writing: ksave stopped: CPU exception 14 (page fault)".into(),
+                ),
+                _ => (format!("ksave: save FAILED: disk error: {disk_error}"), format!("ksave could not save: disk error: {disk_error}")),
             };
-            vm.expect(ksave_says, 300 * SECOND)?;
+            vm.expect(&ksave_says, 300 * SECOND)?;
             let line = vm.expect("hibernation FAILED, not powering off", 60 * SECOND)?;
-            ensure!(line.text.contains(tool_says), "the tool's refusal does not say {tool_says:?}: {:?}", line.text);
+            ensure!(line.text.contains(&tool_says), "the tool's refusal does not say {tool_says:?}: {:?}", line.text);
             vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
         }
     }
