@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
 use diskdrv::nvme::{self, NvmeDisk, NvmeMemory};
+use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
@@ -31,6 +32,7 @@ union DriverMemory {
     ahci: ManuallyDrop<AhciMemory>,
     ide: ManuallyDrop<IdeMemory>,
     nvme: ManuallyDrop<NvmeMemory>,
+    virtio: ManuallyDrop<VirtioMemory>,
 }
 
 impl DriverMemory {
@@ -57,6 +59,11 @@ impl DriverMemory {
         // SAFETY: as for ahci().
         unsafe { &mut self.zeroed().nvme }
     }
+
+    fn virtio(&mut self) -> &mut VirtioMemory {
+        // SAFETY: as for ahci().
+        unsafe { &mut self.zeroed().virtio }
+    }
 }
 
 #[repr(C, align(512))]
@@ -66,7 +73,12 @@ static DISK_MEMORY: Exclusive<DiskMemory> = Exclusive::new(DiskMemory {
     driver: DriverMemory { nvme: ManuallyDrop::new(NvmeMemory::new()) },
     sector: SectorBuf([0; 512]),
 });
-const _: () = assert!(size_of::<NvmeMemory>() >= size_of::<AhciMemory>() && size_of::<NvmeMemory>() >= size_of::<IdeMemory>());
+// The block is zeroed as the largest field; a static of it stays in .bss.
+const _: () = assert!(
+    size_of::<NvmeMemory>() >= size_of::<AhciMemory>()
+        && size_of::<NvmeMemory>() >= size_of::<IdeMemory>()
+        && size_of::<NvmeMemory>() >= size_of::<VirtioMemory>()
+);
 
 /// Where a disk is.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +89,8 @@ pub enum Location {
     Ide { pci: Address, channel: Channel, secondary: bool, drive: Drive },
     /// The `index`th active namespace of an NVMe controller.
     Nvme { pci: Address, bar: u64, index: usize },
+    /// A virtio-blk device.
+    Virtio { pci: Address, transport: Transport },
 }
 
 impl fmt::Display for Location {
@@ -90,6 +104,7 @@ impl fmt::Display for Location {
                 if *drive == Drive::Master { "master" } else { "slave" }
             ),
             Self::Nvme { pci, index, .. } => write!(f, "NVMe {pci} namespace #{}", index + 1),
+            Self::Virtio { pci, .. } => write!(f, "virtio-blk {pci}"),
         }
     }
 }
@@ -102,17 +117,21 @@ pub enum AnyDisk<'m> {
     Ide(IdeDisk<'m, KsaveHal>),
     /// An NVMe namespace.
     Nvme(NvmeDisk<'m, KsaveHal>),
+    /// A virtio-blk device.
+    Virtio(VirtioBlk<'m, KsaveHal>),
 }
 
 impl AnyDisk<'_> {
     /// Gives the hardware back as found (AHCI registers restored; IDE bus
     /// master stopped and device interrupts on again; NVMe disabled with
-    /// its admin queue registers put back, for its driver's reset).
+    /// its admin queue registers put back, for its driver's reset; virtio
+    /// reset, as its driver's freeze left it).
     pub fn close(self) {
         match self {
             Self::Ahci(d) => d.close(),
             Self::Ide(d) => d.close(),
             Self::Nvme(d) => d.close(),
+            Self::Virtio(d) => d.close(),
         }
     }
 
@@ -124,6 +143,7 @@ impl AnyDisk<'_> {
             Self::Ahci(d) => d.stop(),
             Self::Ide(d) => d.close(),
             Self::Nvme(d) => d.stop(),
+            Self::Virtio(d) => d.stop(),
         }
     }
 }
@@ -134,6 +154,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ahci(d) => d.info(),
             Self::Ide(d) => d.info(),
             Self::Nvme(d) => d.info(),
+            Self::Virtio(d) => d.info(),
         }
     }
     fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError> {
@@ -141,6 +162,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ahci(d) => d.transfer(dir, lba, segments),
             Self::Ide(d) => d.transfer(dir, lba, segments),
             Self::Nvme(d) => d.transfer(dir, lba, segments),
+            Self::Virtio(d) => d.transfer(dir, lba, segments),
         }
     }
     fn flush(&mut self) -> Result<(), DiskError> {
@@ -148,6 +170,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ahci(d) => d.flush(),
             Self::Ide(d) => d.flush(),
             Self::Nvme(d) => d.flush(),
+            Self::Virtio(d) => d.flush(),
         }
     }
 }
@@ -182,7 +205,8 @@ impl Controllers {
     }
 }
 
-/// Every disk location on the machine's AHCI, IDE and NVMe controllers, enabling
+/// Every disk location on the machine's AHCI, IDE, NVMe and virtio-blk
+/// controllers, enabling
 /// each controller's decoding and bus mastering on the way.
 fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
     let mut found = [None; 8];
@@ -229,6 +253,21 @@ fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
                     f(Location::Nvme { pci: function.address, bar, index });
                 }
             }
+            Storage::VirtioBlk { function } => {
+                controllers.enable(function.address, command::MEMORY | command::BUS_MASTER);
+                let transport = match Transport::find(&KsaveHal, function.address) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        println!("ksave:   virtio-blk {}: {e}", function.address);
+                        continue;
+                    }
+                };
+                if let Some(e) = transport.spans.iter().find_map(|&(at, len)| paging::map_mmio(at, len).err()) {
+                    println!("ksave:   virtio-blk {}: registers unusable: {e}", function.address);
+                    continue;
+                }
+                f(Location::Virtio { pci: function.address, transport });
+            }
         }
     }
 }
@@ -264,6 +303,9 @@ fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Resu
         // SAFETY: as above, for the NVMe controller's BAR0, mapped UC by
         // each_location.
         Location::Nvme { bar, index, .. } => AnyDisk::Nvme(unsafe { NvmeDisk::open(KsaveHal, bar, index, driver.nvme())? }),
+        // SAFETY: as above, for the virtio device's structures, mapped UC by
+        // each_location.
+        Location::Virtio { transport, .. } => AnyDisk::Virtio(unsafe { VirtioBlk::open(KsaveHal, transport, driver.virtio())? }),
     };
     Ok((disk, &mut sector.0))
 }
@@ -280,7 +322,7 @@ pub enum FindError {
 impl fmt::Display for FindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoDisks => write!(f, "no AHCI, IDE or NVMe disk found"),
+            Self::NoDisks => write!(f, "no AHCI, IDE, NVMe or virtio-blk disk found"),
             Self::NotFound { disks } => write!(f, "no GPT partition with that GUID on any of {disks} disks"),
         }
     }

@@ -39,6 +39,7 @@ pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
     let mode = match (&part.disk, ide_mode) {
         (disks::AnyDisk::Ahci(_), _) => "AHCI DMA",
         (disks::AnyDisk::Nvme(_), _) => "NVMe",
+        (disks::AnyDisk::Virtio(_), _) => "virtio",
         (_, Mode::Dma) => "IDE DMA",
         (_, Mode::Pio) => "IDE PIO",
     };

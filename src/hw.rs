@@ -92,6 +92,22 @@ unsafe impl diskdrv::Hal for KsaveHal {
         // SAFETY: as for inb.
         unsafe { outl(port, value) }
     }
+    fn mmio_read8(&self, addr: u64) -> u8 {
+        // SAFETY: as for mmio_read32, one byte.
+        unsafe { VolatilePtr::new(NonNull::new_unchecked(addr as *mut u8)).read() }
+    }
+    fn mmio_write8(&self, addr: u64, value: u8) {
+        // SAFETY: as for mmio_read32, one byte.
+        unsafe { VolatilePtr::new(NonNull::new_unchecked(addr as *mut u8)).write(value) }
+    }
+    fn mmio_read16(&self, addr: u64) -> u16 {
+        // SAFETY: as for mmio_read32; the address is 2-byte aligned.
+        unsafe { VolatilePtr::new(NonNull::new_unchecked(addr as *mut u16)).read() }
+    }
+    fn mmio_write16(&self, addr: u64, value: u16) {
+        // SAFETY: as for mmio_read16.
+        unsafe { VolatilePtr::new(NonNull::new_unchecked(addr as *mut u16)).write(value) }
+    }
     fn mmio_read32(&self, addr: u64) -> u32 {
         // SAFETY: drivers only read registers of BARs that map_mmio made
         // reachable; the address is 4-byte aligned and non-null.

@@ -16,7 +16,9 @@ use crate::Hal;
 use crate::ata::{self, identify_data};
 
 mod nvme;
+mod virtio;
 pub use nvme::{Namespace, NvmeController, NvmeFaults, NvmeStats};
+pub use virtio::{VirtioBlkDevice, VirtioSetup, VirtioStats};
 
 /// An in-memory disk, shared with the test so it can look at the bytes.
 pub type Disk = Rc<RefCell<SparseDisk>>;
@@ -86,6 +88,8 @@ pub struct Machine {
     pub ide: RefCell<BTreeMap<u16, IdeChannel>>,
     /// The NVMe controller, mapped at [`Machine::NVME_BAR`].
     pub nvme: RefCell<Option<NvmeController>>,
+    /// The virtio-blk device, mapped at [`Machine::VIRTIO_BAR`].
+    pub virtio: RefCell<Option<VirtioBlkDevice>>,
 }
 
 impl Machine {
@@ -95,6 +99,8 @@ impl Machine {
     pub const BMIDE: u16 = 0xC040;
     /// Where the fake NVMe controller's registers are (16 KiB).
     pub const NVME_BAR: u64 = 0xFEC0_0000;
+    /// Where the fake virtio-blk device's BAR 4 is (16 KiB).
+    pub const VIRTIO_BAR: u64 = 0xFED0_0000;
 }
 
 /// The fakes' HAL. Clones share one machine.
@@ -123,23 +129,23 @@ unsafe impl Hal for FakeHal {
     fn outl(&self, port: u16, value: u32) {
         self.io_write(port, 4, value)
     }
+    fn mmio_read8(&self, addr: u64) -> u8 {
+        self.mmio_read(addr, 1) as u8
+    }
+    fn mmio_write8(&self, addr: u64, value: u8) {
+        self.mmio_write(addr, 1, value as u32)
+    }
+    fn mmio_read16(&self, addr: u64) -> u16 {
+        self.mmio_read(addr, 2) as u16
+    }
+    fn mmio_write16(&self, addr: u64, value: u16) {
+        self.mmio_write(addr, 2, value as u32)
+    }
     fn mmio_read32(&self, addr: u64) -> u32 {
-        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
-            let nvme = self.0.nvme.borrow();
-            return nvme.as_ref().expect("MMIO read with no fake NVMe controller").read(addr - Machine::NVME_BAR);
-        }
-        let mut hba = self.0.hba.borrow_mut();
-        let hba = hba.as_mut().expect("MMIO read with no fake HBA");
-        hba.read(addr - Machine::ABAR)
+        self.mmio_read(addr, 4)
     }
     fn mmio_write32(&self, addr: u64, value: u32) {
-        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
-            let mut nvme = self.0.nvme.borrow_mut();
-            return nvme.as_mut().expect("MMIO write with no fake NVMe controller").write(addr - Machine::NVME_BAR, value);
-        }
-        let mut hba = self.0.hba.borrow_mut();
-        let hba = hba.as_mut().expect("MMIO write with no fake HBA");
-        hba.write(addr - Machine::ABAR, value)
+        self.mmio_write(addr, 4, value)
     }
     fn virt_to_phys(&self, ptr: *const u8) -> u64 {
         ptr as u64
@@ -168,6 +174,54 @@ impl FakeHal {
     /// Installs an AHCI HBA with `ports` ports, disks on some of them.
     pub fn add_hba(&self, hba: Hba) {
         *self.0.hba.borrow_mut() = Some(hba);
+    }
+
+    fn mmio_read(&self, addr: u64, width: u8) -> u32 {
+        if (Machine::VIRTIO_BAR..Machine::VIRTIO_BAR + 0x4000).contains(&addr) {
+            let dev = self.0.virtio.borrow();
+            return dev.as_ref().expect("MMIO read with no fake virtio device").read(addr - Machine::VIRTIO_BAR, width);
+        }
+        assert_eq!(width, 4, "AHCI and NVMe registers are read as dwords");
+        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
+            let nvme = self.0.nvme.borrow();
+            return nvme.as_ref().expect("MMIO read with no fake NVMe controller").read(addr - Machine::NVME_BAR);
+        }
+        let mut hba = self.0.hba.borrow_mut();
+        let hba = hba.as_mut().expect("MMIO read with no fake HBA");
+        hba.read(addr - Machine::ABAR)
+    }
+
+    fn mmio_write(&self, addr: u64, width: u8, value: u32) {
+        if (Machine::VIRTIO_BAR..Machine::VIRTIO_BAR + 0x4000).contains(&addr) {
+            let mut dev = self.0.virtio.borrow_mut();
+            return dev.as_mut().expect("MMIO write with no fake virtio device").write(addr - Machine::VIRTIO_BAR, width, value);
+        }
+        assert_eq!(width, 4, "AHCI and NVMe registers are written as dwords");
+        if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
+            let mut nvme = self.0.nvme.borrow_mut();
+            return nvme.as_mut().expect("MMIO write with no fake NVMe controller").write(addr - Machine::NVME_BAR, value);
+        }
+        let mut hba = self.0.hba.borrow_mut();
+        let hba = hba.as_mut().expect("MMIO write with no fake HBA");
+        hba.write(addr - Machine::ABAR, value)
+    }
+
+    /// Installs a virtio-blk device at PCI `at` with its BAR 4 at
+    /// [`Machine::VIRTIO_BAR`] and the vendor capabilities that say where
+    /// its structures are (virtio 1.1, 4.1.4).
+    pub fn add_virtio_blk(&self, at: (u8, u8, u8), device: VirtioBlkDevice) {
+        let bar4 = Machine::VIRTIO_BAR as u32 | 0b100; // 64-bit memory
+        self.add_pci(at, (0x1AF4, 0x1042), (0x01, 0x00, 0x00), [0, 0, 0, 0, bar4, 0]);
+        let mut pci = self.0.pci.borrow_mut();
+        let space = pci.get_mut(&at).unwrap();
+        space[1] = 0x0010_0000; // status: capability list
+        space[0x34 / 4] = 0x40;
+        let cap = |next: u32, len: u32, kind: u32| 0x09 | next << 8 | len << 16 | kind << 24;
+        space[0x40 / 4..0x50 / 4].copy_from_slice(&[cap(0x50, 16, 1), 4, virtio::COMMON as u32, 0x38]);
+        space[0x50 / 4..0x60 / 4].copy_from_slice(&[cap(0x60, 16, 4), 4, virtio::DEVICE as u32, 0x40]);
+        space[0x60 / 4..0x74 / 4].copy_from_slice(&[cap(0, 20, 2), 4, virtio::NOTIFY as u32, 0x100, virtio::NOTIFY_MULTIPLIER]);
+        drop(pci);
+        *self.0.virtio.borrow_mut() = Some(device);
     }
 
     /// Installs an NVMe controller at [`Machine::NVME_BAR`].

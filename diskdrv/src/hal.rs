@@ -32,6 +32,14 @@ pub unsafe trait Hal {
     fn outw(&self, port: u16, value: u16);
     /// Writes a 32-bit I/O port.
     fn outl(&self, port: u16, value: u32);
+    /// Reads an 8-bit memory-mapped register.
+    fn mmio_read8(&self, addr: u64) -> u8;
+    /// Writes an 8-bit memory-mapped register.
+    fn mmio_write8(&self, addr: u64, value: u8);
+    /// Reads a 16-bit memory-mapped register.
+    fn mmio_read16(&self, addr: u64) -> u16;
+    /// Writes a 16-bit memory-mapped register.
+    fn mmio_write16(&self, addr: u64, value: u16);
     /// Reads a 32-bit memory-mapped register.
     fn mmio_read32(&self, addr: u64) -> u32;
     /// Writes a 32-bit memory-mapped register.

@@ -1,5 +1,5 @@
-//! Polling disk drivers for ksave: PCI discovery, AHCI, legacy IDE, NVMe
-//! and partition lookup.
+//! Polling disk drivers for ksave: PCI discovery, AHCI, legacy IDE, NVMe,
+//! virtio-blk and partition lookup.
 //!
 //! The drivers reach hardware only through [`Hal`], so they run unchanged on
 //! a machine and against the register-level fakes in [`fakes`] (feature
@@ -22,6 +22,7 @@ pub mod ide;
 pub mod nvme;
 pub mod part;
 pub mod pci;
+pub mod virtio;
 #[cfg(feature = "fakes")]
 pub mod fakes;
 
@@ -140,6 +141,16 @@ pub enum DiskError {
         /// Status code type and status code.
         status: u16,
     },
+    /// A virtio-blk request completed with an error status (virtio 1.1,
+    /// 5.2.6: 1 I/O error, 2 unsupported).
+    Virtio {
+        /// The request type (0 read, 1 write, 4 flush).
+        request: u8,
+        /// Its first sector.
+        lba: u64,
+        /// The status byte.
+        status: u8,
+    },
     /// The command completed, but moved fewer bytes than asked (AHCI
     /// PRDBC).
     Short {
@@ -191,6 +202,20 @@ impl fmt::Display for DiskError {
             Self::Nvme { opcode, lba, status } => {
                 let s = nvme::Status(status);
                 write!(f, "NVMe command {opcode:#04x} at LBA {lba}: status type {} code {:#04x} ({})", s.code_type(), s.code(), s.meaning())
+            }
+            Self::Virtio { request, lba, status } => {
+                let what = match request {
+                    0 => "read",
+                    1 => "write",
+                    4 => "flush",
+                    _ => "request",
+                };
+                let why = match status {
+                    1 => "I/O error",
+                    2 => "unsupported",
+                    _ => "unknown status",
+                };
+                write!(f, "virtio-blk {what} at LBA {lba}: {why} (status {status})")
             }
             Self::Short { command, lba, asked, moved } => {
                 write!(f, "short transfer on command {command:#04x} at LBA {lba}: {moved} of {asked} bytes moved")

@@ -149,6 +149,11 @@ pub enum Storage {
         /// Bus-master IDE register base (BAR4), if any.
         bus_master: Option<u16>,
     },
+    /// A virtio block device (vendor 1AF4, transitional or modern).
+    VirtioBlk {
+        /// The function.
+        function: Function,
+    },
     /// Class 01/08/02: NVM Express.
     Nvme {
         /// The function.
@@ -158,9 +163,12 @@ pub enum Storage {
     },
 }
 
-/// Every AHCI, IDE and NVMe controller, in bus order.
+/// Every AHCI, IDE, NVMe and virtio-blk controller, in bus order.
 pub fn find_storage(hal: &impl Hal, mut found: impl FnMut(Storage)) {
     enumerate(hal, |f| match f.class {
+        _ if f.vendor == crate::virtio::VENDOR && crate::virtio::BLOCK_DEVICES.contains(&f.device) => {
+            found(Storage::VirtioBlk { function: f });
+        }
         (0x01, 0x06, 0x01) => {
             if let Bar::Memory(abar) = bar(hal, f.address, 5) {
                 found(Storage::Ahci { function: f, abar });

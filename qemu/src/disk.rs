@@ -1,5 +1,6 @@
 //! Raw disk images for the VMs: made with `truncate` and `sgdisk`, attached
-//! to QEMU's AHCI, PIIX IDE or NVMe, and checked byte for byte afterwards.
+//! to QEMU's AHCI, PIIX IDE, NVMe or virtio-blk, and checked byte for byte
+//! afterwards.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,6 +23,8 @@ pub enum Bus {
     IdeSecondary,
     /// Namespace 1 of an NVMe controller with 512-byte blocks.
     Nvme,
+    /// A virtio-blk PCI device.
+    Virtio,
 }
 
 impl Bus {
@@ -32,6 +35,7 @@ impl Bus {
             Self::IdePrimary => "primary master",
             Self::IdeSecondary => "secondary master",
             Self::Nvme => "NVMe",
+            Self::Virtio => "virtio-blk",
         }
     }
 
@@ -40,6 +44,8 @@ impl Bus {
         match (self, write) {
             (Self::Nvme, true) => "NVMe command 0x01 at LBA",
             (Self::Nvme, false) => "NVMe command 0x02 at LBA",
+            (Self::Virtio, true) => "virtio-blk write at LBA",
+            (Self::Virtio, false) => "virtio-blk read at LBA",
             (_, true) => "device error on command 0x35 at LBA",
             (_, false) => "device error on command 0x25 at LBA",
         }
@@ -131,6 +137,7 @@ impl TestDisk {
             Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
             Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
             Bus::Nvme => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "nvme,serial=ksave0001,drive=d0".into()],
+            Bus::Virtio => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "virtio-blk-pci,drive=d0".into()],
         }
     }
 

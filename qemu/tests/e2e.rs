@@ -42,6 +42,11 @@ fn disk_self_test_on_nvme() {
 }
 
 #[test]
+fn disk_self_test_on_virtio() {
+    run(|echo| scenarios::disk_self_test(Bus::Virtio, "dma", echo));
+}
+
+#[test]
 fn disk_self_test_on_ide_primary_dma() {
     run(|echo| scenarios::disk_self_test(Bus::IdePrimary, "dma", echo));
 }
@@ -164,6 +169,19 @@ fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
 #[test]
 fn hibernate_power_off_and_resume_on_nvme() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme);
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+}
+
+#[test]
+fn hibernate_power_off_and_resume_on_virtio() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Virtio);
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+}
+
+/// The IDE save path (the other stories save to AHCI, NVMe or virtio).
+#[test]
+fn hibernate_power_off_and_resume_on_ide() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::IdePrimary);
     run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
