@@ -163,29 +163,67 @@ pub enum Storage {
     },
 }
 
+/// The kinds of storage controller the drivers drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageKind {
+    /// SATA, AHCI 1.0 interface.
+    Ahci,
+    /// IDE.
+    Ide,
+    /// NVM Express.
+    Nvme,
+    /// A virtio block device.
+    VirtioBlk,
+}
+
+impl StorageKind {
+    /// What a PCI function with these IDs and class is, if the drivers
+    /// drive it. The one list: discovery here and `ksave setup` use it.
+    pub fn of(vendor: u16, device: u16, class: (u8, u8, u8)) -> Option<Self> {
+        if vendor == crate::virtio::VENDOR {
+            return crate::virtio::BLOCK_DEVICES.contains(&device).then_some(Self::VirtioBlk);
+        }
+        match class {
+            (0x01, 0x06, 0x01) => Some(Self::Ahci),
+            (0x01, 0x01, _) => Some(Self::Ide),
+            (0x01, 0x08, 0x02) => Some(Self::Nvme),
+            _ => None,
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ahci => "AHCI",
+            Self::Ide => "IDE",
+            Self::Nvme => "NVMe",
+            Self::VirtioBlk => "virtio-blk",
+        }
+    }
+}
+
 /// Every AHCI, IDE, NVMe and virtio-blk controller, in bus order.
 pub fn find_storage(hal: &impl Hal, mut found: impl FnMut(Storage)) {
-    enumerate(hal, |f| match f.class {
-        _ if f.vendor == crate::virtio::VENDOR && crate::virtio::BLOCK_DEVICES.contains(&f.device) => {
-            found(Storage::VirtioBlk { function: f });
-        }
-        (0x01, 0x06, 0x01) => {
+    enumerate(hal, |f| match StorageKind::of(f.vendor, f.device, f.class) {
+        Some(StorageKind::VirtioBlk) => found(Storage::VirtioBlk { function: f }),
+        Some(StorageKind::Ahci) => {
             if let Bar::Memory(abar) = bar(hal, f.address, 5) {
                 found(Storage::Ahci { function: f, abar });
             }
         }
-        (0x01, 0x01, prog_if) => {
+        Some(StorageKind::Ide) => {
+            let prog_if = f.class.2;
             let bus_master = match bar(hal, f.address, 4) {
                 Bar::Io(port) => Some(port),
                 _ => None,
             };
             found(Storage::Ide { function: f, prog_if, bus_master });
         }
-        (0x01, 0x08, 0x02) => {
+        Some(StorageKind::Nvme) => {
             if let Bar::Memory(bar) = bar(hal, f.address, 0) {
                 found(Storage::Nvme { function: f, bar });
             }
         }
-        _ => {}
+        None => {}
     });
 }

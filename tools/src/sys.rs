@@ -161,6 +161,56 @@ pub fn partition_info(device: &Path) -> Result<PartInfo> {
     Ok(PartInfo { device: device.into(), disk, guid: entry.unique, first_lba, sectors })
 }
 
+/// The PCI function a disk hangs off, as sysfs shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controller {
+    /// Its PCI address (e.g. 0000:00:04.0).
+    pub address: String,
+    /// Vendor and device IDs.
+    pub ids: (u16, u16),
+    /// Class, subclass, programming interface.
+    pub class: (u8, u8, u8),
+    /// The kernel driver bound to it, if any.
+    pub driver: Option<String>,
+    /// What ksave's drivers make of it (`None`: ksave cannot drive it).
+    pub kind: Option<diskdrv::pci::StorageKind>,
+}
+
+impl std::fmt::Display for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PCI {} ({:04x}:{:04x}, class {:02x}{:02x}{:02x}", self.address, self.ids.0, self.ids.1, self.class.0, self.class.1, self.class.2)?;
+        if let Some(driver) = &self.driver {
+            write!(f, ", driver {driver}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// The nearest PCI function above block device `disk` (e.g. `sda`) in the
+/// sysfs tree at `sys` (normally /sys): the controller ksave must drive.
+pub fn controller_of(sys: &Path, disk: &str) -> Result<Controller> {
+    let dev = std::fs::canonicalize(sys.join("class/block").join(disk)).with_context(|| format!("{disk} is not in {}/class/block", sys.display()))?;
+    let is_pci_address = |name: &str| {
+        let b = name.as_bytes();
+        b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.' && name.chars().filter(|c| c.is_ascii_hexdigit()).count() == 9
+    };
+    let function = dev
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| is_pci_address(&n.to_string_lossy())) && p.join("class").exists())
+        .with_context(|| format!("{disk} is not behind a PCI controller ({})", dev.display()))?;
+    let read_hex = |file: &str| -> Result<u32> { Ok(u32::from_str_radix(std::fs::read_to_string(function.join(file))?.trim().trim_start_matches("0x"), 16)?) };
+    let (vendor, device, class) = (read_hex("vendor")? as u16, read_hex("device")? as u16, read_hex("class")?);
+    let class = ((class >> 16) as u8, (class >> 8) as u8, class as u8);
+    let driver = std::fs::read_link(function.join("driver")).ok().and_then(|p| Some(p.file_name()?.to_string_lossy().to_string()));
+    Ok(Controller {
+        address: function.file_name().unwrap().to_string_lossy().to_string(),
+        ids: (vendor, device),
+        class,
+        driver,
+        kind: diskdrv::pci::StorageKind::of(vendor, device, class),
+    })
+}
+
 /// Finds the partition whose PARTUUID is `guid` on any disk.
 pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
     for entry in std::fs::read_dir("/sys/class/block")? {
@@ -177,4 +227,38 @@ pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
         }
     }
     bail!("no partition with PARTUUID {guid} on this machine")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sysfs tree with `disk` under PCI function 0000:00:04.0.
+    fn fake_sys(disk: &str, path_below: &str, ids: (u16, u16), class: u32, driver: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let function = root.path().join("devices/pci0000:00/0000:00:04.0");
+        let dev = function.join(path_below).join(disk);
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(function.join("vendor"), format!("0x{:04x}\n", ids.0)).unwrap();
+        std::fs::write(function.join("device"), format!("0x{:04x}\n", ids.1)).unwrap();
+        std::fs::write(function.join("class"), format!("0x{class:06x}\n")).unwrap();
+        std::fs::create_dir_all(root.path().join("bus/pci/drivers").join(driver)).unwrap();
+        std::os::unix::fs::symlink(root.path().join("bus/pci/drivers").join(driver), function.join("driver")).unwrap();
+        std::fs::create_dir_all(root.path().join("class/block")).unwrap();
+        std::os::unix::fs::symlink(&dev, root.path().join("class/block").join(disk)).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_disk_on_nvme_is_driven_and_one_on_usb_is_named() {
+        let sys = fake_sys("nvme0n1", "nvme/nvme0", (0x1b36, 0x0010), 0x010802, "nvme");
+        let c = controller_of(sys.path(), "nvme0n1").unwrap();
+        assert_eq!((c.address.as_str(), c.kind), ("0000:00:04.0", Some(diskdrv::pci::StorageKind::Nvme)));
+        let sys = fake_sys("sdb", "usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block", (0x8086, 0x1e31), 0x0c0330, "xhci_hcd");
+        let c = controller_of(sys.path(), "sdb").unwrap();
+        assert_eq!(c.kind, None);
+        assert_eq!(c.to_string(), "PCI 0000:00:04.0 (8086:1e31, class 0c0330, driver xhci_hcd)");
+        let sys = fake_sys("vda", "virtio1/block", (0x1af4, 0x1001), 0x010000, "virtio-pci");
+        assert_eq!(controller_of(sys.path(), "vda").unwrap().kind, Some(diskdrv::pci::StorageKind::VirtioBlk));
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use diskdrv::part::Guid;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::sys;
@@ -14,6 +14,13 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         (_, Some(text)) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?,
         _ => unreachable!("clap requires one"),
     };
+    // ksave drives the disk itself: refuse now what it could not reach at
+    // the jump.
+    let disk_name = part.disk.file_name().context("odd disk path")?.to_string_lossy().to_string();
+    let controller = sys::controller_of(std::path::Path::new("/sys"), &disk_name)?;
+    let Some(kind) = controller.kind else {
+        bail!("{} is on {disk_name} behind {controller}, which ksave cannot drive (it drives AHCI, IDE, NVMe and virtio-blk)", part.device.display());
+    };
     ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
     let setup = Setup::new(&part, lz4, elf);
     if !no_precheck {
@@ -21,12 +28,14 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     }
     setup.save(&setup::path())?;
     println!(
-        "ksave: images go to {} (PARTUUID {}, LBA {}, {} MiB) on {}; recorded in {}",
+        "ksave: images go to {} (PARTUUID {}, LBA {}, {} MiB) on {} ({} {}); recorded in {}",
         part.device.display(),
         part.guid,
         part.first_lba,
         part.sectors / 2048,
         part.disk.display(),
+        kind.name(),
+        controller.address,
         setup::path().display()
     );
     Ok(ExitCode::SUCCESS)
