@@ -6,6 +6,8 @@ use bootinfo::{PhysRead, acpi};
 use bootinfo::multiboot1;
 use diskdrv::ide;
 use diskdrv::part::Guid;
+use bootinfo::acpi::RemappingUnit;
+use diskdrv::iommu::MAX_UNITS;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
@@ -128,6 +130,8 @@ fn run(boot: &BootInfo, info: u64) -> ! {
     if !boot.map.is_ram(start, end - start) {
         fail("ksave's own load range is not RAM in this memory map");
     }
+    let (units, unit_count) = remapping_units(boot.rsdp);
+    let iommus = &units[..unit_count];
     match mode {
         Mode::FaultSelfTest => unreachable!("handled above"),
         Mode::Resume { guid, no_image } => {
@@ -135,7 +139,7 @@ fn run(boot: &BootInfo, info: u64) -> ! {
                 Some((rsdt, xsdt)) => acpi::hardware_signature(&IdentityMapped, rsdt, xsdt).map_err(|e| Message::format(format_args!("{e}"))),
                 None => Err(Message::format(format_args!("{}", acpi::AcpiError::NoRsdp))),
             };
-            let refusal = resume::from_bootloader(guid, &boot.map, facs_now);
+            let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
             println!("ksave: no image to resume: handing over to a normal boot");
             if let Some(flag) = no_image.and_then(|v| v.strip_prefix("cmos:")) {
@@ -143,12 +147,29 @@ fn run(boot: &BootInfo, info: u64) -> ! {
             }
             stop(ExitCode::NoImage)
         }
-        Mode::DiskTest { job, guid, ide } => stop(disktest::run(job, guid, ide, &boot.map)),
+        Mode::DiskTest { job, guid, ide } => stop(disktest::run(job, guid, ide, &boot.map, iommus)),
         Mode::Report => {
             println!("ksave: nothing to restore: this build only reports; stopping");
             stop(ExitCode::Success)
         }
     }
+}
+
+/// The DMA remapping units the firmware's DMAR and IVRS tables list (the
+/// first 4 KiB of each: DMAR puts its DRHD structures first).
+fn remapping_units(rsdp: Option<(u32, u64)>) -> ([RemappingUnit; MAX_UNITS], usize) {
+    let mut units = [RemappingUnit::Vtd(0); MAX_UNITS];
+    let mut n = 0;
+    let Some((rsdt, xsdt)) = rsdp else { return (units, 0) };
+    for sig in [b"DMAR", b"IVRS"] {
+        let Ok(Some((addr, len))) = acpi::find_table(&IdentityMapped, rsdt, xsdt, sig) else { continue };
+        let mut table = [0u8; 4096];
+        let len = (len as usize).min(table.len());
+        if acpi::read_table(&IdentityMapped, addr, &mut table[..len]).is_some() {
+            n += acpi::remapping_units(&table[..len], &mut units[n..]);
+        }
+    }
+    (units, n)
 }
 
 fn report(boot: &BootInfo, info: u64) {

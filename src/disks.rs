@@ -8,6 +8,8 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
+use bootinfo::acpi::RemappingUnit;
+use diskdrv::iommu::{self, IommuError, TranslationOff};
 use diskdrv::nvme::{self, NvmeDisk, NvmeMemory};
 use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::part::{self, Guid, PartError, Partition};
@@ -125,15 +127,9 @@ impl AnyDisk<'_> {
     /// Gives the hardware back as found (AHCI registers restored; IDE bus
     /// master stopped and device interrupts on again; NVMe disabled with
     /// its admin queue registers put back, for its driver's reset; virtio
-    /// reset, as its driver's freeze left it).
-    pub fn close(self) {
-        match self {
-            Self::Ahci(d) => d.close(),
-            Self::Ide(d) => d.close(),
-            Self::Nvme(d) => d.close(),
-            Self::Virtio(d) => d.close(),
-        }
-    }
+    /// reset, as its driver's freeze left it). Each driver's `Drop` does
+    /// it, so an error path does it too.
+    pub fn close(self) {}
 
     /// Leaves the controller stopped (after a restore: see AhciDisk::stop;
     /// an IDE channel holds no pointer into memory between commands; an
@@ -175,8 +171,8 @@ impl BlockDevice for AnyDisk<'_> {
     }
 }
 
-/// PCI command registers changed to reach the controllers, put back by
-/// [`Controllers::restore`].
+/// PCI command registers changed to reach the controllers, put back when
+/// dropped.
 pub struct Controllers {
     saved: [(Address, u16); 16],
     count: usize,
@@ -196,12 +192,14 @@ impl Controllers {
         self.count += 1;
     }
 
-    /// Puts every changed command register back.
-    pub fn restore(&mut self) {
+}
+
+impl Drop for Controllers {
+    /// Puts every changed command register back, on every path.
+    fn drop(&mut self) {
         for (at, old) in self.saved[..self.count].iter().rev() {
             pci::restore_command(&KsaveHal, *at, *old);
         }
-        self.count = 0;
     }
 }
 
@@ -385,7 +383,7 @@ fn find_partition(
 }
 
 /// The image partition, open on its disk, with the controllers' PCI state
-/// to put back.
+/// and the IOMMUs' translation to put back (fields drop in this order).
 pub struct OpenPartition {
     /// The disk it is on.
     pub disk: AnyDisk<'static>,
@@ -394,6 +392,7 @@ pub struct OpenPartition {
     /// The partition.
     pub partition: Partition,
     controllers: Controllers,
+    iommu: TranslationOff<KsaveHal>,
 }
 
 impl OpenPartition {
@@ -402,21 +401,29 @@ impl OpenPartition {
         self.partition.first_lba
     }
 
+    /// How many IOMMUs were translating until ksave switched them off.
+    pub fn iommus_switched(&self) -> usize {
+        self.iommu.switched()
+    }
+
     /// The partition's size in bytes.
     pub fn bytes(&self) -> u64 {
         self.partition.sectors() * diskdrv::SECTOR
     }
 
-    /// Gives the disk and the controllers back as found.
-    pub fn close(mut self) {
-        self.disk.close();
-        self.controllers.restore();
-    }
+    /// Gives the disk and the controllers back as found (the disk's and
+    /// the controllers' `Drop`, in that order, as on every other path).
+    pub fn close(self) {}
 
     /// Leaves the controller stopped and its PCI state as it is: after a
     /// restore the memory is the saved kernel's, whose driver resets it.
     pub fn stop(self) {
-        self.disk.stop();
+        let Self { disk, controllers, iommu, .. } = self;
+        disk.stop();
+        core::mem::forget(controllers);
+        // Translation stays off: the saved kernel turned it off at its jump
+        // (syscore_suspend) and turns it on itself (syscore_resume).
+        core::mem::forget(iommu);
     }
 }
 
@@ -463,6 +470,8 @@ pub enum OpenError {
     Find(FindError),
     /// Its disk would not open.
     Open(Location, DiskError),
+    /// An IOMMU would not stop translating ksave's DMA.
+    Iommu(IommuError),
 }
 
 impl fmt::Display for OpenError {
@@ -470,29 +479,43 @@ impl fmt::Display for OpenError {
         match self {
             Self::Find(e) => write!(f, "{e}"),
             Self::Open(location, e) => write!(f, "{location}: {e}"),
+            Self::Iommu(e) => write!(f, "{e}"),
         }
     }
 }
 
 /// Every mode's way to its partition: the clock (drivers time out by it),
-/// the controllers, the DMA memory, the partition by GUID on any disk, and
-/// its disk opened. Once per entry; on failure, nothing is left changed.
-pub fn open_partition(guid: Guid, ide_mode: Mode) -> Result<OpenPartition, OpenError> {
+/// the IOMMUs (`iommus`: translation off while ksave does DMA), the
+/// controllers, the DMA memory, the partition by GUID on any disk, and its
+/// disk opened. Once per entry; on failure, nothing is left changed.
+pub fn open_partition(guid: Guid, ide_mode: Mode, iommus: &[RemappingUnit]) -> Result<OpenPartition, OpenError> {
     hw::calibrate_tsc();
+    let iommu = translation_off(iommus).map_err(OpenError::Iommu)?;
     let mut controllers = Controllers::new();
     let mem = DISK_MEMORY.take();
-    let (location, partition) = match find_partition(guid, ide_mode, mem, &mut controllers) {
-        Ok(found) => found,
-        Err(e) => {
-            controllers.restore();
-            return Err(OpenError::Find(e));
-        }
-    };
+    // On an error `controllers` is dropped, which puts them back.
+    let (location, partition) = find_partition(guid, ide_mode, mem, &mut controllers).map_err(OpenError::Find)?;
     match open(location, ide_mode, mem) {
-        Ok((disk, _)) => Ok(OpenPartition { disk, location, partition, controllers }),
-        Err(e) => {
-            controllers.restore();
-            Err(OpenError::Open(location, e))
-        }
+        Ok((disk, _)) => Ok(OpenPartition { disk, location, partition, controllers, iommu }),
+        Err(e) => Err(OpenError::Open(location, e)),
     }
+}
+
+/// Turns DMA translation off on every unit of `iommus` that has it on, and
+/// says what it found: nothing else makes ksave's DMA reach memory there.
+fn translation_off(iommus: &[RemappingUnit]) -> Result<TranslationOff<KsaveHal>, IommuError> {
+    let units = &iommus[..iommus.len().min(iommu::MAX_UNITS)];
+    for unit in units {
+        let (RemappingUnit::Vtd(base) | RemappingUnit::AmdVi(base)) = *unit;
+        if let Err(e) = paging::map_mmio(base, 0x1000) {
+            println!("ksave:   IOMMU at {base:#x}: registers unusable: {e}");
+            return Err(IommuError::Unreachable(base));
+        }
+        let state = if iommu::translating(&KsaveHal, *unit) { "translation on: switching it off while ksave does DMA" } else { "translation off" };
+        println!("ksave:   IOMMU {unit:x?}: {state}");
+    }
+    // SAFETY: map_mmio made each unit's registers reachable uncached; ksave
+    // runs alone with the caller's devices frozen (or none started yet), so
+    // no DMA relies on translation while it is off.
+    unsafe { TranslationOff::new(KsaveHal, units) }
 }

@@ -1,6 +1,7 @@
 //! Disk modes for a bootloader start: the self-test (write a known pattern
 //! over a partition, read it back, verify) and the throughput bench.
 
+use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::MemoryMap;
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
@@ -27,9 +28,9 @@ pub enum Job {
 }
 
 /// Runs `job` on the partition `guid`; returns how it ended.
-pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap) -> ExitCode {
+pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap, iommus: &[RemappingUnit]) -> ExitCode {
     println!("ksave: disk test: TSC {} MHz; looking for partition {guid}", hw::calibrate_tsc());
-    let mut part = match disks::open_partition(guid, ide_mode) {
+    let mut part = match disks::open_partition(guid, ide_mode, iommus) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: disk test: FAILED: {e}");

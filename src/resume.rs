@@ -10,12 +10,13 @@
 //! disk (never resumed twice), and ksave calls the saved re-entry address
 //! as the kexec-jump protocol does.
 
+use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
 use diskdrv::{BlockDevice, DiskError, SECTOR};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
-use ksave_format::header::State;
+use ksave_format::header::{FLAG_IOMMU_LEFT_ON, State};
 use ksave_format::reader::{self, Source};
 use ksave_format::{PAGE, Range};
 
@@ -78,7 +79,7 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
 /// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
 /// this boot's RAM map, or returns why not (nothing was written; the
 /// bootloader's next entry boots normally, and a later boot may try again).
-pub fn from_bootloader(guid: Guid, map: &MemoryMap, facs_now: Result<u32, Message>) -> Refusal {
+pub fn from_bootloader(guid: Guid, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refusal {
     let mut ram = [Range::default(); MAX_RANGES];
     let mut nvs = [Range::default(); MAX_NVS];
     // The host tool takes the same whole pages of the same kinds from
@@ -86,7 +87,7 @@ pub fn from_bootloader(guid: Guid, map: &MemoryMap, facs_now: Result<u32, Messag
     // the maps differ, which refuses.
     let ram = page_aligned(map.ram(), &mut ram);
     let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
-    run(guid, Memory { ram, nvs }, false, facs_now)
+    run(guid, Memory { ram, nvs }, iommus, false, facs_now)
 }
 
 /// The whole pages of `regions`, in `out`.
@@ -126,7 +127,7 @@ pub fn from_kexec() -> ! {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
-            let refusal = run(config.partition_guid, here, true, facs_now);
+            let refusal = run(config.partition_guid, here, config.iommus(), true, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
         }
         Err(e) => println!("ksave: not resuming: {e}"),
@@ -139,7 +140,7 @@ pub fn from_kexec() -> ! {
 /// `here`. Returns only to refuse; then, if
 /// `invalidate_refused`, a complete image is marked invalidated with the
 /// reason, so that no later boot tries it again.
-fn run(guid: Guid, here: Memory, invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
+fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -148,7 +149,7 @@ fn run(guid: Guid, here: Memory, invalidate_refused: bool, facs_now: Result<u32,
         println!("ksave: resume: {e}");
     }
     println!("ksave: resume: looking for the image on partition {guid} (TSC {} MHz)", hw::calibrate_tsc());
-    let mut part = match disks::open_partition(guid, Mode::Dma) {
+    let mut part = match disks::open_partition(guid, Mode::Dma, iommus) {
         Ok(p) => p,
         Err(e) => return refuse!("{e}"),
     };
@@ -200,6 +201,9 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
             header.image.start,
             header.image.end
         ));
+    }
+    if header.flags & FLAG_IOMMU_LEFT_ON != 0 {
+        return Err(refuse!("the saved kernel's IOMMU was translating at its jump (no suspend hook: CONFIG_SUSPEND off), which a fresh boot cannot recreate: the image is a snapshot only"));
     }
     if header.cpu_vendor != ksave_format::cpu_vendor() {
         return Err(refuse!("the image was saved on another CPU vendor"));

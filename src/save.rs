@@ -180,7 +180,7 @@ pub struct Summary {
 pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt: Option<(u64, u16)>) {
     let guid = config.partition_guid;
     println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
-    let mut part = match disks::open_partition(guid, Mode::Dma) {
+    let mut part = match disks::open_partition(guid, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
@@ -241,7 +241,7 @@ fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &
 pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
     let refusal = Failure { code, message: Message::format(why) };
     post_to_mailbox(config, code, format_args!("{}", refusal.message.as_str()));
-    let mut part = match disks::open_partition(config.partition_guid, Mode::Dma) {
+    let mut part = match disks::open_partition(config.partition_guid, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: could not record the failure either: {e}");
@@ -284,6 +284,7 @@ fn save(
         return_gdt: return_gdt.unwrap_or((0, 0)),
         cr4_needed: ctx.saved_cr4,
         facs_signature: config.facs_signature,
+        iommu_left_on: part.iommus_switched() > 0,
     };
     check_reachable(&plan)?;
     require_exact(backup)?;

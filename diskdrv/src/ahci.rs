@@ -184,11 +184,10 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         let mut disk = Self { hal, abar, base, mem, s64a, info: blank, saved };
         disk.take_ownership();
         disk.hal.mmio_write32(abar + GHC, disk.saved.ghc | GHC_AE);
-        if let Err(e) = disk.start_port().and_then(|()| disk.identify()) {
-            // The port may already point at `mem`: give it back as found.
-            disk.restore_registers();
-            return Err(e);
-        }
+        // On error the port may already point at `mem`: dropping `disk`
+        // gives it back as found.
+        disk.start_port()?;
+        disk.identify()?;
         Ok(disk)
     }
 
@@ -395,12 +394,14 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
         self.set(PX_SERR, !0);
         self.set(PX_IS, !0);
         self.set(PX_IE, 0);
+        // Not the restore of `Drop`: the saved pointers lead into memory
+        // that is no longer the firmware's.
+        core::mem::forget(self);
     }
 
-    /// Stops the port and puts back every register as it was found.
-    pub fn close(self) {
-        self.restore_registers();
-    }
+    /// Stops the port and puts back every register as it was found (see
+    /// the `Drop` impl, which does it on every path, errors included).
+    pub fn close(self) {}
 
     fn restore_registers(&self) {
         self.stop_engines();
@@ -418,6 +419,12 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
             self.set(PX_CMD, self.get(PX_CMD) | CMD_ST);
         }
         self.hal.mmio_write32(self.abar + GHC, self.saved.ghc | (self.hal.mmio_read32(self.abar + GHC) & GHC_AE));
+    }
+}
+
+impl<H: Hal> Drop for AhciDisk<'_, H> {
+    fn drop(&mut self) {
+        self.restore_registers();
     }
 }
 

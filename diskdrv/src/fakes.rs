@@ -90,6 +90,22 @@ pub struct Machine {
     pub nvme: RefCell<Option<NvmeController>>,
     /// The virtio-blk device, mapped at [`Machine::VIRTIO_BAR`].
     pub virtio: RefCell<Option<VirtioBlkDevice>>,
+    /// A VT-d remapping unit, mapped at [`Machine::VTD_BASE`].
+    pub vtd: RefCell<Option<FakeVtd>>,
+}
+
+/// A VT-d remapping unit's global command and status (VT-d 11.4.4-5):
+/// status follows the command's persistent bits, so a command that drops
+/// one (queued invalidation, interrupt remapping) turns that feature off.
+#[derive(Clone, Debug, Default)]
+pub struct FakeVtd {
+    /// GSTS.
+    pub gsts: u32,
+    /// Every GCMD written.
+    pub commands: Vec<u32>,
+    /// What a read at 0x18 returns (AMD-Vi's control register, for the
+    /// AMD-Vi test: VT-d's GCMD there is write-only).
+    pub control: u32,
 }
 
 impl Machine {
@@ -101,6 +117,8 @@ impl Machine {
     pub const NVME_BAR: u64 = 0xFEC0_0000;
     /// Where the fake virtio-blk device's BAR 4 is (16 KiB).
     pub const VIRTIO_BAR: u64 = 0xFED0_0000;
+    /// Where the fake VT-d unit's registers are (4 KiB).
+    pub const VTD_BASE: u64 = 0xFED9_0000;
 }
 
 /// The fakes' HAL. Clones share one machine.
@@ -181,7 +199,16 @@ impl FakeHal {
             let dev = self.0.virtio.borrow();
             return dev.as_ref().expect("MMIO read with no fake virtio device").read(addr - Machine::VIRTIO_BAR, width);
         }
-        assert_eq!(width, 4, "AHCI and NVMe registers are read as dwords");
+        assert_eq!(width, 4, "AHCI, NVMe and VT-d registers are read as dwords");
+        if (Machine::VTD_BASE..Machine::VTD_BASE + 0x1000).contains(&addr) {
+            let vtd = self.0.vtd.borrow();
+            let vtd = vtd.as_ref().expect("MMIO read with no fake VT-d unit");
+            return match addr - Machine::VTD_BASE {
+                0x1C => vtd.gsts,
+                0x18 => vtd.control,
+                _ => 0,
+            };
+        }
         if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
             let nvme = self.0.nvme.borrow();
             return nvme.as_ref().expect("MMIO read with no fake NVMe controller").read(addr - Machine::NVME_BAR);
@@ -196,7 +223,16 @@ impl FakeHal {
             let mut dev = self.0.virtio.borrow_mut();
             return dev.as_mut().expect("MMIO write with no fake virtio device").write(addr - Machine::VIRTIO_BAR, width, value);
         }
-        assert_eq!(width, 4, "AHCI and NVMe registers are written as dwords");
+        assert_eq!(width, 4, "AHCI, NVMe and VT-d registers are written as dwords");
+        if (Machine::VTD_BASE..Machine::VTD_BASE + 0x1000).contains(&addr) {
+            let mut vtd = self.0.vtd.borrow_mut();
+            let vtd = vtd.as_mut().expect("MMIO write with no fake VT-d unit");
+            assert_eq!(addr - Machine::VTD_BASE, 0x18, "only GCMD is written");
+            assert_eq!(value & (1 << 30 | 1 << 29 | 1 << 27 | 1 << 24), 0, "one-shot commands written with TE");
+            vtd.commands.push(value);
+            vtd.gsts = value & (1 << 31 | 1 << 26 | 1 << 25 | 1 << 23);
+            return;
+        }
         if (Machine::NVME_BAR..Machine::NVME_BAR + 0x4000).contains(&addr) {
             let mut nvme = self.0.nvme.borrow_mut();
             return nvme.as_mut().expect("MMIO write with no fake NVMe controller").write(addr - Machine::NVME_BAR, value);

@@ -141,17 +141,9 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
         Ok(disk)
     }
 
-    /// Gives the channel back as the OS's driver keeps it: bus master
-    /// stopped, and device interrupts on again. The device control register
-    /// cannot be read back, so ksave writes what Linux's libata leaves
-    /// there (`ap->ctl = ATA_DEVCTL_OBS`, drivers/ata/libata-sff.c) and
-    /// caches as its last value.
-    pub fn close(self) {
-        if let Some(bm) = self.channel.bus_master {
-            self.hal.outb(bm + BMIC, 0);
-        }
-        self.hal.outb(self.channel.control, DEVCTL_OBS);
-    }
+    /// Gives the channel back (see the `Drop` impl, which does it on every
+    /// path, errors included).
+    pub fn close(self) {}
 
     fn reg(&self, r: u16) -> u16 {
         self.channel.command + r
@@ -344,6 +336,20 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
             return Err(DiskError::Interface { command, lba, detail: bmis as u32 });
         }
         Ok(())
+    }
+}
+
+impl<H: Hal> Drop for IdeDisk<'_, H> {
+    /// Gives the channel back as the OS's driver keeps it: bus master
+    /// stopped, and device interrupts on again. The device control register
+    /// cannot be read back, so ksave writes what Linux's libata leaves
+    /// there (`ap->ctl = ATA_DEVCTL_OBS`, drivers/ata/libata-sff.c) and
+    /// caches as its last value.
+    fn drop(&mut self) {
+        if let Some(bm) = self.channel.bus_master {
+            self.hal.outb(bm + BMIC, 0);
+        }
+        self.hal.outb(self.channel.control, DEVCTL_OBS);
     }
 }
 

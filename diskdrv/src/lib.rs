@@ -19,6 +19,7 @@ pub mod ahci;
 pub mod ata;
 pub mod hal;
 pub mod ide;
+pub mod iommu;
 pub mod nvme;
 pub mod part;
 pub mod pci;

@@ -58,12 +58,8 @@ pub const MAX_NAMESPACES: usize = 16;
 const COMMAND_US: u64 = 30_000_000;
 
 // Admin commands (section 5) and NVM commands (NVM command set 1.0).
-/// Admin: Delete I/O Submission Queue.
-pub const ADMIN_DELETE_SQ: u8 = 0x00;
 /// Admin: Create I/O Submission Queue.
 pub const ADMIN_CREATE_SQ: u8 = 0x01;
-/// Admin: Delete I/O Completion Queue.
-pub const ADMIN_DELETE_CQ: u8 = 0x04;
 /// Admin: Create I/O Completion Queue.
 pub const ADMIN_CREATE_CQ: u8 = 0x05;
 /// Admin: Identify.
@@ -284,10 +280,9 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
             saved,
             recovering: false,
         };
-        if let Err(e) = disk.start().and_then(|()| disk.identify(index)) {
-            disk.give_back();
-            return Err(e);
-        }
+        // On error, dropping `disk` gives the controller back.
+        disk.start()?;
+        disk.identify(index)?;
         Ok(disk)
     }
 
@@ -484,19 +479,14 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
     }
 
     /// Stops the controller for good: for when the memory the caller's
-    /// queues were in now belongs to someone else (after a restore).
-    pub fn stop(self) {
-        self.give_back();
-    }
+    /// queues were in now belongs to someone else (after a restore). The
+    /// same as [`Self::close`]: a disabled controller fetches nothing.
+    pub fn stop(self) {}
 
-    /// Deletes the I/O queues, disables the controller and puts back the
-    /// admin queue registers and the interrupt mask as found.
-    pub fn close(mut self) {
-        // Best effort: the disable below stops everything anyway.
-        let _ = self.admin_command(ADMIN_DELETE_SQ, 0, 0, 0, [1, 0, 0, 0, 0, 0]);
-        let _ = self.admin_command(ADMIN_DELETE_CQ, 0, 0, 0, [1, 0, 0, 0, 0, 0]);
-        self.give_back();
-    }
+    /// Disables the controller, which deletes the I/O queues (section
+    /// 7.6.2), and puts back the admin queue registers and the interrupt
+    /// mask as found (see the `Drop` impl, which does it on every path).
+    pub fn close(self) {}
 
     fn give_back(&self) {
         let _ = self.disable();
@@ -508,6 +498,12 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         // INTMS/INTMC are write-one-to-set/clear views of one mask.
         hal.mmio_write32(self.bar + INTMC, !self.saved.intms);
         hal.mmio_write32(self.bar + INTMS, self.saved.intms);
+    }
+}
+
+impl<H: Hal> Drop for NvmeDisk<'_, H> {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 

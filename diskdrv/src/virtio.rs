@@ -250,10 +250,8 @@ impl<'m, H: Hal> VirtioBlk<'m, H> {
             used_seen: 0,
             info: blank,
         };
-        if let Err(e) = disk.start() {
-            disk.reset();
-            return Err(e);
-        }
+        // On error, dropping `disk` resets the device.
+        disk.start()?;
         Ok(disk)
     }
 
@@ -400,12 +398,15 @@ impl<'m, H: Hal> VirtioBlk<'m, H> {
 
     /// Resets the device: for when the memory its queue was in now belongs
     /// to someone else (after a restore). The same as [`Self::close`].
-    pub fn stop(self) {
-        self.reset();
-    }
+    pub fn stop(self) {}
 
-    /// Resets the device, as the caller's freeze left it (module docs).
-    pub fn close(self) {
+    /// Resets the device, as the caller's freeze left it (module docs; the
+    /// `Drop` impl does it on every path).
+    pub fn close(self) {}
+}
+
+impl<H: Hal> Drop for VirtioBlk<'_, H> {
+    fn drop(&mut self) {
         self.reset();
     }
 }

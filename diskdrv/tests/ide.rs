@@ -177,3 +177,16 @@ fn close_turns_device_interrupts_back_on_and_stops_the_bus_master() {
     assert_eq!(channel(&hal, 0x1F0, |c| c.device_control), 0x08, "nIEN clear, as libata leaves it");
     assert_eq!(hal.inb(Machine::BMIDE) & 1, 0, "bus master stopped");
 }
+
+/// The guard gives the channel back on an error path too: an open that
+/// fails after turning device interrupts off turns them back on.
+#[test]
+fn a_failed_open_turns_device_interrupts_back_on() {
+    let disk = fakes::disk(1 << 16);
+    let hal = FakeHal::default();
+    hal.add_ide(IdeChannel::new(0x1F0, 0x3F6, None, [Some(disk), None]));
+    let mem = low(IdeMemory::new());
+    let no_bus_master = Channel::primary(None);
+    assert!(matches!(open(&hal, no_bus_master, Drive::Master, Mode::Dma, mem).err(), Some(DiskError::Unsupported(_))));
+    assert_eq!(channel(&hal, 0x1F0, |c| c.device_control), 0x08, "nIEN clear again");
+}

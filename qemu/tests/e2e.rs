@@ -178,6 +178,20 @@ fn hibernate_power_off_and_resume_on_virtio() {
     run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
+/// DMA remapping on (q35, QEMU's intel-iommu, kernel A with
+/// intel_iommu=on): ksave's DMA must reach memory, and A must get its
+/// IOMMU back as it was.
+#[test]
+fn hibernate_power_off_and_resume_with_an_iommu() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).with_iommu();
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+}
+
+#[test]
+fn hibernate_with_the_iommu_left_on_saves_a_snapshot_and_refuses_power_off() {
+    run(scenarios::hibernate_with_the_iommu_left_on);
+}
+
 /// The IDE save path (the other stories save to AHCI, NVMe or virtio).
 #[test]
 fn hibernate_power_off_and_resume_on_ide() {

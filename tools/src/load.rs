@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use ksave_format::PAGE;
-use ksave_format::config::{Config, MAX_NVS, MAX_RANGES};
+use ksave_format::config::{Config, MAX_IOMMUS, MAX_NVS, MAX_RANGES};
 use object::read::elf::{ElfFile64, SectionHeader};
 use object::{Endianness, Object};
 
@@ -34,6 +34,10 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.nvs[..nvs.len()].copy_from_slice(&nvs);
     c.nvs_count = nvs.len();
     c.facs_signature = sys::acpi_hardware_signature();
+    let iommus = sys::remapping_units();
+    ensure!(iommus.len() <= MAX_IOMMUS, "{} IOMMUs, ksave takes {MAX_IOMMUS}", iommus.len());
+    c.iommus[..iommus.len()].copy_from_slice(&iommus);
+    c.iommu_count = iommus.len();
     let info = format!("{} {}", hostname(), kernel_release());
     let n = info.len().min(c.info.len());
     c.info[..n].copy_from_slice(&info.as_bytes()[..n]);

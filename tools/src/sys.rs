@@ -56,6 +56,20 @@ pub fn acpi_hardware_signature() -> Option<u32> {
     (facs.len() >= 12 && &facs[..4] == b"FACS").then(|| u32::from_le_bytes(facs[8..12].try_into().unwrap()))
 }
 
+/// The DMA remapping units (IOMMUs) this machine's ACPI DMAR and IVRS
+/// tables list (root: /sys/firmware/acpi/tables). None when there are no
+/// such tables.
+pub fn remapping_units() -> Vec<bootinfo::acpi::RemappingUnit> {
+    let mut units = Vec::new();
+    for name in ["DMAR", "IVRS"] {
+        let Ok(table) = std::fs::read(Path::new("/sys/firmware/acpi/tables").join(name)) else { continue };
+        let mut out = [bootinfo::acpi::RemappingUnit::Vtd(0); 16];
+        let n = bootinfo::acpi::remapping_units(&table, &mut out);
+        units.extend_from_slice(&out[..n]);
+    }
+    units
+}
+
 fn hex(text: &str) -> Result<u64> {
     Ok(u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)?)
 }

@@ -128,6 +128,85 @@ pub fn hardware_signature(mem: &impl PhysRead, rsdt: u32, xsdt: u64) -> Result<u
     Ok(u32_at(&head, 8))
 }
 
+/// An IOMMU (DMA remapping unit) the firmware's tables list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemappingUnit {
+    /// Intel VT-d, from a DMAR DRHD structure: its register base (VT-d 3.x,
+    /// 8.3).
+    Vtd(u64),
+    /// AMD-Vi, from an IVRS IVHD block: its MMIO base (AMD IOMMU 3.x, 5.2.2).
+    AmdVi(u64),
+}
+
+/// The remapping units in a DMAR or IVRS table (`table`: the whole table as
+/// read, header included), into `out`; returns how many. A table of
+/// another signature, or one cut short, yields what could be read.
+pub fn remapping_units(table: &[u8], out: &mut [RemappingUnit]) -> usize {
+    if table.len() < 48 {
+        return 0;
+    }
+    let len = (u32_at(table, 4) as usize).min(table.len());
+    let dmar = &table[..4] == b"DMAR";
+    if !dmar && &table[..4] != b"IVRS" {
+        return 0;
+    }
+    // Both tables' structures start at 48 (DMAR: header, width, flags, 10
+    // reserved; IVRS: header, IVinfo, 8 reserved).
+    let mut at = 48;
+    let mut n = 0;
+    while at + 16 <= len && n < out.len() {
+        let (kind, size) = if dmar {
+            (u16::from_le_bytes([table[at], table[at + 1]]) as u8, u16::from_le_bytes([table[at + 2], table[at + 3]]) as usize)
+        } else {
+            (table[at], u16::from_le_bytes([table[at + 2], table[at + 3]]) as usize)
+        };
+        if size < 4 {
+            break;
+        }
+        let base = u64_at(table, at + 8);
+        let unit = match (dmar, kind) {
+            (true, 0) => Some(RemappingUnit::Vtd(base)),
+            // IVHD types 10h, 11h, 40h each describe one IOMMU; several
+            // blocks may describe the same one.
+            (false, 0x10 | 0x11 | 0x40) => Some(RemappingUnit::AmdVi(base)),
+            _ => None,
+        };
+        if let Some(u) = unit
+            && base != 0
+            && !out[..n].contains(&u)
+        {
+            out[n] = u;
+            n += 1;
+        }
+        at += size;
+    }
+    n
+}
+
+/// The address and length of the table with signature `sig` that the
+/// root tables an RSDP names list.
+pub fn find_table(mem: &impl PhysRead, rsdt: u32, xsdt: u64, sig: &[u8; 4]) -> Result<Option<(u64, u32)>, AcpiError> {
+    let (root, entry) = if xsdt != 0 { (xsdt, 8) } else { (rsdt as u64, 4) };
+    let len = checked_len(mem, root, 64 * 1024)?;
+    for at in (root + 36..root + len as u64).step_by(entry) {
+        let mut e = [0u8; 8];
+        read_bytes(mem, at, &mut e[..entry]).ok_or(AcpiError::BadTable(root))?;
+        let table = u64::from_le_bytes(e);
+        let mut head = [0u8; 8];
+        read_bytes(mem, table, &mut head).ok_or(AcpiError::BadTable(table))?;
+        if &head[..4] == sig {
+            return Ok(Some((table, checked_len(mem, table, 1 << 20)?)));
+        }
+    }
+    Ok(None)
+}
+
+/// Copies `buf.len()` bytes of physical memory at `addr` (a table
+/// [`find_table`] found).
+pub fn read_table(mem: &impl PhysRead, addr: u64, buf: &mut [u8]) -> Option<()> {
+    read_bytes(mem, addr, buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +268,38 @@ mod tests {
         let (rsdt, xsdt) = find_rsdp(&m, BIOS_AREA.0, BIOS_AREA.1).unwrap();
         assert_eq!((rsdt, xsdt), (0x4000, 0x1000));
         assert_eq!(hardware_signature(&m, rsdt, xsdt), Ok(0x1234));
+    }
+
+    #[test]
+    fn finds_the_vtd_and_amd_vi_units() {
+        let mut dmar = table(b"DMAR", 48);
+        // DRHD (type 0, 16 bytes), RMRR (type 1), DRHD.
+        for (kind, base) in [(0u16, 0xfed9_0000u64), (1, 0x1234), (0, 0xfed9_1000)] {
+            let mut s = [0u8; 16];
+            s[..2].copy_from_slice(&kind.to_le_bytes());
+            s[2..4].copy_from_slice(&16u16.to_le_bytes());
+            s[8..].copy_from_slice(&base.to_le_bytes());
+            dmar.extend_from_slice(&s);
+        }
+        let len = dmar.len() as u32;
+        dmar[4..8].copy_from_slice(&len.to_le_bytes());
+        let mut out = [RemappingUnit::Vtd(0); 4];
+        let n = remapping_units(&dmar, &mut out);
+        assert_eq!(&out[..n], &[RemappingUnit::Vtd(0xfed9_0000), RemappingUnit::Vtd(0xfed9_1000)]);
+        // IVRS: two IVHD blocks (10h, 40h) of one IOMMU, then an IVMD.
+        let mut ivrs = table(b"IVRS", 48);
+        for (kind, size) in [(0x10u8, 24u16), (0x40, 40), (0x20, 32)] {
+            let mut s = std::vec![0u8; size as usize];
+            s[0] = kind;
+            s[2..4].copy_from_slice(&size.to_le_bytes());
+            s[8..16].copy_from_slice(&0xfeb8_0000u64.to_le_bytes());
+            ivrs.extend_from_slice(&s);
+        }
+        let len = ivrs.len() as u32;
+        ivrs[4..8].copy_from_slice(&len.to_le_bytes());
+        let n = remapping_units(&ivrs, &mut out);
+        assert_eq!(&out[..n], &[RemappingUnit::AmdVi(0xfeb8_0000)]);
+        assert_eq!(remapping_units(&table(b"FACP", 48), &mut out), 0);
     }
 
     #[test]

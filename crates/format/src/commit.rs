@@ -54,6 +54,9 @@ pub struct Plan<'a> {
     pub cr4_needed: u64,
     /// The ACPI FACS hardware signature at save time, if known.
     pub facs_signature: Option<u32>,
+    /// The caller's IOMMU was translating at the jump
+    /// ([`header::FLAG_IOMMU_LEFT_ON`]).
+    pub iommu_left_on: bool,
 }
 
 impl Plan<'_> {
@@ -129,7 +132,7 @@ pub fn save<D: Device>(
     h.pages_stored = totals.pages_stored;
     h.pages_zero = totals.pages_zero;
     h.chunks_crc = totals.chunks_crc;
-    h.flags = totals.flags;
+    h.flags = totals.flags | if plan.iommu_left_on { header::FLAG_IOMMU_LEFT_ON } else { 0 };
     h.save_us = now_us() - started_us;
     h.cpu_vendor = plan.cpu_vendor;
     h.return_gdt = plan.return_gdt;

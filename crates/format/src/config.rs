@@ -4,6 +4,7 @@
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use bootinfo::acpi::RemappingUnit;
 use uguid::Guid;
 
 use crate::header::RangeLe;
@@ -17,6 +18,8 @@ pub const VERSION: u32 = 1;
 pub const MAX_RANGES: usize = 128;
 /// Most ACPI NVS ranges the config carries.
 pub const MAX_NVS: usize = crate::header::MAX_NVS_RANGES;
+/// Most IOMMUs the config carries.
+pub const MAX_IOMMUS: usize = 8;
 /// Bytes of the host info text.
 pub const INFO_LEN: usize = 256;
 const STATE_CONFIGURED: u32 = 1;
@@ -44,7 +47,10 @@ struct RawConfig {
     facs_signature: U32,
     nvs_count: U32,
     nvs: [RangeLe; MAX_NVS],
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4],
+    iommu_count: U32,
+    /// Register bases; bit 0 set for AMD-Vi, clear for VT-d.
+    iommus: [U64; MAX_IOMMUS],
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS],
     crc: U32,
 }
 
@@ -97,6 +103,11 @@ pub struct Config {
     pub nvs: [Range; MAX_NVS],
     /// How many of `nvs` are used.
     pub nvs_count: usize,
+    /// The DMA remapping units the firmware's ACPI tables list (DMAR,
+    /// IVRS), which ksave must keep from translating its DMA.
+    pub iommus: [RemappingUnit; MAX_IOMMUS],
+    /// How many of `iommus` are used.
+    pub iommu_count: usize,
 }
 
 /// Why a config block was refused.
@@ -144,6 +155,8 @@ impl Config {
             facs_signature: None,
             nvs: [Range::default(); MAX_NVS],
             nvs_count: 0,
+            iommus: [RemappingUnit::Vtd(0); MAX_IOMMUS],
+            iommu_count: 0,
         }
     }
 
@@ -155,6 +168,11 @@ impl Config {
     /// The ACPI NVS ranges.
     pub fn nvs(&self) -> &[Range] {
         &self.nvs[..self.nvs_count]
+    }
+
+    /// The IOMMUs.
+    pub fn iommus(&self) -> &[RemappingUnit] {
+        &self.iommus[..self.iommu_count]
     }
 
     /// The info text.
@@ -172,6 +190,14 @@ impl Config {
         let mut nvs = [RangeLe::default(); MAX_NVS];
         for (slot, r) in nvs.iter_mut().zip(self.nvs()) {
             *slot = (*r).into();
+        }
+        let mut iommus = [U64::ZERO; MAX_IOMMUS];
+        for (slot, unit) in iommus.iter_mut().zip(self.iommus()) {
+            *slot = match *unit {
+                RemappingUnit::Vtd(base) => base,
+                RemappingUnit::AmdVi(base) => base | 1,
+            }
+            .into();
         }
         let raw = RawConfig {
             magic: MAGIC,
@@ -191,6 +217,8 @@ impl Config {
             facs_signature: self.facs_signature.unwrap_or(0).into(),
             nvs_count: (self.nvs_count as u32).into(),
             nvs,
+            iommu_count: (self.iommu_count as u32).into(),
+            iommus,
             pad: [0; _],
             crc: 0.into(),
         };
@@ -234,6 +262,14 @@ impl Config {
         c.nvs_count = decode_ranges(&raw.nvs[..c.nvs_count], &mut c.nvs).ok_or(ConfigError::Field("NVS ranges"))?;
         if c.nvs().iter().any(|n| c.ram().iter().any(|r| n.start < r.end && r.start < n.end)) {
             return Err(ConfigError::Field("NVS range overlaps RAM"));
+        }
+        c.iommu_count = raw.iommu_count.get() as usize;
+        if c.iommu_count > MAX_IOMMUS {
+            return Err(ConfigError::Field("IOMMU count"));
+        }
+        for (unit, raw) in c.iommus.iter_mut().zip(&raw.iommus[..c.iommu_count]) {
+            let v = raw.get();
+            *unit = if v & 1 != 0 { RemappingUnit::AmdVi(v & !1) } else { RemappingUnit::Vtd(v) };
         }
         if c.partition_guid.is_zero() || c.partition_sectors == 0 {
             return Err(ConfigError::Field("partition"));

@@ -130,6 +130,12 @@ pub const FLAG_LZ4: u32 = 1 << 0;
 /// at a later boot, the attempt did not finish (ksave invalidates what it
 /// resumes): the image is invalidated then, so that no boot loops on it.
 pub const FLAG_RESUME_ATTEMPTED: u32 = 1 << 1;
+/// The saved kernel's IOMMU was translating DMA at its jump (a kernel whose
+/// IOMMU driver has no suspend hook: CONFIG_SUSPEND off). ksave switched
+/// translation off for its own DMA and on again for the way back, but a
+/// fresh boot cannot recreate the kernel's translation state: such an image
+/// is a snapshot only, never resumed.
+pub const FLAG_IOMMU_LEFT_ON: u32 = 1 << 2;
 
 /// Why a header was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

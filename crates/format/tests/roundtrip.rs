@@ -146,6 +146,7 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) 
         return_gdt: (0xffff_8880_1f40_9000, 127),
         cr4_needed: 1 << 12 | 1 << 5,
         facs_signature: Some(0x1234),
+        iommu_left_on: false,
     };
     let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
@@ -343,6 +344,9 @@ fn config_round_trip_and_refusals() {
     c.ram_count = 2;
     c.nvs[0] = Range { start: 0x1ffe_0000, end: 0x2000_0000 };
     c.nvs_count = 1;
+    c.iommus[0] = bootinfo::acpi::RemappingUnit::Vtd(0xfed9_0000);
+    c.iommus[1] = bootinfo::acpi::RemappingUnit::AmdVi(0xfeb8_0000);
+    c.iommu_count = 2;
     c.info[..11].copy_from_slice(b"host 6.12.1");
     let mut block = [0u8; PAGE];
     c.encode(&mut block);

@@ -3,10 +3,16 @@
 # everything, and do it all a second time.
 #   KSAVE_PARTUUID  the image partition
 #   KSAVE_NVS_MARK  set: prove the image carries ACPI NVS (UEFI machines)
+#   KSAVE_IOMMU     set: the machine has an IOMMU, which must be translating
 . /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
 scratch=$(test_partition 2) || exit 1
+if [ -n "$KSAVE_IOMMU" ]; then
+  groups=$(ls /sys/kernel/iommu_groups 2>/dev/null | wc -l)
+  [ "$groups" -gt 0 ] || { say "no IOMMU groups: DMA remapping is off"; exit 1; }
+  say "DMA remapping on: iommu groups $groups"
+fi
 memtest_start "${KSAVE_MEMTEST_MIB:-256}"
 dd if=/dev/urandom of=/tmp/file bs=1M count=16 2>/dev/null
 want=$(sha256sum /tmp/file | cut -d' ' -f1)

@@ -25,7 +25,7 @@ pub use disks::{disk_error, disk_self_test};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
 pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_on};
 pub use roundtrip::kexec_round_trip;
-pub use save::{Expect, hibernate_snapshot, hibernate_snapshot_on};
+pub use save::{Expect, hibernate_snapshot, hibernate_snapshot_on, hibernate_with_the_iommu_left_on};
 
 /// What a scenario measured, for the demo, the test log and `make bench`.
 #[derive(Debug, Default)]
@@ -123,12 +123,15 @@ pub struct Machine {
     pub firmware: Firmware,
     /// Where the test disk is.
     pub bus: Bus,
+    /// A VT-d IOMMU (QEMU's intel-iommu on a q35), which kernel A turns on
+    /// (`intel_iommu=on`).
+    pub iommu: bool,
 }
 
 impl Machine {
     /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
     pub const fn qemu64(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci }
+        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci, iommu: false }
     }
 
     /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
@@ -147,6 +150,16 @@ impl Machine {
         Self { bus, ..self }
     }
 
+    /// This machine with a VT-d IOMMU in use (on a q35).
+    pub const fn with_iommu(self) -> Self {
+        Self { iommu: true, ..self }
+    }
+
+    /// Kernel command line words this machine needs.
+    pub fn kernel_args(&self) -> &'static str {
+        if self.iommu { " intel_iommu=on ksave.iommu=1" } else { "" }
+    }
+
     /// This machine booting OVMF instead of SeaBIOS.
     pub const fn uefi(self) -> Self {
         Self { firmware: Firmware::Uefi, ..self }
@@ -154,7 +167,11 @@ impl Machine {
 
     /// `config` on this machine.
     pub fn apply(&self, config: VmConfig) -> Result<VmConfig> {
-        let mut config = if self.memory_mib > 3072 { config.arg(["-machine", "q35"]) } else { config };
+        let mut config = if self.memory_mib > 3072 || self.iommu { config.arg(["-machine", "q35"]) } else { config };
+        if self.iommu {
+            // QEMU wants the IOMMU created before the PCI devices it covers.
+            config.args.splice(0..0, ["-device".to_string(), "intel-iommu".into()]);
+        }
         if self.firmware == Firmware::Uefi {
             // Each VM its own variable store, as each boot of a real machine
             // would find it: nothing of one VM's boot leaks into the next.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use ksave_format::PAGE;
-use ksave_format::header::{DATA_OFFSET, Header, State};
+use ksave_format::header::{DATA_OFFSET, FLAG_IOMMU_LEFT_ON, Header, State};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
@@ -44,6 +44,17 @@ pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_
             if snapshot {
                 println!("ksave: snapshot taken; still running");
                 return Ok(ExitCode::SUCCESS);
+            }
+            if h.flags & FLAG_IOMMU_LEFT_ON != 0 {
+                // Resuming it would leave the kernel's devices doing DMA
+                // through an IOMMU nobody set up: never offer that image.
+                let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
+                let mut header = h.clone();
+                header.state = State::Invalidated;
+                header.set_message(why);
+                ImageFile::open(&setup.device, true)?.write_header(&header)?;
+                eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
+                return Ok(ExitCode::FAILURE);
             }
             println!("ksave: powering off");
             // SAFETY: sync and reboot(POWER_OFF) take no memory arguments.

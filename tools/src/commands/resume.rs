@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use diskdrv::part::Guid;
-use ksave_format::header::{FLAG_RESUME_ATTEMPTED, State};
+use ksave_format::header::{FLAG_IOMMU_LEFT_ON, FLAG_RESUME_ATTEMPTED, State};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
@@ -48,6 +48,8 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         Some("the image was made with another RAM map".to_string())
     } else if image.nvs != sys::nvs_ranges()? {
         Some("the image was made with another ACPI NVS map".to_string())
+    } else if image.header.flags & FLAG_IOMMU_LEFT_ON != 0 {
+        Some("the image is a snapshot only: its kernel's IOMMU was translating at the jump".to_string())
     } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
         Some("the image was made on another CPU vendor".to_string())
     } else if let Some(saved) = image.header.facs_signature
