@@ -80,7 +80,7 @@ pub struct Writer<'b> {
     capacity: u64,
     offset: u64,
     totals: Totals,
-    chunks_digest: Digest<'static, u32, Table<16>>,
+    chunks_digest: Digest<'static, u32, Table<1>>,
     raw: [u64; MAX_RAW_PAGES],
     raw_count: usize,
     raw_hasher: PayloadHasher,
