@@ -129,8 +129,10 @@ impl Sink for DiskSink<'_> {
             let last = segs[n - 1];
             if n > 1 && last.addr() + last.len() == addr {
                 // Physically contiguous: one segment.
+                // SAFETY: the page before and this one, as above.
                 segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + PAGE as u64) };
             } else {
+                // SAFETY: a page Plan::pages listed, as above.
                 segs[n] = unsafe { Segment::new(addr, PAGE as u64) };
                 n += 1;
             }

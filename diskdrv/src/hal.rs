@@ -67,6 +67,18 @@ pub unsafe trait Hal {
     }
 }
 
+/// Reads a 64-bit register as two dwords, low first: how NVMe (1.4, 3.1)
+/// and virtio (1.1, 4.1.3.1) allow their 64-bit registers to be read.
+pub(crate) fn mmio_read64(hal: &impl Hal, addr: u64) -> u64 {
+    hal.mmio_read32(addr) as u64 | (hal.mmio_read32(addr + 4) as u64) << 32
+}
+
+/// Writes a 64-bit register as two dwords, low first (see [`mmio_read64`]).
+pub(crate) fn mmio_write64(hal: &impl Hal, addr: u64, value: u64) {
+    hal.mmio_write32(addr, value as u32);
+    hal.mmio_write32(addr + 4, (value >> 32) as u32);
+}
+
 /// A deadline on the HAL's clock.
 pub(crate) struct Deadline {
     at: u64,

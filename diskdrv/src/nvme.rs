@@ -18,7 +18,7 @@
 
 use core::sync::atomic::{Ordering, fence};
 
-use crate::hal::poll;
+use crate::hal::{mmio_read64 as read64, mmio_write64 as write64, poll};
 use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, SECTOR, Segment, check_request};
 
 // Controller registers (section 3.1).
@@ -526,16 +526,6 @@ fn fit_bytes(data: &Pieces, want: u64, max_pages: u64) -> u64 {
         ended_on_page = (piece.addr + piece.len) % PAGE == 0;
     }
     bytes
-}
-
-fn read64(hal: &impl Hal, addr: u64) -> u64 {
-    // 64-bit registers may be read as two dwords, low first (section 3.1).
-    hal.mmio_read32(addr) as u64 | (hal.mmio_read32(addr + 4) as u64) << 32
-}
-
-fn write64(hal: &impl Hal, addr: u64, value: u64) {
-    hal.mmio_write32(addr, value as u32);
-    hal.mmio_write32(addr + 4, (value >> 32) as u32);
 }
 
 impl<H: Hal> BlockDevice for NvmeDisk<'_, H> {

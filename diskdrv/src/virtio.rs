@@ -17,7 +17,7 @@
 
 use core::sync::atomic::{Ordering, fence};
 
-use crate::hal::poll;
+use crate::hal::{mmio_write64 as write64, poll};
 use crate::pci::{self, Address, Bar};
 use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, SECTOR, Segment, check_request};
 
@@ -165,7 +165,8 @@ struct AvailRing {
 struct UsedRing {
     flags: u16,
     idx: u16,
-    ring: [(u32, u32); QUEUE],
+    /// (descriptor chain head, bytes written) pairs.
+    ring: [[u32; 2]; QUEUE],
     avail_event: u16,
 }
 
@@ -195,7 +196,7 @@ impl VirtioMemory {
         Self {
             desc: [Descriptor { addr: 0, len: 0, flags: 0, next: 0 }; QUEUE],
             avail: AvailRing { flags: 0, idx: 0, ring: [0; QUEUE], used_event: 0 },
-            used: UsedRing { flags: 0, idx: 0, ring: [(0, 0); QUEUE], avail_event: 0 },
+            used: UsedRing { flags: 0, idx: 0, ring: [[0; 2]; QUEUE], avail_event: 0 },
             header: RequestHeader { kind: 0, reserved: 0, sector: 0 },
             status: 0,
         }
@@ -409,11 +410,6 @@ impl<H: Hal> Drop for VirtioBlk<'_, H> {
     fn drop(&mut self) {
         self.reset();
     }
-}
-
-fn write64(hal: &impl Hal, addr: u64, value: u64) {
-    hal.mmio_write32(addr, value as u32);
-    hal.mmio_write32(addr + 4, (value >> 32) as u32);
 }
 
 impl<H: Hal> BlockDevice for VirtioBlk<'_, H> {

@@ -30,9 +30,9 @@ pub fn repeat(title: &str, runs: usize, scenario: fn(bool) -> Result<Report>) ->
     Ok(())
 }
 
-/// The disk table: ksave's write and read of `mib` MiB on AHCI, IDE DMA and
-/// IDE PIO, each next to Linux's `dd` on the same kind of disk; medians of
-/// `runs` (PIO, slow under TCG, once).
+/// The disk table: ksave's write and read of `mib` MiB on AHCI, NVMe,
+/// virtio-blk, IDE DMA and IDE PIO, each next to Linux's `dd` on the same
+/// kind of disk; medians of `runs` (PIO, slow under TCG, once).
 pub fn disk_table(runs: usize, mib: u64) -> Result<()> {
     use crate::disk::Bus;
     use crate::scenarios::{disk_bench, linux_dd};
@@ -42,7 +42,14 @@ pub fn disk_table(runs: usize, mib: u64) -> Result<()> {
     };
     let rates = |r: &Report| (r.figures[0].value, r.figures[1].value);
     let mut rows = Vec::new();
-    for (label, bus, mode, n) in [("AHCI", Bus::Ahci, "dma", runs), ("IDE DMA", Bus::IdePrimary, "dma", runs), ("IDE PIO", Bus::IdePrimary, "pio", 1)] {
+    let paths = [
+        ("AHCI", Bus::Ahci, "dma", runs),
+        ("NVMe", Bus::Nvme, "dma", runs),
+        ("virtio", Bus::Virtio, "dma", runs),
+        ("IDE DMA", Bus::IdePrimary, "dma", runs),
+        ("IDE PIO", Bus::IdePrimary, "pio", 1),
+    ];
+    for (label, bus, mode, n) in paths {
         let (mut kw, mut kr, mut dw, mut dr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 1..=n {
             eprintln!("bench: disk {label}: run {run}/{n}");

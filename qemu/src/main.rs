@@ -8,6 +8,10 @@ fn main() -> Result<()> {
     if which == "bench-hibernation" {
         return ksave_qemu::bench::hibernation_table(1, 128);
     }
+    if which == "bench-disks" {
+        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        return ksave_qemu::bench::disk_table(runs, 256);
+    }
     if which == "bench" {
         let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
         ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;

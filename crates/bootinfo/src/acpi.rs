@@ -95,22 +95,7 @@ fn checked_len(mem: &impl PhysRead, addr: u64, max: u32) -> Result<u32, AcpiErro
 /// The FACS hardware signature, from the root tables an RSDP names
 /// (`rsdt`, and `xsdt` when not 0, which wins).
 pub fn hardware_signature(mem: &impl PhysRead, rsdt: u32, xsdt: u64) -> Result<u32, AcpiError> {
-    let (root, entry) = if xsdt != 0 { (xsdt, 8) } else { (rsdt as u64, 4) };
-    let len = checked_len(mem, root, 64 * 1024)?;
-    let mut fadt = None;
-    for at in (root + 36..root + len as u64).step_by(entry) {
-        let mut e = [0u8; 8];
-        read_bytes(mem, at, &mut e[..entry]).ok_or(AcpiError::BadTable(root))?;
-        let table = u64::from_le_bytes(e);
-        let mut sig = [0u8; 4];
-        read_bytes(mem, table, &mut sig).ok_or(AcpiError::BadTable(table))?;
-        if &sig == b"FACP" {
-            fadt = Some(table);
-            break;
-        }
-    }
-    let fadt = fadt.ok_or(AcpiError::NoFacs)?;
-    let len = checked_len(mem, fadt, 4096)?;
+    let (fadt, len) = find_table(mem, rsdt, xsdt, b"FACP")?.ok_or(AcpiError::NoFacs)?;
     let mut f = [0u8; 148];
     let n = (len as usize).min(f.len());
     read_bytes(mem, fadt, &mut f[..n]).ok_or(AcpiError::BadTable(fadt))?;

@@ -54,6 +54,16 @@ pub struct VirtioStats {
     pub accepted: u64,
 }
 
+/// A split virtqueue descriptor as the device reads it (virtio 1.1, 2.6.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Descriptor {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
 /// A fake virtio-blk device.
 pub struct VirtioBlkDevice {
     /// The blocks.
@@ -175,19 +185,20 @@ impl VirtioBlkDevice {
         assert!(self.status & 4 != 0 && self.queue_enable == 1, "notified before DRIVER_OK and queue enable");
         let size = self.queue_size as u64;
         loop {
-            // SAFETY (all reads and writes below): test-only; the rings and
-            // buffers the driver gave for queue 0.
+            // SAFETY: the driver's ring for queue 0 (test-only).
             let avail_idx = unsafe { core::ptr::read_volatile((self.avail + 2) as *const u16) };
             if avail_idx == self.last_avail || self.setup.hang {
                 return;
             }
+            // SAFETY: as above.
             let head = unsafe { core::ptr::read_volatile((self.avail + 4 + 2 * (self.last_avail as u64 % size)) as *const u16) };
             self.last_avail = self.last_avail.wrapping_add(1);
             let mut chain = Vec::new();
             let mut at = head;
             loop {
-                let d: (u64, u32, u16, u16) = unsafe { core::ptr::read_volatile((self.desc + 16 * at as u64) as *const (u64, u32, u16, u16)) };
-                let (addr, len, flags, next) = (d.0, d.1, d.2, d.3);
+                // SAFETY: a descriptor of the table the driver gave.
+                let d = unsafe { core::ptr::read_volatile((self.desc + 16 * at as u64) as *const Descriptor) };
+                let (addr, len, flags, next) = (d.addr, d.len, d.flags, d.next);
                 chain.push((addr, len as u64, flags));
                 if flags & 1 == 0 {
                     break;
@@ -199,7 +210,9 @@ impl VirtioBlkDevice {
             let (status, data) = rest.split_last().expect("a status descriptor");
             assert_eq!((header.1, header.2 & 2), (16, 0), "the header is 16 device-readable bytes");
             assert_eq!((status.1, status.2 & 2), (1, 2), "the status is one device-writable byte");
+            // SAFETY: the request header the driver's first descriptor names.
             let kind = unsafe { core::ptr::read_volatile(header.0 as *const u32) };
+            // SAFETY: as above.
             let sector = unsafe { core::ptr::read_volatile((header.0 + 8) as *const u64) };
             let bytes: u64 = data.iter().map(|d| d.1).sum();
             let result = match kind {
@@ -226,11 +239,15 @@ impl VirtioBlkDevice {
                 }
                 _ => 2,
             };
+            // SAFETY: the status byte the driver's last descriptor names.
             unsafe { core::ptr::write_volatile(status.0 as *mut u8, result) };
+            // SAFETY: the used ring the driver gave (index, then entries).
             let used_idx = unsafe { core::ptr::read_volatile((self.used + 2) as *const u16) };
             let slot = self.used + 4 + 8 * (used_idx as u64 % size);
             let written = if kind == 0 { bytes as u32 + 1 } else { 1 };
-            unsafe { core::ptr::write_volatile(slot as *mut (u32, u32), (head as u32, written)) };
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(slot as *mut [u32; 2], [head as u32, written]) };
+            // SAFETY: as above.
             unsafe { core::ptr::write_volatile((self.used + 2) as *mut u16, used_idx.wrapping_add(1)) };
         }
     }
