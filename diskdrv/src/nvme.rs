@@ -18,6 +18,8 @@
 
 use core::sync::atomic::{Ordering, fence};
 
+use zerocopy::IntoBytes;
+
 use crate::hal::{mmio_read64 as read64, mmio_write64 as write64, poll};
 use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, SECTOR, Segment, check_request};
 
@@ -45,12 +47,15 @@ pub const PAGE: u64 = 4096;
 /// Entries of each queue ksave uses (within any CAP.MQES: the minimum a
 /// controller may report is 2, and one command is in flight at a time).
 const QUEUE_ENTRIES: usize = 64;
-/// PRP list pages: one command can carry `1 + PRP_LIST_PAGES * 511` pages
-/// (each list page's last entry chains to the next), about 4 MiB: more
-/// than the MDTS of the controllers seen (128 KiB to 2 MiB; QEMU 512 KiB).
-pub const PRP_LIST_PAGES: usize = 2;
+/// PRP list pages: one per command in flight when a command's list fits a
+/// page (MDTS up to 2 MiB, as on the controllers seen; QEMU 512 KiB), else
+/// one command chaining through all of them, `1 + 8 * 511` pages. Eight in
+/// flight: measured in `make bench` under QEMU, writes at 0.78x `dd` with
+/// one, 0.93x with four, 1.0x with eight.
+pub const PRP_LIST_PAGES: usize = 8;
 const PRP_PER_PAGE: usize = (PAGE / 8) as usize;
-const MAX_COMMAND_PAGES: u64 = 1 + (PRP_LIST_PAGES * (PRP_PER_PAGE - 1)) as u64;
+/// Most pages one command carries (PRP1 and chained lists).
+pub const MAX_COMMAND_PAGES: u64 = 1 + (PRP_LIST_PAGES * (PRP_PER_PAGE - 1)) as u64;
 /// Namespaces searched on one controller.
 pub const MAX_NAMESPACES: usize = 16;
 
@@ -123,8 +128,9 @@ pub struct Completion {
 
 const _: () = assert!(size_of::<Command>() == 64 && size_of::<Completion>() == 16);
 
-/// Memory the controller reads and writes by DMA: the two queue pairs, an
-/// Identify buffer and the PRP list pages, each page aligned. It must stay
+/// Memory the controller reads and writes by DMA: the two queue pairs and
+/// the PRP list pages (the first also takes Identify data), each page
+/// aligned. It must stay
 /// put while a disk is open.
 #[repr(C, align(4096))]
 pub struct NvmeMemory {
@@ -132,7 +138,6 @@ pub struct NvmeMemory {
     admin_cq: [Completion; 256],
     io_sq: [Command; QUEUE_ENTRIES],
     io_cq: [Completion; 256],
-    identify: [u8; PAGE as usize],
     prp_lists: [[u64; PRP_PER_PAGE]; PRP_LIST_PAGES],
 }
 
@@ -146,7 +151,6 @@ impl NvmeMemory {
             admin_cq: [E; 256],
             io_sq: [C; QUEUE_ENTRIES],
             io_cq: [E; 256],
-            identify: [0; PAGE as usize],
             prp_lists: [[0; PRP_PER_PAGE]; PRP_LIST_PAGES],
         }
     }
@@ -335,9 +339,10 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
 
     /// Identify controller, the active namespaces, and the `index`th one.
     fn identify(&mut self, index: usize) -> Result<(), DiskError> {
-        let buf = self.hal.virt_to_phys(self.mem.identify.as_ptr());
+        // Identify data lands in the first PRP list page, free until I/O.
+        let buf = self.hal.virt_to_phys(self.mem.prp_lists[0].as_ptr().cast());
         self.admin_command(ADMIN_IDENTIFY, 0, buf, 0, [CNS_CONTROLLER, 0, 0, 0, 0, 0])?;
-        let id = &self.mem.identify;
+        let id = self.mem.prp_lists[0].as_bytes();
         self.info.serial = crate::heapless_str::Str40::from_ascii_trimmed(&id[4..24]);
         self.info.model = crate::heapless_str::Str40::from_ascii_trimmed(&id[24..64]);
         // MDTS: a power of two of minimum pages, 0 for no limit (5.15.2.1).
@@ -346,11 +351,11 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
             self.max_pages = self.max_pages.min(1 << mdts);
         }
         self.admin_command(ADMIN_IDENTIFY, 0, buf, 0, [CNS_ACTIVE_NAMESPACES, 0, 0, 0, 0, 0])?;
-        let list = &self.mem.identify;
+        let list = self.mem.prp_lists[0].as_bytes();
         let nsid = list.chunks(4).take(MAX_NAMESPACES).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).take_while(|&n| n != 0).nth(index);
         let Some(nsid) = nsid else { return Err(DiskError::NoDevice) };
         self.admin_command(ADMIN_IDENTIFY, nsid, buf, 0, [CNS_NAMESPACE, 0, 0, 0, 0, 0])?;
-        let ns = &self.mem.identify;
+        let ns = self.mem.prp_lists[0].as_bytes();
         let size = u64::from_le_bytes(ns[0..8].try_into().unwrap());
         let format = ns[26] & 0xF; // FLBAS: the LBA format in use
         let lbads = ns[128 + 4 * format as usize + 2]; // LBAF: log2 of the block size
@@ -377,18 +382,39 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
 
     /// Submits `cmd` on the admin or the I/O queue, rings the doorbell and
     /// polls for its completion.
-    fn submit(&mut self, io: bool, mut cmd: Command, lba: u64) -> Result<Completion, DiskError> {
+    fn submit(&mut self, io: bool, cmd: Command, lba: u64) -> Result<Completion, DiskError> {
+        let id = self.push(io, cmd);
+        let cqe = self.reap(io, cmd.opcode(), lba)?;
+        if cqe.dw3 as u16 != id {
+            self.recover();
+            return Err(DiskError::Interface { command: cmd.opcode(), lba, detail: cqe.dw3 });
+        }
+        check_status(&cqe, cmd.opcode(), lba)?;
+        Ok(cqe)
+    }
+
+    /// Puts `cmd` in the next submission slot under a fresh command id and
+    /// rings the doorbell; returns the id.
+    fn push(&mut self, io: bool, mut cmd: Command) -> u16 {
         self.next_id = self.next_id.wrapping_add(1);
         cmd.cdw0 = cmd.cdw0 & 0xFFFF | (self.next_id as u32) << 16;
-        let q = if io { self.io } else { self.admin };
-        let slot = q.tail as usize;
+        let q = if io { &mut self.io } else { &mut self.admin };
         let sq = if io { &mut self.mem.io_sq } else { &mut self.mem.admin_sq };
-        sq[slot] = cmd;
-        let tail = (q.tail + 1) % q.entries;
+        sq[q.tail as usize] = cmd;
+        q.tail = (q.tail + 1) % q.entries;
+        let (id, tail) = (q.id, q.tail);
         // The controller must see the entry (and any PRP list) before the
         // doorbell that tells it to fetch.
         fence(Ordering::SeqCst);
-        self.hal.mmio_write32(self.doorbell(q.id, false), tail as u32);
+        self.hal.mmio_write32(self.doorbell(id, false), tail as u32);
+        self.next_id
+    }
+
+    /// Waits for the next completion on a queue and hands its slot back; a
+    /// timeout resets the controller (`opcode` and `lba` name what was
+    /// waited for).
+    fn reap(&mut self, io: bool, opcode: u8, lba: u64) -> Result<Completion, DiskError> {
+        let q = if io { self.io } else { self.admin };
         let cqe_ptr: *const Completion = if io { &raw const self.mem.io_cq[q.head as usize] } else { &raw const self.mem.admin_cq[q.head as usize] };
         // SAFETY: a slot of our completion queue; the controller writes it by
         // DMA, so it is read volatile, and only from this thread.
@@ -396,32 +422,18 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         let arrived = poll(&self.hal, COMMAND_US, || phase_of() == q.phase);
         fence(Ordering::SeqCst);
         if !arrived {
-            let opcode = cmd.opcode();
             self.recover();
             return Err(DiskError::Timeout { command: opcode, lba, waiting_for: "NVMe completion" });
         }
         // SAFETY: as above; the phase says the controller finished writing it.
         let cqe = unsafe { core::ptr::read_volatile(cqe_ptr) };
-        let mut next = q;
-        next.tail = tail;
-        next.head = (q.head + 1) % q.entries;
-        if next.head == 0 {
-            next.phase = !q.phase;
+        let q = if io { &mut self.io } else { &mut self.admin };
+        q.head = (q.head + 1) % q.entries;
+        if q.head == 0 {
+            q.phase = !q.phase;
         }
-        self.hal.mmio_write32(self.doorbell(q.id, true), next.head as u32);
-        if io {
-            self.io = next;
-        } else {
-            self.admin = next;
-        }
-        let status = Status((cqe.dw3 >> 17) as u16 & 0x7FF);
-        if cqe.dw3 as u16 != cmd.id() {
-            self.recover();
-            return Err(DiskError::Interface { command: cmd.opcode(), lba, detail: cqe.dw3 });
-        }
-        if status.0 != 0 {
-            return Err(DiskError::Nvme { opcode: cmd.opcode(), lba, status: status.0 });
-        }
+        let (id, head) = (q.id, q.head);
+        self.hal.mmio_write32(self.doorbell(id, true), head as u32);
         Ok(cqe)
     }
 
@@ -435,9 +447,17 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         }
     }
 
+    /// Commands one transfer keeps in flight, each with its own PRP list
+    /// page: as many as there are pages when one page holds any command's
+    /// list (MDTS at most 513 pages), else one, whose list may chain.
+    fn depth(&self) -> usize {
+        if self.max_pages <= PRP_PER_PAGE as u64 + 1 { PRP_LIST_PAGES } else { 1 }
+    }
+
     /// Fills the PRP entries for the next `bytes` of `data` (already sized
-    /// by [`fit_bytes`]) and returns (PRP1, PRP2).
-    fn build_prps(&mut self, data: &mut Pieces, bytes: u64) -> (u64, u64) {
+    /// by [`fit_bytes`]), a list (when one is needed) from list page `list`
+    /// on, and returns (PRP1, PRP2).
+    fn build_prps(&mut self, data: &mut Pieces, bytes: u64, list: usize) -> (u64, u64) {
         let mut left = bytes;
         let first = data.next_piece(left, Some(PAGE)).expect("fit_bytes sized the command");
         left -= first.len;
@@ -452,8 +472,8 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         // A list: entries in list pages, the last entry of a full page
         // pointing at the next page (section 4.3).
         let list_phys = |mem: &NvmeMemory, hal: &H, page: usize| hal.virt_to_phys(mem.prp_lists[page].as_ptr().cast());
-        let (mut page, mut slot) = (0, 0);
-        self.mem.prp_lists[0][0] = second.addr;
+        let (mut page, mut slot) = (list, 0);
+        self.mem.prp_lists[page][0] = second.addr;
         slot += 1;
         while left > 0 {
             let piece = data.next_piece(left.min(PAGE), Some(PAGE)).expect("fit_bytes sized the command");
@@ -466,16 +486,7 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
             self.mem.prp_lists[page][slot] = piece.addr;
             slot += 1;
         }
-        (first.addr, list_phys(self.mem, &self.hal, 0))
-    }
-
-    fn io_command(&mut self, dir: Direction, lba: u64, count: u64, data: &mut Pieces) -> Result<(), DiskError> {
-        let (prp1, prp2) = self.build_prps(data, count * SECTOR);
-        let opcode = if dir == Direction::Write { NVM_WRITE } else { NVM_READ };
-        // CDW10-11 starting LBA, CDW12 blocks - 1.
-        let cdw = [lba as u32, (lba >> 32) as u32, (count - 1) as u32, 0, 0, 0];
-        let cmd = Command { cdw0: opcode as u32, nsid: self.nsid, reserved: [0; 2], mptr: 0, prp1, prp2, cdw };
-        self.submit(true, cmd, lba).map(|_| ())
+        (first.addr, list_phys(self.mem, &self.hal, list))
     }
 
     /// Stops the controller for good: for when the memory the caller's
@@ -507,6 +518,15 @@ impl<H: Hal> Drop for NvmeDisk<'_, H> {
     }
 }
 
+/// The error a completion's status field reports, if any.
+fn check_status(cqe: &Completion, opcode: u8, lba: u64) -> Result<(), DiskError> {
+    let status = (cqe.dw3 >> 17) as u16 & 0x7FF;
+    if status != 0 {
+        return Err(DiskError::Nvme { opcode, lba, status });
+    }
+    Ok(())
+}
+
 /// How many bytes from `data` one command can carry in PRPs: pieces split
 /// at page boundaries, every piece but the first starting a page and every
 /// one but the last ending one (section 4.3), at most `max_pages` pages and
@@ -533,18 +553,48 @@ impl<H: Hal> BlockDevice for NvmeDisk<'_, H> {
         &self.info
     }
 
+    /// Splits the request into commands (PRP rules, MDTS, 16-bit NLB) and
+    /// keeps up to `depth()` of them in flight: one at a time leaves the
+    /// device idle between commands (measured under QEMU: 0.78x `dd` on
+    /// writes, where Linux queues several).
     fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError> {
         let total = check_request(&self.info, lba, segments)?;
+        let opcode = if dir == Direction::Write { NVM_WRITE } else { NVM_READ };
+        let depth = self.depth();
         let mut data = Pieces::new(segments);
-        let mut done = 0;
-        while done < total {
-            // NLB is 16 bits, 0-based.
-            let want = (total - done).min(1 << 16) * SECTOR;
-            let count = fit_bytes(&data, want, self.max_pages) / SECTOR;
-            self.io_command(dir, lba + done, count, &mut data)?;
-            done += count;
+        // Per command in flight: its id and first LBA; its index is its list page.
+        let mut flight: [Option<(u16, u64)>; PRP_LIST_PAGES] = [None; PRP_LIST_PAGES];
+        let mut queued = 0;
+        let mut first_error = None;
+        loop {
+            while first_error.is_none() && queued < total {
+                let Some(list) = flight[..depth].iter().position(Option::is_none) else { break };
+                // NLB is 16 bits, 0-based.
+                let want = (total - queued).min(1 << 16) * SECTOR;
+                let count = fit_bytes(&data, want, self.max_pages) / SECTOR;
+                let at = lba + queued;
+                let (prp1, prp2) = self.build_prps(&mut data, count * SECTOR, list);
+                // CDW10-11 starting LBA, CDW12 blocks - 1.
+                let cdw = [at as u32, (at >> 32) as u32, (count - 1) as u32, 0, 0, 0];
+                let id = self.push(true, Command { cdw0: opcode as u32, nsid: self.nsid, reserved: [0; 2], mptr: 0, prp1, prp2, cdw });
+                flight[list] = Some((id, at));
+                queued += count;
+            }
+            let Some(oldest) = flight.iter().flatten().map(|f| f.1).min() else { break };
+            // A timeout resets the controller, which drops every command.
+            let cqe = self.reap(true, opcode, oldest)?;
+            let Some(slot) = flight.iter().position(|f| f.is_some_and(|(id, _)| id == cqe.dw3 as u16)) else {
+                self.recover();
+                return Err(DiskError::Interface { command: opcode, lba: oldest, detail: cqe.dw3 });
+            };
+            let (_, at) = flight[slot].take().expect("found above");
+            // After an error the others in flight are still reaped, so that
+            // the queues stay in step for what comes next.
+            if let Err(e) = check_status(&cqe, opcode, at) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use diskdrv::fakes::{self, FakeHal, Machine, Namespace, NvmeController};
-use diskdrv::nvme::{NvmeDisk, NvmeMemory};
+use diskdrv::nvme::{MAX_COMMAND_PAGES, NvmeDisk, NvmeMemory, PRP_LIST_PAGES};
 use diskdrv::{BlockDevice, Direction, DiskError};
 
 fn machine(namespaces: &[(u64, u8)]) -> (FakeHal, Vec<fakes::Disk>) {
@@ -76,14 +76,16 @@ fn a_long_command_chains_its_prp_list_across_pages() {
     let stats = controller(&hal).stats.clone();
     assert_eq!((stats.io_commands, stats.max_pages, stats.max_list_pages), (1, 1001, 2));
     assert_eq!(disks[0].borrow().bytes(7, 1000 * 8), data);
-    // Beyond what one command's lists hold (1023 pages): split, nothing lost.
-    let big = pages(2100);
-    let seg = [segment(big, 0, 2100 * 4096)];
-    let data = pattern(50_000, 2100 * 4096);
+    // Beyond what one command's lists hold: split, nothing lost.
+    let n = MAX_COMMAND_PAGES as usize + 10;
+    let big = pages(n);
+    let seg = [segment(big, 0, n * 4096)];
+    let data = pattern(50_000, n * 4096);
     fill(&seg, &data);
     d.transfer(Direction::Write, 50_000, &seg).unwrap();
-    assert_eq!(controller(&hal).stats.io_commands, 4);
-    assert_eq!(disks[0].borrow().bytes(50_000, 2100 * 8), data);
+    let stats = controller(&hal).stats.clone();
+    assert_eq!((stats.io_commands, stats.max_list_pages), (3, PRP_LIST_PAGES as u64));
+    assert_eq!(disks[0].borrow().bytes(50_000, n as u64 * 8), data);
 }
 
 #[test]
@@ -190,4 +192,31 @@ fn out_of_range_and_4k_namespaces_are_refused() {
     assert!(matches!(err, DiskError::OutOfRange { .. }));
     d.close();
     assert!(matches!(open(&hal, 1, &mut mem).err(), Some(DiskError::Unsupported(_))));
+}
+
+#[test]
+fn commands_overlap_and_an_error_in_the_middle_keeps_the_queues_in_step() {
+    let (hal, disks) = machine(&[(1 << 20, 9)]);
+    let mut mem = low(NvmeMemory::new());
+    controller(&hal).mdts = 2; // 4 pages a command: 16 commands below
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let buf = pages(64);
+    let seg = [segment(buf, 0, 64 * 4096)];
+    let data = pattern(1000, 64 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 1000, &seg).unwrap();
+    let stats = controller(&hal).stats.clone();
+    assert_eq!(stats.io_commands, 16);
+    assert_eq!(stats.max_unreaped, PRP_LIST_PAGES as u64, "a command in flight per PRP list page");
+    assert_eq!(disks[0].borrow().bytes(1000, 512), data);
+    // The fifth command (LBAs 1160-1191) fails; the ones in flight beside
+    // it are reaped, and the queue works for the next transfer.
+    controller(&hal).faults.write_error_at = Some(1170);
+    let err = d.transfer(Direction::Write, 1000, &seg).unwrap_err();
+    assert_eq!(err, DiskError::Nvme { opcode: 0x01, lba: 1160, status: 2 << 8 | 0x80 });
+    controller(&hal).faults.write_error_at = None;
+    d.transfer(Direction::Write, 1000, &seg).unwrap();
+    let back = pages(64);
+    d.transfer(Direction::Read, 1000, &[segment(back, 0, 64 * 4096)]).unwrap();
+    assert_eq!(gather(&[segment(back, 0, 64 * 4096)]), data);
 }

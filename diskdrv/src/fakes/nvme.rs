@@ -44,6 +44,8 @@ pub struct NvmeStats {
     pub flushes: u64,
     /// Times the controller went from disabled to enabled.
     pub enables: u64,
+    /// The most completions posted that the host had not yet taken.
+    pub max_unreaped: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -216,6 +218,8 @@ impl NvmeController {
         if cq.position == 0 {
             cq.phase = !cq.phase;
         }
+        let unreaped = (cq.position + cq.entries - cq.head) % cq.entries;
+        self.stats.max_unreaped = self.stats.max_unreaped.max(unreaped as u64);
     }
 
     fn admin(&mut self, cmd: &[u32; 16]) -> Option<u16> {
