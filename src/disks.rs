@@ -14,7 +14,7 @@ use diskdrv::nvme::{self, NvmeDisk, NvmeMemory};
 use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
-use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
+use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, MAX_BLOCK, Segment};
 
 use crate::hw::{self, KsaveHal};
 use crate::work::Exclusive;
@@ -24,7 +24,7 @@ use crate::{paging, println};
 #[repr(C)]
 pub struct DiskMemory {
     driver: DriverMemory,
-    sector: SectorBuf,
+    block: BlockBuf,
 }
 
 /// The open disk's driver memory: disks are opened one at a time, so the
@@ -68,12 +68,13 @@ impl DriverMemory {
     }
 }
 
-#[repr(C, align(512))]
-struct SectorBuf([u8; 512]);
+/// One logical block of the largest size, for partition tables.
+#[repr(C, align(4096))]
+struct BlockBuf([u8; MAX_BLOCK]);
 
 static DISK_MEMORY: Exclusive<DiskMemory> = Exclusive::new(DiskMemory {
     driver: DriverMemory { nvme: ManuallyDrop::new(NvmeMemory::new()) },
-    sector: SectorBuf([0; 512]),
+    block: BlockBuf([0; MAX_BLOCK]),
 });
 // The block is zeroed as the largest field; a static of it stays in .bss.
 const _: () = assert!(
@@ -287,10 +288,10 @@ fn ide_channel(at: Address, prog_if: u8, bus_master: Option<u16>, secondary: boo
     }
 }
 
-/// Opens the disk at `location`; also hands out the sector buffer, which
+/// Opens the disk at `location`; also hands out the block buffer, which
 /// shares the disk's memory block.
-fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; 512]), DiskError> {
-    let DiskMemory { driver, sector } = mem;
+fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Result<(AnyDisk<'m>, &'m mut [u8; MAX_BLOCK]), DiskError> {
+    let DiskMemory { driver, block } = mem;
     let disk = match location {
         // SAFETY: each_location found this HBA on PCI and enabled memory
         // decoding and bus mastering; nothing else in ksave drives it, and
@@ -305,7 +306,7 @@ fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Resu
         // each_location.
         Location::Virtio { transport, .. } => AnyDisk::Virtio(unsafe { VirtioBlk::open(KsaveHal, transport, driver.virtio())? }),
     };
-    Ok((disk, &mut sector.0))
+    Ok((disk, &mut block.0))
 }
 
 /// Why the partition was not found.
@@ -347,7 +348,7 @@ fn find_partition(
         {
             return;
         }
-        let (mut disk, sector) = match open(location, ide_mode, mem) {
+        let (mut disk, block) = match open(location, ide_mode, mem) {
             Ok(d) => d,
             Err(DiskError::NoDevice) => {
                 if let Location::Nvme { pci, .. } = location {
@@ -362,12 +363,12 @@ fn find_partition(
         };
         disks += 1;
         let info = disk.info().clone();
-        let found = part::find_gpt_partition(&mut disk, &KsaveHal, guid, sector);
+        let found = part::find_gpt_partition(&mut disk, &KsaveHal, guid, block);
         disk.close();
         println!(
             "ksave:   {location}: \"{}\" {} MiB{}",
             info.model,
-            info.sectors / 2048,
+            (info.blocks * info.block_size as u64) >> 20,
             match found {
                 Ok(_) => "  <- has the partition",
                 Err(PartError::NoValidGpt) => "  (no valid GPT)",
@@ -406,9 +407,14 @@ impl OpenPartition {
         self.iommu.switched()
     }
 
+    /// The disk's logical block size: LBAs count these.
+    pub fn block_size(&self) -> u32 {
+        self.disk.info().block_size
+    }
+
     /// The partition's size in bytes.
     pub fn bytes(&self) -> u64 {
-        self.partition.sectors() * diskdrv::SECTOR
+        self.partition.blocks() * self.block_size() as u64
     }
 
     /// Gives the disk and the controllers back as found (the disk's and

@@ -46,16 +46,19 @@ pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap, iommus: &[Rema
     };
     let p = part.partition;
     println!(
-        "ksave: disk test: {} ({mode}), partition LBA {}-{} ({} MiB, {:?})",
+        "ksave: disk test: {} ({mode}, {}-byte blocks), partition LBA {}-{} ({} MiB, {:?})",
         part.location,
+        part.block_size(),
         p.first_lba,
         p.last_lba,
-        p.sectors() / 2048,
+        part.bytes() >> 20,
         p.source
     );
+    // Both tests count 512-byte sectors, as the host checks the pattern.
+    let span = Span { per_block: part.block_size() as u64 / 512, first: p.first_lba * (part.block_size() as u64 / 512), sectors: part.bytes() / 512 };
     let outcome = match job {
-        Job::SelfTest => self_test(&mut part.disk, p.first_lba, p.sectors(), map),
-        Job::Bench { mib } => bench(&mut part.disk, p.first_lba, p.sectors(), mib, mode, map),
+        Job::SelfTest => self_test(&mut part.disk, span, map),
+        Job::Bench { mib } => bench(&mut part.disk, span, mib, mode, map),
     };
     part.close();
     match outcome {
@@ -87,7 +90,16 @@ fn mb_per_s(bytes: u64, us: u64) -> u64 {
     bytes / us.max(1)
 }
 
-fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &MemoryMap) -> Result<(), Failure> {
+/// The partition in 512-byte sectors, and sectors per disk block.
+#[derive(Clone, Copy)]
+struct Span {
+    per_block: u64,
+    first: u64,
+    sectors: u64,
+}
+
+fn self_test(disk: &mut impl BlockDevice, span: Span, map: &MemoryMap) -> Result<(), Failure> {
+    let Span { per_block, first, sectors } = span;
     let buf = scratch(map, CHUNK).map_err(Failure::Setup)?;
     // SAFETY: `buf` is free RAM (see scratch), identity-mapped, CHUNK long.
     let mem = unsafe { core::slice::from_raw_parts_mut(KsaveHal.phys_to_virt(buf), CHUNK as usize) };
@@ -99,7 +111,7 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
         for (i, s) in mem[..(n * 512) as usize].chunks_mut(512).enumerate() {
             testpattern::sector(lba + i as u64, s);
         }
-        disk.write(&KsaveHal, lba, &mem[..(n * 512) as usize])?;
+        disk.write(&KsaveHal, lba / per_block, &mem[..(n * 512) as usize])?;
         lba += n;
     }
     disk.flush()?;
@@ -109,7 +121,7 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
     while lba < first + sectors {
         let n = (first + sectors - lba).min(CHUNK / 512);
         mem[..(n * 512) as usize].fill(0);
-        disk.read(&KsaveHal, lba, &mut mem[..(n * 512) as usize])?;
+        disk.read(&KsaveHal, lba / per_block, &mut mem[..(n * 512) as usize])?;
         for (i, s) in mem[..(n * 512) as usize].chunks(512).enumerate() {
             testpattern::sector(lba + i as u64, &mut expect);
             if s != expect {
@@ -129,7 +141,8 @@ fn self_test(disk: &mut impl BlockDevice, first: u64, sectors: u64, map: &Memory
     Ok(())
 }
 
-fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: &str, map: &MemoryMap) -> Result<(), Failure> {
+fn bench(disk: &mut impl BlockDevice, span: Span, mib: u64, mode: &str, map: &MemoryMap) -> Result<(), Failure> {
+    let Span { per_block, first, sectors } = span;
     let bytes = mib << 20;
     if bytes > sectors * 512 {
         return Err(Failure::Setup("partition smaller than the bench size"));
@@ -152,11 +165,11 @@ fn bench(disk: &mut impl BlockDevice, first: u64, sectors: u64, mib: u64, mode: 
     };
     // SAFETY (both): inside `buf`, free RAM that scratch() found and that
     // nothing else uses while the bench runs.
-    let write_us = run(&mut |off, n| disk.transfer(Direction::Write, first + off / 512, &[unsafe { Segment::new(buf + off, n) }]))?;
+    let write_us = run(&mut |off, n| disk.transfer(Direction::Write, (first + off / 512) / per_block, &[unsafe { Segment::new(buf + off, n) }]))?;
     let flush_t0 = hw::now_us();
     disk.flush()?;
     let write_us = write_us + (hw::now_us() - flush_t0);
-    let read_us = run(&mut |off, n| disk.transfer(Direction::Read, first + off / 512, &[unsafe { Segment::new(buf + off, n) }]))?;
+    let read_us = run(&mut |off, n| disk.transfer(Direction::Read, (first + off / 512) / per_block, &[unsafe { Segment::new(buf + off, n) }]))?;
     println!(
         "ksave-bench: {mode}: write {mib} MiB in {} ms = {} MB/s; read {mib} MiB in {} ms = {} MB/s",
         write_us / 1000,

@@ -14,7 +14,7 @@ use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
-use diskdrv::{BlockDevice, DiskError, SECTOR};
+use diskdrv::{BlockDevice, DiskError};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::header::{FLAG_IOMMU_LEFT_ON, State};
 use ksave_format::reader::{self, Source};
@@ -36,11 +36,13 @@ struct DiskSource<'d, 'm> {
 
 impl Source for DiskSource<'_, '_> {
     type Error = DiskError;
+    /// Reads are whole blocks: the image aligns everything to the block size.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let block = self.disk.info().block_size as u64;
         if offset + buf.len() as u64 > self.bytes {
-            return Err(DiskError::OutOfRange { lba: self.first_lba + offset / SECTOR, count: buf.len() as u64 / SECTOR, capacity: self.bytes / SECTOR });
+            return Err(DiskError::OutOfRange { lba: self.first_lba + offset / block, count: buf.len() as u64 / block, capacity: self.bytes / block });
         }
-        self.disk.read(&KsaveHal, self.first_lba + offset / SECTOR, buf)
+        self.disk.read(&KsaveHal, self.first_lba + offset / block, buf)
     }
 }
 

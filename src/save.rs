@@ -138,7 +138,8 @@ impl Sink for DiskSink<'_> {
             }
         }
         let t = hw::now_us();
-        self.disk.transfer(Direction::Write, self.first_lba + offset / SECTOR, &segs[..n])?;
+        let block = self.disk.info().block_size as u64;
+        self.disk.transfer(Direction::Write, self.first_lba + offset / block, &segs[..n])?;
         self.disk_us += hw::now_us() - t;
         self.progress.tick(offset + header.len() as u64 + (pfns.len() * PAGE) as u64);
         Ok(())
@@ -146,7 +147,8 @@ impl Sink for DiskSink<'_> {
 
     fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), DiskError> {
         let t = hw::now_us();
-        self.disk.write(&KsaveHal, self.first_lba + offset / SECTOR, bytes)?;
+        let block = self.disk.info().block_size as u64;
+        self.disk.write(&KsaveHal, self.first_lba + offset / block, bytes)?;
         self.disk_us += hw::now_us() - t;
         self.progress.tick(offset + bytes.len() as u64);
         Ok(())
@@ -276,6 +278,7 @@ fn save(
         created_unix: config.created_unix,
         lz4: config.lz4,
         capacity: part.bytes(),
+        align: part.block_size(),
         ram: config.ram(),
         nvs: config.nvs(),
         image: Range { start: image_start, end: image_end },
@@ -294,9 +297,11 @@ fn save(
     write_image(&plan, part, work, start, worst, config.selftest_fault_in_save)
 }
 
-/// The partition found by GUID must be where the host saw it.
+/// The partition found by GUID must be where the host saw it. The host
+/// counts 512-byte sectors (sysfs), the GPT the disk's blocks.
 fn check_partition(config: &Config, part: &OpenPartition) -> Result<(), Failure> {
-    let (first_lba, sectors) = (part.first_lba(), part.partition.sectors());
+    let per_block = part.block_size() as u64 / SECTOR;
+    let (first_lba, sectors) = (part.first_lba() * per_block, part.partition.blocks() * per_block);
     if first_lba != config.partition_first_lba || sectors != config.partition_sectors {
         return Err(fail!(
             fail::PARTITION,

@@ -180,7 +180,7 @@ impl<'m, H: Hal> AhciDisk<'m, H> {
             ie: hal.mmio_read32(base + PX_IE),
         };
         let s64a = hal.mmio_read32(abar + CAP) & CAP_S64A != 0;
-        let blank = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 0, lba48: false, dma: true };
+        let blank = DiskInfo { model: Default::default(), serial: Default::default(), blocks: 0, block_size: 512, lba48: false, dma: true };
         let mut disk = Self { hal, abar, base, mem, s64a, info: blank, saved };
         disk.take_ownership();
         disk.hal.mmio_write32(abar + GHC, disk.saved.ghc | GHC_AE);
@@ -442,7 +442,7 @@ impl<H: Hal> BlockDevice for AhciDisk<'_, H> {
         let mut done = 0;
         while done < total {
             // As many sectors as fit the count field and the PRDT.
-            let count = data.fit_sectors((total - done).min(max), PRDT_ENTRIES, PRD_MAX, None);
+            let count = data.fit_blocks((total - done).min(max), crate::SECTOR, PRDT_ENTRIES, PRD_MAX, None);
             let at = lba + done;
             if !lba48 && at + count > ata::LBA28_LIMIT {
                 return Err(DiskError::Unsupported("LBA beyond 28 bits on a disk without LBA48"));

@@ -81,7 +81,8 @@ pub fn parse_identify(words: &[u16; 256]) -> Result<DiskInfo, DiskError> {
     Ok(DiskInfo {
         model: ata_string(&words[27..47]),
         serial: ata_string(&words[10..20]),
-        sectors,
+        blocks: sectors,
+        block_size: 512,
         lba48,
         // Word 49 bit 8: DMA supported.
         dma: words[49] & (1 << 8) != 0,
@@ -133,10 +134,10 @@ mod tests {
         let info = parse_identify(&identify_data("QEMU HARDDISK", "QM00001", 1 << 30, true)).unwrap();
         assert_eq!(info.model.as_str(), "QEMU HARDDISK");
         assert_eq!(info.serial.as_str(), "QM00001");
-        assert_eq!(info.sectors, 1 << 30);
+        assert_eq!(info.blocks, 1 << 30);
         assert!(info.lba48 && info.dma);
         let info = parse_identify(&identify_data("OLD", "1", 1000, false)).unwrap();
-        assert_eq!((info.sectors, info.lba48), (1000, false));
+        assert_eq!((info.blocks, info.lba48), (1000, false));
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl<'m, H: Hal> IdeDisk<'m, H> {
     /// drives while the disk is open, with I/O decoding (and for DMA bus
     /// mastering) enabled; `mem` must be reachable by its DMA.
     pub unsafe fn open(hal: H, channel: Channel, drive: Drive, mode: Mode, mem: &'m mut IdeMemory) -> Result<Self, DiskError> {
-        let blank = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 0, lba48: false, dma: false };
+        let blank = DiskInfo { model: Default::default(), serial: Default::default(), blocks: 0, block_size: 512, lba48: false, dma: false };
         let mut disk = Self { hal, channel, drive, mode, mem, info: blank };
         disk.hal.outb(channel.control, NIEN);
         disk.identify()?;
@@ -367,7 +367,7 @@ impl<H: Hal> BlockDevice for IdeDisk<'_, H> {
             let at = lba + done;
             let count = match self.mode {
                 Mode::Pio => (total - done).min(max),
-                Mode::Dma => data.fit_sectors((total - done).min(max), PRD_ENTRIES, PRD_MAX, Some(PRD_MAX)),
+                Mode::Dma => data.fit_blocks((total - done).min(max), crate::SECTOR, PRD_ENTRIES, PRD_MAX, Some(PRD_MAX)),
             };
             if !self.info.lba48 && at + count > ata::LBA28_LIMIT {
                 return Err(DiskError::Unsupported("LBA beyond 28 bits on a disk without LBA48"));

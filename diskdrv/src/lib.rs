@@ -31,9 +31,12 @@ use core::fmt;
 
 pub use hal::Hal;
 
-/// Bytes in a sector: every disk these drivers accept uses 512-byte
-/// logical sectors (IDENTIFY word 106 is checked).
+/// Bytes in a sector: the unit of DMA alignment, of ATA and virtio
+/// addressing, and the smallest logical block.
 pub const SECTOR: u64 = 512;
+/// The largest logical block the drivers take (4Kn NVMe namespaces and
+/// virtio devices; ATA disks must have 512-byte blocks: IDENTIFY word 106).
+pub const MAX_BLOCK: usize = 4096;
 
 /// A physical memory range taking part in a transfer: a device will read
 /// it (a write to the disk) or overwrite it (a read), by DMA, wherever it
@@ -90,8 +93,10 @@ pub struct DiskInfo {
     pub model: heapless_str::Str40,
     /// Serial number, trimmed.
     pub serial: heapless_str::Str40,
-    /// Capacity in 512-byte sectors.
-    pub sectors: u64,
+    /// Capacity in logical blocks.
+    pub blocks: u64,
+    /// Bytes in a logical block: 512 or 4096. LBAs count these.
+    pub block_size: u32,
     /// The disk takes 48-bit LBA commands.
     pub lba48: bool,
     /// The disk (and path to it) does DMA.
@@ -238,9 +243,10 @@ pub trait BlockDevice {
     /// What the disk said about itself.
     fn info(&self) -> &DiskInfo;
 
-    /// Moves `sum(segments.len) / 512` sectors starting at `lba`, in segment
-    /// order. Segments must start and end on 512-byte boundaries, so that
-    /// every command carries whole sectors however it is split.
+    /// Moves `sum(segments.len) / block_size` blocks starting at `lba`, in
+    /// segment order. Segments must start on a 512-byte boundary and hold
+    /// whole blocks, so that every command carries whole blocks however it
+    /// is split.
     fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError>;
 
     /// Makes written data durable (FLUSH CACHE EXT).
@@ -263,18 +269,19 @@ pub trait BlockDevice {
     }
 }
 
-/// Checks a request against the disk and returns its sector count.
+/// Checks a request against the disk and returns its block count.
 pub(crate) fn check_request(info: &DiskInfo, lba: u64, segments: &[Segment]) -> Result<u64, DiskError> {
+    let block = info.block_size as u64;
     let mut bytes = 0u64;
     for s in segments {
-        if s.len == 0 || s.len % SECTOR != 0 || s.addr % SECTOR != 0 {
+        if s.len == 0 || !s.len.is_multiple_of(block) || !s.addr.is_multiple_of(SECTOR) {
             return Err(DiskError::BadSegment(*s));
         }
         bytes += s.len;
     }
-    let count = bytes / SECTOR;
-    if lba.checked_add(count).is_none_or(|end| end > info.sectors) {
-        return Err(DiskError::OutOfRange { lba, count, capacity: info.sectors });
+    let count = bytes / block;
+    if lba.checked_add(count).is_none_or(|end| end > info.blocks) {
+        return Err(DiskError::OutOfRange { lba, count, capacity: info.blocks });
     }
     Ok(count)
 }
@@ -310,12 +317,12 @@ impl<'a> Pieces<'a> {
         Some(Segment::part(addr, len))
     }
 
-    /// How many of `want` sectors one command can carry from here with
-    /// `entries` descriptors of at most `prd_max` bytes, none crossing
-    /// `boundary`. Whole sectors always, since segments are sector-aligned.
-    pub(crate) fn fit_sectors(&self, want: u64, entries: usize, prd_max: u64, boundary: Option<u64>) -> u64 {
+    /// How many of `want` blocks of `block` bytes one command can carry
+    /// from here with `entries` descriptors of at most `prd_max` bytes,
+    /// none crossing `boundary`; at least one.
+    pub(crate) fn fit_blocks(&self, want: u64, block: u64, entries: usize, prd_max: u64, boundary: Option<u64>) -> u64 {
         let mut probe = *self;
-        let limit = want * SECTOR;
+        let limit = want * block;
         let mut bytes = 0;
         for _ in 0..entries {
             match probe.next_piece((limit - bytes).min(prd_max), boundary) {
@@ -326,7 +333,7 @@ impl<'a> Pieces<'a> {
                 break;
             }
         }
-        bytes / SECTOR
+        (bytes / block).max(1)
     }
 
 }
@@ -401,16 +408,16 @@ mod tests {
         // Sixteen scattered pages: two descriptors carry two pages.
         let pages: [Segment; 16] = core::array::from_fn(|i| Segment::part(0x10_0000 * i as u64, 4096));
         let p = Pieces::new(&pages);
-        assert_eq!(p.fit_sectors(1000, 2, 1 << 22, None), 16);
-        assert_eq!(p.fit_sectors(5, 2, 1 << 22, None), 5);
+        assert_eq!(p.fit_blocks(1000, SECTOR, 2, 1 << 22, None), 16);
+        assert_eq!(p.fit_blocks(5, SECTOR, 2, 1 << 22, None), 5);
         // One contiguous 1 MiB run split at 64 KiB: 4 descriptors, 256 KiB.
         let run = [Segment::part(0x1_0000, 1 << 20)];
-        assert_eq!(Pieces::new(&run).fit_sectors(65536, 4, 65536, Some(65536)), 512);
+        assert_eq!(Pieces::new(&run).fit_blocks(65536, SECTOR, 4, 65536, Some(65536)), 512);
     }
 
     #[test]
     fn requests_are_checked() {
-        let info = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 100, lba48: true, dma: true };
+        let info = DiskInfo { model: Default::default(), serial: Default::default(), blocks: 100, block_size: 512, lba48: true, dma: true };
         assert_eq!(check_request(&info, 98, &[Segment::part(0x1000, 1024)]), Ok(2));
         assert!(matches!(check_request(&info, 99, &[Segment::part(0x1000, 1024)]), Err(DiskError::OutOfRange { .. })));
         assert!(matches!(check_request(&info, 0, &[Segment::part(0x1000, 100)]), Err(DiskError::BadSegment(_))));

@@ -21,7 +21,7 @@ use core::sync::atomic::{Ordering, fence};
 use zerocopy::IntoBytes;
 
 use crate::hal::{mmio_read64 as read64, mmio_write64 as write64, poll};
-use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, SECTOR, Segment, check_request};
+use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, Segment, check_request};
 
 // Controller registers (section 3.1).
 const CAP: u64 = 0x00;
@@ -267,7 +267,7 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         };
         let mqes = (cap & 0xFFFF) as usize + 1;
         let entries = QUEUE_ENTRIES.min(mqes) as u16;
-        let blank = DiskInfo { model: Default::default(), serial: Default::default(), sectors: 0, lba48: true, dma: true };
+        let blank = DiskInfo { model: Default::default(), serial: Default::default(), blocks: 0, block_size: 512, lba48: true, dma: true };
         let mut disk = Self {
             hal,
             bar,
@@ -359,11 +359,12 @@ impl<'m, H: Hal> NvmeDisk<'m, H> {
         let size = u64::from_le_bytes(ns[0..8].try_into().unwrap());
         let format = ns[26] & 0xF; // FLBAS: the LBA format in use
         let lbads = ns[128 + 4 * format as usize + 2]; // LBAF: log2 of the block size
-        if lbads as u64 != SECTOR.trailing_zeros() as u64 {
-            return Err(DiskError::Unsupported("NVMe namespace with other than 512-byte blocks"));
+        if lbads != 9 && lbads != 12 {
+            return Err(DiskError::Unsupported("NVMe namespace with blocks of other than 512 or 4096 bytes"));
         }
         self.nsid = nsid;
-        self.info.sectors = size;
+        self.info.blocks = size;
+        self.info.block_size = 1 << lbads;
         Ok(())
     }
 
@@ -530,7 +531,8 @@ fn check_status(cqe: &Completion, opcode: u8, lba: u64) -> Result<(), DiskError>
 /// How many bytes from `data` one command can carry in PRPs: pieces split
 /// at page boundaries, every piece but the first starting a page and every
 /// one but the last ending one (section 4.3), at most `max_pages` pages and
-/// `want` bytes. Whole sectors, since segments are sector aligned.
+/// `want` bytes. The caller rounds down to whole blocks: a block spans at
+/// most two pages, and MDTS allows at least two.
 fn fit_bytes(data: &Pieces, want: u64, max_pages: u64) -> u64 {
     let mut probe = *data;
     let mut bytes = 0;
@@ -569,11 +571,12 @@ impl<H: Hal> BlockDevice for NvmeDisk<'_, H> {
         loop {
             while first_error.is_none() && queued < total {
                 let Some(list) = flight[..depth].iter().position(Option::is_none) else { break };
-                // NLB is 16 bits, 0-based.
-                let want = (total - queued).min(1 << 16) * SECTOR;
-                let count = fit_bytes(&data, want, self.max_pages) / SECTOR;
+                // NLB is 16 bits, 0-based; whole blocks a command.
+                let block = self.info.block_size as u64;
+                let want = (total - queued).min(1 << 16) * block;
+                let count = (fit_bytes(&data, want, self.max_pages) / block).max(1);
                 let at = lba + queued;
-                let (prp1, prp2) = self.build_prps(&mut data, count * SECTOR, list);
+                let (prp1, prp2) = self.build_prps(&mut data, count * block, list);
                 // CDW10-11 starting LBA, CDW12 blocks - 1.
                 let cdw = [at as u32, (at >> 32) as u32, (count - 1) as u32, 0, 0, 0];
                 let id = self.push(true, Command { cdw0: opcode as u32, nsid: self.nsid, reserved: [0; 2], mptr: 0, prp1, prp2, cdw });

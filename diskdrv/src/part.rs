@@ -4,9 +4,9 @@
 
 use crc::{CRC_32_ISO_HDLC, Crc};
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{BlockDevice, DiskError, Hal, SECTOR};
+use crate::{BlockDevice, DiskError, Hal, MAX_BLOCK};
 
 /// GPT's CRC32 (the ISO-HDLC/zlib one).
 const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
@@ -14,20 +14,20 @@ const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 /// A GUID in its on-disk byte order (first three fields little-endian).
 pub use uguid::Guid;
 
-/// A partition's place on the disk.
+/// A partition's place on the disk, in the disk's logical blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Partition {
-    /// First sector.
+    /// First block.
     pub first_lba: u64,
-    /// Last sector, inclusive.
+    /// Last block, inclusive.
     pub last_lba: u64,
     /// Which table it came from.
     pub source: Source,
 }
 
 impl Partition {
-    /// Size in sectors.
-    pub fn sectors(&self) -> u64 {
+    /// Size in blocks.
+    pub fn blocks(&self) -> u64 {
         self.last_lba - self.first_lba + 1
     }
 }
@@ -82,7 +82,7 @@ pub struct GptHeader {
 }
 
 /// The GPT header as it lies on disk (UEFI 2.10, table 5.5).
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RawGptHeader {
     signature: [u8; 8],
@@ -189,19 +189,23 @@ pub fn entries_crc_ok(header: &GptHeader, entries: &[u8]) -> bool {
     entries.len() >= len && CRC32.checksum(&entries[..len]) == header.entries_crc
 }
 
-/// Finds the GPT partition whose unique GUID is `guid`, using `buf` (one
-/// sector, in memory the disk can DMA into) for reads. The backup GPT is
+/// Finds the GPT partition whose unique GUID is `guid`, using `buf` (a
+/// block of the largest size, in memory the disk can DMA into) for reads;
+/// LBAs are the disk's logical blocks (UEFI 2.10, 5.3). The backup GPT is
 /// used when the primary header or its entry array fails its CRC.
 pub fn find_gpt_partition(
     disk: &mut impl BlockDevice,
     hal: &impl Hal,
     guid: Guid,
-    buf: &mut [u8; 512],
+    buf: &mut [u8; MAX_BLOCK],
 ) -> Result<Partition, PartError> {
-    let last = disk.info().sectors - 1;
+    let last = disk.info().blocks - 1;
+    let block = disk.info().block_size as usize;
+    let buf = &mut buf[..block];
     let mut backup_lba = last;
     disk.read(hal, 1, buf)?;
-    if let Some(primary) = parse_gpt_header(buf, 1) {
+    let head = |b: &[u8]| -> [u8; 512] { b[..512].try_into().expect("a block holds a GPT header") };
+    if let Some(primary) = parse_gpt_header(&head(buf), 1) {
         if let Some(found) = search_entries(disk, hal, &primary, guid, buf)? {
             return found_in(found, &primary, Source::GptPrimary);
         }
@@ -210,7 +214,7 @@ pub fn find_gpt_partition(
         }
     }
     disk.read(hal, backup_lba, buf)?;
-    let backup = parse_gpt_header(buf, backup_lba).ok_or(PartError::NoValidGpt)?;
+    let backup = parse_gpt_header(&head(buf), backup_lba).ok_or(PartError::NoValidGpt)?;
     match search_entries(disk, hal, &backup, guid, buf)? {
         Some(found) => found_in(found, &backup, Source::GptBackup),
         None => Err(PartError::NoValidGpt),
@@ -234,18 +238,19 @@ fn search_entries(
     hal: &impl Hal,
     header: &GptHeader,
     guid: Guid,
-    buf: &mut [u8; 512],
+    buf: &mut [u8],
 ) -> Result<Option<Option<(u64, u64)>>, PartError> {
     let total = header.entry_count as u64 * header.entry_size as u64;
+    let block = buf.len() as u64;
     let mut digest = CRC32.digest();
     let mut found = None;
     let mut offset = 0u64;
     while offset < total {
-        disk.read(hal, header.entries_lba + offset / SECTOR, buf)?;
-        let take = (total - offset).min(SECTOR) as usize;
+        disk.read(hal, header.entries_lba + offset / block, buf)?;
+        let take = (total - offset).min(block) as usize;
         digest.update(&buf[..take]);
         // Entry sizes are multiples of 128, so an entry's GUIDs and LBAs
-        // (its first 48 bytes) never straddle a sector.
+        // (its first 48 bytes) never straddle a block.
         for at in (0..take).step_by(128) {
             let starts_entry = (offset + at as u64).is_multiple_of(header.entry_size as u64);
             if let (true, None, Some(e)) = (starts_entry, found, parse_entry(&buf[at..at + 128]))
@@ -254,15 +259,18 @@ fn search_entries(
                 found = Some((e.first_lba, e.last_lba));
             }
         }
-        offset += SECTOR;
+        offset += block;
     }
     Ok((digest.finalize() == header.entries_crc).then_some(found))
 }
 
-/// MBR partition `index` (0-3), from sector 0 read into `buf`.
-pub fn find_mbr_partition(disk: &mut impl BlockDevice, hal: &impl Hal, index: usize, buf: &mut [u8; 512]) -> Result<Partition, PartError> {
-    disk.read(hal, 0, buf)?;
-    parse_mbr(buf, index, disk.info().sectors).ok_or(PartError::NoMbrPartition)
+/// MBR partition `index` (0-3), from block 0 read into `buf` (the MBR is
+/// its first 512 bytes).
+pub fn find_mbr_partition(disk: &mut impl BlockDevice, hal: &impl Hal, index: usize, buf: &mut [u8; MAX_BLOCK]) -> Result<Partition, PartError> {
+    let block = disk.info().block_size as usize;
+    disk.read(hal, 0, &mut buf[..block])?;
+    let mbr: &[u8; 512] = buf[..512].try_into().expect("a block holds the MBR");
+    parse_mbr(mbr, index, disk.info().blocks).ok_or(PartError::NoMbrPartition)
 }
 
 /// Reads entry `index` of an MBR sector.
@@ -309,4 +317,70 @@ mod tests {
         s[510] = 0;
         assert_eq!(parse_mbr(&s, 1, 100_000), None);
     }
+}
+
+/// Entries a GPT made by [`build_gpt`] has, of 128 bytes each.
+const BUILT_ENTRIES: usize = 128;
+
+/// Bytes [`build_gpt`] writes at the start of a disk of `block_size`
+/// blocks: protective MBR block, header block, entry array.
+pub const fn gpt_head_len(block_size: usize) -> usize {
+    2 * block_size + BUILT_ENTRIES * 128
+}
+
+/// Bytes [`build_gpt`] writes at the end of the disk: the backup entry
+/// array, then the backup header block.
+pub const fn gpt_tail_len(block_size: usize) -> usize {
+    BUILT_ENTRIES * 128 + block_size
+}
+
+/// Writes a GPT (UEFI 2.10, 5.3) for a disk of `blocks` blocks of
+/// `block_size` bytes holding `parts` into `head` ([`gpt_head_len`]
+/// bytes, for the disk's start) and `tail` ([`gpt_tail_len`], for its
+/// end): what `sgdisk` makes, for any block size (sgdisk takes 512 for an
+/// image file). Test disks only: names and attributes stay zero.
+pub fn build_gpt(block_size: usize, blocks: u64, disk_guid: Guid, parts: &[Entry], head: &mut [u8], tail: &mut [u8]) {
+    let b = block_size as u64;
+    let entry_blocks = (BUILT_ENTRIES * 128) as u64 / b;
+    assert!(head.len() == gpt_head_len(block_size) && tail.len() == gpt_tail_len(block_size) && parts.len() <= BUILT_ENTRIES);
+    head.fill(0);
+    tail.fill(0);
+    // Protective MBR: one partition of type EE over the disk.
+    let mbr = &mut head[..512];
+    mbr[446 + 4] = 0xEE;
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&((blocks - 1).min(u32::MAX as u64) as u32).to_le_bytes());
+    mbr[510..512].copy_from_slice(&[0x55, 0xAA]);
+    let entries = &mut head[2 * block_size..];
+    for (slot, p) in entries.chunks_mut(128).zip(parts) {
+        slot[..16].copy_from_slice(&p.type_guid.to_bytes());
+        slot[16..32].copy_from_slice(&p.unique.to_bytes());
+        slot[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
+        slot[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
+    }
+    let entries_crc = CRC32.checksum(entries);
+    tail[..entries.len()].copy_from_slice(entries);
+    let header = |my_lba: u64, alternate_lba: u64, entries_lba: u64| {
+        let mut h = RawGptHeader {
+            signature: *b"EFI PART",
+            revision: 0x0001_0000.into(),
+            header_size: 92.into(),
+            header_crc: 0.into(),
+            reserved: 0.into(),
+            my_lba: my_lba.into(),
+            alternate_lba: alternate_lba.into(),
+            first_usable_lba: (2 + entry_blocks).into(),
+            last_usable_lba: (blocks - 2 - entry_blocks).into(),
+            disk_guid: disk_guid.to_bytes(),
+            entries_lba: entries_lba.into(),
+            entry_count: (BUILT_ENTRIES as u32).into(),
+            entry_size: 128.into(),
+            entries_crc: entries_crc.into(),
+        };
+        h.header_crc = CRC32.checksum(h.as_bytes()).into();
+        h
+    };
+    head[block_size..block_size + 92].copy_from_slice(header(1, blocks - 1, 2).as_bytes());
+    let at = BUILT_ENTRIES * 128;
+    tail[at..at + 92].copy_from_slice(header(blocks - 1, 1, blocks - 1 - entry_blocks).as_bytes());
 }

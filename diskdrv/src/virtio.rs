@@ -237,7 +237,7 @@ impl<'m, H: Hal> VirtioBlk<'m, H> {
     /// mastering enabled and its spans mapped uncached; `mem` must be
     /// reachable by the device's DMA.
     pub unsafe fn open(hal: H, transport: Transport, mem: &'m mut VirtioMemory) -> Result<Self, DiskError> {
-        let blank = DiskInfo { model: crate::heapless_str::Str40::from_ascii_trimmed(b"virtio-blk"), serial: Default::default(), sectors: 0, lba48: true, dma: true };
+        let blank = DiskInfo { model: crate::heapless_str::Str40::from_ascii_trimmed(b"virtio-blk"), serial: Default::default(), blocks: 0, block_size: 512, lba48: true, dma: true };
         let mut disk = Self {
             hal,
             transport,
@@ -311,13 +311,17 @@ impl<'m, H: Hal> VirtioBlk<'m, H> {
         if accepted & F_SEG_MAX != 0 {
             self.max_pieces = (hal.mmio_read32(device + 12) as usize).clamp(1, QUEUE - 2);
         }
-        if accepted & F_BLK_SIZE != 0 && hal.mmio_read32(device + 20) != SECTOR as u32 {
+        // Requests and the capacity count 512-byte sectors whatever the
+        // block size (5.2.4), which requests must be whole multiples of.
+        let block = if accepted & F_BLK_SIZE != 0 { hal.mmio_read32(device + 20) } else { SECTOR as u32 };
+        if block != 512 && block != 4096 {
             self.add_status(FAILED);
-            return Err(DiskError::Unsupported("virtio-blk with other than 512-byte logical blocks"));
+            return Err(DiskError::Unsupported("virtio-blk with blocks of other than 512 or 4096 bytes"));
         }
         self.flush = accepted & F_FLUSH != 0;
         self.read_only = accepted & F_RO != 0;
-        self.info.sectors = capacity;
+        self.info.block_size = block;
+        self.info.blocks = capacity / (block as u64 / SECTOR);
 
         // Queue 0 (4.1.5.1.3).
         hal.mmio_write16(self.common(QUEUE_SELECT), 0);
@@ -426,8 +430,10 @@ impl<H: Hal> BlockDevice for VirtioBlk<'_, H> {
         let mut data = Pieces::new(segments);
         let mut done = 0;
         while done < total {
-            let count = data.fit_sectors(total - done, self.max_pieces, self.piece_max, None);
-            self.request(kind, lba + done, &mut data, count * SECTOR)?;
+            let block = self.info.block_size as u64;
+            let count = data.fit_blocks(total - done, block, self.max_pieces, self.piece_max, None);
+            // The request's sector field counts 512 bytes.
+            self.request(kind, (lba + done) * (block / SECTOR), &mut data, count * block)?;
             done += count;
         }
         Ok(())

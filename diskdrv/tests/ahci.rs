@@ -26,7 +26,7 @@ fn finds_the_disk_port_and_identifies_it() {
     let mut mem = Box::new(AhciMemory::new());
     let disk = open(&hal, &mut mem);
     assert_eq!(disk.info().model.as_str(), "FAKE AHCI DISK");
-    assert_eq!(disk.info().sectors, 1 << 20);
+    assert_eq!(disk.info().blocks, 1 << 20);
     assert!(disk.info().lba48);
     // Port 0 has no link: refused after one COMRESET, without a command.
     let mut mem0 = Box::new(AhciMemory::new());
@@ -162,7 +162,7 @@ fn a_busy_port_gets_a_comreset() {
     hal.mmio_write32(Machine::ABAR + 0x100 + 0x80 + 0x14, 0); // any write makes the fake show BSY
     let mut mem = Box::new(AhciMemory::new());
     let d = open(&hal, &mut mem);
-    assert_eq!(d.info().sectors, 1 << 16);
+    assert_eq!(d.info().blocks, 1 << 16);
     assert_eq!(hal.0.hba.borrow().as_ref().unwrap().ports[1].comresets, 1);
 }
 

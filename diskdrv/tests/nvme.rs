@@ -31,10 +31,10 @@ fn identifies_each_namespace_and_refuses_a_missing_one() {
     let d = open(&hal, 0, &mut mem).unwrap();
     assert_eq!(d.info().model.as_str(), "ksave fake SSD");
     assert_eq!(d.info().serial.as_str(), "FAKE0001");
-    assert_eq!((d.nsid(), d.info().sectors), (1, 1 << 20));
+    assert_eq!((d.nsid(), d.info().blocks), (1, 1 << 20));
     d.close();
     let d = open(&hal, 1, &mut mem).unwrap();
-    assert_eq!((d.nsid(), d.info().sectors), (2, 4096));
+    assert_eq!((d.nsid(), d.info().blocks), (2, 4096));
     d.close();
     assert_eq!(open(&hal, 2, &mut mem).err(), Some(DiskError::NoDevice));
     assert!(!controller(&hal).enabled(), "a refused open gives the controller back disabled");
@@ -183,15 +183,52 @@ fn close_disables_and_puts_the_registers_back() {
 }
 
 #[test]
-fn out_of_range_and_4k_namespaces_are_refused() {
-    let (hal, _) = machine(&[(1000, 9), (8000, 12)]);
+fn out_of_range_is_refused_and_odd_block_sizes_too() {
+    let (hal, _) = machine(&[(1000, 9), (8000, 10)]);
     let mut mem = low(NvmeMemory::new());
     let mut d = open(&hal, 0, &mut mem).unwrap();
     let buf = pages(1);
     let err = d.transfer(Direction::Read, 999, &[segment(buf, 0, 1024)]).unwrap_err();
     assert!(matches!(err, DiskError::OutOfRange { .. }));
     d.close();
-    assert!(matches!(open(&hal, 1, &mut mem).err(), Some(DiskError::Unsupported(_))));
+    assert!(matches!(open(&hal, 1, &mut mem).err(), Some(DiskError::Unsupported(_))), "1 KiB blocks");
+}
+
+/// A 4Kn namespace: LBAs count 4 KiB blocks, requests carry whole blocks
+/// (a 512-byte one is refused), and the GPT is read in 4 KiB blocks.
+#[test]
+fn a_4k_namespace_moves_whole_blocks_and_its_gpt_is_found() {
+    let (hal, disks) = machine(&[(1 << 16, 12)]);
+    let mut mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, &mut mem).unwrap();
+    assert_eq!((d.info().blocks, d.info().block_size), (1 << 13, 4096));
+    let buf = pages(8);
+    let seg = [segment(buf, 0, 8 * 4096)];
+    let data = pattern(0, 8 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 100, &seg).unwrap();
+    assert_eq!(disks[0].borrow().bytes(800, 64), data, "block 100 is sector 800");
+    assert!(matches!(d.transfer(Direction::Read, 0, &[segment(buf, 0, 512)]), Err(DiskError::BadSegment(_))));
+    // A GPT made for 4 KiB blocks, found through the driver.
+    let guid = diskdrv::part::Guid::try_parse("9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B").unwrap();
+    let part = diskdrv::part::Entry { type_guid: guid, unique: guid, first_lba: 256, last_lba: 1279 };
+    let (mut head, mut tail) = (vec![0u8; diskdrv::part::gpt_head_len(4096)], vec![0u8; diskdrv::part::gpt_tail_len(4096)]);
+    diskdrv::part::build_gpt(4096, 1 << 13, guid, &[part], &mut head, &mut tail);
+    let sectors = 1u64 << 16;
+    for (i, s) in head.chunks(512).enumerate() {
+        disks[0].borrow_mut().set_sector(i as u64, s);
+    }
+    let tail_at = sectors - tail.len() as u64 / 512;
+    for (i, s) in tail.chunks(512).enumerate() {
+        disks[0].borrow_mut().set_sector(tail_at + i as u64, s);
+    }
+    let block = low([0u8; diskdrv::MAX_BLOCK]);
+    let found = diskdrv::part::find_gpt_partition(&mut d, &hal, guid, block).unwrap();
+    assert_eq!((found.first_lba, found.blocks()), (256, 1024));
+    // The backup is found when the primary header is damaged.
+    disks[0].borrow_mut().set_sector(8, &[0u8; 512]);
+    let found = diskdrv::part::find_gpt_partition(&mut d, &hal, guid, block).unwrap();
+    assert_eq!((found.first_lba, found.source), (256, diskdrv::part::Source::GptBackup));
 }
 
 #[test]

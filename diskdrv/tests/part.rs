@@ -63,7 +63,7 @@ fn lookup(disk: &fakes::Disk, guid: &str) -> Result<Partition, PartError> {
     let mut mem = Box::new(AhciMemory::new());
     // SAFETY: the fake HBA is this test's alone.
     let mut d = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 0, &mut mem) }.unwrap();
-    let buf = low([0u8; 512]);
+    let buf = low([0u8; 4096]);
     find_gpt_partition(&mut d, &hal, Guid::try_parse(guid).unwrap(), buf)
 }
 
@@ -78,7 +78,7 @@ fn finds_a_partition_by_unique_guid() {
     let disk = disk_with_two_partitions();
     let p = lookup(&disk, WANTED).unwrap();
     assert_eq!(p, Partition { first_lba: 4096, last_lba: 40959, source: Source::GptPrimary });
-    assert_eq!(p.sectors(), 36864);
+    assert_eq!(p.blocks(), 36864);
     assert_eq!(lookup(&disk, "DEADBEEF-0000-0000-0000-000000000000"), Err(PartError::NotFound));
 }
 
@@ -130,7 +130,7 @@ fn mbr_fallback_by_index() {
     let mut mem = Box::new(AhciMemory::new());
     // SAFETY: the fake HBA is this test's alone.
     let mut d = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 0, &mut mem) }.unwrap();
-    let buf = low([0u8; 512]);
+    let buf = low([0u8; 4096]);
     let p = find_mbr_partition(&mut d, &hal, 0, buf).unwrap();
     assert_eq!(p, Partition { first_lba: 2048, last_lba: 10239, source: Source::Mbr });
     assert_eq!(find_mbr_partition(&mut d, &hal, 1, buf), Err(PartError::NoMbrPartition));

@@ -34,7 +34,7 @@ fn finds_the_structures_negotiates_and_reads_the_capacity() {
     assert_eq!((t.common, t.device, t.notify, t.notify_multiplier), (Machine::VIRTIO_BAR, Machine::VIRTIO_BAR + 0x2000, Machine::VIRTIO_BAR + 0x3000, 4));
     let mut mem = low(VirtioMemory::new());
     let d = open(&hal, &mut mem).unwrap();
-    assert_eq!(d.info().sectors, 1 << 20);
+    assert_eq!(d.info().blocks, 1 << 20);
     assert_eq!(device(&hal).status, 1 | 2 | 8 | 4, "ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK");
     assert_eq!(device(&hal).stats.accepted, 1 << 32 | 1 << 9 | 1 << 2 | 1 << 6);
 }
@@ -124,12 +124,28 @@ fn close_leaves_the_device_reset() {
 }
 
 #[test]
-fn old_and_4k_devices_are_refused_and_left_reset() {
+fn old_and_odd_block_devices_are_refused_and_left_reset() {
     let (hal, _) = machine(1 << 20, VirtioSetup { features: 1 << 9, ..VirtioSetup::default() });
     let mut mem = low(VirtioMemory::new());
     assert!(matches!(open(&hal, &mut mem).err(), Some(DiskError::Unsupported(_))));
     assert_eq!(device(&hal).status, 0);
-    let (hal, _) = machine(1 << 20, VirtioSetup { blk_size: 4096, ..VirtioSetup::default() });
+    let (hal, _) = machine(1 << 20, VirtioSetup { blk_size: 2048, ..VirtioSetup::default() });
     assert!(matches!(open(&hal, &mut mem).err(), Some(DiskError::Unsupported(_))));
     assert_eq!(device(&hal).status, 0);
+}
+
+/// 4 KiB blocks: LBAs count blocks, requests' sector fields 512 bytes.
+#[test]
+fn a_4k_device_moves_whole_blocks() {
+    let (hal, disk) = machine(1 << 16, VirtioSetup { blk_size: 4096, ..VirtioSetup::default() });
+    let mut mem = low(VirtioMemory::new());
+    let mut d = open(&hal, &mut mem).unwrap();
+    assert_eq!((d.info().blocks, d.info().block_size), (1 << 13, 4096));
+    let buf = pages(4);
+    let seg = [segment(buf, 0, 4 * 4096)];
+    let data = pattern(0, 4 * 4096);
+    fill(&seg, &data);
+    d.transfer(Direction::Write, 10, &seg).unwrap();
+    assert_eq!(disk.borrow().bytes(80, 32), data, "block 10 is sector 80");
+    assert!(matches!(d.transfer(Direction::Write, 0, &[segment(buf, 0, 512)]), Err(DiskError::BadSegment(_))));
 }

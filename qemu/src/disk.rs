@@ -23,6 +23,8 @@ pub enum Bus {
     IdeSecondary,
     /// Namespace 1 of an NVMe controller with 512-byte blocks.
     Nvme,
+    /// The same with 4096-byte logical blocks (a 4Kn namespace).
+    Nvme4k,
     /// A virtio-blk PCI device.
     Virtio,
 }
@@ -34,16 +36,21 @@ impl Bus {
             Self::Ahci => "port 0",
             Self::IdePrimary => "primary master",
             Self::IdeSecondary => "secondary master",
-            Self::Nvme => "NVMe",
+            Self::Nvme | Self::Nvme4k => "NVMe",
             Self::Virtio => "virtio-blk",
         }
+    }
+
+    /// The logical block size of a disk on this bus.
+    pub fn block_size(self) -> u64 {
+        if self == Self::Nvme4k { 4096 } else { 512 }
     }
 
     /// How ksave names a failed write or read on this bus, up to the LBA.
     pub fn ksave_error(self, write: bool) -> &'static str {
         match (self, write) {
-            (Self::Nvme, true) => "NVMe command 0x01 at LBA",
-            (Self::Nvme, false) => "NVMe command 0x02 at LBA",
+            (Self::Nvme | Self::Nvme4k, true) => "NVMe command 0x01 at LBA",
+            (Self::Nvme | Self::Nvme4k, false) => "NVMe command 0x02 at LBA",
             (Self::Virtio, true) => "virtio-blk write at LBA",
             (Self::Virtio, false) => "virtio-blk read at LBA",
             (_, true) => "device error on command 0x35 at LBA",
@@ -83,6 +90,39 @@ impl TestDisk {
     /// partition 1 of GUID [`PART_GUID`] at LBA 2048. A sparse file.
     pub fn create(name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
         Self::make(name, size_mib, part_mib, false)
+    }
+
+    /// [`TestDisk::create`] for a disk on `bus`: with a GPT in that bus's
+    /// block size. LBAs here stay 512-byte sectors.
+    pub fn create_on(bus: Bus, name: &str, size_mib: u64, part_mib: u64) -> Result<Self> {
+        let mut disk = Self::make(name, size_mib, part_mib, false)?;
+        if bus.block_size() != 512 {
+            disk.write_gpt(bus.block_size() as usize, size_mib)?;
+            if !disk.original.is_empty() {
+                disk.original = std::fs::read(&disk.path)?;
+            }
+        }
+        Ok(disk)
+    }
+
+    /// Replaces sgdisk's GPT (512-byte sectors: it takes that for any image
+    /// file) with the same partitions in `block_size` blocks.
+    fn write_gpt(&self, block_size: usize, size_mib: u64) -> Result<()> {
+        use diskdrv::part::{self, Entry, Guid};
+        use std::os::unix::fs::FileExt;
+        let per_block = block_size as u64 / 512;
+        let blocks = (size_mib << 20) / block_size as u64;
+        let linux = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
+        let first = Entry { type_guid: linux, unique: Guid::try_parse(PART_GUID).unwrap(), first_lba: PART_FIRST_LBA / per_block, last_lba: (self.part_last_lba + 1) / per_block - 1 };
+        let entry_blocks = (128 * 128) as u64 / block_size as u64;
+        let second_guid = Guid::try_parse("5C0D1F2E-3A4B-4C5D-8E6F-7A8B9C0D1E2F").unwrap();
+        let second = Entry { type_guid: linux, unique: second_guid, first_lba: first.last_lba + 1, last_lba: blocks - 2 - entry_blocks };
+        let (mut head, mut tail) = (vec![0u8; part::gpt_head_len(block_size)], vec![0u8; part::gpt_tail_len(block_size)]);
+        part::build_gpt(block_size, blocks, Guid::try_parse("A1B2C3D4-0000-4000-8000-000000004096").unwrap(), &[first, second], &mut head, &mut tail);
+        let file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+        file.write_all_at(&head, 0)?;
+        file.write_all_at(&tail, (size_mib << 20) - tail.len() as u64)?;
+        Ok(())
     }
 
     /// As [`TestDisk::create`], but every block is written on the host
@@ -137,6 +177,12 @@ impl TestDisk {
             Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
             Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
             Bus::Nvme => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "nvme,serial=ksave0001,drive=d0".into()],
+            Bus::Nvme4k => vec![
+                "-drive".into(),
+                drive("if=none,id=d0"),
+                "-device".into(),
+                "nvme,serial=ksave0001,drive=d0,logical_block_size=4096,physical_block_size=4096".into(),
+            ],
             Bus::Virtio => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "virtio-blk-pci,drive=d0".into()],
         }
     }

@@ -42,6 +42,11 @@ fn disk_self_test_on_nvme() {
 }
 
 #[test]
+fn disk_self_test_on_nvme_with_4k_blocks() {
+    run(|echo| scenarios::disk_self_test(Bus::Nvme4k, "dma", echo));
+}
+
+#[test]
 fn disk_self_test_on_virtio() {
     run(|echo| scenarios::disk_self_test(Bus::Virtio, "dma", echo));
 }
@@ -169,6 +174,13 @@ fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
 #[test]
 fn hibernate_power_off_and_resume_on_nvme() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme);
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+}
+
+/// A 4Kn namespace: every write whole 4 KiB blocks, the GPT in 4 KiB LBAs.
+#[test]
+fn hibernate_power_off_and_resume_on_nvme_with_4k_blocks() {
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme4k);
     run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 

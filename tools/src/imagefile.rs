@@ -47,9 +47,9 @@ impl ImageFile {
         if magic == MAGIC {
             return Ok(Self { file, offset: 0, description: path.display().to_string() });
         }
-        if let Ok(entries) = sys::gpt_entries(path) {
-            for e in entries {
-                let offset = e.first_lba * 512;
+        if let Ok(gpt) = sys::gpt_entries(path) {
+            for e in gpt.entries {
+                let offset = e.first_lba * gpt.block_size;
                 if file.read_exact_at(&mut magic, offset).is_ok() && magic == MAGIC {
                     return Ok(Self { file, offset, description: format!("{} partition {} (PARTUUID {})", path.display(), e.first_lba, e.unique) });
                 }

@@ -117,24 +117,36 @@ pub struct PartInfo {
     pub sectors: u64,
 }
 
-/// The GPT entries of a disk (device or image file), CRCs checked; the
-/// backup GPT is used if the primary is damaged.
-pub fn gpt_entries(disk: &Path) -> Result<Vec<part::Entry>> {
+/// A disk's GPT: its logical block size (LBAs count these) and entries.
+pub struct Gpt {
+    /// Bytes in a logical block: 512 or 4096.
+    pub block_size: u64,
+    /// The partition entries in use.
+    pub entries: Vec<part::Entry>,
+}
+
+/// The GPT of a disk (device or image file), CRCs checked; the backup GPT
+/// is used if the primary is damaged. The block size is where the header
+/// is found: at byte 512 or 4096 (a 4Kn disk).
+pub fn gpt_entries(disk: &Path) -> Result<Gpt> {
     let file = File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
     let len = device_len(&file)?;
-    let read = |lba: u64, n: usize| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; n];
-        file.read_exact_at(&mut buf, lba * 512)?;
-        Ok(buf)
-    };
-    for lba in [1, len / 512 - 1] {
-        let sector: [u8; 512] = read(lba, 512)?.try_into().unwrap();
-        let Some(h) = part::parse_gpt_header(&sector, lba) else { continue };
-        let bytes = read(h.entries_lba, h.entry_count as usize * h.entry_size as usize)?;
-        if !part::entries_crc_ok(&h, &bytes) {
-            continue;
+    for block_size in [512u64, 4096] {
+        let read = |lba: u64, n: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, lba * block_size)?;
+            Ok(buf)
+        };
+        for lba in [1, len / block_size - 1] {
+            let sector: [u8; 512] = read(lba, 512)?.try_into().unwrap();
+            let Some(h) = part::parse_gpt_header(&sector, lba) else { continue };
+            let bytes = read(h.entries_lba, h.entry_count as usize * h.entry_size as usize)?;
+            if !part::entries_crc_ok(&h, &bytes) {
+                continue;
+            }
+            let entries = bytes.chunks(h.entry_size as usize).filter_map(part::parse_entry).collect();
+            return Ok(Gpt { block_size, entries });
         }
-        return Ok(bytes.chunks(h.entry_size as usize).filter_map(part::parse_entry).collect());
     }
     bail!("{} has no valid GPT", disk.display())
 }
@@ -167,10 +179,12 @@ pub fn partition_info(device: &Path) -> Result<PartInfo> {
     let sectors = sysfs_u64(sys.join("size"))?;
     let disk_name = std::fs::canonicalize(&sys)?.parent().context("no parent disk")?.file_name().unwrap().to_string_lossy().to_string();
     let disk = PathBuf::from("/dev").join(disk_name);
-    let entries = gpt_entries(&disk)?;
-    let entry = entries
+    // sysfs counts 512-byte sectors, the GPT the disk's blocks.
+    let gpt = gpt_entries(&disk)?;
+    let entry = gpt
+        .entries
         .iter()
-        .find(|e| e.first_lba == first_lba)
+        .find(|e| e.first_lba * (gpt.block_size / 512) == first_lba)
         .with_context(|| format!("{} (partition {number}) is not in {}'s GPT", device.display(), disk.display()))?;
     Ok(PartInfo { device: device.into(), disk, guid: entry.unique, first_lba, sectors })
 }

@@ -10,7 +10,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{CRC32C, PAGE, SECTOR};
+use crate::{CRC32C, MAX_ALIGN, PAGE, SECTOR};
 
 /// "KSCHUNK1".
 pub const CHUNK_MAGIC: [u8; 8] = *b"KSCHUNK1";
@@ -21,7 +21,7 @@ pub const LZ4_GROUP: usize = 16;
 /// Header bytes of an LZ4 chunk.
 pub const LZ4_HEADER: usize = SECTOR as usize;
 /// Buffer for one LZ4 chunk: header plus worst-case compressed payload.
-pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_size(LZ4_GROUP * PAGE)).next_multiple_of(SECTOR as usize);
+pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_size(LZ4_GROUP * PAGE)).next_multiple_of(MAX_ALIGN as usize);
 /// Payload encodings.
 pub const ENCODING_RAW: u8 = 0;
 /// LZ4 block format.
@@ -69,9 +69,10 @@ pub fn max_pages(encoding: u8) -> usize {
     if encoding == ENCODING_RAW { MAX_RAW_PAGES } else { LZ4_GROUP }
 }
 
-/// Bytes a chunk takes on disk, header included.
-pub fn bytes_on_disk(encoding: u8, payload_len: usize) -> u64 {
-    (header_len(encoding) + payload_len).next_multiple_of(SECTOR as usize) as u64
+/// Bytes a chunk takes on disk, header included, padded to the image's
+/// alignment `align` (the disk's block size).
+pub fn bytes_on_disk(encoding: u8, payload_len: usize, align: u32) -> u64 {
+    (header_len(encoding) + payload_len).next_multiple_of(align as usize) as u64
 }
 
 /// Encodes a header for `pfns` into `h` (its whole length, one sector or

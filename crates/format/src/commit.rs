@@ -5,7 +5,7 @@
 
 use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
 use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
-use crate::{BackupPair, PAGE, Range, SECTOR};
+use crate::{BackupPair, PAGE, Range};
 
 /// A [`Sink`] that can also make what it wrote durable.
 pub trait Device: Sink {
@@ -33,6 +33,9 @@ pub struct Plan<'a> {
     pub lz4: bool,
     /// Bytes of the partition.
     pub capacity: u64,
+    /// The disk's logical block size (512 or 4096): every write is whole
+    /// blocks ([`Header::align`]).
+    pub align: u32,
     /// The RAM saved (page aligned, sorted).
     pub ram: &'a [Range],
     /// The ACPI NVS saved (page aligned, sorted, apart from `ram`).
@@ -108,10 +111,11 @@ pub fn save<D: Device>(
     dev.reached(Step::HeaderWritten);
 
     let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, bufs.meta);
-    let meta_bytes = meta_len.next_multiple_of(SECTOR as usize).max(SECTOR as usize);
+    let align = plan.align as usize;
+    let meta_bytes = meta_len.next_multiple_of(align).max(align);
     dev.write_bytes(META_OFFSET, &bufs.meta[..meta_bytes]).map_err(sink)?;
 
-    let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, bufs.writer);
+    let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, plan.align, bufs.writer);
     for pfn in plan.pages() {
         w.add_page(pfn, mem, dev)?;
     }
@@ -126,6 +130,7 @@ pub fn save<D: Device>(
     h.ram_ranges = plan.ram.len() as u32;
     h.backup_pairs = plan.backup.len() as u32;
     h.nvs_ranges = plan.nvs.len() as u32;
+    h.align = plan.align;
     h.meta_crc = meta_crc;
     h.chunks = totals.chunks;
     h.data_bytes = totals.data_bytes;

@@ -8,7 +8,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{BackupPair, CRC32C, PAGE, Range};
+use crate::{BackupPair, CRC32C, MAX_ALIGN, PAGE, Range};
 
 /// "KSAVEIMG".
 pub const MAGIC: [u8; 8] = *b"KSAVEIMG";
@@ -116,6 +116,10 @@ pub struct Header {
     /// calls rely on, saved and put back as Linux's own hibernation does
     /// (kernel/power/suspend_nvs.c).
     pub nvs_ranges: u32,
+    /// Bytes every chunk starts on and is padded to: the logical block
+    /// size of the disk it was written to (512 or 4096), so that every read
+    /// and write is whole blocks. 0 on disk means 512.
+    pub align: u32,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -187,6 +191,7 @@ impl Header {
             cr4_needed: 0,
             facs_signature: None,
             nvs_ranges: 0,
+            align: 512,
         }
     }
 
@@ -239,6 +244,7 @@ impl Header {
             facs_known: (self.facs_signature.is_some() as u32).into(),
             facs_signature: self.facs_signature.unwrap_or(0).into(),
             nvs_ranges: self.nvs_ranges.into(),
+            align: self.align.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -286,7 +292,14 @@ impl Header {
             cr4_needed: raw.cr4_needed.get(),
             facs_signature: (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get()),
             nvs_ranges: raw.nvs_ranges.get(),
+            align: match raw.align.get() {
+                0 => 512,
+                a => a,
+            },
         };
+        if h.align != 512 && h.align != MAX_ALIGN {
+            return Err(HeaderError::Field("alignment"));
+        }
         if h.ram_ranges as usize > MAX_RAM_RANGES {
             return Err(HeaderError::Field("RAM range count"));
         }
@@ -337,7 +350,8 @@ struct RawHeader {
     facs_known: U32,
     facs_signature: U32,
     nvs_ranges: U32,
-    pad: [u8; PAGE - 436 - 4],
+    align: U32,
+    pad: [u8; PAGE - 440 - 4],
     crc: U32,
 }
 

@@ -22,8 +22,12 @@ use crc::{CRC_32_ISCSI, Crc, Table};
 
 /// Page size of everything saved.
 pub const PAGE: usize = 4096;
-/// Disk sector size the format aligns to.
+/// The smallest unit the format aligns to, and the unit chunk headers
+/// count their length in.
 pub const SECTOR: u64 = 512;
+/// The largest alignment an image may have: chunks are padded to the
+/// disk's logical block size, 512 or 4096 bytes ([`header::Header::align`]).
+pub const MAX_ALIGN: u32 = 4096;
 
 /// CRC-32C (Castagnoli): the check of every small structure (headers,
 /// metadata, config), where it detects every burst up to 32 bits. Chunk

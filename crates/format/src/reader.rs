@@ -1,9 +1,9 @@
 //! The decoder: checks an image and hands its pages out, used by the host
 //! tool (verify, inspect, export) and by restore.
 
-use crate::chunk::{self, ChunkInfo, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkInfo, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
-use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, payload_hash};
+use crate::{CRC32C, PAGE, PayloadHasher, payload_hash};
 
 /// Reads bytes of the partition.
 pub trait Source {
@@ -97,10 +97,10 @@ pub fn visit_chunks<S: Source>(
     let mut pages_seen = 0u64;
     for index in 0..header.chunks {
         let bad = |what| ReadError::Chunk { index, offset, what };
-        if offset + SECTOR > end {
+        if offset + header.align as u64 > end {
             return Err(bad("beyond the data the header records"));
         }
-        let header_len = read_chunk_header(src, offset, bufs.header).map_err(|e| e.at(index, offset))?;
+        let header_len = read_chunk_header(src, offset, header.align, bufs.header).map_err(|e| e.at(index, offset))?;
         let decoded = chunk::decode(&bufs.header[..header_len]).map_err(bad)?;
         chunks_digest.update(&bufs.header[header_len - 4..header_len]);
         let fields = decoded.fields;
@@ -121,10 +121,10 @@ pub fn visit_chunks<S: Source>(
         if fields.encoding == ENCODING_RAW {
             read_raw_payload(src, payload_at, pfns, fields.payload_len, fields.payload_hash, bufs.lz4_out, &mut page).map_err(|e| e.at(index, offset))?;
         } else {
-            read_lz4_payload(src, payload_at, pfns, fields.payload_len, fields.payload_hash, bufs.lz4_in, bufs.lz4_out, &mut page)
-                .map_err(|e| e.at(index, offset))?;
+            let chunk = LzChunk { offset, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
+            read_lz4_chunk(src, &chunk, bufs.lz4_in, bufs.lz4_out, &mut page).map_err(|e| e.at(index, offset))?;
         }
-        let bytes = chunk::bytes_on_disk(fields.encoding, payload_len);
+        let bytes = chunk::bytes_on_disk(fields.encoding, payload_len, header.align);
         chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
         pages_seen += count as u64;
         offset += bytes;
@@ -147,14 +147,14 @@ impl<E> ChunkError<E> {
     }
 }
 
-/// Reads a chunk header into `buf`: the first sector, then the rest its
-/// first sector announces. Returns its length.
-fn read_chunk_header<S: Source>(src: &mut S, offset: u64, buf: &mut [u8; PAGE]) -> Result<usize, ChunkError<S::Error>> {
-    let first = SECTOR as usize;
+/// Reads a chunk header into `buf`: its first `align` bytes (one block of
+/// the disk), then the rest the header announces. Returns its length.
+fn read_chunk_header<S: Source>(src: &mut S, offset: u64, align: u32, buf: &mut [u8; PAGE]) -> Result<usize, ChunkError<S::Error>> {
+    let first = align as usize;
     src.read_at(offset, &mut buf[..first]).map_err(ChunkError::Io)?;
     let len = chunk::announced_len(&buf[..first]).map_err(ChunkError::Bad)?;
     if len > first {
-        src.read_at(offset + SECTOR, &mut buf[first..len]).map_err(ChunkError::Io)?;
+        src.read_at(offset + first as u64, &mut buf[first..len]).map_err(ChunkError::Io)?;
     }
     Ok(len)
 }
@@ -197,32 +197,41 @@ fn read_raw_payload<S: Source>(
     Ok(())
 }
 
-/// An LZ4 group: read, hashed, decompressed to exactly its pages, handed out.
-#[allow(clippy::too_many_arguments)]
-fn read_lz4_payload<S: Source>(
-    src: &mut S,
-    at: u64,
-    pfns: &[u64],
+/// Where an LZ4 chunk is and what its header says.
+struct LzChunk<'p> {
+    offset: u64,
+    pfns: &'p [u64],
     payload_len: u32,
-    want_hash: u64,
-    compressed: &mut [u8; LZ4_OUT],
+    hash: u64,
+    align: u32,
+}
+
+/// An LZ4 chunk: read whole from its start (header again, payload, padding:
+/// whole blocks of the disk), hashed, decompressed to exactly its pages,
+/// handed out.
+fn read_lz4_chunk<S: Source>(
+    src: &mut S,
+    chunk: &LzChunk,
+    buf: &mut [u8; LZ4_OUT],
     pages_buf: &mut [u8; LZ4_GROUP * PAGE],
     page: &mut impl FnMut(u64, &[u8; PAGE]),
 ) -> Result<(), ChunkError<S::Error>> {
-    let len = payload_len as usize;
+    let len = chunk.payload_len as usize;
     if len == 0 || LZ4_HEADER + len > LZ4_OUT {
         return Err(ChunkError::Bad("payload length"));
     }
-    src.read_at(at, &mut compressed[..len.next_multiple_of(SECTOR as usize)]).map_err(ChunkError::Io)?;
-    if payload_hash(&compressed[..len]) != want_hash {
+    let total = chunk::bytes_on_disk(ENCODING_LZ4, len, chunk.align) as usize;
+    src.read_at(chunk.offset, &mut buf[..total]).map_err(ChunkError::Io)?;
+    let compressed = &buf[LZ4_HEADER..LZ4_HEADER + len];
+    if payload_hash(compressed) != chunk.hash {
         return Err(ChunkError::Bad("payload checksum"));
     }
-    let out = &mut pages_buf[..pfns.len() * PAGE];
-    match lz4_flex::block::decompress_into(&compressed[..len], out) {
+    let out = &mut pages_buf[..chunk.pfns.len() * PAGE];
+    match lz4_flex::block::decompress_into(compressed, out) {
         Ok(n) if n == out.len() => {}
         _ => return Err(ChunkError::Bad("LZ4 payload does not decompress to its pages")),
     }
-    for (p, data) in pfns.iter().zip(out.chunks_exact(PAGE)) {
+    for (p, data) in chunk.pfns.iter().zip(out.chunks_exact(PAGE)) {
         page(*p, data.try_into().unwrap());
     }
     Ok(())

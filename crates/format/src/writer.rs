@@ -6,7 +6,7 @@ use crc::{Digest, Table};
 
 use crate::chunk::{self, ChunkHeader, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
-use crate::{CRC32C, PAGE, PayloadHasher, SECTOR, is_zero_page, payload_hash};
+use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 
 /// Worst-case bytes of an image holding `pages` non-zero pages: every page
 /// raw, plus headers. A partition smaller than this is refused up front.
@@ -78,6 +78,7 @@ pub struct Writer<'b> {
     nonce: u64,
     lz4: bool,
     capacity: u64,
+    align: u32,
     offset: u64,
     totals: Totals,
     chunks_digest: Digest<'static, u32, Table<1>>,
@@ -100,11 +101,15 @@ pub const LZ4_MAX_BACKOFF: usize = 8;
 
 impl<'b> Writer<'b> {
     /// A writer for attempt `nonce` into a partition of `capacity` bytes.
-    pub fn new(nonce: u64, lz4: bool, capacity: u64, bufs: Buffers<'b>) -> Self {
+    /// A writer of chunks padded to `align` (512 or 4096, the disk's block
+    /// size).
+    pub fn new(nonce: u64, lz4: bool, capacity: u64, align: u32, bufs: Buffers<'b>) -> Self {
+        assert!(align == 512 || align == MAX_ALIGN);
         Self {
             nonce,
             lz4,
             capacity,
+            align,
             offset: DATA_OFFSET,
             totals: Totals::default(),
             chunks_digest: CRC32C.digest(),
@@ -170,7 +175,7 @@ impl<'b> Writer<'b> {
         match compressed {
             // Worth it only if it saves at least a sixteenth.
             Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
-                let total = (LZ4_HEADER + len).next_multiple_of(SECTOR as usize);
+                let total = chunk::bytes_on_disk(ENCODING_LZ4, len, self.align) as usize;
                 out[LZ4_HEADER + len..total].fill(0);
                 let fields = ChunkHeader {
                     index: self.totals.chunks,
@@ -218,7 +223,7 @@ impl<'b> Writer<'b> {
         };
         self.raw_hasher.reset();
         let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
-        let total = chunk::bytes_on_disk(ENCODING_RAW, n * PAGE);
+        let total = chunk::bytes_on_disk(ENCODING_RAW, n * PAGE, self.align);
         self.check_room(total)?;
         sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
         self.chunk_written(total, header_crc);

@@ -22,6 +22,8 @@ impl Memory for Mem {
 /// A partition in a Vec; `flushes` records the header state at each flush.
 struct Disk {
     bytes: Vec<u8>,
+    /// The block size: every write must be whole, aligned blocks.
+    align: u32,
     mem: *const Mem,
     flushes: Vec<Option<State>>,
 }
@@ -37,6 +39,7 @@ impl commit::Device for Disk {
 impl Sink for Disk {
     type Error = &'static str;
     fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), Self::Error> {
+        self.check_blocks(offset, header.len() + pfns.len() * PAGE);
         // SAFETY: test-only; `mem` outlives the save.
         let mem = unsafe { &*self.mem };
         let mut at = offset as usize;
@@ -50,12 +53,18 @@ impl Sink for Disk {
         Ok(())
     }
     fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), Self::Error> {
+        self.check_blocks(offset, bytes.len());
         self.put(offset as usize, bytes);
         Ok(())
     }
 }
 
 impl Disk {
+    fn check_blocks(&self, offset: u64, len: usize) {
+        let align = self.align as u64;
+        assert!(offset.is_multiple_of(align) && (len as u64).is_multiple_of(align), "write of {len} bytes at {offset} is not whole {align}-byte blocks");
+    }
+
     fn put(&mut self, at: usize, data: &[u8]) {
         assert!(at + data.len() <= self.bytes.len(), "write beyond the partition");
         self.bytes[at..at + data.len()].copy_from_slice(data);
@@ -125,7 +134,7 @@ fn save(mem: &Mem, lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), Writ
 
 /// [`save`] of memory that holds only the RAM ranges `ram`.
 fn save_ram(mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool, capacity: usize) -> Result<(Vec<u8>, Totals), WriteError<&'static str>> {
-    let mut disk = Disk { bytes: vec![0; capacity], mem, flushes: Vec::new() };
+    let mut disk = Disk { bytes: vec![0; capacity], align: 512, mem, flushes: Vec::new() };
     let (_, totals) = save_to(&mut disk, mem, ram, nvs, lz4)?;
     Ok((disk.bytes, totals))
 }
@@ -136,6 +145,7 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) 
         created_unix: 0,
         lz4,
         capacity: disk.bytes.len() as u64,
+        align: disk.align,
         ram,
         nvs,
         image: IMAGE,
@@ -376,7 +386,7 @@ fn config_round_trip_and_refusals() {
 #[test]
 fn commit_protocol_flushes_writing_then_data_then_complete() {
     let mem = memory(9);
-    let mut disk = Disk { bytes: vec![0; 8 << 20], mem: &mem, flushes: Vec::new() };
+    let mut disk = Disk { bytes: vec![0; 8 << 20], align: 512, mem: &mem, flushes: Vec::new() };
     let (h, _) = save_to(&mut disk, &mem, &RAM, &NVS, false).unwrap();
     assert_eq!(h.nvs_ranges, 1);
     assert_eq!(disk.flushes, [Some(State::Writing), Some(State::Writing), Some(State::Complete)]);
@@ -392,7 +402,7 @@ fn commit_protocol_flushes_writing_then_data_then_complete() {
 #[test]
 fn a_failed_save_leaves_no_image() {
     let mem = memory(10);
-    let mut disk = Disk { bytes: vec![0; 1 << 20], mem: &mem, flushes: Vec::new() };
+    let mut disk = Disk { bytes: vec![0; 1 << 20], align: 512, mem: &mem, flushes: Vec::new() };
     assert_eq!(save_to(&mut disk, &mem, &RAM, &NVS, false).err(), Some(WriteError::Full));
     assert_eq!(disk.flushes, [Some(State::Writing)]);
     assert_eq!(load(&disk.bytes).err(), Some(ReadError::Totals("not complete")));
@@ -400,4 +410,17 @@ fn a_failed_save_leaves_no_image() {
     commit::record_failure(&mut disk, NONCE, 0, header::fail::IO, "disk error", &mut block).unwrap();
     let h = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
     assert_eq!((h.state, h.fail_code, h.message()), (State::Failed, header::fail::IO, "disk error"));
+}
+
+/// On a disk of 4 KiB blocks every write is whole blocks (the test disk
+/// checks), LZ4 chunks are padded to a block, and the image reads back.
+#[test]
+fn a_4k_disk_gets_whole_blocks_and_the_image_reads_back() {
+    let mem = memory(3);
+    let mut disk = Disk { bytes: vec![0; 8 << 20], align: 4096, mem: &mem, flushes: Vec::new() };
+    let (h, totals) = save_to(&mut disk, &mem, &RAM, &NVS, true).unwrap();
+    assert_eq!(h.align, 4096);
+    assert!(totals.pages_lz4 > 0, "LZ4 chunks were made");
+    assert!(chunk_offsets(&disk.bytes).iter().all(|(off, _)| off % 4096 == 0), "every chunk starts a block");
+    assert_same(&mem, &load(&disk.bytes).unwrap());
 }

@@ -245,7 +245,7 @@ impl NvmeController {
                     }
                     0 => {
                         let Some(ns) = self.namespace(nsid) else { return Some(0x0B) };
-                        let blocks = ns.disk.borrow().sectors * 512 >> ns.lbads;
+                        let blocks = (ns.disk.borrow().sectors * 512) >> ns.lbads;
                         page[0..8].copy_from_slice(&blocks.to_le_bytes());
                         page[8..16].copy_from_slice(&blocks.to_le_bytes());
                         page[26] = 0; // FLBAS: format 0

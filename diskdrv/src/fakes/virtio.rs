@@ -221,9 +221,8 @@ impl VirtioBlkDevice {
                     assert!(data.iter().all(|d| (d.2 & 2 == 0) == write), "data descriptors' WRITE flag must match the request");
                     assert!(data.len() as u32 <= self.setup.seg_max, "{} data descriptors, SEG_MAX is {}", data.len(), self.setup.seg_max);
                     let sectors = bytes / 512;
-                    if bytes % 512 != 0 || sector + sectors > self.disk.borrow().sectors {
-                        1
-                    } else if write && touches(self.setup.write_error_at, sector, sectors) {
+                    let out_of_range = !bytes.is_multiple_of(512) || sector + sectors > self.disk.borrow().sectors;
+                    if out_of_range || (write && touches(self.setup.write_error_at, sector, sectors)) {
                         1
                     } else {
                         let regions: Vec<_> = data.iter().map(|d| (d.0, d.1)).collect();

@@ -18,7 +18,7 @@ pub(super) fn ksave_with_disk(name: &str, append: &str, disk: &TestDisk, bus: Bu
 /// verify; the host then checks the image file byte for byte.
 pub fn disk_self_test(bus: Bus, ide_mode: &str, echo: bool) -> Result<Report> {
     let name = format!("disk-selftest-{bus:?}-{ide_mode}").to_lowercase();
-    let disk = TestDisk::create(&name, 64, 8)?;
+    let disk = TestDisk::create_on(bus, &name, 64, 8)?;
     let append = format!("ksave.selftest=disk ksave.part={PART_GUID} ksave.ide={ide_mode}");
     let mut vm = ksave_with_disk(&name, &append, &disk, bus, None, echo)?;
     let mut report = Report::new(&format!("disk self-test, {bus:?} ({ide_mode}), 8 MiB partition"));

@@ -34,7 +34,7 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
         .replace('_', ".");
     let uefi = machine.firmware == Firmware::Uefi;
     let part_mib = machine.partition_mib();
-    let disk = TestDisk::create(&name, part_mib + 40, part_mib)?;
+    let disk = TestDisk::create_on(machine.bus, &name, part_mib + 40, part_mib)?;
     let mut report = Report::new(&format!(
         "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, {:?}, {:?}, -cpu {}, {} MiB)",
         machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib
