@@ -15,7 +15,8 @@ use bootinfo::acpi::RemappingUnit;
 use crate::Hal;
 use crate::hal::poll;
 
-// VT-d registers (Intel VT-d 4.x, 11.4.4 and 11.4.5).
+// VT-d registers (Intel VT-d 4.x, 11.4.4 and 11.4.5; Linux: DMAR_GCMD_REG,
+// DMAR_GSTS_REG, DMA_GCMD_TE in drivers/iommu/intel/iommu.h).
 const VTD_GCMD: u64 = 0x18;
 const VTD_GSTS: u64 = 0x1C;
 /// Translation enable / status.
@@ -23,7 +24,9 @@ const VTD_TE: u32 = 1 << 31;
 /// The persistent bits of GSTS that GCMD writes must preserve (TES, QIES,
 /// IRES, CFIS); the others are one-shot commands, written as 0.
 const VTD_PERSISTENT: u32 = 1 << 31 | 1 << 26 | 1 << 25 | 1 << 23;
-// AMD-Vi control register (AMD IOMMU 3.x, 3.4.2), bit 0 IommuEn.
+// AMD-Vi IOMMU Control Register, MMIO offset 0018h, bit 0 IommuEn (AMD I/O
+// Virtualization Technology (IOMMU) Specification; Linux: MMIO_CONTROL_OFFSET,
+// CONTROL_IOMMU_EN in drivers/iommu/amd/amd_iommu_types.h).
 const AMD_CONTROL: u64 = 0x18;
 const AMD_ENABLE: u32 = 1 << 0;
 

@@ -351,10 +351,12 @@ impl<'m, H: Hal> VirtioBlk<'m, H> {
     }
 
     /// One request: the header, `bytes` of `data` (sized by the caller),
-    /// the status; polled to completion.
+    /// the status; polled to completion. `lba` counts the disk's blocks.
     fn request(&mut self, kind: u32, lba: u64, data: &mut Pieces, bytes: u64) -> Result<(), DiskError> {
         let size = self.queue_size as usize;
-        self.mem.header = RequestHeader { kind, reserved: 0, sector: lba };
+        // The header's sector counts 512 bytes whatever the block size (5.2.6).
+        let sector = lba * (self.info.block_size as u64 / SECTOR);
+        self.mem.header = RequestHeader { kind, reserved: 0, sector };
         self.mem.status = 0xFF;
         let header = self.hal.virt_to_phys((&raw const self.mem.header).cast());
         let status = self.hal.virt_to_phys(&raw const self.mem.status);
@@ -432,15 +434,16 @@ impl<H: Hal> BlockDevice for VirtioBlk<'_, H> {
         while done < total {
             let block = self.info.block_size as u64;
             let count = data.fit_blocks(total - done, block, self.max_pieces, self.piece_max, None);
-            // The request's sector field counts 512 bytes.
-            self.request(kind, (lba + done) * (block / SECTOR), &mut data, count * block)?;
+            self.request(kind, lba + done, &mut data, count * block)?;
             done += count;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
-        // Without VIRTIO_BLK_F_FLUSH the device writes through (5.2.6.2).
+        // A device that does not offer VIRTIO_BLK_F_FLUSH has no write-back
+        // cache to flush: Linux assumes so too (virtblk_get_cache_mode,
+        // drivers/block/virtio_blk.c).
         if !self.flush {
             return Ok(());
         }

@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use ksave_format::header::{Header, MAGIC};
+use ksave_format::header::{Header, MAGIC, State};
 use ksave_format::reader::Source;
 use ksave_format::PAGE;
 
@@ -62,6 +62,19 @@ impl ImageFile {
     pub fn header(&mut self) -> Result<Header> {
         let mut block = [0u8; PAGE];
         ksave_format::reader::read_header(self, &mut block).map_err(|e| anyhow::anyhow!("{}: {e}", self.description))
+    }
+
+    /// Marks the image invalidated, with `why` as its message when given
+    /// (else it keeps the one it has), and syncs; returns the state it had.
+    pub fn invalidate(&mut self, why: Option<&str>) -> Result<State> {
+        let mut header = self.header()?;
+        let was = header.state;
+        header.state = State::Invalidated;
+        if let Some(why) = why {
+            header.set_message(why);
+        }
+        self.write_header(&header)?;
+        Ok(was)
     }
 
     /// Rewrites the header block and syncs.

@@ -119,7 +119,9 @@ pub enum RemappingUnit {
     /// Intel VT-d, from a DMAR DRHD structure: its register base (VT-d 3.x,
     /// 8.3).
     Vtd(u64),
-    /// AMD-Vi, from an IVRS IVHD block: its MMIO base (AMD IOMMU 3.x, 5.2.2).
+    /// AMD-Vi, from an IVRS IVHD block (types 10h, 11h, 40h): its MMIO base at
+    /// offset 8 (AMD IOMMU specification, IVRS; Linux: `struct ivhd_header`
+    /// in drivers/iommu/amd/init.c).
     AmdVi(u64),
 }
 

@@ -49,10 +49,7 @@ pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_
                 // Resuming it would leave the kernel's devices doing DMA
                 // through an IOMMU nobody set up: never offer that image.
                 let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
-                let mut header = h.clone();
-                header.state = State::Invalidated;
-                header.set_message(why);
-                ImageFile::open(&setup.device, true)?.write_header(&header)?;
+                ImageFile::open(&setup.device, true)?.invalidate(Some(why))?;
                 eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
                 return Ok(ExitCode::FAILURE);
             }

@@ -4,16 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use ksave_format::header::State;
 use ksave_tools::imagefile::ImageFile;
 
 pub fn run(path: Option<PathBuf>) -> Result<ExitCode> {
     let path = super::path_or_setup(path)?;
     let mut file = ImageFile::open(&path, true)?;
-    let mut header = file.header()?;
-    let was = header.state;
-    header.state = State::Invalidated;
-    file.write_header(&header)?;
+    let was = file.invalidate(None)?;
     println!("ksave: {}: image {} -> invalidated", file.description, was.name());
     Ok(ExitCode::SUCCESS)
 }

@@ -39,10 +39,7 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         // An earlier boot handed it to ksave, which neither resumed it nor
         // could mark it (no disk it drives, a reset): never loop on it.
         let why = "an earlier resume of this image did not finish";
-        let mut header = image.header.clone();
-        header.state = State::Invalidated;
-        header.set_message(why);
-        ImageFile::open(&setup.device, true)?.write_header(&header)?;
+        ImageFile::open(&setup.device, true)?.invalidate(Some(why))?;
         Some(format!("{why}; image invalidated"))
     } else if image.ram != sys::ram_ranges()? {
         Some("the image was made with another RAM map".to_string())
