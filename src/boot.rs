@@ -1,13 +1,13 @@
 //! ksave started by a bootloader (multiboot 1 or 2): read the memory map and
 //! the command line, then do the one thing the command line asks ([`Mode`]).
 
-use bootinfo::memmap::{MemoryMap, RegionKind};
-use bootinfo::{PhysRead, acpi};
-use bootinfo::multiboot1;
-use diskdrv::ide;
-use diskdrv::part::Guid;
 use bootinfo::acpi::RemappingUnit;
+use bootinfo::memmap::{MemoryMap, RegionKind};
+use bootinfo::multiboot1;
+use bootinfo::{PhysRead, acpi};
+use diskdrv::ide;
 use diskdrv::iommu::MAX_UNITS;
+use diskdrv::part::Guid;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
@@ -139,11 +139,21 @@ fn run(boot: &BootInfo, info: u64) -> ! {
                 Some((rsdt, xsdt)) => acpi::hardware_signature(&IdentityMapped, rsdt, xsdt).map_err(|e| Message::format(format_args!("{e}"))),
                 None => Err(Message::format(format_args!("{}", acpi::AcpiError::NoRsdp))),
             };
+            // Read now: the command line is in memory a resume may give up.
+            let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
             let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
             println!("ksave: not resuming: {}", refusal.0.as_str());
             println!("ksave: no image to resume: handing over to a normal boot");
-            if let Some(flag) = no_image.and_then(|v| v.strip_prefix("cmos:")) {
-                hand_over_by_cmos(flag);
+            match cmos_flag {
+                Some(Ok((byte, bit))) => hand_over_by_cmos(byte, bit),
+                Some(Err(_)) => {
+                    println!("ksave: ksave.no_image=cmos: is not BYTE:BIT (byte 0x40-0x7f)")
+                }
+                None if refusal.memory_lost() => {
+                    println!("ksave: this boot's memory was given up: resetting");
+                    crate::cpu::reset()
+                }
+                None => {}
             }
             stop(ExitCode::NoImage)
         }
@@ -160,9 +170,13 @@ fn run(boot: &BootInfo, info: u64) -> ! {
 fn remapping_units(rsdp: Option<(u32, u64)>) -> ([RemappingUnit; MAX_UNITS], usize) {
     let mut units = [RemappingUnit::Vtd(0); MAX_UNITS];
     let mut n = 0;
-    let Some((rsdt, xsdt)) = rsdp else { return (units, 0) };
+    let Some((rsdt, xsdt)) = rsdp else {
+        return (units, 0);
+    };
     for sig in [b"DMAR", b"IVRS"] {
-        let Ok(Some((addr, len))) = acpi::find_table(&IdentityMapped, rsdt, xsdt, sig) else { continue };
+        let Ok(Some((addr, len))) = acpi::find_table(&IdentityMapped, rsdt, xsdt, sig) else {
+            continue;
+        };
         let mut table = [0u8; 4096];
         let len = (len as usize).min(table.len());
         if acpi::read_table(&IdentityMapped, addr, &mut table[..len]).is_some() {
@@ -194,17 +208,11 @@ fn fault_self_test() -> ! {
 }
 
 /// `ksave.no_image=cmos:BYTE:BIT`: a bootloader entry that tests that CMOS
-/// bit boots the normal entry instead (qemu/mkgrubiso.sh). Returns only if
-/// the flag is malformed.
-fn hand_over_by_cmos(flag: &str) {
-    match parse_cmos_bit(flag) {
-        Some((byte, bit)) => {
-            set_cmos_bit(byte, bit);
-            println!("ksave: CMOS {byte:#x}:{bit} set for the bootloader; resetting");
-            crate::cpu::reset();
-        }
-        None => println!("ksave: ksave.no_image=cmos:{flag} is not BYTE:BIT (byte 0x40-0x7f)"),
-    }
+/// bit boots the normal entry instead (qemu/mkgrubiso.sh).
+fn hand_over_by_cmos(byte: u8, bit: u8) -> ! {
+    set_cmos_bit(byte, bit);
+    println!("ksave: CMOS {byte:#x}:{bit} set for the bootloader; resetting");
+    crate::cpu::reset()
 }
 
 /// 1 TiB: canonical, and beyond any identity map ksave builds (PML4 entry 2

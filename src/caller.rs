@@ -6,13 +6,13 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, EntryState, WalkError};
 use bootinfo::pagewalk;
-use ksave_format::header::fail;
 use ksave_format::header::MAX_BACKUP_PAIRS;
+use ksave_format::header::fail;
 use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::layout::image_range;
-use crate::physmem::IdentityMapped;
 use crate::message::Message;
+use crate::physmem::IdentityMapped;
 use crate::work::Exclusive;
 use crate::{config, heap, paging, println};
 
@@ -116,21 +116,16 @@ unsafe extern "C" {
 /// the caller's page tables may well have been among them.
 fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, backup: &BackupMap, own_start: u64) -> Option<(u64, u16)> {
     let reloads = reloads_own_gdt(ctx);
-    let mut sources = [0u64; MAX_PAIRS];
-    let mut scratch = [0u16; MAX_PAIRS];
-    let found = match (ram, backup.outcome()) {
-        (Some(ram), Ok(cov)) if cov.is_exact() => {
-            let n = backup.pairs().len();
-            for p in backup.pairs() {
-                sources[((p.dest - own_start) / PAGE as u64) as usize] = p.src;
-            }
-            let view = kexec::CallerView::new(&IdentityMapped, own_start, &sources[..n], &mut scratch[..n]);
+    let mut displaced = Displacement::new(backup, own_start);
+    let found = match (ram, displaced.as_mut()) {
+        (Some(ram), Some(displaced)) => {
+            let view = displaced.view();
             let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
             let ram = ram.iter().map(|r| (r.start, r.end.min(paging::identity_end())));
             pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], &view).map_err(|e| Message::format(format_args!("{e}")))
         }
         (None, _) => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
-        (Some(_), _) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages, so the caller's memory cannot be read as it is"))),
+        (Some(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages, so the caller's memory cannot be read as it is"))),
     };
     match found {
         Ok(va) => {
@@ -149,6 +144,38 @@ fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, backup: &BackupMap, ow
             );
             None
         }
+    }
+}
+
+/// What the jump swapped, for reading the caller's memory as the caller
+/// sees it ([`kexec::CallerView`]); only from a backup map that is exactly
+/// ksave's pages.
+pub struct Displacement {
+    start: u64,
+    count: usize,
+    /// `sources[i]`: where the caller's page `start + i` pages is now.
+    sources: [u64; MAX_PAIRS],
+    scratch: [u16; MAX_PAIRS],
+}
+
+impl Displacement {
+    /// The displacement `backup` describes, if it is exactly ksave's pages
+    /// from `own_start` on.
+    pub fn new(backup: &BackupMap, own_start: u64) -> Option<Self> {
+        if !backup.outcome().is_ok_and(|cov| cov.is_exact()) {
+            return None;
+        }
+        let mut d = Self { start: own_start, count: backup.pairs().len(), sources: [0; MAX_PAIRS], scratch: [0; MAX_PAIRS] };
+        for p in backup.pairs() {
+            d.sources[((p.dest - own_start) / PAGE as u64) as usize] = p.src;
+        }
+        Some(d)
+    }
+
+    /// The caller's memory as it will be once the swap is undone.
+    pub fn view(&mut self) -> kexec::CallerView<'_, IdentityMapped> {
+        let n = self.count;
+        kexec::CallerView::new(&IdentityMapped, self.start, &self.sources[..n], &mut self.scratch[..n])
     }
 }
 
@@ -229,6 +256,12 @@ impl BackupMap {
         self.pairs
     }
 
+    /// Whether any page in `[start, end)` is where the jump moved a caller
+    /// page to (a page kexec allocated: never free).
+    pub fn has_source_in(&self, start: u64, end: u64) -> bool {
+        self.pairs.iter().any(|p| start <= p.src && p.src < end)
+    }
+
     /// How the map covers ksave's range, or why it is unusable.
     pub fn outcome(&self) -> Result<Coverage, MapError> {
         self.outcome
@@ -238,16 +271,17 @@ impl BackupMap {
     fn report(&self) {
         let unchecked = if self.ram_checked { "" } else { " (not checked against a RAM map: ksave.elf is not configured)" };
         match self.outcome {
-            Ok(cov) if cov.is_exact() => println!(
-                "ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range{unchecked}",
-                cov.pairs, cov.in_place
-            ),
+            Ok(cov) if cov.is_exact() => {
+                println!("ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range{unchecked}", cov.pairs, cov.in_place)
+            }
             Ok(cov) => println!(
                 "ksave:   backup map: {} pages displaced, NOT exactly ksave's range: {} outside, {} twice, {} uncovered, {} sources inside",
                 cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
             ),
             Err(MapError::Walk(e)) => println!("ksave:   backup map rejected: {e:?}"),
-            Err(MapError::TooLong) => println!("ksave:   backup map rejected: more than {MAX_PAIRS} pages"),
+            Err(MapError::TooLong) => {
+                println!("ksave:   backup map rejected: more than {MAX_PAIRS} pages")
+            }
         }
     }
 }

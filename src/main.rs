@@ -17,6 +17,7 @@ mod console;
 mod cpu;
 mod disks;
 mod disktest;
+mod free;
 mod heap;
 mod hw;
 mod layout;

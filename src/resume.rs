@@ -14,7 +14,9 @@ use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
-use diskdrv::{BlockDevice, DiskError};
+use diskdrv::{BlockDevice, Direction, DiskError, Segment};
+use ksave_format::PayloadHasher;
+use ksave_format::chunk::{LZ4_GROUP, MAX_RAW_PAGES};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::header::{FLAG_IOMMU_LEFT_ON, State};
 use ksave_format::reader::{self, Source};
@@ -47,11 +49,24 @@ impl Source for DiskSource<'_, '_> {
 }
 
 /// A refusal: why the image is not resumed. Nothing outside ksave was
-/// written when one is returned.
-pub struct Refusal(pub Message);
+/// written when one is returned, unless `memory_lost`: then loading had
+/// begun, the image is invalidated, and the machine must be reset.
+pub struct Refusal(pub Message, pub bool);
+
+impl Refusal {
+    /// A refusal after loading began.
+    fn late(self) -> Self {
+        Self(self.0, true)
+    }
+
+    /// Whether this boot's memory was given up (only a reset is left).
+    pub fn memory_lost(&self) -> bool {
+        self.1
+    }
+}
 
 macro_rules! refuse {
-    ($($arg:tt)*) => { Refusal(Message::format(format_args!($($arg)*))) };
+    ($($arg:tt)*) => { Refusal(Message::format(format_args!($($arg)*)), false) };
 }
 
 /// Zeroes `len` bytes at physical `addr`. In asm: address 0 is RAM, but no
@@ -75,6 +90,18 @@ unsafe fn phys_write(addr: u64, src: &[u8]) {
     // SAFETY: upheld by the caller; src is a live slice; DF is clear.
     unsafe {
         core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
+    }
+}
+
+/// Copies physical `addr` into `dst` (see [`phys_zero`] for why asm).
+///
+/// # Safety
+/// `[addr, addr+len)` must be identity-mapped RAM.
+unsafe fn phys_read(addr: u64, dst: &mut [u8]) {
+    debug_assert!(dst.len() % 8 == 0);
+    // SAFETY: upheld by the caller; dst is a live slice; DF is clear.
+    unsafe {
+        core::arch::asm!("rep movsq", inout("rdi") dst.as_mut_ptr() => _, inout("rsi") addr => _, inout("rcx") dst.len() / 8 => _, options(nostack, preserves_flags));
     }
 }
 
@@ -159,10 +186,15 @@ fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: b
     let (first_lba, bytes) = (part.first_lba(), part.bytes());
     match check_and_load(&mut part.disk, first_lba, bytes, here, &facs_now, work) {
         Err(refusal) => {
-            if invalidate_refused {
+            if invalidate_refused || refusal.memory_lost() {
                 invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.0.as_str());
             }
-            part.close();
+            if refusal.memory_lost() {
+                // The firmware's structures the controller pointed at are gone.
+                part.stop();
+            } else {
+                part.close();
+            }
             refusal
         }
         Ok(back) => {
@@ -192,20 +224,22 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     let mut header = reader::read_header(&mut src, block).map_err(|e| refuse!("no resumable image: {e}"))?;
     match header.state {
         State::Complete => {}
-        State::Invalidated => return Err(refuse!("the image was already resumed or invalidated: an image is never resumed twice")),
+        State::Invalidated => {
+            return Err(refuse!("the image was already resumed or invalidated: an image is never resumed twice"));
+        }
         State::Writing => return Err(refuse!("the image is incomplete: its save never committed")),
-        State::Failed => return Err(refuse!("no image: the last save failed ({})", header.message())),
+        State::Failed => {
+            return Err(refuse!("no image: the last save failed ({})", header.message()));
+        }
     }
     let (own_start, own_end) = image_range();
     if header.image != (Range { start: own_start, end: own_end }) {
-        return Err(refuse!(
-            "the image was saved by a ksave at {:#x}-{:#x}, this one is at {own_start:#x}-{own_end:#x}",
-            header.image.start,
-            header.image.end
-        ));
+        return Err(refuse!("the image was saved by a ksave at {:#x}-{:#x}, this one is at {own_start:#x}-{own_end:#x}", header.image.start, header.image.end));
     }
     if header.flags & FLAG_IOMMU_LEFT_ON != 0 {
-        return Err(refuse!("the saved kernel's IOMMU was translating at its jump (no suspend hook: CONFIG_SUSPEND off), which a fresh boot cannot recreate: the image is a snapshot only"));
+        return Err(refuse!(
+            "the saved kernel's IOMMU was translating at its jump (no suspend hook: CONFIG_SUSPEND off), which a fresh boot cannot recreate: the image is a snapshot only"
+        ));
     }
     if header.cpu_vendor != ksave_format::cpu_vendor() {
         return Err(refuse!("the image was saved on another CPU vendor"));
@@ -240,57 +274,37 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     }
     // The saved kernel's firmware calls expect their NVS where it was.
     if !meta.nvs_ranges().eq(here.nvs.iter().copied()) {
-        return Err(refuse!(
-            "ACPI NVS map differs: the image holds {} ranges, this machine has {}",
-            header.nvs_ranges,
-            here.nvs.len()
-        ));
+        return Err(refuse!("ACPI NVS map differs: the image holds {} ranges, this machine has {}", header.nvs_ranges, here.nvs.len()));
     }
     if here.ranges().any(|r| r.end > paging::identity_end()) {
         return Err(refuse!("RAM above ksave's identity map ({} GiB)", paging::identity_end() >> 30));
     }
 
-    // Pass 1: every chunk read and checked, nothing written.
-    let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
-    reader::visit_chunks(&mut src, &header, &meta, bufs, |_, _| {}, |_| {}).map_err(|e| refuse!("image damaged: {e}"))?;
+    // One pass: each chunk is loaded as it is read and checked, and every
+    // page the image does not store is zeroed on the way. From here on the
+    // machine's memory is the saved kernel's: this boot's firmware,
+    // bootloader or kernel C is given up (ksave itself, the disk's DMA
+    // memory and everything below are in ksave's own range), so a chunk
+    // that fails its check now invalidates the image (it is damaged) and
+    // resets the machine; nothing is lost, as the image was the only copy.
     let verified = hw::now_us();
-    println!(
-        "ksave: resume: image checked: {} pages in {} chunks, {} ms; loading",
-        header.pages_stored,
-        header.chunks,
-        (verified - start) / 1000
-    );
-
-    // From here on the machine's memory is the saved kernel's.
     let own = Range { start: own_start, end: own_end };
-    for r in here.ranges() {
-        for pfn in r.pages() {
-            let addr = pfn * PAGE as u64;
-            if !own.contains(addr) {
-                // SAFETY: RAM or NVS of the current map, inside the identity
-                // map, outside ksave: nothing of ours lives there, and the
-                // firmware's NVS is the saved kernel's from here on.
-                unsafe { phys_zero(addr, PAGE) };
-            }
-        }
-    }
+    let mut loader = Loader { here, own, next: 0, zeroed: 0 };
     let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
-    let loaded = reader::visit_chunks(
-        &mut src,
-        &header,
-        &meta,
-        bufs,
-        // SAFETY: the reader checked the page lies in the saved RAM or NVS
-        // (equal to this machine's) and outside ksave's range.
-        |pfn, data| unsafe { phys_write(pfn * PAGE as u64, data) },
-        |_| {},
-    );
+    let loaded = reader::visit_chunks(&mut src, &header, &meta, bufs, &mut loader);
     if let Err(e) = loaded {
-        // Memory is half written: neither kernel can run. Say so and stop.
-        println!("ksave: resume: FATAL: the image changed between checking and loading: {e}");
-        cpu::stop(crate::qemu::ExitCode::Failure);
+        return Err(Refusal::late(refuse!("image damaged: {e}")));
     }
+    loader.zero_to(u64::MAX);
     let load_done = hw::now_us();
+    println!(
+        "ksave: resume: {} pages loaded, {} zeroed ({} free, {} zero when saved) in {} ms",
+        header.pages_stored,
+        loader.zeroed,
+        header.pages_free,
+        header.pages_zero,
+        (load_done - verified) / 1000
+    );
 
     // Never twice: the image is invalidated before the saved kernel runs.
     header.state = State::Invalidated;
@@ -301,7 +315,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
         cpu::stop(crate::qemu::ExitCode::Failure);
     }
     println!(
-        "ksave: resume: loaded in {} ms (check {} ms, load {} ms); image invalidated",
+        "ksave: resume: loaded in {} ms (checks {} ms, one pass {} ms); image invalidated",
         (hw::now_us() - start) / 1000,
         (verified - start) / 1000,
         (load_done - verified) / 1000
@@ -310,12 +324,101 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     Ok(WayBack { reentry: header.reentry, gdt: header.return_gdt, la57 })
 }
 
+/// Loads a checked image's pages in one pass (a [`reader::Visitor`]): raw
+/// chunks by DMA straight into their pages, LZ4 pages decoded and copied,
+/// and every page of this machine's RAM and NVS the image does not store
+/// zeroed (pages that were zero or free when saved, and pages no image
+/// holds, like the firmware's). Relies on stored pages coming in ascending
+/// order, which the reader checks.
+struct Loader<'a> {
+    here: Memory<'a>,
+    own: Range,
+    /// The first page not yet loaded or zeroed.
+    next: u64,
+    /// Pages zeroed.
+    zeroed: u64,
+}
+
+impl Loader<'_> {
+    /// Zeroes every page of this machine's memory from `next` up to `pfn`
+    /// (exclusive), outside ksave's own range.
+    fn zero_to(&mut self, pfn: u64) {
+        if pfn <= self.next {
+            return;
+        }
+        let (from, to) = (self.next * PAGE as u64, pfn.saturating_mul(PAGE as u64));
+        for r in self.here.ranges() {
+            let (start, end) = (r.start.max(from), r.end.min(to));
+            for (s, e) in [(start, end.min(self.own.start)), (start.max(self.own.end), end)] {
+                if s < e {
+                    // SAFETY: RAM or NVS of this machine's map, inside the
+                    // identity map (checked before loading), outside ksave:
+                    // nothing of ours lives there, and this boot's firmware
+                    // and bootloader were given up.
+                    unsafe { phys_zero(s, (e - s) as usize) };
+                    self.zeroed += (e - s) / PAGE as u64;
+                }
+            }
+        }
+        self.next = pfn;
+    }
+}
+
+impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
+    fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
+        self.zero_to(pfn);
+        // SAFETY: the reader checked the page lies in the saved RAM or NVS
+        // (equal to this machine's) and outside ksave's range.
+        unsafe { phys_write(pfn * PAGE as u64, data) };
+        self.next = pfn + 1;
+    }
+
+    fn raw_pages(&mut self, src: &mut DiskSource<'d, 'm>, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, DiskError> {
+        // The gaps first: the pages are written by the device below.
+        for &pfn in pfns {
+            self.zero_to(pfn);
+            self.next = pfn + 1;
+        }
+        // SAFETY (every Segment::new below): the device writes these pages
+        // (a disk read). Each is RAM or NVS of this machine that the reader
+        // checked lies in the saved memory and outside ksave's range, and
+        // this boot gave that memory up to the saved kernel (check_and_load).
+        let mut segs = [unsafe { Segment::new(0, 0) }; MAX_RAW_PAGES];
+        let mut n = 0;
+        for &pfn in pfns {
+            let addr = pfn * PAGE as u64;
+            let last = segs[n.max(1) - 1];
+            if n > 0 && last.addr() + last.len() == addr {
+                // Physically contiguous: one segment.
+                segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + PAGE as u64) };
+            } else {
+                segs[n] = unsafe { Segment::new(addr, PAGE as u64) };
+                n += 1;
+            }
+        }
+        let block = src.disk.info().block_size as u64;
+        src.disk.transfer(Direction::Read, src.first_lba + at / block, &segs[..n])?;
+        // The check, over the pages where they now lie.
+        let mut hasher = PayloadHasher::new();
+        for &pfn in pfns {
+            let page = &mut buf[..PAGE];
+            // SAFETY: a page the device just filled (above); copied out in
+            // asm because page 0 is RAM but null to Rust.
+            unsafe { phys_read(pfn * PAGE as u64, page) };
+            hasher.update(page);
+        }
+        Ok(hasher.digest())
+    }
+}
+
 /// Marks a complete image invalidated, with `why` as its message.
 fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], why: &str) {
     if disk.read(&KsaveHal, first_lba, block).is_err() {
         return;
     }
-    let Ok(mut header) = ksave_format::header::Header::decode(block) else { return };
+    let Ok(mut header) = ksave_format::header::Header::decode(block) else {
+        return;
+    };
     if header.state != State::Complete {
         return;
     }
@@ -327,7 +430,6 @@ fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], w
         Err(e) => println!("ksave: could not invalidate the refused image: {e}"),
     }
 }
-
 
 /// Goes into the saved kernel the way a kexec jump returns: a `call` of its
 /// re-entry address in its control page, in its paging mode, with its GDT.

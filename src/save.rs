@@ -12,15 +12,17 @@
 use bootinfo::kexec::CallerContext;
 use diskdrv::ide::Mode;
 use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
-use ksave_format::commit::{self, Device, Plan, Step};
+use freepages::vmcoreinfo::Rule;
+use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, fail};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
 use zerocopy::FromBytes;
 
-use crate::caller::{BackupMap, MapError};
+use crate::caller::{BackupMap, Displacement, MapError};
 use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
+use crate::free::{self, CallerFree};
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
@@ -214,7 +216,9 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
 /// being made of that memory.
 pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
     let pa = config.mailbox;
-    let Some(pa_end) = pa.checked_add(PAGE as u64) else { return };
+    let Some(pa_end) = pa.checked_add(PAGE as u64) else {
+        return;
+    };
     let (start, end) = image_range();
     let in_ram = config.ram().iter().any(|r| r.start <= pa && pa_end <= r.end);
     if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa_end > paging::identity_end() {
@@ -224,7 +228,9 @@ pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
     // (checked above), not address 0; the caller is stopped, and the host
     // tool lent this page for exactly this (it checks the stamp below too).
     let page = unsafe { &mut *(pa as *mut [u8; PAGE]) };
-    let Ok((mailbox, _)) = ksave_format::mailbox::Mailbox::mut_from_prefix(page) else { return };
+    let Ok((mailbox, _)) = ksave_format::mailbox::Mailbox::mut_from_prefix(page) else {
+        return;
+    };
     if mailbox.is_for(config.nonce) {
         mailbox.post(code, Message::format(why).as_str());
         println!("ksave: reason left in the host tool's mailbox at {pa:#x}");
@@ -290,11 +296,27 @@ fn save(
         cr4_needed: ctx.saved_cr4,
         facs_signature: config.facs_signature,
         iommu_left_on: part.iommus_switched() > 0,
+        free_rule: 0,
     };
     check_reachable(&plan)?;
     require_exact(backup)?;
     let worst = check_capacity(&plan)?;
-    write_image(&plan, part, work, start, worst, config.selftest_fault_in_save)
+    // Free pages: read through the caller's view of its memory.
+    let mut displaced = Displacement::new(backup, image_start).expect("the backup map is exact");
+    let view = displaced.view();
+    let free = free::kernel_info(config, ctx, &view).and_then(|info| Ok((info, CallerFree::new(&info, &view, config.ram(), backup)?)));
+    match free {
+        Ok((info, mut free)) => {
+            let (rule, (major, minor)) = (info.rule.code(), info.version);
+            println!("ksave: free pages: left out, as the {major}.{minor} kernel's allocator marks them ({})", Rule::describe(rule));
+            let plan = Plan { free_rule: rule, ..plan };
+            write_image(&plan, part, work, start, worst, config.selftest_fault_in_save, &mut free)
+        }
+        Err(why) => {
+            println!("ksave: free pages: saved like any other ({})", why.as_str());
+            write_image(&plan, part, work, start, worst, config.selftest_fault_in_save, &mut NoneFree)
+        }
+    }
 }
 
 /// The partition found by GUID must be where the host saw it. The host
@@ -357,13 +379,21 @@ fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
 }
 
 /// The image, by the format's commit protocol.
-fn write_image(plan: &Plan, part: &mut OpenPartition, work: &mut Work, start: u64, worst: u64, plan_fault: bool) -> Result<Summary, Failure> {
+fn write_image(
+    plan: &Plan,
+    part: &mut OpenPartition,
+    work: &mut Work,
+    start: u64,
+    worst: u64,
+    plan_fault: bool,
+    free: &mut impl FreePages,
+) -> Result<Summary, Failure> {
     let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
     let mem = CallerMemory::new(paging::identity_end(), page0);
     let mut sink = DiskSink::new(part, start, worst);
     sink.fault_at_header = plan_fault;
     let bufs = commit::Buffers { block, meta, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
-    let (header, totals) = commit::save(plan, &mem, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
+    let (header, totals) = commit::save(plan, &mem, free, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
         WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
         WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
         WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
@@ -374,13 +404,14 @@ fn write_image(plan: &Plan, part: &mut OpenPartition, work: &mut Work, start: u6
 fn report(s: &Summary) {
     let t = &s.totals;
     println!(
-        "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; {} zero pages left out; image {} MiB; disk {} ms, CPU {} ms",
+        "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; left out {} free and {} zero pages; image {} MiB; disk {} ms, CPU {} ms",
         t.pages_stored,
         (t.pages_stored * PAGE as u64) >> 20,
         t.pages_lz4,
         t.pages_lz4_skipped,
         s.us / 1000,
-        (t.pages_stored + t.pages_zero) * PAGE as u64 / s.us.max(1),
+        (t.pages_stored + t.pages_zero + t.pages_free) * PAGE as u64 / s.us.max(1),
+        t.pages_free,
         t.pages_zero,
         (DATA_OFFSET + t.data_bytes) >> 20,
         s.disk_us / 1000,
@@ -390,9 +421,10 @@ fn report(s: &Summary) {
         save_ms = s.us / 1000,
         pages_stored = t.pages_stored,
         pages_zero = t.pages_zero,
+        pages_free = t.pages_free,
         pages_lz4 = t.pages_lz4,
         image_bytes = DATA_OFFSET + t.data_bytes,
         disk_ms = s.disk_us / 1000,
-        ram_mb_s = (t.pages_stored + t.pages_zero) * PAGE as u64 / s.us.max(1),
+        ram_mb_s = (t.pages_stored + t.pages_zero + t.pages_free) * PAGE as u64 / s.us.max(1),
     );
 }

@@ -50,6 +50,14 @@ pub enum Command {
         /// Load with kexec-tools instead of kexec_load(2).
         #[arg(long)]
         kexec_tools: bool,
+        /// Save the pages the kernel holds free too (by default they are
+        /// left out, where the kernel describes itself in vmcoreinfo).
+        #[arg(long)]
+        all_pages: bool,
+        /// Sync, then drop the clean page cache before the jump: a smaller
+        /// image, paid for by rereading files after the resume.
+        #[arg(long)]
+        drop_caches: bool,
         /// Skip the host's own checks of the partition (size, identity), so
         /// that ksave's checks decide. For testing ksave.
         #[arg(long)]
@@ -84,6 +92,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Write the runs of pages left out as free to this file, one
+        /// "FIRST_PFN PAGES" a line.
+        #[arg(long, value_name = "FILE")]
+        free_runs: Option<PathBuf>,
     },
     /// Check every checksum of an image; the exit code tells.
     Verify {

@@ -25,7 +25,8 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
         at += r.end - r.start;
     }
     // Read back too: the backup map moves pages within the file.
-    let core = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(out).with_context(|| format!("creating {}", out.display()))?;
+    let core =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(out).with_context(|| format!("creating {}", out.display()))?;
     core.set_len(at)?; // sparse: zero pages cost nothing
     let loads: Vec<_> = ranges.iter().zip(&offsets).map(|(r, off)| load_header(*off, r.start, r.end - r.start, r.end - r.start)).collect();
     let head = elf_headers(object::elf::ET_CORE, 0, &loads)?;
@@ -33,18 +34,14 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     let file_offset = |addr: u64| ranges.iter().zip(&offsets).find(|(r, _)| r.contains(addr)).map(|(r, off)| off + addr - r.start);
     let mut pages = 0;
     let mut error = None;
-    inspect::walk(
-        file,
-        &image,
-        |pfn, data| {
-            let at = file_offset(pfn * PAGE as u64).expect("reader checked pages lie in saved ranges");
-            if let Err(e) = core.write_all_at(data, at) {
-                error.get_or_insert(e);
-            }
-            pages += 1;
-        },
-        |_| {},
-    )?;
+    let page = |pfn: u64, data: &[u8; PAGE]| {
+        let at = file_offset(pfn * PAGE as u64).expect("reader checked pages lie in saved ranges");
+        if let Err(e) = core.write_all_at(data, at) {
+            error.get_or_insert(e);
+        }
+        pages += 1;
+    };
+    inspect::walk(file, &image, inspect::Walk::new(page, |_, _| {}, |_| {}))?;
     if let Some(e) = error {
         return Err(e).context("writing the core file");
     }
@@ -52,7 +49,9 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     // pages when saved, so show it where the caller had it.
     let mut page = vec![0u8; PAGE];
     for pair in &image.backup {
-        let (Some(src), Some(dest)) = (file_offset(pair.src), file_offset(pair.dest)) else { continue };
+        let (Some(src), Some(dest)) = (file_offset(pair.src), file_offset(pair.dest)) else {
+            continue;
+        };
         core.read_exact_at(&mut page, src)?;
         core.write_all_at(&page, dest)?;
     }

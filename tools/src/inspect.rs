@@ -1,8 +1,8 @@
 //! Reading a whole image: header, metadata and every chunk, checked.
 
 use anyhow::{Result, anyhow};
-use ksave_format::header::{Header, META_BLOCKS, Meta, State};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
+use ksave_format::header::{Header, META_BLOCKS, Meta, State};
 use ksave_format::reader;
 use ksave_format::{BackupPair, PAGE, Range};
 
@@ -41,11 +41,41 @@ impl Image {
     }
 }
 
+/// What a walk hands out: each stored page, each free run (first pfn,
+/// pages), each chunk once checked.
+pub struct Walk<P, F, C> {
+    /// A stored page.
+    pub page: P,
+    /// A run of pages the kernel held free.
+    pub free: F,
+    /// A chunk that passed its checks.
+    pub chunk: C,
+}
+
+impl<P: FnMut(u64, &[u8; PAGE]), F: FnMut(u64, u64), C: FnMut(&ChunkInfo)> Walk<P, F, C> {
+    /// The three callbacks (a function, so closures get their types).
+    pub fn new(page: P, free: F, chunk: C) -> Self {
+        Self { page, free, chunk }
+    }
+}
+
+impl<P: FnMut(u64, &[u8; PAGE]), F: FnMut(u64, u64), C: FnMut(&ChunkInfo)> reader::Visitor<ImageFile> for Walk<P, F, C> {
+    fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
+        (self.page)(pfn, data)
+    }
+    fn free_run(&mut self, first: u64, pages: u64) {
+        (self.free)(first, pages)
+    }
+    fn chunk(&mut self, info: &ChunkInfo) {
+        (self.chunk)(info)
+    }
+}
+
 /// Walks every chunk with full checks.
-pub fn walk(file: &mut ImageFile, image: &Image, mut page: impl FnMut(u64, &[u8; PAGE]), chunk: impl FnMut(&ChunkInfo)) -> Result<()> {
+pub fn walk<P: FnMut(u64, &[u8; PAGE]), F: FnMut(u64, u64), C: FnMut(&ChunkInfo)>(file: &mut ImageFile, image: &Image, mut visit: Walk<P, F, C>) -> Result<()> {
     let meta = Meta::parse(&image.header, &image.meta[..]).map_err(|e| anyhow!("{e}"))?;
     let (mut h, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
     let bufs = reader::Buffers { header: &mut h, lz4_in: &mut li, lz4_out: &mut lo };
     let description = file.description.clone();
-    reader::visit_chunks(file, &image.header, &meta, bufs, |pfn, data| page(pfn, data), chunk).map_err(|e| anyhow!("{description}: {e}"))
+    reader::visit_chunks(file, &image.header, &meta, bufs, &mut visit).map_err(|e| anyhow!("{description}: {e}"))
 }

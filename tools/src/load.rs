@@ -34,6 +34,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.nvs[..nvs.len()].copy_from_slice(&nvs);
     c.nvs_count = nvs.len();
     c.facs_signature = sys::acpi_hardware_signature();
+    c.vmcoreinfo = sys::vmcoreinfo().unwrap_or_default();
     let iommus = sys::remapping_units();
     ensure!(iommus.len() <= MAX_IOMMUS, "{} IOMMUs, ksave takes {MAX_IOMMUS}", iommus.len());
     c.iommus[..iommus.len()].copy_from_slice(&iommus);
@@ -130,10 +131,7 @@ pub fn unload() -> Result<()> {
 /// the whole --mem-min..--mem-max range).
 pub fn kexec_tools_command(path: &Path, layout: &ImageLayout) -> Vec<String> {
     let [min, max] = layout.kexec_range_args();
-    ["kexec", "-t", "elf-x86_64", "--load-preserve-context", "--args-none", &min, &max, &path.display().to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["kexec", "-t", "elf-x86_64", "--load-preserve-context", "--args-none", &min, &max, &path.display().to_string()].iter().map(|s| s.to_string()).collect()
 }
 
 /// Runs a kexec-tools command.

@@ -49,6 +49,25 @@ fn whole_pages(mut ranges: Vec<Range>) -> Vec<Range> {
     merged
 }
 
+/// Where this kernel's VMCOREINFO note is (`/sys/kernel/vmcoreinfo`: the
+/// physical address and size in hex, kernel/ksysfs.c), from which ksave
+/// finds the free pages; `None` for a kernel built without it
+/// (CONFIG_VMCORE_INFO, or CONFIG_CRASH_CORE before 6.9).
+pub fn vmcoreinfo() -> Option<Range> {
+    let text = std::fs::read_to_string("/sys/kernel/vmcoreinfo").ok()?;
+    let mut words = text.split_whitespace().map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok());
+    let (start, len) = (words.next()??, words.next()??);
+    (start > 0 && len > 0 && len <= ksave_format::config::MAX_VMCOREINFO).then(|| Range { start, end: start + len })
+}
+
+/// What a save does with free pages on this kernel, said once by `setup`
+/// and `hibernate`.
+pub fn free_pages_note() -> Option<&'static str> {
+    vmcoreinfo().is_none().then_some(
+        "this kernel has no /sys/kernel/vmcoreinfo (built without CONFIG_VMCORE_INFO), so ksave cannot tell its free pages and saves every non-zero page",
+    )
+}
+
 /// This boot's ACPI FACS hardware signature (ACPI 6.5, 5.2.10: the u32 at
 /// offset 8), if the kernel shows the table (root, CONFIG_ACPI).
 pub fn acpi_hardware_signature() -> Option<u32> {
@@ -62,7 +81,9 @@ pub fn acpi_hardware_signature() -> Option<u32> {
 pub fn remapping_units() -> Vec<bootinfo::acpi::RemappingUnit> {
     let mut units = Vec::new();
     for name in ["DMAR", "IVRS"] {
-        let Ok(table) = std::fs::read(Path::new("/sys/firmware/acpi/tables").join(name)) else { continue };
+        let Ok(table) = std::fs::read(Path::new("/sys/firmware/acpi/tables").join(name)) else {
+            continue;
+        };
         let mut out = [bootinfo::acpi::RemappingUnit::Vtd(0); 16];
         let n = bootinfo::acpi::remapping_units(&table, &mut out);
         units.extend_from_slice(&out[..n]);
@@ -139,7 +160,9 @@ pub fn gpt_entries(disk: &Path) -> Result<Gpt> {
         };
         for lba in [1, len / block_size - 1] {
             let sector: [u8; 512] = read(lba, 512)?.try_into().unwrap();
-            let Some(h) = part::parse_gpt_header(&sector, lba) else { continue };
+            let Some(h) = part::parse_gpt_header(&sector, lba) else {
+                continue;
+            };
             let bytes = read(h.entries_lba, h.entry_count as usize * h.entry_size as usize)?;
             if !part::entries_crc_ok(&h, &bytes) {
                 continue;

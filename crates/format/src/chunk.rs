@@ -2,8 +2,9 @@
 //! and the [`reader`](crate::reader).
 //!
 //! A chunk is a header of one block (raw chunks, up to [`MAX_RAW_PAGES`]
-//! pages) or one sector (LZ4 chunks, up to [`LZ4_GROUP`] pages), then the
-//! payload, padded to a sector. The header is a fixed [`ChunkHead`], the
+//! pages; free-run chunks, up to [`MAX_FREE_RUNS`] runs and no payload) or
+//! one sector (LZ4 chunks, up to [`LZ4_GROUP`] pages), then the payload,
+//! padded to the image's alignment. The header is a fixed [`ChunkHead`], the
 //! page frame numbers, and a CRC-32C of everything before it in its last
 //! four bytes.
 
@@ -26,6 +27,12 @@ pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_siz
 pub const ENCODING_RAW: u8 = 0;
 /// LZ4 block format.
 pub const ENCODING_LZ4: u8 = 1;
+/// No payload: the header lists runs of pages the saved kernel held free,
+/// as (first pfn, pages) pairs of words; they read back as zeros.
+pub const ENCODING_FREE: u8 = 2;
+/// Runs in a full free-run chunk (its words fill one block, as a raw
+/// chunk's pfns do).
+pub const MAX_FREE_RUNS: usize = MAX_RAW_PAGES / 2;
 
 /// The fixed start of every chunk header; the pfns follow it.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -61,12 +68,12 @@ pub struct ChunkHeader {
 
 /// The header bytes of a chunk of `encoding`.
 pub fn header_len(encoding: u8) -> usize {
-    if encoding == ENCODING_RAW { PAGE } else { LZ4_HEADER }
+    if encoding == ENCODING_LZ4 { LZ4_HEADER } else { PAGE }
 }
 
-/// Most pages a chunk of `encoding` holds.
-pub fn max_pages(encoding: u8) -> usize {
-    if encoding == ENCODING_RAW { MAX_RAW_PAGES } else { LZ4_GROUP }
+/// Most words (pfns, or run pairs) a chunk of `encoding` lists.
+pub fn max_words(encoding: u8) -> usize {
+    if encoding == ENCODING_LZ4 { LZ4_GROUP } else { MAX_RAW_PAGES }
 }
 
 /// Bytes a chunk takes on disk, header included, padded to the image's
@@ -120,14 +127,20 @@ pub struct Decoded<'h> {
 }
 
 impl Decoded<'_> {
-    /// The page frame numbers, in payload order.
+    /// The page frame numbers, in payload order (a free-run chunk: its
+    /// words).
     pub fn pfns(&self) -> impl Iterator<Item = u64> + '_ {
         self.pfns.iter().map(|p| p.get())
     }
 
-    /// How many pages.
+    /// How many pages (a free-run chunk: words).
     pub fn count(&self) -> usize {
         self.pfns.len()
+    }
+
+    /// A free-run chunk's runs: (first pfn, pages).
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pfns.chunks_exact(2).map(|w| (w[0].get(), w[1].get()))
     }
 }
 
@@ -140,21 +153,16 @@ pub fn decode(h: &[u8]) -> Result<Decoded<'_>, &'static str> {
     }
     let (head, rest) = ChunkHead::ref_from_prefix(h).map_err(|_| "short chunk header")?;
     let encoding = head.encoding;
-    if encoding != ENCODING_RAW && encoding != ENCODING_LZ4 {
+    if ![ENCODING_RAW, ENCODING_LZ4, ENCODING_FREE].contains(&encoding) {
         return Err("unknown encoding");
     }
     let count = head.count.get() as usize;
-    if count == 0 || count > max_pages(encoding) || len != header_len(encoding) {
+    if count == 0 || count > max_words(encoding) || len != header_len(encoding) || (encoding == ENCODING_FREE && count % 2 != 0) {
         return Err("page count");
     }
     let pfns = <[U64]>::ref_from_bytes(&rest[..8 * count]).map_err(|_| "page count")?;
-    let fields = ChunkHeader {
-        index: head.index.get(),
-        nonce: head.nonce.get(),
-        encoding,
-        payload_len: head.payload_len.get(),
-        payload_hash: head.payload_hash.get(),
-    };
+    let fields =
+        ChunkHeader { index: head.index.get(), nonce: head.nonce.get(), encoding, payload_len: head.payload_len.get(), payload_hash: head.payload_hash.get() };
     Ok(Decoded { fields, pfns })
 }
 

@@ -1,7 +1,9 @@
 //! The commit protocol of a save, as ksave runs it and the host tests
 //! exercise it: header *writing* -> flush -> metadata -> chunks -> flush ->
-//! header *complete* -> flush. A crash or error at any point leaves a header
-//! that reads as not restorable; only the last write makes an image.
+//! header *complete* -> flush. A crash or error at any point leaves a
+//! header that reads as not restorable; only the last write makes an image.
+//! Pages go in ascending order; those the kernel holds free ([`FreePages`])
+//! are listed rather than stored.
 
 use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
 use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
@@ -60,14 +62,41 @@ pub struct Plan<'a> {
     /// The caller's IOMMU was translating at the jump
     /// ([`header::FLAG_IOMMU_LEFT_ON`]).
     pub iommu_left_on: bool,
+    /// How the [`FreePages`] given to [`save`] recognizes free pages
+    /// ([`Header::free_rule`]; 0: it does not).
+    pub free_rule: u32,
+}
+
+/// Which pages the saved kernel's allocator holds free: those are left out
+/// of the image and read back as zeros. Only ever on proof.
+pub trait FreePages {
+    /// If RAM page `pfn` heads a block of pages the kernel holds free, how
+    /// many pages the block spans. Asked in ascending page order.
+    fn free_block(&mut self, pfn: u64) -> Option<u64>;
+}
+
+/// No page is known to be free: every non-zero page is saved.
+pub struct NoneFree;
+
+impl FreePages for NoneFree {
+    fn free_block(&mut self, _pfn: u64) -> Option<u64> {
+        None
+    }
 }
 
 impl Plan<'_> {
-    /// The page frames saved, in order: every RAM page but ksave's own,
-    /// then every NVS page.
-    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
-        let ram = self.ram.iter().flat_map(|r| r.pages()).filter(|pfn| !self.image.contains(pfn * PAGE as u64));
-        ram.chain(self.nvs.iter().flat_map(|r| r.pages()))
+    /// The page frames saved, in ascending order, each with whether it is
+    /// RAM (else ACPI NVS): every RAM page but ksave's own, and every NVS
+    /// page. Restore relies on the order.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
+        let (mut ram, mut nvs) = (self.ram.iter().peekable(), self.nvs.iter().peekable());
+        // Both lists are sorted and disjoint: merge them.
+        let ranges = core::iter::from_fn(move || match (ram.peek(), nvs.peek()) {
+            (Some(r), Some(n)) if n.start < r.start => nvs.next().map(|n| (*n, false)),
+            (Some(_), _) => ram.next().map(|r| (*r, true)),
+            (None, _) => nvs.next().map(|n| (*n, false)),
+        });
+        ranges.flat_map(|(r, is_ram)| r.pages().map(move |pfn| (pfn, is_ram))).filter(|(pfn, _)| !self.image.contains(pfn * PAGE as u64))
     }
 
     /// How many pages [`Self::pages`] yields.
@@ -97,6 +126,7 @@ pub struct Buffers<'b> {
 pub fn save<D: Device>(
     plan: &Plan,
     mem: &impl Memory,
+    free: &mut impl FreePages,
     dev: &mut D,
     bufs: Buffers,
     now_us: impl Fn() -> u64,
@@ -116,8 +146,16 @@ pub fn save<D: Device>(
     dev.write_bytes(META_OFFSET, &bufs.meta[..meta_bytes]).map_err(sink)?;
 
     let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, plan.align, bufs.writer);
-    for pfn in plan.pages() {
-        w.add_page(pfn, mem, dev)?;
+    let mut free_until = 0;
+    for (pfn, is_ram) in plan.pages() {
+        if is_ram && pfn >= free_until {
+            free_until = free.free_block(pfn).map_or(0, |n| pfn + n);
+        }
+        if is_ram && pfn < free_until {
+            w.add_free(pfn, dev)?;
+        } else {
+            w.add_page(pfn, mem, dev)?;
+        }
     }
     let totals = w.finish(dev)?;
     dev.flush().map_err(sink)?;
@@ -136,6 +174,8 @@ pub fn save<D: Device>(
     h.data_bytes = totals.data_bytes;
     h.pages_stored = totals.pages_stored;
     h.pages_zero = totals.pages_zero;
+    h.pages_free = totals.pages_free;
+    h.free_rule = plan.free_rule;
     h.chunks_crc = totals.chunks_crc;
     h.flags = totals.flags | if plan.iommu_left_on { header::FLAG_IOMMU_LEFT_ON } else { 0 };
     h.save_us = now_us() - started_us;

@@ -13,7 +13,7 @@ use crate::{CRC32C, PAGE, Range};
 /// "KSAVECFG".
 pub const MAGIC: [u8; 8] = *b"KSAVECFG";
 /// Config layout version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Most RAM ranges the config carries.
 pub const MAX_RANGES: usize = 128;
 /// Most ACPI NVS ranges the config carries.
@@ -23,6 +23,9 @@ pub const MAX_IOMMUS: usize = 8;
 /// Bytes of the host info text.
 pub const INFO_LEN: usize = 256;
 const STATE_CONFIGURED: u32 = 1;
+/// Largest VMCOREINFO note accepted: the kernel's text is one page plus the
+/// note's head and name (`VMCOREINFO_NOTE_SIZE`, include/linux/vmcore_info.h).
+pub const MAX_VMCOREINFO: u64 = 8192;
 
 /// The block as it lies in the section (docs/FORMAT.md), little-endian.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -50,7 +53,9 @@ struct RawConfig {
     iommu_count: U32,
     /// Register bases; bit 0 set for AMD-Vi, clear for VT-d.
     iommus: [U64; MAX_IOMMUS],
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS],
+    /// The VMCOREINFO note (physical start, end); empty: none.
+    vmcoreinfo: RangeLe,
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16],
     crc: U32,
 }
 
@@ -108,6 +113,9 @@ pub struct Config {
     pub iommus: [RemappingUnit; MAX_IOMMUS],
     /// How many of `iommus` are used.
     pub iommu_count: usize,
+    /// Where the saved kernel's VMCOREINFO note is (`/sys/kernel/vmcoreinfo`),
+    /// from which ksave finds its free pages; empty: none, save them all.
+    pub vmcoreinfo: Range,
 }
 
 /// Why a config block was refused.
@@ -129,7 +137,9 @@ impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::BadMagic => write!(f, "no ksave config section"),
-            Self::NotConfigured => write!(f, "ksave.elf is not configured: load it with `ksave load`"),
+            Self::NotConfigured => {
+                write!(f, "ksave.elf is not configured: load it with `ksave load`")
+            }
             Self::Version(v) => write!(f, "config version {v}, this ksave reads {VERSION}"),
             Self::Checksum => write!(f, "config checksum mismatch"),
             Self::Field(what) => write!(f, "config field invalid: {what}"),
@@ -157,6 +167,7 @@ impl Config {
             nvs_count: 0,
             iommus: [RemappingUnit::Vtd(0); MAX_IOMMUS],
             iommu_count: 0,
+            vmcoreinfo: Range { start: 0, end: 0 },
         }
     }
 
@@ -219,6 +230,7 @@ impl Config {
             nvs,
             iommu_count: (self.iommu_count as u32).into(),
             iommus,
+            vmcoreinfo: self.vmcoreinfo.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -273,6 +285,10 @@ impl Config {
         }
         if c.partition_guid.is_zero() || c.partition_sectors == 0 {
             return Err(ConfigError::Field("partition"));
+        }
+        c.vmcoreinfo = raw.vmcoreinfo.into();
+        if c.vmcoreinfo.start > c.vmcoreinfo.end || c.vmcoreinfo.end - c.vmcoreinfo.start > MAX_VMCOREINFO {
+            return Err(ConfigError::Field("vmcoreinfo note"));
         }
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();

@@ -13,7 +13,7 @@ use crate::{BackupPair, CRC32C, MAX_ALIGN, PAGE, Range};
 /// "KSAVEIMG".
 pub const MAGIC: [u8; 8] = *b"KSAVEIMG";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Blocks (4 KiB) of metadata after the header.
 pub const META_BLOCKS: u64 = 4;
 /// Byte offset of the metadata.
@@ -120,6 +120,12 @@ pub struct Header {
     /// size of the disk it was written to (512 or 4096), so that every read
     /// and write is whole blocks. 0 on disk means 512.
     pub align: u32,
+    /// Pages left out because the saved kernel's allocator held them free
+    /// (listed in free-run chunks).
+    pub pages_free: u64,
+    /// How free pages were recognized (`freepages::vmcoreinfo::Rule::code`;
+    /// 0: they were not, every non-zero page was saved).
+    pub free_rule: u32,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -192,6 +198,8 @@ impl Header {
             facs_signature: None,
             nvs_ranges: 0,
             align: 512,
+            pages_free: 0,
+            free_rule: 0,
         }
     }
 
@@ -245,6 +253,8 @@ impl Header {
             facs_signature: self.facs_signature.unwrap_or(0).into(),
             nvs_ranges: self.nvs_ranges.into(),
             align: self.align.into(),
+            pages_free: self.pages_free.into(),
+            free_rule: self.free_rule.into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -296,6 +306,8 @@ impl Header {
                 0 => 512,
                 a => a,
             },
+            pages_free: raw.pages_free.get(),
+            free_rule: raw.free_rule.get(),
         };
         if h.align != 512 && h.align != MAX_ALIGN {
             return Err(HeaderError::Field("alignment"));
@@ -351,12 +363,17 @@ struct RawHeader {
     facs_signature: U32,
     nvs_ranges: U32,
     align: U32,
-    pad: [u8; PAGE - 440 - 4],
+    pages_free: U64,
+    free_rule: U32,
+    pad: [u8; PAGE - 452 - 4],
     crc: U32,
 }
 
 const _: () = assert!(
-    size_of::<RawHeader>() == PAGE && core::mem::offset_of!(RawHeader, message) == 128 && core::mem::offset_of!(RawHeader, cr4_needed) == 416
+    size_of::<RawHeader>() == PAGE
+        && core::mem::offset_of!(RawHeader, message) == 128
+        && core::mem::offset_of!(RawHeader, cr4_needed) == 416
+        && core::mem::offset_of!(RawHeader, pages_free) == 440
 );
 
 /// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.

@@ -90,7 +90,7 @@ pub struct Range {
 
 impl Range {
     /// Pages wholly inside the range.
-    pub fn pages(&self) -> impl Iterator<Item = u64> {
+    pub fn pages(&self) -> core::ops::Range<u64> {
         let first = self.start.div_ceil(PAGE as u64);
         let last = self.end / PAGE as u64;
         first..last.max(first)

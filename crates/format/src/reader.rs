@@ -1,7 +1,7 @@
 //! The decoder: checks an image and hands its pages out, used by the host
 //! tool (verify, inspect, export) and by restore.
 
-use crate::chunk::{self, ChunkInfo, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkInfo, ENCODING_FREE, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
 use crate::{CRC32C, PAGE, PayloadHasher, payload_hash};
 
@@ -77,24 +77,54 @@ pub struct Buffers<'b> {
     pub lz4_out: &'b mut [u8; LZ4_GROUP * PAGE],
 }
 
-/// Walks every chunk, checking each fully, and calls `page(pfn, bytes)` for
-/// every stored page and `chunk` after each chunk has passed its checks.
-/// Pages of a chunk are handed out before its payload checksum is known to
-/// be right: callers that must not act on bad data walk twice (restore
-/// checks everything first).
-pub fn visit_chunks<S: Source>(
-    src: &mut S,
-    header: &Header,
-    meta: &Meta,
-    bufs: Buffers,
-    mut page: impl FnMut(u64, &[u8; PAGE]),
-    mut chunk: impl FnMut(&ChunkInfo),
-) -> Result<(), ReadError<S::Error>> {
+/// What a walk of the chunks hands out, chunk by chunk, in image order.
+/// Stored pages come in ascending page order; a chunk's pages are handed
+/// out before its payload check is known (restore, which must not act on
+/// bad data before it knows, keeps the rule by writing only memory it may
+/// lose: see src/resume.rs).
+pub trait Visitor<S: Source> {
+    /// A stored page's contents.
+    fn page(&mut self, _pfn: u64, _data: &[u8; PAGE]) {}
+
+    /// Reads a raw chunk's pages (`pfns.len()` pages from byte `at`),
+    /// hands them out and returns their [`payload_hash`]. By default through
+    /// `buf`, [`LZ4_GROUP`] pages a read, each handed to [`Self::page`];
+    /// restore reads them straight into place instead.
+    fn raw_pages(&mut self, src: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, S::Error> {
+        let mut hasher = PayloadHasher::new();
+        for (run, run_pfns) in pfns.chunks(LZ4_GROUP).enumerate() {
+            let buf = &mut buf[..run_pfns.len() * PAGE];
+            src.read_at(at + (run * LZ4_GROUP * PAGE) as u64, buf)?;
+            hasher.update(buf);
+            for (p, data) in run_pfns.iter().zip(buf.chunks_exact(PAGE)) {
+                self.page(*p, data.try_into().unwrap());
+            }
+        }
+        Ok(hasher.digest())
+    }
+
+    /// A run of pages the saved kernel held free (they read as zeros).
+    fn free_run(&mut self, _first: u64, _pages: u64) {}
+
+    /// A chunk that passed every check.
+    fn chunk(&mut self, _info: &ChunkInfo) {}
+}
+
+/// A [`Visitor`] that only checks.
+pub struct CheckOnly;
+
+impl<S: Source> Visitor<S> for CheckOnly {}
+
+/// Walks every chunk, checking each fully, and tells `visitor` what each
+/// holds. Checks besides each chunk's own: stored pages strictly ascending,
+/// free runs ascending and inside the saved memory, and the totals the
+/// header committed (stored + zero + free = every page saved).
+pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, meta: &Meta, bufs: Buffers, visitor: &mut impl Visitor<S>) -> Result<(), ReadError<S::Error>> {
     let saved: heapless_ranges::Ranges = meta.saved_ranges().collect();
     let end = DATA_OFFSET + header.data_bytes;
     let mut offset = DATA_OFFSET;
     let mut chunks_digest = CRC32C.digest();
-    let mut pages_seen = 0u64;
+    let mut order = Order::default();
     for index in 0..header.chunks {
         let bad = |what| ReadError::Chunk { index, offset, what };
         if offset + header.align as u64 > end {
@@ -110,26 +140,89 @@ pub fn visit_chunks<S: Source>(
         if fields.nonce != header.nonce {
             return Err(bad("from another save attempt"));
         }
-        let mut pfns = [0u64; MAX_RAW_PAGES];
         let count = decoded.count();
-        for (slot, pfn) in pfns.iter_mut().zip(decoded.pfns()) {
-            *slot = check_page(pfn, &saved, header).map_err(bad)?;
-        }
-        let pfns = &pfns[..count];
         let payload_at = offset + header_len as u64;
         let payload_len = fields.payload_len as usize;
-        if fields.encoding == ENCODING_RAW {
-            read_raw_payload(src, payload_at, pfns, fields.payload_len, fields.payload_hash, bufs.lz4_out, &mut page).map_err(|e| e.at(index, offset))?;
-        } else {
-            let chunk = LzChunk { offset, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
-            read_lz4_chunk(src, &chunk, bufs.lz4_in, bufs.lz4_out, &mut page).map_err(|e| e.at(index, offset))?;
+        match fields.encoding {
+            ENCODING_FREE => {
+                if fields.payload_len != 0 {
+                    return Err(bad("payload length"));
+                }
+                for (first, pages) in decoded.runs() {
+                    order.free_run(first, pages, &saved, header).map_err(bad)?;
+                    visitor.free_run(first, pages);
+                }
+            }
+            encoding => {
+                let mut pfns = [0u64; MAX_RAW_PAGES];
+                for (slot, pfn) in pfns.iter_mut().zip(decoded.pfns()) {
+                    *slot = order.stored(pfn, &saved, header).map_err(bad)?;
+                }
+                let pfns = &pfns[..count];
+                if encoding == ENCODING_RAW {
+                    if payload_len != count * PAGE {
+                        return Err(bad("payload length"));
+                    }
+                    let hash = visitor.raw_pages(src, payload_at, pfns, bufs.lz4_out).map_err(ReadError::Io)?;
+                    if hash != fields.payload_hash {
+                        return Err(bad("payload checksum"));
+                    }
+                } else {
+                    let chunk = LzChunk { offset, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
+                    read_lz4_chunk(src, &chunk, bufs.lz4_in, bufs.lz4_out, visitor).map_err(|e| e.at(index, offset))?;
+                }
+            }
         }
         let bytes = chunk::bytes_on_disk(fields.encoding, payload_len, header.align);
-        chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
-        pages_seen += count as u64;
+        visitor.chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
         offset += bytes;
     }
-    check_totals(header, offset, pages_seen, chunks_digest.finalize())
+    let saved_pages = meta.saved_ranges().flat_map(|r| r.pages()).filter(|pfn| !header.image.contains(pfn * PAGE as u64)).count() as u64;
+    check_totals(header, offset, &order, saved_pages, chunks_digest.finalize())
+}
+
+/// The order rules, and the counts the totals are checked against.
+#[derive(Default)]
+struct Order {
+    /// The next stored page must be above this one.
+    last_stored: Option<u64>,
+    /// The next free run must start at or above this page.
+    free_from: u64,
+    stored: u64,
+    free: u64,
+}
+
+impl Order {
+    /// A stored page must lie in the saved memory, outside ksave's own
+    /// range, above the one before.
+    fn stored(&mut self, pfn: u64, saved: &heapless_ranges::Ranges, header: &Header) -> Result<u64, &'static str> {
+        let addr = pfn.checked_mul(PAGE as u64).ok_or("page address")?;
+        if !saved.contains(addr) || header.image.contains(addr) {
+            return Err("page outside the saved RAM and NVS");
+        }
+        if self.last_stored.is_some_and(|last| pfn <= last) {
+            return Err("stored pages out of order");
+        }
+        self.last_stored = Some(pfn);
+        self.stored += 1;
+        Ok(pfn)
+    }
+
+    /// A free run must be whole pages of one saved range, outside ksave's
+    /// own range, above the run before.
+    fn free_run(&mut self, first: u64, pages: u64, saved: &heapless_ranges::Ranges, header: &Header) -> Result<(), &'static str> {
+        let start = first.checked_mul(PAGE as u64).ok_or("free run address")?;
+        let end = pages.checked_mul(PAGE as u64).and_then(|len| start.checked_add(len)).ok_or("free run address")?;
+        if pages == 0 || !saved.contains_range(start, end) || (start < header.image.end && header.image.start < end) {
+            return Err("free run outside the saved RAM");
+        }
+        if first < self.free_from {
+            return Err("free runs out of order");
+        }
+        self.free_from = first + pages;
+        self.free += pages;
+        Ok(())
+    }
 }
 
 /// A chunk's error before it knows where it is.
@@ -159,44 +252,6 @@ fn read_chunk_header<S: Source>(src: &mut S, offset: u64, align: u32, buf: &mut 
     Ok(len)
 }
 
-/// A stored page must lie in the saved RAM and outside ksave's own range.
-fn check_page(pfn: u64, saved: &heapless_ranges::Ranges, header: &Header) -> Result<u64, &'static str> {
-    let addr = pfn.checked_mul(PAGE as u64).ok_or("page address")?;
-    if !saved.contains(addr) || header.image.contains(addr) {
-        return Err("page outside the saved RAM and NVS");
-    }
-    Ok(pfn)
-}
-
-/// Raw pages, read in runs of [`LZ4_GROUP`] (one read for sixteen) into
-/// `run_buf`, handed out, and hashed.
-fn read_raw_payload<S: Source>(
-    src: &mut S,
-    at: u64,
-    pfns: &[u64],
-    payload_len: u32,
-    want_hash: u64,
-    run_buf: &mut [u8; LZ4_GROUP * PAGE],
-    page: &mut impl FnMut(u64, &[u8; PAGE]),
-) -> Result<(), ChunkError<S::Error>> {
-    if payload_len as usize != pfns.len() * PAGE {
-        return Err(ChunkError::Bad("payload length"));
-    }
-    let mut hasher = PayloadHasher::new();
-    for (run, run_pfns) in pfns.chunks(LZ4_GROUP).enumerate() {
-        let buf = &mut run_buf[..run_pfns.len() * PAGE];
-        src.read_at(at + (run * LZ4_GROUP * PAGE) as u64, buf).map_err(ChunkError::Io)?;
-        hasher.update(buf);
-        for (p, data) in run_pfns.iter().zip(buf.chunks_exact(PAGE)) {
-            page(*p, data.try_into().unwrap());
-        }
-    }
-    if hasher.digest() != want_hash {
-        return Err(ChunkError::Bad("payload checksum"));
-    }
-    Ok(())
-}
-
 /// Where an LZ4 chunk is and what its header says.
 struct LzChunk<'p> {
     offset: u64,
@@ -214,7 +269,7 @@ fn read_lz4_chunk<S: Source>(
     chunk: &LzChunk,
     buf: &mut [u8; LZ4_OUT],
     pages_buf: &mut [u8; LZ4_GROUP * PAGE],
-    page: &mut impl FnMut(u64, &[u8; PAGE]),
+    visitor: &mut impl Visitor<S>,
 ) -> Result<(), ChunkError<S::Error>> {
     let len = chunk.payload_len as usize;
     if len == 0 || LZ4_HEADER + len > LZ4_OUT {
@@ -229,21 +284,29 @@ fn read_lz4_chunk<S: Source>(
     let out = &mut pages_buf[..chunk.pfns.len() * PAGE];
     match lz4_flex::block::decompress_into(compressed, out) {
         Ok(n) if n == out.len() => {}
-        _ => return Err(ChunkError::Bad("LZ4 payload does not decompress to its pages")),
+        _ => {
+            return Err(ChunkError::Bad("LZ4 payload does not decompress to its pages"));
+        }
     }
     for (p, data) in chunk.pfns.iter().zip(out.chunks_exact(PAGE)) {
-        page(*p, data.try_into().unwrap());
+        visitor.page(*p, data.try_into().unwrap());
     }
     Ok(())
 }
 
 /// The chunks walked must add up to what the header committed.
-fn check_totals<E>(header: &Header, end_offset: u64, pages_seen: u64, chunks_crc: u32) -> Result<(), ReadError<E>> {
+fn check_totals<E>(header: &Header, end_offset: u64, order: &Order, saved_pages: u64, chunks_crc: u32) -> Result<(), ReadError<E>> {
     if end_offset != DATA_OFFSET + header.data_bytes {
         return Err(ReadError::Totals("data length"));
     }
-    if pages_seen != header.pages_stored {
+    if order.stored != header.pages_stored {
         return Err(ReadError::Totals("stored page count"));
+    }
+    if order.free != header.pages_free {
+        return Err(ReadError::Totals("free page count"));
+    }
+    if header.pages_stored.checked_add(header.pages_zero).and_then(|n| n.checked_add(header.pages_free)) != Some(saved_pages) {
+        return Err(ReadError::Totals("stored, zero and free pages do not add up to the memory saved"));
     }
     if chunks_crc != header.chunks_crc {
         return Err(ReadError::Totals("chunk set checksum"));
@@ -265,6 +328,11 @@ mod heapless_ranges {
     impl Ranges {
         pub fn contains(&self, addr: u64) -> bool {
             self.ranges[..self.count].iter().any(|r| r.contains(addr))
+        }
+
+        /// Whether `[start, end)` lies inside one range.
+        pub fn contains_range(&self, start: u64, end: u64) -> bool {
+            self.ranges[..self.count].iter().any(|r| r.start <= start && end <= r.end)
         }
     }
 

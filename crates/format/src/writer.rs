@@ -4,7 +4,7 @@
 
 use crc::{Digest, Table};
 
-use crate::chunk::{self, ChunkHeader, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkHeader, ENCODING_FREE, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, MAX_FREE_RUNS, MAX_RAW_PAGES};
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
 use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 
@@ -63,6 +63,8 @@ pub struct Totals {
     pub pages_stored: u64,
     /// Zero pages left out.
     pub pages_zero: u64,
+    /// Free pages left out (listed in free-run chunks).
+    pub pages_free: u64,
     /// CRC over all chunk header CRCs.
     pub chunks_crc: u32,
     /// Header flags to record (`FLAG_LZ4` if any chunk is compressed).
@@ -93,6 +95,9 @@ pub struct Writer<'b> {
     /// nothing); a group that compresses resets it.
     lz4_skip: usize,
     lz4_backoff: usize,
+    /// Runs of free pages (first pfn, pages) not yet in a chunk.
+    free: [(u64, u64); MAX_FREE_RUNS],
+    free_count: usize,
     bufs: Buffers<'b>,
 }
 
@@ -120,6 +125,8 @@ impl<'b> Writer<'b> {
             group_count: 0,
             lz4_skip: 0,
             lz4_backoff: 0,
+            free: [(0, 0); MAX_FREE_RUNS],
+            free_count: 0,
             bufs,
         }
     }
@@ -149,6 +156,25 @@ impl<'b> Writer<'b> {
         }
     }
 
+    /// Leaves out page `pfn`, which the saved kernel holds free: it is
+    /// listed in a free-run chunk and reads back as zeros. Pages come in
+    /// ascending order, so adjacent ones extend the last run.
+    pub fn add_free<S: Sink>(&mut self, pfn: u64, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        self.totals.pages_free += 1;
+        if let Some(last) = self.free[..self.free_count].last_mut()
+            && last.0 + last.1 == pfn
+        {
+            last.1 += 1;
+            return Ok(());
+        }
+        if self.free_count == MAX_FREE_RUNS {
+            self.flush_free(sink)?;
+        }
+        self.free[self.free_count] = (pfn, 1);
+        self.free_count += 1;
+        Ok(())
+    }
+
     /// Bytes written so far (for progress).
     pub fn bytes_written(&self) -> u64 {
         self.offset - DATA_OFFSET
@@ -175,6 +201,10 @@ impl<'b> Writer<'b> {
         match compressed {
             // Worth it only if it saves at least a sixteenth.
             Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
+                // Stored pages go out in ascending order (restore relies on
+                // it): raw pages queued before this group go first.
+                self.flush_raw(sink)?;
+                let out = &mut self.bufs.lz4_out;
                 let total = chunk::bytes_on_disk(ENCODING_LZ4, len, self.align) as usize;
                 out[LZ4_HEADER + len..total].fill(0);
                 let fields = ChunkHeader {
@@ -231,6 +261,24 @@ impl<'b> Writer<'b> {
         Ok(())
     }
 
+    fn flush_free<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let n = core::mem::take(&mut self.free_count);
+        if n == 0 {
+            return Ok(());
+        }
+        let mut words = [0u64; 2 * MAX_FREE_RUNS];
+        for (pair, run) in words.chunks_exact_mut(2).zip(&self.free[..n]) {
+            pair.copy_from_slice(&[run.0, run.1]);
+        }
+        let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding: ENCODING_FREE, payload_len: 0, payload_hash: payload_hash(&[]) };
+        let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &words[..2 * n]);
+        let total = chunk::bytes_on_disk(ENCODING_FREE, 0, self.align);
+        self.check_room(total)?;
+        sink.write_bytes(self.offset, &self.bufs.raw_header[..]).map_err(WriteError::Sink)?;
+        self.chunk_written(total, header_crc);
+        Ok(())
+    }
+
     fn check_room<E>(&self, bytes: u64) -> Result<(), WriteError<E>> {
         if self.offset + bytes > self.capacity { Err(WriteError::Full) } else { Ok(()) }
     }
@@ -245,6 +293,7 @@ impl<'b> Writer<'b> {
     pub fn finish<S: Sink>(mut self, sink: &mut S) -> Result<Totals, WriteError<S::Error>> {
         self.flush_group(sink)?;
         self.flush_raw(sink)?;
+        self.flush_free(sink)?;
         self.totals.data_bytes = self.offset - DATA_OFFSET;
         self.totals.chunks_crc = self.chunks_digest.finalize();
         Ok(self.totals)

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT};
+use ksave_format::commit;
 use ksave_format::header::{self, DATA_OFFSET, HeaderError, META_BLOCKS, META_OFFSET, State};
 use ksave_format::reader::{self, ReadError};
-use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError, worst_case_bytes};
-use ksave_format::commit;
 use ksave_format::{BackupPair, PAGE, Range, config};
 
 /// Test memory: page frame -> contents.
@@ -140,6 +140,26 @@ fn save_ram(mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool, capacity: usize)
 }
 
 fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) -> Result<(header::Header, Totals), WriteError<&'static str>> {
+    save_with_free(disk, mem, ram, nvs, lz4, &mut commit::NoneFree)
+}
+
+/// Free blocks by their first page: (first pfn, pages).
+struct Blocks(BTreeMap<u64, u64>);
+
+impl commit::FreePages for Blocks {
+    fn free_block(&mut self, pfn: u64) -> Option<u64> {
+        self.0.get(&pfn).copied()
+    }
+}
+
+fn save_with_free(
+    disk: &mut Disk,
+    mem: &Mem,
+    ram: &[Range],
+    nvs: &[Range],
+    lz4: bool,
+    free: &mut impl commit::FreePages,
+) -> Result<(header::Header, Totals), WriteError<&'static str>> {
     let plan = commit::Plan {
         nonce: NONCE,
         created_unix: 0,
@@ -157,6 +177,7 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) 
         cr4_needed: 1 << 12 | 1 << 5,
         facs_signature: Some(0x1234),
         iommu_left_on: false,
+        free_rule: 2,
     };
     let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
@@ -165,11 +186,36 @@ fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) 
         meta: &mut meta,
         writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out },
     };
-    commit::save(&plan, mem, disk, bufs, || 0, 0)
+    commit::save(&plan, mem, free, disk, bufs, || 0, 0)
+}
+
+/// What a walk of an image handed out.
+#[derive(Default)]
+struct Loaded {
+    pages: BTreeMap<u64, Vec<u8>>,
+    free: Vec<(u64, u64)>,
+    /// Each chunk's offset and encoding.
+    chunks: Vec<(u64, u8)>,
+}
+
+impl<'a> reader::Visitor<&'a [u8]> for Loaded {
+    fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
+        assert!(self.pages.insert(pfn, data.to_vec()).is_none(), "page {pfn} twice");
+    }
+    fn free_run(&mut self, first: u64, pages: u64) {
+        self.free.push((first, pages));
+    }
+    fn chunk(&mut self, c: &chunk::ChunkInfo) {
+        self.chunks.push((c.offset, c.encoding));
+    }
 }
 
 /// Reads an image back into a page map, checking everything.
 fn load(image: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, ReadError<&'static str>> {
+    load_all(image).map(|l| l.pages)
+}
+
+fn load_all(image: &[u8]) -> Result<Loaded, ReadError<&'static str>> {
     let mut src = image;
     let mut block = [0u8; PAGE];
     let h = reader::read_header(&mut src, &mut block)?;
@@ -179,13 +225,11 @@ fn load(image: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, ReadError<&'static str>>
     let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     let meta = reader::read_meta(&mut src, &h, &mut meta_buf)?;
     assert_eq!(meta.backup_pairs().collect::<Vec<_>>(), BACKUP);
-    let mut pages = BTreeMap::new();
+    let mut loaded = Loaded::default();
     let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
     let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
-    reader::visit_chunks(&mut src, &h, &meta, bufs, |pfn, data| {
-        assert!(pages.insert(pfn, data.to_vec()).is_none(), "page {pfn} twice");
-    }, |_| {})?;
-    Ok(pages)
+    reader::visit_chunks(&mut src, &h, &meta, bufs, &mut loaded)?;
+    Ok(loaded)
 }
 
 fn assert_same(mem: &Mem, pages: &BTreeMap<u64, Vec<u8>>) {
@@ -237,16 +281,7 @@ fn flip(image: &[u8], at: usize) -> Vec<u8> {
 }
 
 fn chunk_offsets(image: &[u8]) -> Vec<(u64, u8)> {
-    let mut src = image;
-    let mut block = [0u8; PAGE];
-    let h = reader::read_header(&mut src, &mut block).unwrap();
-    let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
-    let meta = reader::read_meta(&mut src, &h, &mut meta_buf).unwrap();
-    let mut out = Vec::new();
-    let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
-    let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
-    reader::visit_chunks(&mut src, &h, &meta, bufs, |_, _| {}, |c| out.push((c.offset, c.encoding))).unwrap();
-    out
+    load_all(image).unwrap().chunks
 }
 
 #[test]
@@ -277,10 +312,10 @@ fn every_corruption_is_caught() {
 
     // Another format version, with a valid checksum.
     let mut other = image.clone();
-    other[8] = 2;
+    other[8] = header::VERSION as u8 + 1;
     let crc = ksave_format::CRC32C.checksum(&other[..PAGE - 4]);
     other[PAGE - 4..PAGE].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(load(&other).err(), Some(ReadError::Header(HeaderError::Version(2))));
+    assert_eq!(load(&other).err(), Some(ReadError::Header(HeaderError::Version(header::VERSION + 1))));
 
     // Not ours at all.
     assert_eq!(load(&vec![0u8; 1 << 16]).err(), Some(ReadError::Header(HeaderError::BadMagic)));
@@ -423,4 +458,46 @@ fn a_4k_disk_gets_whole_blocks_and_the_image_reads_back() {
     assert!(totals.pages_lz4 > 0, "LZ4 chunks were made");
     assert!(chunk_offsets(&disk.bytes).iter().all(|(off, _)| off % 4096 == 0), "every chunk starts a block");
     assert_same(&mem, &load(&disk.bytes).unwrap());
+}
+
+#[test]
+fn free_pages_are_listed_not_stored_and_everything_stays_in_order() {
+    for lz4 in [false, true] {
+        let mem = memory(6);
+        // Free blocks: one inside the first range, one whose head is below
+        // ksave's range and whose pages run into it, one ending at a range end.
+        let blocks = Blocks(BTreeMap::from([(0x10, 16), (0x11f8, 16), (0x3f8, 8)]));
+        let mut disk = Disk { bytes: vec![0; 8 << 20], align: 512, mem: &mem, flushes: Vec::new() };
+        let (h, totals) = save_with_free(&mut disk, &mem, &RAM, &NVS, lz4, &mut { blocks }).unwrap();
+        // 0x11f8..0x1200 are free; 0x1200.. is ksave's, never listed.
+        assert_eq!((h.pages_free, totals.pages_free, h.free_rule), (16 + 8 + 8, 32, 2));
+        let loaded = load_all(&disk.bytes).unwrap();
+        assert_eq!(loaded.free, [(0x10, 16), (0x3f8, 8), (0x11f8, 8)]);
+        let is_free = |pfn: u64| loaded.free.iter().any(|&(f, n)| (f..f + n).contains(&pfn));
+        assert!(loaded.pages.keys().all(|&p| !is_free(p)));
+        // Every other page reads back as saved.
+        for (pfn, data) in mem.0.iter().filter(|(p, _)| !is_free(**p)) {
+            match loaded.pages.get(pfn) {
+                Some(stored) => assert_eq!(&stored[..], &data[..], "page {pfn:#x}"),
+                None => assert!(data.iter().all(|&b| b == 0), "non-zero page {pfn:#x} missing"),
+            }
+        }
+        // Stored pages come in ascending order, whatever the encoding.
+        assert!(loaded.pages.keys().is_sorted());
+    }
+}
+
+#[test]
+fn totals_that_do_not_add_up_are_refused() {
+    let mem = memory(7);
+    let (image, _) = save(&mem, false, 8 << 20).unwrap();
+    let mut block = [0u8; PAGE];
+    block.copy_from_slice(&image[..PAGE]);
+    let mut h = header::Header::decode(&block).unwrap();
+    // One zero page claimed too many: the counts no longer cover the memory.
+    h.pages_zero += 1;
+    h.encode(&mut block);
+    let mut bad = image.clone();
+    bad[..PAGE].copy_from_slice(&block);
+    assert_eq!(load(&bad).err(), Some(ReadError::Totals("stored, zero and free pages do not add up to the memory saved")));
 }

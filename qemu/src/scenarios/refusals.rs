@@ -24,8 +24,7 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
     let disk = TestDisk::create(name, 560, 520)?;
     let mut report = Report::new("restore refusals");
     // A complete image: kernel A takes a snapshot and powers off.
-    let config = kernel_a(name, &format!("hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib=16 ksave.expect=ok"))?
-        .arg(disk.qemu_args(Bus::Ahci, None));
+    let config = kernel_a(name, &format!("hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib=16 ksave.expect=ok"))?.arg(disk.qemu_args(Bus::Ahci, None));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     vm.expect("KSAVE-TEST-RESULT: PASS", 300 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
@@ -48,8 +47,13 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
         b[from..(data + header.data_bytes) as usize].fill(0);
     })?;
 
-    // Every refusal writes nothing: the disk is byte for byte as before.
+    // Every refusal found before loading writes nothing: the disk is byte
+    // for byte as before. A damaged chunk is found while loading (restore
+    // reads the image once): that image is invalidated with the reason, and
+    // only its header block changes.
+    let header_block = part as usize..part as usize + 4096;
     let mut refused = |label: &str, disk: &TestDisk, memory: u32, extra: &[&str], why: &str| -> Result<()> {
+        let damaged = why.starts_with("image damaged");
         let before = std::fs::read(&disk.path)?;
         let mut vm = resume_vm(&format!("{name}-{label}"), disk, memory, extra, echo)?;
         let line = vm.expect("ksave: not resuming:", 120 * SECOND)?;
@@ -57,7 +61,18 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
         vm.expect("handing over to a normal boot", 5 * SECOND)?;
         let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
         vm.expect_exit(0, 60 * SECOND)?;
-        disk.check_unchanged_since(&before, None).with_context(|| format!("{label}: the refused boot wrote to the disk"))?;
+        let may_change = damaged.then(|| header_block.clone());
+        disk.check_unchanged_since(&before, may_change).with_context(|| format!("{label}: the refused boot wrote to the disk"))?;
+        if damaged {
+            let after = std::fs::read(&disk.path)?;
+            let h = ksave_format::header::Header::decode(after[header_block.clone()].try_into()?).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+            ensure!(
+                h.state == ksave_format::header::State::Invalidated && h.message().contains(why),
+                "{label}: the damaged image was left {} ({:?})",
+                h.state.name(),
+                h.message()
+            );
+        }
         report.add_ms(format!("{label}: power-on to refusal"), line.at);
         report.add_ms(format!("{label}: power-on to the normal boot's userspace"), normal.at);
         Ok(())
@@ -96,10 +111,10 @@ pub fn restore_refusals(echo: bool) -> Result<Report> {
     vm.expect("booting normally", 10 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     // The header block says invalidated, with the reason; nothing else moved.
-    let header_block = part as usize..part as usize + 4096;
     damaged.check_unchanged_since(&before, Some(header_block.clone())).context("kernel C: the refusal wrote beyond the image header")?;
     let after = std::fs::read(&damaged.path)?;
-    let refused = ksave_format::header::Header::decode(after[header_block.clone()].try_into()?).map_err(|e| anyhow::anyhow!("kernel C: header after the refusal: {e}"))?;
+    let refused = ksave_format::header::Header::decode(after[header_block.clone()].try_into()?)
+        .map_err(|e| anyhow::anyhow!("kernel C: header after the refusal: {e}"))?;
     ensure!(refused.state == ksave_format::header::State::Invalidated, "kernel C: the refused image was left {}", refused.state.name());
     ensure!(refused.message().contains("image damaged"), "kernel C: the invalidated header does not say why: {:?}", refused.message());
     report.add_ms("kernel C, damaged image: power-on to the normal boot", vm.elapsed());

@@ -3,22 +3,48 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ksave_format::PAGE;
 use ksave_format::header::{DATA_OFFSET, FLAG_IOMMU_LEFT_ON, Header, State};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
 use ksave_tools::setup::{self, Setup};
+use ksave_tools::sys;
 
 use super::load::load_ksave;
 
-pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_in_save: bool) -> Result<ExitCode> {
+/// How to hibernate (the command's options).
+pub struct How {
+    pub snapshot: bool,
+    pub kexec_tools: bool,
+    pub all_pages: bool,
+    pub drop_caches: bool,
+    pub no_precheck: bool,
+    pub selftest_fault_in_save: bool,
+}
+
+pub fn run(how: &How) -> Result<ExitCode> {
+    let &How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
     let setup = Setup::load(&setup::path())?;
     if !no_precheck {
         super::precheck(&setup)?;
     }
-    let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save)?;
+    match sys::free_pages_note() {
+        Some(note) => println!("ksave: note: {note}"),
+        None if all_pages => println!("ksave: saving free pages too (--all-pages)"),
+        None => {}
+    }
+    if drop_caches {
+        // Clean page cache only (1): dirty pages are written first, so
+        // nothing is lost; files are read again after the resume.
+        let t = std::time::Instant::now();
+        // SAFETY: sync takes no arguments.
+        unsafe { libc::sync() };
+        std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache (/proc/sys/vm/drop_caches)")?;
+        println!("ksave: page cache dropped in {} ms", t.elapsed().as_millis());
+    }
+    let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save, all_pages)?;
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     jump(kexec_tools)?;
@@ -33,14 +59,21 @@ pub fn run(snapshot: bool, kexec_tools: bool, no_precheck: bool, selftest_fault_
         Verdict::Saved(h) => {
             let bytes = h.data_bytes + DATA_OFFSET;
             println!(
-                "ksave: image complete: {} pages ({} MiB) stored, {} zero pages left out, {} MiB on disk, saved in {} ms",
+                "ksave: image complete: {} pages ({} MiB) stored, {} free and {} zero pages left out, {} MiB on disk, saved in {} ms",
                 h.pages_stored,
                 h.pages_stored * PAGE as u64 >> 20,
+                h.pages_free,
                 h.pages_zero,
                 bytes >> 20,
                 h.save_us / 1000
             );
-            println!("ksave-metric image_bytes={bytes} pages_stored={} pages_zero={} save_ms={}", h.pages_stored, h.pages_zero, h.save_us / 1000);
+            println!(
+                "ksave-metric image_bytes={bytes} pages_stored={} pages_zero={} pages_free={} save_ms={}",
+                h.pages_stored,
+                h.pages_zero,
+                h.pages_free,
+                h.save_us / 1000
+            );
             if snapshot {
                 println!("ksave: snapshot taken; still running");
                 return Ok(ExitCode::SUCCESS);

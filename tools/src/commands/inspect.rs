@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ksave_format::PAGE;
+use ksave_format::chunk::{ENCODING_LZ4, ENCODING_RAW};
 use ksave_format::header::State;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::inspect;
@@ -12,25 +13,33 @@ use serde_json::json;
 
 use super::show;
 
-pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
+pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode> {
     let mut file = ImageFile::open(path, false)?;
     let image = inspect::read(&mut file)?;
-    let (mut raw, mut lz4, mut raw_bytes, mut lz4_bytes, mut lz4_pages) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut raw, mut lz4, mut raw_bytes, mut lz4_bytes, mut lz4_pages, mut free_chunks) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut runs = Vec::new();
     let walked = if image.header.state == State::Complete {
-        inspect::walk(&mut file, &image, |_, _| {}, |c| {
-            if c.encoding == 0 {
+        let chunk = |c: &ksave_format::chunk::ChunkInfo| match c.encoding {
+            ENCODING_RAW => {
                 raw += 1;
                 raw_bytes += c.bytes;
-            } else {
+            }
+            ENCODING_LZ4 => {
                 lz4 += 1;
                 lz4_bytes += c.bytes;
                 lz4_pages += c.pages as u64;
             }
-        })
-        .map_err(|e| format!("{e:#}"))
+            _ => free_chunks += 1,
+        };
+        inspect::walk(&mut file, &image, inspect::Walk::new(|_, _| {}, |first, n| runs.push((first, n)), chunk)).map_err(|e| format!("{e:#}"))
     } else {
         Err(format!("image is {}", image.header.state.name()))
     };
+    if let Some(out) = free_runs {
+        // One run a line: first page frame and pages, in hex and decimal.
+        let text: String = runs.iter().map(|(first, n)| format!("{first:#x} {n}\n")).collect();
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    }
     if json {
         let mut v = show::header_json(&image.header);
         v["ram_ranges"] = json!(image.ram.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>());
@@ -41,6 +50,8 @@ pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
         v["lz4_pages"] = json!(lz4_pages);
         v["lz4_bytes"] = json!(lz4_bytes);
         v["raw_bytes"] = json!(raw_bytes);
+        v["chunks_free"] = json!(free_chunks);
+        v["free_runs"] = json!(runs.len());
         v["checks"] = json!(walked.clone().err().unwrap_or_else(|| "ok".into()));
         println!("{v}");
     } else {
@@ -53,7 +64,13 @@ pub fn run(path: &Path, json: bool) -> Result<ExitCode> {
             println!("ACPI NVS     {:#014x}-{:#014x} ({} KiB)", r.start, r.end, (r.end - r.start) >> 10);
         }
         println!("backup map   {} pages under ksave, held in source pages", image.backup.len());
-        println!("chunks       {raw} raw ({} MiB), {lz4} LZ4 ({} MiB holding {} MiB)", raw_bytes >> 20, lz4_bytes >> 20, lz4_pages * PAGE as u64 >> 20);
+        println!(
+            "chunks       {raw} raw ({} MiB), {lz4} LZ4 ({} MiB holding {} MiB), {free_chunks} listing {} free runs",
+            raw_bytes >> 20,
+            lz4_bytes >> 20,
+            lz4_pages * PAGE as u64 >> 20,
+            runs.len()
+        );
         println!("checks       {}", walked.err().unwrap_or_else(|| "every checksum right".into()));
     }
     Ok(ExitCode::SUCCESS)

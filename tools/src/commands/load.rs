@@ -13,7 +13,7 @@ use ksave_tools::setup::{self, Setup};
 
 pub fn run(kexec_tools: bool) -> Result<ExitCode> {
     let setup = Setup::load(&setup::path())?;
-    let loaded = load_ksave(&setup, kexec_tools, false)?;
+    let loaded = load_ksave(&setup, kexec_tools, false, false)?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
     Ok(ExitCode::SUCCESS)
 }
@@ -32,10 +32,13 @@ pub struct Loaded {
 }
 
 /// Configures and loads ksave for one attempt.
-pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool) -> Result<Loaded> {
+pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool, all_pages: bool) -> Result<Loaded> {
     let t = Instant::now();
     let mut config = load::attempt_config(setup)?;
     config.selftest_fault_in_save = selftest_fault_in_save;
+    if all_pages {
+        config.vmcoreinfo = ksave_format::Range::default();
+    }
     let mailbox = match MailboxPage::new(config.nonce) {
         Ok(m) => Some(m),
         Err(e) => {

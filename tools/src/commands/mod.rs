@@ -27,12 +27,13 @@ pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Setup { partition, partuuid, lz4, elf, no_precheck } => setup::run(partition, partuuid, lz4, elf, no_precheck),
         Command::Load { kexec_tools } => load::run(kexec_tools),
-        Command::Hibernate { poweroff: _, snapshot, kexec_tools, no_precheck, selftest_fault_in_save } => {
-            hibernate::run(snapshot, kexec_tools, no_precheck, selftest_fault_in_save)
+        Command::Hibernate { poweroff: _, snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {
+            let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
+            hibernate::run(&how)
         }
         Command::Resume { partuuid, elf } => resume::run(partuuid, elf),
         Command::Status { path, json } => status::run(path, json),
-        Command::Inspect { path, json } => inspect::run(&path, json),
+        Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),
         Command::Invalidate { path } => invalidate::run(path),
         Command::Export { elf, path } => export::run(&elf, &path),

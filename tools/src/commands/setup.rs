@@ -38,5 +38,8 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         controller.address,
         setup::path().display()
     );
+    if let Some(note) = sys::free_pages_note() {
+        println!("ksave: note: {note}");
+    }
     Ok(ExitCode::SUCCESS)
 }

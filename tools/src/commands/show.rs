@@ -12,6 +12,8 @@ pub fn header_json(h: &Header) -> serde_json::Value {
         "created_unix": h.created_unix,
         "pages_stored": h.pages_stored,
         "pages_zero": h.pages_zero,
+        "pages_free": h.pages_free,
+        "free_rule": h.free_rule,
         "chunks": h.chunks,
         "bytes": h.data_bytes + DATA_OFFSET,
         "save_us": h.save_us,
@@ -35,7 +37,8 @@ pub fn print_header(h: &Header) {
     println!("created      {} (unix)", h.created_unix);
     println!("message      {}", h.message());
     if h.state == State::Complete || h.state == State::Invalidated {
-        println!("pages        {} stored, {} zero", h.pages_stored, h.pages_zero);
+        println!("pages        {} stored, {} left out as zero, {} left out as free", h.pages_stored, h.pages_zero, h.pages_free);
+        println!("free pages   {}", freepages::vmcoreinfo::Rule::describe(h.free_rule));
         println!("size         {} MiB in {} chunks{}", (h.data_bytes + DATA_OFFSET) >> 20, h.chunks, if h.flags & FLAG_LZ4 != 0 { ", some LZ4" } else { "" });
         println!("saved in     {} ms", h.save_us / 1000);
         println!("ksave range  {:#x}-{:#x}, re-entry {:#x}", h.image.start, h.image.end, h.reentry);

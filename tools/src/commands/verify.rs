@@ -17,9 +17,10 @@ pub fn run(path: &Path) -> Result<ExitCode> {
     }
     let mut pages = 0u64;
     let mut chunks = 0u64;
-    match inspect::walk(&mut file, &image, |_, _| pages += 1, |_| chunks += 1) {
+    let mut free = 0u64;
+    match inspect::walk(&mut file, &image, inspect::Walk::new(|_, _| pages += 1, |_, n| free += n, |_| chunks += 1)) {
         Ok(()) => {
-            println!("ksave: {}: OK: {pages} pages in {chunks} chunks, every checksum right", file.description);
+            println!("ksave: {}: OK: {pages} pages in {chunks} chunks, {free} free pages listed, every checksum right", file.description);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
