@@ -242,6 +242,7 @@ mxcsr_default:
 # ksave's stack, in bss like everything it writes.
 .section .bss.stack, "aw", @nobits
 .balign 16
+.global ksave_stack
 ksave_stack:
     .skip 64 * 1024
 .global ksave_stack_top

@@ -4,8 +4,10 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use bootinfo::kexec::{self, CallerContext, Coverage, Displaced, EntryState, WalkError};
+use bootinfo::kexec::{self, CallerContext, CallerView, Coverage, Displaced, EntryState, WalkError};
 use bootinfo::pagewalk;
+use freepages::buddy::Scanner;
+use freepages::vmcoreinfo::Info;
 use ksave_format::header::MAX_BACKUP_PAIRS;
 use ksave_format::header::fail;
 use ksave_format::{BackupPair, PAGE, Range};
@@ -58,9 +60,18 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
             let ram = config.as_ref().ok().map(|c| c.ram());
             let backup = BackupMap::walk(&ctx, ram, Range { start, end });
             backup.report();
-            let return_gdt = kernel_gdt(&ctx, ram, &backup, start);
+            // The caller's memory as it sees it, and the kernel's own
+            // description of itself (for its free pages): read once here.
+            let mut displaced = Displacement::new(&backup, start);
+            let view = displaced.as_mut().map(Displacement::view);
+            let kernel = match (&config, &view) {
+                (Ok(config), Some(view)) => crate::free::kernel_info(config, &ctx, view),
+                (Err(_), _) => Err(Message::format(format_args!("ksave.elf is not configured"))),
+                (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
+            };
+            let return_gdt = kernel_gdt(&ctx, ram, view.as_ref(), kernel.as_ref().ok());
             match config {
-                Ok(config) => crate::save::run(&config, &ctx, &backup, return_gdt),
+                Ok(config) => crate::save::run(&config, &ctx, &backup, return_gdt, view.as_ref(), kernel),
                 Err(e) => println!("ksave: not saving: {e}"),
             }
         }
@@ -114,15 +125,16 @@ unsafe extern "C" {
 /// Its page tables and GDT are read as the caller will see them once the
 /// swap is undone (`CallerView`): pages under ksave hold ksave now, and
 /// the caller's page tables may well have been among them.
-fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, backup: &BackupMap, own_start: u64) -> Option<(u64, u16)> {
+fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&CallerView<IdentityMapped>>, kernel: Option<&Info>) -> Option<(u64, u16)> {
     let reloads = reloads_own_gdt(ctx);
-    let mut displaced = Displacement::new(backup, own_start);
-    let found = match (ram, displaced.as_mut()) {
-        (Some(ram), Some(displaced)) => {
-            let view = displaced.view();
+    let found = match (ram, view) {
+        (Some(ram), Some(view)) => {
             let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
             let ram = ram.iter().map(|r| (r.start, r.end.min(paging::identity_end())));
-            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], &view).map_err(|e| Message::format(format_args!("{e}")))
+            // Pages the kernel holds free may hold stale copies of a GDT.
+            let mut scanner = kernel.and_then(|info| Scanner::new(info, view, info.la57).ok());
+            let is_free = |pa: u64| scanner.as_mut().is_some_and(|s| s.is_free(pa / PAGE as u64));
+            pagewalk::find_kernel_gdt(ram, ctx.saved_cr3, la57, &[ctx.control_page], view, is_free).map_err(|e| Message::format(format_args!("{e}")))
         }
         (None, _) => Err(Message::format(format_args!("no RAM map to search (ksave.elf is not configured)"))),
         (Some(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages, so the caller's memory cannot be read as it is"))),

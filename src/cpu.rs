@@ -8,8 +8,8 @@ use x86::dtables::{DescriptorTablePointer, lidt};
 use x86::segmentation::SegmentSelector;
 
 use crate::layout::image_range;
-use crate::qemu::{self, ExitCode};
 use crate::println;
+use crate::qemu::{self, ExitCode};
 
 /// Selector of the TSS in asm/tables.s's GDT (index 4).
 const TSS_SELECTOR: u16 = 0x20;
@@ -59,32 +59,35 @@ pub fn init() {
 /// A 64-bit TSS descriptor (Intel SDM vol. 3A 8.2.3, figure 8-4): type 9
 /// (available 64-bit TSS), present.
 fn tss_descriptor(base: u64, limit: u64) -> (u64, u64) {
-    let low = (limit & 0xffff)
-        | (base & 0xff_ffff) << 16
-        | 0x9 << 40
-        | 1 << 47
-        | ((limit >> 16) & 0xf) << 48
-        | ((base >> 24) & 0xff) << 56;
+    let low = (limit & 0xffff) | (base & 0xff_ffff) << 16 | 0x9 << 40 | 1 << 47 | ((limit >> 16) & 0xf) << 48 | ((base >> 24) & 0xff) << 56;
     (low, base >> 32)
 }
 
 /// A 64-bit interrupt gate (Intel SDM vol. 3A 6.14.1, figure 6-8): type 0xE,
 /// present, DPL 0, interrupts stay off inside the handler.
 fn interrupt_gate(handler: u64, ist: u8) -> IdtEntry {
-    let low = (handler & 0xffff)
-        | (KERNEL_CS as u64) << 16
-        | (ist as u64) << 32
-        | 0xE << 40
-        | 1 << 47
-        | ((handler >> 16) & 0xffff) << 48;
+    let low = (handler & 0xffff) | (KERNEL_CS as u64) << 16 | (ist as u64) << 32 | 0xE << 40 | 1 << 47 | ((handler >> 16) & 0xffff) << 48;
     IdtEntry([low, handler >> 32])
 }
 
 /// What asm/exceptions.s pushed, lowest address first.
 #[repr(C)]
 pub struct ExceptionFrame {
-    r15: u64, r14: u64, r13: u64, r12: u64, r11: u64, r10: u64, r9: u64, r8: u64,
-    rbp: u64, rdi: u64, rsi: u64, rdx: u64, rcx: u64, rbx: u64, rax: u64,
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
     vector: u64,
     error_code: u64,
     rip: u64,
@@ -95,12 +98,38 @@ pub struct ExceptionFrame {
 }
 
 const NAMES: [&str; 32] = [
-    "divide error", "debug", "NMI", "breakpoint", "overflow", "bound range", "invalid opcode",
-    "device not available", "double fault", "coprocessor overrun", "invalid TSS", "segment not present",
-    "stack fault", "general protection", "page fault", "reserved", "x87 FP", "alignment check",
-    "machine check", "SIMD FP", "virtualization", "control protection", "reserved", "reserved",
-    "reserved", "reserved", "reserved", "reserved", "hypervisor injection", "VMM communication",
-    "security", "reserved",
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 FP",
+    "alignment check",
+    "machine check",
+    "SIMD FP",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
 ];
 
 #[unsafe(no_mangle)]
@@ -121,9 +150,8 @@ extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
         frame.r8, frame.r9, frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15
     );
     // SAFETY: reading control registers and EFER has no side effects.
-    let (cr0, cr3, cr4, efer) = unsafe {
-        (x86::controlregs::cr0().bits(), x86::controlregs::cr3(), x86::controlregs::cr4().bits(), x86::msr::rdmsr(0xC000_0080))
-    };
+    let (cr0, cr3, cr4, efer) =
+        unsafe { (x86::controlregs::cr0().bits(), x86::controlregs::cr3(), x86::controlregs::cr4().bits(), x86::msr::rdmsr(0xC000_0080)) };
     println!("ksave:   cr0 {cr0:#x} cr3 {cr3:#x} cr4 {cr4:#x} efer {efer:#x}");
     print_call_chain(frame.rbp);
     // Saving: ksave wrote nothing of the caller's, so the caller can go on;
@@ -183,4 +211,23 @@ pub fn reset() -> ! {
         x86::dtables::lidt(&x86::dtables::DescriptorTablePointer::<u64> { limit: 0, base: core::ptr::null() });
         core::arch::asm!("int3", options(noreturn));
     }
+}
+
+unsafe extern "C" {
+    // asm/entry.s: ksave's stack, in .bss (zeroed on every entry).
+    static ksave_stack: [u64; 0];
+    static ksave_stack_top: [u64; 0];
+}
+
+/// Bytes of ksave's stack used so far on this entry: the stack is zeroed
+/// with the rest of .bss at entry, so the deepest non-zero word marks the
+/// high water (a measurement for sizing it: `make bench` reports it).
+pub fn stack_used() -> usize {
+    // SAFETY: only the addresses of the linker-placed symbols are taken.
+    let (bottom, top) = unsafe { (ksave_stack.as_ptr(), ksave_stack_top.as_ptr()) };
+    let words = (top as usize - bottom as usize) / 8;
+    // SAFETY: the stack region is ksave's own, mapped and readable; words
+    // below the live stack pointer are not being written while we read.
+    let first_used = (0..words).find(|&i| unsafe { core::ptr::read_volatile(bottom.add(i)) } != 0).unwrap_or(words);
+    (words - first_used) * 8
 }

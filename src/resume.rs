@@ -320,7 +320,12 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
         (verified - start) / 1000,
         (load_done - verified) / 1000
     );
-    crate::metric!(resume_check_ms = (verified - start) / 1000, resume_load_ms = (load_done - verified) / 1000, pages_stored = header.pages_stored);
+    crate::metric!(
+        resume_check_ms = (verified - start) / 1000,
+        resume_load_ms = (load_done - verified) / 1000,
+        pages_stored = header.pages_stored,
+        stack_kib = cpu::stack_used().div_ceil(1024),
+    );
     Ok(WayBack { reentry: header.reentry, gdt: header.return_gdt, la57 })
 }
 

@@ -20,15 +20,18 @@ use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
 use zerocopy::FromBytes;
 
-use crate::caller::{BackupMap, Displacement, MapError};
+use crate::caller::{BackupMap, MapError};
 use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
-use crate::free::{self, CallerFree};
+use crate::free::CallerFree;
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
+use crate::physmem::IdentityMapped;
 use crate::work::{self, Work};
 use crate::{paging, println};
+use bootinfo::kexec::CallerView;
 use diskdrv::Hal as _;
+use freepages::vmcoreinfo::Info;
 
 /// Why a save did not happen, with the code for the status record.
 pub struct Failure {
@@ -183,7 +186,14 @@ pub struct Summary {
 
 /// Saves the caller's RAM as `config` says; `backup` is the caller's
 /// backup map, walked at entry.
-pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt: Option<(u64, u16)>) {
+pub fn run(
+    config: &Config,
+    ctx: &CallerContext,
+    backup: &BackupMap,
+    return_gdt: Option<(u64, u16)>,
+    view: Option<&CallerView<IdentityMapped>>,
+    kernel: Result<Info, Message>,
+) {
     let guid = config.partition_guid;
     println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
     let mut part = match disks::open_partition(guid, Mode::Dma, config.iommus()) {
@@ -197,7 +207,8 @@ pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt:
     let start = hw::now_us();
     let work = work::take();
     let guard = CloseOnException::register(&mut part);
-    match save(config, ctx, backup, return_gdt, &mut part, work, start) {
+    let caller = Caller { ctx, backup, return_gdt, view, kernel };
+    match save(config, &caller, &mut part, work, start) {
         Ok(s) => report(&s),
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
@@ -266,17 +277,20 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
     part.close();
 }
 
-/// The stages, in order; the first that fails says why.
-#[allow(clippy::too_many_arguments)]
-fn save(
-    config: &Config,
-    ctx: &CallerContext,
-    backup: &BackupMap,
+/// What ksave learned about the caller at entry.
+struct Caller<'a> {
+    ctx: &'a CallerContext,
+    backup: &'a BackupMap,
     return_gdt: Option<(u64, u16)>,
-    part: &mut OpenPartition,
-    work: &mut Work,
-    start: u64,
-) -> Result<Summary, Failure> {
+    /// Its memory as it sees it (only with an exact backup map).
+    view: Option<&'a CallerView<'a, IdentityMapped>>,
+    /// Its own description (vmcoreinfo), or why there is none.
+    kernel: Result<Info, Message>,
+}
+
+/// The stages, in order; the first that fails says why.
+fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<Summary, Failure> {
+    let Caller { ctx, backup, return_gdt, .. } = *caller;
     check_partition(config, part)?;
     let (image_start, image_end) = image_range();
     let plan = Plan {
@@ -302,9 +316,11 @@ fn save(
     require_exact(backup)?;
     let worst = check_capacity(&plan)?;
     // Free pages: read through the caller's view of its memory.
-    let mut displaced = Displacement::new(backup, image_start).expect("the backup map is exact");
-    let view = displaced.view();
-    let free = free::kernel_info(config, ctx, &view).and_then(|info| Ok((info, CallerFree::new(&info, &view, config.ram(), backup)?)));
+    let free = match (&caller.kernel, caller.view) {
+        (Ok(info), Some(view)) => CallerFree::new(info, view, config.ram(), backup).map(|free| (*info, free)),
+        (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
+        (Err(why), _) => Err(Message::format(format_args!("{}", why.as_str()))),
+    };
     match free {
         Ok((info, mut free)) => {
             let (rule, (major, minor)) = (info.rule.code(), info.version);
@@ -426,5 +442,6 @@ fn report(s: &Summary) {
         image_bytes = DATA_OFFSET + t.data_bytes,
         disk_ms = s.disk_us / 1000,
         ram_mb_s = (t.pages_stored + t.pages_zero + t.pages_free) * PAGE as u64 / s.us.max(1),
+        stack_kib = crate::cpu::stack_used().div_ceil(1024),
     );
 }

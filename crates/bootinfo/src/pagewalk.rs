@@ -81,12 +81,16 @@ pub fn is_linux_gdt(pa: u64, cpu: u64, mem: &impl PhysRead) -> bool {
 /// [`is_linux_gdt`] holds. The kexec jump runs on CPU 0: the others are
 /// offline (`suspend_disable_secondary_cpus` keeps CPU 0), and the boot-time
 /// template has no TSS.
-pub fn find_gdt_page(ram: impl Iterator<Item = (u64, u64)>, mem: &impl PhysRead) -> Result<u64, GdtError> {
+///
+/// `is_free` says which pages the kernel holds free: a stale copy of a GDT
+/// can linger in one (seen on 6.1 after an earlier jump), the live one
+/// never does.
+pub fn find_gdt_page(ram: impl Iterator<Item = (u64, u64)>, mem: &impl PhysRead, mut is_free: impl FnMut(u64) -> bool) -> Result<u64, GdtError> {
     let mut found = None;
     for (start, end) in ram {
         let mut pa = start.next_multiple_of(0x1000);
         while pa + 0x1000 <= end {
-            if is_linux_gdt(pa, 0, mem) {
+            if is_linux_gdt(pa, 0, mem) && !is_free(pa) {
                 if let Some(first) = found {
                     return Err(GdtError::Ambiguous(first, pa));
                 }
@@ -137,8 +141,15 @@ pub fn direct_map_base(cr3: u64, la57: bool, pa: u64, also: &[u64], mem: &impl P
 /// CPU 0's GDT by its direct-map virtual address, ready for GDTR: found in
 /// `ram`, translated through the kernel's tables (`cr3`, `la57`), and the
 /// translation checked on the `also` pages too.
-pub fn find_kernel_gdt(ram: impl Iterator<Item = (u64, u64)>, cr3: u64, la57: bool, also: &[u64], mem: &impl PhysRead) -> Result<u64, GdtError> {
-    let pa = find_gdt_page(ram, mem)?;
+pub fn find_kernel_gdt(
+    ram: impl Iterator<Item = (u64, u64)>,
+    cr3: u64,
+    la57: bool,
+    also: &[u64],
+    mem: &impl PhysRead,
+    is_free: impl FnMut(u64) -> bool,
+) -> Result<u64, GdtError> {
+    let pa = find_gdt_page(ram, mem, is_free)?;
     let base = direct_map_base(cr3, la57, pa, also, mem).ok_or(GdtError::NotMapped(pa))?;
     Ok(base.wrapping_add(pa))
 }
@@ -212,10 +223,12 @@ mod tests {
         put_gdt(&mut m, 0x0223_4000, 1, 0xb); // CPU 1's: not ours
         put_gdt(&mut m, 0x0323_4000, 0, 0x0); // the template: no TSS
         let ram = || [(0x10_0000u64, 0x400_0000u64)].into_iter();
-        assert_eq!(find_gdt_page(ram(), &m), Ok(0x0123_4000));
-        assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m), Ok(BASE + 0x0123_4000));
+        assert_eq!(find_gdt_page(ram(), &m, |_| false), Ok(0x0123_4000));
+        assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m, |_| false), Ok(BASE + 0x0123_4000));
         put_gdt(&mut m, 0x0333_4000, 0, 0x9);
-        assert_eq!(find_gdt_page(ram(), &m), Err(GdtError::Ambiguous(0x0123_4000, 0x0333_4000)));
+        assert_eq!(find_gdt_page(ram(), &m, |_| false), Err(GdtError::Ambiguous(0x0123_4000, 0x0333_4000)));
+        // A stale copy in a free page is not the live one.
+        assert_eq!(find_gdt_page(ram(), &m, |pa| pa == 0x0333_4000), Ok(0x0123_4000));
     }
 
     /// What failed once in CI: the caller's PUD table lay under ksave's
@@ -244,18 +257,18 @@ mod tests {
             m.0.insert(0x7000 + 8 * j, (j << 30) | PRESENT | PAGE_SIZE_BIT);
         }
         let ram = || [(0x10_0000u64, 0x400_0000u64)].into_iter();
-        let raw = find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m);
+        let raw = find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &m, |_| false);
         assert_ne!(raw, Ok(base + 0x0123_4000), "read raw, the walk goes wrong");
         let sources = [0x1_0000, 0x9000]; // image pages 0x6000 and 0x7000
         let mut scratch = [0u16; 2];
         let view = crate::kexec::CallerView::new(&m, 0x6000, &sources, &mut scratch);
-        assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &view), Ok(base + 0x0123_4000));
+        assert_eq!(find_kernel_gdt(ram(), 0x1000, false, &[0x5000], &view, |_| false), Ok(base + 0x0123_4000));
     }
 
     #[test]
     fn a_gdt_outside_the_direct_map_is_not_used() {
         let mut m = tables(); // maps VA only, no direct map
         put_gdt(&mut m, 0x9000, 0, 0xb);
-        assert_eq!(find_kernel_gdt([(0, 0x10000)].into_iter(), 0x1000, false, &[], &m), Err(GdtError::NotMapped(0x9000)));
+        assert_eq!(find_kernel_gdt([(0, 0x10000)].into_iter(), 0x1000, false, &[], &m, |_| false), Err(GdtError::NotMapped(0x9000)));
     }
 }

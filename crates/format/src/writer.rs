@@ -8,10 +8,14 @@ use crate::chunk::{self, ChunkHeader, ENCODING_FREE, ENCODING_LZ4, ENCODING_RAW,
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
 use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 
-/// Worst-case bytes of an image holding `pages` non-zero pages: every page
-/// raw, plus headers. A partition smaller than this is refused up front.
+/// Worst-case bytes of an image of `pages` pages: every page raw, a raw
+/// chunk header per [`MAX_RAW_PAGES`], a free-run chunk per as many (a run
+/// every other page at most), and one more header for a raw chunk cut short
+/// by the last LZ4 group (an earlier cut is paid for by the group it makes
+/// room for, which saves at least a block). A partition smaller than this
+/// is refused up front.
 pub fn worst_case_bytes(pages: u64) -> u64 {
-    DATA_OFFSET + pages * PAGE as u64 + pages.div_ceil(MAX_RAW_PAGES as u64) * PAGE as u64
+    DATA_OFFSET + pages * PAGE as u64 + (2 * pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
 }
 
 /// Reads the pages being saved.

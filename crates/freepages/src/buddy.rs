@@ -52,7 +52,7 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
         if info.init_top_pgt < START_KERNEL_MAP || info.init_top_pgt % 4096 != 0 {
             return Err(Doubt::Value("SYMBOL(init_top_pgt)"));
         }
-        let top = info.init_top_pgt - START_KERNEL_MAP + info.phys_base;
+        let top = (info.init_top_pgt - START_KERNEL_MAP).wrapping_add(info.phys_base);
         if translate(top, info.la57, info.init_top_pgt, mem) != Some(top) {
             return Err(Doubt::Tables("init_top_pgt does not map itself"));
         }
@@ -129,6 +129,18 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
             return None;
         }
         Some(order as u32)
+    }
+}
+
+impl<M: PhysRead> Scanner<'_, M> {
+    /// Whether frame `pfn` lies in a free buddy block: the head of the
+    /// aligned block of some order holding it is free with at least that
+    /// order. Same doubts as [`Self::free_order`].
+    pub fn is_free(&mut self, pfn: u64) -> bool {
+        (0..self.info.orders).any(|order| {
+            let head = pfn & !((1u64 << order) - 1);
+            self.free_order(head).is_some_and(|o| o >= order)
+        })
     }
 }
 
@@ -227,6 +239,8 @@ mod tests {
                 set_page(&mut m, 0x300, 0xffff_fffe, 3); // a mapped page with private data
                 let mut s = Scanner::new(&info, &m, la57).unwrap();
                 assert_eq!((s.free_order(0x100), s.free_order(0x108), s.free_order(0x400), s.free_order(0x300)), (Some(3), None, Some(10), None));
+                // Inside a block: its tail pages are free too.
+                assert!(s.is_free(0x107) && s.is_free(0x7ff) && !s.is_free(0x108) && !s.is_free(0x300));
             }
         }
     }

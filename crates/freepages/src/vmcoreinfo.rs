@@ -186,7 +186,9 @@ impl Info {
             version,
             rule,
             init_top_pgt: hex(text, "SYMBOL(init_top_pgt)")?,
-            phys_base: dec(text, "NUMBER(phys_base)", 0..=(1 << 52))?,
+            // Signed (`%ld`): where the kernel ran minus where it was linked
+            // to run; checked by the page-table walk it must agree with.
+            phys_base: dec(text, "NUMBER(phys_base)", 0..=u64::MAX)?,
             la57: dec(text, "NUMBER(pgtable_l5_enabled)", 0..=1)? == 1,
             mem_section: hex(text, "SYMBOL(mem_section)")?,
             section_roots: dec(text, "LENGTH(mem_section)", 1..=1 << 24)?,

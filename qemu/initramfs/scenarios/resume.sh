@@ -1,5 +1,6 @@
 #!/bin/sh
-# The whole story: hibernate (power off), be resumed by another boot, check
+# The whole story on lived-in memory: prove a snapshot leaves out only free
+# pages, hibernate (power off), be resumed by another boot, check
 # everything, and do it all a second time.
 #   KSAVE_PARTUUID  the image partition
 #   KSAVE_NVS_MARK  set: prove the image carries ACPI NVS (UEFI machines)
@@ -27,8 +28,14 @@ check() {
 }
 
 check
+# Memory that has been used for a while: the free pages hold old data. A
+# snapshot proves what the image leaves out is free, then the story runs on
+# lived-in memory.
+prove_free_left_out
+check
 last=$count
 for round in 1 2; do
+  lived_in
   say "hibernating ($round), count $last"
   [ -n "$KSAVE_NVS_MARK" ] && nvs_mark
   ksave hibernate || { say "hibernate failed"; exit 1; }

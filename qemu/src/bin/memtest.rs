@@ -7,6 +7,20 @@
 //! Then: touch /tmp/memtest.check to verify (answer, with a counter that
 //! ticks every 50 ms, on stdout and in /tmp/memtest.result), touch
 //! /tmp/memtest.stop to exit.
+//!
+//!   memtest churn --percent P --procs N
+//!
+//! Makes memory lived-in: N processes together fill P% of the available
+//! memory with non-zero data and exit, so that the kernel's free pages hold
+//! old data, as on a machine that has run for a while.
+//!
+//!   memtest used --pid PID > FILE
+//!   memtest prove --used FILE --free-runs FILE
+//!
+//! `used` lists the page frames in use (every present page of process PID,
+//! and the kernel's code, data and bss from /proc/iomem); `prove` fails if
+//! any of them is in the runs an image left out as free (`ksave inspect
+//! --free-runs`).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -22,16 +36,125 @@ fn arg(args: &[String], name: &str) -> Result<String> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    ensure!(args.get(1).map(String::as_str) == Some("fill"), "usage: memtest fill --mib N --seed S --manifest PATH");
+    match args.get(1).map(String::as_str) {
+        Some("fill") => fill(&args),
+        Some("churn") => churn(&args),
+        Some("churn-one") => churn_one(arg(&args, "--mib")?.parse()?, arg(&args, "--seed")?.parse()?),
+        Some("used") => used(arg(&args, "--pid")?.parse()?),
+        Some("prove") => prove(&arg(&args, "--used")?, &arg(&args, "--free-runs")?),
+        _ => bail!("usage: memtest fill|churn|used|prove ..."),
+    }
+}
+
+fn churn(args: &[String]) -> Result<()> {
+    let percent: u64 = arg(args, "--percent")?.parse()?;
+    let procs: u64 = arg(args, "--procs")?.parse()?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let available_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no MemAvailable in /proc/meminfo")?;
+    let each_mib = available_kib * percent / 100 / 1024 / procs;
+    let me = std::env::current_exe()?;
+    let children: Vec<_> = (0..procs)
+        .map(|i| std::process::Command::new(&me).args(["churn-one", "--mib", &each_mib.to_string(), "--seed", &(1000 + i).to_string()]).spawn())
+        .collect::<Result<_, _>>()?;
+    for mut c in children {
+        ensure!(c.wait()?.success(), "a churn process failed");
+    }
+    println!("memtest: churned {} MiB in {procs} processes (of {} MiB available), freed", each_mib * procs, available_kib / 1024);
+    Ok(())
+}
+
+/// Fills `mib` MiB with non-zero data, then exits (the kernel frees it).
+fn churn_one(mib: usize, seed: u64) -> Result<()> {
+    let mut mem = vec![0u64; mib << 17];
+    let mut x = seed | 1;
+    for w in mem.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    std::hint::black_box(&mem);
+    Ok(())
+}
+
+/// Page frames of every present page of process `pid` (its pagemap), then
+/// the kernel's own ranges.
+fn used(pid: u32) -> Result<()> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut out = String::new();
+    let mut entry = [0u8; 8];
+    for line in maps.lines() {
+        let range = line.split_whitespace().next().context("maps line")?;
+        let (start, end) = range.split_once('-').context("maps range")?;
+        let (start, end) = (u64::from_str_radix(start, 16)?, u64::from_str_radix(end, 16)?);
+        if line.ends_with("[vsyscall]") {
+            continue;
+        }
+        for va in (start..end).step_by(PAGE) {
+            if pagemap.read_exact_at(&mut entry, va / PAGE as u64 * 8).is_err() {
+                break;
+            }
+            let e = u64::from_le_bytes(entry);
+            if e >> 63 == 1 && e & ((1 << 55) - 1) != 0 {
+                out += &format!("process {:#x}\n", e & ((1 << 55) - 1));
+            }
+        }
+    }
+    // /proc/iomem names the kernel's image: "Kernel code", "Kernel rodata",
+    // "Kernel data", "Kernel bss" (arch/x86/kernel/setup.c).
+    for line in std::fs::read_to_string("/proc/iomem")?.lines() {
+        let Some((range, name)) = line.trim().split_once(" : ") else { continue };
+        if !name.starts_with("Kernel ") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').context("iomem range")?;
+        let (start, end) = (u64::from_str_radix(start, 16)?, u64::from_str_radix(end, 16)?);
+        ensure!(end > start, "/proc/iomem hides addresses (need root)");
+        for pfn in start / PAGE as u64..=end / PAGE as u64 {
+            out += &format!("{} {pfn:#x}\n", name.replace(' ', "-"));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// Fails if any page frame in `used` lies in a free run.
+fn prove(used: &str, free_runs: &str) -> Result<()> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for line in std::fs::read_to_string(free_runs)?.lines() {
+        let (first, n) = line.split_once(' ').context("free-runs line")?;
+        runs.push((u64::from_str_radix(first.trim_start_matches("0x"), 16)?, n.parse()?));
+    }
+    runs.sort();
+    let free_pages: u64 = runs.iter().map(|r| r.1).sum();
+    let mut counts = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(used)?.lines() {
+        let (what, pfn) = line.split_once(' ').context("used line")?;
+        let pfn = u64::from_str_radix(pfn.trim_start_matches("0x"), 16)?;
+        let i = runs.partition_point(|r| r.0 <= pfn);
+        if i > 0 && pfn < runs[i - 1].0 + runs[i - 1].1 {
+            bail!("{what} page frame {pfn:#x} is in use but the image left it out as free (run {:#x}+{})", runs[i - 1].0, runs[i - 1].1);
+        }
+        *counts.entry(what.to_string()).or_insert(0u64) += 1;
+    }
+    println!("memtest: none of {counts:?} page frames in use is among the {free_pages} pages left out as free ({} runs)", runs.len());
+    Ok(())
+}
+
+fn fill(args: &[String]) -> Result<()> {
+    let args = args.to_vec();
     let mib: usize = arg(&args, "--mib")?.parse()?;
     let seed: u64 = arg(&args, "--seed")?.parse()?;
     let manifest_path = arg(&args, "--manifest")?;
     let pages = mib * 256;
     let len = pages * PAGE;
     // SAFETY: an anonymous private mapping of `len` bytes, used only here.
-    let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-    };
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     ensure!(base != libc::MAP_FAILED, "mmap {mib} MiB: {}", std::io::Error::last_os_error());
     // SAFETY: the mapping above, `len` bytes, ours alone.
     let mem = unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>(), len) };

@@ -29,9 +29,17 @@ pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Re
 
 /// [`hibernate_resume`] on `machine`.
 pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
-    let name = format!("resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}", machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib, if machine.iommu { "-iommu" } else { "" })
-        .to_lowercase()
-        .replace('_', ".");
+    let name = format!(
+        "resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}",
+        machine.firmware,
+        machine.bus,
+        machine.kernel,
+        machine.cpu,
+        machine.memory_mib,
+        if machine.iommu { "-iommu" } else { "" }
+    )
+    .to_lowercase()
+    .replace('_', ".");
     let uefi = machine.firmware == Firmware::Uefi;
     let part_mib = machine.partition_mib();
     let disk = TestDisk::create_on(machine.bus, &name, part_mib + 40, part_mib)?;
@@ -40,13 +48,17 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
         machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib
     ));
     let nvs_mark = if uefi { " ksave.nvs_mark=1" } else { "" };
-    let config = kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{}", machine.kernel_args()))?
-        .arg(disk.qemu_args(machine.bus, None));
+    let config =
+        kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{}", machine.kernel_args()))?
+            .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     if machine.iommu {
         // Kernel A really translates its devices' DMA.
         vm.expect("ksave-test: DMA remapping on: iommu groups", 120 * SECOND)?;
     }
+    let proven = vm.expect("ksave-test: free pages proven:", 300 * SECOND)?;
+    let free: f64 = proven.text.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
+    report.add("snapshot of lived-in memory: pages left out as free", free, "pages");
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
     if machine.iommu {
         let unit = vm.expect("ksave:   IOMMU Vtd(", 120 * SECOND)?;
@@ -80,7 +92,9 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
                 "-append".into(),
                 format!("ksave.resume={PART_GUID}"),
             ]),
-            ResumeBy::KernelC => kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}{}", machine.kernel_args()))?,
+            ResumeBy::KernelC => {
+                kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}{}", machine.kernel_args()))?
+            }
             ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(machine.bus, None));
