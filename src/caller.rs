@@ -125,6 +125,7 @@ unsafe extern "C" {
 /// Its page tables and GDT are read as the caller will see them once the
 /// swap is undone (`CallerView`): pages under ksave hold ksave now, and
 /// the caller's page tables may well have been among them.
+#[inline(never)] // entry-time work: its frame is gone before the save
 fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&CallerView<IdentityMapped>>, kernel: Option<&Info>) -> Option<(u64, u16)> {
     let reloads = reloads_own_gdt(ctx);
     let found = match (ram, view) {
@@ -238,6 +239,7 @@ impl BackupMap {
     /// Walks the list behind `ctx`. Every page address it names must be in
     /// `ram`, the caller's RAM map; without one (ksave.elf not configured,
     /// so nothing will be saved) addresses are only checked to be readable.
+    #[inline(never)] // entry-time work: its frame is gone before the save
     pub fn walk(ctx: &CallerContext, ram: Option<&[Range]>, own: Range) -> Self {
         let storage = PAIRS.take();
         let is_ram = |addr: u64| ram.is_none_or(|ram| ram.iter().any(|r| r.contains(addr)));

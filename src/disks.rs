@@ -6,14 +6,14 @@ use core::fmt;
 use core::mem::ManuallyDrop;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+use bootinfo::acpi::RemappingUnit;
 use diskdrv::ahci::{self, AhciDisk, AhciMemory};
 use diskdrv::ide::{Channel, Drive, IdeDisk, IdeMemory, Mode};
-use bootinfo::acpi::RemappingUnit;
 use diskdrv::iommu::{self, IommuError, TranslationOff};
 use diskdrv::nvme::{self, NvmeDisk, NvmeMemory};
-use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
+use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, MAX_BLOCK, Segment};
 
 use crate::hw::{self, KsaveHal};
@@ -72,10 +72,8 @@ impl DriverMemory {
 #[repr(C, align(4096))]
 struct BlockBuf([u8; MAX_BLOCK]);
 
-static DISK_MEMORY: Exclusive<DiskMemory> = Exclusive::new(DiskMemory {
-    driver: DriverMemory { nvme: ManuallyDrop::new(NvmeMemory::new()) },
-    block: BlockBuf([0; MAX_BLOCK]),
-});
+static DISK_MEMORY: Exclusive<DiskMemory> =
+    Exclusive::new(DiskMemory { driver: DriverMemory { nvme: ManuallyDrop::new(NvmeMemory::new()) }, block: BlockBuf([0; MAX_BLOCK]) });
 // The block is zeroed as the largest field; a static of it stays in .bss.
 const _: () = assert!(
     size_of::<NvmeMemory>() >= size_of::<AhciMemory>()
@@ -100,12 +98,9 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ahci { pci, port, .. } => write!(f, "AHCI {pci} port {port}"),
-            Self::Ide { pci, secondary, drive, .. } => write!(
-                f,
-                "IDE {pci} {} {}",
-                if *secondary { "secondary" } else { "primary" },
-                if *drive == Drive::Master { "master" } else { "slave" }
-            ),
+            Self::Ide { pci, secondary, drive, .. } => {
+                write!(f, "IDE {pci} {} {}", if *secondary { "secondary" } else { "primary" }, if *drive == Drive::Master { "master" } else { "slave" })
+            }
             Self::Nvme { pci, index, .. } => write!(f, "NVMe {pci} namespace #{}", index + 1),
             Self::Virtio { pci, .. } => write!(f, "virtio-blk {pci}"),
         }
@@ -143,6 +138,44 @@ impl AnyDisk<'_> {
             Self::Virtio(d) => d.stop(),
         }
     }
+}
+
+/// Segments handed to the driver in one [`BlockDevice::transfer`] by
+/// [`transfer_pieces`]: enough for a raw chunk of contiguous pages in one
+/// call, and 1 KiB of stack where a whole chunk's worth would be 8.
+const SEGMENT_BATCH: usize = 64;
+
+/// Transfers `pieces` (physical address, bytes: whole blocks each), in
+/// order, from LBA `lba` on: contiguous pieces are merged into one segment,
+/// and [`SEGMENT_BATCH`] segments go to the driver at a time.
+///
+/// # Safety
+/// Every piece must be memory the device may access in `dir` for the whole
+/// call: read it (a write to the disk) or write it (a read).
+pub unsafe fn transfer_pieces(disk: &mut AnyDisk, dir: Direction, lba: u64, pieces: impl Iterator<Item = (u64, u64)>) -> Result<(), DiskError> {
+    let block = disk.info().block_size as u64;
+    // SAFETY (every Segment::new here): upheld by the caller.
+    let mut segs = [unsafe { Segment::new(0, 0) }; SEGMENT_BATCH];
+    let (mut n, mut at, mut bytes) = (0, lba, 0u64);
+    for (addr, len) in pieces {
+        let last = segs[n.max(1) - 1];
+        if n > 0 && last.addr() + last.len() == addr {
+            segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + len) };
+        } else {
+            if n == SEGMENT_BATCH {
+                disk.transfer(dir, at, &segs[..n])?;
+                at += bytes / block;
+                (n, bytes) = (0, 0);
+            }
+            segs[n] = unsafe { Segment::new(addr, len) };
+            n += 1;
+        }
+        bytes += len;
+    }
+    if n > 0 {
+        disk.transfer(dir, at, &segs[..n])?;
+    }
+    Ok(())
 }
 
 impl BlockDevice for AnyDisk<'_> {
@@ -192,7 +225,6 @@ impl Controllers {
         self.saved[self.count] = (at, pci::enable(&KsaveHal, at, bits));
         self.count += 1;
     }
-
 }
 
 impl Drop for Controllers {
@@ -328,12 +360,7 @@ impl fmt::Display for FindError {
 }
 
 /// Looks at every disk for the GPT partition `guid`, reporting each disk.
-fn find_partition(
-    guid: Guid,
-    ide_mode: Mode,
-    mem: &mut DiskMemory,
-    controllers: &mut Controllers,
-) -> Result<(Location, Partition), FindError> {
+fn find_partition(guid: Guid, ide_mode: Mode, mem: &mut DiskMemory, controllers: &mut Controllers) -> Result<(Location, Partition), FindError> {
     let mut disks = 0;
     let mut result = None;
     // An NVMe controller whose namespaces ran out: its later indices would

@@ -16,6 +16,7 @@ use crate::message::Message;
 use crate::physmem::IdentityMapped;
 
 /// Reads the note and checks it describes the caller; the reason if not.
+#[inline(never)] // its 8 KiB note buffer must not stay in the caller's frame during the save
 pub fn kernel_info(config: &Config, ctx: &CallerContext, view: &CallerView<IdentityMapped>) -> Result<Info, Message> {
     let note = config.vmcoreinfo;
     if note.start == note.end {

@@ -54,9 +54,9 @@ const HUGE_PAGE: u64 = 0x83;
 static IDENTITY_END: AtomicU64 = AtomicU64::new(4 * GIB);
 
 /// Page directories for RAM above 4 GiB on CPUs without 1 GiB pages: one a
-/// GiB. Eight cost 32 KiB of image; such CPUs (before about 2010) rarely
-/// have more than 12 GiB.
-const EXTRA_PDS: usize = 8;
+/// GiB. Four cost 16 KiB of image and reach 8 GiB; such CPUs (before about
+/// 2010) rarely have more, and a save refuses what stays unmapped.
+const EXTRA_PDS: usize = 4;
 /// How far [`map_ram_to`] reaches without 1 GiB pages.
 pub const END_WITHOUT_1G_PAGES: u64 = (4 + EXTRA_PDS as u64) * GIB;
 

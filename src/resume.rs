@@ -14,11 +14,11 @@ use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
-use diskdrv::{BlockDevice, Direction, DiskError, Segment};
+use diskdrv::{BlockDevice, Direction, DiskError};
 use ksave_format::PayloadHasher;
-use ksave_format::chunk::{LZ4_GROUP, MAX_RAW_PAGES};
+use ksave_format::chunk::LZ4_GROUP;
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
-use ksave_format::header::{FLAG_IOMMU_LEFT_ON, State};
+use ksave_format::header::{FLAG_IOMMU_LEFT_ON, META_BLOCKS, State};
 use ksave_format::reader::{self, Source};
 use ksave_format::{PAGE, Range};
 
@@ -219,7 +219,7 @@ struct WayBack {
 
 fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refusal> {
     let start = hw::now_us();
-    let Work { block, meta, raw_header, lz4_in, lz4_out, .. } = work;
+    let Work { block, raw_header, lz4_in, lz4_out, .. } = work;
     let mut src = DiskSource { disk, first_lba, bytes };
     let mut header = reader::read_header(&mut src, block).map_err(|e| refuse!("no resumable image: {e}"))?;
     match header.state {
@@ -260,7 +260,10 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
             return Err(refuse!("the image records an ACPI hardware signature, and this boot's cannot be read: {}", why.as_str()));
         }
     }
-    let meta = reader::read_meta(&mut src, &header, meta).map_err(|e| refuse!("bad image metadata: {e}"))?;
+    // The metadata is read into the LZ4 buffer: only its copy (`saved`)
+    // is needed once the chunks are read.
+    let meta_buf = (&mut lz4_in[..META_BLOCKS as usize * PAGE]).try_into().expect("the LZ4 buffer holds the metadata");
+    let meta = reader::read_meta(&mut src, &header, meta_buf).map_err(|e| refuse!("bad image metadata: {e}"))?;
     let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();
     let here_ram: u64 = here.ram.iter().map(|r| r.end - r.start).sum();
     if !meta.ram_ranges().eq(here.ram.iter().copied()) {
@@ -287,11 +290,12 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     // memory and everything below are in ksave's own range), so a chunk
     // that fails its check now invalidates the image (it is damaged) and
     // resets the machine; nothing is lost, as the image was the only copy.
+    let saved = reader::Saved::of(&meta, &header);
     let verified = hw::now_us();
     let own = Range { start: own_start, end: own_end };
     let mut loader = Loader { here, own, next: 0, zeroed: 0 };
     let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
-    let loaded = reader::visit_chunks(&mut src, &header, &meta, bufs, &mut loader);
+    let loaded = reader::visit_chunks(&mut src, &header, &saved, bufs, &mut loader);
     if let Err(e) = loaded {
         return Err(Refusal::late(refuse!("image damaged: {e}")));
     }
@@ -384,25 +388,13 @@ impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
             self.zero_to(pfn);
             self.next = pfn + 1;
         }
-        // SAFETY (every Segment::new below): the device writes these pages
-        // (a disk read). Each is RAM or NVS of this machine that the reader
-        // checked lies in the saved memory and outside ksave's range, and
-        // this boot gave that memory up to the saved kernel (check_and_load).
-        let mut segs = [unsafe { Segment::new(0, 0) }; MAX_RAW_PAGES];
-        let mut n = 0;
-        for &pfn in pfns {
-            let addr = pfn * PAGE as u64;
-            let last = segs[n.max(1) - 1];
-            if n > 0 && last.addr() + last.len() == addr {
-                // Physically contiguous: one segment.
-                segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + PAGE as u64) };
-            } else {
-                segs[n] = unsafe { Segment::new(addr, PAGE as u64) };
-                n += 1;
-            }
-        }
         let block = src.disk.info().block_size as u64;
-        src.disk.transfer(Direction::Read, src.first_lba + at / block, &segs[..n])?;
+        let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
+        // SAFETY: the device writes these pages (a disk read). Each is RAM
+        // or NVS of this machine that the reader checked lies in the saved
+        // memory and outside ksave's range, and this boot gave that memory
+        // up to the saved kernel (check_and_load).
+        unsafe { disks::transfer_pieces(src.disk, Direction::Read, src.first_lba + at / block, pages)? };
         // The check, over the pages where they now lie.
         let mut hasher = PayloadHasher::new();
         for &pfn in pfns {

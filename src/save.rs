@@ -11,7 +11,7 @@
 
 use bootinfo::kexec::CallerContext;
 use diskdrv::ide::Mode;
-use diskdrv::{BlockDevice, Direction, DiskError, SECTOR, Segment};
+use diskdrv::{BlockDevice, Direction, DiskError, SECTOR};
 use freepages::vmcoreinfo::Rule;
 use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
@@ -116,37 +116,21 @@ impl Device for DiskSink<'_> {
     }
 }
 
-const MAX_SEGMENTS: usize = ksave_format::chunk::MAX_RAW_PAGES + 1;
-
 impl Sink for DiskSink<'_> {
     type Error = DiskError;
 
     fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), DiskError> {
-        // SAFETY: every segment is read by the device (a write to the
-        // disk), never written: the header is ksave's own buffer, borrowed
-        // for this call; each page is caller RAM or NVS that Plan::pages
-        // listed, and the caller is stopped while ksave runs.
-        let mut segs = [unsafe { Segment::new(0, 0) }; MAX_SEGMENTS];
-        segs[0] = unsafe { Segment::new(KsaveHal.virt_to_phys(header.as_ptr()), header.len() as u64) };
-        let mut n = 1;
-        for pfn in pfns {
-            let addr = pfn * PAGE as u64;
-            let last = segs[n - 1];
-            if n > 1 && last.addr() + last.len() == addr {
-                // Physically contiguous: one segment.
-                // SAFETY: the page before and this one, as above.
-                segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + PAGE as u64) };
-            } else {
-                // SAFETY: a page Plan::pages listed, as above.
-                segs[n] = unsafe { Segment::new(addr, PAGE as u64) };
-                n += 1;
-            }
-        }
         let t = hw::now_us();
         let block = self.disk.info().block_size as u64;
-        self.disk.transfer(Direction::Write, self.first_lba + offset / block, &segs[..n])?;
+        let header = (KsaveHal.virt_to_phys(header.as_ptr()), header.len() as u64);
+        let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
+        // SAFETY: every piece is read by the device (a write to the disk),
+        // never written: the header is ksave's own buffer, borrowed for
+        // this call; each page is caller RAM or NVS that Plan::pages
+        // listed, and the caller is stopped while ksave runs.
+        unsafe { disks::transfer_pieces(self.disk, Direction::Write, self.first_lba + offset / block, core::iter::once(header).chain(pages))? };
         self.disk_us += hw::now_us() - t;
-        self.progress.tick(offset + header.len() as u64 + (pfns.len() * PAGE) as u64);
+        self.progress.tick(offset + header.1 + (pfns.len() * PAGE) as u64);
         Ok(())
     }
 
@@ -186,6 +170,7 @@ pub struct Summary {
 
 /// Saves the caller's RAM as `config` says; `backup` is the caller's
 /// backup map, walked at entry.
+#[inline(never)] // its own frame, so that the stack it needs can be read off
 pub fn run(
     config: &Config,
     ctx: &CallerContext,
@@ -249,6 +234,7 @@ pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
 }
 
 /// Writes a *failed* record of `failure` for the host tool to read.
+#[inline(never)]
 fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &mut [u8; PAGE]) {
     let mut sink = DiskSink::new(part, hw::now_us(), u64::MAX);
     match commit::record_failure(&mut sink, config.nonce, config.created_unix, failure.code, failure.message.as_str(), block) {
@@ -289,6 +275,7 @@ struct Caller<'a> {
 }
 
 /// The stages, in order; the first that fails says why.
+#[inline(never)]
 fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<Summary, Failure> {
     let Caller { ctx, backup, return_gdt, .. } = *caller;
     check_partition(config, part)?;
@@ -402,13 +389,13 @@ fn write_image(
     start: u64,
     worst: u64,
     plan_fault: bool,
-    free: &mut impl FreePages,
+    free: &mut dyn FreePages,
 ) -> Result<Summary, Failure> {
-    let Work { block, page0, meta, raw_header, lz4_in, lz4_out } = work;
+    let Work { block, page0, raw_header, lz4_in, lz4_out } = work;
     let mem = CallerMemory::new(paging::identity_end(), page0);
     let mut sink = DiskSink::new(part, start, worst);
     sink.fault_at_header = plan_fault;
-    let bufs = commit::Buffers { block, meta, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
+    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
     let (header, totals) = commit::save(plan, &mem, free, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
         WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
         WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),

@@ -6,7 +6,6 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use ksave_format::PAGE;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
-use ksave_format::header::META_BLOCKS;
 
 /// A static that one entry may borrow mutably once. It must start all zero,
 /// so that it lives in .bss, which every entry clears: each entry then gets
@@ -43,8 +42,6 @@ pub struct Work {
     pub block: [u8; PAGE],
     /// A copy of physical page 0 (save), or one page being read (restore).
     pub page0: [u8; PAGE],
-    /// The metadata blocks.
-    pub meta: [u8; META_BLOCKS as usize * PAGE],
     /// A raw chunk header.
     pub raw_header: [u8; PAGE],
     /// Pages of an LZ4 group.
@@ -53,14 +50,8 @@ pub struct Work {
     pub lz4_out: [u8; LZ4_OUT],
 }
 
-static WORK: Exclusive<Work> = Exclusive::new(Work {
-    block: [0; PAGE],
-    page0: [0; PAGE],
-    meta: [0; META_BLOCKS as usize * PAGE],
-    raw_header: [0; PAGE],
-    lz4_in: [0; LZ4_GROUP * PAGE],
-    lz4_out: [0; LZ4_OUT],
-});
+static WORK: Exclusive<Work> =
+    Exclusive::new(Work { block: [0; PAGE], page0: [0; PAGE], raw_header: [0; PAGE], lz4_in: [0; LZ4_GROUP * PAGE], lz4_out: [0; LZ4_OUT] });
 
 /// The work buffers; once per entry.
 pub fn take() -> &'static mut Work {

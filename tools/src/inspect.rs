@@ -77,5 +77,6 @@ pub fn walk<P: FnMut(u64, &[u8; PAGE]), F: FnMut(u64, u64), C: FnMut(&ChunkInfo)
     let (mut h, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
     let bufs = reader::Buffers { header: &mut h, lz4_in: &mut li, lz4_out: &mut lo };
     let description = file.description.clone();
-    reader::visit_chunks(file, &image.header, &meta, bufs, &mut visit).map_err(|e| anyhow!("{description}: {e}"))
+    let saved = reader::Saved::of(&meta, &image.header);
+    reader::visit_chunks(file, &image.header, &saved, bufs, &mut visit).map_err(|e| anyhow!("{description}: {e}"))
 }

@@ -18,7 +18,7 @@ pub const CHUNK_MAGIC: [u8; 8] = *b"KSCHUNK1";
 /// Pages in a full raw chunk (its pfn list fills one block).
 pub const MAX_RAW_PAGES: usize = 500;
 /// Pages compressed together in one LZ4 chunk.
-pub const LZ4_GROUP: usize = 16;
+pub const LZ4_GROUP: usize = 8;
 /// Header bytes of an LZ4 chunk.
 pub const LZ4_HEADER: usize = SECTOR as usize;
 /// Buffer for one LZ4 chunk: header plus worst-case compressed payload.

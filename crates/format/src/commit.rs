@@ -114,11 +114,12 @@ impl Plan<'_> {
 pub struct Buffers<'b> {
     /// One header block.
     pub block: &'b mut [u8; PAGE],
-    /// The metadata blocks.
-    pub meta: &'b mut [u8; META_BLOCKS as usize * PAGE],
-    /// The chunk encoder's buffers.
+    /// The chunk encoder's buffers; the metadata blocks are encoded in its
+    /// LZ4 input buffer first (they are written before any chunk).
     pub writer: writer::Buffers<'b>,
 }
+
+const _: () = assert!(META_BLOCKS as usize * PAGE <= crate::chunk::LZ4_GROUP * PAGE);
 
 /// Runs the whole protocol for `plan`, reading pages from `mem`; returns
 /// the committed header and the writer's totals. `now_us` is a clock; the
@@ -126,7 +127,7 @@ pub struct Buffers<'b> {
 pub fn save<D: Device>(
     plan: &Plan,
     mem: &impl Memory,
-    free: &mut impl FreePages,
+    free: &mut dyn FreePages,
     dev: &mut D,
     bufs: Buffers,
     now_us: impl Fn() -> u64,
@@ -140,10 +141,12 @@ pub fn save<D: Device>(
     dev.flush().map_err(sink)?;
     dev.reached(Step::HeaderWritten);
 
-    let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, bufs.meta);
+    let meta = &mut bufs.writer.lz4_in[..META_BLOCKS as usize * PAGE];
+    meta.fill(0);
+    let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, meta);
     let align = plan.align as usize;
     let meta_bytes = meta_len.next_multiple_of(align).max(align);
-    dev.write_bytes(META_OFFSET, &bufs.meta[..meta_bytes]).map_err(sink)?;
+    dev.write_bytes(META_OFFSET, &meta[..meta_bytes]).map_err(sink)?;
 
     let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, plan.align, bufs.writer);
     let mut free_until = 0;

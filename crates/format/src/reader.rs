@@ -119,8 +119,9 @@ impl<S: Source> Visitor<S> for CheckOnly {}
 /// holds. Checks besides each chunk's own: stored pages strictly ascending,
 /// free runs ascending and inside the saved memory, and the totals the
 /// header committed (stored + zero + free = every page saved).
-pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, meta: &Meta, bufs: Buffers, visitor: &mut impl Visitor<S>) -> Result<(), ReadError<S::Error>> {
-    let saved: heapless_ranges::Ranges = meta.saved_ranges().collect();
+pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs: Buffers, visitor: &mut impl Visitor<S>) -> Result<(), ReadError<S::Error>> {
+    let saved_pages = saved.pages;
+    let saved = &saved.ranges;
     let end = DATA_OFFSET + header.data_bytes;
     let mut offset = DATA_OFFSET;
     let mut chunks_digest = CRC32C.digest();
@@ -177,8 +178,25 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, meta: &Meta, bufs: 
         visitor.chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
         offset += bytes;
     }
-    let saved_pages = meta.saved_ranges().flat_map(|r| r.pages()).filter(|pfn| !header.image.contains(pfn * PAGE as u64)).count() as u64;
     check_totals(header, offset, &order, saved_pages, chunks_digest.finalize())
+}
+
+/// The memory an image's metadata says it holds, copied out of the
+/// metadata blocks (so that their buffer can be reused while the chunks
+/// are read).
+pub struct Saved {
+    ranges: heapless_ranges::Ranges,
+    /// Pages in the saved RAM and NVS outside ksave's own range: stored,
+    /// zero and free together.
+    pages: u64,
+}
+
+impl Saved {
+    /// The saved RAM and NVS of `meta`, for the image `header` describes.
+    pub fn of(meta: &Meta, header: &Header) -> Self {
+        let pages = meta.saved_ranges().flat_map(|r| r.pages()).filter(|pfn| !header.image.contains(pfn * PAGE as u64)).count() as u64;
+        Self { ranges: meta.saved_ranges().collect(), pages }
+    }
 }
 
 /// The order rules, and the counts the totals are checked against.

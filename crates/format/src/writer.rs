@@ -99,8 +99,9 @@ pub struct Writer<'b> {
     /// nothing); a group that compresses resets it.
     lz4_skip: usize,
     lz4_backoff: usize,
-    /// Runs of free pages (first pfn, pages) not yet in a chunk.
-    free: [(u64, u64); MAX_FREE_RUNS],
+    /// Runs of free pages not yet in a chunk, as the chunk lists them:
+    /// first pfn, pages, first pfn, pages ...
+    free: [u64; 2 * MAX_FREE_RUNS],
     free_count: usize,
     bufs: Buffers<'b>,
 }
@@ -129,7 +130,7 @@ impl<'b> Writer<'b> {
             group_count: 0,
             lz4_skip: 0,
             lz4_backoff: 0,
-            free: [(0, 0); MAX_FREE_RUNS],
+            free: [0; 2 * MAX_FREE_RUNS],
             free_count: 0,
             bufs,
         }
@@ -165,16 +166,16 @@ impl<'b> Writer<'b> {
     /// ascending order, so adjacent ones extend the last run.
     pub fn add_free<S: Sink>(&mut self, pfn: u64, sink: &mut S) -> Result<(), WriteError<S::Error>> {
         self.totals.pages_free += 1;
-        if let Some(last) = self.free[..self.free_count].last_mut()
-            && last.0 + last.1 == pfn
-        {
-            last.1 += 1;
+        let n = self.free_count;
+        if n > 0 && self.free[2 * n - 2] + self.free[2 * n - 1] == pfn {
+            self.free[2 * n - 1] += 1;
             return Ok(());
         }
-        if self.free_count == MAX_FREE_RUNS {
+        if n == MAX_FREE_RUNS {
             self.flush_free(sink)?;
         }
-        self.free[self.free_count] = (pfn, 1);
+        let n = self.free_count;
+        self.free[2 * n..2 * n + 2].copy_from_slice(&[pfn, 1]);
         self.free_count += 1;
         Ok(())
     }
@@ -270,12 +271,8 @@ impl<'b> Writer<'b> {
         if n == 0 {
             return Ok(());
         }
-        let mut words = [0u64; 2 * MAX_FREE_RUNS];
-        for (pair, run) in words.chunks_exact_mut(2).zip(&self.free[..n]) {
-            pair.copy_from_slice(&[run.0, run.1]);
-        }
         let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding: ENCODING_FREE, payload_len: 0, payload_hash: payload_hash(&[]) };
-        let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &words[..2 * n]);
+        let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.free[..2 * n]);
         let total = chunk::bytes_on_disk(ENCODING_FREE, 0, self.align);
         self.check_room(total)?;
         sink.write_bytes(self.offset, &self.bufs.raw_header[..]).map_err(WriteError::Sink)?;

@@ -158,7 +158,7 @@ fn save_with_free(
     ram: &[Range],
     nvs: &[Range],
     lz4: bool,
-    free: &mut impl commit::FreePages,
+    free: &mut dyn commit::FreePages,
 ) -> Result<(header::Header, Totals), WriteError<&'static str>> {
     let plan = commit::Plan {
         nonce: NONCE,
@@ -179,13 +179,9 @@ fn save_with_free(
         iommu_left_on: false,
         free_rule: 2,
     };
-    let (mut block, mut meta) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BLOCKS as usize * PAGE]));
+    let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
-    let bufs = commit::Buffers {
-        block: &mut block,
-        meta: &mut meta,
-        writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out },
-    };
+    let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out } };
     commit::save(&plan, mem, free, disk, bufs, || 0, 0)
 }
 
@@ -228,7 +224,7 @@ fn load_all(image: &[u8]) -> Result<Loaded, ReadError<&'static str>> {
     let mut loaded = Loaded::default();
     let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
     let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
-    reader::visit_chunks(&mut src, &h, &meta, bufs, &mut loaded)?;
+    reader::visit_chunks(&mut src, &h, &reader::Saved::of(&meta, &h), bufs, &mut loaded)?;
     Ok(loaded)
 }
 
@@ -263,7 +259,10 @@ fn lz4_round_trip_compresses_text_and_keeps_random_raw() {
     assert!(lz.pages_lz4_skipped > 0, "random runs should stop the LZ4 attempts for a while");
     assert_eq!(raw.pages_lz4_skipped, 0);
     assert!(lz.pages_lz4 < lz.pages_stored, "random pages should stay raw");
-    assert!(lz.data_bytes < raw.data_bytes * 3 / 4, "{} vs {}", lz.data_bytes, raw.data_bytes);
+    // A third of the stored pages are text (they all but vanish), two
+    // thirds random: about 0.7, plus the chunk headers and padding of
+    // 8-page groups.
+    assert!(lz.data_bytes < raw.data_bytes * 4 / 5, "{} vs {}", lz.data_bytes, raw.data_bytes);
     assert_same(&mem, &load(&image).unwrap());
     assert_same(&mem, &load(&raw_image).unwrap());
 }
