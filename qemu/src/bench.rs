@@ -120,32 +120,41 @@ pub fn save_table(runs: usize) -> Result<()> {
 /// same kernel, same load (`memtest_mib` MiB, which Linux's copy-to-RAM
 /// snapshot must fit), medians of `runs`.
 pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
-    use crate::scenarios::{ResumeBy, hibernate_resume, linux_hibernate_resume};
+    use crate::scenarios::{ResumeBy, hibernate_resume_bench, linux_hibernate_resume_on};
     let pick = |r: &Report, what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mut rows = Vec::new();
-    for (label, by) in [("ksave, resumed by QEMU -kernel", Some(ResumeBy::Multiboot1)), ("ksave, resumed by kernel C", Some(ResumeBy::KernelC)), ("Linux (swap)", None)] {
-        let (mut hib, mut size, mut res) = (Vec::new(), Vec::new(), Vec::new());
-        for run in 1..=runs {
-            eprintln!("bench: hibernation, {label}: run {run}/{runs}");
-            let r = match by {
-                Some(by) => hibernate_resume(by, memtest_mib, false)?,
-                None => linux_hibernate_resume(memtest_mib, false)?,
-            };
-            hib.push(pick(&r, "hibernate: start to power-off"));
-            size.push(pick(&r, "image size"));
-            res.push(pick(&r, if by.is_some() { "resume 1: power-on to A running" } else { "resume: power-on to A running" }));
+    for lived_in in [false, true] {
+        let mut rows = Vec::new();
+        for (label, by) in [("ksave, resumed by QEMU -kernel", Some(ResumeBy::Multiboot1)), ("ksave, resumed by kernel C", Some(ResumeBy::KernelC)), ("Linux (swap)", None)] {
+            let (mut hib, mut size, mut pages, mut res) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for run in 1..=runs {
+                eprintln!("bench: hibernation ({}), {label}: run {run}/{runs}", if lived_in { "lived-in" } else { "fresh" });
+                let r = match by {
+                    Some(by) => hibernate_resume_bench(by, memtest_mib, lived_in)?,
+                    None => linux_hibernate_resume_on(memtest_mib, lived_in, false)?,
+                };
+                hib.push(pick(&r, "hibernate: start to power-off"));
+                size.push(pick(&r, "image size"));
+                pages.push(pick(&r, "pages in the image"));
+                res.push(pick(&r, if by.is_some() { "resume 1: power-on to A running" } else { "resume: power-on to A running" }));
+            }
+            rows.push((label, median(hib), median(size), median(pages), median(res)));
         }
-        rows.push((label, median(hib), median(size), median(res)));
-    }
-    let linux_total = rows[2].1 + rows[2].3;
-    println!("== hibernate + resume, {memtest_mib} MiB memtest in a 512 MiB VM, AHCI, {runs} runs (median)");
-    println!("   {:<32} {:>13} {:>10} {:>13} {:>10} {:>9}", "", "hibernate ms", "image MiB", "resume ms", "total ms", "vs Linux");
-    for (label, hib, size, res) in rows {
-        println!("   {label:<32} {hib:>13.0} {size:>10.0} {res:>13.0} {:>10.0} {:>9.2}", hib + res, (hib + res) / linux_total);
+        let (linux_total, linux_pages) = (rows[2].1 + rows[2].4, rows[2].3);
+        let memory = if lived_in { "lived-in memory (most of it churned and freed first)" } else { "fresh memory" };
+        println!("== hibernate + resume, {memtest_mib} MiB memtest in a 512 MiB VM, {memory}, AHCI, {runs} runs (median)");
+        println!("   {:<32} {:>13} {:>10} {:>8} {:>10} {:>13} {:>10} {:>9}", "", "hibernate ms", "image MiB", "pages", "vs Linux", "resume ms", "total ms", "vs Linux");
+        for (label, hib, size, pages, res) in rows {
+            println!(
+                "   {label:<32} {hib:>13.0} {size:>10.0} {pages:>8.0} {:>10.2} {res:>13.0} {:>10.0} {:>9.2}",
+                pages / linux_pages,
+                hib + res,
+                (hib + res) / linux_total
+            );
+        }
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 . /lib/ksave-test/test.sh
 mkswap /dev/sda1 >/dev/null && swapon /dev/sda1 || { say "no swap"; exit 1; }
 memtest_start "${KSAVE_MEMTEST_MIB:-256}"
+# KSAVE_LIVED_IN set: memory used for a while first, as resume.sh does.
+[ -n "$KSAVE_LIVED_IN" ] && lived_in
 say "linux: hibernating"
 echo disk > /sys/power/state || { say "linux hibernation failed"; exit 1; }
 say "linux: resumed"

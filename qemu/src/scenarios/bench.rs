@@ -57,15 +57,28 @@ pub fn hibernate_bench(lz4: bool) -> Result<Report> {
 /// pages are locked: at 256 MiB of a 512 MiB VM it refuses ("Image
 /// allocation is 11435 pages short", seen here), so compare at less.
 pub fn linux_hibernate_resume(memtest_mib: u64, echo: bool) -> Result<Report> {
-    let name = "linux-hibernate";
+    linux_hibernate_resume_on(memtest_mib, false, echo)
+}
+
+/// [`linux_hibernate_resume`] on memory `lived_in` (churned first, as the
+/// ksave stories do) or fresh from boot.
+pub fn linux_hibernate_resume_on(memtest_mib: u64, lived_in: bool, echo: bool) -> Result<Report> {
+    let name = if lived_in { "linux-hibernate-lived-in" } else { "linux-hibernate" };
     let disk = TestDisk::create(name, 560, 520)?;
     let mut report = Report::new(&format!("Linux hibernation (swap, nocompress), same VM, {memtest_mib} MiB memtest"));
     // loglevel after quiet, and consoles kept during the write: the
     // hibernation code reports its own sizes and rates.
-    let args = format!("ksave.memtest_mib={memtest_mib} hibernate=nocompress loglevel=7 no_console_suspend");
+    let lived = if lived_in { " ksave.lived_in=1" } else { "" };
+    let args = format!("ksave.memtest_mib={memtest_mib} hibernate=nocompress loglevel=7 no_console_suspend{lived}");
     let config = kernel_a(name, &format!("linux-hibernate {args}"))?.arg(disk.qemu_args(Bus::Ahci, None));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let start = vm.expect("ksave-test: linux: hibernating", 300 * SECOND)?;
+    // "PM: hibernation: Image created (27177 pages copied, 1034 zero pages)"
+    // (kernel/power/snapshot.c)
+    let created = vm.expect("pages copied", 600 * SECOND)?;
+    if let Some(pages) = created.text.split('(').nth(1).and_then(|s| s.split(' ').next()?.parse::<f64>().ok()) {
+        report.add("pages in the image", pages, "pages");
+    }
     let wrote = vm.expect("PM: hibernation: Wrote", 600 * SECOND)?;
     vm.expect_exit(0, 120 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);

@@ -19,11 +19,11 @@ mod resume;
 mod roundtrip;
 mod save;
 
-pub use bench::{disk_bench, hibernate_bench, linux_dd, linux_hibernate_resume};
+pub use bench::{disk_bench, hibernate_bench, linux_dd, linux_hibernate_resume, linux_hibernate_resume_on};
 pub use boot::{exception_report, multiboot1_boot, multiboot2_grub_boot};
 pub use disks::{disk_error, disk_self_test};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
-pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_on};
+pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_bench, hibernate_resume_on};
 pub use roundtrip::kexec_round_trip;
 pub use save::{Expect, hibernate_snapshot, hibernate_snapshot_on, hibernate_with_the_iommu_left_on};
 

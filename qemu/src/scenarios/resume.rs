@@ -29,6 +29,16 @@ pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Re
 
 /// [`hibernate_resume`] on `machine`.
 pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
+    story(machine, by, memtest_mib, true, echo)
+}
+
+/// [`hibernate_resume`] for `make bench`: on memory `lived_in` (churned
+/// before each hibernation, as every test story does) or fresh from boot.
+pub fn hibernate_resume_bench(by: ResumeBy, memtest_mib: u64, lived_in: bool) -> Result<Report> {
+    story(Machine::qemu64(Kernel::Linux6_12), by, memtest_mib, lived_in, false)
+}
+
+fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo: bool) -> Result<Report> {
     let name = format!(
         "resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}",
         machine.firmware,
@@ -56,9 +66,11 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
         // Kernel A really translates its devices' DMA.
         vm.expect("ksave-test: DMA remapping on: iommu groups", 120 * SECOND)?;
     }
-    let proven = vm.expect("ksave-test: free pages proven:", 300 * SECOND)?;
-    let free: f64 = proven.text.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
-    report.add("snapshot of lived-in memory: pages left out as free", free, "pages");
+    if lived_in {
+        let proven = vm.expect("ksave-test: free pages proven:", 300 * SECOND)?;
+        let free: f64 = proven.text.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
+        report.add("snapshot of lived-in memory: pages left out as free", free, "pages");
+    }
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
     if machine.iommu {
         let unit = vm.expect("ksave:   IOMMU Vtd(", 120 * SECOND)?;
@@ -70,6 +82,7 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
     vm.expect_exit(0, 60 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);
     report.add("image size", saved.get("image_bytes")? / 1048576.0, "MiB");
+    report.add("pages in the image", saved.get("pages_stored")?, "pages");
     if let Some(without) = machine.cpu_without_la57() {
         // The same machine but for LA57: the image's kernel cannot run
         // there. Refused before anything is written, the machine boots
