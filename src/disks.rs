@@ -154,12 +154,14 @@ const SEGMENT_BATCH: usize = 64;
 /// call: read it (a write to the disk) or write it (a read).
 pub unsafe fn transfer_pieces(disk: &mut AnyDisk, dir: Direction, lba: u64, pieces: impl Iterator<Item = (u64, u64)>) -> Result<(), DiskError> {
     let block = disk.info().block_size as u64;
-    // SAFETY (every Segment::new here): upheld by the caller.
+    // SAFETY: empty placeholders, never handed to the driver (only segs[..n]).
     let mut segs = [unsafe { Segment::new(0, 0) }; SEGMENT_BATCH];
     let (mut n, mut at, mut bytes) = (0, lba, 0u64);
     for (addr, len) in pieces {
         let last = segs[n.max(1) - 1];
         if n > 0 && last.addr() + last.len() == addr {
+            // SAFETY: the last piece and this one, contiguous; both are the
+            // caller's to lend (this function's contract).
             segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + len) };
         } else {
             if n == SEGMENT_BATCH {
@@ -167,6 +169,7 @@ pub unsafe fn transfer_pieces(disk: &mut AnyDisk, dir: Direction, lba: u64, piec
                 at += bytes / block;
                 (n, bytes) = (0, 0);
             }
+            // SAFETY: a piece the caller lends (this function's contract).
             segs[n] = unsafe { Segment::new(addr, len) };
             n += 1;
         }
