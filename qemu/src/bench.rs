@@ -128,7 +128,9 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
     };
     for lived_in in [false, true] {
         let mut rows = Vec::new();
-        for (label, by) in [("ksave, resumed by QEMU -kernel", Some(ResumeBy::Multiboot1)), ("ksave, resumed by kernel C", Some(ResumeBy::KernelC)), ("Linux (swap)", None)] {
+        for (label, by) in
+            [("ksave, resumed by QEMU -kernel", Some(ResumeBy::Multiboot1)), ("ksave, resumed by kernel C", Some(ResumeBy::KernelC)), ("Linux (swap)", None)]
+        {
             let (mut hib, mut size, mut pages, mut res) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for run in 1..=runs {
                 eprintln!("bench: hibernation ({}), {label}: run {run}/{runs}", if lived_in { "lived-in" } else { "fresh" });
@@ -146,7 +148,10 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
         let (linux_total, linux_pages) = (rows[2].1 + rows[2].4, rows[2].3);
         let memory = if lived_in { "lived-in memory (most of it churned and freed first)" } else { "fresh memory" };
         println!("== hibernate + resume, {memtest_mib} MiB memtest in a 512 MiB VM, {memory}, AHCI, {runs} runs (median)");
-        println!("   {:<32} {:>13} {:>10} {:>8} {:>10} {:>13} {:>10} {:>9}", "", "hibernate ms", "image MiB", "pages", "vs Linux", "resume ms", "total ms", "vs Linux");
+        println!(
+            "   {:<32} {:>13} {:>10} {:>8} {:>10} {:>13} {:>10} {:>9}",
+            "", "hibernate ms", "image MiB", "pages", "vs Linux", "resume ms", "total ms", "vs Linux"
+        );
         for (label, hib, size, pages, res) in rows {
             println!(
                 "   {label:<32} {hib:>13.0} {size:>10.0} {pages:>8.0} {:>10.2} {res:>13.0} {:>10.0} {:>9.2}",

@@ -6,9 +6,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use ksave_format::PAGE;
 use ksave_format::header::{Header, MAGIC, State};
 use ksave_format::reader::Source;
-use ksave_format::PAGE;
 
 use crate::sys;
 
@@ -22,6 +22,25 @@ pub struct ImageFile {
     pub description: String,
 }
 
+/// Drops a block device's cached blocks (BLKFLSBUF, linux/fs.h): before
+/// reading what ksave wrote behind the kernel's back, and after reading an
+/// image, which would otherwise stay in the page cache and be saved with
+/// the next image.
+fn drop_cached_blocks(file: &File) -> std::io::Result<()> {
+    if !file.metadata()?.file_type().is_block_device() {
+        return Ok(());
+    }
+    // SAFETY: BLKFLSBUF takes no argument memory.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(file), linux_raw_sys::ioctl::BLKFLSBUF as _) };
+    if rc != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        let _ = drop_cached_blocks(&self.file);
+    }
+}
+
 impl Source for ImageFile {
     type Error = std::io::Error;
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
@@ -33,15 +52,7 @@ impl ImageFile {
     /// Opens `path` (read-only, or read-write for `invalidate`).
     pub fn open(path: &Path, write: bool) -> Result<Self> {
         let file = OpenOptions::new().read(true).write(write).open(path).with_context(|| format!("opening {}", path.display()))?;
-        if file.metadata()?.file_type().is_block_device() {
-            // ksave wrote this device behind the kernel's back: drop any
-            // cached blocks so reads see the disk (BLKFLSBUF, linux/fs.h).
-            // SAFETY: BLKFLSBUF takes no argument memory.
-            let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), linux_raw_sys::ioctl::BLKFLSBUF as _) };
-            if rc != 0 {
-                bail!("flushing {}'s cache: {}", path.display(), std::io::Error::last_os_error());
-            }
-        }
+        drop_cached_blocks(&file).with_context(|| format!("flushing {}'s cache", path.display()))?;
         let mut magic = [0u8; 8];
         file.read_exact_at(&mut magic, 0).with_context(|| format!("reading {}", path.display()))?;
         if magic == MAGIC {

@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 
-use super::save::{Expect, hibernate_run};
 use super::disks::ksave_with_disk;
+use super::save::{Expect, hibernate_run};
 use super::{Report, SECOND, kernel_a};
 use crate::disk::{Bus, PART_GUID, TestDisk};
 use crate::{Vm, VmConfig};
@@ -86,8 +86,7 @@ pub fn linux_hibernate_resume_on(memtest_mib: u64, lived_in: bool, echo: bool) -
     if let Some(kib) = wrote.text.split("Wrote ").nth(1).and_then(|s| s.split(' ').next()?.parse::<f64>().ok()) {
         report.add("image size", kib / 1024.0, "MiB");
     }
-    let config = kernel_a(&format!("{name}-resume"), &format!("linux-resume-failed {args} resume=/dev/sda1 resumewait"))?
-        .arg(disk.qemu_args(Bus::Ahci, None));
+    let config = kernel_a(&format!("{name}-resume"), &format!("linux-resume-failed {args} resume=/dev/sda1 resumewait"))?.arg(disk.qemu_args(Bus::Ahci, None));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let back = vm.expect("ksave-test: linux: resumed", 600 * SECOND)?;
     report.add_ms("resume: power-on to A running", back.at);
