@@ -142,14 +142,14 @@ fn run(boot: &BootInfo, info: u64) -> ! {
             // Read now: the command line is in memory a resume may give up.
             let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
             let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
-            println!("ksave: not resuming: {}", refusal.0.as_str());
+            println!("ksave: not resuming: {}", refusal.why.as_str());
             println!("ksave: no image to resume: handing over to a normal boot");
             match cmos_flag {
                 Some(Ok((byte, bit))) => hand_over_by_cmos(byte, bit),
                 Some(Err(_)) => {
                     println!("ksave: ksave.no_image=cmos: is not BYTE:BIT (byte 0x40-0x7f)")
                 }
-                None if refusal.memory_lost() => {
+                None if refusal.memory_lost => {
                     println!("ksave: this boot's memory was given up: resetting");
                     crate::cpu::reset()
                 }

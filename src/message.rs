@@ -4,6 +4,7 @@
 use core::fmt;
 
 /// Up to 240 bytes of UTF-8; longer text is cut.
+#[derive(Clone)]
 pub struct Message {
     buf: [u8; 240],
     len: usize,

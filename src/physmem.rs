@@ -27,3 +27,39 @@ pub unsafe fn bytes<'a>(addr: u64, len: usize) -> &'a [u8] {
     // SAFETY: upheld by the caller.
     unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
 }
+
+/// Zeroes `len` bytes at physical `addr`. In asm: address 0 is RAM, but no
+/// Rust pointer may be null.
+///
+/// # Safety
+/// `[addr, addr+len)` must be identity-mapped RAM that nothing of ksave uses.
+pub unsafe fn zero(addr: u64, len: usize) {
+    debug_assert!(len % 8 == 0);
+    // SAFETY: upheld by the caller; DF is clear (entry code). Quadwords:
+    // under TCG each rep iteration costs the same whatever its width.
+    unsafe { core::arch::asm!("rep stosq", inout("rdi") addr => _, inout("rcx") len / 8 => _, in("rax") 0u64, options(nostack, preserves_flags)) };
+}
+
+/// Copies `src` to physical `addr` (see [`zero`] for why asm).
+///
+/// # Safety
+/// As for [`zero`].
+pub unsafe fn write(addr: u64, src: &[u8]) {
+    debug_assert!(src.len() % 8 == 0);
+    // SAFETY: upheld by the caller; src is a live slice; DF is clear.
+    unsafe {
+        core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
+    }
+}
+
+/// Copies physical `addr` into `dst` (see [`zero`] for why asm).
+///
+/// # Safety
+/// `[addr, addr + dst.len())` must be identity-mapped RAM.
+pub unsafe fn read(addr: u64, dst: &mut [u8]) {
+    debug_assert!(dst.len() % 8 == 0);
+    // SAFETY: upheld by the caller; dst is a live slice; DF is clear.
+    unsafe {
+        core::arch::asm!("rep movsq", inout("rdi") dst.as_mut_ptr() => _, inout("rsi") addr => _, inout("rcx") dst.len() / 8 => _, options(nostack, preserves_flags));
+    }
+}

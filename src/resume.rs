@@ -27,7 +27,7 @@ use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
 use crate::work::{self, Work};
-use crate::{caller, config, cpu, paging, println};
+use crate::{caller, config, cpu, paging, physmem, println};
 
 /// The partition, read through the disk driver.
 struct DiskSource<'d, 'm> {
@@ -51,58 +51,22 @@ impl Source for DiskSource<'_, '_> {
 /// A refusal: why the image is not resumed. Nothing outside ksave was
 /// written when one is returned, unless `memory_lost`: then loading had
 /// begun, the image is invalidated, and the machine must be reset.
-pub struct Refusal(pub Message, pub bool);
+pub struct Refusal {
+    /// Why.
+    pub why: Message,
+    /// This boot's memory was given up: only a reset is left.
+    pub memory_lost: bool,
+}
 
 impl Refusal {
     /// A refusal after loading began.
     fn late(self) -> Self {
-        Self(self.0, true)
-    }
-
-    /// Whether this boot's memory was given up (only a reset is left).
-    pub fn memory_lost(&self) -> bool {
-        self.1
+        Self { memory_lost: true, ..self }
     }
 }
 
 macro_rules! refuse {
-    ($($arg:tt)*) => { Refusal(Message::format(format_args!($($arg)*)), false) };
-}
-
-/// Zeroes `len` bytes at physical `addr`. In asm: address 0 is RAM, but no
-/// Rust pointer may be null.
-///
-/// # Safety
-/// `[addr, addr+len)` must be identity-mapped RAM that nothing of ksave uses.
-unsafe fn phys_zero(addr: u64, len: usize) {
-    debug_assert!(len % 8 == 0);
-    // SAFETY: upheld by the caller; DF is clear (entry code). Quadwords:
-    // under TCG each rep iteration costs the same whatever its width.
-    unsafe { core::arch::asm!("rep stosq", inout("rdi") addr => _, inout("rcx") len / 8 => _, in("rax") 0u64, options(nostack, preserves_flags)) };
-}
-
-/// Copies `src` to physical `addr` (see [`phys_zero`] for why asm).
-///
-/// # Safety
-/// As for [`phys_zero`].
-unsafe fn phys_write(addr: u64, src: &[u8]) {
-    debug_assert!(src.len() % 8 == 0);
-    // SAFETY: upheld by the caller; src is a live slice; DF is clear.
-    unsafe {
-        core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
-    }
-}
-
-/// Copies physical `addr` into `dst` (see [`phys_zero`] for why asm).
-///
-/// # Safety
-/// `[addr, addr+len)` must be identity-mapped RAM.
-unsafe fn phys_read(addr: u64, dst: &mut [u8]) {
-    debug_assert!(dst.len() % 8 == 0);
-    // SAFETY: upheld by the caller; dst is a live slice; DF is clear.
-    unsafe {
-        core::arch::asm!("rep movsq", inout("rdi") dst.as_mut_ptr() => _, inout("rsi") addr => _, inout("rcx") dst.len() / 8 => _, options(nostack, preserves_flags));
-    }
+    ($($arg:tt)*) => { Refusal { why: Message::format(format_args!($($arg)*)), memory_lost: false } };
 }
 
 /// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
@@ -157,7 +121,7 @@ pub fn from_kexec() -> ! {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
             let refusal = run(config.partition_guid, here, config.iommus(), true, facs_now);
-            println!("ksave: not resuming: {}", refusal.0.as_str());
+            println!("ksave: not resuming: {}", refusal.why.as_str());
         }
         Err(e) => println!("ksave: not resuming: {e}"),
     }
@@ -186,10 +150,10 @@ fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: b
     let (first_lba, bytes) = (part.first_lba(), part.bytes());
     match check_and_load(&mut part.disk, first_lba, bytes, here, &facs_now, work) {
         Err(refusal) => {
-            if invalidate_refused || refusal.memory_lost() {
-                invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.0.as_str());
+            if invalidate_refused || refusal.memory_lost {
+                invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.why.as_str());
             }
-            if refusal.memory_lost() {
+            if refusal.memory_lost {
                 // The firmware's structures the controller pointed at are gone.
                 part.stop();
             } else {
@@ -364,7 +328,7 @@ impl Loader<'_> {
                     // identity map (checked before loading), outside ksave:
                     // nothing of ours lives there, and this boot's firmware
                     // and bootloader were given up.
-                    unsafe { phys_zero(s, (e - s) as usize) };
+                    unsafe { physmem::zero(s, (e - s) as usize) };
                     self.zeroed += (e - s) / PAGE as u64;
                 }
             }
@@ -378,7 +342,7 @@ impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
         self.zero_to(pfn);
         // SAFETY: the reader checked the page lies in the saved RAM or NVS
         // (equal to this machine's) and outside ksave's range.
-        unsafe { phys_write(pfn * PAGE as u64, data) };
+        unsafe { physmem::write(pfn * PAGE as u64, data) };
         self.next = pfn + 1;
     }
 
@@ -401,7 +365,7 @@ impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
             let page = &mut buf[..PAGE];
             // SAFETY: a page the device just filled (above); copied out in
             // asm because page 0 is RAM but null to Rust.
-            unsafe { phys_read(pfn * PAGE as u64, page) };
+            unsafe { physmem::read(pfn * PAGE as u64, page) };
             hasher.update(page);
         }
         Ok(hasher.digest())

@@ -26,7 +26,7 @@ use crate::free::CallerFree;
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
-use crate::physmem::IdentityMapped;
+use crate::physmem::{self, IdentityMapped};
 use crate::work::{self, Work};
 use crate::{paging, println};
 use bootinfo::kexec::CallerView;
@@ -52,12 +52,9 @@ struct CallerMemory<'a> {
 
 impl<'a> CallerMemory<'a> {
     fn new(end: u64, page0: &'a mut [u8; PAGE]) -> Self {
-        // SAFETY: copies physical page 0 (identity-mapped RAM) into our own
-        // buffer. In asm because address 0 is null to the compiler, and any
-        // Rust-level access to it would be undefined behaviour.
-        unsafe {
-            core::arch::asm!("rep movsb", inout("rdi") page0.as_mut_ptr() => _, inout("rsi") 0usize => _, inout("rcx") PAGE => _, options(nostack, preserves_flags));
-        }
+        // SAFETY: physical page 0 is identity-mapped RAM (physmem::read
+        // copies it in asm: address 0 is null to the compiler).
+        unsafe { physmem::read(0, page0) };
         Self { end, page0 }
     }
 }
@@ -302,24 +299,26 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut W
     check_reachable(&plan)?;
     require_exact(backup)?;
     let worst = check_capacity(&plan)?;
-    // Free pages: read through the caller's view of its memory.
-    let free = match (&caller.kernel, caller.view) {
+    // Free pages: read through the caller's view of its memory, which
+    // exists when the backup map is exact (required above).
+    let mut caller_free = match (&caller.kernel, caller.view) {
         (Ok(info), Some(view)) => CallerFree::new(info, view, config.ram(), backup).map(|free| (*info, free)),
         (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
-        (Err(why), _) => Err(Message::format(format_args!("{}", why.as_str()))),
+        (Err(why), _) => Err(why.clone()),
     };
-    match free {
-        Ok((info, mut free)) => {
+    let mut none = NoneFree;
+    let (free, free_rule): (&mut dyn FreePages, u32) = match caller_free {
+        Ok((info, ref mut free)) => {
             let (rule, (major, minor)) = (info.rule.code(), info.version);
             println!("ksave: free pages: left out, as the {major}.{minor} kernel's allocator marks them ({})", Rule::describe(rule));
-            let plan = Plan { free_rule: rule, ..plan };
-            write_image(&plan, part, work, start, worst, config.selftest_fault_in_save, &mut free)
+            (free, rule)
         }
-        Err(why) => {
+        Err(ref why) => {
             println!("ksave: free pages: saved like any other ({})", why.as_str());
-            write_image(&plan, part, work, start, worst, config.selftest_fault_in_save, &mut NoneFree)
+            (&mut none, 0)
         }
-    }
+    };
+    write_image(&Plan { free_rule, ..plan }, part, work, start, worst, config.selftest_fault_in_save, free)
 }
 
 /// The partition found by GUID must be where the host saw it. The host
