@@ -14,7 +14,7 @@ use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::layout::image_range;
 use crate::message::Message;
-use crate::physmem::IdentityMapped;
+use crate::physmem::{IdentityMapped, RamOnly};
 use crate::work::Exclusive;
 use crate::{config, heap, paging, println};
 
@@ -62,7 +62,7 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
             backup.report();
             // The caller's memory as it sees it, and the kernel's own
             // description of itself (for its free pages): read once here.
-            let mut displaced = Displacement::new(&backup, start);
+            let mut displaced = Displacement::new(&backup, start, ram);
             let view = displaced.as_mut().map(Displacement::view);
             let kernel = match (&config, &view) {
                 (Ok(config), Some(view)) => crate::free::kernel_info(config, &ctx, view),
@@ -70,8 +70,8 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
                 (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
             };
             let return_gdt = kernel_gdt(&ctx, ram, view.as_ref(), kernel.as_ref().ok());
-            match config {
-                Ok(config) => crate::save::run(&config, &ctx, &backup, return_gdt, view.as_ref(), kernel),
+            match &config {
+                Ok(config) => crate::save::run(config, &ctx, &backup, return_gdt, view.as_ref(), kernel),
                 Err(e) => println!("ksave: not saving: {e}"),
             }
         }
@@ -126,7 +126,7 @@ unsafe extern "C" {
 /// swap is undone (`CallerView`): pages under ksave hold ksave now, and
 /// the caller's page tables may well have been among them.
 #[inline(never)] // entry-time work: its frame is gone before the save
-fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&CallerView<IdentityMapped>>, kernel: Option<&Info>) -> Option<(u64, u16)> {
+fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&KernelView>, kernel: Option<&Info>) -> Option<(u64, u16)> {
     let reloads = reloads_own_gdt(ctx);
     let found = match (ram, view) {
         (Some(ram), Some(view)) => {
@@ -163,7 +163,9 @@ fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&CallerVi
 /// What the jump swapped, for reading the caller's memory as the caller
 /// sees it ([`kexec::CallerView`]); only from a backup map that is exactly
 /// ksave's pages.
-pub struct Displacement {
+pub struct Displacement<'r> {
+    /// The caller's RAM, the only memory the view reads.
+    ram: RamOnly<'r>,
     start: u64,
     count: usize,
     /// `sources[i]`: where the caller's page `start + i` pages is now.
@@ -171,14 +173,17 @@ pub struct Displacement {
     scratch: [u16; MAX_PAIRS],
 }
 
-impl Displacement {
+/// The caller's memory as it sees it, reading only its RAM.
+pub type KernelView<'v> = CallerView<'v, RamOnly<'v>>;
+
+impl<'r> Displacement<'r> {
     /// The displacement `backup` describes, if it is exactly ksave's pages
-    /// from `own_start` on.
-    pub fn new(backup: &BackupMap, own_start: u64) -> Option<Self> {
+    /// from `own_start` on, over the caller's RAM map `ram`.
+    pub fn new(backup: &BackupMap, own_start: u64, ram: Option<&'r [Range]>) -> Option<Self> {
         if !backup.outcome().is_ok_and(|cov| cov.is_exact()) {
             return None;
         }
-        let mut d = Self { start: own_start, count: backup.pairs().len(), sources: [0; MAX_PAIRS], scratch: [0; MAX_PAIRS] };
+        let mut d = Self { ram: RamOnly(ram), start: own_start, count: backup.pairs().len(), sources: [0; MAX_PAIRS], scratch: [0; MAX_PAIRS] };
         for p in backup.pairs() {
             d.sources[((p.dest - own_start) / PAGE as u64) as usize] = p.src;
         }
@@ -186,9 +191,9 @@ impl Displacement {
     }
 
     /// The caller's memory as it will be once the swap is undone.
-    pub fn view(&mut self) -> kexec::CallerView<'_, IdentityMapped> {
+    pub fn view(&mut self) -> KernelView<'_> {
         let n = self.count;
-        kexec::CallerView::new(&IdentityMapped, self.start, &self.sources[..n], &mut self.scratch[..n])
+        kexec::CallerView::new(&self.ram, self.start, &self.sources[..n], &mut self.scratch[..n])
     }
 }
 

@@ -4,20 +4,19 @@
 //! sees its memory. Any doubt saves the page.
 
 use bootinfo::PhysRead;
-use bootinfo::kexec::{CR4_LA57, CallerContext, CallerView};
+use bootinfo::kexec::{CR4_LA57, CallerContext};
 use freepages::buddy::Scanner;
 use freepages::vmcoreinfo::{self, Info};
 use ksave_format::commit::FreePages;
 use ksave_format::config::{Config, MAX_VMCOREINFO};
 use ksave_format::{PAGE, Range};
 
-use crate::caller::BackupMap;
+use crate::caller::{BackupMap, KernelView};
 use crate::message::Message;
-use crate::physmem::IdentityMapped;
 
 /// Reads the note and checks it describes the caller; the reason if not.
 #[inline(never)] // its 8 KiB note buffer must not stay in the caller's frame during the save
-pub fn kernel_info(config: &Config, ctx: &CallerContext, view: &CallerView<IdentityMapped>) -> Result<Info, Message> {
+pub fn kernel_info(config: &Config, ctx: &CallerContext, view: &KernelView) -> Result<Info, Message> {
     let note = config.vmcoreinfo;
     if note.start == note.end {
         return Err(Message::format(format_args!("the kernel has no vmcoreinfo note (/sys/kernel/vmcoreinfo)")));
@@ -40,14 +39,14 @@ pub fn kernel_info(config: &Config, ctx: &CallerContext, view: &CallerView<Ident
 /// A block is left out only if the kernel marks it free, it lies wholly in
 /// one RAM range, and no page of it is one the jump itself uses.
 pub struct CallerFree<'a> {
-    scanner: Scanner<'a, CallerView<'a, IdentityMapped>>,
+    scanner: Scanner<'a, KernelView<'a>>,
     ram: &'a [Range],
     backup: &'a BackupMap,
 }
 
 impl<'a> CallerFree<'a> {
     /// Free pages of the kernel `info` describes, read through `view`.
-    pub fn new(info: &Info, view: &'a CallerView<'a, IdentityMapped>, ram: &'a [Range], backup: &'a BackupMap) -> Result<Self, Message> {
+    pub fn new(info: &Info, view: &'a KernelView<'a>, ram: &'a [Range], backup: &'a BackupMap) -> Result<Self, Message> {
         let scanner = Scanner::new(info, view, info.la57).map_err(|d| Message::format(format_args!("{d}")))?;
         Ok(Self { scanner, ram, backup })
     }

@@ -18,6 +18,20 @@ impl PhysRead for IdentityMapped {
     }
 }
 
+/// The caller's RAM only, through the identity map: what ksave reads while
+/// following the caller's own pointers and page tables. An address outside
+/// the RAM map (a stale or wrong pointer, which could name a device's
+/// registers, where a read can have effects) reads as `None`. Without a
+/// map (ksave.elf not configured) nothing is read.
+pub struct RamOnly<'a>(pub Option<&'a [ksave_format::Range]>);
+
+impl PhysRead for RamOnly<'_> {
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        let end = addr.checked_add(8)?;
+        self.0?.iter().any(|r| r.start <= addr && end <= r.end).then(|| IdentityMapped.read_u64(addr))?
+    }
+}
+
 /// Borrows `len` bytes of physical memory at `addr`.
 ///
 /// # Safety

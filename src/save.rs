@@ -20,16 +20,15 @@ use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
 use zerocopy::FromBytes;
 
-use crate::caller::{BackupMap, MapError};
+use crate::caller::{BackupMap, KernelView, MapError};
 use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
 use crate::free::CallerFree;
 use crate::hw::{self, KsaveHal};
 use crate::layout::image_range;
 use crate::message::Message;
-use crate::physmem::{self, IdentityMapped};
+use crate::physmem;
 use crate::work::{self, Work};
 use crate::{paging, println};
-use bootinfo::kexec::CallerView;
 use diskdrv::Hal as _;
 use freepages::vmcoreinfo::Info;
 
@@ -168,14 +167,7 @@ pub struct Summary {
 /// Saves the caller's RAM as `config` says; `backup` is the caller's
 /// backup map, walked at entry.
 #[inline(never)] // its own frame, so that the stack it needs can be read off
-pub fn run(
-    config: &Config,
-    ctx: &CallerContext,
-    backup: &BackupMap,
-    return_gdt: Option<(u64, u16)>,
-    view: Option<&CallerView<IdentityMapped>>,
-    kernel: Result<Info, Message>,
-) {
+pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt: Option<(u64, u16)>, view: Option<&KernelView>, kernel: Result<Info, Message>) {
     let guid = config.partition_guid;
     println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
     let mut part = match disks::open_partition(guid, Mode::Dma, config.iommus()) {
@@ -266,7 +258,7 @@ struct Caller<'a> {
     backup: &'a BackupMap,
     return_gdt: Option<(u64, u16)>,
     /// Its memory as it sees it (only with an exact backup map).
-    view: Option<&'a CallerView<'a, IdentityMapped>>,
+    view: Option<&'a KernelView<'a>>,
     /// Its own description (vmcoreinfo), or why there is none.
     kernel: Result<Info, Message>,
 }
