@@ -68,6 +68,59 @@ pub fn free_pages_note() -> Option<&'static str> {
     )
 }
 
+/// Pages on the kernel's per-CPU free lists (the "count:" lines of
+/// /proc/zoneinfo). They are free, but their page structs do not say so and
+/// vmcoreinfo does not describe the lists, so a save stores them.
+pub fn per_cpu_list_pages() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/zoneinfo").ok()?;
+    Some(info.lines().filter_map(|l| l.trim().strip_prefix("count:")?.trim().parse::<u64>().ok()).sum())
+}
+
+/// Keeps the kernel's per-CPU free lists short until dropped, so that the
+/// pages on them go back to the buddy allocator, where a save can see they
+/// are free. Since 6.7 each list may grow to an eighth of its zone (pcp
+/// high auto-tuning, mm/page_alloc.c): after a process frees a lot, tens of
+/// MiB. A large vm.percpu_pagelist_high_fraction caps every list at four
+/// batches, and writes to vm.stat_refresh have every CPU give the excess
+/// back now (refresh_cpu_vm_stats -> decay_pcp_high); older kernels trim
+/// their short lists on the next free. Drop puts the fraction back.
+pub struct ShortPerCpuLists {
+    old_fraction: String,
+}
+
+const HIGH_FRACTION: &str = "/proc/sys/vm/percpu_pagelist_high_fraction";
+
+impl ShortPerCpuLists {
+    /// None when the kernel has no such knob (before 5.14) or refuses it.
+    pub fn new() -> Option<Self> {
+        let old_fraction = std::fs::read_to_string(HIGH_FRACTION).ok()?;
+        std::fs::write(HIGH_FRACTION, "1000000").ok()?;
+        let lists = Self { old_fraction };
+        // Each refresh lowers a list's limit by an eighth at most: repeat
+        // while the lists still shrink (some 30 rounds, a few ms).
+        let mut last = per_cpu_list_pages();
+        for _ in 0..64 {
+            if std::fs::write("/proc/sys/vm/stat_refresh", "1").is_err() {
+                break;
+            }
+            let now = per_cpu_list_pages();
+            if now >= last {
+                break;
+            }
+            last = now;
+        }
+        Some(lists)
+    }
+}
+
+impl Drop for ShortPerCpuLists {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(HIGH_FRACTION, self.old_fraction.trim()) {
+            eprintln!("ksave: could not put {HIGH_FRACTION} back to {}: {e}", self.old_fraction.trim());
+        }
+    }
+}
+
 /// This boot's ACPI FACS hardware signature (ACPI 6.5, 5.2.10: the u32 at
 /// offset 8), if the kernel shows the table (root, CONFIG_ACPI).
 pub fn acpi_hardware_signature() -> Option<u32> {

@@ -6,6 +6,9 @@
 #   KSAVE_NVS_MARK  set: prove the image carries ACPI NVS (UEFI machines)
 #   KSAVE_IOMMU     set: the machine has an IOMMU, which must be translating
 #   KSAVE_FRESH     set: memory as after boot (no churn, no proof; make bench)
+#   KSAVE_INIT_ON_FREE  set: the kernel runs with init_on_free=1 and trusts
+#                   free pages to be zero: after each resume, new pages are
+#                   checked to be (ksave zeroed the pages it left out)
 . /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
@@ -45,6 +48,10 @@ for round in 1 2; do
   check
   [ -n "$KSAVE_NVS_MARK" ] && nvs_check
   [ "$count" -gt "$last" ] || { say "counter did not carry on: $count after $last"; exit 1; }
+  if [ -n "$KSAVE_INIT_ON_FREE" ]; then
+    grep -qw init_on_free=1 /proc/cmdline || { say "init_on_free=1 is not on the command line"; exit 1; }
+    memtest zeroed --percent 60 || { say "new pages held old data after the resume"; exit 1; }
+  fi
   say "resumed ($round): memory, tmpfs and disk intact, count $last -> $count"
   last=$count
 done

@@ -14,6 +14,14 @@
 //! memory with non-zero data and exit, so that the kernel's free pages hold
 //! old data, as on a machine that has run for a while.
 //!
+//!   memtest zeroed --percent P
+//!
+//! Takes P% of the available memory as new anonymous pages and fails if
+//! any is not zero. With `init_on_free=1` the kernel hands such pages out
+//! without clearing them (mm/page_alloc.c: post_alloc_hook skips __GFP_ZERO
+//! when free pages are zeroed at free), so after a resume this checks that
+//! ksave zeroed the pages it left out as free.
+//!
 //!   memtest used --pid PID > FILE
 //!   memtest prove --used FILE --free-runs FILE
 //!
@@ -40,21 +48,51 @@ fn main() -> Result<()> {
         Some("fill") => fill(&args),
         Some("churn") => churn(&args),
         Some("churn-one") => churn_one(arg(&args, "--mib")?.parse()?, arg(&args, "--seed")?.parse()?),
+        Some("zeroed") => zeroed(arg(&args, "--percent")?.parse()?),
         Some("used") => used(arg(&args, "--pid")?.parse()?),
         Some("prove") => prove(&arg(&args, "--used")?, &arg(&args, "--free-runs")?),
-        _ => bail!("usage: memtest fill|churn|used|prove ..."),
+        _ => bail!("usage: memtest fill|churn|zeroed|used|prove ..."),
     }
+}
+
+fn available_kib() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no MemAvailable in /proc/meminfo")
+}
+
+fn zeroed(percent: u64) -> Result<()> {
+    let pages = (available_kib()? * percent / 100 / 4) as usize;
+    let len = pages * PAGE;
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    ensure!(base != libc::MAP_FAILED, "mmap of {len} bytes: {}", std::io::Error::last_os_error());
+    let mut dirty = 0usize;
+    for i in 0..pages {
+        // SAFETY: page i lies inside the mapping, which is ours alone. The
+        // first write faults it in; the rest of the page is what the kernel
+        // gave, read through volatile so that it is really read.
+        let holds_old_data = unsafe {
+            let page = (base as *mut u64).add(i * PAGE / 8);
+            page.write_volatile(1);
+            (1..PAGE / 8).any(|k| page.add(k).read_volatile() != 0)
+        };
+        dirty += holds_old_data as usize;
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(base, len) };
+    println!("memtest: zeroed: {pages} new pages, {dirty} not zero");
+    ensure!(dirty == 0, "{dirty} of {pages} new pages held old data");
+    Ok(())
 }
 
 fn churn(args: &[String]) -> Result<()> {
     let percent: u64 = arg(args, "--percent")?.parse()?;
     let procs: u64 = arg(args, "--procs")?.parse()?;
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no MemAvailable in /proc/meminfo")?;
+    let available_kib = available_kib()?;
     let each_mib = available_kib * percent / 100 / 1024 / procs;
     let me = std::env::current_exe()?;
     let children: Vec<_> = (0..procs)

@@ -58,9 +58,16 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib
     ));
     let nvs_mark = if uefi { " ksave.nvs_mark=1" } else { "" };
-    let config =
-        kernel_on(machine.kernel, &name, &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{}", machine.kernel_args()))?
-            .arg(disk.qemu_args(machine.bus, None));
+    // Resumed after kernel C, whose boot leaves its data all over RAM, A
+    // trusts its free pages to be zero (init_on_free=1): ksave must have
+    // zeroed those it left out.
+    let init_on_free = if by == ResumeBy::KernelC { " init_on_free=1 ksave.init_on_free=1" } else { "" };
+    let config = kernel_on(
+        machine.kernel,
+        &name,
+        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{}", machine.kernel_args()),
+    )?
+    .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     if machine.iommu {
         // Kernel A really translates its devices' DMA.

@@ -45,6 +45,13 @@ pub fn run(how: &How) -> Result<ExitCode> {
         println!("ksave: page cache dropped in {} ms", t.elapsed().as_millis());
     }
     let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save, all_pages)?;
+    // Free pages on the per-CPU lists look used to ksave: send them back to
+    // the allocator for the jump (the knob is restored when this is dropped).
+    let per_cpu_before = sys::per_cpu_list_pages();
+    let _short_lists = if all_pages { None } else { sys::ShortPerCpuLists::new() };
+    if let (Some(before), Some(after)) = (per_cpu_before, sys::per_cpu_list_pages()) {
+        println!("ksave-metric per_cpu_list_pages_before={before} per_cpu_list_pages={after}");
+    }
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     jump(kexec_tools)?;
