@@ -8,11 +8,13 @@ CLI := $(BUILD)/ksave
 # Test kernels: 6.12 (build/bzImage, every scenario), and 6.1 and 7.3 for the
 # full story on each kernel generation (qemu/build-kernel.sh).
 KERNELS := $(BUILD)/bzImage $(BUILD)/bzImage-6.1 $(BUILD)/bzImage-7.3
-VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BUILD)/grub-resume.iso
+# The Debian test system: its root file system (debootstrap, cached like the
+# kernels) and ksave's package, installed into a copy of it for each disk.
+VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BUILD)/grub-resume.iso $(BUILD)/ksave.deb debian-root
 # The test partition's GUID (qemu/src/disk.rs) for the resume menu.
 TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
-.PHONY: all size deps vm-inputs qemu qemu-multiboot test bench clean FORCE
+.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot test bench clean FORCE
 .NOTPARALLEL:
 all: $(ELF) $(CLI)
 
@@ -55,10 +57,26 @@ $(BUILD)/grub-resume.iso: $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz qem
 	  LINUX_ARGS="console=ttyS0,115200 panic=-1 quiet ksave.test=normal-boot" \
 	  qemu/mkgrubiso.sh $@ $(ELF) ksave.resume=$(TEST_PARTUUID)
 
+# ksave's Debian package (dist/): the CLI, ksave.elf, the initramfs-tools
+# hook and boot script, the systemd drop-ins.
+deb: $(BUILD)/ksave.deb
+$(BUILD)/ksave.deb: $(ELF) $(CLI) $(wildcard dist/* dist/*/*)
+	dist/mkdeb.sh $@ $(CLI) $(ELF)
+
+# Prints nothing; builds the root file system the first time (about a minute).
+debian-root: | deps
+	qemu/build-debian.sh >/dev/null
+
 vm-inputs: $(VM_INPUTS)
 
 qemu: vm-inputs
 	target/release/ksave-qemu demo
+
+# The Debian system with ksave installed, root's shell on this terminal:
+# type `e2e setup` (ksave setup for its partition), then `systemctl
+# hibernate`, and power it on again to watch it resume.
+qemu-debian: vm-inputs
+	target/release/ksave-qemu debian
 
 qemu-multiboot: $(ELF) $(CLI)
 	target/release/ksave-qemu multiboot

@@ -16,6 +16,9 @@ packages=(
   grub-pc-bin grub-common xorriso mtools
   # inspecting exports
   binutils
+  # the Debian test system (issue "A real distribution"): its root file
+  # system, ext4 from a directory, GRUB for UEFI, the package
+  debootstrap e2fsprogs grub-efi-amd64-bin
 )
 
 missing=()

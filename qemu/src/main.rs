@@ -5,6 +5,9 @@ use ksave_qemu::scenarios;
 
 fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
+    if which == "debian" {
+        return ksave_qemu::scenarios::debian_shell();
+    }
     if which == "bench-hibernation" {
         return ksave_qemu::bench::hibernation_table(1, 128);
     }
@@ -39,7 +42,12 @@ fn main() -> Result<()> {
         "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, 256, true)?,
         "grub-no-image" => scenarios::grub_no_image_boots_normally(true)?,
         "linux-hibernate" => scenarios::linux_hibernate_resume(128, true)?,
-        other => bail!("unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, bench or bench-hibernation"),
+        "debian-bios" => scenarios::debian_hibernate_resume(scenarios::Firmware::Bios, true)?,
+        "debian-uefi" => scenarios::debian_hibernate_resume(scenarios::Firmware::Uefi, true)?,
+        "debian-stale" => scenarios::debian_stale_and_damaged_images(true)?,
+        other => bail!(
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench or bench-hibernation"
+        ),
     };
     println!("\n{report}");
     println!("PASS");

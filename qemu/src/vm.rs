@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,8 @@ impl Metrics {
 pub struct Vm {
     name: String,
     child: Child,
+    /// The serial console's input.
+    input: Option<ChildStdin>,
     lines: Receiver<Line>,
     seen: Vec<Line>,
     log: PathBuf,
@@ -108,12 +110,13 @@ impl Vm {
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
             .args(["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()])
             .args(&config.args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().context("starting qemu-system-x86_64 (is QEMU installed? run qemu/deps.sh)")?;
         let (tx, lines) = mpsc::channel();
+        let input = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
         let echo = config.echo;
@@ -141,7 +144,13 @@ impl Vm {
                 let _ = err_tx.send(Line { at, text: format!("qemu: {line}") });
             }
         });
-        Ok(Self { name: config.name, child, lines, seen: Vec::new(), log, started })
+        Ok(Self { name: config.name, child, input, lines, seen: Vec::new(), log, started })
+    }
+
+    /// Types `text` on the serial console.
+    pub fn send(&mut self, text: &str) -> Result<()> {
+        let input = self.input.as_mut().context("the console's input is closed")?;
+        input.write_all(text.as_bytes()).and_then(|()| input.flush()).with_context(|| format!("VM {}: typing {text:?}", self.name))
     }
 
     /// Waits up to `timeout` for a line containing `needle`, after the lines
@@ -173,7 +182,8 @@ impl Vm {
     pub fn expect_metrics(&mut self, key: &str, timeout: Duration) -> Result<Metrics> {
         let deadline = Instant::now() + timeout;
         loop {
-            let line = self.expect(METRIC_PREFIX, deadline.saturating_duration_since(Instant::now())).with_context(|| format!("waiting for the metric {key}"))?;
+            let line =
+                self.expect(METRIC_PREFIX, deadline.saturating_duration_since(Instant::now())).with_context(|| format!("waiting for the metric {key}"))?;
             if let Some(m) = Metrics::parse(&line).filter(|m| m.has(key)) {
                 return Ok(m);
             }
@@ -218,6 +228,11 @@ impl Vm {
         Ok(())
     }
 
+    /// The name the VM was started with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Time since the VM started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
@@ -225,13 +240,7 @@ impl Vm {
 
     fn failure(&self, what: &str) -> anyhow::Error {
         let tail: Vec<_> = self.seen.iter().rev().take(TAIL).rev().map(|l| format!("  [{:8.3}] {}", l.at.as_secs_f64(), l.text)).collect();
-        anyhow!(
-            "VM {}: {what}\nlast {} console lines (full log: {}):\n{}",
-            self.name,
-            tail.len(),
-            self.log.display(),
-            tail.join("\n")
-        )
+        anyhow!("VM {}: {what}\nlast {} console lines (full log: {}):\n{}", self.name, tail.len(), self.log.display(), tail.join("\n"))
     }
 }
 

@@ -228,3 +228,25 @@ fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_6_12() {
 fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_7_3() {
     run(|echo| scenarios::hibernate_resume_on(Machine::la57(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
 }
+
+/// A real distribution (Debian bookworm, systemd): the package installed
+/// with dpkg, `ksave setup`, `systemctl hibernate`, resumed by the
+/// initramfs, twice; a clean root file system after (SeaBIOS).
+#[test]
+fn debian_systemctl_hibernate_and_resume_twice_on_bios() {
+    run(|echo| scenarios::debian_hibernate_resume(scenarios::Firmware::Bios, echo));
+}
+
+/// The same on UEFI (OVMF, GRUB EFI).
+#[test]
+fn debian_systemctl_hibernate_and_resume_twice_on_uefi() {
+    run(|echo| scenarios::debian_hibernate_resume(scenarios::Firmware::Uefi, echo));
+}
+
+/// Debian: a boot with ksave.noresume invalidates the image before the root
+/// is mounted, so the next boot does not resume it; a damaged image is
+/// refused, the boot carries on and the journal says why.
+#[test]
+fn debian_never_resumes_a_stale_or_damaged_image() {
+    run(scenarios::debian_stale_and_damaged_images);
+}

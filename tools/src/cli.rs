@@ -76,6 +76,11 @@ pub enum Command {
         /// The ksave image to load (default: the one set up).
         #[arg(long)]
         elf: Option<PathBuf>,
+        /// When this boot does not resume the image, for whatever reason,
+        /// invalidate it: the boot carries on and will change the file
+        /// systems it saw (for the initramfs script).
+        #[arg(long)]
+        or_invalidate: bool,
     },
     /// Show the image header on the configured partition (or DEV|FILE).
     Status {
@@ -102,10 +107,18 @@ pub enum Command {
         /// A partition, disk or image file.
         path: PathBuf,
     },
-    /// Mark an image as never to be restored.
+    /// Mark an image as never to be restored (nothing to do when there is
+    /// no image, or it is already invalid).
     Invalidate {
         /// A partition, disk or image file; default: the configured partition.
+        #[arg(conflicts_with = "partuuid")]
         path: Option<PathBuf>,
+        /// Or the partition's PARTUUID.
+        #[arg(long)]
+        partuuid: Option<String>,
+        /// Why, recorded in the image's header.
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Write an image's RAM as an ELF64 core file (PT_LOAD per RAM range at its physical address).
     Export {

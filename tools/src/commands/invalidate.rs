@@ -3,13 +3,27 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use diskdrv::part::Guid;
+use ksave_format::header::State;
 use ksave_tools::imagefile::ImageFile;
+use ksave_tools::sys;
 
-pub fn run(path: Option<PathBuf>) -> Result<ExitCode> {
-    let path = super::path_or_setup(path)?;
+pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<ExitCode> {
+    let path = match partuuid {
+        Some(text) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?.device,
+        None => super::path_or_setup(path)?,
+    };
     let mut file = ImageFile::open(&path, true)?;
-    let was = file.invalidate(None)?;
-    println!("ksave: {}: image {} -> invalidated", file.description, was.name());
+    // Invalidating what cannot be resumed anyway changes nothing: say so.
+    match file.header() {
+        Err(e) => println!("ksave: {}: no image to invalidate ({e:#})", file.description),
+        Ok(h) if h.state == State::Invalidated => println!("ksave: {}: image already invalidated ({})", file.description, h.message()),
+        Ok(_) => {
+            let was = file.invalidate(reason.as_deref())?;
+            let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+            println!("ksave: {}: image {} -> invalidated{why}", file.description, was.name());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,11 +31,11 @@ pub fn run(command: Command) -> Result<ExitCode> {
             let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
             hibernate::run(&how)
         }
-        Command::Resume { partuuid, elf } => resume::run(partuuid, elf),
+        Command::Resume { partuuid, elf, or_invalidate } => resume::run(partuuid, elf, or_invalidate),
         Command::Status { path, json } => status::run(path, json),
         Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),
-        Command::Invalidate { path } => invalidate::run(path),
+        Command::Invalidate { path, partuuid, reason } => invalidate::run(path, partuuid, reason),
         Command::Export { elf, path } => export::run(&elf, &path),
         Command::Image { elf, kexec_args } => image::run(&elf, kexec_args),
     }

@@ -12,7 +12,24 @@ use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
 
-pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
+pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) -> Result<ExitCode> {
+    // attempt() returns only when it did not resume.
+    let why = match attempt(partuuid.clone(), elf) {
+        Ok(why) => why,
+        Err(e) if or_invalidate => format!("{e:#}"),
+        Err(e) => return Err(e),
+    };
+    println!("ksave: nothing to resume: {why}");
+    if or_invalidate {
+        // This boot carries on and will change the file systems the image
+        // saw: whatever stopped the resume, it must never happen later.
+        super::invalidate::run(None, partuuid, Some(format!("not resumed by the boot that found it: {why}")))?;
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Hands the machine to ksave (does not return) or says why not.
+fn attempt(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<String> {
     let setup = match (&partuuid, Setup::load(&setup::path())) {
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
@@ -26,10 +43,7 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
     let mut file = ImageFile::open(&setup.device, false)?;
     let image = match inspect::read(&mut file) {
         Ok(i) => i,
-        Err(e) => {
-            println!("ksave: nothing to resume: {e:#}");
-            return Ok(ExitCode::FAILURE);
-        }
+        Err(e) => return Ok(format!("{e:#}")),
     };
     // The host checks all it can; ksave checks everything again, and every
     // checksum, before it writes a byte.
@@ -57,8 +71,7 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<ExitCode> {
         None
     };
     if let Some(why) = why_not {
-        println!("ksave: nothing to resume: {why}");
-        return Ok(ExitCode::FAILURE);
+        return Ok(why);
     }
     let config = load::attempt_config(&setup)?;
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;

@@ -8,6 +8,9 @@ use diskdrv::part::Guid;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::sys;
 
+/// What the Debian package installs for initramfs-tools (dist/mkdeb.sh).
+const INITRAMFS_HOOK: &str = "/usr/share/initramfs-tools/hooks/ksave";
+
 pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<ExitCode> {
     let part = match (partition, partuuid) {
         (Some(dev), _) => sys::partition_info(&dev)?,
@@ -40,6 +43,13 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     );
     if let Some(note) = sys::free_pages_note() {
         println!("ksave: note: {note}");
+    }
+    // Installed from the package, the initramfs resumes: it must carry this
+    // setup, so build it again now rather than leave a step to remember.
+    if std::path::Path::new(INITRAMFS_HOOK).exists() {
+        println!("ksave: updating the initramfs (update-initramfs -u), which resumes from this partition");
+        let status = std::process::Command::new("update-initramfs").arg("-u").status().context("running update-initramfs")?;
+        ensure!(status.success(), "update-initramfs -u failed ({status}): the next boot would not resume an image");
     }
     Ok(ExitCode::SUCCESS)
 }

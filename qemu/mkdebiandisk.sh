@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Makes the Debian test system's disk: a GPT with the ext4 root file system
+# (partition 1, label debian-root), ksave's partition (2) and, when asked, a
+# swap partition (3) for Linux's own hibernation. The root is the cached
+# debootstrap (qemu/build-debian.sh) plus the test kernel, installed the way
+# a kernel package installs one (update-initramfs -c), the ksave package
+# (dpkg -i, as a user would) unless PACKAGE is "none", and the test's own
+# files (qemu/debian/). Needs root (chroot).
+#   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0}
+root_mib=1024
+kver=6.12-ksave
+base=$("$here/build-debian.sh")
+work=$(mktemp -d)
+mounted=()
+cleanup() {
+  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}"; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cp -a "$base" "$work/root"
+root=$work/root
+for fs in dev proc sys; do mount --bind "/$fs" "$root/$fs"; mounted+=("$root/$fs"); done
+
+install -m 0644 "$kernel" "$root/boot/vmlinuz-$kver"
+# What a kernel package puts next to it; mkinitramfs reads it (compression).
+# build-kernel.sh checked that every option of the fragments is =y.
+cat "$here/kernel.config" "$here/kernel-6.12.config" | grep -v -e '^#' -e '^$' | sed 's/.*/CONFIG_&=y/' > "$root/boot/config-$kver"
+chroot "$root" update-initramfs -c -k "$kver" >&2
+if [ "$package" != none ]; then
+  cp "$package" "$root/tmp/ksave.deb"
+  chroot "$root" dpkg -i /tmp/ksave.deb >&2
+  rm "$root/tmp/ksave.deb"
+fi
+install -m 0755 "$memtest" "$root/usr/local/bin/memtest"
+install -m 0755 "$here/debian/e2e" "$root/usr/local/bin/e2e"
+install -m 0644 "$here/debian/e2e-ticks.service" "$root/etc/systemd/system/e2e-ticks.service"
+echo "KSAVE_PARTUUID=$ksave_guid" > "$root/etc/e2e.conf"
+# Root's login shell tells the harness it may type.
+echo "echo e2e-console-ready" >> "$root/root/.profile"
+for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}"; done
+mounted=()
+
+first=2048
+root_sectors=$((root_mib * 2048))
+total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
+rm -f "$out"
+truncate -s "${total_mib}M" "$out"
+mke2fs -q -F -t ext4 -L debian-root -d "$root" -E offset=$((first * 512)) "$out" "${root_mib}M"
+# (sgdisk 1.0.9 with -q does not write the table: not quiet, then.)
+parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-root
+  -n "2:0:+${ksave_mib}M" -t 2:8300 -u "2:$ksave_guid" -c 2:ksave)
+if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -c 3:swap); fi
+sgdisk "${parts[@]}" "$out" >/dev/null
+echo "$out"

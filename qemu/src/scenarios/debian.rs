@@ -1,0 +1,293 @@
+//! A real distribution: Debian bookworm with systemd, ksave installed from
+//! its package (dpkg -i), set up with `ksave setup`, hibernated with
+//! `systemctl hibernate` and resumed by the initramfs. The harness types on
+//! the serial console, where root is logged in; `e2e` (qemu/debian/e2e)
+//! does the checks inside.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::{Firmware, Kernel, Machine, Report, SECOND};
+use crate::disk::PART_GUID;
+use crate::{Vm, VmConfig, build_dir, build_input, repo_root};
+
+/// The root partition's unique GUID: `root=PARTUUID=...`.
+pub const ROOT_GUID: &str = "3C0FFEE0-2B6A-4D5E-9A7B-1D2E3F405162";
+/// The root file system's size (qemu/mkdebiandisk.sh) and where ksave's
+/// partition starts, right after it.
+const ROOT_MIB: u64 = 1024;
+const KSAVE_FIRST_LBA: u64 = 2048 + ROOT_MIB * 2048;
+
+/// A Debian test disk (build/disks/NAME.img) on the machine's AHCI port 0.
+struct DebianDisk {
+    path: PathBuf,
+}
+
+impl DebianDisk {
+    /// Builds the disk: root file system with the kernel and, if `package`,
+    /// ksave's package installed; ksave's partition; a swap partition of
+    /// `swap_mib` if not 0.
+    fn create(name: &str, machine: &Machine, package: bool, swap_mib: u64) -> Result<Self> {
+        let path = build_dir().join("disks").join(format!("{name}.img"));
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        let deb = if package { build_input("ksave.deb")?.display().to_string() } else { "none".into() };
+        let memtest = repo_root().join("target/release/memtest");
+        let status = Command::new(repo_root().join("qemu/mkdebiandisk.sh"))
+            .arg(&path)
+            .arg(build_input(machine.kernel.file())?)
+            .arg(deb)
+            .arg(memtest)
+            .args([ROOT_GUID, PART_GUID, &machine.partition_mib().to_string(), &swap_mib.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running qemu/mkdebiandisk.sh")?;
+        ensure!(status.success(), "qemu/mkdebiandisk.sh failed ({status})");
+        Ok(Self { path })
+    }
+
+    fn qemu_args(&self) -> Vec<String> {
+        ["-device", "ahci,id=ahci", "-drive", &format!("if=none,id=d0,file={},format=raw", self.path.display()), "-device", "ide-hd,drive=d0,bus=ahci.0"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// `e2fsck -fn` of the root file system (a copy of partition 1).
+    fn fsck_root(&self) -> Result<()> {
+        let copy = self.path.with_extension("root.ext4");
+        let status = Command::new("dd")
+            .arg(format!("if={}", self.path.display()))
+            .arg(format!("of={}", copy.display()))
+            .args(["bs=1M", "skip=1", &format!("count={ROOT_MIB}"), "conv=sparse", "status=none"])
+            .status()?;
+        ensure!(status.success(), "copying the root partition failed");
+        let out = Command::new("e2fsck").arg("-fn").arg(&copy).output().context("running e2fsck")?;
+        let _ = std::fs::remove_file(&copy);
+        ensure!(
+            out.status.success(),
+            "e2fsck -fn of the root file system: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Flips a bit in the image's first chunk, past its header: the host's
+    /// checks pass, ksave's checksum does not.
+    fn damage_image(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
+        let at = KSAVE_FIRST_LBA * 512 + ksave_format::header::DATA_OFFSET + 4096 + 100;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at)?;
+        file.write_all_at(&[byte[0] ^ 0x08], at)?;
+        Ok(file.sync_all()?)
+    }
+}
+
+/// build/NAME.iso: GRUB booting the disk's kernel with `args`.
+fn boot_iso(name: &str, args: &str) -> Result<PathBuf> {
+    let iso = build_dir().join(format!("{name}.iso"));
+    let status = Command::new(repo_root().join("qemu/mkdebianiso.sh")).arg(&iso).arg(ROOT_GUID).args(args.split_whitespace()).status()?;
+    ensure!(status.success(), "qemu/mkdebianiso.sh failed ({status})");
+    Ok(iso)
+}
+
+/// Powers on `machine` from `iso` with `disk`. `reboot`: a reset restarts
+/// the machine (a refused resume resets into a normal boot).
+fn power_on(name: &str, machine: &Machine, disk: &DebianDisk, iso: &PathBuf, reboot: bool, echo: bool) -> Result<Vm> {
+    let config = VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), iso.display().to_string()]).arg(disk.qemu_args());
+    Vm::start(VmConfig { echo, reboot, ..machine.apply(config)? })
+}
+
+/// The root shell on the serial console, and a count of commands typed.
+struct Shell {
+    vm: Vm,
+    typed: u32,
+}
+
+impl Shell {
+    /// Waits until root's shell answers on the console (autologin).
+    /// `login`: a fresh boot, whose root login says so (root's .profile,
+    /// qemu/mkdebiandisk.sh); nothing is typed before, or GRUB or the
+    /// kernel's console would read it. Else a resumed system, whose shell
+    /// is already there.
+    fn attach(mut vm: Vm, login: bool, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        if login {
+            vm.expect("e2e-console-ready", timeout)?;
+        }
+        // Typed before the shell reads, a line may be eaten by login: ask
+        // again until it answers.
+        loop {
+            vm.send("echo shell-$((40+2))\n")?;
+            match vm.expect("shell-42", SECOND) {
+                Ok(_) => return Ok(Self { vm, typed: 0 }),
+                Err(e) if Instant::now() >= deadline => return Err(e.context("the root shell never answered")),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Runs `command` in the shell; fails unless it exits 0.
+    fn run(&mut self, command: &str, timeout: Duration) -> Result<()> {
+        self.typed += 1;
+        let n = self.typed;
+        self.vm.send(&format!("{command}; echo e2e-rc-$?-{n}\n"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.vm.expect("e2e-rc-", deadline.saturating_duration_since(Instant::now())).with_context(|| format!("running {command:?}"))?;
+            let (_, rest) = line.text.split_once("e2e-rc-").unwrap();
+            // The console echoes the typed line ("$?"), then the answer.
+            let Some((rc, tag)) = rest.trim_end().split_once('-') else { continue };
+            if tag != n.to_string() || rc.is_empty() || !rc.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if rc != "0" {
+                bail!("{command:?} exited {rc} in the Debian VM (console: {})", self.vm_log());
+            }
+            return Ok(());
+        }
+    }
+
+    fn vm_log(&self) -> String {
+        format!("build/logs/{}.log", self.vm_name())
+    }
+
+    fn vm_name(&self) -> &str {
+        self.vm.name()
+    }
+
+    /// `systemctl hibernate`: ksave's image complete, then power-off.
+    fn hibernate(mut self) -> Result<Duration> {
+        let start = Instant::now();
+        self.vm.send("systemctl hibernate\n")?;
+        self.vm.expect("ksave: image complete", 300 * SECOND)?;
+        self.vm.expect("ksave: powering off", 60 * SECOND)?;
+        self.vm.expect_exit(0, 120 * SECOND)?;
+        Ok(start.elapsed())
+    }
+
+    /// `systemctl poweroff`, and QEMU exits.
+    fn power_off(mut self) -> Result<()> {
+        self.vm.send("systemctl poweroff\n")?;
+        self.vm.expect_exit(0, 180 * SECOND)
+    }
+}
+
+/// The Debian story on `firmware`: install, `ksave setup`, a ticking
+/// service and a process holding known data; `systemctl hibernate`, power
+/// off, power on: the initramfs resumes; everything carried on; twice;
+/// power off; the root file system is clean.
+pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report> {
+    let machine = Machine { firmware, ..Machine::qemu64(Kernel::Linux6_12) };
+    let name = format!("debian-{firmware:?}").to_lowercase();
+    let mut report = Report::new(&format!("Debian with systemd: systemctl hibernate, resume by the initramfs, twice ({firmware:?})"));
+    let disk = DebianDisk::create(&name, &machine, true, 0)?;
+    let iso = boot_iso(&name, "")?;
+    let mut shell = Shell::attach(power_on(&name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
+    report.add_ms("power-on to a root shell (first boot)", shell.vm.elapsed());
+    let setup = Instant::now();
+    shell.run("e2e setup", 600 * SECOND)?;
+    report.add_ms("ksave setup (with update-initramfs)", setup.elapsed());
+    shell.run("e2e start", 120 * SECOND)?;
+    for round in 1..=2 {
+        shell.run(&format!("e2e mark before-{round}"), 30 * SECOND)?;
+        let away = Instant::now();
+        let took = shell.hibernate()?;
+        report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
+        let mut vm = power_on(&format!("{name}-{round}"), &machine, &disk, &iso, false, echo)?;
+        vm.expect("ksave: resuming the image", 300 * SECOND)?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
+        shell = Shell::attach(vm, false, 120 * SECOND)?;
+        report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel"), jump.at);
+        report.add_ms(format!("resume {round}: power-on to the resumed shell answering"), shell.vm.elapsed());
+        let max_gap = away.elapsed().as_secs() + 2;
+        shell.run(&format!("e2e check {max_gap}"), 300 * SECOND)?;
+        shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
+    }
+    shell.power_off()?;
+    disk.fsck_root()?;
+    Ok(report)
+}
+
+/// Images a boot must not resume: hibernate, boot with `ksave.noresume`,
+/// change a file, reboot: the image is not resumed (it was invalidated
+/// before the root was mounted), the file is there, the root file system is
+/// clean. Then a damaged image: ksave refuses it (console), the boot
+/// carries on normally and says so in the journal; the image is invalid.
+pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
+    let machine = Machine::qemu64(Kernel::Linux6_12);
+    let name = "debian-stale";
+    let mut report = Report::new("Debian: no resume after ksave.noresume, a damaged image refused");
+    let disk = DebianDisk::create(name, &machine, true, 0)?;
+    let iso = boot_iso(name, "")?;
+    let noresume = boot_iso(&format!("{name}-noresume"), "ksave.noresume")?;
+    let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
+    shell.run("e2e setup", 600 * SECOND)?;
+    shell.hibernate()?;
+
+    let mut vm = power_on(&format!("{name}-noresume"), &machine, &disk, &noresume, false, echo)?;
+    let line = vm.expect("ksave.noresume on the kernel command line", 300 * SECOND)?;
+    ensure!(line.text.contains("-> invalidated"), "ksave.noresume did not invalidate the image: {:?}", line.text);
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.run("echo changed > /root/after-noresume && sync", 30 * SECOND)?;
+    shell.power_off()?;
+
+    let mut vm = power_on(&format!("{name}-after"), &machine, &disk, &iso, false, echo)?;
+    vm.expect("ksave: nothing to resume: the image is invalidated", 300 * SECOND)?;
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.vm.refute_seen("ksave: resuming the image")?;
+    shell.run("test -f /root/after-noresume", 30 * SECOND)?;
+    report.add_ms("the boot after ksave.noresume: power-on to a shell", shell.vm.elapsed());
+    shell.hibernate()?;
+    disk.damage_image()?;
+
+    let mut vm = power_on(&format!("{name}-damaged"), &machine, &disk, &iso, true, echo)?;
+    vm.expect("ksave: resuming the image", 300 * SECOND)?;
+    let refusal = vm.expect("ksave: not resuming:", 120 * SECOND)?;
+    ensure!(refusal.text.contains("image damaged"), "unexpected refusal {:?}", refusal.text);
+    vm.expect("ksave: nothing to resume: the image is invalidated", 300 * SECOND)?;
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    report.add_ms("damaged image: power-on to a shell of the normal boot", shell.vm.elapsed());
+    shell.run("journalctl -b -k | grep 'nothing to resume' | grep -q 'image damaged'", 60 * SECOND)?;
+    shell.run("systemctl is-system-running --wait", 120 * SECOND)?;
+    shell.power_off()?;
+    disk.fsck_root()?;
+    Ok(report)
+}
+
+/// `make qemu-debian`: the Debian system with ksave installed, root's shell
+/// on this terminal. Powered off (by `systemctl hibernate` too), it can be
+/// powered on again, from the same disk, to watch the resume.
+pub fn debian_shell() -> Result<()> {
+    use std::io::BufRead;
+    let machine = Machine::qemu64(Kernel::Linux6_12);
+    let name = "debian-demo";
+    println!("qemu-debian: making the disk (Debian bookworm, the test kernel, ksave's package)...");
+    let disk = DebianDisk::create(name, &machine, true, 0)?;
+    let iso = boot_iso(name, "")?;
+    println!(
+        "qemu-debian: root logs in on the console. Type `e2e setup` (ksave setup --partuuid {PART_GUID}), then `systemctl hibernate`.\n\
+         qemu-debian: Ctrl-A X quits QEMU."
+    );
+    loop {
+        let config =
+            machine.apply(VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), iso.display().to_string()]).arg(disk.qemu_args()))?;
+        let status = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-display", "none", "-serial", "mon:stdio", "-no-reboot"])
+            .args(["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()])
+            .args(&config.args)
+            .status()
+            .context("starting qemu-system-x86_64")?;
+        println!("\nqemu-debian: QEMU exited ({status}). Power on again from the same disk? [Y/n]");
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if answer.trim().eq_ignore_ascii_case("n") {
+            return Ok(());
+        }
+    }
+}
