@@ -219,6 +219,7 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
 /// before the root was mounted), the file is there, the root file system is
 /// clean. Then a damaged image: ksave refuses it (console), the boot
 /// carries on normally and says so in the journal; the image is invalid.
+/// Last, `dpkg --purge ksave` takes back all it installed.
 pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     let machine = Machine::qemu64(Kernel::Linux6_12);
     let name = "debian-stale";
@@ -255,6 +256,8 @@ pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     report.add_ms("damaged image: power-on to a shell of the normal boot", shell.vm.elapsed());
     shell.run("journalctl -b -k | grep 'nothing to resume' | grep -q 'image damaged'", 60 * SECOND)?;
     shell.run("systemctl is-system-running --wait", 120 * SECOND)?;
+    // And the package goes as it came.
+    shell.run("e2e remove", 300 * SECOND)?;
     shell.power_off()?;
     disk.fsck_root()?;
     Ok(report)
