@@ -121,6 +121,14 @@ impl Drop for ShortPerCpuLists {
     }
 }
 
+/// Writes `line` to the kernel log (/dev/kmsg), where the journal picks it
+/// up; nothing when that cannot be opened.
+pub fn kernel_log(line: &str) {
+    if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = std::io::Write::write_all(&mut kmsg, line.as_bytes());
+    }
+}
+
 /// This boot's ACPI FACS hardware signature (ACPI 6.5, 5.2.10: the u32 at
 /// offset 8), if the kernel shows the table (root, CONFIG_ACPI).
 pub fn acpi_hardware_signature() -> Option<u32> {

@@ -10,20 +10,26 @@ use ksave_tools::imagefile::ImageFile;
 use ksave_tools::sys;
 
 pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<ExitCode> {
+    println!("{}", invalidate(path, partuuid, reason)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Invalidates the image, if there is one to invalidate; returns what was
+/// done, as a line to show.
+pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<String> {
     let path = match partuuid {
         Some(text) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?.device,
         None => super::path_or_setup(path)?,
     };
     let mut file = ImageFile::open(&path, true)?;
     // Invalidating what cannot be resumed anyway changes nothing: say so.
-    match file.header() {
-        Err(e) => println!("ksave: {}: no image to invalidate ({e:#})", file.description),
-        Ok(h) if h.state == State::Invalidated => println!("ksave: {}: image already invalidated ({})", file.description, h.message()),
+    Ok(match file.header() {
+        Err(e) => format!("ksave: {}: no image to invalidate ({e:#})", file.description),
+        Ok(h) if h.state == State::Invalidated => format!("ksave: {}: image already invalidated ({})", file.description, h.message()),
         Ok(_) => {
             let was = file.invalidate(reason.as_deref())?;
             let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
-            println!("ksave: {}: image {} -> invalidated{why}", file.description, was.name());
+            format!("ksave: {}: image {} -> invalidated{why}", file.description, was.name())
         }
-    }
-    Ok(ExitCode::SUCCESS)
+    })
 }

@@ -13,23 +13,32 @@ use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
 
 pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) -> Result<ExitCode> {
+    // From an initramfs (--or-invalidate) what is said goes to the kernel
+    // log too, so that the journal of the boot has it. Said here, before
+    // any kexec: a pipe to a logger would lose the line the kexec cuts off.
+    let say = |line: String| {
+        println!("{line}");
+        if or_invalidate {
+            sys::kernel_log(&line);
+        }
+    };
     // attempt() returns only when it did not resume.
-    let why = match attempt(partuuid.clone(), elf) {
+    let why = match attempt(partuuid.clone(), elf, &say) {
         Ok(why) => why,
         Err(e) if or_invalidate => format!("{e:#}"),
         Err(e) => return Err(e),
     };
-    println!("ksave: nothing to resume: {why}");
+    say(format!("ksave: nothing to resume: {why}"));
     if or_invalidate {
         // This boot carries on and will change the file systems the image
         // saw: whatever stopped the resume, it must never happen later.
-        super::invalidate::run(None, partuuid, Some(format!("not resumed by the boot that found it: {why}")))?;
+        say(super::invalidate::invalidate(None, partuuid, Some(format!("not resumed by the boot that found it: {why}")))?);
     }
     Ok(ExitCode::FAILURE)
 }
 
 /// Hands the machine to ksave (does not return) or says why not.
-fn attempt(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<String> {
+fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String)) -> Result<String> {
     let setup = match (&partuuid, Setup::load(&setup::path())) {
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
@@ -79,7 +88,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>) -> Result<String> {
     let mut marked = image.header.clone();
     marked.flags |= FLAG_RESUME_ATTEMPTED;
     ImageFile::open(&setup.device, true)?.write_header(&marked)?;
-    println!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored);
+    say(format!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored));
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
     // kexec image loaded the kernel hands the machine to ksave.
     unsafe {
