@@ -273,6 +273,11 @@ fn a_partition_too_small_is_full_not_overrun() {
     assert_eq!(save(&mem, false, 1 << 20).err(), Some(WriteError::Full));
 }
 
+/// The header block an image starts with.
+fn header_of(image: &[u8]) -> header::Header {
+    header::Header::decode(image[..PAGE].try_into().unwrap()).unwrap()
+}
+
 fn flip(image: &[u8], at: usize) -> Vec<u8> {
     let mut v = image.to_vec();
     v[at] ^= 0x10;
@@ -338,13 +343,10 @@ fn a_torn_save_never_looks_complete() {
 fn chunks_of_another_attempt_are_refused() {
     let mem = memory(6);
     let (image, _) = save(&mem, false, 8 << 20).unwrap();
-    let mut block = [0u8; PAGE];
-    block.copy_from_slice(&image[..PAGE]);
-    let mut h = header::Header::decode(&block).unwrap();
+    let mut h = header_of(&image);
     h.nonce ^= 1; // a header from a later attempt over an older image's chunks
     let mut forged = image.clone();
-    h.encode(&mut block);
-    forged[..PAGE].copy_from_slice(&block);
+    h.encode((&mut forged[..PAGE]).try_into().unwrap());
     let err = load(&forged).unwrap_err();
     assert!(matches!(err, ReadError::Chunk { what: "from another save attempt", .. }), "{err:?}");
 }
@@ -490,13 +492,10 @@ fn free_pages_are_listed_not_stored_and_everything_stays_in_order() {
 fn totals_that_do_not_add_up_are_refused() {
     let mem = memory(7);
     let (image, _) = save(&mem, false, 8 << 20).unwrap();
-    let mut block = [0u8; PAGE];
-    block.copy_from_slice(&image[..PAGE]);
-    let mut h = header::Header::decode(&block).unwrap();
+    let mut h = header_of(&image);
     // One zero page claimed too many: the counts no longer cover the memory.
     h.pages_zero += 1;
-    h.encode(&mut block);
     let mut bad = image.clone();
-    bad[..PAGE].copy_from_slice(&block);
+    h.encode((&mut bad[..PAGE]).try_into().unwrap());
     assert_eq!(load(&bad).err(), Some(ReadError::Totals("stored, zero and free pages do not add up to the memory saved")));
 }
