@@ -46,6 +46,31 @@ impl Bus {
         if self == Self::Nvme4k { 4096 } else { 512 }
     }
 
+    /// QEMU arguments attaching the disk image `path` here, through
+    /// blkdebug with `blkdebug_config` if given.
+    pub fn qemu_args(self, path: &std::path::Path, blkdebug_config: Option<&str>) -> Vec<String> {
+        let file = match blkdebug_config {
+            Some(cfg) => format!("file.driver=blkdebug,file.config={cfg},file.image.filename={}", path.display()),
+            None => format!("file={}", path.display()),
+        };
+        let drive = |extra: &str| format!("{extra},format=raw,{file}");
+        match self {
+            Bus::Ahci => {
+                vec!["-device".into(), "ahci,id=ahci".into(), "-drive".into(), drive("if=none,id=d0"), "-device".into(), "ide-hd,drive=d0,bus=ahci.0".into()]
+            }
+            Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
+            Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
+            Bus::Nvme => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "nvme,serial=ksave0001,drive=d0".into()],
+            Bus::Nvme4k => vec![
+                "-drive".into(),
+                drive("if=none,id=d0"),
+                "-device".into(),
+                "nvme,serial=ksave0001,drive=d0,logical_block_size=4096,physical_block_size=4096".into(),
+            ],
+            Bus::Virtio => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "virtio-blk-pci,drive=d0".into()],
+        }
+    }
+
     /// How ksave names a failed write or read on this bus, up to the LBA.
     pub fn ksave_error(self, write: bool) -> &'static str {
         match (self, write) {
@@ -57,7 +82,6 @@ impl Bus {
             (_, false) => "device error on command 0x25 at LBA",
         }
     }
-
 }
 
 /// A disk image file with a GPT: the test partition, then a second one.
@@ -113,7 +137,12 @@ impl TestDisk {
         let per_block = block_size as u64 / 512;
         let blocks = (size_mib << 20) / block_size as u64;
         let linux = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
-        let first = Entry { type_guid: linux, unique: Guid::try_parse(PART_GUID).unwrap(), first_lba: PART_FIRST_LBA / per_block, last_lba: (self.part_last_lba + 1) / per_block - 1 };
+        let first = Entry {
+            type_guid: linux,
+            unique: Guid::try_parse(PART_GUID).unwrap(),
+            first_lba: PART_FIRST_LBA / per_block,
+            last_lba: (self.part_last_lba + 1) / per_block - 1,
+        };
         let entry_blocks = (128 * 128) as u64 / block_size as u64;
         let second_guid = Guid::try_parse("5C0D1F2E-3A4B-4C5D-8E6F-7A8B9C0D1E2F").unwrap();
         let second = Entry { type_guid: linux, unique: second_guid, first_lba: first.last_lba + 1, last_lba: blocks - 2 - entry_blocks };
@@ -160,31 +189,7 @@ impl TestDisk {
     /// QEMU arguments attaching the disk at `bus`, through blkdebug with
     /// `blkdebug_config` if given.
     pub fn qemu_args(&self, bus: Bus, blkdebug_config: Option<&str>) -> Vec<String> {
-        let file = match blkdebug_config {
-            Some(cfg) => format!("file.driver=blkdebug,file.config={cfg},file.image.filename={}", self.path.display()),
-            None => format!("file={}", self.path.display()),
-        };
-        let drive = |extra: &str| format!("{extra},format=raw,{file}");
-        match bus {
-            Bus::Ahci => vec![
-                "-device".into(),
-                "ahci,id=ahci".into(),
-                "-drive".into(),
-                drive("if=none,id=d0"),
-                "-device".into(),
-                "ide-hd,drive=d0,bus=ahci.0".into(),
-            ],
-            Bus::IdePrimary => vec!["-drive".into(), drive("if=ide,index=0")],
-            Bus::IdeSecondary => vec!["-drive".into(), drive("if=ide,index=2")],
-            Bus::Nvme => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "nvme,serial=ksave0001,drive=d0".into()],
-            Bus::Nvme4k => vec![
-                "-drive".into(),
-                drive("if=none,id=d0"),
-                "-device".into(),
-                "nvme,serial=ksave0001,drive=d0,logical_block_size=4096,physical_block_size=4096".into(),
-            ],
-            Bus::Virtio => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "virtio-blk-pci,drive=d0".into()],
-        }
+        bus.qemu_args(&self.path, blkdebug_config)
     }
 
     /// Writes a blkdebug rule failing every `iotype` ("read"/"write") I/O

@@ -228,9 +228,9 @@ impl Vm {
         Ok(())
     }
 
-    /// The name the VM was started with.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// Where its console is logged.
+    pub fn log(&self) -> &std::path::Path {
+        &self.log
     }
 
     /// Time since the VM started.

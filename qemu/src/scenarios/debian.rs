@@ -4,7 +4,7 @@
 //! the serial console, where root is logged in; `e2e` (qemu/debian/e2e)
 //! does the checks inside.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,10 @@ pub const ROOT_GUID: &str = "3C0FFEE0-2B6A-4D5E-9A7B-1D2E3F405162";
 const ROOT_MIB: u64 = 1024;
 const KSAVE_FIRST_LBA: u64 = 2048 + ROOT_MIB * 2048;
 
-/// A Debian test disk (build/disks/NAME.img) on the machine's AHCI port 0.
+/// A Debian test disk (build/disks/NAME.img) on the machine's disk bus.
 struct DebianDisk {
     path: PathBuf,
+    bus: crate::disk::Bus,
 }
 
 impl DebianDisk {
@@ -45,13 +46,7 @@ impl DebianDisk {
             .status()
             .context("running qemu/mkdebiandisk.sh")?;
         ensure!(status.success(), "qemu/mkdebiandisk.sh failed ({status})");
-        Ok(Self { path })
-    }
-
-    fn qemu_args(&self) -> Vec<String> {
-        ["-device", "ahci,id=ahci", "-drive", &format!("if=none,id=d0,file={},format=raw", self.path.display()), "-device", "ide-hd,drive=d0,bus=ahci.0"]
-            .map(String::from)
-            .to_vec()
+        Ok(Self { path, bus: machine.bus })
     }
 
     /// `e2fsck -fn` of the root file system (a copy of partition 1).
@@ -96,10 +91,16 @@ fn boot_iso(name: &str, args: &str) -> Result<PathBuf> {
     Ok(iso)
 }
 
+/// A VM booting `iso` (first: SeaBIOS would try the disk's protective
+/// MBR) with `disk`.
+fn booting(name: &str, disk: &DebianDisk, iso: &Path) -> VmConfig {
+    VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), iso.display().to_string()]).arg(disk.bus.qemu_args(&disk.path, None))
+}
+
 /// Powers on `machine` from `iso` with `disk`. `reboot`: a reset restarts
 /// the machine (a refused resume resets into a normal boot).
-fn power_on(name: &str, machine: &Machine, disk: &DebianDisk, iso: &PathBuf, reboot: bool, echo: bool) -> Result<Vm> {
-    let config = VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), iso.display().to_string()]).arg(disk.qemu_args());
+fn power_on(name: &str, machine: &Machine, disk: &DebianDisk, iso: &Path, reboot: bool, echo: bool) -> Result<Vm> {
+    let config = booting(name, disk, iso);
     Vm::start(VmConfig { echo, reboot, ..machine.apply(config)? })
 }
 
@@ -147,18 +148,10 @@ impl Shell {
                 continue;
             }
             if rc != "0" {
-                bail!("{command:?} exited {rc} in the Debian VM (console: {})", self.vm_log());
+                bail!("{command:?} exited {rc} in the Debian VM (console: {})", self.vm.log().display());
             }
             return Ok(());
         }
-    }
-
-    fn vm_log(&self) -> String {
-        format!("build/logs/{}.log", self.vm_name())
-    }
-
-    fn vm_name(&self) -> &str {
-        self.vm.name()
     }
 
     /// `systemctl hibernate`: ksave saves and returns, the tool powers off.
@@ -282,8 +275,7 @@ pub fn debian_shell() -> Result<()> {
          qemu-debian: Ctrl-A X quits QEMU."
     );
     loop {
-        let config =
-            machine.apply(VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), iso.display().to_string()]).arg(disk.qemu_args()))?;
+        let config = machine.apply(booting(name, &disk, &iso))?;
         let status = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-display", "none", "-serial", "mon:stdio", "-no-reboot"])
             .args(["-m", &config.memory_mib.to_string(), "-smp", &config.cpus.to_string()])
