@@ -72,8 +72,13 @@ pub fn free_pages_note() -> Option<&'static str> {
 /// /proc/zoneinfo). They are free, but their page structs do not say so and
 /// vmcoreinfo does not describe the lists, so a save stores them.
 pub fn per_cpu_list_pages() -> Option<u64> {
+    per_cpu_lists_sum("count:")
+}
+
+/// The sum of the per-CPU lists' `field` ("count:", "high:") in /proc/zoneinfo.
+fn per_cpu_lists_sum(field: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/zoneinfo").ok()?;
-    Some(info.lines().filter_map(|l| l.trim().strip_prefix("count:")?.trim().parse::<u64>().ok()).sum())
+    Some(info.lines().filter_map(|l| l.trim().strip_prefix(field)?.trim().parse::<u64>().ok()).sum())
 }
 
 /// Keeps the kernel's per-CPU free lists short until dropped, so that the
@@ -96,14 +101,17 @@ impl ShortPerCpuLists {
         let old_fraction = std::fs::read_to_string(HIGH_FRACTION).ok()?;
         std::fs::write(HIGH_FRACTION, "1000000").ok()?;
         let lists = Self { old_fraction };
-        // Each refresh lowers a list's limit by an eighth at most: repeat
-        // while the lists still shrink (some 30 rounds, a few ms).
-        let mut last = per_cpu_list_pages();
+        // Each refresh lowers a list's limit ("high") by an eighth at most,
+        // and frees only what is above it: a list below its limit gives
+        // nothing back until the limit comes down to it. So repeat while
+        // limits and lists together still shrink (some 30 rounds, a few ms).
+        let lists_and_limits = || Some(per_cpu_lists_sum("count:")? + per_cpu_lists_sum("high:")?);
+        let mut last = lists_and_limits();
         for _ in 0..64 {
             if std::fs::write("/proc/sys/vm/stat_refresh", "1").is_err() {
                 break;
             }
-            let now = per_cpu_list_pages();
+            let now = lists_and_limits();
             if now >= last {
                 break;
             }
