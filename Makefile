@@ -89,7 +89,9 @@ test: vm-inputs
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' $(BUILD)/test.log
 
 # Figures with numbers (KSAVE_BENCH_RUNS runs, default 3): footprint, the
-# kexec round trip's timings, and 256 MiB disk throughput next to Linux dd.
+# kexec round trip's timings, 256 MiB disk throughput next to Linux dd, the
+# save rate, hibernate + resume next to Linux's own hibernation, and the
+# Debian system's systemctl hibernate and resume next to Linux's to swap.
 bench: vm-inputs
 	$(CLI) image $(ELF)
 	target/release/ksave-qemu bench

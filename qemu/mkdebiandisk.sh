@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Makes the Debian test system's disk: a GPT with the ext4 root file system
 # (partition 1, label debian-root), ksave's partition (2) and, when asked, a
-# swap partition (3) for Linux's own hibernation. The root is the cached
+# swap partition (3) set up for Linux's own hibernation the way a Debian
+# install sets it up (fstab, initramfs-tools RESUME=). The root is the cached
 # debootstrap (qemu/build-debian.sh) plus the test kernel, installed the way
 # a kernel package installs one (update-initramfs -c), the ksave package
 # (dpkg -i, as a user would) unless PACKAGE is "none", and the test's own
 # files (qemu/debian/). Needs root (chroot).
-#   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB]
+#   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB SWAP_PARTUUID]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0}
+out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0} swap_guid=${9:-}
 root_mib=1024
 kver=6.12-ksave
 base=$("$here/build-debian.sh")
@@ -28,6 +29,14 @@ install -m 0644 "$kernel" "$root/boot/vmlinuz-$kver"
 # What a kernel package puts next to it; mkinitramfs reads it (compression).
 # build-kernel.sh checked that every option of the fragments is =y.
 cat "$here/kernel.config" "$here/kernel-6.12.config" | grep -v -e '^#' -e '^$' | sed 's/.*/CONFIG_&=y/' > "$root/boot/config-$kver"
+if [ "$swap_mib" -gt 0 ]; then
+  # The swap partition is not there in this chroot: the resume hook warns
+  # and still copies the setting into the initramfs. udev names by-partuuid
+  # in lower case.
+  swap_id=$(echo "$swap_guid" | tr A-Z a-z)
+  echo "PARTUUID=$swap_id none swap sw 0 0" >> "$root/etc/fstab"
+  echo "RESUME=PARTUUID=$swap_id" > "$root/etc/initramfs-tools/conf.d/resume"
+fi
 chroot "$root" update-initramfs -c -k "$kver" >&2
 if [ "$package" != none ]; then
   cp "$package" "$root/tmp/ksave.deb"
@@ -52,6 +61,12 @@ mke2fs -q -F -t ext4 -L debian-root -d "$root" -E offset=$((first * 512)) "$out"
 # (sgdisk 1.0.9 with -q does not write the table: not quiet, then.)
 parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-root
   -n "2:0:+${ksave_mib}M" -t 2:8300 -u "2:$ksave_guid" -c 2:ksave)
-if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -c 3:swap); fi
+if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -u "3:$swap_guid" -c 3:swap); fi
 sgdisk "${parts[@]}" "$out" >/dev/null
+if [ "$swap_mib" -gt 0 ]; then
+  # mkswap 2.38 has no --offset: make the signature in a file, put it in place.
+  truncate -s "${swap_mib}M" "$work/swap"
+  mkswap -q "$work/swap" >&2
+  dd if="$work/swap" of="$out" bs=1M seek=$((1 + root_mib + ksave_mib)) conv=notrunc,sparse status=none
+fi
 echo "$out"

@@ -163,3 +163,42 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The Debian table: `systemctl hibernate` to power-off and power-on to
+/// `systemctl is-system-running` answering, for ksave (as installed, and
+/// with `--drop-caches`) and for Linux's own hibernation to swap on the
+/// same disk; `runs` rounds each on one system (medians).
+pub fn debian_table(runs: usize) -> Result<()> {
+    use crate::scenarios::{Hibernator, debian_hibernation_bench};
+    let median = |r: &Report, what: &str| {
+        let mut v: Vec<f64> = r.figures.iter().filter(|f| f.what == what).map(|f| f.value).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut rows = Vec::new();
+    for (label, by) in
+        [("ksave", Hibernator::Ksave), ("ksave --drop-caches", Hibernator::KsaveDroppingCaches), ("Linux (swap partition, LZO)", Hibernator::LinuxSwap)]
+    {
+        eprintln!("bench: Debian, {label}: {runs} rounds");
+        let r = debian_hibernation_bench(by, runs, false)?;
+        let hibernate = median(&r, "hibernate: systemctl hibernate to power-off");
+        let resume = median(&r, "resume: power-on to systemctl is-system-running: running");
+        rows.push((label, hibernate, median(&r, "pages in the image"), median(&r, "image size"), resume));
+    }
+    let (_, linux_hib, linux_pages, _, linux_res) = rows[2];
+    println!("== Debian bookworm with systemd, 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)");
+    println!(
+        "   {:<28} {:>13} {:>8} {:>10} {:>10} {:>11} {:>10} {:>9}",
+        "", "hibernate ms", "pages", "vs Linux", "image MiB", "resume ms", "total ms", "vs Linux"
+    );
+    for (label, hib, pages, mib, res) in rows {
+        println!(
+            "   {label:<28} {hib:>13.0} {pages:>8.0} {:>10.2} {mib:>10.0} {res:>11.0} {:>10.0} {:>9.2}",
+            pages / linux_pages,
+            hib + res,
+            (hib + res) / (linux_hib + linux_res)
+        );
+    }
+    println!("   (hibernate: systemctl hibernate to power-off; resume: power-on to `systemctl is-system-running` answering `running`)");
+    Ok(())
+}

@@ -11,16 +11,19 @@ fn main() -> Result<()> {
     if which == "bench-hibernation" {
         return ksave_qemu::bench::hibernation_table(1, 128);
     }
+    if which == "bench-debian" {
+        return ksave_qemu::bench::debian_table(bench_runs());
+    }
     if which == "bench-disks" {
-        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
-        return ksave_qemu::bench::disk_table(runs, 256);
+        return ksave_qemu::bench::disk_table(bench_runs(), 256);
     }
     if which == "bench" {
-        let runs = std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        let runs = bench_runs();
         ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;
         ksave_qemu::bench::disk_table(runs, 256)?;
         ksave_qemu::bench::save_table(runs)?;
-        return ksave_qemu::bench::hibernation_table(runs, 128);
+        ksave_qemu::bench::hibernation_table(runs, 128)?;
+        return ksave_qemu::bench::debian_table(runs);
     }
     if which == "demo" {
         // The whole story: the kexec-jump round trip, then hibernate, power
@@ -46,10 +49,15 @@ fn main() -> Result<()> {
         "debian-uefi" => scenarios::debian_hibernate_resume(scenarios::Firmware::Uefi, true)?,
         "debian-stale" => scenarios::debian_stale_and_damaged_images(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench or bench-hibernation"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench, bench-hibernation, bench-disks or bench-debian"
         ),
     };
     println!("\n{report}");
     println!("PASS");
     Ok(())
+}
+
+/// How many times `make bench` repeats each figure: KSAVE_BENCH_RUNS, 3 by default.
+fn bench_runs() -> usize {
+    std::env::var("KSAVE_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3)
 }

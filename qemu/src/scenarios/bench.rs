@@ -73,19 +73,9 @@ pub fn linux_hibernate_resume_on(memtest_mib: u64, lived_in: bool, echo: bool) -
     let config = kernel_a(name, &format!("linux-hibernate {args}"))?.arg(disk.qemu_args(Bus::Ahci, None));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let start = vm.expect("ksave-test: linux: hibernating", 300 * SECOND)?;
-    // "PM: hibernation: Image created (27177 pages copied, 1034 zero pages)"
-    // (kernel/power/snapshot.c)
-    let created = vm.expect("pages copied", 600 * SECOND)?;
-    if let Some(pages) = created.text.split('(').nth(1).and_then(|s| s.split(' ').next()?.parse::<f64>().ok()) {
-        report.add("pages in the image", pages, "pages");
-    }
-    let wrote = vm.expect("PM: hibernation: Wrote", 600 * SECOND)?;
+    expect_linux_image(&mut vm, false, &mut report)?;
     vm.expect_exit(0, 120 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);
-    // "Wrote 265396 kbytes in 4.53 seconds (58.58 MB/s)"
-    if let Some(kib) = wrote.text.split("Wrote ").nth(1).and_then(|s| s.split(' ').next()?.parse::<f64>().ok()) {
-        report.add("image size", kib / 1024.0, "MiB");
-    }
     let config = kernel_a(&format!("{name}-resume"), &format!("linux-resume-failed {args} resume=/dev/sda1 resumewait"))?.arg(disk.qemu_args(Bus::Ahci, None));
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let back = vm.expect("ksave-test: linux: resumed", 600 * SECOND)?;
@@ -93,4 +83,31 @@ pub fn linux_hibernate_resume_on(memtest_mib: u64, lived_in: bool, echo: bool) -
     vm.expect("KSAVE-TEST-RESULT: PASS", 120 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     Ok(report)
+}
+
+/// Waits for Linux's hibernation to report its image, and adds "pages in
+/// the image" and "image size" (as written: after compression if
+/// `compressed`) to `report`. The lines are KERN_INFO: the console must show
+/// that level.
+pub(super) fn expect_linux_image(vm: &mut Vm, compressed: bool, report: &mut Report) -> Result<()> {
+    let number_after = |text: &str, marker: &str| text.split(marker).nth(1).and_then(|s| s.split(' ').next()?.parse::<f64>().ok());
+    // "PM: hibernation: Image created (27177 pages copied, 1034 zero pages)"
+    // (kernel/power/snapshot.c)
+    let created = vm.expect("pages copied", 600 * SECOND)?;
+    if let Some(pages) = number_after(&created.text, "(") {
+        report.add("pages in the image", pages, "pages");
+    }
+    // "PM: hibernation: Wrote 265396 kbytes in 4.53 seconds (58.58 MB/s)",
+    // then, compressed, "PM: Image size after compression: 80394 kbytes"
+    // (kernel/power/hibernate.c, swap.c)
+    let mut written = vm.expect("PM: hibernation: Wrote", 600 * SECOND)?;
+    let mut marker = "Wrote ";
+    if compressed {
+        written = vm.expect("Image size after compression: ", 60 * SECOND)?;
+        marker = "compression: ";
+    }
+    if let Some(kib) = number_after(&written.text, marker) {
+        report.add("image size", kib / 1024.0, "MiB");
+    }
+    Ok(())
 }

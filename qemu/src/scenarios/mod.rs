@@ -22,7 +22,7 @@ mod save;
 
 pub use bench::{disk_bench, hibernate_bench, linux_dd, linux_hibernate_resume, linux_hibernate_resume_on};
 pub use boot::{exception_report, multiboot1_boot, multiboot2_grub_boot};
-pub use debian::{debian_hibernate_resume, debian_shell, debian_stale_and_damaged_images};
+pub use debian::{Hibernator, debian_hibernate_resume, debian_hibernation_bench, debian_shell, debian_stale_and_damaged_images};
 pub use disks::{disk_error, disk_self_test};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
 pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_bench, hibernate_resume_on};
