@@ -36,10 +36,6 @@ pub fn repeat(title: &str, runs: usize, scenario: fn(bool) -> Result<Report>) ->
 pub fn disk_table(runs: usize, mib: u64) -> Result<()> {
     use crate::disk::Bus;
     use crate::scenarios::{disk_bench, linux_dd};
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let rates = |r: &Report| (r.figures[0].value, r.figures[1].value);
     let mut rows = Vec::new();
     let paths = [
@@ -93,20 +89,14 @@ pub fn save_table(runs: usize) -> Result<()> {
         record("lz4: ", &hibernate_bench(true)?);
         record("dd: ", &linux_dd(Bus::Ahci, 256)?);
     }
-    let median = |k: &str| {
-        by_name.get(k).map(|(v, _)| {
-            let mut v = v.clone();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-    };
+    let median_of = |k: &str| by_name.get(k).map(|(v, _)| median(v.clone()));
     println!("== save: kernel A holding 256 MiB of memtest data, AHCI, {runs} runs (median)");
     for key in &order {
         let (_, unit) = &by_name[key];
-        println!("   {key:<58} {:>8.0} {unit}", median(key).unwrap());
+        println!("   {key:<58} {:>8.0} {unit}", median_of(key).unwrap());
     }
     if let (Some(ms), Some(mib), Some(dd), Some(lz_ms)) =
-        (median("raw: save time in ksave"), median("raw: data stored"), median("dd: write"), median("lz4: save time in ksave"))
+        (median_of("raw: save time in ksave"), median_of("raw: data stored"), median_of("dd: write"), median_of("lz4: save time in ksave"))
     {
         let rate = mib * 1.048576 / (ms / 1000.0);
         println!("   {:<58} {rate:>8.0} MB/s", "raw: data written / save time");
@@ -122,10 +112,6 @@ pub fn save_table(runs: usize) -> Result<()> {
 pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
     use crate::scenarios::{ResumeBy, hibernate_resume_bench, linux_hibernate_resume_on};
     let pick = |r: &Report, what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     for lived_in in [false, true] {
         let mut rows = Vec::new();
         for (label, by) in
@@ -143,25 +129,52 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
                 pages.push(pick(&r, "pages in the image"));
                 res.push(pick(&r, if by.is_some() { "resume 1: power-on to A running" } else { "resume: power-on to A running" }));
             }
-            rows.push((label, median(hib), median(size), median(pages), median(res)));
+            rows.push(HibernationRow { label, hibernate_ms: median(hib), image_mib: median(size), pages: median(pages), resume_ms: median(res) });
         }
-        let (linux_total, linux_pages) = (rows[2].1 + rows[2].4, rows[2].3);
         let memory = if lived_in { "lived-in memory (most of it churned and freed first)" } else { "fresh memory" };
-        println!("== hibernate + resume, {memtest_mib} MiB memtest in a 512 MiB VM, {memory}, AHCI, {runs} runs (median)");
-        println!(
-            "   {:<32} {:>13} {:>10} {:>8} {:>10} {:>13} {:>10} {:>9}",
-            "", "hibernate ms", "image MiB", "pages", "vs Linux", "resume ms", "total ms", "vs Linux"
-        );
-        for (label, hib, size, pages, res) in rows {
-            println!(
-                "   {label:<32} {hib:>13.0} {size:>10.0} {pages:>8.0} {:>10.2} {res:>13.0} {:>10.0} {:>9.2}",
-                pages / linux_pages,
-                hib + res,
-                (hib + res) / linux_total
-            );
-        }
+        print_against_linux(&format!("hibernate + resume, {memtest_mib} MiB memtest in a 512 MiB VM, {memory}, AHCI, {runs} runs (median)"), &rows);
     }
     Ok(())
+}
+
+/// One way to hibernate and resume, medians.
+struct HibernationRow {
+    label: &'static str,
+    hibernate_ms: f64,
+    image_mib: f64,
+    pages: f64,
+    resume_ms: f64,
+}
+
+/// Prints `rows` under `title`, each next to the last row, Linux's own
+/// hibernation: pages stored, and hibernate + resume time.
+fn print_against_linux(title: &str, rows: &[HibernationRow]) {
+    let linux = rows.last().expect("a Linux row");
+    let linux_total = linux.hibernate_ms + linux.resume_ms;
+    println!("== {title}");
+    println!(
+        "   {:<32} {:>13} {:>10} {:>8} {:>10} {:>13} {:>10} {:>9}",
+        "", "hibernate ms", "image MiB", "pages", "vs Linux", "resume ms", "total ms", "vs Linux"
+    );
+    for row in rows {
+        let total = row.hibernate_ms + row.resume_ms;
+        println!(
+            "   {:<32} {:>13.0} {:>10.0} {:>8.0} {:>10.2} {:>13.0} {total:>10.0} {:>9.2}",
+            row.label,
+            row.hibernate_ms,
+            row.image_mib,
+            row.pages,
+            row.pages / linux.pages,
+            row.resume_ms,
+            total / linux_total
+        );
+    }
+}
+
+/// The median of `values` (NaN for none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The Debian table: `systemctl hibernate` to power-off and power-on to
@@ -170,35 +183,22 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
 /// same disk; `runs` rounds each on one system (medians).
 pub fn debian_table(runs: usize) -> Result<()> {
     use crate::scenarios::{Hibernator, debian_hibernation_bench};
-    let median = |r: &Report, what: &str| {
-        let mut v: Vec<f64> = r.figures.iter().filter(|f| f.what == what).map(|f| f.value).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
+    let median_of = |r: &Report, what: &str| median(r.figures.iter().filter(|f| f.what == what).map(|f| f.value).collect());
     let mut rows = Vec::new();
     for (label, by) in
         [("ksave", Hibernator::Ksave), ("ksave --drop-caches", Hibernator::KsaveDroppingCaches), ("Linux (swap partition, LZO)", Hibernator::LinuxSwap)]
     {
         eprintln!("bench: Debian, {label}: {runs} rounds");
         let r = debian_hibernation_bench(by, runs, false)?;
-        let hibernate = median(&r, "hibernate: systemctl hibernate to power-off");
-        let resume = median(&r, "resume: power-on to systemctl is-system-running: running");
-        rows.push((label, hibernate, median(&r, "pages in the image"), median(&r, "image size"), resume));
+        rows.push(HibernationRow {
+            label,
+            hibernate_ms: median_of(&r, "hibernate: systemctl hibernate to power-off"),
+            image_mib: median_of(&r, "image size"),
+            pages: median_of(&r, "pages in the image"),
+            resume_ms: median_of(&r, "resume: power-on to systemctl is-system-running: running"),
+        });
     }
-    let (_, linux_hib, linux_pages, _, linux_res) = rows[2];
-    println!("== Debian bookworm with systemd, 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)");
-    println!(
-        "   {:<28} {:>13} {:>8} {:>10} {:>10} {:>11} {:>10} {:>9}",
-        "", "hibernate ms", "pages", "vs Linux", "image MiB", "resume ms", "total ms", "vs Linux"
-    );
-    for (label, hib, pages, mib, res) in rows {
-        println!(
-            "   {label:<28} {hib:>13.0} {pages:>8.0} {:>10.2} {mib:>10.0} {res:>11.0} {:>10.0} {:>9.2}",
-            pages / linux_pages,
-            hib + res,
-            (hib + res) / (linux_hib + linux_res)
-        );
-    }
+    print_against_linux(&format!("Debian bookworm with systemd, 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)"), &rows);
     println!("   (hibernate: systemctl hibernate to power-off; resume: power-on to `systemctl is-system-running` answering `running`)");
     Ok(())
 }
