@@ -29,6 +29,10 @@ install -m 0644 "$kernel" "$root/boot/vmlinuz-$kver"
 # What a kernel package puts next to it; mkinitramfs reads it (compression).
 # build-kernel.sh checked that every option of the fragments is =y.
 cat "$here/kernel.config" "$here/kernel-6.12.config" | grep -v -e '^#' -e '^$' | sed 's/.*/CONFIG_&=y/' > "$root/boot/config-$kver"
+# Its module directory: everything is built in, so only the (empty) lists
+# depmod and mkinitramfs read.
+mkdir -p "$root/lib/modules/$kver"
+touch "$root/lib/modules/$kver/"{modules.order,modules.builtin,modules.builtin.modinfo}
 if [ "$swap_mib" -gt 0 ]; then
   # The swap partition is not there in this chroot: the resume hook warns
   # and still copies the setting into the initramfs. udev names by-partuuid
