@@ -57,7 +57,6 @@ for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}"; done
 mounted=()
 
 first=2048
-root_sectors=$((root_mib * 2048))
 total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
 rm -f "$out"
 truncate -s "${total_mib}M" "$out"

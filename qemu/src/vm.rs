@@ -238,7 +238,8 @@ impl Vm {
         self.started.elapsed()
     }
 
-    fn failure(&self, what: &str) -> anyhow::Error {
+    /// An error saying `what`, with the console's last lines.
+    pub fn failure(&self, what: &str) -> anyhow::Error {
         let tail: Vec<_> = self.seen.iter().rev().take(TAIL).rev().map(|l| format!("  [{:8.3}] {}", l.at.as_secs_f64(), l.text)).collect();
         anyhow!("VM {}: {what}\nlast {} console lines (full log: {}):\n{}", self.name, tail.len(), self.log.display(), tail.join("\n"))
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 use super::{Firmware, Kernel, Machine, Report, SECOND};
 use crate::disk::PART_GUID;
@@ -157,16 +157,21 @@ impl Shell {
         let n = self.typed;
         self.vm.send(&format!("{command}; echo e2e-rc-$?-{n}\n"))?;
         let deadline = Instant::now() + timeout;
+        // What the e2e script said was wrong, for the error.
+        let mut failure = String::new();
         loop {
-            let line = self.vm.expect("e2e-rc-", deadline.saturating_duration_since(Instant::now())).with_context(|| format!("running {command:?}"))?;
-            let (_, rest) = line.text.split_once("e2e-rc-").unwrap();
+            let line = self.vm.expect("e2e", deadline.saturating_duration_since(Instant::now())).with_context(|| format!("running {command:?}"))?;
+            if let Some((_, why)) = line.text.split_once("e2e: FAIL: ") {
+                failure = format!(": {}", why.trim_end());
+            }
+            let Some((_, rest)) = line.text.split_once("e2e-rc-") else { continue };
             // The console echoes the typed line ("$?"), then the answer.
             let Some((rc, tag)) = rest.trim_end().split_once('-') else { continue };
             if tag != n.to_string() || rc.is_empty() || !rc.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
             if rc != "0" {
-                bail!("{command:?} exited {rc} in the Debian VM (console: {})", self.vm.log().display());
+                return Err(self.vm.failure(&format!("{command:?} exited {rc}{failure}")));
             }
             return Ok(());
         }
