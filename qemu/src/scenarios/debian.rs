@@ -202,6 +202,15 @@ impl Shell {
         Ok(start.elapsed())
     }
 
+    /// The e2e checks after a resume (`e2e check`): the data is intact,
+    /// the ticks since the last check have no gap longer than the time
+    /// since `away` (2 s more: the resumed kernel sets its clock from the
+    /// RTC's whole seconds), the journal and systemd carried on.
+    fn check(&mut self, away: Instant) -> Result<()> {
+        let max_gap = away.elapsed().as_secs() + 2;
+        self.run(&format!("e2e check {max_gap}"), 300 * SECOND)
+    }
+
     /// `systemctl poweroff`, and QEMU exits.
     fn power_off(mut self) -> Result<()> {
         self.vm.send("systemctl poweroff\n")?;
@@ -236,8 +245,7 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
         shell = Shell::attach(vm, false, 120 * SECOND)?;
         report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel"), jump.at);
         report.add_ms(format!("resume {round}: power-on to the resumed shell answering"), shell.vm.elapsed());
-        let max_gap = away.elapsed().as_secs() + 2;
-        shell.run(&format!("e2e check {max_gap}"), 300 * SECOND)?;
+        shell.check(away)?;
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
     }
     shell.power_off()?;
@@ -284,8 +292,7 @@ pub fn debian_hibernation_bench(by: Hibernator, rounds: usize, echo: bool) -> Re
         if by == Hibernator::KsaveDroppingCaches {
             shell.run("journalctl -b -u systemd-hibernate | grep -q 'page cache dropped'", 60 * SECOND)?;
         }
-        let max_gap = away.elapsed().as_secs() + 2;
-        shell.run(&format!("e2e check {max_gap}"), 300 * SECOND)?;
+        shell.check(away)?;
     }
     shell.power_off()?;
     disk.fsck_root()?;
