@@ -14,7 +14,7 @@ VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BU
 # The test partition's GUID (qemu/src/disk.rs) for the resume menu.
 TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
-.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot test bench clean FORCE
+.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot lint test bench clean FORCE
 .NOTPARALLEL:
 all: $(ELF) $(CLI)
 
@@ -81,10 +81,20 @@ qemu-debian: vm-inputs
 qemu-multiboot: $(ELF) $(CLI)
 	target/release/ksave-qemu multiboot
 
+# Every shell script the project ships or runs: a shell shebang on its first
+# line or, for a sourced file, a `# shellcheck shell=` directive there.
+SHELL_SCRIPTS = $(shell find . \( -name target -o -name build -o -name .git \) -prune -o -type f \
+  -exec awk 'FNR == 1 && /^(#!(\/usr)?\/bin\/(env |busybox )?(ba|da)?sh([ \t]|$$)|# shellcheck shell=)/ { print FILENAME } { nextfile }' {} + \
+  | LC_ALL=C sort)
+
+# Static checks. -x: follow sourced files (the scenarios' test.sh).
+lint: | deps
+	shellcheck -x $(SHELL_SCRIPTS)
+
 # Host unit tests of every crate that runs on the host, and the QEMU
 # end-to-end scenarios, in one cargo run (one VM at a time: 2 cores), then
 # one total line.
-test: vm-inputs
+test: lint vm-inputs
 	set -o pipefail; $(CARGO) test --release --lib --bins --tests -- --test-threads=1 --nocapture 2>&1 | tee $(BUILD)/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' $(BUILD)/test.log
 

@@ -31,9 +31,11 @@ if [ "$series" = 7.3 ]; then
     apt-get "${apt_opts[@]}" update -q >&2
     (cd "$apt_dir/deb" && apt-get "${apt_opts[@]}" download linux-source-7.3 >&2)
     rm -rf "$apt_dir/x"
-    dpkg -x "$(ls "$apt_dir"/deb/linux-source-7.3_*.deb | tail -n 1)" "$apt_dir/x"
+    debs=("$apt_dir"/deb/linux-source-7.3_*.deb)
+    dpkg -x "${debs[-1]}" "$apt_dir/x"
   fi
-  src_version=$(basename "$(ls "$apt_dir"/deb/linux-source-7.3_*.deb | tail -n 1)")
+  debs=("$apt_dir"/deb/linux-source-7.3_*.deb)
+  src_version=$(basename "${debs[-1]}")
 else
   tarball=/usr/src/linux-source-$series.tar.xz
   if [ ! -f "$tarball" ]; then

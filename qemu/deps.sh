@@ -19,6 +19,8 @@ packages=(
   # the Debian test system (issue "A real distribution"): its root file
   # system, ext4 from a directory, GRUB for UEFI, the package
   debootstrap e2fsprogs grub-efi-amd64-bin
+  # linting the shell scripts (make lint)
+  shellcheck
 )
 
 missing=()

@@ -37,7 +37,7 @@ if [ "$swap_mib" -gt 0 ]; then
   # The swap partition is not there in this chroot: the resume hook warns
   # and still copies the setting into the initramfs. udev names by-partuuid
   # in lower case.
-  swap_id=$(echo "$swap_guid" | tr A-Z a-z)
+  swap_id=$(echo "$swap_guid" | tr '[:upper:]' '[:lower:]')
   echo "PARTUUID=$swap_id none swap sw 0 0" >> "$root/etc/fstab"
   echo "RESUME=PARTUUID=$swap_id" > "$root/etc/initramfs-tools/conf.d/resume"
 fi

@@ -6,7 +6,7 @@
 set -euo pipefail
 out=$1
 # udev names /dev/disk/by-partuuid/ in lower case, and initramfs-tools looks there.
-root_guid=$(echo "$2" | tr A-Z a-z)
+root_guid=$(echo "$2" | tr '[:upper:]' '[:lower:]')
 shift 2
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Sourced by every scenario: the console voice the harness reads, and
 # memtest's file protocol (qemu/src/bin/memtest.rs), in one place.
 say() { echo "ksave-test: $*"; }

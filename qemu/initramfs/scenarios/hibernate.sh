@@ -5,6 +5,7 @@
 #   KSAVE_KEXEC_TOOLS=1  load through kexec-tools, not kexec_load(2)
 #   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error | cpu-exception
 #                   | iommu-left-on (a snapshot works; a power-off is refused)
+# shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 expect=${KSAVE_EXPECT:-ok}
 

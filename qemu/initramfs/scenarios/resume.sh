@@ -9,11 +9,13 @@
 #   KSAVE_INIT_ON_FREE  set: the kernel runs with init_on_free=1 and trusts
 #                   free pages to be zero: after each resume, new pages are
 #                   checked to be (ksave zeroed the pages it left out)
+# shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 
 ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
 scratch=$(test_partition 2) || exit 1
 if [ -n "$KSAVE_IOMMU" ]; then
+  # shellcheck disable=SC2012 # counting entries, and group names are numbers
   groups=$(ls /sys/kernel/iommu_groups 2>/dev/null | wc -l)
   [ "$groups" -gt 0 ] || { say "no IOMMU groups: DMA remapping is off"; exit 1; }
   say "DMA remapping on: iommu groups $groups"

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The kexec-jump round trip: jump to ksave, come back, jump again without
 # reloading (re-entry), come back; memory must be untouched throughout.
+# shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 
 say "filling 64 MiB of tmpfs with random data"
@@ -10,6 +11,7 @@ say "sha256 before: $want"
 
 range="--mem-min=$KSAVE_MEM_MIN --mem-max=$KSAVE_MEM_MAX"
 say "loading: kexec -t elf-x86_64 --load-preserve-context --args-none $range /ksave.elf"
+# shellcheck disable=SC2086 # $range is two options: split on purpose
 kexec -t elf-x86_64 --load-preserve-context --args-none $range /ksave.elf || { say "kexec load failed"; exit 1; }
 
 for round in 1 2; do
