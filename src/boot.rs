@@ -142,7 +142,7 @@ fn run(boot: &BootInfo, info: u64) -> ! {
             // Read now: the command line is in memory a resume may give up.
             let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
             let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
-            println!("ksave: not resuming: {}", refusal.why.as_str());
+            refusal.report();
             println!("ksave: no image to resume: handing over to a normal boot");
             match cmos_flag {
                 Some(Ok((byte, bit))) => hand_over_by_cmos(byte, bit),

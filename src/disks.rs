@@ -17,6 +17,8 @@ use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, MAX_BLOCK, Segment};
 
 use crate::hw::{self, KsaveHal};
+use crate::store::DiskStore;
+use ksave_format::store::{Extent, StoreError, StoreMap};
 use crate::work::Exclusive;
 use crate::{paging, println};
 
@@ -422,14 +424,28 @@ pub struct OpenPartition {
     pub location: Location,
     /// The partition.
     pub partition: Partition,
+    /// The partition as the image store sees it: one extent.
+    extent: [Extent; 1],
     controllers: Controllers,
     iommu: TranslationOff<KsaveHal>,
 }
 
 impl OpenPartition {
-    /// The partition's first sector.
+    /// The partition's first block.
     pub fn first_lba(&self) -> u64 {
         self.partition.first_lba
+    }
+
+    /// The partition's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.partition.blocks() * self.block_size() as u64
+    }
+
+    /// The image store on the partition: every image read and write goes
+    /// through it.
+    pub fn store(&mut self) -> DiskStore<'_, 'static> {
+        let map = StoreMap::new(self.disk.info().block_size, &self.extent).expect("checked when the partition was opened");
+        DiskStore::new(&mut self.disk, map)
     }
 
     /// How many IOMMUs were translating until ksave switched them off.
@@ -442,10 +458,6 @@ impl OpenPartition {
         self.disk.info().block_size
     }
 
-    /// The partition's size in bytes.
-    pub fn bytes(&self) -> u64 {
-        self.partition.blocks() * self.block_size() as u64
-    }
 
     /// Gives the disk and the controllers back as found (the disk's and
     /// the controllers' `Drop`, in that order, as on every other path).
@@ -508,6 +520,9 @@ pub enum OpenError {
     Open(Location, DiskError),
     /// An IOMMU would not stop translating ksave's DMA.
     Iommu(IommuError),
+    /// The partition is no image store (empty, or a block size ksave
+    /// does not take).
+    Store(StoreError),
 }
 
 impl fmt::Display for OpenError {
@@ -516,6 +531,7 @@ impl fmt::Display for OpenError {
             Self::Find(e) => write!(f, "{e}"),
             Self::Open(location, e) => write!(f, "{location}: {e}"),
             Self::Iommu(e) => write!(f, "{e}"),
+            Self::Store(e) => write!(f, "the partition is no image store: {e}"),
         }
     }
 }
@@ -531,10 +547,10 @@ pub fn open_partition(guid: Guid, ide_mode: Mode, iommus: &[RemappingUnit]) -> R
     let mem = DISK_MEMORY.take();
     // On an error `controllers` is dropped, which puts them back.
     let (location, partition) = find_partition(guid, ide_mode, mem, &mut controllers).map_err(OpenError::Find)?;
-    match open(location, ide_mode, mem) {
-        Ok((disk, _)) => Ok(OpenPartition { disk, location, partition, controllers, iommu }),
-        Err(e) => Err(OpenError::Open(location, e)),
-    }
+    let (disk, _) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
+    let extent = [Extent { lba: partition.first_lba, blocks: partition.blocks() }];
+    StoreMap::new(disk.info().block_size, &extent).map_err(OpenError::Store)?;
+    Ok(OpenPartition { disk, location, partition, extent, controllers, iommu })
 }
 
 /// Turns DMA translation off on every unit of `iommus` that has it on, and

@@ -27,6 +27,7 @@ mod physmem;
 mod qemu;
 mod resume;
 mod save;
+mod store;
 mod work;
 
 core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));

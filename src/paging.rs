@@ -18,11 +18,7 @@ unsafe extern "C" {
 /// CR4.LA57: 5-level paging (Intel SDM vol. 3A 2.5).
 pub const CR4_LA57: u64 = 1 << 12;
 
-/// Whether the CPU can run 5-level paging: CPUID.(EAX=07H,ECX=0):ECX[16]
-/// (Intel SDM vol. 2A, CPUID).
-pub fn cpu_has_la57() -> bool {
-    core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 16) != 0
-}
+pub use ksave_format::cpu_has_la57;
 
 /// Whether ksave runs with 5-level paging now.
 pub fn la57_active() -> bool {

@@ -3,76 +3,79 @@
 //! [`from_kexec`] (a plain kexec from a freshly booted kernel C, whose
 //! `ksave resume` wrote the config).
 //!
-//! Nothing outside ksave is written until the whole image has been read and
-//! every check has passed: the RAM map, the CPU vendor, ksave's own range,
-//! the ACPI NVS map, the state, and every chunk's checksum. Then every RAM
-//! and NVS page is zeroed or loaded, the image is marked invalidated on
-//! disk (never resumed twice), and ksave calls the saved re-entry address
-//! as the kexec-jump protocol does.
+//! Nothing outside ksave is written until the image's header and metadata
+//! have passed the one verdict ([`verdict::resumable`]: the state, ksave's
+//! own range, the CPU, the hardware signature, the RAM and ACPI NVS maps).
+//! Then every RAM and NVS page is zeroed or loaded as its chunk checks, the
+//! image is invalidated on disk (never resumed twice), and ksave calls the
+//! saved re-entry address as the kexec-jump protocol does.
 
 use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
+use diskdrv::Direction;
 use diskdrv::ide::Mode;
 use diskdrv::part::Guid;
-use diskdrv::{BlockDevice, Direction, DiskError};
 use ksave_format::PayloadHasher;
 use ksave_format::chunk::LZ4_GROUP;
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
-use ksave_format::header::{FLAG_IOMMU_LEFT_ON, META_BLOCKS, State};
-use ksave_format::reader::{self, Source};
+use ksave_format::header::META_BLOCKS;
+use ksave_format::reader::{self, ReadError};
+use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_format::{PAGE, Range};
 
-use crate::disks::{self, AnyDisk};
-use crate::hw::{self, KsaveHal};
+use crate::disks;
+use crate::hw;
 use crate::layout::image_range;
 use crate::message::Message;
+use crate::store::{DiskStore, StoreIoError};
 use crate::work::{self, Work};
 use crate::{caller, config, cpu, paging, physmem, println};
 
-/// The partition, read through the disk driver.
-struct DiskSource<'d, 'm> {
-    disk: &'d mut AnyDisk<'m>,
-    first_lba: u64,
-    bytes: u64,
-}
-
-impl Source for DiskSource<'_, '_> {
-    type Error = DiskError;
-    /// Reads are whole blocks: the image aligns everything to the block size.
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let block = self.disk.info().block_size as u64;
-        if offset + buf.len() as u64 > self.bytes {
-            return Err(DiskError::OutOfRange { lba: self.first_lba + offset / block, count: buf.len() as u64 / block, capacity: self.bytes / block });
-        }
-        self.disk.read(&KsaveHal, self.first_lba + offset / block, buf)
-    }
-}
-
-/// A refusal: why the image is not resumed. Nothing outside ksave was
-/// written when one is returned, unless `memory_lost`: then loading had
-/// begun, the image is invalidated, and the machine must be reset.
-pub struct Refusal {
-    /// Why.
-    pub why: Message,
+/// Why the image is not resumed: the verdict's reason, what ksave knows
+/// more (a disk's error, why the hardware signature is unknown), and
+/// whether this boot's memory was given up (loading had begun: the image
+/// is invalidated, and only a reset is left). Nothing outside ksave was
+/// written unless `memory_lost`.
+pub struct Refused {
+    /// The reason, with its stable code.
+    pub refusal: Refusal,
+    /// More about it, if there is more to say.
+    pub detail: Option<Message>,
     /// This boot's memory was given up: only a reset is left.
     pub memory_lost: bool,
 }
 
-impl Refusal {
-    /// A refusal after loading began.
-    fn late(self) -> Self {
-        Self { memory_lost: true, ..self }
+impl Refused {
+    fn new(refusal: Refusal) -> Self {
+        Self { refusal, detail: None, memory_lost: false }
     }
-}
 
-macro_rules! refuse {
-    ($($arg:tt)*) => { Refusal { why: Message::format(format_args!($($arg)*)), memory_lost: false } };
+    fn with(refusal: Refusal, detail: core::fmt::Arguments) -> Self {
+        Self { detail: Some(Message::format(detail)), ..Self::new(refusal) }
+    }
+
+    /// Says why on the console, with the code for the harness.
+    pub fn report(&self) {
+        match &self.detail {
+            Some(d) => println!("ksave: not resuming: {} ({})", self.refusal, d.as_str()),
+            None => println!("ksave: not resuming: {}", self.refusal),
+        }
+        crate::metric!(refusal = self.refusal.code(), memory_lost = self.memory_lost as u8);
+    }
+
+    /// The text recorded in an invalidated header.
+    fn why(&self) -> Message {
+        match &self.detail {
+            Some(d) => Message::format(format_args!("{} ({})", self.refusal, d.as_str())),
+            None => Message::format(format_args!("{}", self.refusal)),
+        }
+    }
 }
 
 /// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
 /// this boot's RAM map, or returns why not (nothing was written; the
 /// bootloader's next entry boots normally, and a later boot may try again).
-pub fn from_bootloader(guid: Guid, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refusal {
+pub fn from_bootloader(guid: Guid, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refused {
     let mut ram = [Range::default(); MAX_RANGES];
     let mut nvs = [Range::default(); MAX_NVS];
     // The host tool takes the same whole pages of the same kinds from
@@ -120,8 +123,7 @@ pub fn from_kexec() -> ! {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
-            let refusal = run(config.partition_guid, here, config.iommus(), true, facs_now);
-            println!("ksave: not resuming: {}", refusal.why.as_str());
+            run(config.partition_guid, here, config.iommus(), true, facs_now).report();
         }
         Err(e) => println!("ksave: not resuming: {e}"),
     }
@@ -130,10 +132,10 @@ pub fn from_kexec() -> ! {
 }
 
 /// Resumes the image on partition `guid` of a machine whose memory is
-/// `here`. Returns only to refuse; then, if
-/// `invalidate_refused`, a complete image is marked invalidated with the
-/// reason, so that no later boot tries it again.
-fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refusal {
+/// `here`. Returns only to refuse; then, if `invalidate_refused`, the image
+/// is marked invalidated with the reason, so that no later boot tries it
+/// again.
+fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refused {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -144,22 +146,25 @@ fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: b
     println!("ksave: resume: looking for the image on partition {guid} (TSC {} MHz)", hw::calibrate_tsc());
     let mut part = match disks::open_partition(guid, Mode::Dma, iommus) {
         Ok(p) => p,
-        Err(e) => return refuse!("{e}"),
+        Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };
     let work = work::take();
-    let (first_lba, bytes) = (part.first_lba(), part.bytes());
-    match check_and_load(&mut part.disk, first_lba, bytes, here, &facs_now, work) {
-        Err(refusal) => {
-            if invalidate_refused || refusal.memory_lost {
-                invalidate_with(&mut part.disk, first_lba, &mut work.block, refusal.why.as_str());
+    let mut store = part.store();
+    match check_and_load(&mut store, here, &facs_now, work) {
+        Err(refused) => {
+            if invalidate_refused || refused.memory_lost {
+                match store.invalidate(Some(refused.why().as_str()), &mut work.block) {
+                    Ok(_) => println!("ksave: image invalidated, so no later boot tries it again"),
+                    Err(e) => println!("ksave: could not invalidate the refused image: {e}"),
+                }
             }
-            if refusal.memory_lost {
+            if refused.memory_lost {
                 // The firmware's structures the controller pointed at are gone.
                 part.stop();
             } else {
                 part.close();
             }
-            refusal
+            refused
         }
         Ok(back) => {
             // Memory is the saved kernel's now: leave the controller stopped
@@ -181,71 +186,51 @@ struct WayBack {
     la57: bool,
 }
 
-fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refusal> {
+/// The refusal a failed read of the image stands for.
+fn unreadable(e: ReadError<StoreIoError>) -> Refused {
+    match e {
+        ReadError::Io(e) => Refused::with(Refusal::Unreadable, format_args!("{e}")),
+        ReadError::Header(h) => Refused::new(Refusal::NoImage(h)),
+        ReadError::Chunk { index, what, .. } => Refused::new(Refusal::Damaged { chunk: index, what }),
+        ReadError::Totals(what) => Refused::new(Refusal::Damaged { chunk: u64::MAX, what }),
+    }
+}
+
+fn check_and_load(store: &mut DiskStore, here: Memory, facs_now: &Result<u32, Message>, work: &mut Work) -> Result<WayBack, Refused> {
     let start = hw::now_us();
     let Work { block, raw_header, lz4_in, lz4_out, .. } = work;
-    let mut src = DiskSource { disk, first_lba, bytes };
-    let mut header = reader::read_header(&mut src, block).map_err(|e| refuse!("no resumable image: {e}"))?;
-    match header.state {
-        State::Complete => {}
-        State::Invalidated => {
-            return Err(refuse!("the image was already resumed or invalidated: an image is never resumed twice"));
-        }
-        State::Writing => return Err(refuse!("the image is incomplete: its save never committed")),
-        State::Failed => {
-            return Err(refuse!("no image: the last save failed ({})", header.message()));
-        }
-    }
-    let (own_start, own_end) = image_range();
-    if header.image != (Range { start: own_start, end: own_end }) {
-        return Err(refuse!("the image was saved by a ksave at {:#x}-{:#x}, this one is at {own_start:#x}-{own_end:#x}", header.image.start, header.image.end));
-    }
-    if header.flags & FLAG_IOMMU_LEFT_ON != 0 {
-        return Err(refuse!(
-            "the saved kernel's IOMMU was translating at its jump (no suspend hook: CONFIG_SUSPEND off), which a fresh boot cannot recreate: the image is a snapshot only"
-        ));
-    }
-    if header.cpu_vendor != ksave_format::cpu_vendor() {
-        return Err(refuse!("the image was saved on another CPU vendor"));
-    }
-    let la57 = header.cr4_needed & paging::CR4_LA57 != 0;
-    if la57 && !paging::cpu_has_la57() {
-        return Err(refuse!("the saved kernel runs with 5-level paging (CR4.LA57), which this CPU does not have"));
-    }
-    // The firmware changes the hardware signature when the hardware
-    // changed; a signature that cannot be read is doubt, and doubt refuses.
-    match (header.facs_signature, facs_now) {
-        (None, _) => {}
-        (Some(saved), Ok(now)) if saved == *now => {}
-        (Some(saved), Ok(now)) => {
-            return Err(refuse!("the ACPI hardware signature changed ({saved:#x} when saved, {now:#x} now): the hardware configuration changed"));
-        }
-        (Some(_), Err(why)) => {
-            return Err(refuse!("the image records an ACPI hardware signature, and this boot's cannot be read: {}", why.as_str()));
-        }
-    }
+    let header = reader::read_header(store, block).map_err(unreadable)?;
     // The metadata is read into the LZ4 buffer: only its copy (`saved`)
     // is needed once the chunks are read.
     let meta_buf = (&mut lz4_in[..META_BLOCKS as usize * PAGE]).try_into().expect("the LZ4 buffer holds the metadata");
-    let meta = reader::read_meta(&mut src, &header, meta_buf).map_err(|e| refuse!("bad image metadata: {e}"))?;
-    let saved_ram: u64 = meta.ram_ranges().map(|r| r.end - r.start).sum();
-    let here_ram: u64 = here.ram.iter().map(|r| r.end - r.start).sum();
-    if !meta.ram_ranges().eq(here.ram.iter().copied()) {
-        return Err(refuse!(
-            "RAM map differs: the image holds {} MiB in {} ranges, this machine has {} MiB in {} ranges",
-            saved_ram >> 20,
-            header.ram_ranges,
-            here_ram >> 20,
-            here.ram.len()
-        ));
+    let meta = match reader::read_meta(store, &header, meta_buf) {
+        Ok(meta) => Ok(meta),
+        Err(ReadError::Header(e)) => Err(e),
+        Err(e) => return Err(unreadable(e)),
+    };
+    let (own_start, own_end) = image_range();
+    let own = Range { start: own_start, end: own_end };
+    let verdict_here = Here {
+        resumer: Resumer::Ksave,
+        ram: here.ram,
+        nvs: here.nvs,
+        cpu_vendor: ksave_format::cpu_vendor(),
+        la57: paging::cpu_has_la57(),
+        facs_signature: facs_now.as_ref().ok().copied(),
+        own: Some(own),
+        reach: paging::identity_end(),
+    };
+    match verdict::resumable(&header, meta.as_ref().map_err(|e| *e), &verdict_here) {
+        Ok(()) => {}
+        Err(Refusal::SaveFailed) => return Err(Refused::with(Refusal::SaveFailed, format_args!("{}", header.message()))),
+        Err(r @ Refusal::HardwareUnknown) => {
+            let why = facs_now.as_ref().err().map_or("", |m| m.as_str());
+            return Err(Refused::with(r, format_args!("{why}")));
+        }
+        Err(r) => return Err(Refused::new(r)),
     }
-    // The saved kernel's firmware calls expect their NVS where it was.
-    if !meta.nvs_ranges().eq(here.nvs.iter().copied()) {
-        return Err(refuse!("ACPI NVS map differs: the image holds {} ranges, this machine has {}", header.nvs_ranges, here.nvs.len()));
-    }
-    if here.ranges().any(|r| r.end > paging::identity_end()) {
-        return Err(refuse!("RAM above ksave's identity map ({} GiB)", paging::identity_end() >> 30));
-    }
+    let meta = meta.expect("the verdict passed the metadata");
+    let la57 = header.cr4_needed & paging::CR4_LA57 != 0;
 
     // One pass: each chunk is loaded as it is read and checked, and every
     // page the image does not store is zeroed on the way. From here on the
@@ -256,12 +241,10 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     // resets the machine; nothing is lost, as the image was the only copy.
     let saved = reader::Saved::of(&meta, &header);
     let verified = hw::now_us();
-    let own = Range { start: own_start, end: own_end };
     let mut loader = Loader { here, own, next: 0, zeroed: 0 };
     let bufs = reader::Buffers { header: raw_header, lz4_in: lz4_out, lz4_out: lz4_in };
-    let loaded = reader::visit_chunks(&mut src, &header, &saved, bufs, &mut loader);
-    if let Err(e) = loaded {
-        return Err(Refusal::late(refuse!("image damaged: {e}")));
+    if let Err(e) = reader::visit_chunks(store, &header, &saved, bufs, &mut loader) {
+        return Err(Refused { memory_lost: true, ..unreadable(e) });
     }
     loader.zero_to(u64::MAX);
     let load_done = hw::now_us();
@@ -275,10 +258,7 @@ fn check_and_load(disk: &mut AnyDisk, first_lba: u64, bytes: u64, here: Memory, 
     );
 
     // Never twice: the image is invalidated before the saved kernel runs.
-    header.state = State::Invalidated;
-    header.encode(block);
-    let invalidated = src.disk.write(&KsaveHal, first_lba, block).and_then(|()| src.disk.flush());
-    if let Err(e) = invalidated {
+    if let Err(e) = store.invalidate(None, block) {
         println!("ksave: resume: FATAL: could not invalidate the image, so not resuming it: {e}");
         cpu::stop(crate::qemu::ExitCode::Failure);
     }
@@ -337,7 +317,7 @@ impl Loader<'_> {
     }
 }
 
-impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
+impl<'d, 'm> reader::Visitor<DiskStore<'d, 'm>> for Loader<'_> {
     fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
         self.zero_to(pfn);
         // SAFETY: the reader checked the page lies in the saved RAM or NVS
@@ -346,19 +326,18 @@ impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
         self.next = pfn + 1;
     }
 
-    fn raw_pages(&mut self, src: &mut DiskSource<'d, 'm>, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, DiskError> {
+    fn raw_pages(&mut self, store: &mut DiskStore<'d, 'm>, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, StoreIoError> {
         // The gaps first: the pages are written by the device below.
         for &pfn in pfns {
             self.zero_to(pfn);
             self.next = pfn + 1;
         }
-        let block = src.disk.info().block_size as u64;
         let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
         // SAFETY: the device writes these pages (a disk read). Each is RAM
         // or NVS of this machine that the reader checked lies in the saved
         // memory and outside ksave's range, and this boot gave that memory
         // up to the saved kernel (check_and_load).
-        unsafe { disks::transfer_pieces(src.disk, Direction::Read, src.first_lba + at / block, pages)? };
+        unsafe { store.transfer(Direction::Read, at, (pfns.len() * PAGE) as u64, pages)? };
         // The check, over the pages where they now lie.
         let mut hasher = PayloadHasher::new();
         for &pfn in pfns {
@@ -369,26 +348,6 @@ impl<'d, 'm> reader::Visitor<DiskSource<'d, 'm>> for Loader<'_> {
             hasher.update(page);
         }
         Ok(hasher.digest())
-    }
-}
-
-/// Marks a complete image invalidated, with `why` as its message.
-fn invalidate_with(disk: &mut AnyDisk, first_lba: u64, block: &mut [u8; PAGE], why: &str) {
-    if disk.read(&KsaveHal, first_lba, block).is_err() {
-        return;
-    }
-    let Ok(mut header) = ksave_format::header::Header::decode(block) else {
-        return;
-    };
-    if header.state != State::Complete {
-        return;
-    }
-    header.state = State::Invalidated;
-    header.set_message(why);
-    header.encode(block);
-    match disk.write(&KsaveHal, first_lba, block).and_then(|()| disk.flush()) {
-        Ok(()) => println!("ksave: image invalidated, so no later boot tries it again"),
-        Err(e) => println!("ksave: could not invalidate the refused image: {e}"),
     }
 }
 

@@ -11,7 +11,7 @@
 
 use bootinfo::kexec::CallerContext;
 use diskdrv::ide::Mode;
-use diskdrv::{BlockDevice, Direction, DiskError, SECTOR};
+use diskdrv::SECTOR;
 use freepages::vmcoreinfo::Rule;
 use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
@@ -21,15 +21,15 @@ use ksave_format::{PAGE, Range};
 use zerocopy::FromBytes;
 
 use crate::caller::{BackupMap, KernelView, MapError};
-use crate::disks::{self, AnyDisk, CloseOnException, OpenPartition};
+use crate::disks::{self, CloseOnException, OpenPartition};
+use crate::store::{DiskStore, StoreIoError};
 use crate::free::CallerFree;
-use crate::hw::{self, KsaveHal};
+use crate::hw;
 use crate::layout::image_range;
 use crate::message::Message;
 use crate::physmem;
 use crate::work::{self, Work};
 use crate::{paging, println};
-use diskdrv::Hal as _;
 use freepages::vmcoreinfo::Info;
 
 /// Why a save did not happen, with the code for the status record.
@@ -74,13 +74,12 @@ impl Memory for CallerMemory<'_> {
     }
 }
 
-/// Chunks go to the partition by DMA: headers from ksave's buffers, raw
-/// pages straight from the caller's memory.
+/// Chunks go to the image store by DMA: headers from ksave's buffers, raw
+/// pages straight from the caller's memory; timed, with progress.
 struct DiskSink<'d> {
-    disk: &'d mut AnyDisk<'static>,
+    store: DiskStore<'d, 'static>,
     /// Fault on purpose at [`Step::HeaderWritten`] (config self-test).
     fault_at_header: bool,
-    first_lba: u64,
     progress: Progress,
     /// Microseconds spent in disk transfers (the rest of a save is CPU work).
     disk_us: u64,
@@ -88,14 +87,13 @@ struct DiskSink<'d> {
 
 impl<'d> DiskSink<'d> {
     fn new(part: &'d mut OpenPartition, start_us: u64, worst: u64) -> Self {
-        let first_lba = part.first_lba();
-        Self { disk: &mut part.disk, fault_at_header: false, first_lba, progress: Progress { start_us, worst, next: worst / 10 }, disk_us: 0 }
+        Self { store: part.store(), fault_at_header: false, progress: Progress { start_us, worst, next: worst / 10 }, disk_us: 0 }
     }
 }
 
 impl Device for DiskSink<'_> {
-    fn flush(&mut self) -> Result<(), DiskError> {
-        self.disk.flush()
+    fn flush(&mut self) -> Result<(), StoreIoError> {
+        self.store.flush()
     }
 
     fn reached(&mut self, step: Step) {
@@ -113,27 +111,19 @@ impl Device for DiskSink<'_> {
 }
 
 impl Sink for DiskSink<'_> {
-    type Error = DiskError;
+    type Error = StoreIoError;
 
-    fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), DiskError> {
+    fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), StoreIoError> {
         let t = hw::now_us();
-        let block = self.disk.info().block_size as u64;
-        let header = (KsaveHal.virt_to_phys(header.as_ptr()), header.len() as u64);
-        let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
-        // SAFETY: every piece is read by the device (a write to the disk),
-        // never written: the header is ksave's own buffer, borrowed for
-        // this call; each page is caller RAM or NVS that Plan::pages
-        // listed, and the caller is stopped while ksave runs.
-        unsafe { disks::transfer_pieces(self.disk, Direction::Write, self.first_lba + offset / block, core::iter::once(header).chain(pages))? };
+        self.store.write_raw(offset, header, pfns)?;
         self.disk_us += hw::now_us() - t;
-        self.progress.tick(offset + header.1 + (pfns.len() * PAGE) as u64);
+        self.progress.tick(offset + (header.len() + pfns.len() * PAGE) as u64);
         Ok(())
     }
 
-    fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), DiskError> {
+    fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), StoreIoError> {
         let t = hw::now_us();
-        let block = self.disk.info().block_size as u64;
-        self.disk.write(&KsaveHal, self.first_lba + offset / block, bytes)?;
+        self.store.write_bytes(offset, bytes)?;
         self.disk_us += hw::now_us() - t;
         self.progress.tick(offset + bytes.len() as u64);
         Ok(())
@@ -273,7 +263,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut W
         nonce: config.nonce,
         created_unix: config.created_unix,
         lz4: config.lz4,
-        capacity: part.bytes(),
+        capacity: part.store().bytes(),
         align: part.block_size(),
         ram: config.ram(),
         nvs: config.nvs(),

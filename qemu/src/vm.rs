@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use ksave_format::verdict::Refusal;
 
 /// How to start a VM.
 #[derive(Clone, Debug)]
@@ -188,6 +189,19 @@ impl Vm {
                 return Ok(m);
             }
         }
+    }
+
+    /// Waits up to `timeout` for a resume's refusal (ksave's, or the
+    /// tool's in a fresh kernel: `ksave-metric refusal=N`) and checks it is
+    /// `expected`, one of [`ksave_format::verdict::code`].
+    pub fn expect_refusal(&mut self, expected: u32, timeout: Duration) -> Result<Metrics> {
+        let m = self.expect_metrics("refusal", timeout)?;
+        let got = m.get("refusal")? as u32;
+        let name = |code| Refusal::name_of(code).unwrap_or("an unknown code");
+        if got != expected {
+            return Err(self.failure(&format!("expected the refusal {expected} ({}), got {got} ({})", name(expected), name(got))));
+        }
+        Ok(m)
     }
 
     /// Fails if any line seen so far contains `needle`.

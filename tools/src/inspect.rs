@@ -35,6 +35,11 @@ pub fn read(file: &mut ImageFile) -> Result<Image> {
 }
 
 impl Image {
+    /// The metadata, parsed (for the resume verdict).
+    pub fn meta(&self) -> Result<Meta<'_>, ksave_format::header::HeaderError> {
+        Meta::parse(&self.header, &self.meta[..])
+    }
+
     /// Every range whose pages the image holds: RAM, then NVS.
     pub fn saved_ranges(&self) -> Vec<Range> {
         self.ram.iter().chain(&self.nvs).copied().collect()

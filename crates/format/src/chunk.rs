@@ -23,13 +23,58 @@ pub const LZ4_GROUP: usize = 8;
 pub const LZ4_HEADER: usize = SECTOR as usize;
 /// Buffer for one LZ4 chunk: header plus worst-case compressed payload.
 pub const LZ4_OUT: usize = (LZ4_HEADER + lz4_flex::block::get_maximum_output_size(LZ4_GROUP * PAGE)).next_multiple_of(MAX_ALIGN as usize);
-/// Payload encodings.
-pub const ENCODING_RAW: u8 = 0;
-/// LZ4 block format.
-pub const ENCODING_LZ4: u8 = 1;
-/// No payload: the header lists runs of pages the saved kernel held free,
-/// as (first pfn, pages) pairs of words; they read back as zeros.
-pub const ENCODING_FREE: u8 = 2;
+/// How a chunk's payload holds its pages: the byte after the page count
+/// in its header (docs/FORMAT.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// The pages themselves, one after the other.
+    Raw = 0,
+    /// The pages compressed together in one LZ4 block ([`LZ4_GROUP`] at most).
+    Lz4 = 1,
+    /// No payload: the header lists runs of pages the saved kernel held
+    /// free, as (first pfn, pages) pairs of words; they read back as zeros.
+    Free = 2,
+}
+
+impl Encoding {
+    /// The encoding a header's byte names, if any.
+    pub fn from_u8(byte: u8) -> Option<Self> {
+        [Self::Raw, Self::Lz4, Self::Free].into_iter().find(|e| *e as u8 == byte)
+    }
+
+    /// The header bytes of a chunk of this encoding.
+    pub fn header_len(self) -> usize {
+        match self {
+            Self::Lz4 => LZ4_HEADER,
+            Self::Raw | Self::Free => PAGE,
+        }
+    }
+
+    /// Most words (pfns, or run pairs) a chunk of this encoding lists.
+    pub fn max_words(self) -> usize {
+        match self {
+            Self::Lz4 => LZ4_GROUP,
+            Self::Raw | Self::Free => MAX_RAW_PAGES,
+        }
+    }
+
+    /// Bytes a chunk takes on disk, header included, padded to the image's
+    /// alignment `align` (the disk's block size).
+    pub fn bytes_on_disk(self, payload_len: usize, align: u32) -> u64 {
+        (self.header_len() + payload_len).next_multiple_of(align as usize) as u64
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Lz4 => "lz4",
+            Self::Free => "free",
+        }
+    }
+}
+
 /// Runs in a full free-run chunk (its words fill one block, as a raw
 /// chunk's pfns do).
 pub const MAX_FREE_RUNS: usize = MAX_RAW_PAGES / 2;
@@ -58,28 +103,12 @@ pub struct ChunkHeader {
     pub index: u64,
     /// The save attempt's nonce.
     pub nonce: u64,
-    /// [`ENCODING_RAW`] or [`ENCODING_LZ4`].
-    pub encoding: u8,
+    /// How the payload holds the pages.
+    pub encoding: Encoding,
     /// Payload bytes before padding.
     pub payload_len: u32,
     /// [`payload_hash`](crate::payload_hash) of the payload.
     pub payload_hash: u64,
-}
-
-/// The header bytes of a chunk of `encoding`.
-pub fn header_len(encoding: u8) -> usize {
-    if encoding == ENCODING_LZ4 { LZ4_HEADER } else { PAGE }
-}
-
-/// Most words (pfns, or run pairs) a chunk of `encoding` lists.
-pub fn max_words(encoding: u8) -> usize {
-    if encoding == ENCODING_LZ4 { LZ4_GROUP } else { MAX_RAW_PAGES }
-}
-
-/// Bytes a chunk takes on disk, header included, padded to the image's
-/// alignment `align` (the disk's block size).
-pub fn bytes_on_disk(encoding: u8, payload_len: usize, align: u32) -> u64 {
-    (header_len(encoding) + payload_len).next_multiple_of(align as usize) as u64
 }
 
 /// Encodes a header for `pfns` into `h` (its whole length, one sector or
@@ -93,7 +122,7 @@ pub fn encode(h: &mut [u8], fields: &ChunkHeader, pfns: &[u64]) -> [u8; 4] {
         index: fields.index.into(),
         nonce: fields.nonce.into(),
         count: (pfns.len() as u16).into(),
-        encoding: fields.encoding,
+        encoding: fields.encoding as u8,
         header_sectors: (len / SECTOR as usize) as u8,
         payload_len: fields.payload_len.into(),
         payload_hash: fields.payload_hash.into(),
@@ -152,12 +181,9 @@ pub fn decode(h: &[u8]) -> Result<Decoded<'_>, &'static str> {
         return Err("header checksum");
     }
     let (head, rest) = ChunkHead::ref_from_prefix(h).map_err(|_| "short chunk header")?;
-    let encoding = head.encoding;
-    if ![ENCODING_RAW, ENCODING_LZ4, ENCODING_FREE].contains(&encoding) {
-        return Err("unknown encoding");
-    }
+    let encoding = Encoding::from_u8(head.encoding).ok_or("unknown encoding")?;
     let count = head.count.get() as usize;
-    if count == 0 || count > max_words(encoding) || len != header_len(encoding) || (encoding == ENCODING_FREE && count % 2 != 0) {
+    if count == 0 || count > encoding.max_words() || len != encoding.header_len() || (encoding == Encoding::Free && count % 2 != 0) {
         return Err("page count");
     }
     let pfns = <[U64]>::ref_from_bytes(&rest[..8 * count]).map_err(|_| "page count")?;
@@ -175,8 +201,8 @@ pub struct ChunkInfo {
     pub offset: u64,
     /// Pages in it.
     pub pages: u16,
-    /// Raw or LZ4.
-    pub encoding: u8,
+    /// How its payload holds its pages.
+    pub encoding: Encoding,
     /// Bytes on disk, header included.
     pub bytes: u64,
 }
@@ -188,7 +214,7 @@ mod tests {
     #[test]
     fn header_round_trips_and_keeps_the_documented_offsets() {
         let mut h = [0u8; PAGE];
-        let fields = ChunkHeader { index: 7, nonce: 0xabcd, encoding: ENCODING_RAW, payload_len: 2 * PAGE as u32, payload_hash: 99 };
+        let fields = ChunkHeader { index: 7, nonce: 0xabcd, encoding: Encoding::Raw, payload_len: 2 * PAGE as u32, payload_hash: 99 };
         let crc = encode(&mut h, &fields, &[0x10, 0x11]);
         // docs/FORMAT.md: count at 24, encoding 26, header sectors 27, pfns from 40.
         assert_eq!((&h[24..28], &h[40..48]), (&[2, 0, 0, 8][..], &0x10u64.to_le_bytes()[..]));

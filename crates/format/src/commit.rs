@@ -5,6 +5,7 @@
 //! Pages go in ascending order; those the kernel holds free ([`FreePages`])
 //! are listed rather than stored.
 
+use crate::codec::{Lz4, PageCodec};
 use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
 use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
 use crate::{BackupPair, PAGE, Range};
@@ -148,7 +149,9 @@ pub fn save<D: Device>(
     let meta_bytes = meta_len.next_multiple_of(align).max(align);
     dev.write_bytes(META_OFFSET, &meta[..meta_bytes]).map_err(sink)?;
 
-    let mut w = Writer::new(plan.nonce, plan.lz4, plan.capacity, plan.align, bufs.writer);
+    let mut lz4 = Lz4;
+    let codec: Option<&mut dyn PageCodec> = if plan.lz4 { Some(&mut lz4) } else { None };
+    let mut w = Writer::new(plan.nonce, codec, plan.capacity, plan.align, bufs.writer);
     let mut free_until = 0;
     for (pfn, is_ram) in plan.pages() {
         if is_ram && pfn >= free_until {

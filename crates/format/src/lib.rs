@@ -11,11 +11,14 @@
 extern crate std;
 
 pub mod chunk;
+pub mod codec;
 pub mod commit;
 pub mod config;
 pub mod header;
 pub mod mailbox;
 pub mod reader;
+pub mod store;
+pub mod verdict;
 pub mod writer;
 
 use crc::{CRC_32_ISCSI, Crc, Table};
@@ -119,6 +122,13 @@ pub fn cpu_vendor() -> [u8; 12] {
     v[4..8].copy_from_slice(&r.edx.to_le_bytes());
     v[8..12].copy_from_slice(&r.ecx.to_le_bytes());
     v
+}
+
+/// Whether the CPU can run 5-level paging: CPUID.(EAX=07H,ECX=0):ECX[16]
+/// (Intel SDM vol. 2A, CPUID). An image of a kernel that ran with it is
+/// resumed only on such a CPU.
+pub fn cpu_has_la57() -> bool {
+    core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 16) != 0
 }
 
 /// One page the kexec jump displaced: the caller's data of `dest` sits in `src`.

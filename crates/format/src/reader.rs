@@ -1,7 +1,8 @@
 //! The decoder: checks an image and hands its pages out, used by the host
 //! tool (verify, inspect, export) and by restore.
 
-use crate::chunk::{self, ChunkInfo, ENCODING_FREE, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, LZ4_OUT, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkInfo, Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
+use crate::codec::{Lz4, PageCodec};
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
 use crate::{CRC32C, PAGE, PayloadHasher, payload_hash};
 
@@ -145,7 +146,7 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
         let payload_at = offset + header_len as u64;
         let payload_len = fields.payload_len as usize;
         match fields.encoding {
-            ENCODING_FREE => {
+            Encoding::Free => {
                 if fields.payload_len != 0 {
                     return Err(bad("payload length"));
                 }
@@ -160,7 +161,9 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                     *slot = order.stored(pfn, &saved, header).map_err(bad)?;
                 }
                 let pfns = &pfns[..count];
-                if encoding == ENCODING_RAW {
+                // Raw pages are read where the visitor wants them (zero
+                // copy); other codecs decode from the buffers.
+                if encoding == Encoding::Raw {
                     if payload_len != count * PAGE {
                         return Err(bad("payload length"));
                     }
@@ -169,12 +172,17 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                         return Err(bad("payload checksum"));
                     }
                 } else {
-                    let chunk = LzChunk { offset, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
-                    read_lz4_chunk(src, &chunk, bufs.lz4_in, bufs.lz4_out, visitor).map_err(|e| e.at(index, offset))?;
+                    let chunk = CodedChunk { offset, encoding, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
+                    let mut lz4 = Lz4;
+                    let codec: &mut dyn PageCodec = match encoding {
+                        Encoding::Lz4 => &mut lz4,
+                        Encoding::Raw | Encoding::Free => unreachable!("handled above"),
+                    };
+                    read_coded_chunk(src, &chunk, codec, bufs.lz4_in, bufs.lz4_out, visitor).map_err(|e| e.at(index, offset))?;
                 }
             }
         }
-        let bytes = chunk::bytes_on_disk(fields.encoding, payload_len, header.align);
+        let bytes = fields.encoding.bytes_on_disk(payload_len, header.align);
         visitor.chunk(&ChunkInfo { index, offset, pages: count as u16, encoding: fields.encoding, bytes });
         offset += bytes;
     }
@@ -270,42 +278,40 @@ fn read_chunk_header<S: Source>(src: &mut S, offset: u64, align: u32, buf: &mut 
     Ok(len)
 }
 
-/// Where an LZ4 chunk is and what its header says.
-struct LzChunk<'p> {
+/// Where a coded chunk is and what its header says.
+struct CodedChunk<'p> {
     offset: u64,
+    encoding: Encoding,
     pfns: &'p [u64],
     payload_len: u32,
     hash: u64,
     align: u32,
 }
 
-/// An LZ4 chunk: read whole from its start (header again, payload, padding:
-/// whole blocks of the disk), hashed, decompressed to exactly its pages,
-/// handed out.
-fn read_lz4_chunk<S: Source>(
+/// A coded chunk: read whole from its start (header again, payload,
+/// padding: whole blocks of the disk), hashed, decoded by `codec` to
+/// exactly its pages, handed out.
+fn read_coded_chunk<S: Source>(
     src: &mut S,
-    chunk: &LzChunk,
+    chunk: &CodedChunk,
+    codec: &mut dyn PageCodec,
     buf: &mut [u8; LZ4_OUT],
     pages_buf: &mut [u8; LZ4_GROUP * PAGE],
     visitor: &mut impl Visitor<S>,
 ) -> Result<(), ChunkError<S::Error>> {
     let len = chunk.payload_len as usize;
-    if len == 0 || LZ4_HEADER + len > LZ4_OUT {
+    let head = chunk.encoding.header_len();
+    if len == 0 || head + len > LZ4_OUT {
         return Err(ChunkError::Bad("payload length"));
     }
-    let total = chunk::bytes_on_disk(ENCODING_LZ4, len, chunk.align) as usize;
+    let total = chunk.encoding.bytes_on_disk(len, chunk.align) as usize;
     src.read_at(chunk.offset, &mut buf[..total]).map_err(ChunkError::Io)?;
-    let compressed = &buf[LZ4_HEADER..LZ4_HEADER + len];
-    if payload_hash(compressed) != chunk.hash {
+    let payload = &buf[head..head + len];
+    if payload_hash(payload) != chunk.hash {
         return Err(ChunkError::Bad("payload checksum"));
     }
     let out = &mut pages_buf[..chunk.pfns.len() * PAGE];
-    match lz4_flex::block::decompress_into(compressed, out) {
-        Ok(n) if n == out.len() => {}
-        _ => {
-            return Err(ChunkError::Bad("LZ4 payload does not decompress to its pages"));
-        }
-    }
+    codec.decode(payload, out).map_err(ChunkError::Bad)?;
     for (p, data) in chunk.pfns.iter().zip(out.chunks_exact(PAGE)) {
         visitor.page(*p, data.try_into().unwrap());
     }

@@ -1,10 +1,13 @@
 //! The encoder ksave drives while saving: pages in, chunks out (layout in
-//! [`chunk`](crate::chunk)). Raw payloads are the pages themselves, written
-//! by the sink from where they lie.
+//! [`chunk`](crate::chunk)). Groups of pages go through a
+//! [`PageCodec`] when one is given and it pays; the rest are raw chunks,
+//! whose payloads are the pages themselves, written by the sink from where
+//! they lie.
 
 use crc::{Digest, Table};
 
-use crate::chunk::{self, ChunkHeader, ENCODING_FREE, ENCODING_LZ4, ENCODING_RAW, LZ4_GROUP, LZ4_HEADER, MAX_FREE_RUNS, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkHeader, Encoding, LZ4_GROUP, LZ4_HEADER, MAX_FREE_RUNS, MAX_RAW_PAGES};
+use crate::codec::PageCodec;
 use crate::header::{DATA_OFFSET, FLAG_LZ4};
 use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 
@@ -82,7 +85,8 @@ pub struct Totals {
 /// The chunk encoder.
 pub struct Writer<'b> {
     nonce: u64,
-    lz4: bool,
+    /// Tried on every group of [`LZ4_GROUP`] pages; `None`: all raw.
+    codec: Option<&'b mut dyn PageCodec>,
     capacity: u64,
     align: u32,
     offset: u64,
@@ -93,10 +97,10 @@ pub struct Writer<'b> {
     raw_hasher: PayloadHasher,
     group: [u64; LZ4_GROUP],
     group_count: usize,
-    /// Pages still to send raw without trying LZ4, and the current backoff
-    /// in groups: after a group fails to compress, the next 1, 2, 4 .. 8
-    /// groups skip the attempt (random data costs LZ4 its full time for
-    /// nothing); a group that compresses resets it.
+    /// Pages still to send raw without trying the codec, and the current
+    /// backoff in groups: after a group fails to compress, the next 1, 2,
+    /// 4 .. 8 groups skip the attempt (random data costs LZ4 its full time
+    /// for nothing); a group that compresses resets it.
     lz4_skip: usize,
     lz4_backoff: usize,
     /// Runs of free pages not yet in a chunk, as the chunk lists them:
@@ -110,14 +114,15 @@ pub struct Writer<'b> {
 pub const LZ4_MAX_BACKOFF: usize = 8;
 
 impl<'b> Writer<'b> {
-    /// A writer for attempt `nonce` into a partition of `capacity` bytes.
-    /// A writer of chunks padded to `align` (512 or 4096, the disk's block
-    /// size).
-    pub fn new(nonce: u64, lz4: bool, capacity: u64, align: u32, bufs: Buffers<'b>) -> Self {
+    /// A writer for attempt `nonce` into a store of `capacity` bytes, of
+    /// chunks padded to `align` (512 or 4096, the disk's block size), that
+    /// tries `codec` on each group of pages. The codec's payload must fit
+    /// [`chunk::LZ4_OUT`] less a header.
+    pub fn new(nonce: u64, codec: Option<&'b mut dyn PageCodec>, capacity: u64, align: u32, bufs: Buffers<'b>) -> Self {
         assert!(align == 512 || align == MAX_ALIGN);
         Self {
             nonce,
-            lz4,
+            codec,
             capacity,
             align,
             offset: DATA_OFFSET,
@@ -143,11 +148,11 @@ impl<'b> Writer<'b> {
             self.totals.pages_zero += 1;
             return Ok(());
         }
-        if self.lz4 && self.lz4_skip > 0 {
+        if self.codec.is_some() && self.lz4_skip > 0 {
             self.lz4_skip -= 1;
             self.totals.pages_lz4_skipped += 1;
             self.push_raw(pfn, page, sink)
-        } else if self.lz4 {
+        } else if self.codec.is_some() {
             let i = self.group_count;
             self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
             self.group[i] = pfn;
@@ -202,20 +207,20 @@ impl<'b> Writer<'b> {
         }
         let input = &self.bufs.lz4_in[..n * PAGE];
         let out = &mut self.bufs.lz4_out;
-        let compressed = lz4_flex::block::compress_into(input, &mut out[LZ4_HEADER..]).ok();
-        match compressed {
-            // Worth it only if it saves at least a sixteenth.
-            Some(len) if LZ4_HEADER + len <= n * PAGE * 15 / 16 => {
+        let codec = self.codec.as_mut().expect("groups are gathered only with a codec");
+        let encoding = codec.encoding();
+        match codec.encode(input, &mut out[LZ4_HEADER..]) {
+            Some(len) => {
                 // Stored pages go out in ascending order (restore relies on
                 // it): raw pages queued before this group go first.
                 self.flush_raw(sink)?;
                 let out = &mut self.bufs.lz4_out;
-                let total = chunk::bytes_on_disk(ENCODING_LZ4, len, self.align) as usize;
+                let total = encoding.bytes_on_disk(len, self.align) as usize;
                 out[LZ4_HEADER + len..total].fill(0);
                 let fields = ChunkHeader {
                     index: self.totals.chunks,
                     nonce: self.nonce,
-                    encoding: ENCODING_LZ4,
+                    encoding,
                     payload_len: len as u32,
                     payload_hash: payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]),
                 };
@@ -224,8 +229,10 @@ impl<'b> Writer<'b> {
                 sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
                 self.chunk_written(total as u64, header_crc);
                 self.totals.pages_stored += n as u64;
-                self.totals.pages_lz4 += n as u64;
-                self.totals.flags |= FLAG_LZ4;
+                if encoding == Encoding::Lz4 {
+                    self.totals.pages_lz4 += n as u64;
+                    self.totals.flags |= FLAG_LZ4;
+                }
                 self.lz4_backoff = 0;
                 Ok(())
             }
@@ -252,13 +259,13 @@ impl<'b> Writer<'b> {
         let fields = ChunkHeader {
             index: self.totals.chunks,
             nonce: self.nonce,
-            encoding: ENCODING_RAW,
+            encoding: Encoding::Raw,
             payload_len: (n * PAGE) as u32,
             payload_hash: self.raw_hasher.digest(),
         };
         self.raw_hasher.reset();
         let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
-        let total = chunk::bytes_on_disk(ENCODING_RAW, n * PAGE, self.align);
+        let total = Encoding::Raw.bytes_on_disk(n * PAGE, self.align);
         self.check_room(total)?;
         sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
         self.chunk_written(total, header_crc);
@@ -271,9 +278,9 @@ impl<'b> Writer<'b> {
         if n == 0 {
             return Ok(());
         }
-        let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding: ENCODING_FREE, payload_len: 0, payload_hash: payload_hash(&[]) };
+        let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding: Encoding::Free, payload_len: 0, payload_hash: payload_hash(&[]) };
         let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.free[..2 * n]);
-        let total = chunk::bytes_on_disk(ENCODING_FREE, 0, self.align);
+        let total = Encoding::Free.bytes_on_disk(0, self.align);
         self.check_room(total)?;
         sink.write_bytes(self.offset, &self.bufs.raw_header[..]).map_err(WriteError::Sink)?;
         self.chunk_written(total, header_crc);

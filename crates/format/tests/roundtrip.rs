@@ -191,7 +191,7 @@ struct Loaded {
     pages: BTreeMap<u64, Vec<u8>>,
     free: Vec<(u64, u64)>,
     /// Each chunk's offset and encoding.
-    chunks: Vec<(u64, u8)>,
+    chunks: Vec<(u64, chunk::Encoding)>,
 }
 
 impl<'a> reader::Visitor<&'a [u8]> for Loaded {
@@ -284,7 +284,7 @@ fn flip(image: &[u8], at: usize) -> Vec<u8> {
     v
 }
 
-fn chunk_offsets(image: &[u8]) -> Vec<(u64, u8)> {
+fn chunk_offsets(image: &[u8]) -> Vec<(u64, chunk::Encoding)> {
     load_all(image).unwrap().chunks
 }
 
@@ -293,8 +293,8 @@ fn every_corruption_is_caught() {
     let mem = memory(4);
     let (image, _) = save(&mem, true, 8 << 20).unwrap();
     let chunks = chunk_offsets(&image);
-    let raw = chunks.iter().find(|c| c.1 == chunk::ENCODING_RAW).unwrap().0 as usize;
-    let lz4 = chunks.iter().find(|c| c.1 == chunk::ENCODING_LZ4).unwrap().0 as usize;
+    let raw = chunks.iter().find(|c| c.1 == chunk::Encoding::Raw).unwrap().0 as usize;
+    let lz4 = chunks.iter().find(|c| c.1 == chunk::Encoding::Lz4).unwrap().0 as usize;
 
     assert_eq!(load(&flip(&image, 20)).err(), Some(ReadError::Header(HeaderError::Checksum)), "header bit");
     assert_eq!(load(&flip(&image, META_OFFSET as usize + 3)).err(), Some(ReadError::Header(HeaderError::Checksum)), "metadata bit");

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use ksave_format::PAGE;
-use ksave_format::chunk::{ENCODING_LZ4, ENCODING_RAW};
+use ksave_format::chunk::Encoding;
 use ksave_format::header::State;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::inspect;
@@ -20,16 +20,16 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
     let mut runs = Vec::new();
     let walked = if image.header.state == State::Complete {
         let chunk = |c: &ksave_format::chunk::ChunkInfo| match c.encoding {
-            ENCODING_RAW => {
+            Encoding::Raw => {
                 raw += 1;
                 raw_bytes += c.bytes;
             }
-            ENCODING_LZ4 => {
+            Encoding::Lz4 => {
                 lz4 += 1;
                 lz4_bytes += c.bytes;
                 lz4_pages += c.pages as u64;
             }
-            _ => free_chunks += 1,
+            Encoding::Free => free_chunks += 1,
         };
         inspect::walk(&mut file, &image, inspect::Walk::new(|_, _| {}, |first, n| runs.push((first, n)), chunk)).map_err(|e| format!("{e:#}"))
     } else {

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use diskdrv::part::Guid;
-use ksave_format::header::{FLAG_IOMMU_LEFT_ON, FLAG_RESUME_ATTEMPTED, State};
+use ksave_format::header::FLAG_RESUME_ATTEMPTED;
+use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
@@ -24,7 +25,12 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) 
     };
     // attempt() returns only when it did not resume.
     let why = match attempt(partuuid.clone(), elf, &say) {
-        Ok(why) => why,
+        Ok(NotResumed { refusal, why }) => {
+            if let Some(r) = refusal {
+                say(format!("ksave-metric refusal={}", r.code()));
+            }
+            why
+        }
         Err(e) if or_invalidate => format!("{e:#}"),
         Err(e) => return Err(e),
     };
@@ -37,8 +43,15 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) 
     Ok(ExitCode::FAILURE)
 }
 
+/// Why there was no resume: the verdict's refusal when there was one to
+/// give, and the sentence.
+struct NotResumed {
+    refusal: Option<Refusal>,
+    why: String,
+}
+
 /// Hands the machine to ksave (does not return) or says why not.
-fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String)) -> Result<String> {
+fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String)) -> Result<NotResumed> {
     let setup = match (&partuuid, Setup::load(&setup::path())) {
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
@@ -52,35 +65,34 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
     let mut file = ImageFile::open(&setup.device, false)?;
     let image = match inspect::read(&mut file) {
         Ok(i) => i,
-        Err(e) => return Ok(format!("{e:#}")),
+        Err(e) => return Ok(NotResumed { refusal: None, why: format!("{e:#}") }),
     };
-    // The host checks all it can; ksave checks everything again, and every
-    // checksum, before it writes a byte.
-    let why_not = if image.header.state != State::Complete {
-        Some(format!("the image is {} ({})", image.header.state.name(), image.header.message()))
-    } else if image.header.flags & FLAG_RESUME_ATTEMPTED != 0 {
-        // An earlier boot handed it to ksave, which neither resumed it nor
-        // could mark it (no disk it drives, a reset): never loop on it.
-        let why = "an earlier resume of this image did not finish";
-        ImageFile::open(&setup.device, true)?.invalidate(Some(why))?;
-        Some(format!("{why}; image invalidated"))
-    } else if image.ram != sys::ram_ranges()? {
-        Some("the image was made with another RAM map".to_string())
-    } else if image.nvs != sys::nvs_ranges()? {
-        Some("the image was made with another ACPI NVS map".to_string())
-    } else if image.header.flags & FLAG_IOMMU_LEFT_ON != 0 {
-        Some("the image is a snapshot only: its kernel's IOMMU was translating at the jump".to_string())
-    } else if image.header.cpu_vendor != ksave_format::cpu_vendor() {
-        Some("the image was made on another CPU vendor".to_string())
-    } else if let Some(saved) = image.header.facs_signature
-        && sys::acpi_hardware_signature() != Some(saved)
-    {
-        Some(format!("the ACPI hardware signature changed or cannot be read (saved {saved:#x}): the hardware configuration changed"))
-    } else {
-        None
+    // The host checks all it can, by the same verdict as ksave; ksave
+    // checks everything again, and every checksum, before it writes a byte.
+    let (ram, nvs) = (sys::ram_ranges()?, sys::nvs_ranges()?);
+    let here = Here {
+        resumer: Resumer::Host,
+        ram: &ram,
+        nvs: &nvs,
+        cpu_vendor: ksave_format::cpu_vendor(),
+        la57: ksave_format::cpu_has_la57(),
+        facs_signature: sys::acpi_hardware_signature(),
+        own: None,
+        reach: u64::MAX,
     };
-    if let Some(why) = why_not {
-        return Ok(why);
+    let meta = image.meta();
+    match verdict::resumable(&image.header, meta.as_ref().map_err(|e| *e), &here) {
+        Ok(()) => {}
+        Err(refusal @ Refusal::EarlierAttemptUnfinished) => {
+            // An earlier boot handed it to ksave, which neither resumed it
+            // nor could mark it (no disk it drives, a reset): never loop.
+            ImageFile::open(&setup.device, true)?.invalidate(Some(&refusal.to_string()))?;
+            return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal}; image invalidated") });
+        }
+        Err(refusal @ (Refusal::SaveFailed | Refusal::AlreadyResumed | Refusal::Incomplete)) => {
+            return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal} ({})", image.header.message()) });
+        }
+        Err(refusal) => return Ok(NotResumed { refusal: Some(refusal), why: refusal.to_string() }),
     }
     let config = load::attempt_config(&setup)?;
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
