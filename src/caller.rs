@@ -1,21 +1,21 @@
 //! The kexec caller: ksave entered by `kexec -e` of an image loaded with
-//! `--load-preserve-context`. Who called, what the jump displaced (the
-//! backup map, walked and proven once here), the save, and the way back.
+//! `--load-preserve-context`. Who called and what the jump left (read once
+//! into a [`Caller`]), the save, and the way back.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
-use bootinfo::kexec::{self, CallerContext, CallerView, Coverage, Displaced, EntryState, WalkError};
+use bootinfo::kexec::{self, CallerContext, EntryState};
 use bootinfo::pagewalk;
 use freepages::buddy::Scanner;
 use freepages::vmcoreinfo::Info;
-use ksave_format::header::MAX_BACKUP_PAIRS;
 use ksave_format::header::fail;
-use ksave_format::{BackupPair, PAGE, Range};
+use ksave_format::{PAGE, Range};
 
+use crate::jump::{BackupMap, Caller, Displacement, KernelView};
 use crate::layout::image_range;
 use crate::message::Message;
-use crate::physmem::{IdentityMapped, RamOnly};
-use crate::work::Exclusive;
+use crate::physmem::IdentityMapped;
+use crate::wayback::{self, bail_out, return_to_caller};
 use crate::{config, heap, paging, println};
 
 /// Kexec-jump entries since the image was loaded. In .data, not .bss, so it
@@ -23,24 +23,9 @@ use crate::{config, heap, paging, println};
 #[unsafe(link_section = ".data.persistent")]
 static ENTRIES: AtomicU32 = AtomicU32::new(0);
 
-/// The caller's re-entry address on this entry, 0 when not entered by kexec.
-static REENTRY: AtomicU64 = AtomicU64::new(0);
-
-/// The GDT to leave in GDTR for the caller (base; 0 for none), found once
-/// per entry by [`kernel_gdt`].
-static RETURN_GDT: AtomicU64 = AtomicU64::new(0);
-
-/// The caller's re-entry address, if ksave was entered by a kexec jump.
-pub fn reentry() -> Option<u64> {
-    match REENTRY.load(Ordering::Relaxed) {
-        0 => None,
-        r => Some(r),
-    }
-}
-
 /// Reports the caller, saves it if ksave.elf is configured, and jumps back.
 pub fn run(reentry: u64, caller_rsp: u64) -> ! {
-    REENTRY.store(reentry, Ordering::Relaxed);
+    wayback::set_reentry(reentry);
     let entry = ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
     let (start, end) = image_range();
     println!("ksave {}: entered by kexec jump (entry {entry})", env!("CARGO_PKG_VERSION"));
@@ -70,8 +55,13 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
                 (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
             };
             let return_gdt = kernel_gdt(&ctx, ram, view.as_ref(), kernel.as_ref().ok());
+            let caller = Caller { ctx: &ctx, backup: &backup, return_gdt, view: view.as_ref(), kernel };
             match &config {
-                Ok(config) => crate::save::run(config, &ctx, &backup, return_gdt, view.as_ref(), kernel),
+                Ok(config) => {
+                    if let Err(f) = crate::save::run(config, &caller) {
+                        bail_out(f.code, format_args!("{}", f.message.as_str()));
+                    }
+                }
                 Err(e) => println!("ksave: not saving: {e}"),
             }
         }
@@ -79,20 +69,18 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
             // The config's host info names the kernel (hostname, release).
             let kernel = config.as_ref().map_or("an unknown kernel", |c| c.info());
             println!("ksave:   control page not usable, not saving: {e} (caller: {kernel})");
-            // The host tool reads the reason from the partition.
+            // The host tool reads the reason from the partition, or else
+            // from its mailbox.
             if let Ok(config) = &config {
-                crate::save::record_refusal(config, fail::CONTEXT, format_args!("the control page of {kernel} is not usable: {e}"));
+                let why = format_args!("the control page of {kernel} is not usable: {e}");
+                crate::save::record_refusal(config, fail::CONTEXT, why);
+                bail_out(fail::CONTEXT, why);
             }
         }
     }
     println!("ksave: returning to caller");
     return_to_caller(reentry)
 }
-
-/// Most displaced pages recorded: an exact map lists only ksave's own pages,
-/// so a longer one is refused anyway (1 MiB of image; the image is half that).
-pub const MAX_PAIRS: usize = 256;
-const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
 
 /// Maps the caller's RAM and NVS into ksave's identity map where the CPU
 /// needs that (no 1 GiB pages, RAM above 4 GiB); what stays unmapped is
@@ -143,7 +131,7 @@ fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&KernelVi
     match found {
         Ok(va) => {
             println!("ksave:   return GDT: the kernel's own at {va:#x} (the kernel {} it itself)", if reloads { "also reloads" } else { "does not reload" });
-            RETURN_GDT.store(va, Ordering::Relaxed);
+            wayback::set_return_gdt(va);
             Some((va, pagewalk::LINUX_GDT_LIMIT))
         }
         Err(why) if reloads => {
@@ -157,43 +145,6 @@ fn kernel_gdt(ctx: &CallerContext, ram: Option<&[Range]>, view: Option<&KernelVi
             );
             None
         }
-    }
-}
-
-/// What the jump swapped, for reading the caller's memory as the caller
-/// sees it ([`kexec::CallerView`]); only from a backup map that is exactly
-/// ksave's pages.
-pub struct Displacement<'r> {
-    /// The caller's RAM, the only memory the view reads.
-    ram: RamOnly<'r>,
-    start: u64,
-    count: usize,
-    /// `sources[i]`: where the caller's page `start + i` pages is now.
-    sources: [u64; MAX_PAIRS],
-    scratch: [u16; MAX_PAIRS],
-}
-
-/// The caller's memory as it sees it, reading only its RAM.
-pub type KernelView<'v> = CallerView<'v, RamOnly<'v>>;
-
-impl<'r> Displacement<'r> {
-    /// The displacement `backup` describes, if it is exactly ksave's pages
-    /// from `own_start` on, over the caller's RAM map `ram`.
-    pub fn new(backup: &BackupMap, own_start: u64, ram: Option<&'r [Range]>) -> Option<Self> {
-        if !backup.outcome().is_ok_and(|cov| cov.is_exact()) {
-            return None;
-        }
-        let mut d = Self { ram: RamOnly(ram), start: own_start, count: backup.pairs().len(), sources: [0; MAX_PAIRS], scratch: [0; MAX_PAIRS] };
-        for p in backup.pairs() {
-            d.sources[((p.dest - own_start) / PAGE as u64) as usize] = p.src;
-        }
-        Some(d)
-    }
-
-    /// The caller's memory as it will be once the swap is undone.
-    pub fn view(&mut self) -> KernelView<'_> {
-        let n = self.count;
-        kexec::CallerView::new(&self.ram, self.start, &self.sources[..n], &mut self.scratch[..n])
     }
 }
 
@@ -220,134 +171,3 @@ fn entry_state(reentry: u64, rsp: u64) -> EntryState {
     EntryState { reentry, rsp, cr3, cr4, gdtr_base, gdtr_limit }
 }
 
-static PAIRS: Exclusive<[BackupPair; MAX_PAIRS]> = Exclusive::new([BackupPair { dest: 0, src: 0 }; MAX_PAIRS]);
-
-/// The pages the jump displaced, walked once from the caller's indirection
-/// list, and how they cover ksave's own range.
-pub struct BackupMap {
-    pairs: &'static [BackupPair],
-    outcome: Result<Coverage, MapError>,
-    /// Whether every page address was checked against a RAM map.
-    ram_checked: bool,
-}
-
-/// Why the backup map cannot be used.
-#[derive(Clone, Copy, Debug)]
-pub enum MapError {
-    /// The list itself is broken.
-    Walk(WalkError),
-    /// It lists more pages than ksave has ([`MAX_PAIRS`]).
-    TooLong,
-}
-
-impl BackupMap {
-    /// Walks the list behind `ctx`. Every page address it names must be in
-    /// `ram`, the caller's RAM map; without one (ksave.elf not configured,
-    /// so nothing will be saved) addresses are only checked to be readable.
-    #[inline(never)] // entry-time work: its frame is gone before the save
-    pub fn walk(ctx: &CallerContext, ram: Option<&[Range]>, own: Range) -> Self {
-        let storage = PAIRS.take();
-        let is_ram = |addr: u64| ram.is_none_or(|ram| ram.iter().any(|r| r.contains(addr)));
-        let mut n = 0;
-        let mut too_long = false;
-        let walked = kexec::walk(ctx.backup_head, &IdentityMapped, is_ram, |d| match storage.get_mut(n) {
-            Some(slot) => {
-                *slot = BackupPair { dest: d.dest, src: d.src };
-                n += 1;
-            }
-            None => too_long = true,
-        });
-        let pairs = &storage[..n];
-        let outcome = match walked {
-            Err(e) => Err(MapError::Walk(e)),
-            Ok(_) if too_long => Err(MapError::TooLong),
-            Ok(_) => {
-                let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
-                let displaced = pairs.iter().map(|p| Displaced { dest: p.dest, src: p.src });
-                Ok(kexec::coverage(displaced, own.start, own.end, &mut seen))
-            }
-        };
-        Self { pairs, outcome, ram_checked: ram.is_some() }
-    }
-
-    /// The displaced pages, in list order.
-    pub fn pairs(&self) -> &[BackupPair] {
-        self.pairs
-    }
-
-    /// Whether any page in `[start, end)` is where the jump moved a caller
-    /// page to (a page kexec allocated: never free).
-    pub fn has_source_in(&self, start: u64, end: u64) -> bool {
-        self.pairs.iter().any(|p| start <= p.src && p.src < end)
-    }
-
-    /// How the map covers ksave's range, or why it is unusable.
-    pub fn outcome(&self) -> Result<Coverage, MapError> {
-        self.outcome
-    }
-
-    /// One banner line: whether the displaced pages are exactly ksave's own.
-    fn report(&self) {
-        let unchecked = if self.ram_checked { "" } else { " (not checked against a RAM map: ksave.elf is not configured)" };
-        match self.outcome {
-            Ok(cov) if cov.is_exact() => {
-                println!("ksave:   backup map: {} pages displaced ({} in place), exactly ksave's own range{unchecked}", cov.pairs, cov.in_place)
-            }
-            Ok(cov) => println!(
-                "ksave:   backup map: {} pages displaced, NOT exactly ksave's range: {} outside, {} twice, {} uncovered, {} sources inside",
-                cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
-            ),
-            Err(MapError::Walk(e)) => println!("ksave:   backup map rejected: {e:?}"),
-            Err(MapError::TooLong) => {
-                println!("ksave:   backup map rejected: more than {MAX_PAIRS} pages")
-            }
-        }
-    }
-}
-
-unsafe extern "C" {
-    /// asm/entry.s: loads `gdtr` (if not null), then `call`s `reentry` on
-    /// ksave's stack, the way a kexec jump returns; the caller's next
-    /// `kexec -e` comes in at the entry.
-    fn ksave_return_to_caller(reentry: u64, gdtr: *const [u8; 10]) -> !;
-}
-
-/// A GDTR pseudo-descriptor (Intel SDM vol. 3A 3.5.1): limit, then base.
-fn pseudo_descriptor(base: u64, limit: u16) -> [u8; 10] {
-    let mut d = [0u8; 10];
-    d[..2].copy_from_slice(&limit.to_le_bytes());
-    d[2..].copy_from_slice(&base.to_le_bytes());
-    d
-}
-
-/// Returns to the kexec caller, with the kernel's GDT in GDTR if it was
-/// found. Never returns here: the next `kexec -e` comes in through the
-/// entry point again.
-pub fn return_to_caller(reentry: u64) -> ! {
-    let gdtr = match RETURN_GDT.load(Ordering::Relaxed) {
-        0 => None,
-        base => Some(pseudo_descriptor(base, pagewalk::LINUX_GDT_LIMIT)),
-    };
-    // SAFETY: reentry is the address the caller's relocate_kernel left at
-    // [rsp] on entry; it lies in the caller's control page, which our
-    // identity map covers and which we never wrote. The caller switches to
-    // its own stack and tables. The GDT, if any, is the caller's own,
-    // translated through its page tables (kernel_gdt); from the lgdt on,
-    // ksave takes no exception.
-    unsafe { ksave_return_to_caller(reentry, gdtr.as_ref().map_or(core::ptr::null(), |d| d as *const _)) }
-}
-
-/// Goes into a saved kernel the way its kexec jump would have come back:
-/// a `call` of its re-entry address (resume, after the image is loaded),
-/// with the GDT the image recorded (base 0: none).
-///
-/// # Safety
-/// `reentry` and `gdt` must be what a complete image recorded, and that
-/// image must be loaded, identity-mapped, into this machine's RAM.
-pub unsafe fn enter_saved_kernel(reentry: u64, gdt: (u64, u16)) -> ! {
-    let gdtr = pseudo_descriptor(gdt.0, gdt.1);
-    let gdtr = if gdt.0 == 0 { core::ptr::null() } else { &gdtr as *const _ };
-    // SAFETY: upheld by the caller: the control page and everything the
-    // saved kernel's return path touches is back in place.
-    unsafe { ksave_return_to_caller(reentry, gdtr) }
-}

@@ -156,14 +156,10 @@ extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
     print_call_chain(frame.rbp);
     // Saving: ksave wrote nothing of the caller's, so the caller can go on;
     // halting would lose it. The header on disk still says *writing*.
-    if let Some(reentry) = crate::caller::reentry() {
-        crate::disks::close_after_exception();
+    if crate::wayback::reentry().is_some() {
         println!("ksave: save FAILED: CPU exception {} ({name}); returning to the caller", frame.vector);
-        if let Ok(config) = crate::config::load() {
-            let why = format_args!("CPU exception {} ({name}) at RIP {:#x}, CR2 {cr2:#x} during the save", frame.vector, frame.rip);
-            crate::save::post_to_mailbox(&config, ksave_format::header::fail::EXCEPTION, why);
-        }
-        crate::caller::return_to_caller(reentry);
+        let why = format_args!("CPU exception {} ({name}) at RIP {:#x}, CR2 {cr2:#x} during the save", frame.vector, frame.rip);
+        crate::wayback::bail_out(ksave_format::header::fail::EXCEPTION, why);
     }
     stop(ExitCode::Exception)
 }

@@ -11,7 +11,7 @@ use ksave_format::commit::FreePages;
 use ksave_format::config::{Config, MAX_VMCOREINFO};
 use ksave_format::{PAGE, Range};
 
-use crate::caller::{BackupMap, KernelView};
+use crate::jump::{BackupMap, KernelView};
 use crate::message::Message;
 
 /// Reads the note and checks it describes the caller; the reason if not.

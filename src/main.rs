@@ -20,6 +20,7 @@ mod disktest;
 mod free;
 mod heap;
 mod hw;
+mod jump;
 mod layout;
 mod message;
 mod paging;
@@ -28,6 +29,7 @@ mod qemu;
 mod resume;
 mod save;
 mod store;
+mod wayback;
 mod work;
 
 core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));
@@ -83,11 +85,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("ksave: panic: {info}");
     // A panic is a bug in ksave, not damage to the caller: ksave writes only
     // its own pages, so a kexec caller can safely be given control back.
-    if let Some(reentry) = caller::reentry() {
-        disks::close_after_exception();
-        println!("ksave: returning to the caller after the panic");
-        caller::return_to_caller(reentry);
-    }
+    wayback::bail_out(ksave_format::header::fail::EXCEPTION, format_args!("ksave panicked: {info}"));
     cpu::stop(qemu::ExitCode::Failure)
 }
 

@@ -29,7 +29,7 @@ use crate::layout::image_range;
 use crate::message::Message;
 use crate::store::{DiskStore, StoreIoError};
 use crate::work::{self, Work};
-use crate::{caller, config, cpu, paging, physmem, println};
+use crate::{config, cpu, paging, physmem, println, wayback};
 
 /// Why the image is not resumed: the verdict's reason, what ksave knows
 /// more (a disk's error, why the hardware signature is unknown), and
@@ -371,6 +371,6 @@ fn jump_to_saved_kernel(back: &WayBack) -> ! {
     unsafe {
         paging::set_la57(back.la57);
         x86::msr::wrmsr(MSR_EFER, x86::msr::rdmsr(MSR_EFER) | EFER_NXE);
-        caller::enter_saved_kernel(back.reentry, back.gdt)
+        wayback::enter_saved_kernel(back.reentry, back.gdt)
     }
 }

@@ -9,7 +9,6 @@
 //! checksum, LZ4) and DMA'd from where they lie; ksave's own working memory
 //! is in its image; device registers are put back as found.
 
-use bootinfo::kexec::CallerContext;
 use diskdrv::ide::Mode;
 use diskdrv::SECTOR;
 use freepages::vmcoreinfo::Rule;
@@ -18,9 +17,8 @@ use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, fail};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{PAGE, Range};
-use zerocopy::FromBytes;
 
-use crate::caller::{BackupMap, KernelView, MapError};
+use crate::jump::{BackupMap, Caller, MapError};
 use crate::disks::{self, CloseOnException, OpenPartition};
 use crate::store::{DiskStore, StoreIoError};
 use crate::free::CallerFree;
@@ -30,12 +28,13 @@ use crate::message::Message;
 use crate::physmem;
 use crate::work::{self, Work};
 use crate::{paging, println};
-use freepages::vmcoreinfo::Info;
 
 /// Why a save did not happen, with the code for the status record.
 pub struct Failure {
-    code: u32,
-    message: Message,
+    /// `ksave_format::header::fail`'s code.
+    pub code: u32,
+    /// Why, for people.
+    pub message: Message,
 }
 
 macro_rules! fail {
@@ -154,62 +153,34 @@ pub struct Summary {
     us: u64,
 }
 
-/// Saves the caller's RAM as `config` says; `backup` is the caller's
-/// backup map, walked at entry.
+/// Saves `caller`'s RAM as `config` says, or says why not: then, once the
+/// partition is open, the reason is also recorded on it (the caller bails
+/// out with it, which leaves it in the host tool's mailbox too).
 #[inline(never)] // its own frame, so that the stack it needs can be read off
-pub fn run(config: &Config, ctx: &CallerContext, backup: &BackupMap, return_gdt: Option<(u64, u16)>, view: Option<&KernelView>, kernel: Result<Info, Message>) {
+pub fn run(config: &Config, caller: &Caller) -> Result<(), Failure> {
     let guid = config.partition_guid;
     println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
     let mut part = match disks::open_partition(guid, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
-            post_to_mailbox(config, fail::PARTITION, format_args!("{e}; nothing written"));
-            return;
+            return Err(fail!(fail::PARTITION, "{e}; nothing written"));
         }
     };
     let start = hw::now_us();
     let work = work::take();
     let guard = CloseOnException::register(&mut part);
-    let caller = Caller { ctx, backup, return_gdt, view, kernel };
-    match save(config, &caller, &mut part, work, start) {
-        Ok(s) => report(&s),
+    let outcome = save(config, caller, &mut part, work, start);
+    match &outcome {
+        Ok(s) => report(s),
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
-            record(&mut part, config, &f, &mut work.block);
-            post_to_mailbox(config, f.code, format_args!("{}", f.message.as_str()));
+            record(&mut part, config, f, &mut work.block);
         }
     }
     drop(guard);
     part.close();
-}
-
-/// Leaves the reason in the host tool's mailbox page too: the one place it
-/// can be read when the partition is what failed. Only into a page the
-/// config names that is the caller's RAM, outside ksave, and stamped for
-/// this attempt; and only once the attempt has failed, so no image is
-/// being made of that memory.
-pub fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
-    let pa = config.mailbox;
-    let Some(pa_end) = pa.checked_add(PAGE as u64) else {
-        return;
-    };
-    let (start, end) = image_range();
-    let in_ram = config.ram().iter().any(|r| r.start <= pa && pa_end <= r.end);
-    if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa_end > paging::identity_end() {
-        return;
-    }
-    // SAFETY: a whole page of the caller's RAM inside ksave's identity map
-    // (checked above), not address 0; the caller is stopped, and the host
-    // tool lent this page for exactly this (it checks the stamp below too).
-    let page = unsafe { &mut *(pa as *mut [u8; PAGE]) };
-    let Ok((mailbox, _)) = ksave_format::mailbox::Mailbox::mut_from_prefix(page) else {
-        return;
-    };
-    if mailbox.is_for(config.nonce) {
-        mailbox.post(code, Message::format(why).as_str());
-        println!("ksave: reason left in the host tool's mailbox at {pa:#x}");
-    }
+    outcome.map(|_| ())
 }
 
 /// Writes a *failed* record of `failure` for the host tool to read.
@@ -226,7 +197,6 @@ fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &
 /// that `ksave hibernate` can say it.
 pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
     let refusal = Failure { code, message: Message::format(why) };
-    post_to_mailbox(config, code, format_args!("{}", refusal.message.as_str()));
     let mut part = match disks::open_partition(config.partition_guid, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
@@ -240,17 +210,6 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
         Err(e) => println!("ksave: could not record the failure either: {}", e.message.as_str()),
     }
     part.close();
-}
-
-/// What ksave learned about the caller at entry.
-struct Caller<'a> {
-    ctx: &'a CallerContext,
-    backup: &'a BackupMap,
-    return_gdt: Option<(u64, u16)>,
-    /// Its memory as it sees it (only with an exact backup map).
-    view: Option<&'a KernelView<'a>>,
-    /// Its own description (vmcoreinfo), or why there is none.
-    kernel: Result<Info, Message>,
 }
 
 /// The stages, in order; the first that fails says why.
@@ -342,7 +301,7 @@ fn require_exact(backup: &BackupMap) -> Result<(), Failure> {
             cov.sources_inside
         )),
         Err(MapError::Walk(e)) => Err(fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}")),
-        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", crate::caller::MAX_PAIRS)),
+        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", crate::jump::MAX_PAIRS)),
     }
 }
 
