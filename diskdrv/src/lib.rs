@@ -195,6 +195,40 @@ pub enum DiskError {
     Unsupported(&'static str),
 }
 
+/// An NVMe status: status code type and status code (NVMe 1.4, 4.6.1), as
+/// [`DiskError::Nvme`] carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvmeStatus(pub u16);
+
+impl NvmeStatus {
+    /// Status code type (0 generic, 1 command specific, 2 media/data integrity, 3 path).
+    pub fn code_type(self) -> u8 {
+        (self.0 >> 8 & 7) as u8
+    }
+
+    /// Status code.
+    pub fn code(self) -> u8 {
+        self.0 as u8
+    }
+
+    /// What it means, for the common ones.
+    pub fn meaning(self) -> &'static str {
+        match (self.code_type(), self.code()) {
+            (0, 0x02) => "invalid field in command",
+            (0, 0x04) => "data transfer error",
+            (0, 0x06) => "internal error",
+            (0, 0x0B) => "invalid namespace or format",
+            (0, 0x80) => "LBA out of range",
+            (0, 0x81) => "capacity exceeded",
+            (0, 0x82) => "namespace not ready",
+            (2, 0x80) => "write fault",
+            (2, 0x81) => "unrecovered read error",
+            (2, 0x86) => "access denied",
+            _ => "see the NVMe status code tables",
+        }
+    }
+}
+
 impl fmt::Display for DiskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -206,7 +240,7 @@ impl fmt::Display for DiskError {
                 write!(f, "interface error on command {command:#04x} at LBA {lba}: {detail:#x}")
             }
             Self::Nvme { opcode, lba, status } => {
-                let s = nvme::Status(status);
+                let s = NvmeStatus(status);
                 write!(f, "NVMe command {opcode:#04x} at LBA {lba}: status type {} code {:#04x} ({})", s.code_type(), s.code(), s.meaning())
             }
             Self::Virtio { request, lba, status } => {

@@ -189,38 +189,7 @@ struct Saved {
     intms: u32,
 }
 
-/// An NVMe status: status code type and status code (section 4.6.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Status(pub u16);
-
-impl Status {
-    /// Status code type (0 generic, 1 command specific, 2 media/data integrity, 3 path).
-    pub fn code_type(self) -> u8 {
-        (self.0 >> 8 & 7) as u8
-    }
-
-    /// Status code.
-    pub fn code(self) -> u8 {
-        self.0 as u8
-    }
-
-    /// What it means, for the common ones.
-    pub fn meaning(self) -> &'static str {
-        match (self.code_type(), self.code()) {
-            (0, 0x02) => "invalid field in command",
-            (0, 0x04) => "data transfer error",
-            (0, 0x06) => "internal error",
-            (0, 0x0B) => "invalid namespace or format",
-            (0, 0x80) => "LBA out of range",
-            (0, 0x81) => "capacity exceeded",
-            (0, 0x82) => "namespace not ready",
-            (2, 0x80) => "write fault",
-            (2, 0x81) => "unrecovered read error",
-            (2, 0x86) => "access denied",
-            _ => "see the NVMe status code tables",
-        }
-    }
-}
+pub use crate::NvmeStatus as Status;
 
 /// One namespace of an NVMe controller, open.
 pub struct NvmeDisk<'m, H: Hal> {

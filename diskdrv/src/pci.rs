@@ -4,6 +4,12 @@
 
 use crate::Hal;
 
+/// PCI vendor of virtio devices, and the block device's IDs (transitional,
+/// modern; virtio 1.1, 4.1.2): discovery's, so they live with it.
+pub const VIRTIO_VENDOR: u16 = 0x1AF4;
+/// Device IDs of a virtio block device.
+pub const VIRTIO_BLOCK_DEVICES: [u16; 2] = [0x1001, 0x1042];
+
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
 
@@ -180,8 +186,8 @@ impl StorageKind {
     /// What a PCI function with these IDs and class is, if the drivers
     /// drive it. The one list: discovery here and `ksave setup` use it.
     pub fn of(vendor: u16, device: u16, class: (u8, u8, u8)) -> Option<Self> {
-        if vendor == crate::virtio::VENDOR {
-            return crate::virtio::BLOCK_DEVICES.contains(&device).then_some(Self::VirtioBlk);
+        if vendor == VIRTIO_VENDOR {
+            return VIRTIO_BLOCK_DEVICES.contains(&device).then_some(Self::VirtioBlk);
         }
         match class {
             (0x01, 0x06, 0x01) => Some(Self::Ahci),

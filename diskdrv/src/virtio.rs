@@ -21,11 +21,6 @@ use crate::hal::{mmio_write64 as write64, poll};
 use crate::pci::{self, Address, Bar};
 use crate::{BlockDevice, Direction, DiskError, DiskInfo, Hal, Pieces, SECTOR, Segment, check_request};
 
-/// PCI vendor of virtio devices, and the block device's IDs (transitional,
-/// modern; virtio 1.1, 4.1.2).
-pub const VENDOR: u16 = 0x1AF4;
-/// Device IDs of a block device.
-pub const BLOCK_DEVICES: [u16; 2] = [0x1001, 0x1042];
 
 // Virtio PCI capability types (4.1.4).
 const CAP_COMMON: u8 = 1;
