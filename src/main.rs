@@ -85,7 +85,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("ksave: panic: {info}");
     // A panic is a bug in ksave, not damage to the caller: ksave writes only
     // its own pages, so a kexec caller can safely be given control back.
-    wayback::bail_out(ksave_format::header::fail::EXCEPTION, format_args!("ksave panicked: {info}"));
+    wayback::bail_out(ksave_format::header::fail::PANIC, format_args!("ksave panicked: {info}"));
     cpu::stop(qemu::ExitCode::Failure)
 }
 

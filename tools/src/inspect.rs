@@ -7,6 +7,8 @@ use ksave_format::reader;
 use ksave_format::{BackupPair, PAGE, Range};
 
 use crate::imagefile::ImageFile;
+use crate::sys;
+use ksave_format::verdict::{self, Here, Refusal, Resumer};
 
 /// An image's header and metadata.
 pub struct Image {
@@ -35,9 +37,23 @@ pub fn read(file: &mut ImageFile) -> Result<Image> {
 }
 
 impl Image {
-    /// The metadata, parsed (for the resume verdict).
-    pub fn meta(&self) -> Result<Meta<'_>, ksave_format::header::HeaderError> {
-        Meta::parse(&self.header, &self.meta[..])
+    /// The resume verdict on this machine, asked as ksave asks it
+    /// (`verdict::resumable`); ksave asks again at the resume, with its
+    /// own load range and reach, which the host does not know.
+    pub fn verdict_here(&self) -> Result<Result<(), Refusal>> {
+        let (ram, nvs) = (sys::ram_ranges()?, sys::nvs_ranges()?);
+        let here = Here {
+            resumer: Resumer::Host,
+            ram: &ram,
+            nvs: &nvs,
+            cpu_vendor: ksave_format::cpu_vendor(),
+            la57: ksave_format::cpu_has_la57(),
+            facs_signature: sys::acpi_hardware_signature(),
+            own: None,
+            reach: u64::MAX,
+        };
+        let meta = Meta::parse(&self.header, &self.meta[..]);
+        Ok(verdict::resumable(&self.header, meta.as_ref().map_err(|e| *e), &here))
     }
 
     /// Every range whose pages the image holds: RAM, then NVS.

@@ -426,6 +426,8 @@ pub mod fail {
     pub const CONTEXT: u32 = 7;
     /// ksave took a CPU exception (reported through the mailbox).
     pub const EXCEPTION: u32 = 8;
+    /// ksave panicked: a bug in ksave (reported through the mailbox).
+    pub const PANIC: u32 = 9;
 }
 
 /// What the metadata blocks list: the memory saved and where the caller's

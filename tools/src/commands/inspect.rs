@@ -35,6 +35,8 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
     } else {
         Err(format!("image is {}", image.header.state.name()))
     };
+    // Whether this machine would resume it, by the resume's own verdict.
+    let here = image.verdict_here();
     if let Some(out) = free_runs {
         // One run a line: first page frame and pages, in hex and decimal.
         let text: String = runs.iter().map(|(first, n)| format!("{first:#x} {n}\n")).collect();
@@ -53,6 +55,10 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
         v["chunks_free"] = json!(free_chunks);
         v["free_runs"] = json!(runs.len());
         v["checks"] = json!(walked.clone().err().unwrap_or_else(|| "ok".into()));
+        v["refusal_here"] = match here {
+            Ok(verdict) => json!(verdict.err().map_or(0, |r| r.code())),
+            Err(_) => json!(null),
+        };
         println!("{v}");
     } else {
         println!("image        {}", file.description);
@@ -72,6 +78,11 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
             runs.len()
         );
         println!("checks       {}", walked.err().unwrap_or_else(|| "every checksum right".into()));
+        match here {
+            Ok(Ok(())) => println!("here         resumable (ksave checks again at the resume)"),
+            Ok(Err(r)) => println!("here         not resumable: {r} (refusal {})", r.code()),
+            Err(e) => println!("here         cannot tell: {e:#}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use diskdrv::part::Guid;
 use ksave_format::header::FLAG_RESUME_ATTEMPTED;
-use ksave_format::verdict::{self, Here, Refusal, Resumer};
+use ksave_format::verdict::Refusal;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
@@ -69,19 +69,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
     };
     // The host checks all it can, by the same verdict as ksave; ksave
     // checks everything again, and every checksum, before it writes a byte.
-    let (ram, nvs) = (sys::ram_ranges()?, sys::nvs_ranges()?);
-    let here = Here {
-        resumer: Resumer::Host,
-        ram: &ram,
-        nvs: &nvs,
-        cpu_vendor: ksave_format::cpu_vendor(),
-        la57: ksave_format::cpu_has_la57(),
-        facs_signature: sys::acpi_hardware_signature(),
-        own: None,
-        reach: u64::MAX,
-    };
-    let meta = image.meta();
-    match verdict::resumable(&image.header, meta.as_ref().map_err(|e| *e), &here) {
+    match image.verdict_here()? {
         Ok(()) => {}
         Err(refusal @ Refusal::EarlierAttemptUnfinished) => {
             // An earlier boot handed it to ksave, which neither resumed it
