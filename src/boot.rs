@@ -8,12 +8,12 @@ use bootinfo::{PhysRead, acpi};
 use diskdrv::ide;
 use diskdrv::iommu::MAX_UNITS;
 use diskdrv::part::Guid;
+use ksave_core::Message;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
 use crate::disktest::{self, Job};
 use crate::layout::image_range;
-use crate::message::Message;
 use crate::physmem::IdentityMapped;
 use crate::qemu::ExitCode;
 use crate::{cmdline, paging, physmem, println, resume};
@@ -142,7 +142,7 @@ fn run(boot: &BootInfo, info: u64) -> ! {
             // Read now: the command line is in memory a resume may give up.
             let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
             let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
-            refusal.report();
+            resume::report(&refusal);
             println!("ksave: no image to resume: handing over to a normal boot");
             match cmos_flag {
                 Some(Ok((byte, bit))) => hand_over_by_cmos(byte, bit),

@@ -8,12 +8,12 @@ use bootinfo::kexec::{self, CallerContext, EntryState};
 use bootinfo::pagewalk;
 use freepages::buddy::Scanner;
 use freepages::vmcoreinfo::Info;
+use ksave_core::Message;
 use ksave_format::header::fail;
 use ksave_format::{PAGE, Range};
 
 use crate::jump::{BackupMap, Caller, Displacement, KernelView};
 use crate::layout::image_range;
-use crate::message::Message;
 use crate::physmem::IdentityMapped;
 use crate::wayback::{self, bail_out, return_to_caller};
 use crate::{config, heap, paging, println};

@@ -7,12 +7,12 @@ use bootinfo::PhysRead;
 use bootinfo::kexec::{CR4_LA57, CallerContext};
 use freepages::buddy::Scanner;
 use freepages::vmcoreinfo::{self, Info};
+use ksave_core::Message;
 use ksave_format::commit::FreePages;
 use ksave_format::config::{Config, MAX_VMCOREINFO};
 use ksave_format::{PAGE, Range};
 
 use crate::jump::{BackupMap, KernelView};
-use crate::message::Message;
 
 /// Reads the note and checks it describes the caller; the reason if not.
 #[inline(never)] // its 8 KiB note buffer must not stay in the caller's frame during the save

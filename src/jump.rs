@@ -3,12 +3,13 @@
 //! as the caller sees it, and the [`Caller`] the save works from, built
 //! once by `caller::run`.
 
-use bootinfo::kexec::{self, CallerContext, CallerView, Coverage, Displaced, WalkError};
+use bootinfo::kexec::{self, CallerContext, CallerView, Coverage, Displaced};
 use freepages::vmcoreinfo::Info;
+use ksave_core::Message;
+use ksave_core::save::MapError;
 use ksave_format::header::MAX_BACKUP_PAIRS;
 use ksave_format::{BackupPair, PAGE, Range};
 
-use crate::message::Message;
 use crate::physmem::{IdentityMapped, RamOnly};
 use crate::println;
 use crate::work::Exclusive;
@@ -80,15 +81,6 @@ pub struct BackupMap {
     ram_checked: bool,
 }
 
-/// Why the backup map cannot be used.
-#[derive(Clone, Copy, Debug)]
-pub enum MapError {
-    /// The list itself is broken.
-    Walk(WalkError),
-    /// It lists more pages than ksave has ([`MAX_PAIRS`]).
-    TooLong,
-}
-
 impl BackupMap {
     /// Walks the list behind `ctx`. Every page address it names must be in
     /// `ram`, the caller's RAM map; without one (ksave.elf not configured,
@@ -109,7 +101,7 @@ impl BackupMap {
         let pairs = &storage[..n];
         let outcome = match walked {
             Err(e) => Err(MapError::Walk(e)),
-            Ok(_) if too_long => Err(MapError::TooLong),
+            Ok(_) if too_long => Err(MapError::TooLong { limit: MAX_PAIRS }),
             Ok(_) => {
                 let mut seen = [0u64; 64]; // one bit a page: 16 MiB of image at most
                 let displaced = pairs.iter().map(|p| Displaced { dest: p.dest, src: p.src });
@@ -147,7 +139,7 @@ impl BackupMap {
                 cov.pairs, cov.outside, cov.duplicates, cov.uncovered, cov.sources_inside
             ),
             Err(MapError::Walk(e)) => println!("ksave:   backup map rejected: {e:?}"),
-            Err(MapError::TooLong) => {
+            Err(MapError::TooLong { .. }) => {
                 println!("ksave:   backup map rejected: more than {MAX_PAIRS} pages")
             }
         }

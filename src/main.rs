@@ -22,7 +22,6 @@ mod heap;
 mod hw;
 mod jump;
 mod layout;
-mod message;
 mod paging;
 mod physmem;
 mod qemu;

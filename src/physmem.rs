@@ -2,6 +2,7 @@
 
 use crate::paging::identity_end;
 use bootinfo::PhysRead;
+use ksave_core::resume::PhysMemory;
 
 /// Physical memory below [`identity_end`], read through the identity map.
 pub struct IdentityMapped;
@@ -15,6 +16,26 @@ impl PhysRead for IdentityMapped {
         // paging.rs), so the read cannot fault; callers only pass
         // addresses they were given as RAM (a read of RAM has no effects).
         Some(unsafe { core::ptr::read_volatile(addr as *const u64) })
+    }
+}
+
+/// What a resume loads into: [`zero`], [`write`] and [`read`].
+impl PhysMemory for IdentityMapped {
+    unsafe fn zero(&mut self, addr: u64, len: u64) {
+        // SAFETY: the trait's contract is `zero`'s: memory of this machine
+        // below the identity map's end that nothing of ksave uses.
+        unsafe { zero(addr, len as usize) }
+    }
+
+    unsafe fn write(&mut self, addr: u64, data: &[u8]) {
+        // SAFETY: as for `zero` above.
+        unsafe { write(addr, data) }
+    }
+
+    unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
+        // SAFETY: the trait's contract is `read`'s: RAM or NVS inside the
+        // identity map.
+        unsafe { read(addr, buf) }
     }
 }
 

@@ -1,45 +1,34 @@
-//! Saving the kexec caller's RAM to the configured partition, in stages:
-//! open the partition, check it is the one the host set up, check every RAM
-//! page is reachable, require the backup map to be exactly ksave's pages,
-//! refuse a partition below the worst case, then write the image by the
-//! format's commit protocol. Every outcome is reported on the console; a
-//! failure once the partition is open also in a record on it.
+//! Saving the kexec caller's RAM to the configured partition: open the
+//! partition, run the stages (`ksave_core::save`: the partition is the one
+//! the host set up, every RAM page is reachable, the backup map is exactly
+//! ksave's pages, the partition holds the worst case), pick the free pages
+//! to leave out, then write the image by the format's commit protocol.
+//! Every outcome is reported on the console; a failure once the partition
+//! is open also in a record on it.
 //!
 //! Nothing of the caller is written: its pages are read (zero check,
 //! checksum, LZ4) and DMA'd from where they lie; ksave's own working memory
 //! is in its image; device registers are put back as found.
 
 use diskdrv::ide::Mode;
-use diskdrv::SECTOR;
 use freepages::vmcoreinfo::Rule;
+use ksave_core::Message;
+use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
 use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, fail};
-use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
+use ksave_format::writer::{self, Memory, Sink};
 use ksave_format::{PAGE, Range};
 
-use crate::jump::{BackupMap, Caller, MapError};
 use crate::disks::{self, CloseOnException, OpenPartition};
-use crate::store::{DiskStore, StoreIoError};
 use crate::free::CallerFree;
 use crate::hw;
+use crate::jump::Caller;
 use crate::layout::image_range;
-use crate::message::Message;
 use crate::physmem;
+use crate::store::{DiskStore, StoreIoError};
 use crate::work::{self, Work};
 use crate::{paging, println};
-
-/// Why a save did not happen, with the code for the status record.
-pub struct Failure {
-    /// `ksave_format::header::fail`'s code.
-    pub code: u32,
-    /// Why, for people.
-    pub message: Message,
-}
-
-macro_rules! fail {
-    ($code:expr, $($arg:tt)*) => { Failure { code: $code, message: Message::format(format_args!($($arg)*)) } };
-}
 
 /// The caller's pages, read through the identity map. Page 0 is real RAM,
 /// but no Rust reference may point at address 0: it is read through a copy.
@@ -146,13 +135,6 @@ impl Progress {
     }
 }
 
-/// What a successful save wrote.
-pub struct Summary {
-    disk_us: u64,
-    totals: Totals,
-    us: u64,
-}
-
 /// Saves `caller`'s RAM as `config` says, or says why not: then, once the
 /// partition is open, the reason is also recorded on it (the caller bails
 /// out with it, which leaves it in the host tool's mailbox too).
@@ -164,7 +146,7 @@ pub fn run(config: &Config, caller: &Caller) -> Result<(), Failure> {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
-            return Err(fail!(fail::PARTITION, "{e}; nothing written"));
+            return Err(Failure::new(fail::PARTITION, format_args!("{e}; nothing written")));
         }
     };
     let start = hw::now_us();
@@ -172,7 +154,7 @@ pub fn run(config: &Config, caller: &Caller) -> Result<(), Failure> {
     let guard = CloseOnException::register(&mut part);
     let outcome = save(config, caller, &mut part, work, start);
     match &outcome {
-        Ok(s) => report(s),
+        Ok((summary, disk_us)) => report(summary, *disk_us),
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
             record(&mut part, config, f, &mut work.block);
@@ -196,7 +178,7 @@ fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &
 /// Records why ksave did not even try (found before the save began), so
 /// that `ksave hibernate` can say it.
 pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
-    let refusal = Failure { code, message: Message::format(why) };
+    let refusal = Failure::new(code, why);
     let mut part = match disks::open_partition(config.partition_guid, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
@@ -205,41 +187,46 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
         }
     };
     // Only on the partition the host set up, as for a save.
-    match check_partition(config, &part) {
+    match ksave_core::save::check_partition(&found_partition(&part), &host_partition(config)) {
         Ok(()) => record(&mut part, config, &refusal, &mut work::take().block),
         Err(e) => println!("ksave: could not record the failure either: {}", e.message.as_str()),
     }
     part.close();
 }
 
-/// The stages, in order; the first that fails says why.
+/// The stages, in order; the first that fails says why. Then the image.
+/// Returns what was written, and the microseconds spent in disk transfers.
 #[inline(never)]
-fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<Summary, Failure> {
+fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<(Summary, u64), Failure> {
     let Caller { ctx, backup, return_gdt, .. } = *caller;
-    check_partition(config, part)?;
     let (image_start, image_end) = image_range();
-    let plan = Plan {
-        nonce: config.nonce,
-        created_unix: config.created_unix,
-        lz4: config.lz4,
-        capacity: part.store().bytes(),
-        align: part.block_size(),
-        ram: config.ram(),
-        nvs: config.nvs(),
-        image: Range { start: image_start, end: image_end },
-        backup: backup.pairs(),
-        reentry: ctx.reentry,
-        info: config.info(),
-        cpu_vendor: ksave_format::cpu_vendor(),
-        return_gdt: return_gdt.unwrap_or((0, 0)),
-        cr4_needed: ctx.saved_cr4,
-        facs_signature: config.facs_signature,
-        iommu_left_on: part.iommus_switched() > 0,
-        free_rule: 0,
+    let stages = Stages {
+        plan: Plan {
+            nonce: config.nonce,
+            created_unix: config.created_unix,
+            lz4: config.lz4,
+            capacity: part.store().bytes(),
+            align: part.block_size(),
+            ram: config.ram(),
+            nvs: config.nvs(),
+            image: Range { start: image_start, end: image_end },
+            backup: backup.pairs(),
+            reentry: ctx.reentry,
+            info: config.info(),
+            cpu_vendor: ksave_format::cpu_vendor(),
+            return_gdt: return_gdt.unwrap_or((0, 0)),
+            cr4_needed: ctx.saved_cr4,
+            facs_signature: config.facs_signature,
+            iommu_left_on: part.iommus_switched() > 0,
+            free_rule: 0,
+        },
+        found: found_partition(part),
+        host: host_partition(config),
+        reach: paging::identity_end(),
+        backup: backup.outcome(),
+        started_us: start,
     };
-    check_reachable(&plan)?;
-    require_exact(backup)?;
-    let worst = check_capacity(&plan)?;
+    let ready = stages.check()?;
     // Free pages: read through the caller's view of its memory, which
     // exists when the backup map is exact (required above).
     let mut caller_free = match (&caller.kernel, caller.view) {
@@ -259,92 +246,27 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut W
             (&mut none, 0)
         }
     };
-    write_image(&Plan { free_rule, ..plan }, part, work, start, worst, config.selftest_fault_in_save, free)
-}
-
-/// The partition found by GUID must be where the host saw it. The host
-/// counts 512-byte sectors (sysfs), the GPT the disk's blocks.
-fn check_partition(config: &Config, part: &OpenPartition) -> Result<(), Failure> {
-    let per_block = part.block_size() as u64 / SECTOR;
-    let (first_lba, sectors) = (part.first_lba() * per_block, part.partition.blocks() * per_block);
-    if first_lba != config.partition_first_lba || sectors != config.partition_sectors {
-        return Err(fail!(
-            fail::PARTITION,
-            "partition is LBA {first_lba}+{sectors} here but {}+{} to the host: refusing",
-            config.partition_first_lba,
-            config.partition_sectors
-        ));
-    }
-    Ok(())
-}
-
-/// Every RAM and NVS page must be inside ksave's identity map.
-fn check_reachable(plan: &Plan) -> Result<(), Failure> {
-    let reach = paging::identity_end();
-    match plan.ram.iter().chain(plan.nvs).find(|r| r.end > reach) {
-        Some(r) => Err(fail!(fail::MEMORY, "memory {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30)),
-        None => Ok(()),
-    }
-}
-
-/// The backup map must list exactly ksave's own pages, with their sources
-/// in RAM: only then is every caller page either in place or in a source.
-fn require_exact(backup: &BackupMap) -> Result<(), Failure> {
-    match backup.outcome() {
-        Ok(cov) if cov.is_exact() => Ok(()),
-        Ok(cov) => Err(fail!(
-            fail::BACKUP_MAP,
-            "backup map is not exactly ksave's pages ({} outside, {} twice, {} uncovered, {} sources inside): refusing",
-            cov.outside,
-            cov.duplicates,
-            cov.uncovered,
-            cov.sources_inside
-        )),
-        Err(MapError::Walk(e)) => Err(fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}")),
-        Err(MapError::TooLong) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {} pages: refusing", crate::jump::MAX_PAIRS)),
-    }
-}
-
-/// Worst case first: a partition that might not hold it is refused before
-/// anything is written. Returns the worst case in bytes.
-fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
-    let worst = plan.worst_case_bytes();
-    if worst > plan.capacity {
-        return Err(fail!(
-            fail::TOO_SMALL,
-            "partition holds {} MiB, the worst case for {} MiB of RAM needs {} MiB: nothing saved",
-            plan.capacity >> 20,
-            (plan.page_count() * PAGE as u64) >> 20,
-            worst.div_ceil(1 << 20)
-        ));
-    }
-    Ok(worst)
-}
-
-/// The image, by the format's commit protocol.
-fn write_image(
-    plan: &Plan,
-    part: &mut OpenPartition,
-    work: &mut Work,
-    start: u64,
-    worst: u64,
-    plan_fault: bool,
-    free: &mut dyn FreePages,
-) -> Result<Summary, Failure> {
+    // The image, by the format's commit protocol.
     let Work { block, page0, raw_header, lz4_in, lz4_out } = work;
     let mem = CallerMemory::new(paging::identity_end(), page0);
-    let mut sink = DiskSink::new(part, start, worst);
-    sink.fault_at_header = plan_fault;
+    let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
+    sink.fault_at_header = config.selftest_fault_in_save;
     let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
-    let (header, totals) = commit::save(plan, &mem, free, &mut sink, bufs, hw::now_us, start).map_err(|e| match e {
-        WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
-        WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
-        WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
-    })?;
-    Ok(Summary { disk_us: sink.disk_us, totals, us: header.save_us })
+    let summary = ready.write(&mut sink, &mem, free, free_rule, bufs, hw::now_us)?;
+    Ok((summary, sink.disk_us))
 }
 
-fn report(s: &Summary) {
+/// The partition as found by GUID, in the disk's blocks.
+fn found_partition(part: &OpenPartition) -> FoundPartition {
+    FoundPartition { first_lba: part.first_lba(), blocks: part.partition.blocks(), block_size: part.block_size() }
+}
+
+/// The partition as the host saw it (sysfs counts 512-byte sectors).
+fn host_partition(config: &Config) -> HostPartition {
+    HostPartition { first_sector: config.partition_first_lba, sectors: config.partition_sectors }
+}
+
+fn report(s: &Summary, disk_us: u64) {
     let t = &s.totals;
     println!(
         "ksave: saved {} pages ({} MiB, {} LZ4, {} raw untried) in {} ms = {} MB/s of RAM; left out {} free and {} zero pages; image {} MiB; disk {} ms, CPU {} ms",
@@ -357,8 +279,8 @@ fn report(s: &Summary) {
         t.pages_free,
         t.pages_zero,
         (DATA_OFFSET + t.data_bytes) >> 20,
-        s.disk_us / 1000,
-        (s.us - s.disk_us) / 1000
+        disk_us / 1000,
+        (s.us - disk_us) / 1000
     );
     crate::metric!(
         save_ms = s.us / 1000,
@@ -367,7 +289,7 @@ fn report(s: &Summary) {
         pages_free = t.pages_free,
         pages_lz4 = t.pages_lz4,
         image_bytes = DATA_OFFSET + t.data_bytes,
-        disk_ms = s.disk_us / 1000,
+        disk_ms = disk_us / 1000,
         ram_mb_s = (t.pages_stored + t.pages_zero + t.pages_free) * PAGE as u64 / s.us.max(1),
         stack_kib = crate::cpu::stack_used().div_ceil(1024),
     );

@@ -1,16 +1,16 @@
 //! The image store on its disk: every read, write, flush and invalidation
-//! of an image goes through a [`DiskStore`], which turns image offsets into
-//! the disk's LBAs by the store's extents ([`StoreMap`]) and nowhere else.
+//! (`ksave_core::resume::invalidate`) of an image goes through a
+//! [`DiskStore`], which turns image offsets into the disk's LBAs by the
+//! store's extents ([`StoreMap`]) and nowhere else.
 
 use core::fmt;
 
 use diskdrv::{BlockDevice, Direction, DiskError};
+use ksave_core::resume::DmaSource;
 use ksave_format::PAGE;
 use ksave_format::commit::Device;
-use ksave_format::header::State;
 use ksave_format::reader::Source;
 use ksave_format::store::{StoreError, StoreMap};
-use ksave_format::verdict;
 use ksave_format::writer::Sink;
 
 use crate::disks::{self, AnyDisk};
@@ -79,35 +79,6 @@ impl<'d, 'm> DiskStore<'d, 'm> {
             unsafe { disks::transfer_pieces(disk, dir, lba, within) }.map_err(StoreIoError::Disk)
         })
     }
-
-    /// Rewrites the header block as [`verdict::invalidate`] says (with
-    /// `why`, if given) and flushes; returns the state the image had.
-    pub fn invalidate(&mut self, why: Option<&str>, block: &mut [u8; PAGE]) -> Result<State, InvalidateError> {
-        self.read_at(0, block).map_err(InvalidateError::Io)?;
-        let was = verdict::invalidate(block, why).map_err(|_| InvalidateError::NoImage)?;
-        if was != State::Invalidated {
-            self.write_bytes(0, block).and_then(|()| Device::flush(self)).map_err(InvalidateError::Io)?;
-        }
-        Ok(was)
-    }
-}
-
-/// Why an image could not be invalidated.
-#[derive(Debug)]
-pub enum InvalidateError {
-    /// Its header block could not be read or written.
-    Io(StoreIoError),
-    /// There is no image header to invalidate.
-    NoImage,
-}
-
-impl fmt::Display for InvalidateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Io(e) => write!(f, "{e}"),
-            Self::NoImage => write!(f, "no image header"),
-        }
-    }
 }
 
 impl Source for DiskStore<'_, '_> {
@@ -122,6 +93,15 @@ impl Source for DiskStore<'_, '_> {
             at += piece.bytes as usize;
         }
         Ok(())
+    }
+}
+
+impl DmaSource for DiskStore<'_, '_> {
+    unsafe fn read_into_pages(&mut self, offset: u64, pfns: &[u64]) -> Result<(), StoreIoError> {
+        let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
+        // SAFETY: the device writes these pages (a disk read), which the
+        // caller lends it for the call (the trait's contract).
+        unsafe { self.transfer(Direction::Read, offset, (pfns.len() * PAGE) as u64, pages) }
     }
 }
 

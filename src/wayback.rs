@@ -6,12 +6,12 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::pagewalk;
+use ksave_core::Message;
 use ksave_format::PAGE;
 use ksave_format::config::Config;
 use zerocopy::FromBytes;
 
 use crate::layout::image_range;
-use crate::message::Message;
 use crate::{config, disks, paging, println};
 
 /// The caller's re-entry address on this entry, 0 when not entered by kexec.

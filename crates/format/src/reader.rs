@@ -82,7 +82,7 @@ pub struct Buffers<'b> {
 /// Stored pages come in ascending page order; a chunk's pages are handed
 /// out before its payload check is known (restore, which must not act on
 /// bad data before it knows, keeps the rule by writing only memory it may
-/// lose: see src/resume.rs).
+/// lose: see crates/core/src/resume.rs).
 pub trait Visitor<S: Source> {
     /// A stored page's contents.
     fn page(&mut self, _pfn: u64, _data: &[u8; PAGE]) {}

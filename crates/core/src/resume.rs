@@ -1,0 +1,459 @@
+//! Resuming an image: the checks, the load and the invalidation, in the
+//! order docs/RESUME.md gives them.
+//!
+//! Nothing outside the resumer's own range is written until the image's
+//! header and metadata have passed the one verdict ([`verdict::resumable`]:
+//! the state, the resumer's own range, the CPU, the hardware signature, the
+//! RAM and ACPI NVS maps, the reach). Then, in one pass, each chunk's pages
+//! are loaded as the chunk is checked (raw pages by DMA straight into
+//! place, coded pages decoded and copied) and every page of this machine's
+//! RAM and NVS the image does not store is zeroed. This boot's memory is
+//! given up from there: a refusal after loading began invalidates the
+//! image (it is damaged) and leaves only a reset ([`Refused::memory_lost`]).
+//! When every chunk has passed, the image is invalidated on the store, so
+//! that it is never resumed twice, and only then is the way back into the
+//! saved kernel handed out ([`Resumed::way_back`]).
+//!
+//! The machine is reached through traits: the store ([`Source`] to read,
+//! [`Device`] to invalidate, [`DmaSource`] to read raw pages into place),
+//! physical memory ([`PhysMemory`]) and a clock.
+
+use core::fmt;
+
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::commit::Device;
+use ksave_format::header::{META_BLOCKS, State};
+use ksave_format::reader::{self, ReadError, Source};
+use ksave_format::verdict::{self, Here, Refusal, Resumer};
+use ksave_format::{PAGE, PayloadHasher, Range};
+
+use crate::Message;
+
+/// The CR4 bit of 5-level paging, as the image records the saved kernel's.
+const CR4_LA57: u64 = bootinfo::kexec::CR4_LA57;
+
+/// Physical memory, written and read by physical address. Writing it can
+/// overwrite anything, the resumer's own code included, so the methods
+/// that write (and the read, which could touch a device's registers) are
+/// `unsafe` to call.
+pub trait PhysMemory {
+    /// Zeroes the `len` bytes of physical memory at `addr`.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be memory of this machine (RAM or ACPI
+    /// NVS) that the implementation reaches, that nothing live uses (no
+    /// code, data, stack or DMA buffer of the caller, no memory a device
+    /// may still write), and that the caller may overwrite.
+    unsafe fn zero(&mut self, addr: u64, len: u64);
+
+    /// Copies `data` to the physical memory at `addr`.
+    ///
+    /// # Safety
+    /// As for [`Self::zero`], for `[addr, addr + data.len())`.
+    unsafe fn write(&mut self, addr: u64, data: &[u8]);
+
+    /// Copies the physical memory at `addr` into `buf`.
+    ///
+    /// # Safety
+    /// `[addr, addr + buf.len())` must be RAM or ACPI NVS of this machine
+    /// that the implementation reaches (a read of it has no effects).
+    unsafe fn read(&self, addr: u64, buf: &mut [u8]);
+}
+
+/// An image store whose device can read pages of the image straight into
+/// physical memory (DMA): the zero-copy path for raw chunks.
+pub trait DmaSource: Source {
+    /// Reads `pfns.len()` pages from byte `offset` of the image into the
+    /// physical pages `pfns`, in that order.
+    ///
+    /// # Safety
+    /// Every page in `pfns` must be memory the device may overwrite for the
+    /// whole call: RAM or ACPI NVS of this machine that nothing live uses
+    /// (as for [`PhysMemory::zero`]).
+    unsafe fn read_into_pages(&mut self, offset: u64, pfns: &[u64]) -> Result<(), Self::Error>;
+}
+
+/// This machine, as an image must find it to be resumed here.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine<'a> {
+    /// This boot's RAM, page aligned and sorted (as the saving host took it).
+    pub ram: &'a [Range],
+    /// This boot's ACPI NVS, likewise.
+    pub nvs: &'a [Range],
+    /// CPUID leaf 0's vendor ([`ksave_format::cpu_vendor`]).
+    pub cpu_vendor: [u8; 12],
+    /// The CPU can run 5-level paging (CPUID.7.0:ECX.LA57).
+    pub la57: bool,
+    /// The ACPI FACS hardware signature now, or why it cannot be read.
+    pub facs_signature: Result<u32, &'a str>,
+    /// The resumer's own load range: never written, never zeroed, and the
+    /// range an image must have been saved by.
+    pub own: Range,
+    /// The end of the physical memory [`PhysMemory`] reaches: memory
+    /// beyond it refuses the image.
+    pub reach: u64,
+}
+
+impl Machine<'_> {
+    /// Every range an image fills: the RAM, then the ACPI NVS.
+    pub fn ranges(&self) -> impl Iterator<Item = &Range> {
+        self.ram.iter().chain(self.nvs)
+    }
+}
+
+/// Working memory for [`check_and_load`].
+pub struct Buffers<'b> {
+    /// One header block (read, then rewritten to invalidate).
+    pub block: &'b mut [u8; PAGE],
+    /// A chunk header.
+    pub chunk_header: &'b mut [u8; PAGE],
+    /// A coded chunk, as read.
+    pub coded: &'b mut [u8; LZ4_OUT],
+    /// The metadata blocks first; then a group of decoded pages, or raw
+    /// pages being checked.
+    pub pages: &'b mut [u8; LZ4_GROUP * PAGE],
+}
+
+const _: () = assert!(META_BLOCKS as usize * PAGE <= LZ4_GROUP * PAGE);
+
+/// What to do with an image refused before loading began. One refused
+/// after it began is always invalidated: this boot's memory is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenRefused {
+    /// Leave it as it is: nothing is written (a later boot may try again).
+    KeepImage,
+    /// Mark it invalidated, with the reason, so that no later boot tries it
+    /// again (the kexec way in: the kernel that handed over is gone).
+    Invalidate,
+}
+
+/// Why the image is not resumed: the verdict's reason, what the resumer
+/// knows more (a store's error, why the hardware signature is unknown), and
+/// whether this boot's memory was given up (loading had begun: the image
+/// is invalidated, and only a reset is left). Nothing outside the
+/// resumer's own range was written unless `memory_lost`.
+#[derive(Clone, Debug)]
+pub struct Refused {
+    /// The reason, with its stable code.
+    pub refusal: Refusal,
+    /// More about it, if there is more to say.
+    pub detail: Option<Message>,
+    /// This boot's memory was given up: only a reset is left.
+    pub memory_lost: bool,
+    /// Whether the image was marked invalidated for this refusal: `None`
+    /// if that was not tried, else done or why it could not be.
+    pub invalidated: Option<Result<(), Message>>,
+}
+
+impl Refused {
+    /// A refusal with nothing more to say.
+    pub fn new(refusal: Refusal) -> Self {
+        Self { refusal, detail: None, memory_lost: false, invalidated: None }
+    }
+
+    /// A refusal with more to say.
+    pub fn with(refusal: Refusal, detail: fmt::Arguments) -> Self {
+        Self { detail: Some(Message::format(detail)), ..Self::new(refusal) }
+    }
+
+    /// The text recorded in an invalidated header: the reason and the detail.
+    pub fn why(&self) -> Message {
+        match &self.detail {
+            Some(d) => Message::format(format_args!("{} ({})", self.refusal, d.as_str())),
+            None => Message::format(format_args!("{}", self.refusal)),
+        }
+    }
+}
+
+/// What going back into the saved kernel needs, from its image header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WayBack {
+    /// The re-entry address to `call`.
+    pub reentry: u64,
+    /// The GDT to leave in GDTR (base, limit; base 0: none).
+    pub gdt: (u64, u16),
+    /// The kernel's return path runs in 5-level paging.
+    pub la57: bool,
+}
+
+/// What a resume loaded, and how long each part took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// Pages loaded from the image.
+    pub pages_stored: u64,
+    /// Pages of this machine's RAM and NVS zeroed (the image's free and
+    /// zero pages, and pages no image holds).
+    pub pages_zeroed: u64,
+    /// Pages the image lists as free when saved.
+    pub pages_free: u64,
+    /// Pages that were zero when saved.
+    pub pages_zero: u64,
+    /// Microseconds reading the header and metadata and asking the verdict.
+    pub check_us: u64,
+    /// Microseconds of the one pass: every chunk loaded, every other page zeroed.
+    pub load_us: u64,
+    /// Microseconds from the start through the invalidation.
+    pub total_us: u64,
+}
+
+/// A loaded image: what was loaded, and the way into the saved kernel,
+/// which exists only once the image is invalidated on its store (else why
+/// it could not be: then the image must not be resumed, as a later boot
+/// could resume it again).
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    /// What was loaded, and how long it took.
+    pub loaded: Loaded,
+    /// The way back, or why the image could not be invalidated.
+    pub way_back: Result<WayBack, Message>,
+}
+
+/// Checks the image on `store` against `machine` and loads it into `mem`:
+/// the verdict first, then one pass that loads each chunk as it is checked
+/// and zeroes every other page of the machine's RAM and NVS outside its
+/// own range, then the image is invalidated. A refusal says why; one found
+/// after loading began has [`Refused::memory_lost`] and has invalidated the
+/// image with the reason, as has any refusal under
+/// [`WhenRefused::Invalidate`]. `clock` returns microseconds.
+///
+/// # Safety
+/// `machine` must describe this machine: `ram` and `nvs` its RAM and ACPI
+/// NVS, `reach` the end of what `mem` and the store's DMA reach, and `own`
+/// must hold everything the caller still uses (its code, data, stack, the
+/// buffers and the store's DMA memory), so that every other page of `ram`
+/// and `nvs` is the caller's to give up: once the verdict has passed, any
+/// of them may be overwritten, by `mem` or by the store's device.
+pub unsafe fn check_and_load<S, E, M>(
+    store: &mut S,
+    machine: &Machine,
+    mem: &mut M,
+    bufs: Buffers,
+    clock: fn() -> u64,
+    when_refused: WhenRefused,
+) -> Result<Resumed, Refused>
+where
+    S: DmaSource<Error = E> + Device<Error = E>,
+    E: fmt::Display,
+    M: PhysMemory,
+{
+    let Buffers { block, chunk_header, coded, pages } = bufs;
+    let start = clock();
+    // SAFETY: check_and_load's contract, passed on.
+    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages }, clock, start) };
+    match loaded {
+        Ok((mut loaded, way_back)) => {
+            // Never twice: the image is invalidated before the saved kernel runs.
+            let way_back = match invalidate(store, None, block) {
+                Ok(_) => Ok(way_back),
+                Err(e) => Err(Message::format(format_args!("{e}"))),
+            };
+            loaded.total_us = clock() - start;
+            Ok(Resumed { loaded, way_back })
+        }
+        Err(mut refused) => {
+            if when_refused == WhenRefused::Invalidate || refused.memory_lost {
+                let why = refused.why();
+                refused.invalidated = Some(invalidate(store, Some(why.as_str()), block).map(|_| ()).map_err(|e| Message::format(format_args!("{e}"))));
+            }
+            Err(refused)
+        }
+    }
+}
+
+/// The verdict and the one pass, timed from `start`; [`Loaded::total_us`]
+/// is left 0.
+///
+/// # Safety
+/// As for [`check_and_load`].
+#[inline(never)] // one copy, apart from the invalidations (ksave's footprint)
+unsafe fn load<S: DmaSource, M: PhysMemory>(
+    store: &mut S,
+    machine: &Machine,
+    mem: &mut M,
+    bufs: Buffers,
+    clock: fn() -> u64,
+    start: u64,
+) -> Result<(Loaded, WayBack), Refused>
+where
+    S::Error: fmt::Display,
+{
+    let Buffers { block, chunk_header, coded, pages } = bufs;
+    let header = reader::read_header(store, block).map_err(unreadable)?;
+    // The metadata is read into the pages buffer: only its copy (`saved`)
+    // is needed once the chunks are read.
+    let meta_buf = (&mut pages[..META_BLOCKS as usize * PAGE]).try_into().expect("the pages buffer holds the metadata");
+    let meta = match reader::read_meta(store, &header, meta_buf) {
+        Ok(meta) => Ok(meta),
+        Err(ReadError::Header(e)) => Err(e),
+        Err(e) => return Err(unreadable(e)),
+    };
+    let here = Here {
+        resumer: Resumer::Ksave,
+        ram: machine.ram,
+        nvs: machine.nvs,
+        cpu_vendor: machine.cpu_vendor,
+        la57: machine.la57,
+        facs_signature: machine.facs_signature.ok(),
+        own: Some(machine.own),
+        reach: machine.reach,
+    };
+    match verdict::resumable(&header, meta.as_ref().map_err(|e| *e), &here) {
+        Ok(()) => {}
+        Err(Refusal::SaveFailed) => return Err(Refused::with(Refusal::SaveFailed, format_args!("{}", header.message()))),
+        Err(r @ Refusal::HardwareUnknown) => {
+            let why = machine.facs_signature.err().unwrap_or("");
+            return Err(Refused::with(r, format_args!("{why}")));
+        }
+        Err(r) => return Err(Refused::new(r)),
+    }
+    let meta = meta.expect("the verdict passed the metadata");
+
+    // One pass: each chunk is loaded as it is read and checked, and every
+    // page the image does not store is zeroed on the way. From here on the
+    // machine's memory is the saved kernel's: this boot's is given up (the
+    // resumer itself, its buffers and the store's DMA memory are in its
+    // own range), so a chunk that fails its check now invalidates the image
+    // (it is damaged) and leaves only a reset; nothing is lost, as the image
+    // was the only copy.
+    let saved = reader::Saved::of(&meta, &header);
+    let verified = clock();
+    let mut loader = Loader { machine, mem, next: 0, zeroed: 0 };
+    let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages };
+    if let Err(e) = reader::visit_chunks(store, &header, &saved, bufs, &mut loader) {
+        return Err(Refused { memory_lost: true, ..unreadable(e) });
+    }
+    loader.zero_to(u64::MAX);
+    let load_done = clock();
+    let loaded = Loaded {
+        pages_stored: header.pages_stored,
+        pages_zeroed: loader.zeroed,
+        pages_free: header.pages_free,
+        pages_zero: header.pages_zero,
+        check_us: verified - start,
+        load_us: load_done - verified,
+        total_us: 0,
+    };
+    let way_back = WayBack { reentry: header.reentry, gdt: header.return_gdt, la57: header.cr4_needed & CR4_LA57 != 0 };
+    Ok((loaded, way_back))
+}
+
+/// The refusal a failed read of the image stands for.
+fn unreadable<E: fmt::Display>(e: ReadError<E>) -> Refused {
+    match e {
+        ReadError::Io(e) => Refused::with(Refusal::Unreadable, format_args!("{e}")),
+        ReadError::Header(h) => Refused::new(Refusal::NoImage(h)),
+        ReadError::Chunk { index, what, .. } => Refused::new(Refusal::Damaged { chunk: index, what }),
+        ReadError::Totals(what) => Refused::new(Refusal::Damaged { chunk: u64::MAX, what }),
+    }
+}
+
+/// Why an image could not be invalidated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InvalidateError<E> {
+    /// Its header block could not be read or written.
+    Io(E),
+    /// There is no image header to invalidate.
+    NoImage,
+}
+
+impl<E: fmt::Display> fmt::Display for InvalidateError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::NoImage => write!(f, "no image header"),
+        }
+    }
+}
+
+/// Rewrites the image's header block on `store` as
+/// [`verdict::invalidate`] says (with `why`, if given) and flushes; returns
+/// the state the image had. One already invalidated is not written.
+pub fn invalidate<S, E>(store: &mut S, why: Option<&str>, block: &mut [u8; PAGE]) -> Result<State, InvalidateError<E>>
+where
+    S: Source<Error = E> + Device<Error = E>,
+{
+    store.read_at(0, block).map_err(InvalidateError::Io)?;
+    let was = verdict::invalidate(block, why).map_err(|_| InvalidateError::NoImage)?;
+    if was != State::Invalidated {
+        store.write_bytes(0, block).and_then(|()| store.flush()).map_err(InvalidateError::Io)?;
+    }
+    Ok(was)
+}
+
+/// Loads a checked image's pages in one pass (a [`reader::Visitor`]): raw
+/// chunks by DMA straight into their pages, coded pages decoded and copied,
+/// and every page of this machine's RAM and NVS the image does not store
+/// zeroed (pages that were zero or free when saved, and pages no image
+/// holds, like the firmware's). Relies on stored pages coming in ascending
+/// order, which the reader checks. Made only by [`load`], once the verdict
+/// has passed, under [`check_and_load`]'s contract.
+struct Loader<'a, M> {
+    machine: &'a Machine<'a>,
+    mem: &'a mut M,
+    /// The first page not yet loaded or zeroed.
+    next: u64,
+    /// Pages zeroed.
+    zeroed: u64,
+}
+
+impl<M: PhysMemory> Loader<'_, M> {
+    /// Zeroes every page of this machine's memory from `next` up to `pfn`
+    /// (exclusive), outside the resumer's own range.
+    fn zero_to(&mut self, pfn: u64) {
+        if pfn <= self.next {
+            return;
+        }
+        let own = self.machine.own;
+        let (from, to) = (self.next * PAGE as u64, pfn.saturating_mul(PAGE as u64));
+        for r in self.machine.ranges() {
+            let (start, end) = (r.start.max(from), r.end.min(to));
+            for (s, e) in [(start, end.min(own.start)), (start.max(own.end), end)] {
+                if s < e {
+                    // SAFETY: RAM or NVS of this machine's map, inside the
+                    // reach (the verdict checked it before loading), outside
+                    // the resumer's own range: under check_and_load's
+                    // contract nothing live is there, and this boot's
+                    // memory was given up.
+                    unsafe { self.mem.zero(s, e - s) };
+                    self.zeroed += (e - s) / PAGE as u64;
+                }
+            }
+        }
+        self.next = pfn;
+    }
+}
+
+impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
+    fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
+        self.zero_to(pfn);
+        // SAFETY: the reader checked the page lies in the saved RAM or NVS,
+        // which the verdict found equal to this machine's and inside the
+        // reach, and outside the saving ksave's range, which the verdict
+        // found equal to this one's: check_and_load's contract gives it up.
+        unsafe { self.mem.write(pfn * PAGE as u64, data) };
+        self.next = pfn + 1;
+    }
+
+    fn raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, S::Error> {
+        // The gaps first: the pages are written by the device below.
+        for &pfn in pfns {
+            self.zero_to(pfn);
+            self.next = pfn + 1;
+        }
+        // SAFETY: the device writes these pages (a disk read). Each is RAM
+        // or NVS of this machine that the reader checked lies in the saved
+        // memory and outside the resumer's range (as for `page`), which
+        // check_and_load's contract gives up to the saved kernel.
+        unsafe { store.read_into_pages(at, pfns)? };
+        // The check, over the pages where they now lie.
+        let mut hasher = PayloadHasher::new();
+        for &pfn in pfns {
+            let page = &mut buf[..PAGE];
+            // SAFETY: a page of this machine's RAM or NVS inside the reach,
+            // which the device just filled (above).
+            unsafe { self.mem.read(pfn * PAGE as u64, page) };
+            hasher.update(page);
+        }
+        Ok(hasher.digest())
+    }
+}

@@ -1,0 +1,213 @@
+//! A save, in stages: the partition must be where the host saw it, every
+//! RAM and NVS page must be reachable, the backup map must be exactly
+//! ksave's own pages, and the partition must hold the worst case; the first
+//! that fails says why ([`Failure`], with `ksave_format::header::fail`'s
+//! code). Nothing is written until all have passed: [`Stages::check`] runs
+//! them and returns [`Ready`], the only way to [`Ready::write`], which
+//! writes the image by the format's commit protocol
+//! ([`commit::save`]).
+//!
+//! Between the two the caller picks which free pages to leave out and
+//! readies its store (progress against [`Ready::worst_case_bytes`]).
+
+use core::fmt;
+
+use bootinfo::kexec::{Coverage, WalkError};
+use ksave_format::commit::{self, Device, FreePages, Plan};
+use ksave_format::header::fail;
+use ksave_format::writer::{Memory, Totals, WriteError};
+use ksave_format::{PAGE, SECTOR};
+
+use crate::Message;
+
+/// Why a save did not happen, with the code for the status record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// `ksave_format::header::fail`'s code.
+    pub code: u32,
+    /// Why, for people.
+    pub message: Message,
+}
+
+impl Failure {
+    /// A failure with code `code` (one of `ksave_format::header::fail`).
+    pub fn new(code: u32, why: fmt::Arguments) -> Self {
+        Self { code, message: Message::format(why) }
+    }
+}
+
+macro_rules! fail {
+    ($code:expr, $($arg:tt)*) => { Failure::new($code, format_args!($($arg)*)) };
+}
+
+/// The partition as found by its GUID on the disk, in the disk's logical
+/// blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoundPartition {
+    /// Its first block.
+    pub first_lba: u64,
+    /// Its length in blocks.
+    pub blocks: u64,
+    /// The disk's logical block size in bytes (512 or 4096).
+    pub block_size: u32,
+}
+
+/// The partition as the host tool saw it when it set the save up, in
+/// 512-byte sectors (sysfs counts those whatever the block size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPartition {
+    /// Its first sector.
+    pub first_sector: u64,
+    /// Its length in sectors.
+    pub sectors: u64,
+}
+
+/// The partition found by GUID must be where the host saw it.
+pub fn check_partition(found: &FoundPartition, host: &HostPartition) -> Result<(), Failure> {
+    let per_block = found.block_size as u64 / SECTOR;
+    let (first_lba, sectors) = (found.first_lba * per_block, found.blocks * per_block);
+    if first_lba != host.first_sector || sectors != host.sectors {
+        return Err(fail!(fail::PARTITION, "partition is LBA {first_lba}+{sectors} here but {}+{} to the host: refusing", host.first_sector, host.sectors));
+    }
+    Ok(())
+}
+
+/// Why the backup map the jump left cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The list itself is broken.
+    Walk(WalkError),
+    /// It lists more pages than ksave keeps.
+    TooLong {
+        /// The most pages ksave keeps.
+        limit: usize,
+    },
+}
+
+/// What a save checks before it writes anything, and the plan it writes.
+pub struct Stages<'a> {
+    /// What the save writes. Its `free_rule` is set by [`Ready::write`].
+    pub plan: Plan<'a>,
+    /// The partition as found.
+    pub found: FoundPartition,
+    /// The partition as the host saw it.
+    pub host: HostPartition,
+    /// The end of the physical memory the save reaches (ksave's identity
+    /// map): every RAM and NVS page must be below it.
+    pub reach: u64,
+    /// How the backup map covers ksave's own pages, or why it is unusable.
+    pub backup: Result<Coverage, MapError>,
+    /// When the save began (microseconds of the clock [`Ready::write`] is
+    /// given): the header records the time since.
+    pub started_us: u64,
+}
+
+impl<'a> Stages<'a> {
+    /// Runs the stages in order; the first that fails says why. Nothing
+    /// is written.
+    #[inline(never)] // one copy, apart from the writing (ksave's footprint)
+    pub fn check(self) -> Result<Ready<'a>, Failure> {
+        check_partition(&self.found, &self.host)?;
+        check_reachable(&self.plan, self.reach)?;
+        require_exact(self.backup)?;
+        let worst = check_capacity(&self.plan)?;
+        Ok(Ready { plan: self.plan, worst, started_us: self.started_us })
+    }
+}
+
+/// Every RAM and NVS page must be inside the reach.
+fn check_reachable(plan: &Plan, reach: u64) -> Result<(), Failure> {
+    match plan.ram.iter().chain(plan.nvs).find(|r| r.end > reach) {
+        Some(r) => Err(fail!(fail::MEMORY, "memory {:#x}-{:#x} is beyond ksave's identity map ({} GiB)", r.start, r.end, reach >> 30)),
+        None => Ok(()),
+    }
+}
+
+/// The backup map must list exactly ksave's own pages, with their sources
+/// in RAM: only then is every caller page either in place or in a source.
+fn require_exact(backup: Result<Coverage, MapError>) -> Result<(), Failure> {
+    match backup {
+        Ok(cov) if cov.is_exact() => Ok(()),
+        Ok(cov) => Err(fail!(
+            fail::BACKUP_MAP,
+            "backup map is not exactly ksave's pages ({} outside, {} twice, {} uncovered, {} sources inside): refusing",
+            cov.outside,
+            cov.duplicates,
+            cov.uncovered,
+            cov.sources_inside
+        )),
+        Err(MapError::Walk(e)) => Err(fail!(fail::BACKUP_MAP, "backup map rejected: {e:?}")),
+        Err(MapError::TooLong { limit }) => Err(fail!(fail::BACKUP_MAP, "backup map lists more than {limit} pages: refusing")),
+    }
+}
+
+/// Worst case first: a partition that might not hold it is refused before
+/// anything is written. Returns the worst case in bytes.
+fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
+    let worst = plan.worst_case_bytes();
+    if worst > plan.capacity {
+        return Err(fail!(
+            fail::TOO_SMALL,
+            "partition holds {} MiB, the worst case for {} MiB of RAM needs {} MiB: nothing saved",
+            plan.capacity >> 20,
+            (plan.page_count() * PAGE as u64) >> 20,
+            worst.div_ceil(1 << 20)
+        ));
+    }
+    Ok(worst)
+}
+
+/// A save whose stages all passed: it may write.
+pub struct Ready<'a> {
+    plan: Plan<'a>,
+    worst: u64,
+    started_us: u64,
+}
+
+/// What a successful save wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// The writer's totals.
+    pub totals: Totals,
+    /// Microseconds the save took, as its header records.
+    pub us: u64,
+}
+
+impl Ready<'_> {
+    /// The largest image the plan can make, in bytes: the partition holds it.
+    pub fn worst_case_bytes(&self) -> u64 {
+        self.worst
+    }
+
+    /// The plan the stages passed.
+    pub fn plan(&self) -> &Plan<'_> {
+        &self.plan
+    }
+
+    /// Writes the image to `store` by the format's commit protocol, reading
+    /// pages from `mem` and leaving out those `free` holds free (which it
+    /// recognizes by `free_rule`, [`Plan::free_rule`]; 0 for none). `clock`
+    /// returns microseconds; the header records the time since
+    /// [`Stages::started_us`].
+    pub fn write<D>(
+        self,
+        store: &mut D,
+        mem: &impl Memory,
+        free: &mut dyn FreePages,
+        free_rule: u32,
+        bufs: commit::Buffers,
+        clock: fn() -> u64,
+    ) -> Result<Summary, Failure>
+    where
+        D: Device,
+        D::Error: fmt::Display,
+    {
+        let plan = Plan { free_rule, ..self.plan };
+        let (header, totals) = commit::save(&plan, mem, free, store, bufs, clock, self.started_us).map_err(|e| match e {
+            WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
+            WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
+            WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
+        })?;
+        Ok(Summary { totals, us: header.save_us })
+    }
+}
