@@ -157,7 +157,7 @@ pub fn decode(h: &[u8]) -> Result<Decoded<'_>, &'static str> {
         return Err("unknown encoding");
     }
     let count = head.count.get() as usize;
-    if count == 0 || count > max_words(encoding) || len != header_len(encoding) || (encoding == ENCODING_FREE && count % 2 != 0) {
+    if count == 0 || count > max_words(encoding) || len != header_len(encoding) || (encoding == ENCODING_FREE && !count.is_multiple_of(2)) {
         return Err("page count");
     }
     let pfns = <[U64]>::ref_from_bytes(&rest[..8 * count]).map_err(|_| "page count")?;
