@@ -14,7 +14,7 @@ VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BU
 # The test partition's GUID (qemu/src/disk.rs) for the resume menu.
 TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
-.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot lint test bench clean FORCE
+.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot lint clippy test bench clean FORCE
 .NOTPARALLEL:
 all: $(ELF) $(CLI)
 
@@ -87,8 +87,9 @@ SHELL_SCRIPTS = $(shell find . \( -name target -o -name build -o -name .git \) -
   -exec awk 'FNR == 1 && /^(#!(\/usr)?\/bin\/(env |busybox )?(ba|da)?sh([ \t]|$$)|# shellcheck shell=)/ { print FILENAME } { nextfile }' {} + \
   | LC_ALL=C sort)
 
-# Static checks. -x: follow sourced files (the scenarios' test.sh).
-lint: | deps
+# Static checks: clippy (below), then shellcheck. -x: follow sourced
+# files (the scenarios' test.sh).
+lint: clippy | deps
 	shellcheck -x $(SHELL_SCRIPTS)
 
 # Host unit tests of every crate that runs on the host, and the QEMU
@@ -105,6 +106,14 @@ test: lint vm-inputs
 bench: vm-inputs
 	$(CLI) image $(ELF)
 	target/release/ksave-qemu bench
+
+# Clippy, every warning an error; the lints the workspace adds (every unsafe
+# block says why it holds) are in Cargo.toml. Two runs: the bare-metal image
+# alone, so that no std crate's features are unified into its dependencies,
+# then every other crate with its tests and diskdrv's host fakes.
+clippy:
+	$(CARGO) clippy --release -p ksave --bin ksave-image -- -D warnings
+	$(CARGO) clippy --release --workspace --exclude ksave --all-targets --all-features -- -D warnings
 
 clean:
 	$(CARGO) clean

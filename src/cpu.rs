@@ -170,7 +170,7 @@ fn print_call_chain(mut rbp: u64) {
     let (start, end) = image_range();
     crate::print!("ksave:   call chain:");
     for _ in 0..16 {
-        if rbp % 8 != 0 || rbp < start || rbp + 16 > end {
+        if !rbp.is_multiple_of(8) || rbp < start || rbp + 16 > end {
             break;
         }
         // SAFETY: rbp was just checked to be an aligned address inside

@@ -163,12 +163,15 @@ fn bench(disk: &mut impl BlockDevice, span: Span, mib: u64, mode: &str, map: &Me
         }
         Ok(hw::now_us() - t0)
     };
-    // SAFETY (both): inside `buf`, free RAM that scratch() found and that
-    // nothing else uses while the bench runs.
+    // SAFETY: `run` passes off + n <= bytes, so the segment is inside
+    // `buf`: free RAM that scratch() found, not MMIO, that nothing else
+    // uses while the bench runs.
     let write_us = run(&mut |off, n| disk.transfer(Direction::Write, (first + off / 512) / per_block, &[unsafe { Segment::new(buf + off, n) }]))?;
     let flush_t0 = hw::now_us();
     disk.flush()?;
     let write_us = write_us + (hw::now_us() - flush_t0);
+    // SAFETY: as for the write above: inside `buf`, free RAM that nothing
+    // else reads or writes while the bench runs, so the device may overwrite it.
     let read_us = run(&mut |off, n| disk.transfer(Direction::Read, (first + off / 512) / per_block, &[unsafe { Segment::new(buf + off, n) }]))?;
     println!(
         "ksave-bench: {mode}: write {mib} MiB in {} ms = {} MB/s; read {mib} MiB in {} ms = {} MB/s",

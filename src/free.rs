@@ -25,7 +25,7 @@ pub fn kernel_info(config: &Config, ctx: &CallerContext, view: &KernelView) -> R
     let len = (note.end - note.start) as usize;
     for (i, word) in bytes[..len.next_multiple_of(8)].chunks_exact_mut(8).enumerate() {
         let at = note.start + 8 * i as u64;
-        let w = (at % 8 == 0).then(|| view.read_u64(at)).flatten();
+        let w = at.is_multiple_of(8).then(|| view.read_u64(at)).flatten();
         word.copy_from_slice(&w.ok_or_else(|| Message::format(format_args!("vmcoreinfo note at {:#x} unreadable", note.start)))?.to_le_bytes());
     }
     let doubt = |d| Message::format(format_args!("{d}"));

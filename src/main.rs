@@ -6,6 +6,11 @@
 //! in [`ksave_main`] on ksave's own stack, GDT and page tables with SSE on.
 #![no_std]
 #![no_main]
+// Errors here carry a `Message` (message.rs): its text in a fixed 240-byte
+// buffer, deliberately, so that a failure needs no heap and no allocation
+// can fail while ksave reports one. They are returned once per entry, not
+// in a loop, so their size costs nothing that matters.
+#![allow(clippy::result_large_err)]
 
 extern crate alloc;
 

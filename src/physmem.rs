@@ -9,7 +9,7 @@ pub struct IdentityMapped;
 
 impl PhysRead for IdentityMapped {
     fn read_u64(&self, addr: u64) -> Option<u64> {
-        if addr % 8 != 0 || addr.checked_add(8)? > identity_end() {
+        if !addr.is_multiple_of(8) || addr.checked_add(8)? > identity_end() {
             return None;
         }
         // SAFETY: addr is aligned and inside the identity map (asm/tables.s,
@@ -69,7 +69,7 @@ pub unsafe fn bytes<'a>(addr: u64, len: usize) -> &'a [u8] {
 /// # Safety
 /// `[addr, addr+len)` must be identity-mapped RAM that nothing of ksave uses.
 pub unsafe fn zero(addr: u64, len: usize) {
-    debug_assert!(len % 8 == 0);
+    debug_assert!(len.is_multiple_of(8));
     // SAFETY: upheld by the caller; DF is clear (entry code). Quadwords:
     // under TCG each rep iteration costs the same whatever its width.
     unsafe { core::arch::asm!("rep stosq", inout("rdi") addr => _, inout("rcx") len / 8 => _, in("rax") 0u64, options(nostack, preserves_flags)) };
@@ -80,7 +80,7 @@ pub unsafe fn zero(addr: u64, len: usize) {
 /// # Safety
 /// As for [`zero`].
 pub unsafe fn write(addr: u64, src: &[u8]) {
-    debug_assert!(src.len() % 8 == 0);
+    debug_assert!(src.len().is_multiple_of(8));
     // SAFETY: upheld by the caller; src is a live slice; DF is clear.
     unsafe {
         core::arch::asm!("rep movsq", inout("rdi") addr => _, inout("rsi") src.as_ptr() => _, inout("rcx") src.len() / 8 => _, options(nostack, preserves_flags));
@@ -92,7 +92,7 @@ pub unsafe fn write(addr: u64, src: &[u8]) {
 /// # Safety
 /// `[addr, addr + dst.len())` must be identity-mapped RAM.
 pub unsafe fn read(addr: u64, dst: &mut [u8]) {
-    debug_assert!(dst.len() % 8 == 0);
+    debug_assert!(dst.len().is_multiple_of(8));
     // SAFETY: upheld by the caller; dst is a live slice; DF is clear.
     unsafe {
         core::arch::asm!("rep movsq", inout("rdi") dst.as_mut_ptr() => _, inout("rsi") addr => _, inout("rcx") dst.len() / 8 => _, options(nostack, preserves_flags));

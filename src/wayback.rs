@@ -69,7 +69,7 @@ fn post_to_mailbox(config: &Config, code: u32, why: core::fmt::Arguments) {
     };
     let (start, end) = image_range();
     let in_ram = config.ram().iter().any(|r| r.start <= pa && pa_end <= r.end);
-    if pa == 0 || pa % PAGE as u64 != 0 || !in_ram || (start..end).contains(&pa) || pa_end > paging::identity_end() {
+    if pa == 0 || !pa.is_multiple_of(PAGE as u64) || !in_ram || (start..end).contains(&pa) || pa_end > paging::identity_end() {
         return;
     }
     // SAFETY: a whole page of the caller's RAM inside ksave's identity map

@@ -26,6 +26,10 @@ impl<T> Exclusive<T> {
     }
 
     /// The value; panics if this entry already took it.
+    // clippy::mut_from_ref: deliberate, a checked once-cell (as
+    // static_cell's StaticCell::init): the `taken` flag, tested below,
+    // makes the returned reference the only one to the value this entry.
+    #[allow(clippy::mut_from_ref)]
     pub fn take(&'static self) -> &'static mut T {
         assert!(crate::layout::in_bss(self as *const Self as u64), "a once-per-entry static must be zero-initialised");
         assert!(!self.taken.swap(true, Ordering::Relaxed), "a once-per-entry buffer was taken twice");

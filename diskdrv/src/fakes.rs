@@ -520,10 +520,8 @@ impl Hba {
             ata::READ_DMA_EXT | ata::WRITE_DMA_EXT => {
                 let write = fis[2] == ata::WRITE_DMA_EXT;
                 let end = disk.borrow().sectors;
-                if bytes != count * 512 || lba + count > end {
-                    Err(0x10) // IDNF
-                } else if write && touches(port.faults.write_error_at, lba, count) {
-                    Err(0x10)
+                if bytes != count * 512 || lba + count > end || (write && touches(port.faults.write_error_at, lba, count)) {
+                    Err(0x10) // IDNF (a failed write reports it too)
                 } else if !write && touches(port.faults.read_error_at, lba, count) {
                     Err(0x40) // UNC
                 } else {

@@ -286,39 +286,6 @@ pub fn parse_mbr(sector: &[u8; 512], index: usize, disk_sectors: u64) -> Option<
     Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    extern crate std;
-    use std::string::ToString;
-
-    #[test]
-    fn guid_text_round_trips_in_mixed_endian() {
-        let g = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
-        assert_eq!(g.to_bytes()[0..4], [0xAF, 0x3D, 0xC6, 0x0F]);
-        assert_eq!(g.to_bytes()[8..10], [0x8E, 0x79]);
-        assert_eq!(g.to_string(), "0fc63daf-8483-4772-8e79-3d69d8477de4");
-        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE").is_err());
-        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79_3D69D8477DE4").is_err());
-        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DEG").is_err());
-    }
-
-    #[test]
-    fn mbr_entries() {
-        let mut s = [0u8; 512];
-        s[510] = 0x55;
-        s[511] = 0xAA;
-        s[446 + 16 + 4] = 0x83;
-        s[446 + 16 + 8..446 + 16 + 12].copy_from_slice(&2048u32.to_le_bytes());
-        s[446 + 16 + 12..446 + 16 + 16].copy_from_slice(&4096u32.to_le_bytes());
-        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr }));
-        assert_eq!(parse_mbr(&s, 0, 100_000), None);
-        assert_eq!(parse_mbr(&s, 1, 5000), None, "entry past the end of the disk");
-        s[510] = 0;
-        assert_eq!(parse_mbr(&s, 1, 100_000), None);
-    }
-}
-
 /// Entries a GPT made by [`build_gpt`] has, of 128 bytes each.
 const BUILT_ENTRIES: usize = 128;
 
@@ -383,4 +350,37 @@ pub fn build_gpt(block_size: usize, blocks: u64, disk_guid: Guid, parts: &[Entry
     head[block_size..block_size + 92].copy_from_slice(header(1, blocks - 1, 2).as_bytes());
     let at = BUILT_ENTRIES * 128;
     tail[at..at + 92].copy_from_slice(header(blocks - 1, 1, blocks - 1 - entry_blocks).as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    extern crate std;
+    use std::string::ToString;
+
+    #[test]
+    fn guid_text_round_trips_in_mixed_endian() {
+        let g = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
+        assert_eq!(g.to_bytes()[0..4], [0xAF, 0x3D, 0xC6, 0x0F]);
+        assert_eq!(g.to_bytes()[8..10], [0x8E, 0x79]);
+        assert_eq!(g.to_string(), "0fc63daf-8483-4772-8e79-3d69d8477de4");
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE").is_err());
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79_3D69D8477DE4").is_err());
+        assert!(Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DEG").is_err());
+    }
+
+    #[test]
+    fn mbr_entries() {
+        let mut s = [0u8; 512];
+        s[510] = 0x55;
+        s[511] = 0xAA;
+        s[446 + 16 + 4] = 0x83;
+        s[446 + 16 + 8..446 + 16 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        s[446 + 16 + 12..446 + 16 + 16].copy_from_slice(&4096u32.to_le_bytes());
+        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr }));
+        assert_eq!(parse_mbr(&s, 0, 100_000), None);
+        assert_eq!(parse_mbr(&s, 1, 5000), None, "entry past the end of the disk");
+        s[510] = 0;
+        assert_eq!(parse_mbr(&s, 1, 100_000), None);
+    }
 }

@@ -98,9 +98,10 @@ fn misaligned_segments_are_refused() {
     let mut mem = Box::new(AhciMemory::new());
     let mut d = open(&hal, &mut mem);
     let buf = pages(1);
-    // SAFETY (both): inside `buf`, owned by the test; refused before any DMA anyway.
+    // SAFETY: inside `buf`, owned by the test; refused before any DMA anyway.
     let odd = unsafe { Segment::new(buf.as_ptr() as u64 + 2, 512) };
     assert_eq!(d.transfer(Direction::Read, 0, &[odd]), Err(DiskError::BadSegment(odd)));
+    // SAFETY: as `odd`: inside `buf`, refused before any DMA.
     let short = unsafe { Segment::new(buf.as_ptr() as u64, 100) };
     assert_eq!(d.transfer(Direction::Read, 0, &[short]), Err(DiskError::BadSegment(short)));
 }
@@ -183,15 +184,15 @@ fn without_s64a_memory_above_4_gib_is_refused() {
 fn close_puts_back_the_registers_it_found() {
     let (hal, _) = machine(4096);
     let port = Machine::ABAR + 0x100 + 0x80;
-    hal.mmio_write32(port + 0x00, 0x1234_5000); // CLB as "Linux" left it
+    hal.mmio_write32(port, 0x1234_5000); // CLB (offset 0) as "Linux" left it
     hal.mmio_write32(port + 0x08, 0x1234_6000); // FB
     hal.mmio_write32(port + 0x14, 0x7d40_00ff); // IE
     hal.mmio_write32(port + 0x18, 0x11); // FRE | ST
     let mut mem = Box::new(AhciMemory::new());
     let d = open(&hal, &mut mem);
-    assert_ne!(hal.mmio_read32(port + 0x00), 0x1234_5000);
+    assert_ne!(hal.mmio_read32(port), 0x1234_5000); // CLB
     d.close();
-    assert_eq!(hal.mmio_read32(port + 0x00), 0x1234_5000);
+    assert_eq!(hal.mmio_read32(port), 0x1234_5000);
     assert_eq!(hal.mmio_read32(port + 0x08), 0x1234_6000);
     assert_eq!(hal.mmio_read32(port + 0x14), 0x7d40_00ff);
     assert_eq!(hal.mmio_read32(port + 0x18) & 0x11, 0x11);
@@ -201,14 +202,14 @@ fn close_puts_back_the_registers_it_found() {
 fn a_failed_open_puts_back_the_registers_it_found() {
     let (hal, _) = machine(4096);
     let port = Machine::ABAR + 0x100 + 0x80;
-    hal.mmio_write32(port + 0x00, 0x1234_5000); // CLB as "Linux" left it
+    hal.mmio_write32(port, 0x1234_5000); // CLB (offset 0) as "Linux" left it
     hal.mmio_write32(port + 0x08, 0x1234_6000); // FB
     hal.0.hba.borrow_mut().as_mut().unwrap().ports[1].faults.hang = true; // IDENTIFY never completes
     let mut mem = Box::new(AhciMemory::new());
     // SAFETY: the fake HBA is this test's alone.
     let result = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 1, &mut mem) };
     assert!(matches!(result.err(), Some(DiskError::Timeout { command: 0xEC, .. })));
-    assert_eq!(hal.mmio_read32(port + 0x00), 0x1234_5000, "CLB left pointing at our memory");
+    assert_eq!(hal.mmio_read32(port), 0x1234_5000, "CLB left pointing at our memory");
     assert_eq!(hal.mmio_read32(port + 0x08), 0x1234_6000, "FB left pointing at our memory");
 }
 

@@ -27,25 +27,25 @@ fn open<'m>(hal: &FakeHal, index: usize, mem: &'m mut NvmeMemory) -> Result<Nvme
 #[test]
 fn identifies_each_namespace_and_refuses_a_missing_one() {
     let (hal, _) = machine(&[(1 << 20, 9), (4096, 9)]);
-    let mut mem = low(NvmeMemory::new());
-    let d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let d = open(&hal, 0, mem).unwrap();
     assert_eq!(d.info().model.as_str(), "ksave fake SSD");
     assert_eq!(d.info().serial.as_str(), "FAKE0001");
     assert_eq!((d.nsid(), d.info().blocks), (1, 1 << 20));
     d.close();
-    let d = open(&hal, 1, &mut mem).unwrap();
+    let d = open(&hal, 1, mem).unwrap();
     assert_eq!((d.nsid(), d.info().blocks), (2, 4096));
     d.close();
-    assert_eq!(open(&hal, 2, &mut mem).err(), Some(DiskError::NoDevice));
+    assert_eq!(open(&hal, 2, mem).err(), Some(DiskError::NoDevice));
     assert!(!controller(&hal).enabled(), "a refused open gives the controller back disabled");
 }
 
 #[test]
 fn scattered_pages_go_out_in_one_command_and_come_back() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
+    let mem = low(NvmeMemory::new());
     controller(&hal).mdts = 0; // no limit: the PRP lists decide
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mut d = open(&hal, 0, mem).unwrap();
     let src = pages(600);
     let segs = scattered(src); // 300 separate pages
     let data = pattern(1000, 300 * 4096);
@@ -63,9 +63,9 @@ fn scattered_pages_go_out_in_one_command_and_come_back() {
 #[test]
 fn a_long_command_chains_its_prp_list_across_pages() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
+    let mem = low(NvmeMemory::new());
     controller(&hal).mdts = 0;
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mut d = open(&hal, 0, mem).unwrap();
     // 1000 pages from a buffer that starts 512 bytes into a page: PRP1
     // carries an offset (so 1001 pages), and the list needs two pages.
     let buf = pages(1002);
@@ -91,9 +91,9 @@ fn a_long_command_chains_its_prp_list_across_pages() {
 #[test]
 fn mdts_and_sub_page_segments_split_commands() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
+    let mem = low(NvmeMemory::new());
     controller(&hal).mdts = 2; // 4 pages a command
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mut d = open(&hal, 0, mem).unwrap();
     let buf = pages(16);
     let seg = [segment(buf, 0, 16 * 4096)];
     let data = pattern(0, 16 * 4096);
@@ -115,8 +115,8 @@ fn mdts_and_sub_page_segments_split_commands() {
 #[test]
 fn the_queues_wrap_and_the_phase_flips() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, mem).unwrap();
     let sector = &mut pages(1)[0].0[..512];
     for i in 0..300u64 {
         sector.fill(i as u8);
@@ -132,8 +132,8 @@ fn the_queues_wrap_and_the_phase_flips() {
 #[test]
 fn a_media_error_is_reported_with_its_status() {
     let (hal, _) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, mem).unwrap();
     controller(&hal).faults.write_error_at = Some(12);
     let buf = pages(1);
     let err = d.transfer(Direction::Write, 10, &[segment(buf, 0, 4096)]).unwrap_err();
@@ -149,8 +149,8 @@ fn a_media_error_is_reported_with_its_status() {
 #[test]
 fn a_command_that_never_completes_times_out_and_resets_the_controller() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, mem).unwrap();
     let enables = controller(&hal).stats.enables;
     controller(&hal).faults.hang_io = true;
     let buf = pages(1);
@@ -173,8 +173,8 @@ fn close_disables_and_puts_the_registers_back() {
         c.intms = 0b101;
         (c.aqa, c.asq, c.acq, c.intms)
     };
-    let mut mem = low(NvmeMemory::new());
-    let d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let d = open(&hal, 0, mem).unwrap();
     assert_eq!(controller(&hal).intms, !0, "polled: interrupts masked while open");
     d.close();
     let c = controller(&hal);
@@ -185,13 +185,13 @@ fn close_disables_and_puts_the_registers_back() {
 #[test]
 fn out_of_range_is_refused_and_odd_block_sizes_too() {
     let (hal, _) = machine(&[(1000, 9), (8000, 10)]);
-    let mut mem = low(NvmeMemory::new());
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, mem).unwrap();
     let buf = pages(1);
     let err = d.transfer(Direction::Read, 999, &[segment(buf, 0, 1024)]).unwrap_err();
     assert!(matches!(err, DiskError::OutOfRange { .. }));
     d.close();
-    assert!(matches!(open(&hal, 1, &mut mem).err(), Some(DiskError::Unsupported(_))), "1 KiB blocks");
+    assert!(matches!(open(&hal, 1, mem).err(), Some(DiskError::Unsupported(_))), "1 KiB blocks");
 }
 
 /// A 4Kn namespace: LBAs count 4 KiB blocks, requests carry whole blocks
@@ -199,8 +199,8 @@ fn out_of_range_is_refused_and_odd_block_sizes_too() {
 #[test]
 fn a_4k_namespace_moves_whole_blocks_and_its_gpt_is_found() {
     let (hal, disks) = machine(&[(1 << 16, 12)]);
-    let mut mem = low(NvmeMemory::new());
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mem = low(NvmeMemory::new());
+    let mut d = open(&hal, 0, mem).unwrap();
     assert_eq!((d.info().blocks, d.info().block_size), (1 << 13, 4096));
     let buf = pages(8);
     let seg = [segment(buf, 0, 8 * 4096)];
@@ -234,9 +234,9 @@ fn a_4k_namespace_moves_whole_blocks_and_its_gpt_is_found() {
 #[test]
 fn commands_overlap_and_an_error_in_the_middle_keeps_the_queues_in_step() {
     let (hal, disks) = machine(&[(1 << 20, 9)]);
-    let mut mem = low(NvmeMemory::new());
+    let mem = low(NvmeMemory::new());
     controller(&hal).mdts = 2; // 4 pages a command: 16 commands below
-    let mut d = open(&hal, 0, &mut mem).unwrap();
+    let mut d = open(&hal, 0, mem).unwrap();
     let buf = pages(64);
     let seg = [segment(buf, 0, 64 * 4096)];
     let data = pattern(1000, 64 * 4096);

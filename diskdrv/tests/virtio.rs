@@ -32,8 +32,8 @@ fn finds_the_structures_negotiates_and_reads_the_capacity() {
     let (hal, _) = machine(1 << 20, VirtioSetup::default());
     let t = Transport::find(&hal, AT).unwrap();
     assert_eq!((t.common, t.device, t.notify, t.notify_multiplier), (Machine::VIRTIO_BAR, Machine::VIRTIO_BAR + 0x2000, Machine::VIRTIO_BAR + 0x3000, 4));
-    let mut mem = low(VirtioMemory::new());
-    let d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let d = open(&hal, mem).unwrap();
     assert_eq!(d.info().blocks, 1 << 20);
     assert_eq!(device(&hal).status, 1 | 2 | 8 | 4, "ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK");
     assert_eq!(device(&hal).stats.accepted, 1 << 32 | 1 << 9 | 1 << 2 | 1 << 6);
@@ -42,8 +42,8 @@ fn finds_the_structures_negotiates_and_reads_the_capacity() {
 #[test]
 fn scattered_pages_go_out_in_one_request_and_come_back() {
     let (hal, disk) = machine(1 << 20, VirtioSetup::default());
-    let mut mem = low(VirtioMemory::new());
-    let mut d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let mut d = open(&hal, mem).unwrap();
     let src = pages(200);
     let segs = scattered(src); // 100 separate pages
     let data = pattern(1000, 100 * 4096);
@@ -61,8 +61,8 @@ fn scattered_pages_go_out_in_one_request_and_come_back() {
 #[test]
 fn seg_max_splits_requests_and_the_rings_wrap() {
     let (hal, disk) = machine(1 << 20, VirtioSetup { seg_max: 4, ..VirtioSetup::default() });
-    let mut mem = low(VirtioMemory::new());
-    let mut d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let mut d = open(&hal, mem).unwrap();
     let src = pages(20);
     let segs = scattered(src); // 10 pages, 4 a request
     let data = pattern(0, 10 * 4096);
@@ -87,8 +87,8 @@ fn seg_max_splits_requests_and_the_rings_wrap() {
 #[test]
 fn an_io_error_is_reported_and_the_queue_carries_on() {
     let (hal, _) = machine(1 << 20, VirtioSetup { write_error_at: Some(12), ..VirtioSetup::default() });
-    let mut mem = low(VirtioMemory::new());
-    let mut d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let mut d = open(&hal, mem).unwrap();
     let buf = pages(1);
     let err = d.transfer(Direction::Write, 10, &[segment(buf, 0, 4096)]).unwrap_err();
     assert_eq!(err, DiskError::Virtio { request: 1, lba: 10, status: 1 });
@@ -99,8 +99,8 @@ fn an_io_error_is_reported_and_the_queue_carries_on() {
 #[test]
 fn a_request_that_never_completes_times_out_and_resets_the_device() {
     let (hal, disk) = machine(1 << 20, VirtioSetup::default());
-    let mut mem = low(VirtioMemory::new());
-    let mut d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let mut d = open(&hal, mem).unwrap();
     let resets = device(&hal).stats.resets;
     device(&hal).setup.hang = true;
     let buf = pages(1);
@@ -117,8 +117,8 @@ fn a_request_that_never_completes_times_out_and_resets_the_device() {
 #[test]
 fn close_leaves_the_device_reset() {
     let (hal, _) = machine(1 << 20, VirtioSetup::default());
-    let mut mem = low(VirtioMemory::new());
-    let d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let d = open(&hal, mem).unwrap();
     d.close();
     assert_eq!(device(&hal).status, 0);
 }
@@ -126,11 +126,11 @@ fn close_leaves_the_device_reset() {
 #[test]
 fn old_and_odd_block_devices_are_refused_and_left_reset() {
     let (hal, _) = machine(1 << 20, VirtioSetup { features: 1 << 9, ..VirtioSetup::default() });
-    let mut mem = low(VirtioMemory::new());
-    assert!(matches!(open(&hal, &mut mem).err(), Some(DiskError::Unsupported(_))));
+    let mem = low(VirtioMemory::new());
+    assert!(matches!(open(&hal, mem).err(), Some(DiskError::Unsupported(_))));
     assert_eq!(device(&hal).status, 0);
     let (hal, _) = machine(1 << 20, VirtioSetup { blk_size: 2048, ..VirtioSetup::default() });
-    assert!(matches!(open(&hal, &mut mem).err(), Some(DiskError::Unsupported(_))));
+    assert!(matches!(open(&hal, mem).err(), Some(DiskError::Unsupported(_))));
     assert_eq!(device(&hal).status, 0);
 }
 
@@ -138,8 +138,8 @@ fn old_and_odd_block_devices_are_refused_and_left_reset() {
 #[test]
 fn a_4k_device_moves_whole_blocks() {
     let (hal, disk) = machine(1 << 16, VirtioSetup { blk_size: 4096, ..VirtioSetup::default() });
-    let mut mem = low(VirtioMemory::new());
-    let mut d = open(&hal, &mut mem).unwrap();
+    let mem = low(VirtioMemory::new());
+    let mut d = open(&hal, mem).unwrap();
     assert_eq!((d.info().blocks, d.info().block_size), (1 << 13, 4096));
     let buf = pages(4);
     let seg = [segment(buf, 0, 4 * 4096)];

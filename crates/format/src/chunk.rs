@@ -183,7 +183,7 @@ pub fn decode(h: &[u8]) -> Result<Decoded<'_>, &'static str> {
     let (head, rest) = ChunkHead::ref_from_prefix(h).map_err(|_| "short chunk header")?;
     let encoding = Encoding::from_u8(head.encoding).ok_or("unknown encoding")?;
     let count = head.count.get() as usize;
-    if count == 0 || count > encoding.max_words() || len != encoding.header_len() || (encoding == Encoding::Free && count % 2 != 0) {
+    if count == 0 || count > encoding.max_words() || len != encoding.header_len() || (encoding == Encoding::Free && !count.is_multiple_of(2)) {
         return Err("page count");
     }
     let pfns = <[U64]>::ref_from_bytes(&rest[..8 * count]).map_err(|_| "page count")?;

@@ -71,7 +71,7 @@ impl PageCodec for Lz4 {
 
     fn decode(&mut self, payload: &[u8], pages: &mut [u8]) -> Result<(), &'static str> {
         match lz4_flex::block::decompress_into(payload, pages) {
-            Ok(n) if n == pages.len() && n % PAGE == 0 => Ok(()),
+            Ok(n) if n == pages.len() && n.is_multiple_of(PAGE) => Ok(()),
             _ => Err("LZ4 payload does not decompress to its pages"),
         }
     }

@@ -151,14 +151,14 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                     return Err(bad("payload length"));
                 }
                 for (first, pages) in decoded.runs() {
-                    order.free_run(first, pages, &saved, header).map_err(bad)?;
+                    order.free_run(first, pages, saved, header).map_err(bad)?;
                     visitor.free_run(first, pages);
                 }
             }
             encoding => {
                 let mut pfns = [0u64; MAX_RAW_PAGES];
                 for (slot, pfn) in pfns.iter_mut().zip(decoded.pfns()) {
-                    *slot = order.stored(pfn, &saved, header).map_err(bad)?;
+                    *slot = order.stored(pfn, saved, header).map_err(bad)?;
                 }
                 let pfns = &pfns[..count];
                 // Raw pages are read where the visitor wants them (zero

@@ -97,7 +97,7 @@ impl<'a> StoreMap<'a> {
             }
             let len = e.blocks.checked_mul(block_size as u64).ok_or(StoreError::Overflow)?;
             e.lba.checked_add(e.blocks).ok_or(StoreError::Overflow)?;
-            if index + 1 < extents.len() && len % PAGE as u64 != 0 {
+            if index + 1 < extents.len() && !len.is_multiple_of(PAGE as u64) {
                 return Err(StoreError::Unaligned { index });
             }
             bytes = bytes.checked_add(len).ok_or(StoreError::Overflow)?;
@@ -127,7 +127,7 @@ impl<'a> StoreMap<'a> {
     /// order: one per extent crossed.
     pub fn pieces(&self, offset: u64, len: u64) -> Result<impl Iterator<Item = Piece> + 'a, StoreError> {
         let block = self.block_size as u64;
-        if offset % block != 0 || len % block != 0 {
+        if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
             return Err(StoreError::Misaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.bytes) {

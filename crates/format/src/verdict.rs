@@ -370,21 +370,22 @@ mod tests {
 
     #[test]
     fn every_check_refuses_with_its_own_code() {
-        let cases: [(&dyn Fn(&mut Header, &mut Here), u32); 15] = [
-            (&|h, _| h.state = State::Invalidated, 6),
-            (&|h, _| h.state = State::Writing, 5),
-            (&|h, _| h.state = State::Failed, 4),
-            (&|h, here| (h.flags, here.resumer) = (FLAG_RESUME_ATTEMPTED, Resumer::Host), 7),
-            (&|_, here| here.own = Some(Range { start: 0, end: 0x1000 }), 8),
-            (&|h, _| h.flags = FLAG_IOMMU_LEFT_ON, 9),
-            (&|_, here| here.cpu_vendor = *b"GenuineIntel", 10),
-            (&|h, _| h.cr4_needed = crate::header::CR4_NEEDED, 11),
-            (&|_, here| here.facs_signature = Some(8), 12),
-            (&|_, here| here.facs_signature = None, 13),
-            (&|h, _| h.meta_crc ^= 1, 14),
-            (&|_, here| here.ram = &RAM[..1], 15),
-            (&|_, here| here.nvs = &[], 16),
-            (&|_, here| here.reach = 1 << 20, 17),
+        type Change<'a> = &'a dyn Fn(&mut Header, &mut Here);
+        let cases: [(Change, u32); 15] = [
+            (&|h, _| h.state = State::Invalidated, code::ALREADY_RESUMED),
+            (&|h, _| h.state = State::Writing, code::INCOMPLETE),
+            (&|h, _| h.state = State::Failed, code::SAVE_FAILED),
+            (&|h, here| (h.flags, here.resumer) = (FLAG_RESUME_ATTEMPTED, Resumer::Host), code::EARLIER_ATTEMPT_UNFINISHED),
+            (&|_, here| here.own = Some(Range { start: 0, end: 0x1000 }), code::OTHER_KSAVE),
+            (&|h, _| h.flags = FLAG_IOMMU_LEFT_ON, code::SNAPSHOT_ONLY),
+            (&|_, here| here.cpu_vendor = *b"GenuineIntel", code::OTHER_CPU_VENDOR),
+            (&|h, _| h.cr4_needed = crate::header::CR4_NEEDED, code::NO_LA57),
+            (&|_, here| here.facs_signature = Some(8), code::HARDWARE_CHANGED),
+            (&|_, here| here.facs_signature = None, code::HARDWARE_UNKNOWN),
+            (&|h, _| h.meta_crc ^= 1, code::BAD_METADATA),
+            (&|_, here| here.ram = &RAM[..1], code::RAM_MAP_DIFFERS),
+            (&|_, here| here.nvs = &[], code::NVS_MAP_DIFFERS),
+            (&|_, here| here.reach = 1 << 20, code::BEYOND_REACH),
             (&|h, _| h.flags = crate::header::FLAG_LZ4, 0),
         ];
         for (i, (change, code)) in cases.iter().enumerate() {

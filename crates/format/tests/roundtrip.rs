@@ -194,7 +194,7 @@ struct Loaded {
     chunks: Vec<(u64, chunk::Encoding)>,
 }
 
-impl<'a> reader::Visitor<&'a [u8]> for Loaded {
+impl reader::Visitor<&[u8]> for Loaded {
     fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
         assert!(self.pages.insert(pfn, data.to_vec()).is_none(), "page {pfn} twice");
     }

@@ -49,7 +49,7 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
         if info.la57 != la57_now {
             return Err(Doubt::Tables("NUMBER(pgtable_l5_enabled) differs from the CPU's CR4.LA57"));
         }
-        if info.init_top_pgt < START_KERNEL_MAP || info.init_top_pgt % 4096 != 0 {
+        if info.init_top_pgt < START_KERNEL_MAP || !info.init_top_pgt.is_multiple_of(4096) {
             return Err(Doubt::Value("SYMBOL(init_top_pgt)"));
         }
         let top = (info.init_top_pgt - START_KERNEL_MAP).wrapping_add(info.phys_base);
@@ -60,7 +60,7 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
     }
 
     fn read_virt(&mut self, va: u64) -> Option<u64> {
-        if va % 8 != 0 {
+        if !va.is_multiple_of(8) {
             return None;
         }
         let page = va & !0xfff;
@@ -104,7 +104,7 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
             return None;
         }
         let base = coded & !SECTION_FLAG_BITS;
-        if base % VMEMMAP_ALIGN != 0 || self.info.vmemmap.is_some_and(|v| v != base) {
+        if !base.is_multiple_of(VMEMMAP_ALIGN) || self.info.vmemmap.is_some_and(|v| v != base) {
             return None;
         }
         Some(base)
@@ -125,7 +125,7 @@ impl<'m, M: PhysRead> Scanner<'m, M> {
             return None;
         }
         let order = self.read_virt(page + self.info.page_private)?;
-        if order >= self.info.orders as u64 || pfn % (1 << order) != 0 {
+        if order >= self.info.orders as u64 || !pfn.is_multiple_of(1 << order) {
             return None;
         }
         Some(order as u32)

@@ -203,7 +203,7 @@ impl Info {
         };
         let max_physmem_bits = dec(text, "NUMBER(MAX_PHYSMEM_BITS)", 36..=57)?;
         // struct page is word aligned; page_type is a 32-bit word.
-        if info.page_size % 8 != 0 || info.page_private % 8 != 0 || info.page_type % 4 != 0 {
+        if !info.page_size.is_multiple_of(8) || !info.page_private.is_multiple_of(8) || !info.page_type.is_multiple_of(4) {
             return Err(Doubt::Value("SIZE(page)"));
         }
         if !info.section_size.is_power_of_two() || info.section_mem_map + 8 > info.section_size {

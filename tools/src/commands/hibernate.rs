@@ -68,7 +68,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
             println!(
                 "ksave: image complete: {} pages ({} MiB) stored, {} free and {} zero pages left out, {} MiB on disk, saved in {} ms",
                 h.pages_stored,
-                h.pages_stored * PAGE as u64 >> 20,
+                (h.pages_stored * PAGE as u64) >> 20,
                 h.pages_free,
                 h.pages_zero,
                 bytes >> 20,

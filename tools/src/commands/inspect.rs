@@ -74,7 +74,7 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
             "chunks       {raw} raw ({} MiB), {lz4} LZ4 ({} MiB holding {} MiB), {free_chunks} listing {} free runs",
             raw_bytes >> 20,
             lz4_bytes >> 20,
-            lz4_pages * PAGE as u64 >> 20,
+            (lz4_pages * PAGE as u64) >> 20,
             runs.len()
         );
         println!("checks       {}", walked.err().unwrap_or_else(|| "every checksum right".into()));

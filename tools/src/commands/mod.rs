@@ -71,7 +71,7 @@ fn precheck(setup: &Setup) -> Result<()> {
         "{} holds {} MiB, an image of this machine's {} MiB of RAM may need {} MiB",
         setup.device.display(),
         setup.sectors / 2048,
-        pages * PAGE as u64 >> 20,
+        (pages * PAGE as u64) >> 20,
         worst.div_ceil(1 << 20)
     );
     Ok(())
