@@ -50,6 +50,7 @@ pub fn bail_out(code: u32, why: core::fmt::Arguments) {
         return;
     };
     disks::close_after_exception();
+    crate::metric!(save_failed = code);
     if let Ok(config) = config::load() {
         post_to_mailbox(&config, code, why);
     }

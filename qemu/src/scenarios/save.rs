@@ -2,6 +2,7 @@
 //! checked on the host, and every refusal leaving A running.
 
 use anyhow::{Context, Result, ensure};
+use ksave_format::header::fail;
 
 use super::{Kernel, Machine, Report, SECOND, kernel_a, kernel_on};
 use crate::disk::{Bus, PART_FIRST_LBA, PART_GUID, TestDisk};
@@ -83,22 +84,20 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
             report.add("data stored", saved.get("pages_stored")? * 4096.0 / MIB, "MiB");
         }
         _ => {
-            // ksave's own refusal first (after the host's, where there is
-            // one), then the tool's, which must pass ksave's reason on.
-            let disk_error = bus.ksave_error(true);
-            let (ksave_says, tool_says) = match expect {
-                Expect::TooSmall => ("ksave: save FAILED: partition holds 64 MiB".to_string(), "ksave could not save: partition holds 64 MiB".to_string()),
-                // The partition is what failed: ksave's reason comes by the mailbox.
-                Expect::WrongGuid => ("ksave: save FAILED: no GPT partition with that GUID".into(), "ksave could not save: no GPT partition with that GUID".into()),
-                Expect::CpuException => (
-                    "ksave: save FAILED: CPU exception 14 (page fault); returning to the caller".into(),
-                    "the image was left writing: ksave stopped: CPU exception 14 (page fault)".into(),
-                ),
-                _ => (format!("ksave: save FAILED: disk error: {disk_error}"), format!("ksave could not save: disk error: {disk_error}")),
+            // ksave's own failure first, then the tool's, which must pass
+            // ksave's code (and reason) on: from the partition's record, or
+            // from the mailbox when the partition is what failed.
+            let expected = match expect {
+                Expect::TooSmall => fail::TOO_SMALL,
+                Expect::WrongGuid => fail::PARTITION,
+                Expect::CpuException => fail::EXCEPTION,
+                _ => fail::IO,
             };
-            vm.expect(&ksave_says, 300 * SECOND)?;
-            let line = vm.expect("hibernation FAILED, not powering off", 60 * SECOND)?;
-            ensure!(line.text.contains(&tool_says), "the tool's refusal does not say {tool_says:?}: {:?}", line.text);
+            let ksave_says = vm.expect_metrics("save_failed", 300 * SECOND)?;
+            ensure!(ksave_says.get("save_failed")? == expected as f64, "ksave failed with code {}, expected {expected}", ksave_says.get("save_failed")?);
+            vm.expect("hibernation FAILED, not powering off", 60 * SECOND)?;
+            let tool_says = vm.expect_metrics("save_failed", 10 * SECOND)?;
+            ensure!(tool_says.get("save_failed")? == expected as f64, "the tool passed on code {}, ksave's was {expected}", tool_says.get("save_failed")?);
             vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
         }
     }
@@ -134,8 +133,8 @@ pub fn hibernate_with_the_iommu_left_on(echo: bool) -> Result<Report> {
     let unit = vm.expect("ksave:   IOMMU Vtd(", 300 * SECOND)?;
     ensure!(unit.text.contains("translation on: switching it off"), "the IOMMU was expected translating at the jump: {}", unit.text);
     vm.expect("ksave: snapshot taken; still running", 120 * SECOND)?;
-    let refused = vm.expect("hibernation FAILED, not powering off", 300 * SECOND)?;
-    ensure!(refused.text.contains("IOMMU"), "refused for another reason: {}", refused.text);
+    vm.expect("hibernation FAILED, not powering off", 300 * SECOND)?;
+    vm.expect_refusal(ksave_format::verdict::code::SNAPSHOT_ONLY, 10 * SECOND)?;
     vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
     vm.expect("memtest: data intact", 120 * SECOND)?;
     vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;

@@ -57,7 +57,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
     let _ = load::unload(); // give the memory back
-    let from_ksave = loaded.mailbox.as_ref().and_then(MailboxPage::posted).map(|(_, why)| why);
+    let from_ksave = loaded.mailbox.as_ref().and_then(MailboxPage::posted);
     match verdict(&setup, loaded.config.nonce, from_ksave) {
         Verdict::Resumed(h) => {
             println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
@@ -91,6 +91,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
                 let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
                 ImageFile::open(&setup.device, true)?.invalidate(Some(why))?;
                 eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
+                println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
                 return Ok(ExitCode::FAILURE);
             }
             println!("ksave: powering off");
@@ -101,8 +102,10 @@ pub fn run(how: &How) -> Result<ExitCode> {
             }
             bail!("power off failed: {}", std::io::Error::last_os_error())
         }
-        Verdict::Failed(why) => {
+        Verdict::Failed(why, code) => {
             eprintln!("ksave: hibernation FAILED, not powering off: {why}");
+            // ksave's own code (0: it left none), for the harness.
+            println!("ksave-metric save_failed={}", code.unwrap_or(0));
             Ok(ExitCode::FAILURE)
         }
     }
@@ -136,25 +139,32 @@ enum Verdict {
     /// Back through a restore: ksave invalidates the image before it jumps
     /// into the saved kernel, which continues right here.
     Resumed(Header),
-    /// Anything else, and why.
-    Failed(String),
+    /// Anything else: why, and ksave's failure code (`header::fail`) when
+    /// ksave left one (on the partition or in the mailbox).
+    Failed(String, Option<u32>),
 }
 
 /// `mailbox`: what ksave left in the tool's mailbox, which speaks when the
 /// partition cannot.
-fn verdict(setup: &Setup, nonce: u64, mailbox: Option<String>) -> Verdict {
+fn verdict(setup: &Setup, nonce: u64, mailbox: Option<(u32, String)>) -> Verdict {
+    let posted = mailbox.as_ref().map(|(code, _)| *code);
     let unreachable = |fallback: String| match &mailbox {
-        Some(why) => Verdict::Failed(format!("ksave could not save: {why} (from ksave, by the mailbox: nothing on {})", setup.device.display())),
-        None => Verdict::Failed(fallback),
+        Some((code, why)) => {
+            Verdict::Failed(format!("ksave could not save: {why} (from ksave, by the mailbox: nothing on {})", setup.device.display()), Some(*code))
+        }
+        None => Verdict::Failed(fallback, None),
     };
     match ImageFile::open(&setup.device, false).and_then(|mut f| f.header()) {
         Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
         Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
-        Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message())),
-        Ok(h) if h.nonce == nonce => Verdict::Failed(match &mailbox {
-            Some(why) => format!("the image was left {}: ksave stopped: {why}", h.state.name()),
-            None => format!("the image was left {}: the save did not finish", h.state.name()),
-        }),
+        Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message()), Some(h.fail_code)),
+        Ok(h) if h.nonce == nonce => Verdict::Failed(
+            match &mailbox {
+                Some((_, why)) => format!("the image was left {}: ksave stopped: {why}", h.state.name()),
+                None => format!("the image was left {}: the save did not finish", h.state.name()),
+            },
+            posted,
+        ),
         Ok(_) => unreachable(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
         Err(e) => unreachable(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
     }
