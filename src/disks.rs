@@ -15,9 +15,9 @@ use diskdrv::part::{self, Guid, PartError, Partition};
 use diskdrv::pci::{self, Address, Storage, command};
 use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, MAX_BLOCK, Segment};
+use ksave_core::store;
 
 use crate::hw::{self, KsaveHal};
-use crate::store::DiskStore;
 use ksave_format::store::{Extent, StoreError, StoreMap};
 use crate::work::Exclusive;
 use crate::{paging, println};
@@ -83,6 +83,11 @@ const _: () = assert!(
         && size_of::<NvmeMemory>() >= size_of::<VirtioMemory>()
 );
 
+/// The image store on ksave's open disk: [`store::DiskStore`] (every read,
+/// write, DMA and invalidation of an image) over [`AnyDisk`], its driver's
+/// memory reached through [`KsaveHal`].
+pub type DiskStore<'d> = store::DiskStore<'d, AnyDisk<'static>, KsaveHal>;
+
 /// Where a disk is.
 #[derive(Clone, Copy, Debug)]
 pub enum Location {
@@ -140,47 +145,6 @@ impl AnyDisk<'_> {
             Self::Virtio(d) => d.stop(),
         }
     }
-}
-
-/// Segments handed to the driver in one [`BlockDevice::transfer`] by
-/// [`transfer_pieces`]: enough for a raw chunk of contiguous pages in one
-/// call, and 1 KiB of stack where a whole chunk's worth would be 8.
-const SEGMENT_BATCH: usize = 64;
-
-/// Transfers `pieces` (physical address, bytes: whole blocks each), in
-/// order, from LBA `lba` on: contiguous pieces are merged into one segment,
-/// and [`SEGMENT_BATCH`] segments go to the driver at a time.
-///
-/// # Safety
-/// Every piece must be memory the device may access in `dir` for the whole
-/// call: read it (a write to the disk) or write it (a read).
-pub unsafe fn transfer_pieces(disk: &mut AnyDisk, dir: Direction, lba: u64, pieces: impl Iterator<Item = (u64, u64)>) -> Result<(), DiskError> {
-    let block = disk.info().block_size as u64;
-    // SAFETY: empty placeholders, never handed to the driver (only segs[..n]).
-    let mut segs = [unsafe { Segment::new(0, 0) }; SEGMENT_BATCH];
-    let (mut n, mut at, mut bytes) = (0, lba, 0u64);
-    for (addr, len) in pieces {
-        let last = segs[n.max(1) - 1];
-        if n > 0 && last.addr() + last.len() == addr {
-            // SAFETY: the last piece and this one, contiguous; both are the
-            // caller's to lend (this function's contract).
-            segs[n - 1] = unsafe { Segment::new(last.addr(), last.len() + len) };
-        } else {
-            if n == SEGMENT_BATCH {
-                disk.transfer(dir, at, &segs[..n])?;
-                at += bytes / block;
-                (n, bytes) = (0, 0);
-            }
-            // SAFETY: a piece the caller lends (this function's contract).
-            segs[n] = unsafe { Segment::new(addr, len) };
-            n += 1;
-        }
-        bytes += len;
-    }
-    if n > 0 {
-        disk.transfer(dir, at, &segs[..n])?;
-    }
-    Ok(())
 }
 
 impl BlockDevice for AnyDisk<'_> {
@@ -443,9 +407,9 @@ impl OpenPartition {
 
     /// The image store on the partition: every image read and write goes
     /// through it.
-    pub fn store(&mut self) -> DiskStore<'_, 'static> {
+    pub fn store(&mut self) -> DiskStore<'_> {
         let map = StoreMap::new(self.disk.info().block_size, &self.extent).expect("checked when the partition was opened");
-        DiskStore::new(&mut self.disk, map)
+        DiskStore::new(&mut self.disk, KsaveHal, map)
     }
 
     /// How many IOMMUs were translating until ksave switched them off.

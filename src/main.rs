@@ -32,7 +32,6 @@ mod physmem;
 mod qemu;
 mod resume;
 mod save;
-mod store;
 mod wayback;
 mod work;
 

@@ -26,7 +26,8 @@ use crate::hw;
 use crate::jump::Caller;
 use crate::layout::image_range;
 use crate::physmem;
-use crate::store::{DiskStore, StoreIoError};
+use crate::disks::DiskStore;
+use ksave_core::store::StoreIoError;
 use crate::work::{self, Work};
 use crate::{paging, println};
 
@@ -65,7 +66,7 @@ impl Memory for CallerMemory<'_> {
 /// Chunks go to the image store by DMA: headers from ksave's buffers, raw
 /// pages straight from the caller's memory; timed, with progress.
 struct DiskSink<'d> {
-    store: DiskStore<'d, 'static>,
+    store: DiskStore<'d>,
     /// Fault on purpose at [`Step::HeaderWritten`] (config self-test).
     fault_at_header: bool,
     progress: Progress,

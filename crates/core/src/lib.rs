@@ -2,8 +2,10 @@
 //! stages of a [`save`] and the checks, load and invalidation of a
 //! [`resume`], generic over small traits (the image store, physical memory,
 //! a clock), so that host tests drive a whole save and a whole resume
-//! against in-memory fakes. The bare-metal image (src/) supplies the disk,
-//! the identity-mapped memory and the TSC clock, and prints what happened.
+//! against in-memory fakes; and the [`store`] over a disk, generic over the
+//! disk driver, which host tests drive through the drivers' register-level
+//! fakes. The bare-metal image (src/) supplies the disk, the
+//! identity-mapped memory and the TSC clock, and prints what happened.
 //!
 //! Nothing here prints: every function returns what it did (counts,
 //! timings, a [`save::Failure`] or a [`resume::Refused`]).
@@ -18,5 +20,6 @@ extern crate std;
 pub mod message;
 pub mod resume;
 pub mod save;
+pub mod store;
 
 pub use message::Message;
