@@ -207,7 +207,7 @@ pub fn find_gpt_partition(
     let head = |b: &[u8]| -> [u8; 512] { b[..512].try_into().expect("a block holds a GPT header") };
     if let Some(primary) = parse_gpt_header(&head(buf), 1) {
         if let Some(found) = search_entries(disk, hal, &primary, guid, buf)? {
-            return found_in(found, &primary, Source::GptPrimary);
+            return found_in(found, &primary, Source::GptPrimary, last);
         }
         if (2..=last).contains(&primary.alternate_lba) {
             backup_lba = primary.alternate_lba;
@@ -216,14 +216,17 @@ pub fn find_gpt_partition(
     disk.read(hal, backup_lba, buf)?;
     let backup = parse_gpt_header(&head(buf), backup_lba).ok_or(PartError::NoValidGpt)?;
     match search_entries(disk, hal, &backup, guid, buf)? {
-        Some(found) => found_in(found, &backup, Source::GptBackup),
+        Some(found) => found_in(found, &backup, Source::GptBackup, last),
         None => Err(PartError::NoValidGpt),
     }
 }
 
-fn found_in(found: Option<(u64, u64)>, header: &GptHeader, source: Source) -> Result<Partition, PartError> {
+/// The partition an entry describes, if it lies in the header's usable
+/// range and on the disk (whose last block is `disk_last`: a GPT copied
+/// from a larger disk describes blocks this one does not have).
+fn found_in(found: Option<(u64, u64)>, header: &GptHeader, source: Source, disk_last: u64) -> Result<Partition, PartError> {
     match found {
-        Some((first, last)) if first >= header.usable.0 && last <= header.usable.1 && first <= last => {
+        Some((first, last)) if first >= header.usable.0 && last <= header.usable.1 && first <= last && last <= disk_last => {
             Ok(Partition { first_lba: first, last_lba: last, source })
         }
         _ => Err(PartError::NotFound),

@@ -484,10 +484,12 @@ impl<'a> Meta<'a> {
         let (backup, nvs) = rest.split_at(backup);
         let meta = Self { ram, backup, nvs };
         let bad = |r: Range| r.start > r.end || !r.start.is_multiple_of(PAGE as u64) || !r.end.is_multiple_of(PAGE as u64);
-        if meta.ram_ranges().any(bad) {
+        // Sorted and apart (docs/FORMAT.md): no page is saved, or counted, twice.
+        let unsorted = |rs: &[RangeLe]| rs.windows(2).any(|w| Range::from(w[1]).start < Range::from(w[0]).end);
+        if meta.ram_ranges().any(bad) || unsorted(meta.ram) {
             return Err(HeaderError::Field("RAM range"));
         }
-        if meta.nvs_ranges().any(bad) {
+        if meta.nvs_ranges().any(bad) || unsorted(meta.nvs) {
             return Err(HeaderError::Field("NVS range"));
         }
         if meta.nvs_ranges().any(|n| meta.ram_ranges().any(|r| n.start < r.end && r.start < n.end)) {

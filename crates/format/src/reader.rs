@@ -123,7 +123,8 @@ impl<S: Source> Visitor<S> for CheckOnly {}
 pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs: Buffers, visitor: &mut impl Visitor<S>) -> Result<(), ReadError<S::Error>> {
     let saved_pages = saved.pages;
     let saved = &saved.ranges;
-    let end = DATA_OFFSET + header.data_bytes;
+    // The header's CRC holds, but its length may still be anything.
+    let end = DATA_OFFSET.checked_add(header.data_bytes).ok_or(ReadError::Totals("data length"))?;
     let mut offset = DATA_OFFSET;
     let mut chunks_digest = CRC32C.digest();
     let mut order = Order::default();
@@ -202,8 +203,12 @@ pub struct Saved {
 impl Saved {
     /// The saved RAM and NVS of `meta`, for the image `header` describes.
     pub fn of(meta: &Meta, header: &Header) -> Self {
-        let pages = meta.saved_ranges().flat_map(|r| r.pages()).filter(|pfn| !header.image.contains(pfn * PAGE as u64)).count() as u64;
-        Self { ranges: meta.saved_ranges().collect(), pages }
+        // Counted, not walked: a range of the metadata may span 2^52 pages.
+        // A page is ksave's if its address lies in ksave's range.
+        let page = PAGE as u64;
+        let (own_from, own_to) = (header.image.start.div_ceil(page), header.image.end.div_ceil(page));
+        let outside = |p: core::ops::Range<u64>| (p.end - p.start) - p.end.min(own_to).saturating_sub(p.start.max(own_from));
+        Self { ranges: meta.saved_ranges().collect(), pages: meta.saved_ranges().map(|r| outside(r.pages())).sum() }
     }
 }
 
@@ -320,7 +325,7 @@ fn read_coded_chunk<S: Source>(
 
 /// The chunks walked must add up to what the header committed.
 fn check_totals<E>(header: &Header, end_offset: u64, order: &Order, saved_pages: u64, chunks_crc: u32) -> Result<(), ReadError<E>> {
-    if end_offset != DATA_OFFSET + header.data_bytes {
+    if end_offset - DATA_OFFSET != header.data_bytes {
         return Err(ReadError::Totals("data length"));
     }
     if order.stored != header.pages_stored {
