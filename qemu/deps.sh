@@ -8,8 +8,9 @@ packages=(
   qemu-system-x86 gdisk
   # UEFI machines (OVMF)
   ovmf
-  # kernel A's userspace
-  kexec-tools busybox-static cpio
+  # kernel A's userspace; the store checks' tools (blkid and wipefs are
+  # util-linux's, sfdisk is fdisk's, mkfs.ext4 and e2fsck e2fsprogs')
+  kexec-tools busybox-static cpio fdisk
   # the test kernel
   linux-source-6.1 linux-source-6.12 build-essential bc bison flex libelf-dev libssl-dev xz-utils
   # GRUB multiboot2 boots (restore issue)

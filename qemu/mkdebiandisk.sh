@@ -57,13 +57,16 @@ for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount "${mounted[$i]}"; done
 mounted=()
 
 first=2048
+# ksave's store partition type, which ksave setup requires: the harness
+# passes diskdrv's part::KSAVE_STORE_TYPE.
+ksave_type=${KSAVE_STORE_TYPE:?the harness sets it}
 total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
 rm -f "$out"
 truncate -s "${total_mib}M" "$out"
 mke2fs -q -F -t ext4 -L debian-root -d "$root" -E offset=$((first * 512)) "$out" "${root_mib}M"
 # (sgdisk 1.0.9 with -q does not write the table: not quiet, then.)
 parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-root
-  -n "2:0:+${ksave_mib}M" -t 2:8300 -u "2:$ksave_guid" -c 2:ksave)
+  -n "2:0:+${ksave_mib}M" -t "2:$ksave_type" -u "2:$ksave_guid" -c 2:ksave)
 if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -u "3:$swap_guid" -c 3:swap); fi
 sgdisk "${parts[@]}" "$out" >/dev/null
 if [ "$swap_mib" -gt 0 ]; then

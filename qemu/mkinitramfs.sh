@@ -24,6 +24,11 @@ add_dynamic() {
   done
 }
 add_dynamic "$(command -v kexec)" /usr/sbin/kexec
+# The real tools ksave setup and the store tests run, in /bin before
+# busybox's applets of the same names (its --install leaves them be).
+for tool in blkid wipefs sfdisk mkfs.ext4 e2fsck; do
+  add_dynamic "$(command -v "$tool")" "/bin/$tool"
+done
 for program in "$@"; do
   add_dynamic "$program" "/usr/bin/$(basename "$program")"
 done

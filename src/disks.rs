@@ -317,6 +317,9 @@ pub enum FindError {
     NoDisks,
     /// Disks were found, none has the partition.
     NotFound { disks: u32 },
+    /// Two disks or more have a partition with this GUID (a cloned disk,
+    /// RAID1 members): which one is meant is not known, so neither is used.
+    Ambiguous { found: u32 },
 }
 
 impl fmt::Display for FindError {
@@ -324,21 +327,21 @@ impl fmt::Display for FindError {
         match self {
             Self::NoDisks => write!(f, "no AHCI, IDE, NVMe or virtio-blk disk found"),
             Self::NotFound { disks } => write!(f, "no GPT partition with that GUID on any of {disks} disks"),
+            Self::Ambiguous { found } => write!(f, "{found} disks have a partition with that GUID (a cloned disk?): refusing to guess which"),
         }
     }
 }
 
-/// Looks at every disk for the GPT partition `guid`, reporting each disk.
+/// Looks at every disk for the GPT partition `guid`, reporting each disk;
+/// exactly one must have it.
 fn find_partition(guid: Guid, ide_mode: Mode, mem: &mut DiskMemory, controllers: &mut Controllers) -> Result<(Location, Partition), FindError> {
     let mut disks = 0;
+    let mut found_on = 0;
     let mut result = None;
     // An NVMe controller whose namespaces ran out: its later indices would
     // each cost a controller reset to learn the same.
     let mut namespaces_done = None;
     each_location(controllers, |location| {
-        if result.is_some() {
-            return;
-        }
         if let Location::Nvme { pci, .. } = location
             && namespaces_done == Some(pci)
         {
@@ -373,9 +376,13 @@ fn find_partition(guid: Guid, ide_mode: Mode, mem: &mut DiskMemory, controllers:
             }
         );
         if let Ok(p) = found {
+            found_on += 1;
             result = Some((location, p));
         }
     });
+    if found_on > 1 {
+        return Err(FindError::Ambiguous { found: found_on });
+    }
     result.ok_or(if disks == 0 { FindError::NoDisks } else { FindError::NotFound { disks } })
 }
 

@@ -17,6 +17,8 @@ use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
 use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, fail};
+use ksave_format::reader::Source;
+use ksave_format::store::Claimed;
 use ksave_format::writer::{self, Memory, Sink};
 use ksave_format::{PAGE, Range};
 
@@ -153,24 +155,44 @@ pub fn run(config: &Config, caller: &Caller) -> Result<(), Failure> {
     let start = hw::now_us();
     let work = work::take();
     let guard = CloseOnException::register(&mut part);
-    let outcome = save(config, caller, &mut part, work, start);
-    match &outcome {
-        Ok((summary, disk_us)) => report(summary, *disk_us),
+    let outcome = match claimed(&mut part, config, &mut work.block) {
+        Ok(claimed) => {
+            let outcome = save(config, caller, &mut part, claimed, work, start);
+            if let Err(f) = &outcome {
+                println!("ksave: save FAILED: {}", f.message.as_str());
+                record(&mut part, &claimed, config, f, &mut work.block);
+            }
+            outcome
+        }
         Err(f) => {
             println!("ksave: save FAILED: {}", f.message.as_str());
-            record(&mut part, config, f, &mut work.block);
+            Err(f)
         }
+    };
+    if let Ok((summary, disk_us)) = &outcome {
+        report(summary, *disk_us);
     }
     drop(guard);
     part.close();
     outcome.map(|_| ())
 }
 
-/// Writes a *failed* record of `failure` for the host tool to read.
+/// The proof that the partition is ksave's store: its header carries the
+/// claim the config names, and it lies on the disk the claim names. Read
+/// into `block` before anything is written.
+fn claimed(part: &mut OpenPartition, config: &Config, block: &mut [u8; PAGE]) -> Result<Claimed, Failure> {
+    if let Err(e) = part.store().read_at(0, block) {
+        return Err(Failure::new(fail::IO, format_args!("disk error reading the store's header: {e}; nothing written")));
+    }
+    ksave_core::save::check_claim(block, part.partition.disk.to_bytes(), &config.claim)
+}
+
+/// Writes a *failed* record of `failure` for the host tool to read, on the
+/// store `claimed` proves ksave's.
 #[inline(never)]
-fn record(part: &mut OpenPartition, config: &Config, failure: &Failure, block: &mut [u8; PAGE]) {
+fn record(part: &mut OpenPartition, claimed: &Claimed, config: &Config, failure: &Failure, block: &mut [u8; PAGE]) {
     let mut sink = DiskSink::new(part, hw::now_us(), u64::MAX);
-    match commit::record_failure(&mut sink, config.nonce, config.created_unix, failure.code, failure.message.as_str(), block) {
+    match commit::record_failure(&mut sink, claimed, config.nonce, config.created_unix, failure.code, failure.message.as_str(), block) {
         Ok(()) => println!("ksave: failure recorded on the partition"),
         Err(e) => println!("ksave: could not record the failure either: {e}"),
     }
@@ -187,9 +209,12 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
             return;
         }
     };
-    // Only on the partition the host set up, as for a save.
-    match ksave_core::save::check_partition(&found_partition(&part), &host_partition(config)) {
-        Ok(()) => record(&mut part, config, &refusal, &mut work::take().block),
+    // Only on the partition the host set up, and only if it is ksave's, as
+    // for a save.
+    let block = &mut work::take().block;
+    let checked = ksave_core::save::check_partition(&found_partition(&part), &host_partition(config)).and_then(|()| claimed(&mut part, config, block));
+    match checked {
+        Ok(claimed) => record(&mut part, &claimed, config, &refusal, block),
         Err(e) => println!("ksave: could not record the failure either: {}", e.message.as_str()),
     }
     part.close();
@@ -198,7 +223,7 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
 /// The stages, in order; the first that fails says why. Then the image.
 /// Returns what was written, and the microseconds spent in disk transfers.
 #[inline(never)]
-fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut Work, start: u64) -> Result<(Summary, u64), Failure> {
+fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Claimed, work: &mut Work, start: u64) -> Result<(Summary, u64), Failure> {
     let Caller { ctx, backup, return_gdt, .. } = *caller;
     let (image_start, image_end) = image_range();
     let stages = Stages {
@@ -221,6 +246,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, work: &mut W
             iommu_left_on: part.iommus_switched() > 0,
             free_rule: 0,
         },
+        claimed,
         found: found_partition(part),
         host: host_partition(config),
         reach: paging::identity_end(),

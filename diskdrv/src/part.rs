@@ -14,6 +14,14 @@ const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 /// A GUID in its on-disk byte order (first three fields little-endian).
 pub use uguid::Guid;
 
+/// The partition type of a ksave image store (its own, drawn at random
+/// for ksave): `ksave setup` takes no partition of another type, and
+/// `ksave setup --claim` sets it (`sfdisk --part-type`).
+pub const KSAVE_STORE_TYPE: Guid = Guid::parse_or_panic("173DB3CF-DE7F-42FC-B307-BAA2FE510158");
+
+/// The EFI system partition's type (UEFI 2.10, table 5.8).
+pub const ESP_TYPE: Guid = Guid::parse_or_panic("C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+
 /// A partition's place on the disk, in the disk's logical blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Partition {
@@ -23,6 +31,9 @@ pub struct Partition {
     pub last_lba: u64,
     /// Which table it came from.
     pub source: Source,
+    /// The disk's GUID from its GPT header (zero for an MBR partition):
+    /// the disk's identity in a store's claim.
+    pub disk: Guid,
 }
 
 impl Partition {
@@ -79,6 +90,8 @@ pub struct GptHeader {
     pub entries_crc: u32,
     /// First and last LBA partitions may use.
     pub usable: (u64, u64),
+    /// The disk's GUID.
+    pub disk_guid: Guid,
 }
 
 /// The GPT header as it lies on disk (UEFI 2.10, table 5.5).
@@ -147,6 +160,7 @@ pub fn parse_gpt_header(sector: &[u8; 512], lba: u64) -> Option<GptHeader> {
         entry_count: raw.entry_count.get(),
         entry_size: raw.entry_size.get(),
         entries_crc: raw.entries_crc.get(),
+        disk_guid: Guid::from_bytes(raw.disk_guid),
     };
     let sane = header.my_lba == lba
         && header.entry_size >= 128
@@ -227,7 +241,7 @@ pub fn find_gpt_partition(
 fn found_in(found: Option<(u64, u64)>, header: &GptHeader, source: Source, disk_last: u64) -> Result<Partition, PartError> {
     match found {
         Some((first, last)) if first >= header.usable.0 && last <= header.usable.1 && first <= last && last <= disk_last => {
-            Ok(Partition { first_lba: first, last_lba: last, source })
+            Ok(Partition { first_lba: first, last_lba: last, source, disk: header.disk_guid })
         }
         _ => Err(PartError::NotFound),
     }
@@ -286,7 +300,7 @@ pub fn parse_mbr(sector: &[u8; 512], index: usize, disk_sectors: u64) -> Option<
     if kind == 0 || kind == 0xEE || count == 0 || first + count > disk_sectors {
         return None; // empty, or the GPT protective entry
     }
-    Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr })
+    Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr, disk: Guid::ZERO })
 }
 
 /// Entries a GPT made by [`build_gpt`] has, of 128 bytes each.
@@ -380,7 +394,7 @@ mod tests {
         s[446 + 16 + 4] = 0x83;
         s[446 + 16 + 8..446 + 16 + 12].copy_from_slice(&2048u32.to_le_bytes());
         s[446 + 16 + 12..446 + 16 + 16].copy_from_slice(&4096u32.to_le_bytes());
-        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr }));
+        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr, disk: Guid::ZERO }));
         assert_eq!(parse_mbr(&s, 0, 100_000), None);
         assert_eq!(parse_mbr(&s, 1, 5000), None, "entry past the end of the disk");
         s[510] = 0;

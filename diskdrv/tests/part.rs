@@ -15,6 +15,9 @@ const OTHER: &str = "11111111-2222-3333-4444-555555555555";
 
 /// Writes a GPT (as sgdisk would: 128 entries of 128 bytes, primary at
 /// LBA 1-33, backup at the end) with the given (GUID, first, last).
+/// The test disk's GPT disk GUID.
+const DISK: Guid = Guid::parse_or_panic("D15C0000-1111-4222-8333-444455556666");
+
 fn write_gpt(disk: &fakes::Disk, parts: &[(&str, u64, u64)]) {
     let mut entries = vec![0u8; 128 * 128];
     for (i, (guid, first, last)) in parts.iter().enumerate() {
@@ -34,6 +37,7 @@ fn write_gpt(disk: &fakes::Disk, parts: &[(&str, u64, u64)]) {
         h[32..40].copy_from_slice(&alt.to_le_bytes());
         h[40..48].copy_from_slice(&34u64.to_le_bytes());
         h[48..56].copy_from_slice(&(SECTORS - 34).to_le_bytes());
+        h[56..72].copy_from_slice(&DISK.to_bytes());
         h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
         h[80..84].copy_from_slice(&128u32.to_le_bytes());
         h[84..88].copy_from_slice(&128u32.to_le_bytes());
@@ -77,7 +81,7 @@ fn disk_with_two_partitions() -> fakes::Disk {
 fn finds_a_partition_by_unique_guid() {
     let disk = disk_with_two_partitions();
     let p = lookup(&disk, WANTED).unwrap();
-    assert_eq!(p, Partition { first_lba: 4096, last_lba: 40959, source: Source::GptPrimary });
+    assert_eq!(p, Partition { first_lba: 4096, last_lba: 40959, source: Source::GptPrimary, disk: DISK });
     assert_eq!(p.blocks(), 36864);
     assert_eq!(lookup(&disk, "DEADBEEF-0000-0000-0000-000000000000"), Err(PartError::NotFound));
 }
@@ -132,6 +136,6 @@ fn mbr_fallback_by_index() {
     let mut d = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 0, &mut mem) }.unwrap();
     let buf = low([0u8; 4096]);
     let p = find_mbr_partition(&mut d, &hal, 0, buf).unwrap();
-    assert_eq!(p, Partition { first_lba: 2048, last_lba: 10239, source: Source::Mbr });
+    assert_eq!(p, Partition { first_lba: 2048, last_lba: 10239, source: Source::Mbr, disk: Guid::ZERO });
     assert_eq!(find_mbr_partition(&mut d, &hal, 1, buf), Err(PartError::NoMbrPartition));
 }

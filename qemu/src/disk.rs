@@ -138,7 +138,7 @@ impl TestDisk {
         let blocks = (size_mib << 20) / block_size as u64;
         let linux = Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap();
         let first = Entry {
-            type_guid: linux,
+            type_guid: part::KSAVE_STORE_TYPE,
             unique: Guid::try_parse(PART_GUID).unwrap(),
             first_lba: PART_FIRST_LBA / per_block,
             last_lba: (self.part_last_lba + 1) / per_block - 1,
@@ -180,6 +180,7 @@ impl TestDisk {
         run(Command::new("sgdisk")
             .arg(format!("--new=1:{PART_FIRST_LBA}:{part_last_lba}"))
             .arg(format!("--partition-guid=1:{PART_GUID}"))
+            .arg(format!("--typecode=1:{}", diskdrv::part::KSAVE_STORE_TYPE))
             .arg(format!("--new=2:{}:0", part_last_lba + 1))
             .arg(&path))?;
         let original = if size_mib <= 128 { std::fs::read(&path)? } else { Vec::new() };

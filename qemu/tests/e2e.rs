@@ -96,6 +96,22 @@ fn hibernate_refuses_a_missing_partition() {
     run(|echo| scenarios::hibernate_snapshot(Expect::WrongGuid, false, 16, echo));
 }
 
+/// Setup takes no partition that holds or serves anything (a file system,
+/// a mount, an active swap, the ESP, another type unless claimed), and a
+/// store made a file system after setup is never written: the tool and
+/// ksave both refuse, and the file system stays intact. On virtio-blk.
+#[test]
+fn a_store_that_is_not_ksaves_is_never_written() {
+    run(|echo| scenarios::hibernate_snapshot_on(Bus::Virtio, Expect::Reformatted, false, 16, echo));
+}
+
+/// A clone of the store's disk (one PARTUUID on two disks, AHCI and
+/// virtio-blk): setup, the tool and ksave refuse to guess which is meant.
+#[test]
+fn a_partition_guid_on_two_disks_is_never_guessed() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::Cloned, false, 16, echo));
+}
+
 #[test]
 fn a_cpu_exception_during_a_save_returns_to_the_caller() {
     run(|echo| scenarios::hibernate_snapshot(Expect::CpuException, false, 16, echo));

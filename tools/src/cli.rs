@@ -29,9 +29,17 @@ pub enum Command {
         #[arg(long, default_value = "/usr/lib/ksave/ksave.elf")]
         elf: PathBuf,
         /// Record the partition even if the host's checks (size) fail. For
-        /// testing ksave's own checks.
+        /// testing ksave's own checks. (What else uses the partition is
+        /// checked all the same.)
         #[arg(long)]
         no_precheck: bool,
+        /// Make the partition ksave's store: set its partition type to
+        /// ksave's (asks first). It must hold nothing and be used by nothing.
+        #[arg(long)]
+        claim: bool,
+        /// With --claim: do not ask.
+        #[arg(long, requires = "claim")]
+        yes: bool,
     },
     /// Load a configured ksave for a jump (and say how much memory it holds).
     Load {
@@ -122,9 +130,12 @@ pub enum Command {
     },
     /// Write an image's RAM as an ELF64 core file (PT_LOAD per RAM range at its physical address).
     Export {
-        /// The core file to write.
+        /// The core file to write (created 0600: it holds all of RAM).
         #[arg(long)]
         elf: PathBuf,
+        /// Overwrite the core file if it exists.
+        #[arg(long)]
+        force: bool,
         /// A partition, disk or image file.
         path: PathBuf,
     },

@@ -8,4 +8,5 @@ pub mod inspect;
 pub mod load;
 pub mod mailbox;
 pub mod setup;
+pub mod store;
 pub mod sys;

@@ -25,6 +25,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.partition_first_lba = setup.first_lba;
     c.partition_sectors = setup.sectors;
     c.lz4 = setup.lz4;
+    c.claim = setup.claim;
     let ram = sys::ram_ranges()?;
     ensure!(ram.len() <= MAX_RANGES, "{} RAM ranges, ksave takes {MAX_RANGES}", ram.len());
     c.ram[..ram.len()].copy_from_slice(&ram);

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use diskdrv::part::Guid;
 
+use ksave_format::store::Claim;
+
 use crate::sys::PartInfo;
 
 /// What `ksave setup` recorded.
@@ -22,6 +24,8 @@ pub struct Setup {
     pub lz4: bool,
     /// The ksave image to load.
     pub elf: PathBuf,
+    /// The claim setup wrote on the partition (its id and the disk's GUID).
+    pub claim: Claim,
 }
 
 /// Where the setup file lives: $KSAVE_CONF, else /etc/ksave.conf.
@@ -30,21 +34,23 @@ pub fn path() -> PathBuf {
 }
 
 impl Setup {
-    /// A setup for `part`.
-    pub fn new(part: &PartInfo, lz4: bool, elf: PathBuf) -> Self {
-        Self { device: part.device.clone(), guid: part.guid, first_lba: part.first_lba, sectors: part.sectors, lz4, elf }
+    /// A setup for `part`, which carries `claim`.
+    pub fn new(part: &PartInfo, claim: Claim, lz4: bool, elf: PathBuf) -> Self {
+        Self { device: part.device.clone(), guid: part.guid, first_lba: part.first_lba, sectors: part.sectors, lz4, elf, claim }
     }
 
     /// Writes the setup file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = format!(
-            "# written by `ksave setup`\ndevice={}\npartuuid={}\nfirst_lba={}\nsectors={}\nlz4={}\nelf={}\n",
+            "# written by `ksave setup`\ndevice={}\npartuuid={}\nfirst_lba={}\nsectors={}\nlz4={}\nelf={}\nclaim={}\ndisk_guid={}\n",
             self.device.display(),
             self.guid,
             self.first_lba,
             self.sectors,
             self.lz4 as u8,
-            self.elf.display()
+            self.elf.display(),
+            self.claim.id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            Guid::from_bytes(self.claim.disk)
         );
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -62,7 +68,17 @@ impl Setup {
         };
         let guid = get("partuuid")?;
         let Ok(guid) = Guid::try_parse(guid) else { bail!("{}: partuuid={guid} is not a GUID", path.display()) };
+        let stale = || format!("{}: set up by an older ksave, without a claim on the partition: run `ksave setup` again", path.display());
+        let id = get("claim").with_context(stale)?;
+        let id: [u8; 16] = (0..16)
+            .map(|i| id.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .and_then(|v| v.try_into().ok())
+            .with_context(|| format!("{}: claim={id} is not 32 hex digits", path.display()))?;
+        let disk = get("disk_guid").with_context(stale)?;
+        let Ok(disk) = Guid::try_parse(disk) else { bail!("{}: disk_guid={disk} is not a GUID", path.display()) };
         Ok(Self {
+            claim: Claim { id, disk: disk.to_bytes() },
             device: get("device")?.into(),
             guid,
             first_lba: get("first_lba")?.parse().context("first_lba")?,
@@ -87,12 +103,20 @@ mod tests {
             guid: Guid::try_parse("9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B").unwrap(),
             first_lba: 2048,
             sectors: 1 << 20,
+            number: 1,
+            type_guid: diskdrv::part::KSAVE_STORE_TYPE,
+            disk_guid: Guid::try_parse("A1B2C3D4-0000-4000-8000-000000004096").unwrap(),
         };
-        let setup = Setup::new(&part, true, "/usr/lib/ksave/ksave.elf".into());
+        let claim = Claim { id: *b"0123456789abcdef", disk: part.disk_guid.to_bytes() };
+        let setup = Setup::new(&part, claim, true, "/usr/lib/ksave/ksave.elf".into());
         setup.save(&path).unwrap();
         assert_eq!(Setup::load(&path).unwrap(), setup);
         std::fs::write(&path, "device=/dev/sda1\npartuuid=nope\n").unwrap();
         assert!(Setup::load(&path).unwrap_err().to_string().contains("not a GUID"));
+        // A setup file from before claims: set up again.
+        let unclaimed = format!("device=/dev/sda1\npartuuid={}\nfirst_lba=2048\nsectors=8\nlz4=0\nelf=/x\n", part.guid);
+        std::fs::write(&path, unclaimed).unwrap();
+        assert!(Setup::load(&path).unwrap_err().to_string().contains("without a claim"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

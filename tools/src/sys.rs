@@ -129,6 +129,32 @@ impl Drop for ShortPerCpuLists {
     }
 }
 
+/// Why this kernel cannot jump to ksave, if it is in lockdown (Secure Boot
+/// turns lockdown on in most distributions' kernels): in lockdown
+/// kexec_load(2) is refused (kernel/kexec.c, kexec_load_check:
+/// `security_locked_down(LOCKDOWN_KEXEC)`), and kexec_file_load(2) takes
+/// only signed kernels and no `KEXEC_PRESERVE_CONTEXT`; the kernel's own
+/// hibernation is refused there too (kernel/power/hibernate.c,
+/// hibernation_available: `LOCKDOWN_HIBERNATION`).
+pub fn lockdown() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+    lockdown_mode(&text).map(|mode| {
+        format!(
+            "this kernel is in lockdown ({mode}), as kernels are under Secure Boot: it refuses to load ksave with kexec (kexec_load(2), LOCKDOWN_KEXEC), \
+             as it refuses its own hibernation. To use ksave, turn Secure Boot off in the firmware setup (or, with shim, `mokutil --disable-validation`) \
+             and boot without lockdown= on the command line"
+        )
+    })
+}
+
+/// The active mode in /sys/kernel/security/lockdown's text ("none
+/// [integrity] confidentiality": the bracketed one,
+/// security/lockdown/lockdown.c), unless it is "none".
+fn lockdown_mode(text: &str) -> Option<&str> {
+    let mode = text.split_whitespace().find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?;
+    (mode != "none").then_some(mode)
+}
+
 /// Writes `line` to the kernel log (/dev/kmsg), where the journal picks it
 /// up; nothing when that cannot be opened.
 pub fn kernel_log(line: &str) {
@@ -205,12 +231,25 @@ pub struct PartInfo {
     pub first_lba: u64,
     /// Size in 512-byte sectors.
     pub sectors: u64,
+    /// Its number on the disk (sfdisk's and sysfs's).
+    pub number: u64,
+    /// Its partition type GUID.
+    pub type_guid: Guid,
+    /// Its disk's GUID (the GPT header's).
+    pub disk_guid: Guid,
 }
+
+/// The most bytes of GPT entries read: 128 entries of 128 bytes is what
+/// every partitioning tool writes; a header asking for more than this is
+/// damaged or hostile, not a disk.
+const MAX_GPT_ENTRY_BYTES: u64 = 1 << 20;
 
 /// A disk's GPT: its logical block size (LBAs count these) and entries.
 pub struct Gpt {
     /// Bytes in a logical block: 512 or 4096.
     pub block_size: u64,
+    /// The disk's GUID.
+    pub disk_guid: Guid,
     /// The partition entries in use.
     pub entries: Vec<part::Entry>,
 }
@@ -232,12 +271,14 @@ pub fn gpt_entries(disk: &Path) -> Result<Gpt> {
             let Some(h) = part::parse_gpt_header(&sector, lba) else {
                 continue;
             };
-            let bytes = read(h.entries_lba, h.entry_count as usize * h.entry_size as usize)?;
+            let len = h.entry_count as u64 * h.entry_size as u64;
+            ensure!(len <= MAX_GPT_ENTRY_BYTES, "{}: its GPT header asks for {len} bytes of partition entries (at most {MAX_GPT_ENTRY_BYTES} are read): the table is damaged", disk.display());
+            let bytes = read(h.entries_lba, len as usize)?;
             if !part::entries_crc_ok(&h, &bytes) {
                 continue;
             }
             let entries = bytes.chunks(h.entry_size as usize).filter_map(part::parse_entry).collect();
-            return Ok(Gpt { block_size, entries });
+            return Ok(Gpt { block_size, disk_guid: h.disk_guid, entries });
         }
     }
     bail!("{} has no valid GPT", disk.display())
@@ -278,7 +319,7 @@ pub fn partition_info(device: &Path) -> Result<PartInfo> {
         .iter()
         .find(|e| e.first_lba * (gpt.block_size / 512) == first_lba)
         .with_context(|| format!("{} (partition {number}) is not in {}'s GPT", device.display(), disk.display()))?;
-    Ok(PartInfo { device: device.into(), disk, guid: entry.unique, first_lba, sectors })
+    Ok(PartInfo { device: device.into(), disk, guid: entry.unique, first_lba, sectors, number, type_guid: entry.type_guid, disk_guid: gpt.disk_guid })
 }
 
 /// The PCI function a disk hangs off, as sysfs shows it.
@@ -331,8 +372,11 @@ pub fn controller_of(sys: &Path, disk: &str) -> Result<Controller> {
     })
 }
 
-/// Finds the partition whose PARTUUID is `guid` on any disk.
+/// Finds the partition whose PARTUUID is `guid`: exactly one disk must
+/// have it (a cloned disk or RAID1 members have it twice, and which one is
+/// meant cannot be known; ksave refuses them too).
 pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
+    let mut found: Vec<PartInfo> = Vec::new();
     for entry in std::fs::read_dir("/sys/class/block")? {
         let name = entry?.file_name().to_string_lossy().to_string();
         let sys = PathBuf::from("/sys/class/block").join(&name);
@@ -343,10 +387,17 @@ pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
         if let Ok(info) = partition_info(&device)
             && info.guid == guid
         {
-            return Ok(info);
+            found.push(info);
         }
     }
-    bail!("no partition with PARTUUID {guid} on this machine")
+    match found.len() {
+        0 => bail!("no partition with PARTUUID {guid} on this machine"),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let where_ = found.iter().map(|p| p.device.display().to_string()).collect::<Vec<_>>().join(", ");
+            bail!("PARTUUID {guid} is on {} partitions ({where_}): a cloned disk? Give one a new GUID (sfdisk --part-uuid) and set up again", found.len())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +418,14 @@ mod tests {
         std::fs::create_dir_all(root.path().join("class/block")).unwrap();
         std::os::unix::fs::symlink(&dev, root.path().join("class/block").join(disk)).unwrap();
         root
+    }
+
+    #[test]
+    fn lockdown_is_read_from_its_bracketed_mode() {
+        assert_eq!(lockdown_mode("[none] integrity confidentiality\n"), None);
+        assert_eq!(lockdown_mode("none [integrity] confidentiality\n"), Some("integrity"));
+        assert_eq!(lockdown_mode("none integrity [confidentiality]\n"), Some("confidentiality"));
+        assert_eq!(lockdown_mode(""), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use core::fmt;
 use bootinfo::kexec::{Coverage, WalkError};
 use ksave_format::commit::{self, Device, FreePages, Plan};
 use ksave_format::header::fail;
+use ksave_format::store::{Claim, Claimed};
 use ksave_format::writer::{Memory, Totals, WriteError};
 use ksave_format::{PAGE, SECTOR};
 
@@ -72,6 +73,14 @@ pub fn check_partition(found: &FoundPartition, host: &HostPartition) -> Result<(
     Ok(())
 }
 
+/// The store must carry the claim `expected` (the config's) in its header
+/// block `block`, and lie on the disk the claim names (`disk`, that disk's
+/// GPT disk GUID): else nothing at all is written there, not even a
+/// failure record.
+pub fn check_claim(block: &[u8; ksave_format::PAGE], disk: [u8; 16], expected: &Claim) -> Result<Claimed, Failure> {
+    Claimed::check(block, disk, expected).map_err(|e| fail!(fail::NOT_CLAIMED, "{e}: nothing written"))
+}
+
 /// Why the backup map the jump left cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapError {
@@ -88,6 +97,8 @@ pub enum MapError {
 pub struct Stages<'a> {
     /// What the save writes. Its `free_rule` is set by [`Ready::write`].
     pub plan: Plan<'a>,
+    /// The store is ksave's ([`check_claim`]).
+    pub claimed: Claimed,
     /// The partition as found.
     pub found: FoundPartition,
     /// The partition as the host saw it.
@@ -111,7 +122,7 @@ impl<'a> Stages<'a> {
         check_reachable(&self.plan, self.reach)?;
         require_exact(self.backup)?;
         let worst = check_capacity(&self.plan)?;
-        Ok(Ready { plan: self.plan, worst, started_us: self.started_us })
+        Ok(Ready { plan: self.plan, claimed: self.claimed, worst, started_us: self.started_us })
     }
 }
 
@@ -160,6 +171,7 @@ fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
 /// A save whose stages all passed: it may write.
 pub struct Ready<'a> {
     plan: Plan<'a>,
+    claimed: Claimed,
     worst: u64,
     started_us: u64,
 }
@@ -203,7 +215,7 @@ impl Ready<'_> {
         D::Error: fmt::Display,
     {
         let plan = Plan { free_rule, ..self.plan };
-        let (header, totals) = commit::save(&plan, mem, free, store, bufs, clock, self.started_us).map_err(|e| match e {
+        let (header, totals) = commit::save(&plan, &self.claimed, mem, free, store, bufs, clock, self.started_us).map_err(|e| match e {
             WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
             WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
             WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),

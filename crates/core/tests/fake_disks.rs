@@ -294,8 +294,17 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
     let first_lba = extents[0].lba;
     let sectors = capacity / 512;
     let pages = phys.own.pages().count();
+    // The store as `ksave setup` left it: claimed; ksave reads the claim
+    // back before anything else.
+    let mut bufs = Bufs::new();
+    let mut store = DiskStore::new(disk, hal.clone(), map);
+    Header::claiming(common::CLAIM, "claimed by ksave setup").encode(bufs.block);
+    ksave_format::writer::Sink::write_bytes(&mut store, 0, &bufs.block[..]).expect("the claim written");
+    bufs.block.fill(0);
+    ksave_format::reader::Source::read_at(&mut store, 0, &mut bufs.block[..]).expect("the claim read");
     let stages = Stages {
         plan,
+        claimed: ksave_core::save::check_claim(bufs.block, common::CLAIM.disk, &common::CLAIM)?,
         found: FoundPartition { first_lba, blocks: capacity / block_size as u64, block_size },
         host: HostPartition { first_sector: first_lba * block_size as u64 / 512, sectors },
         reach: 1 << 32,
@@ -304,8 +313,6 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
     };
     let ready = stages.check().expect("the stages pass");
     assert!(ready.worst_case_bytes() <= capacity);
-    let mut store = DiskStore::new(disk, hal.clone(), map);
-    let mut bufs = Bufs::new();
     ready.write(&mut store, phys, &mut phys.free_blocks(), FREE_RULE, bufs.save(), clock)
 }
 

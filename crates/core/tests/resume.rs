@@ -122,7 +122,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             label: "the last save failed",
-            change_image: |s| commit::record_failure(s, NONCE, 0, 4, "disk error: timeout", &mut [0; PAGE]).unwrap(),
+            change_image: |s| commit::record_failure(s, &claimed(s), NONCE, 0, 4, "disk error: timeout", &mut [0; PAGE]).unwrap(),
             change_machine: same,
             code: code::SAVE_FAILED,
             detail: Some("disk error: timeout"),
@@ -232,6 +232,7 @@ fn the_kexec_way_in_invalidates_a_refused_image_with_the_reason() {
 
     // With no image there is nothing to invalidate, and the refusal says so.
     let mut blank = Store::new(CAPACITY, 512, &ram);
+    blank.bytes[..PAGE].fill(0);
     let refused = resume(&mut blank, &machine(), &mut ram, WhenRefused::Invalidate).unwrap_err();
     assert_eq!(refused.refusal, Refusal::NoImage(HeaderError::BadMagic));
     assert_eq!(refused.invalidated.unwrap().unwrap_err().as_str(), "no image header");

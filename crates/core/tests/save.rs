@@ -6,7 +6,8 @@ mod common;
 use bootinfo::kexec::{Coverage, WalkError};
 use common::*;
 use ksave_core::resume::WhenRefused;
-use ksave_core::save::{FoundPartition, HostPartition, MapError, Stages, check_partition};
+use ksave_core::save::{FoundPartition, HostPartition, MapError, Stages, check_claim, check_partition};
+use ksave_format::store::Claim;
 use ksave_format::commit::NoneFree;
 use ksave_format::header::{DATA_OFFSET, State, fail};
 use ksave_format::verdict::code;
@@ -67,9 +68,10 @@ fn refused(change: impl FnOnce(&mut Stages), code: u32) -> String {
     let backup = backup();
     let mut stages = stages(plan(&backup, true, CAPACITY, 512), &store);
     change(&mut stages);
+    let before = store.bytes.clone();
     let failure = save(stages, &mut store, &kernel, None, &mut NoneFree, 0).unwrap_err();
     assert_eq!(failure.code, code, "{}", failure.message.as_str());
-    assert!(store.bytes.iter().all(|&b| b == 0), "{}: written before the stages passed", failure.message.as_str());
+    assert!(store.bytes == before, "{}: written before the stages passed", failure.message.as_str());
     assert!(store.flushes.is_empty());
     failure.message.as_str().to_string()
 }
@@ -83,6 +85,31 @@ fn a_partition_the_host_saw_elsewhere_is_refused() {
     let host = HostPartition { first_sector: 2048, sectors: 16384 };
     assert_eq!(check_partition(&FoundPartition { first_lba: 256, blocks: 2048, block_size: 4096 }, &host), Ok(()));
     assert!(check_partition(&FoundPartition { first_lba: 2048, blocks: 16384, block_size: 4096 }, &host).is_err());
+}
+
+/// A store is written only while it carries the claim its config names:
+/// a file system made on it since setup, another setup's claim, a header
+/// from before claims or a store found on another disk is refused, and
+/// not one byte is written there.
+#[test]
+fn a_store_without_its_claim_is_never_written() {
+    let kernel = Ram::kernel(41);
+    let mut ext4 = Store::new(CAPACITY, 512, &kernel);
+    // mkfs.ext4 since: its superblock at byte 1024 (magic 0xEF53 at 0x38).
+    ext4.bytes[1024..2048].fill(0x11);
+    ext4.bytes[1024 + 0x38..1024 + 0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+    let other = Claim { id: [0x77; 16], ..CLAIM };
+    let cases: [(&str, Store, [u8; 16], Claim, &str); 4] = [
+        ("a file system made since", ext4, CLAIM.disk, CLAIM, "does not carry ksave's claim (header checksum mismatch"),
+        ("another setup's claim", Store::new(CAPACITY, 512, &kernel), CLAIM.disk, other, "another setup's claim"),
+        ("found on another disk", Store::new(CAPACITY, 512, &kernel), [0xd2; 16], CLAIM, "names another disk"),
+        ("an unclaimed config", Store::new(CAPACITY, 512, &kernel), CLAIM.disk, Claim::default(), "carries no claim"),
+    ];
+    for (label, store, disk, expected, why) in cases {
+        let failure = check_claim(store.bytes[..PAGE].try_into().unwrap(), disk, &expected).unwrap_err();
+        assert_eq!(failure.code, fail::NOT_CLAIMED, "{label}");
+        assert!(failure.message.as_str().contains(why) && failure.message.as_str().ends_with(": nothing written"), "{label}: {}", failure.message.as_str());
+    }
 }
 
 #[test]

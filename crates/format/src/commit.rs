@@ -7,6 +7,7 @@
 
 use crate::codec::{Lz4, PageCodec};
 use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
+use crate::store::Claimed;
 use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
 use crate::{BackupPair, PAGE, Range};
 
@@ -122,11 +123,14 @@ pub struct Buffers<'b> {
 
 const _: () = assert!(META_BLOCKS as usize * PAGE <= crate::chunk::LZ4_GROUP * PAGE);
 
-/// Runs the whole protocol for `plan`, reading pages from `mem`; returns
-/// the committed header and the writer's totals. `now_us` is a clock; the
-/// header records the time since `started_us`.
+/// Runs the whole protocol for `plan`, reading pages from `mem`, on the
+/// store `claimed` proves ksave's; returns the committed header and the
+/// writer's totals. `now_us` is a clock; the header records the time since
+/// `started_us`.
+#[allow(clippy::too_many_arguments)] // each is one thing the protocol needs
 pub fn save<D: Device>(
     plan: &Plan,
+    claimed: &Claimed,
     mem: &impl Memory,
     free: &mut dyn FreePages,
     dev: &mut D,
@@ -137,6 +141,7 @@ pub fn save<D: Device>(
     let sink = WriteError::Sink;
     let mut h = Header::new(State::Writing, plan.nonce);
     h.created_unix = plan.created_unix;
+    h.claim = claimed.claim();
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;
     dev.flush().map_err(sink)?;
@@ -190,6 +195,7 @@ pub fn save<D: Device>(
     h.cr4_needed = plan.cr4_needed & header::CR4_NEEDED;
     h.facs_signature = plan.facs_signature;
     h.set_message(plan.info);
+    h.claim = claimed.claim();
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;
     dev.flush().map_err(sink)?;
@@ -197,9 +203,11 @@ pub fn save<D: Device>(
 }
 
 /// Writes a *failed* record (a header that can never be taken for an
-/// image) saying why the attempt `nonce` did not save.
-pub fn record_failure<D: Device>(dev: &mut D, nonce: u64, created_unix: u64, code: u32, why: &str, block: &mut [u8; PAGE]) -> Result<(), D::Error> {
+/// image) saying why the attempt `nonce` did not save, on the store
+/// `claimed` proves ksave's.
+pub fn record_failure<D: Device>(dev: &mut D, claimed: &Claimed, nonce: u64, created_unix: u64, code: u32, why: &str, block: &mut [u8; PAGE]) -> Result<(), D::Error> {
     let mut h = Header::new(State::Failed, nonce);
+    h.claim = claimed.claim();
     h.fail_code = code;
     h.created_unix = created_unix;
     h.set_message(why);

@@ -8,6 +8,7 @@ use bootinfo::acpi::RemappingUnit;
 use uguid::Guid;
 
 use crate::header::RangeLe;
+use crate::store::Claim;
 use crate::{CRC32C, PAGE, Range};
 
 /// "KSAVECFG".
@@ -55,7 +56,9 @@ struct RawConfig {
     iommus: [U64; MAX_IOMMUS],
     /// The VMCOREINFO note (physical start, end); empty: none.
     vmcoreinfo: RangeLe,
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16],
+    claim_id: [u8; 16],
+    claim_disk: [u8; 16],
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32],
     crc: U32,
 }
 
@@ -116,6 +119,9 @@ pub struct Config {
     /// Where the saved kernel's VMCOREINFO note is (`/sys/kernel/vmcoreinfo`),
     /// from which ksave finds its free pages; empty: none, save them all.
     pub vmcoreinfo: Range,
+    /// The claim `ksave setup` wrote on the store: ksave writes there only
+    /// if the store still carries it.
+    pub claim: Claim,
 }
 
 /// Why a config block was refused.
@@ -168,6 +174,7 @@ impl Config {
             iommus: [RemappingUnit::Vtd(0); MAX_IOMMUS],
             iommu_count: 0,
             vmcoreinfo: Range { start: 0, end: 0 },
+            claim: Claim { id: [0; 16], disk: [0; 16] },
         }
     }
 
@@ -231,6 +238,8 @@ impl Config {
             iommu_count: (self.iommu_count as u32).into(),
             iommus,
             vmcoreinfo: self.vmcoreinfo.into(),
+            claim_id: self.claim.id,
+            claim_disk: self.claim.disk,
             pad: [0; _],
             crc: 0.into(),
         };
@@ -290,6 +299,7 @@ impl Config {
         if c.vmcoreinfo.start > c.vmcoreinfo.end || c.vmcoreinfo.end - c.vmcoreinfo.start > MAX_VMCOREINFO {
             return Err(ConfigError::Field("vmcoreinfo note"));
         }
+        c.claim = Claim { id: raw.claim_id, disk: raw.claim_disk };
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();
         c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());

@@ -126,6 +126,9 @@ pub struct Header {
     /// How free pages were recognized (`freepages::vmcoreinfo::Rule::code`;
     /// 0: they were not, every non-zero page was saved).
     pub free_rule: u32,
+    /// The store's claim ([`crate::store::Claim`]), kept by every header
+    /// written after `ksave setup`.
+    pub claim: crate::store::Claim,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -200,7 +203,18 @@ impl Header {
             align: 512,
             pages_free: 0,
             free_rule: 0,
+            claim: crate::store::Claim { id: [0; 16], disk: [0; 16] },
         }
+    }
+
+    /// The header `ksave setup` writes on a store it claims: no image
+    /// (state [`State::Invalidated`], never restorable), the claim, and
+    /// `message` saying so.
+    pub fn claiming(claim: crate::store::Claim, message: &str) -> Self {
+        let mut h = Self::new(State::Invalidated, 0);
+        h.claim = claim;
+        h.set_message(message);
+        h
     }
 
     /// Sets the message (cut at [`MESSAGE_LEN`] bytes on a char boundary).
@@ -255,6 +269,9 @@ impl Header {
             align: self.align.into(),
             pages_free: self.pages_free.into(),
             free_rule: self.free_rule.into(),
+            reserved4: [0; _],
+            claim_id: self.claim.id,
+            claim_disk: self.claim.disk,
             pad: [0; _],
             crc: 0.into(),
         };
@@ -308,6 +325,7 @@ impl Header {
             },
             pages_free: raw.pages_free.get(),
             free_rule: raw.free_rule.get(),
+            claim: crate::store::Claim { id: raw.claim_id, disk: raw.claim_disk },
         };
         if h.align != 512 && h.align != MAX_ALIGN {
             return Err(HeaderError::Field("alignment"));
@@ -365,7 +383,10 @@ struct RawHeader {
     align: U32,
     pages_free: U64,
     free_rule: U32,
-    pad: [u8; PAGE - 452 - 4],
+    reserved4: [u8; 4],
+    claim_id: [u8; 16],
+    claim_disk: [u8; 16],
+    pad: [u8; PAGE - 488 - 4],
     crc: U32,
 }
 
@@ -374,6 +395,7 @@ const _: () = assert!(
         && core::mem::offset_of!(RawHeader, message) == 128
         && core::mem::offset_of!(RawHeader, cr4_needed) == 416
         && core::mem::offset_of!(RawHeader, pages_free) == 440
+        && core::mem::offset_of!(RawHeader, claim_id) == 456
 );
 
 /// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.
@@ -428,6 +450,9 @@ pub mod fail {
     pub const EXCEPTION: u32 = 8;
     /// ksave panicked: a bug in ksave (reported through the mailbox).
     pub const PANIC: u32 = 9;
+    /// The store does not carry the config's claim: nothing was written
+    /// there, not even this record (reported through the mailbox).
+    pub const NOT_CLAIMED: u32 = 10;
 }
 
 /// What the metadata blocks list: the memory saved and where the caller's

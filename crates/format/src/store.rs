@@ -8,6 +8,81 @@ use core::fmt;
 
 use crate::PAGE;
 
+/// The claim `ksave setup` writes into a store's header: these blocks are
+/// ksave's, set up on this disk. ksave writes a store only when its header
+/// carries the claim its config names ([`Claimed::check`]); every header
+/// written after keeps it (docs/FORMAT.md, "The store's claim").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Claim {
+    /// Drawn at random by `ksave setup`; all zero: unclaimed.
+    pub id: [u8; 16],
+    /// The GPT disk GUID (on-disk byte order) of the disk the store is on.
+    pub disk: [u8; 16],
+}
+
+impl Claim {
+    /// Whether this is a claim at all (headers from before claims read as
+    /// zero).
+    pub fn is_claimed(&self) -> bool {
+        self.id != [0; 16]
+    }
+}
+
+/// Why a store is not ksave's to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimError {
+    /// Its first block is no ksave header: something else lies there (a
+    /// file system made since setup, another tool's data).
+    NoHeader(crate::header::HeaderError),
+    /// A ksave header without a claim (written before claims existed).
+    Unclaimed,
+    /// Another setup's claim (a store set up again, or another machine's).
+    Other,
+    /// The claim names another disk than the one the store was found on
+    /// (a disk cloned, or a partition GUID on two disks).
+    Disk,
+}
+
+impl fmt::Display for ClaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoHeader(e) => write!(f, "the store does not carry ksave's claim ({e}): something else was written there since `ksave setup`"),
+            Self::Unclaimed => write!(f, "the store carries no claim (set up by an older ksave): run `ksave setup` again"),
+            Self::Other => write!(f, "the store carries another setup's claim: run `ksave setup` again"),
+            Self::Disk => write!(f, "the store's claim names another disk than the one it was found on"),
+        }
+    }
+}
+
+/// Proof that a store carries the expected claim: the only way to write a
+/// header there ([`crate::commit::save`], [`crate::commit::record_failure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claimed(Claim);
+
+impl Claimed {
+    /// Checks the store's header block `block`, read from a store found on
+    /// the disk whose GPT disk GUID is `disk`, against the claim `expected`
+    /// (the config's).
+    pub fn check(block: &[u8; PAGE], disk: [u8; 16], expected: &Claim) -> Result<Self, ClaimError> {
+        let found = crate::header::Header::decode(block).map_err(ClaimError::NoHeader)?.claim;
+        if !found.is_claimed() || !expected.is_claimed() {
+            return Err(ClaimError::Unclaimed);
+        }
+        if found.id != expected.id {
+            return Err(ClaimError::Other);
+        }
+        if found.disk != expected.disk || disk != expected.disk {
+            return Err(ClaimError::Disk);
+        }
+        Ok(Self(found))
+    }
+
+    /// The claim itself.
+    pub fn claim(&self) -> Claim {
+        self.0
+    }
+}
+
 /// A run of consecutive blocks of the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Extent {
@@ -187,6 +262,31 @@ impl<'a> StoreMap<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_expected_claim_on_the_expected_disk_is_ksaves() {
+        use crate::header::{Header, HeaderError};
+        let claim = Claim { id: [7; 16], disk: [9; 16] };
+        let mut block = [0u8; PAGE];
+        Header::claiming(claim, "claimed").encode(&mut block);
+        assert_eq!(Claimed::check(&block, claim.disk, &claim).map(|c| c.claim()), Ok(claim));
+        // Invalidating an image keeps the claim.
+        crate::verdict::invalidate(&mut block, Some("resumed")).unwrap();
+        assert!(Claimed::check(&block, claim.disk, &claim).is_ok());
+        assert_eq!(Claimed::check(&block, [1; 16], &claim), Err(ClaimError::Disk));
+        assert_eq!(Claimed::check(&block, claim.disk, &Claim { id: [8; 16], ..claim }), Err(ClaimError::Other));
+        assert_eq!(Claimed::check(&block, claim.disk, &Claim::default()), Err(ClaimError::Unclaimed));
+        // A file system made on the store since: its superblock (ext4's at
+        // byte 1024) breaks the header's CRC.
+        let mut reformatted = block;
+        reformatted[1024 + 0x38..1024 + 0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+        assert_eq!(Claimed::check(&reformatted, claim.disk, &claim), Err(ClaimError::NoHeader(HeaderError::Checksum)));
+        assert!(matches!(Claimed::check(&[0; PAGE], claim.disk, &claim), Err(ClaimError::NoHeader(HeaderError::BadMagic))));
+        // A header from before claims.
+        let mut old = [0u8; PAGE];
+        Header::new(crate::header::State::Invalidated, 0).encode(&mut old);
+        assert_eq!(Claimed::check(&old, claim.disk, &claim), Err(ClaimError::Unclaimed));
+    }
     use std::vec;
     use std::vec::Vec;
 

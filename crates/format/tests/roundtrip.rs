@@ -183,7 +183,7 @@ fn a_failed_save_leaves_no_image() {
     assert_eq!(disk.flushes, [Some(State::Writing)]);
     assert_eq!(load(&disk.bytes).err(), Some(ReadError::Totals("not complete")));
     let mut block = [0u8; PAGE];
-    commit::record_failure(&mut disk, NONCE, 0, header::fail::IO, "disk error", &mut block).unwrap();
+    commit::record_failure(&mut disk, &claimed(), NONCE, 0, header::fail::IO, "disk error", &mut block).unwrap();
     let h = header::Header::decode(disk.bytes[..PAGE].try_into().unwrap()).unwrap();
     assert_eq!((h.state, h.fail_code, h.message()), (State::Failed, header::fail::IO, "disk error"));
 }

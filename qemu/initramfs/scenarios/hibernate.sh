@@ -5,17 +5,66 @@
 #   KSAVE_KEXEC_TOOLS=1  load through kexec-tools, not kexec_load(2)
 #   KSAVE_EXPECT    ok | too-small | wrong-guid | io-error | cpu-exception
 #                   | iommu-left-on (a snapshot works; a power-off is refused)
+#                   | reformatted (setup refuses what is not ksave's, and a
+#                     store made a file system since setup is never written)
+#                   | cloned (the disk has a clone, vda: neither is written)
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 expect=${KSAVE_EXPECT:-ok}
 
+# refused WHAT ARGS...: `ksave setup ARGS` must fail, naming WHAT.
+refused() {
+  what=$1; shift
+  if ksave setup --elf /ksave.elf --no-precheck "$@" 2>/tmp/why; then say "setup took $*, which is $what"; exit 1; fi
+  grep -q "$what" /tmp/why || { say "setup refused $*, but not for \"$what\": $(cat /tmp/why)"; exit 1; }
+  say "setup refused: $what"
+}
+
 setup_flags=
+if [ "$expect" = reformatted ]; then
+  # Partition 2 (Linux data type) is no store until claimed, and nothing
+  # that holds or uses data is ever taken.
+  scratch=$(test_partition 2) || exit 1
+  disk=/dev/$(basename "$(readlink -f "/sys/class/block/${scratch#/dev/}/..")")
+  refused "not ksave's store" --partition "$scratch"
+  mkfs.ext4 -q -F "$scratch" || { say "mkfs.ext4 failed"; exit 1; }
+  refused "ext4 filesystem signature" --partition "$scratch" --claim --yes
+  mkdir -p /mnt
+  mount -t ext4 "$scratch" /mnt || { say "mount failed"; exit 1; }
+  refused "mounted at /mnt" --partition "$scratch" --claim --yes
+  umount /mnt
+  wipefs -q -a "$scratch"
+  mkswap "$scratch" >/dev/null || { say "mkswap failed"; exit 1; }
+  swapon "$scratch" || { say "swapon failed"; exit 1; }
+  refused "active swap" --partition "$scratch" --claim --yes
+  swapoff "$scratch"
+  wipefs -q -a "$scratch"
+  sfdisk -q --part-type "$disk" 2 C12A7328-F81F-11D2-BA4B-00A0C93EC93B || { say "sfdisk failed"; exit 1; }
+  refused "EFI system partition" --partition "$scratch" --claim --yes
+  sfdisk -q --part-type "$disk" 2 0FC63DAF-8483-4772-8E79-3D69D8477DE4
+  # Empty and unused: --claim makes it ksave's.
+  ksave setup --elf /ksave.elf --no-precheck --partition "$scratch" --claim --yes || { say "setup --claim failed"; exit 1; }
+  blkid -p -o value -s PART_ENTRY_TYPE "$scratch" | grep -qi 173db3cf || { say "setup --claim did not set ksave's type"; exit 1; }
+  say "setup claimed $scratch"
+fi
 if [ "$expect" = too-small ]; then
   ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf && { say "setup accepted a partition too small"; exit 1; }
   say "setup refused (as it must)"
   setup_flags=--no-precheck
 fi
-ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf ${KSAVE_LZ4:+--lz4} $setup_flags || { say "setup failed"; exit 1; }
+if [ "$expect" = cloned ]; then
+  # A clone of the disk is attached (vda, the harness's copy): one
+  # PARTUUID on two disks. Setup refuses to guess ...
+  refused "is on 2 partitions" --partuuid "$KSAVE_PARTUUID"
+  # ... so set up while the clone's copy has another GUID, then make it a
+  # clone again: a clone made after setup.
+  sfdisk -q --part-uuid /dev/vda 1 0C10E000-0000-4000-8000-000000000001 || { say "sfdisk failed"; exit 1; }
+  ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
+  sfdisk -q --part-uuid /dev/vda 1 "$KSAVE_PARTUUID" || { say "sfdisk failed"; exit 1; }
+  say "a clone of the store's disk, made after setup"
+else
+  ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf ${KSAVE_LZ4:+--lz4} $setup_flags || { say "setup failed"; exit 1; }
+fi
 memtest_start "${KSAVE_MEMTEST_MIB:-256}"
 
 case $expect in
@@ -38,6 +87,12 @@ case $expect in
     # A stale setup: the recorded partition is gone.
     sed -i 's/^partuuid=.*/partuuid=DEADBEEF-0000-4000-8000-000000000001/' /etc/ksave.conf
     ;;
+  reformatted)
+    # Someone makes a file system on the store after setup and fills it.
+    store=$(test_partition 1) || exit 1
+    mkfs.ext4 -q -F "$store" || { say "mkfs.ext4 failed"; exit 1; }
+    if ! { mount -t ext4 "$store" /mnt && cp /tmp/manifest /mnt/kept && umount /mnt; }; then say "could not fill the new file system"; exit 1; fi
+    ;;
 esac
 if [ "$expect" = cpu-exception ]; then
   # ksave faults mid-save on purpose: it must come back, and the tool refuse.
@@ -51,12 +106,23 @@ elif [ "$expect" = io-error ]; then
   say "hibernate refused (as it must)"
 elif [ "$expect" != ok ] && [ "$expect" != iommu-left-on ]; then
   # The host's own check refuses first ...
-  ksave hibernate --snapshot && { say "hibernate passed the host check"; exit 1; }
+  ksave hibernate --snapshot 2>/tmp/why && { say "hibernate passed the host check"; exit 1; }
+  cat /tmp/why >&2
+  if [ "$expect" = reformatted ]; then
+    grep -q "ext4 filesystem signature" /tmp/why || { say "the host check refused, but not for the file system"; exit 1; }
+  elif [ "$expect" = cloned ]; then
+    grep -q "is on 2 partitions" /tmp/why || { say "the host check refused, but not for the clone"; exit 1; }
+  fi
   say "host check refused (as it must)"
   # ... and with it skipped, ksave itself must refuse, report, and return.
   say "jump: ksave hibernate --snapshot --no-precheck"
   ksave hibernate --snapshot --no-precheck && { say "hibernate did not fail"; exit 1; }
   say "hibernate refused (as it must)"
+fi
+if [ "$expect" = reformatted ]; then
+  e2fsck -fn "$store" >/tmp/fsck 2>&1 || { say "the file system on the store was damaged: $(cat /tmp/fsck)"; exit 1; }
+  if ! { mount -t ext4 -o ro "$store" /mnt && cmp -s /tmp/manifest /mnt/kept && umount /mnt; }; then say "the file on the store changed"; exit 1; fi
+  say "the file system on the store is intact (e2fsck -fn, its file)"
 fi
 memtest_check
 say "still running, memory intact"

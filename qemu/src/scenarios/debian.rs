@@ -61,6 +61,7 @@ impl DebianDisk {
             .arg(memtest)
             .args([ROOT_GUID, PART_GUID, &machine.partition_mib().to_string()])
             .args(swap)
+            .env("KSAVE_STORE_TYPE", diskdrv::part::KSAVE_STORE_TYPE.to_string())
             .stdout(std::process::Stdio::null())
             .status()
             .context("running qemu/mkdebiandisk.sh")?;

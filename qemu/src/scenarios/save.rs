@@ -21,6 +21,12 @@ pub enum Expect {
     IoError,
     /// ksave takes a CPU exception in the middle of the save.
     CpuException,
+    /// The store's disk has a clone (same PARTUUID, on virtio-blk): setup,
+    /// the tool and ksave all refuse to guess which is meant.
+    Cloned,
+    /// Setup refuses what is not ksave's; a file system made on the store
+    /// after setup is refused by the tool and by ksave, and stays intact.
+    Reformatted,
 }
 
 /// Kernel A holds `memtest_mib` MiB of known data and runs `ksave
@@ -53,11 +59,23 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
         format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error").replace("cpuexception", "cpu-exception"),
         if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" }
     );
-    let config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(bus, rule.as_deref()));
+    let mut config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(bus, rule.as_deref()));
+    if expect == Expect::Cloned {
+        let clone = disk.path.with_extension("clone.img");
+        let copied = std::process::Command::new("cp").arg("--sparse=always").arg(&disk.path).arg(&clone).status()?;
+        ensure!(copied.success(), "copying the disk for its clone failed ({copied})");
+        config = config.arg(["-drive".to_string(), format!("if=none,id=clone,format=raw,file={}", clone.display()), "-device".into(), "virtio-blk-pci,drive=clone".into()]);
+    }
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest, {bus:?}", if lz4 { ", LZ4" } else { "" }));
     if expect == Expect::TooSmall {
         vm.expect("setup refused (as it must)", 120 * SECOND)?;
+    }
+    if expect == Expect::Reformatted {
+        vm.expect("setup claimed", 120 * SECOND)?;
+    }
+    if expect == Expect::Cloned {
+        vm.expect("a clone of the store's disk, made after setup", 120 * SECOND)?;
     }
     vm.expect("memtest: ready", 300 * SECOND)?;
     match expect {
@@ -91,6 +109,8 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
                 Expect::TooSmall => fail::TOO_SMALL,
                 Expect::WrongGuid => fail::PARTITION,
                 Expect::CpuException => fail::EXCEPTION,
+                Expect::Reformatted => fail::NOT_CLAIMED,
+                Expect::Cloned => fail::PARTITION,
                 _ => fail::IO,
             };
             let ksave_says = vm.expect_metrics("save_failed", 300 * SECOND)?;
@@ -99,6 +119,9 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
             let tool_says = vm.expect_metrics("save_failed", 10 * SECOND)?;
             ensure!(tool_says.get("save_failed")? == expected as f64, "the tool passed on code {}, ksave's was {expected}", tool_says.get("save_failed")?);
             vm.expect("hibernate refused (as it must)", 10 * SECOND)?;
+            if expect == Expect::Reformatted {
+                vm.expect("the file system on the store is intact", 60 * SECOND)?;
+            }
         }
     }
     vm.expect("memtest: data intact", 120 * SECOND)?;
@@ -161,9 +184,14 @@ fn check_image_on_host(disk: &TestDisk, report: &mut Report) -> Result<()> {
     ensure!(inspected["state"] == "complete" && inspected["checks"] == "ok", "ksave inspect --json: {inspected}");
     report.add("chunks (raw + LZ4)", (inspected["chunks_raw"].as_u64().unwrap_or(0) + inspected["chunks_lz4"].as_u64().unwrap_or(0)) as f64, "chunks");
     let core = disk.path.with_extension("core");
+    let _ = std::fs::remove_file(&core);
     let t = std::time::Instant::now();
     run(&["export", "--elf", &core.display().to_string(), &img])?;
     report.add_ms("host: ksave export", t.elapsed());
+    // All of RAM: the owner's alone, and never written over unasked.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&core)?.permissions()) & 0o777;
+    ensure!(mode == 0o600, "ksave export made the core file {mode:o}, not 600");
+    ensure!(run(&["export", "--elf", &core.display().to_string(), &img]).is_err(), "ksave export overwrote an existing file without --force");
     let readelf = std::process::Command::new("readelf").arg("-l").arg(&core).output()?;
     let listing = String::from_utf8_lossy(&readelf.stdout);
     ensure!(readelf.status.success() && listing.contains("CORE") && listing.contains("LOAD"), "readelf -l: {listing}");

@@ -26,8 +26,12 @@ pub struct How {
 
 pub fn run(how: &How) -> Result<ExitCode> {
     let &How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
+    if let Some(why) = sys::lockdown() {
+        anyhow::bail!("{why}");
+    }
     let setup = Setup::load(&setup::path())?;
     if !no_precheck {
+        super::check_store(&setup)?;
         super::precheck(&setup)?;
     }
     match sys::free_pages_note() {

@@ -25,7 +25,7 @@ mod verify;
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Setup { partition, partuuid, lz4, elf, no_precheck } => setup::run(partition, partuuid, lz4, elf, no_precheck),
+        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes } => setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes }),
         Command::Load { kexec_tools } => load::run(kexec_tools),
         Command::Hibernate { poweroff: _, snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {
             let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
@@ -36,7 +36,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),
         Command::Invalidate { path, partuuid, reason } => invalidate::run(path, partuuid, reason),
-        Command::Export { elf, path } => export::run(&elf, &path),
+        Command::Export { elf, path, force } => export::run(&elf, &path, force),
         Command::Image { elf, kexec_args } => image::run(&elf, kexec_args),
     }
 }
@@ -47,6 +47,22 @@ fn path_or_setup(path: Option<PathBuf>) -> Result<PathBuf> {
         Some(p) => Ok(p),
         None => Ok(Setup::load(&ksave_tools::setup::path())?.device),
     }
+}
+
+/// Before every jump: the partition set up is still ksave's store alone:
+/// nothing else has it (mounted, swap, holders, a signature, its type), and
+/// its header still carries the claim setup wrote (a file system made on it
+/// since breaks the header). ksave checks the claim again before it writes
+/// (--no-precheck leaves that to it, for its tests).
+fn check_store(setup: &Setup) -> Result<()> {
+    let part = sys::partition_info(&setup.device).with_context(|| format!("the configured partition {}", setup.device.display()))?;
+    // ksave finds it by its GUID: on exactly one disk (a clone attached
+    // since setup would make it guess).
+    sys::partition_by_guid(setup.guid)?;
+    let why = ksave_tools::store::refusals(&part, &ksave_tools::store::occupants(&part)?, false);
+    anyhow::ensure!(why.is_empty(), "{} is no longer ksave's store alone, refusing to write it:\n  {}", part.device.display(), why.join("\n  "));
+    ksave_tools::store::check_claim(&part, &setup.claim)?;
+    Ok(())
 }
 
 /// The host's own checks before a jump: the partition is still the one set

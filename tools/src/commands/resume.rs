@@ -56,7 +56,9 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
             let part = sys::partition_by_guid(guid)?;
-            Setup::new(&part, false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()))
+            // A resume reads the image only: its header is the evidence, no
+            // claim is needed to find it.
+            Setup::new(&part, Default::default(), false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()))
         }
         (None, Ok(s)) => s,
         (None, Err(e)) => return Err(e),

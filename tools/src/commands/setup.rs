@@ -4,15 +4,28 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail, ensure};
-use diskdrv::part::Guid;
+use diskdrv::part::{Guid, KSAVE_STORE_TYPE};
 use ksave_tools::setup::{self, Setup};
-use ksave_tools::sys;
+use ksave_tools::{store, sys};
 
 /// What the Debian package installs for initramfs-tools (dist/mkdeb.sh).
 const INITRAMFS_HOOK: &str = "/usr/share/initramfs-tools/hooks/ksave";
 
-pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<ExitCode> {
-    let part = match (partition, partuuid) {
+/// How setup goes about it.
+pub struct How {
+    /// Skip the size check (tests of ksave's own).
+    pub no_precheck: bool,
+    /// Set the partition's type to ksave's store.
+    pub claim: bool,
+    /// Without asking.
+    pub yes: bool,
+}
+
+pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, how: &How) -> Result<ExitCode> {
+    if let Some(why) = sys::lockdown() {
+        bail!("{why}");
+    }
+    let mut part = match (partition, partuuid) {
         (Some(dev), _) => sys::partition_info(&dev)?,
         (_, Some(text)) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?,
         _ => unreachable!("clap requires one"),
@@ -24,10 +37,40 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     let Some(kind) = controller.kind else {
         bail!("{} is on {disk_name} behind {controller}, which ksave cannot drive (it drives AHCI, IDE, NVMe and virtio-blk)", part.device.display());
     };
+    // Nothing else may have it: refuse with everything found.
+    let why = store::refusals(&part, &store::occupants(&part)?, how.claim);
+    if !why.is_empty() {
+        bail!("{} cannot be ksave's store (its next image would overwrite what is there):\n  {}", part.device.display(), why.join("\n  "));
+    }
+    if how.claim && part.type_guid != KSAVE_STORE_TYPE {
+        let question = format!(
+            "change the partition type of {} (partition {} of {}) from {} to ksave's store {}",
+            part.device.display(),
+            part.number,
+            part.disk.display(),
+            part.type_guid,
+            KSAVE_STORE_TYPE
+        );
+        ensure!(how.yes || confirm(&question)?, "not changed: {question} was declined");
+        println!("ksave: {question}");
+        store::set_store_type(&part)?;
+        part = sys::partition_info(&part.device)?;
+        ensure!(part.type_guid == KSAVE_STORE_TYPE, "{} is still of type {} after sfdisk", part.device.display(), part.type_guid);
+    }
     ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
-    let setup = Setup::new(&part, lz4, elf);
-    if !no_precheck {
+    // The claim: the one already on the store if it names this disk (set
+    // up again), else a new one.
+    let existing = store::read_header(&part.device)?.map(|h| h.claim).filter(|c| c.is_claimed() && c.disk == part.disk_guid.to_bytes());
+    let claim = match existing {
+        Some(claim) => claim,
+        None => store::new_claim(part.disk_guid)?,
+    };
+    let setup = Setup::new(&part, claim, lz4, elf);
+    if !how.no_precheck {
         super::precheck(&setup)?;
+    }
+    if existing.is_none() {
+        store::write_claim(&part.device, claim)?;
     }
     setup.save(&setup::path())?;
     println!(
@@ -52,4 +95,16 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         ensure!(status.success(), "update-initramfs -u failed ({status}): the next boot would not resume an image");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks `question` on the terminal; only "y" or "yes" is yes. Without a
+/// terminal nothing is changed: --yes says so on the command line.
+fn confirm(question: &str) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    ensure!(std::io::stdin().is_terminal(), "--claim would {question}: give --yes as well to do that without a terminal to ask on");
+    print!("ksave: {question}? [y/N] ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }

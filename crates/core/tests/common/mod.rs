@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
 use ksave_core::resume::{self, DmaSource, Machine, PhysMemory, Refused, Resumed, WhenRefused};
-use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
+use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
 use ksave_format::commit::{self, Device, FreePages, Plan};
 use ksave_format::header::{Header, State};
 use ksave_format::reader::{self, Source};
+use ksave_format::store::Claim;
 use ksave_format::writer::{self, Memory, Sink};
 use ksave_format::{BackupPair, PAGE, Range};
 
@@ -44,6 +45,8 @@ pub const GDT: (u64, u16) = (0xffff_8880_1f40_9000, 127);
 pub const FIRST_SECTOR: u64 = 2048;
 /// The partition's size.
 pub const CAPACITY: usize = 8 << 20;
+/// The claim `ksave setup` wrote on the store, as the config names it.
+pub const CLAIM: Claim = Claim { id: [0x5a; 16], disk: [0xd1; 16] };
 
 /// The pages the jump displaced: exactly ksave's, from a spot in RAM.
 pub fn backup() -> Vec<BackupPair> {
@@ -232,10 +235,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// An empty (zeroed) store of `capacity` bytes on a disk of `align`-byte
-    /// blocks, whose DMA reaches `ram`.
+    /// An empty store of `capacity` bytes on a disk of `align`-byte blocks,
+    /// whose DMA reaches `ram`, as `ksave setup` leaves it: zeros under a
+    /// header that carries [`CLAIM`].
     pub fn new(capacity: usize, align: u32, ram: &Ram) -> Self {
-        Self { bytes: vec![0; capacity], align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0 }
+        let mut bytes = vec![0; capacity];
+        Header::claiming(CLAIM, "claimed by ksave setup").encode((&mut bytes[..PAGE]).try_into().unwrap());
+        Self { bytes, align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0 }
     }
 
     /// The image header, if there is one.
@@ -411,6 +417,11 @@ pub fn plan(backup: &[BackupPair], lz4: bool, capacity: usize, align: u32) -> Pl
     }
 }
 
+/// The proof that `store` carries [`CLAIM`].
+pub fn claimed(store: &Store) -> ksave_format::store::Claimed {
+    check_claim(store.bytes[..PAGE].try_into().unwrap(), CLAIM.disk, &CLAIM).expect("a claimed store")
+}
+
 /// The stages of a save by `plan` into `store`, which the host saw where
 /// it is, with an exact backup map and all memory in reach.
 pub fn stages<'a>(plan: Plan<'a>, store: &Store) -> Stages<'a> {
@@ -418,6 +429,7 @@ pub fn stages<'a>(plan: Plan<'a>, store: &Store) -> Stages<'a> {
     let sectors = store.bytes.len() as u64 / 512;
     Stages {
         plan,
+        claimed: claimed(store),
         found: FoundPartition { first_lba: FIRST_SECTOR * 512 / block_size as u64, blocks: sectors * 512 / block_size as u64, block_size },
         host: HostPartition { first_sector: FIRST_SECTOR, sectors },
         reach: 1 << 32,

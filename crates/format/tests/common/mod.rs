@@ -9,6 +9,7 @@ use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT};
 use ksave_format::commit;
 use ksave_format::header::{self, Header, META_BLOCKS, State};
 use ksave_format::reader::{self, ReadError};
+use ksave_format::store::{Claim, Claimed};
 use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
 use ksave_format::{BackupPair, PAGE, Range};
 
@@ -192,7 +193,17 @@ pub fn save_with_free(
     let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
     let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out } };
-    commit::save(&plan, mem, free, disk, bufs, || 0, 0)
+    commit::save(&plan, &claimed(), mem, free, disk, bufs, || 0, 0)
+}
+
+/// The claim the test stores carry.
+pub const CLAIM: Claim = Claim { id: [0x5a; 16], disk: [0xd1; 16] };
+
+/// The proof a store is ksave's, as a save gets it from a claimed store.
+pub fn claimed() -> Claimed {
+    let mut block = [0u8; PAGE];
+    Header::claiming(CLAIM, "claimed by ksave setup").encode(&mut block);
+    Claimed::check(&block, CLAIM.disk, &CLAIM).expect("a claimed header")
 }
 
 /// What a walk of an image handed out.

@@ -1,0 +1,237 @@
+//! Whether a partition may be ksave's image store, and its claim.
+//!
+//! `ksave setup` takes a partition only when nothing else has it: not
+//! mounted, not an active swap, held by nothing (LVM, md, dm-crypt), no
+//! signature libblkid knows (`blkid -p`: file systems, swap, LUKS,
+//! BitLocker, RAID and LVM members), not the EFI system partition, and of
+//! ksave's own partition type ([`part::KSAVE_STORE_TYPE`]). Then it writes
+//! the claim ([`Claim`]) into the store's header, and every hibernate checks
+//! all of it again and that the claim is still there before the jump (ksave
+//! checks the claim once more before it writes).
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use diskdrv::part::{self, Guid};
+use ksave_format::PAGE;
+use ksave_format::header::Header;
+use ksave_format::store::{Claim, Claimed};
+
+use crate::sys::PartInfo;
+
+/// What else has, or says it has, a partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Occupants {
+    /// Where it is mounted (/proc/self/mountinfo).
+    pub mounts: Vec<String>,
+    /// It is an active swap area (/proc/swaps).
+    pub swap: bool,
+    /// Devices built on it (/sys/class/block/NAME/holders: dm, md, LVM).
+    pub holders: Vec<String>,
+    /// What `blkid -p` finds on it: its TYPE and USAGE, e.g. ("ext4",
+    /// "filesystem"), ("crypto_LUKS", "crypto"), ("LVM2_member", "raid").
+    pub signatures: Vec<(String, String)>,
+    /// `blkid -p` found signatures that contradict each other.
+    pub ambivalent: bool,
+}
+
+/// Why `part` may not be ksave's store, one line each; none: it may.
+/// `claiming`: the user asked to set ksave's partition type, so another
+/// type is no refusal (everything else still is).
+pub fn refusals(part: &PartInfo, found: &Occupants, claiming: bool) -> Vec<String> {
+    let mut why = Vec::new();
+    let dev = part.device.display();
+    for at in &found.mounts {
+        why.push(format!("{dev} is mounted at {at}"));
+    }
+    if found.swap {
+        why.push(format!("{dev} is an active swap area (swapoff it, and take it out of /etc/fstab, first)"));
+    }
+    if !found.holders.is_empty() {
+        why.push(format!("{dev} is in use by {} (an LVM volume, RAID array or dm-crypt mapping is built on it)", found.holders.join(", ")));
+    }
+    for (kind, usage) in &found.signatures {
+        let usage = if usage.is_empty() { String::new() } else { format!(" {usage}") };
+        why.push(format!("{dev} holds a {kind}{usage} signature (blkid -p): if its data is no longer wanted, erase it with `wipefs -a {dev}` and run setup again"));
+    }
+    if found.ambivalent {
+        why.push(format!("{dev} holds signatures of more than one kind (blkid -p): erase them with `wipefs -a {dev}` if its data is no longer wanted"));
+    }
+    if part.type_guid == part::ESP_TYPE {
+        why.push(format!("{dev} is the EFI system partition"));
+    } else if part.type_guid != part::KSAVE_STORE_TYPE && !claiming {
+        why.push(format!(
+            "{dev} is of partition type {}, not ksave's store ({}): make it one with `ksave setup --claim` (or `sfdisk --part-type {} {} {}`)",
+            part.type_guid,
+            part::KSAVE_STORE_TYPE,
+            part.disk.display(),
+            part.number,
+            part::KSAVE_STORE_TYPE
+        ));
+    }
+    why
+}
+
+/// What the running system says has `part` (see [`Occupants`]).
+pub fn occupants(part: &PartInfo) -> Result<Occupants> {
+    let rdev = std::fs::metadata(&part.device).with_context(|| format!("{}", part.device.display()))?.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mounts = mountinfo
+        .lines()
+        .filter_map(|l| {
+            // "36 35 98:0 /mnt1 /mnt/parent rw ...": the third field is the
+            // device, the fifth the mount point (proc(5)).
+            let fields: Vec<&str> = l.split(' ').collect();
+            (fields.get(2) == Some(&format!("{major}:{minor}").as_str())).then(|| fields.get(4).unwrap_or(&"?").to_string())
+        })
+        .collect();
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    // The first column of each line after the heading; a swap file's rdev
+    // is 0, never a partition's.
+    let swap = swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).any(|path| std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev));
+    let name = part.device.file_name().context("not a device path")?;
+    let holders = match std::fs::read_dir(Path::new("/sys/class/block").join(name).join("holders")) {
+        Ok(dir) => dir.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().to_string())).collect(),
+        Err(_) => Vec::new(),
+    };
+    let (signatures, ambivalent) = blkid_probe(&part.device)?;
+    Ok(Occupants { mounts, swap, holders, signatures, ambivalent })
+}
+
+/// The signatures libblkid finds on `device`, probing the device itself
+/// (`-p`: not its cache): exit 0 found, 2 nothing, 8 ambivalent (blkid(8)).
+fn blkid_probe(device: &Path) -> Result<(Vec<(String, String)>, bool)> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(device)
+        .output()
+        .context("running blkid (util-linux), which ksave needs to see what is on a partition")?;
+    match out.status.code() {
+        Some(0) => Ok((parse_blkid_export(&String::from_utf8_lossy(&out.stdout)), false)),
+        Some(2) => Ok((Vec::new(), false)),
+        Some(8) => Ok((Vec::new(), true)),
+        _ => bail!("blkid -p {} failed ({}): {}", device.display(), out.status, String::from_utf8_lossy(&out.stderr).trim()),
+    }
+}
+
+/// The (TYPE, USAGE) pairs of `blkid -o export` output; a partition table
+/// inside the partition (PTTYPE) counts as a signature too.
+fn parse_blkid_export(text: &str) -> Vec<(String, String)> {
+    let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::to_string);
+    let mut found = Vec::new();
+    if let Some(kind) = get("TYPE") {
+        found.push((kind, get("USAGE").unwrap_or_default()));
+    }
+    if let Some(table) = get("PTTYPE") {
+        found.push((table, "partition table".into()));
+    }
+    found
+}
+
+/// A new claim for a store on the disk `disk_guid`: 16 random bytes.
+pub fn new_claim(disk_guid: Guid) -> Result<Claim> {
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|f| f.read_exact_at(&mut id, 0)).context("reading /dev/urandom")?;
+    Ok(Claim { id, disk: disk_guid.to_bytes() })
+}
+
+/// The store's header block, if it holds a ksave header at all.
+pub fn read_header(device: &Path) -> Result<Option<Header>> {
+    let mut block = [0u8; PAGE];
+    File::open(device).and_then(|f| f.read_exact_at(&mut block, 0)).with_context(|| format!("reading {}", device.display()))?;
+    Ok(Header::decode(&block).ok())
+}
+
+/// Proof that `part` carries `claim` in its header, read from the device.
+pub fn check_claim(part: &PartInfo, claim: &Claim) -> Result<Claimed> {
+    let mut block = [0u8; PAGE];
+    File::open(&part.device).and_then(|f| f.read_exact_at(&mut block, 0)).with_context(|| format!("reading {}", part.device.display()))?;
+    Claimed::check(&block, part.disk_guid.to_bytes(), claim).map_err(|e| anyhow::anyhow!("{}: {e}; refusing to write it", part.device.display()))
+}
+
+/// Writes `claim` into the store `device`'s header (no image: state
+/// *invalidated*), and makes it durable.
+pub fn write_claim(device: &Path, claim: Claim) -> Result<()> {
+    let mut block = [0u8; PAGE];
+    let when = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Header::claiming(claim, &format!("store claimed by ksave setup at {when} (seconds since the epoch); no image yet")).encode(&mut block);
+    let file = std::fs::OpenOptions::new().write(true).open(device).with_context(|| format!("opening {} to write the claim", device.display()))?;
+    file.write_all_at(&block, 0).and_then(|()| file.sync_all()).with_context(|| format!("writing the claim to {}", device.display()))
+}
+
+/// Sets `part`'s partition type to ksave's store (sfdisk, util-linux:
+/// it rewrites both GPT copies and tells the kernel).
+pub fn set_store_type(part: &PartInfo) -> Result<()> {
+    let status = Command::new("sfdisk")
+        .arg("--part-type")
+        .arg(&part.disk)
+        .arg(part.number.to_string())
+        .arg(part::KSAVE_STORE_TYPE.to_string())
+        .status()
+        .context("running sfdisk (util-linux)")?;
+    if !status.success() {
+        bail!("sfdisk --part-type {} {} failed ({status})", part.disk.display(), part.number);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(type_guid: Guid) -> PartInfo {
+        PartInfo {
+            device: "/dev/sda2".into(),
+            disk: "/dev/sda".into(),
+            guid: Guid::try_parse("9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B").unwrap(),
+            first_lba: 2048,
+            sectors: 1 << 20,
+            number: 2,
+            type_guid,
+            disk_guid: Guid::ZERO,
+        }
+    }
+
+    const LINUX_DATA: Guid = Guid::parse_or_panic("0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+
+    #[test]
+    fn only_an_unused_partition_of_ksaves_type_is_taken() {
+        assert!(refusals(&part(part::KSAVE_STORE_TYPE), &Occupants::default(), false).is_empty());
+        // Another type: refused, unless the user asked to claim it.
+        let why = refusals(&part(LINUX_DATA), &Occupants::default(), false);
+        assert_eq!(why.len(), 1);
+        assert!(why[0].contains("not ksave's store") && why[0].contains("ksave setup --claim"), "{why:?}");
+        assert!(refusals(&part(LINUX_DATA), &Occupants::default(), true).is_empty());
+        // The ESP never, claimed or not.
+        assert!(refusals(&part(part::ESP_TYPE), &Occupants::default(), true)[0].contains("EFI system partition"));
+        // Everything in use is named, whatever the type.
+        let busy = Occupants {
+            mounts: vec!["/home".into()],
+            swap: true,
+            holders: vec!["dm-0".into()],
+            signatures: vec![("crypto_LUKS".into(), "crypto".into())],
+            ambivalent: true,
+        };
+        let why = refusals(&part(part::KSAVE_STORE_TYPE), &busy, true);
+        assert_eq!(why.len(), 5, "{why:?}");
+        assert!(why[0].contains("mounted at /home"));
+        assert!(why[1].contains("active swap"));
+        assert!(why[2].contains("in use by dm-0"));
+        assert!(why[3].contains("crypto_LUKS crypto signature") && why[3].contains("wipefs -a /dev/sda2"));
+        assert!(why[4].contains("more than one kind"));
+    }
+
+    #[test]
+    fn blkid_export_output_is_read() {
+        let ext4 = "DEVNAME=/dev/sda2\nUUID=1b2c\nVERSION=1.0\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\nPART_ENTRY_SCHEME=gpt\n";
+        assert_eq!(parse_blkid_export(ext4), [("ext4".to_string(), "filesystem".to_string())]);
+        assert_eq!(parse_blkid_export("DEVNAME=/dev/sda2\nPTTYPE=dos\n"), [("dos".to_string(), "partition table".to_string())]);
+        // blkid -p prints PART_ENTRY_* (the table's view of the partition)
+        // even with nothing on it: no signature.
+        assert!(parse_blkid_export("DEVNAME=/dev/sda2\nPART_ENTRY_SCHEME=gpt\nPART_ENTRY_TYPE=173db3cf\n").is_empty());
+    }
+}
