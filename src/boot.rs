@@ -143,18 +143,23 @@ fn run(boot: &BootInfo, info: u64) -> ! {
             let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
             let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
             resume::report(&refusal);
-            println!("ksave: no image to resume: handing over to a normal boot");
             match cmos_flag {
-                Some(Ok((byte, bit))) => hand_over_by_cmos(byte, bit),
-                Some(Err(_)) => {
-                    println!("ksave: ksave.no_image=cmos: is not BYTE:BIT (byte 0x40-0x7f)")
+                Some(Ok((byte, bit))) => {
+                    println!("ksave: no image to resume: handing over to a normal boot");
+                    hand_over_by_cmos(byte, bit)
                 }
+                Some(Err(_)) => println!("ksave: ksave.no_image=cmos: is not BYTE:BIT (byte 0x40-0x7f)"),
                 None if refusal.memory_lost => {
-                    println!("ksave: this boot's memory was given up: resetting");
+                    println!("ksave: no image to resume, and this boot's memory was given up: resetting");
                     crate::cpu::reset()
                 }
                 None => {}
             }
+            // Without a hand-over ksave cannot start another system: say so
+            // rather than seem to (README, "Booting without an image").
+            println!(
+                "ksave: no image to resume, and this boot entry names no way back to a normal boot (ksave.no_image=cmos:BYTE:BIT with a bootloader menu that tests it): halting; reset and choose a normal boot entry"
+            );
             stop(ExitCode::NoImage)
         }
         Mode::DiskTest { job, guid, ide } => stop(disktest::run(job, guid, ide, &boot.map, iommus)),

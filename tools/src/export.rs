@@ -13,8 +13,10 @@ use crate::elfimage::{elf_headers, headers_len, load_header};
 use crate::imagefile::ImageFile;
 use crate::inspect;
 
-/// Writes the core file; returns (pages written, bytes of the file).
-pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
+/// Writes the core file, mode 0600 whatever the umask (it holds all of
+/// the saved RAM), refusing an existing one unless `overwrite`; returns
+/// (pages written, bytes of the file).
+pub fn export(file: &mut ImageFile, out: &Path, overwrite: bool) -> Result<(u64, u64)> {
     let image = inspect::read(file)?;
     ensure!(image.header.state == State::Complete, "the image is {}, not complete: nothing to export", image.header.state.name());
     let ranges = image.saved_ranges();
@@ -25,8 +27,7 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
         at += r.end - r.start;
     }
     // Read back too: the backup map moves pages within the file.
-    let core =
-        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(out).with_context(|| format!("creating {}", out.display()))?;
+    let core = create_private(out, overwrite)?;
     core.set_len(at)?; // sparse: zero pages cost nothing
     let loads: Vec<_> = ranges.iter().zip(&offsets).map(|(r, off)| load_header(*off, r.start, r.end - r.start, r.end - r.start)).collect();
     let head = elf_headers(object::elf::ET_CORE, 0, &loads)?;
@@ -57,4 +58,24 @@ pub fn export(file: &mut ImageFile, out: &Path) -> Result<(u64, u64)> {
     }
     core.sync_all()?;
     Ok((pages, at))
+}
+
+/// Creates `path` for the owner alone (0600), or truncates it if it exists
+/// and `overwrite`, making it 0600 too.
+fn create_private(path: &Path, overwrite: bool) -> Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).mode(0o600);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let file = options.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("{} exists: give --force to overwrite it", path.display()),
+        _ => anyhow::Error::new(e).context(format!("creating {}", path.display())),
+    })?;
+    // An existing file keeps its mode through open(2).
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).with_context(|| format!("making {} private", path.display()))?;
+    Ok(file)
 }

@@ -7,9 +7,9 @@ use anyhow::Result;
 use ksave_tools::export;
 use ksave_tools::imagefile::ImageFile;
 
-pub fn run(elf: &Path, path: &Path) -> Result<ExitCode> {
+pub fn run(elf: &Path, path: &Path, force: bool) -> Result<ExitCode> {
     let mut file = ImageFile::open(path, false)?;
-    let (pages, bytes) = export::export(&mut file, elf)?;
+    let (pages, bytes) = export::export(&mut file, elf, force)?;
     println!("ksave: wrote {} ({pages} stored pages, {} MiB of address space)", elf.display(), bytes >> 20);
     Ok(ExitCode::SUCCESS)
 }

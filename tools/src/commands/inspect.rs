@@ -18,7 +18,8 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
     let image = inspect::read(&mut file)?;
     let (mut raw, mut lz4, mut raw_bytes, mut lz4_bytes, mut lz4_pages, mut free_chunks) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut runs = Vec::new();
-    let walked = if image.header.state == State::Complete {
+    let complete = image.header.state == State::Complete;
+    let walked = if complete {
         let chunk = |c: &ksave_format::chunk::ChunkInfo| match c.encoding {
             Encoding::Raw => {
                 raw += 1;
@@ -54,7 +55,7 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
         v["raw_bytes"] = json!(raw_bytes);
         v["chunks_free"] = json!(free_chunks);
         v["free_runs"] = json!(runs.len());
-        v["checks"] = json!(walked.clone().err().unwrap_or_else(|| "ok".into()));
+        v["checks"] = json!(walked.as_ref().err().cloned().unwrap_or_else(|| "ok".into()));
         v["refusal_here"] = match here {
             Ok(verdict) => json!(verdict.err().map_or(0, |r| r.code())),
             Err(_) => json!(null),
@@ -77,12 +78,13 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
             (lz4_pages * PAGE as u64) >> 20,
             runs.len()
         );
-        println!("checks       {}", walked.err().unwrap_or_else(|| "every checksum right".into()));
+        println!("checks       {}", walked.as_ref().err().cloned().unwrap_or_else(|| "every checksum right".into()));
         match here {
             Ok(Ok(())) => println!("here         resumable (ksave checks again at the resume)"),
             Ok(Err(r)) => println!("here         not resumable: {r} (refusal {})", r.code()),
             Err(e) => println!("here         cannot tell: {e:#}"),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    // A complete image whose checks fail is damaged: say so in the status.
+    Ok(if complete && walked.is_err() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -12,6 +12,9 @@ use ksave_tools::mailbox::MailboxPage;
 use ksave_tools::setup::{self, Setup};
 
 pub fn run(kexec_tools: bool) -> Result<ExitCode> {
+    if let Some(why) = ksave_tools::sys::lockdown() {
+        anyhow::bail!("{why}");
+    }
     let setup = Setup::load(&setup::path())?;
     let loaded = load_ksave(&setup, kexec_tools, false, false)?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
