@@ -109,7 +109,7 @@ impl fmt::Display for Location {
                 write!(f, "IDE {pci} {} {}", if *secondary { "secondary" } else { "primary" }, if *drive == Drive::Master { "master" } else { "slave" })
             }
             Self::Nvme { pci, index, .. } => write!(f, "NVMe {pci} namespace #{}", index + 1),
-            Self::Virtio { pci, .. } => write!(f, "virtio-blk {pci}"),
+            Self::Virtio { pci, transport } => write!(f, "virtio-blk {pci} at {:#x}", transport.common),
         }
     }
 }
@@ -205,10 +205,29 @@ impl Drop for Controllers {
     }
 }
 
+/// A controller ksave found and could not use, and why: the most specific
+/// reason a user gets when no disk is left.
+#[derive(Clone, Copy, Debug)]
+pub struct Skipped {
+    /// What kind of controller.
+    pub kind: &'static str,
+    /// Where.
+    pub pci: Address,
+    /// Why.
+    pub why: DiskError,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.pci, self.why)
+    }
+}
+
 /// Every disk location on the machine's AHCI, IDE, NVMe and virtio-blk
-/// controllers, enabling
-/// each controller's decoding and bus mastering on the way.
-fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
+/// controllers, enabling each controller's decoding and bus mastering on
+/// the way; returns the first controller that could not be used.
+fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) -> Option<Skipped> {
+    let mut skipped = None;
     let mut found = [None; 8];
     let mut n = 0;
     pci::find_storage(&KsaveHal, |s| {
@@ -224,6 +243,7 @@ fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
                 // ABAR: 0x100 of HBA registers + 0x80 a port (AHCI 1.3.1 3).
                 if let Err(e) = paging::map_mmio(abar, 0x1100) {
                     println!("ksave:   AHCI {}: ABAR {abar:#x} unusable: {e}", function.address);
+                    skipped.get_or_insert(Skipped { kind: "AHCI", pci: function.address, why: DiskError::Unsupported(e) });
                     continue;
                 }
                 let ports = ahci::disk_ports(&KsaveHal, abar);
@@ -246,6 +266,7 @@ fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
                 // stride ksave accepts (NVMe 1.4, 3.1).
                 if let Err(e) = paging::map_mmio(bar, 0x2000) {
                     println!("ksave:   NVMe {}: BAR0 {bar:#x} unusable: {e}", function.address);
+                    skipped.get_or_insert(Skipped { kind: "NVMe", pci: function.address, why: DiskError::Unsupported(e) });
                     continue;
                 }
                 // Each namespace is opened in turn; a missing one says NoDevice.
@@ -259,17 +280,20 @@ fn each_location(controllers: &mut Controllers, mut f: impl FnMut(Location)) {
                     Ok(t) => t,
                     Err(e) => {
                         println!("ksave:   virtio-blk {}: {e}", function.address);
+                        skipped.get_or_insert(Skipped { kind: "virtio-blk", pci: function.address, why: e });
                         continue;
                     }
                 };
                 if let Some(e) = transport.spans.iter().find_map(|&(at, len)| paging::map_mmio(at, len).err()) {
                     println!("ksave:   virtio-blk {}: registers unusable: {e}", function.address);
+                    skipped.get_or_insert(Skipped { kind: "virtio-blk", pci: function.address, why: DiskError::Unsupported(e) });
                     continue;
                 }
                 f(Location::Virtio { pci: function.address, transport });
             }
         }
     }
+    skipped
 }
 
 /// A channel's ports: legacy ones in compatibility mode, BARs in native
@@ -313,8 +337,8 @@ fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Resu
 /// Why the partition was not found.
 #[derive(Debug)]
 pub enum FindError {
-    /// No disk was found at all.
-    NoDisks,
+    /// No disk was found at all; the first controller skipped, if one was.
+    NoDisks(Option<Skipped>),
     /// Disks were found, none has the partition.
     NotFound { disks: u32 },
     /// Two disks or more have a partition with this GUID (a cloned disk,
@@ -325,7 +349,8 @@ pub enum FindError {
 impl fmt::Display for FindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoDisks => write!(f, "no AHCI, IDE, NVMe or virtio-blk disk found"),
+            Self::NoDisks(None) => write!(f, "no AHCI, IDE, NVMe or virtio-blk disk found"),
+            Self::NoDisks(Some(skipped)) => write!(f, "no disk ksave can use: {skipped}"),
             Self::NotFound { disks } => write!(f, "no GPT partition with that GUID on any of {disks} disks"),
             Self::Ambiguous { found } => write!(f, "{found} disks have a partition with that GUID (a cloned disk?): refusing to guess which"),
         }
@@ -341,7 +366,7 @@ fn find_partition(guid: Guid, ide_mode: Mode, mem: &mut DiskMemory, controllers:
     // An NVMe controller whose namespaces ran out: its later indices would
     // each cost a controller reset to learn the same.
     let mut namespaces_done = None;
-    each_location(controllers, |location| {
+    let skipped = each_location(controllers, |location| {
         if let Location::Nvme { pci, .. } = location
             && namespaces_done == Some(pci)
         {
@@ -383,7 +408,7 @@ fn find_partition(guid: Guid, ide_mode: Mode, mem: &mut DiskMemory, controllers:
     if found_on > 1 {
         return Err(FindError::Ambiguous { found: found_on });
     }
-    result.ok_or(if disks == 0 { FindError::NoDisks } else { FindError::NotFound { disks } })
+    result.ok_or(if disks == 0 { FindError::NoDisks(skipped) } else { FindError::NotFound { disks } })
 }
 
 /// The image partition, open on its disk, with the controllers' PCI state

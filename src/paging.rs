@@ -7,7 +7,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 unsafe extern "C" {
-    static boot_pml4: [u64; 512];
+    static mut boot_pml4: [u64; 512];
     static boot_pml5: [u64; 512];
     static mut boot_pdpt: [u64; 512];
     static mut boot_pd: [u64; 2048];
@@ -92,8 +92,37 @@ pub fn map_ram_to(end: u64) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Page tables for device registers beyond the identity map (a 64-bit BAR
+/// the firmware put high: OVMF puts a PCIe root port's 64-bit prefetchable
+/// window at 896 GiB): page directory pointer tables for PML4 entries past
+/// the first, and page directories for CPUs without 1 GiB pages. Each BAR
+/// takes one GiB of address space at most, and a disk path a few BARs.
+const MMIO_PDPTS: usize = 2;
+const MMIO_PDS: usize = 4;
+
+#[repr(C, align(4096))]
+struct MmioTables {
+    pdpts: [[u64; 512]; MMIO_PDPTS],
+    pds: [[u64; 512]; MMIO_PDS],
+    pdpts_used: usize,
+    pds_used: usize,
+}
+
+/// In .bss: cleared on every entry; [`init`] drops the PML4 entries that
+/// pointed into it on an earlier one.
+static mut MMIO: MmioTables = MmioTables { pdpts: [[0; 512]; MMIO_PDPTS], pds: [[0; 512]; MMIO_PDS], pdpts_used: 0, pds_used: 0 };
+
 /// Extends the identity map as far as the CPU allows; returns its end.
 pub fn init() -> u64 {
+    // SAFETY: boot_pml4 is ksave's own table; its entries past the first
+    // are only ever MMIO mappings of an earlier entry into ksave, whose
+    // tables (MMIO, in .bss) are cleared now. Nothing uses them yet; the
+    // CR3 reload below or in map_mmio drops stale translations.
+    unsafe {
+        let pml4 = &raw mut boot_pml4;
+        (&mut *pml4)[1..].fill(0);
+        x86::controlregs::cr3_write(x86::controlregs::cr3());
+    }
     // CPUID.80000001h:EDX bit 26: 1-GByte pages (Intel SDM vol. 2A, CPUID).
     let has_1g_pages = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0;
     if has_1g_pages {
@@ -134,15 +163,17 @@ impl core::fmt::Display for Describe {
 /// 11.12.3): with either MTRR type, PWT|PCD makes the page UC.
 const PWT_PCD: u64 = (1 << 3) | (1 << 4);
 
-/// Makes `[addr, addr + len)` reachable for MMIO: inside the identity map
-/// and uncacheable. Below 4 GiB this marks the 2 MiB pages holding it UC (PCI
+/// Makes `[addr, addr + len)` reachable for MMIO, uncacheable. Inside the
+/// identity map below 4 GiB this marks the 2 MiB pages holding it UC (PCI
 /// MMIO shares no 2 MiB page with RAM on the machines ksave runs on: the
-/// PCI hole is 2 MiB aligned in practice); above, 1 GiB pages are left to
-/// the MTRRs, which firmware sets to UC for MMIO windows.
+/// PCI hole is 2 MiB aligned in practice); above 4 GiB inside it, 1 GiB
+/// pages are left to the MTRRs, which firmware sets to UC for MMIO
+/// windows. Beyond the identity map, the GiBs holding it are mapped here,
+/// UC by their page attributes.
 pub fn map_mmio(addr: u64, len: u64) -> Result<(), &'static str> {
     let end = addr.checked_add(len).ok_or("MMIO range overflows")?;
     if end > identity_end() {
-        return Err("MMIO range beyond ksave's identity map");
+        return map_mmio_beyond(addr, end);
     }
     let first = addr >> 21;
     let last = (end - 1) >> 21;
@@ -156,6 +187,62 @@ pub fn map_mmio(addr: u64, len: u64) -> Result<(), &'static str> {
                 x86::tlb::flush((page << 21) as usize);
             }
         }
+    }
+    Ok(())
+}
+
+/// Lowest address [`map_mmio_beyond`] does not map: the lower canonical
+/// half under 4-level paging (PML4 entries 0-255).
+const MMIO_END: u64 = 256 * 512 * GIB;
+
+/// Maps each GiB of `[addr, end)` beyond the identity map, identity and
+/// uncacheable: a 1 GiB page where the CPU has them, else a page directory
+/// of 2 MiB pages, from [`MMIO`]'s tables.
+fn map_mmio_beyond(addr: u64, end: u64) -> Result<(), &'static str> {
+    if end > MMIO_END {
+        return Err("MMIO range beyond the lower half of the address space");
+    }
+    let has_1g_pages = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0;
+    // SAFETY: boot_pml4, boot_pdpt and MMIO are ksave's own tables. Each new
+    // table is filled before the entry that makes it reachable is written;
+    // existing entries are only ever replaced by the same identity mapping
+    // (an entry already present is kept). Interrupts are off and one CPU
+    // runs; the CR3 reload drops stale translations. The range is device
+    // registers (a BAR the firmware assigned), mapped uncacheable.
+    unsafe {
+        let mmio = &raw mut MMIO;
+        let pml4 = &raw mut boot_pml4;
+        for gib in addr.max(identity_end()) / GIB..end.div_ceil(GIB) {
+            let pml4_index = (gib / 512) as usize;
+            let pdpt: *mut [u64; 512] = if pml4_index == 0 {
+                &raw mut boot_pdpt
+            } else if (*pml4)[pml4_index] & 1 != 0 {
+                ((*pml4)[pml4_index] & !0xfff) as *mut [u64; 512]
+            } else {
+                let used = (*mmio).pdpts_used;
+                let table = (*mmio).pdpts.get_mut(used).ok_or("no page table left for device registers this far up")?;
+                table.fill(0);
+                (*mmio).pdpts_used += 1;
+                (*pml4)[pml4_index] = table.as_ptr() as u64 | 0x3;
+                table
+            };
+            let slot = &mut (*pdpt)[(gib % 512) as usize];
+            if *slot & 1 != 0 {
+                continue;
+            }
+            if has_1g_pages {
+                *slot = (gib * GIB) | HUGE_PAGE | PWT_PCD;
+            } else {
+                let used = (*mmio).pds_used;
+                let pd = (*mmio).pds.get_mut(used).ok_or("no page directory left for device registers this far up")?;
+                for (i, entry) in pd.iter_mut().enumerate() {
+                    *entry = (gib * GIB + ((i as u64) << 21)) | HUGE_PAGE | PWT_PCD;
+                }
+                (*mmio).pds_used += 1;
+                *slot = pd.as_ptr() as u64 | 0x3;
+            }
+        }
+        x86::controlregs::cr3_write(x86::controlregs::cr3());
     }
     Ok(())
 }

@@ -27,6 +27,10 @@ pub enum Bus {
     Nvme4k,
     /// A virtio-blk PCI device.
     Virtio,
+    /// A virtio-blk device behind a PCIe root port (on a q35): OVMF puts
+    /// its 64-bit prefetchable BAR above 4 GiB (at 896 GiB), as firmware
+    /// with "above 4G decoding" and cloud VMs do.
+    VirtioRootPort,
 }
 
 impl Bus {
@@ -37,8 +41,13 @@ impl Bus {
             Self::IdePrimary => "primary master",
             Self::IdeSecondary => "secondary master",
             Self::Nvme | Self::Nvme4k => "NVMe",
-            Self::Virtio => "virtio-blk",
+            Self::Virtio | Self::VirtioRootPort => "virtio-blk",
         }
+    }
+
+    /// Whether this bus needs a PCIe machine (a q35).
+    pub fn needs_pcie(self) -> bool {
+        self == Self::VirtioRootPort
     }
 
     /// The logical block size of a disk on this bus.
@@ -68,6 +77,14 @@ impl Bus {
                 "nvme,serial=ksave0001,drive=d0,logical_block_size=4096,physical_block_size=4096".into(),
             ],
             Bus::Virtio => vec!["-drive".into(), drive("if=none,id=d0"), "-device".into(), "virtio-blk-pci,drive=d0".into()],
+            Bus::VirtioRootPort => vec![
+                "-device".into(),
+                "pcie-root-port,id=rp0,chassis=1".into(),
+                "-drive".into(),
+                drive("if=none,id=d0"),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,bus=rp0".into(),
+            ],
         }
     }
 
@@ -76,8 +93,8 @@ impl Bus {
         match (self, write) {
             (Self::Nvme | Self::Nvme4k, true) => "NVMe command 0x01 at LBA",
             (Self::Nvme | Self::Nvme4k, false) => "NVMe command 0x02 at LBA",
-            (Self::Virtio, true) => "virtio-blk write at LBA",
-            (Self::Virtio, false) => "virtio-blk read at LBA",
+            (Self::Virtio | Self::VirtioRootPort, true) => "virtio-blk write at LBA",
+            (Self::Virtio | Self::VirtioRootPort, false) => "virtio-blk read at LBA",
             (_, true) => "device error on command 0x35 at LBA",
             (_, false) => "device error on command 0x25 at LBA",
         }

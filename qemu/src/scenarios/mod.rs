@@ -169,7 +169,7 @@ impl Machine {
 
     /// `config` on this machine.
     pub fn apply(&self, config: VmConfig) -> Result<VmConfig> {
-        let mut config = if self.memory_mib > 3072 || self.iommu { config.arg(["-machine", "q35"]) } else { config };
+        let mut config = if self.memory_mib > 3072 || self.iommu || self.bus.needs_pcie() { config.arg(["-machine", "q35"]) } else { config };
         if self.iommu {
             // QEMU wants the IOMMU created before the PCI devices it covers.
             config.args.splice(0..0, ["-device".to_string(), "intel-iommu".into()]);

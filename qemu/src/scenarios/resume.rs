@@ -3,7 +3,7 @@
 use anyhow::{Result, ensure};
 
 use super::{Firmware, Kernel, Machine, Report, SECOND, grub_resume_menu, kernel_on};
-use crate::disk::{PART_GUID, TestDisk};
+use crate::disk::{Bus, PART_GUID, TestDisk};
 use crate::{Vm, VmConfig, build_input};
 
 /// How the machine comes back after `ksave hibernate` powered it off.
@@ -79,6 +79,13 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         report.add("snapshot of lived-in memory: pages left out as free", free, "pages");
     }
     let start = vm.expect("ksave-test: hibernating (1)", 300 * SECOND)?;
+    if machine.bus == Bus::VirtioRootPort {
+        // The registers are where the firmware put them, above 4 GiB.
+        let found = vm.expect("ksave:   virtio-blk ", 120 * SECOND)?;
+        let at = found.text.split(" at 0x").nth(1).and_then(|w| u64::from_str_radix(w.split(|c: char| !c.is_ascii_hexdigit()).next()?, 16).ok());
+        ensure!(at.is_some_and(|a| a >= 1 << 32), "the virtio-blk registers are not above 4 GiB: {}", found.text);
+        report.add("virtio-blk registers at", at.unwrap_or(0) as f64 / (1u64 << 30) as f64, "GiB");
+    }
     if machine.iommu {
         let unit = vm.expect("ksave:   IOMMU Vtd(", 120 * SECOND)?;
         report.add("IOMMU translating at the jump (1 yes, 0 no)", unit.text.contains("translation on") as u8 as f64, "");
