@@ -3,7 +3,9 @@
 # kernel and initramfs from its root file system, serial console on COM1
 # (output only: what the harness types is for the shell, not for GRUB).
 #   mkdebianiso.sh OUT.iso ROOT_PARTUUID [KERNEL ARGS...]
+# KSAVE_KERNEL_VERSION: which installed kernel (default 6.12-ksave).
 set -euo pipefail
+version=${KSAVE_KERNEL_VERSION:-6.12-ksave}
 out=$1
 # udev names /dev/disk/by-partuuid/ in lower case, and initramfs-tools looks there.
 root_guid=$(echo "$2" | tr '[:upper:]' '[:lower:]')
@@ -19,8 +21,8 @@ insmod part_gpt
 insmod ext2
 search --no-floppy --set=root --label debian-root
 menuentry "Debian (ksave test system)" {
-  linux /boot/vmlinuz-6.12-ksave root=PARTUUID=$root_guid ro console=ttyS0,115200 panic=-1 quiet $*
-  initrd /boot/initrd.img-6.12-ksave
+  linux /boot/vmlinuz-$version root=PARTUUID=$root_guid ro console=ttyS0,115200 panic=-1 quiet $*
+  initrd /boot/initrd.img-$version
 }
 CFG
 grub-mkrescue -o "$out.tmp" "$stage" 2>/dev/null

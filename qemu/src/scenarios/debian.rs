@@ -105,8 +105,18 @@ impl DebianDisk {
 
 /// build/NAME.iso: GRUB booting the disk's kernel with `args`.
 fn boot_iso(name: &str, args: &str) -> Result<PathBuf> {
+    boot_iso_of(name, "6.12-ksave", args)
+}
+
+/// [`boot_iso`] of the installed kernel `version`.
+fn boot_iso_of(name: &str, version: &str, args: &str) -> Result<PathBuf> {
     let iso = build_dir().join(format!("{name}.iso"));
-    let status = Command::new(repo_root().join("qemu/mkdebianiso.sh")).arg(&iso).arg(ROOT_GUID).args(args.split_whitespace()).status()?;
+    let status = Command::new(repo_root().join("qemu/mkdebianiso.sh"))
+        .arg(&iso)
+        .arg(ROOT_GUID)
+        .args(args.split_whitespace())
+        .env("KSAVE_KERNEL_VERSION", version)
+        .status()?;
     ensure!(status.success(), "qemu/mkdebianiso.sh failed ({status})");
     Ok(iso)
 }
@@ -301,21 +311,37 @@ pub fn debian_hibernation_bench(by: Hibernator, rounds: usize, echo: bool) -> Re
     Ok(report)
 }
 
-/// Images a boot must not resume: hibernate, boot with `ksave.noresume`,
+/// Images a boot must not resume. First, an older kernel installed before
+/// setup: hibernate, boot it: its initramfs resumes the image too. Then:
+/// hibernate, boot with `ksave.noresume`,
 /// change a file, reboot: the image is not resumed (it was invalidated
 /// before the root was mounted), the file is there, the root file system is
 /// clean. Then a damaged image: ksave refuses it (console), the boot
 /// carries on normally and says so in the journal; the image is invalid.
 /// Last, `dpkg --purge ksave` takes back all it installed.
 pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
+    /// The older kernel's version (the same image, installed again).
+    const OLDER: &str = "6.12-older";
     let machine = Machine::qemu64(Kernel::Linux6_12);
     let name = "debian-stale";
-    let mut report = Report::new("Debian: no resume after ksave.noresume, a damaged image refused");
+    let mut report = Report::new("Debian: an older kernel resumes too, no resume after ksave.noresume, a damaged image refused");
     let disk = DebianDisk::create(name, &machine, Hibernator::Ksave)?;
     let iso = boot_iso(name, "")?;
     let noresume = boot_iso(&format!("{name}-noresume"), "ksave.noresume")?;
+    let older = boot_iso_of(&format!("{name}-older"), OLDER, "")?;
     let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
+    // An older kernel, installed (with its initramfs) before ksave was set
+    // up: setup rebuilds every kernel's initramfs, so a boot of the older
+    // one resumes the image rather than mount the root under it.
+    shell.run(&format!("e2e second-kernel {OLDER}"), 600 * SECOND)?;
     shell.run("e2e setup", 600 * SECOND)?;
+    shell.hibernate(Hibernator::Ksave, &mut report)?;
+    let mut vm = power_on(&format!("{name}-older"), &machine, &disk, &older, false, echo)?;
+    vm.expect("ksave: resuming the image", 300 * SECOND).context("the older kernel's boot")?;
+    vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
+    let mut shell = Shell::attach(vm, false, 120 * SECOND)?;
+    shell.run("test \"$(uname -r)\" = 6.12-ksave", 30 * SECOND)?;
+    report.add_ms("hibernated, the older kernel booted: power-on to the resumed shell", shell.vm.elapsed());
     shell.hibernate(Hibernator::Ksave, &mut report)?;
 
     let mut vm = power_on(&format!("{name}-noresume"), &machine, &disk, &noresume, false, echo)?;

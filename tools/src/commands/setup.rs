@@ -90,9 +90,12 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     // Installed from the package, the initramfs resumes: it must carry this
     // setup, so build it again now rather than leave a step to remember.
     if std::path::Path::new(INITRAMFS_HOOK).exists() {
-        println!("ksave: updating the initramfs (update-initramfs -u), which resumes from this partition");
-        let status = std::process::Command::new("update-initramfs").arg("-u").status().context("running update-initramfs")?;
-        ensure!(status.success(), "update-initramfs -u failed ({status}): the next boot would not resume an image");
+        // Every installed kernel's (-k all): an older kernel picked at boot
+        // without this setup would mount the root under a valid image.
+        // Kernels installed later get the hook from their own postinst.
+        println!("ksave: updating every installed kernel's initramfs (update-initramfs -u -k all), which resumes from this partition");
+        let status = std::process::Command::new("update-initramfs").args(["-u", "-k", "all"]).status().context("running update-initramfs")?;
+        ensure!(status.success(), "update-initramfs -u -k all failed ({status}): a boot could leave an image stale");
     }
     Ok(ExitCode::SUCCESS)
 }
