@@ -60,6 +60,24 @@ pub fn vmcoreinfo() -> Option<Range> {
     (start > 0 && len > 0 && len <= ksave_format::config::MAX_VMCOREINFO).then(|| Range { start, end: start + len })
 }
 
+/// Whether this kernel poisons the pages it frees (`page_poison=` true on
+/// its command line, mm/page_poison.c; parsed by kstrtobool): it then
+/// expects its free pages to hold the poison pattern, not the zeros a
+/// restore puts in pages left out, and would report each as corrupted when
+/// it allocates it. Linux's own hibernation poisons them again after a
+/// restore (kernel/power/snapshot.c, clear_or_poison_free_pages); ksave
+/// cannot, so such a kernel's free pages are saved.
+pub fn page_poisoning() -> bool {
+    std::fs::read_to_string("/proc/cmdline").is_ok_and(|line| poisons_free_pages(&line))
+}
+
+/// `page_poison=` with a value kstrtobool reads as true (lib/kstrtox.c:
+/// 1, y, Y, t, T, on, On, ...); the last one given counts.
+fn poisons_free_pages(cmdline: &str) -> bool {
+    let value = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("page_poison=")).last();
+    value.is_some_and(|v| matches!(v.as_bytes(), [b'1' | b'y' | b'Y' | b't' | b'T', ..] | [b'o' | b'O', b'n' | b'N', ..]))
+}
+
 /// What a save does with free pages on this kernel, said once by `setup`
 /// and `hibernate`.
 pub fn free_pages_note() -> Option<&'static str> {
@@ -418,6 +436,16 @@ mod tests {
         std::fs::create_dir_all(root.path().join("class/block")).unwrap();
         std::os::unix::fs::symlink(&dev, root.path().join("class/block").join(disk)).unwrap();
         root
+    }
+
+    #[test]
+    fn page_poisoning_is_read_as_the_kernel_reads_it() {
+        assert!(!poisons_free_pages("root=/dev/sda1 quiet"));
+        assert!(poisons_free_pages("quiet page_poison=1"));
+        assert!(poisons_free_pages("page_poison=on init_on_free=0"));
+        assert!(!poisons_free_pages("page_poison=0"));
+        assert!(!poisons_free_pages("page_poison=off"));
+        assert!(!poisons_free_pages("page_poison=1 page_poison=0"));
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub struct How {
 
 pub fn run(how: &How) -> Result<ExitCode> {
     let &How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
+    // A kernel that poisons free pages expects the poison back in them:
+    // only a save of every page gives it that.
+    let poisoning = sys::page_poisoning();
+    if poisoning && !all_pages {
+        println!("ksave: this kernel poisons its free pages (page_poison=): saving them too, as with --all-pages");
+    }
+    let all_pages = all_pages || poisoning;
     if let Some(why) = sys::lockdown() {
         anyhow::bail!("{why}");
     }
