@@ -25,6 +25,41 @@ pub fn ram_ranges() -> Result<Vec<Range>> {
     Ok(merged)
 }
 
+/// RAM the kernel has that the firmware map does not list, with the
+/// name /proc/iomem gives it: memory a driver added (virtio-mem's "System
+/// RAM (virtio_mem)", dax/kmem's "System RAM (kmem)", CXL), which the kernel
+/// keeps out of /sys/firmware/memmap (`MHP_NO_FIRMWARE_MEMMAP`,
+/// mm/memory_hotplug.c). A save covers only the firmware's RAM, and a
+/// fresh boot's ksave has no such RAM to restore into, so `hibernate`
+/// refuses while there is any.
+pub fn ram_outside_firmware_map() -> Result<Vec<(Range, String)>> {
+    if !std::fs::exists("/sys/firmware/memmap").unwrap_or(false) {
+        return Ok(Vec::new()); // ram_ranges reads /proc/iomem itself
+    }
+    let listed = ram_ranges()?;
+    let iomem = std::fs::read_to_string("/proc/iomem").context("reading /proc/iomem")?;
+    Ok(unlisted_ram(&iomem, &listed))
+}
+
+/// The top-level "System RAM..." ranges of `iomem` (whole pages) not
+/// inside one of `listed`.
+fn unlisted_ram(iomem: &str, listed: &[Range]) -> Vec<(Range, String)> {
+    let mut out = Vec::new();
+    for line in iomem.lines().filter(|l| !l.starts_with(' ')) {
+        let Some((span, name)) = line.split_once(" : ") else { continue };
+        if !name.starts_with(RAM) {
+            continue;
+        }
+        let Some((a, b)) = span.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (hex(a), hex(b)) else { continue };
+        let Some(r) = (Range { start, end: end.saturating_add(1) }).page_aligned() else { continue };
+        if !listed.iter().any(|l| l.start <= r.start && r.end <= l.end) {
+            out.push((r, name.to_string()));
+        }
+    }
+    out
+}
+
 /// The machine's ACPI NVS, found and shaped as [`ram_ranges`] finds RAM
 /// (ksave's resume takes the same whole pages from its boot map). Linux's
 /// hibernation saves these too (kernel/power/suspend_nvs.c). Often none.
@@ -436,6 +471,14 @@ mod tests {
         std::fs::create_dir_all(root.path().join("class/block")).unwrap();
         std::os::unix::fs::symlink(&dev, root.path().join("class/block").join(disk)).unwrap();
         root
+    }
+
+    #[test]
+    fn ram_a_driver_added_is_found() {
+        let iomem = "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n00100000-1ffdffff : System RAM\n  01000000-01ffffff : Kernel code\n140000000-17fffffff : System RAM (virtio_mem)\n";
+        let listed = [Range { start: 0x1000, end: 0x9f000 }, Range { start: 0x10_0000, end: 0x1ffe_0000 }];
+        assert_eq!(unlisted_ram(iomem, &listed), [(Range { start: 0x1_4000_0000, end: 0x1_8000_0000 }, "System RAM (virtio_mem)".to_string())]);
+        assert!(unlisted_ram(iomem, &[Range { start: 0, end: 1 << 40 }]).is_empty());
     }
 
     #[test]

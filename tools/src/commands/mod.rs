@@ -80,6 +80,16 @@ fn precheck(setup: &Setup) -> Result<()> {
         part.first_lba,
         part.sectors
     );
+    let unlisted = sys::ram_outside_firmware_map()?;
+    if let Some((r, name)) = unlisted.first() {
+        anyhow::bail!(
+            "{name} at {:#x}-{:#x} ({} MiB{}) is RAM the firmware map does not list (added by a driver: virtio-mem, dax/kmem, CXL): ksave would neither save nor restore it. Take it offline or unplug it first",
+            r.start,
+            r.end,
+            (r.end - r.start) >> 20,
+            if unlisted.len() > 1 { format!(", and {} more ranges", unlisted.len() - 1) } else { String::new() }
+        );
+    }
     let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
     let worst = ksave_format::writer::worst_case_bytes(pages);
     ensure!(
