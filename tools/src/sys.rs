@@ -109,7 +109,7 @@ pub fn page_poisoning() -> bool {
 /// `page_poison=` with a value kstrtobool reads as true (lib/kstrtox.c:
 /// 1, y, Y, t, T, on, On, ...); the last one given counts.
 fn poisons_free_pages(cmdline: &str) -> bool {
-    let value = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("page_poison=")).last();
+    let value = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("page_poison=")).next_back();
     value.is_some_and(|v| matches!(v.as_bytes(), [b'1' | b'y' | b'Y' | b't' | b'T', ..] | [b'o' | b'O', b'n' | b'N', ..]))
 }
 
