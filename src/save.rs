@@ -245,6 +245,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
             facs_signature: config.facs_signature,
             iommu_left_on: part.iommus_switched() > 0,
             free_rule: 0,
+            filesystems: config.filesystems(),
         },
         claimed,
         found: found_partition(part),

@@ -26,6 +26,11 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.partition_sectors = setup.sectors;
     c.lz4 = setup.lz4;
     c.claim = setup.claim;
+    // What the mounted file systems say of their mounts, for the header:
+    // `ksave resume` refuses an image whose file systems were mounted since.
+    let (seen, _) = crate::fs::seen();
+    c.fs_count = seen.len();
+    c.filesystems[..seen.len()].copy_from_slice(&seen);
     let ram = sys::ram_ranges()?;
     ensure!(ram.len() <= MAX_RANGES, "{} RAM ranges, ksave takes {MAX_RANGES}", ram.len());
     c.ram[..ram.len()].copy_from_slice(&ram);

@@ -78,6 +78,7 @@ fn image_file(dir: &Path) -> std::path::PathBuf {
         facs_signature: None,
         iommu_left_on: false,
         free_rule: 0,
+        filesystems: &[],
     };
     let (mut block, mut raw_header) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]));
     let (mut lz4_in, mut lz4_out) = (Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));

@@ -288,6 +288,7 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
         facs_signature: Some(FACS),
         iommu_left_on: false,
         free_rule: 0,
+        filesystems: &[],
     };
     // The partition as found and as the host saw it: the first extent's
     // start, the whole store's size.

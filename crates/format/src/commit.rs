@@ -67,6 +67,9 @@ pub struct Plan<'a> {
     /// How the [`FreePages`] given to [`save`] recognizes free pages
     /// ([`Header::free_rule`]; 0: it does not).
     pub free_rule: u32,
+    /// The caller's mounted file systems as the host saw them
+    /// ([`Header::filesystems`]).
+    pub filesystems: &'a [header::FsSeen],
 }
 
 /// Which pages the saved kernel's allocator holds free: those are left out
@@ -196,6 +199,9 @@ pub fn save<D: Device>(
     h.facs_signature = plan.facs_signature;
     h.set_message(plan.info);
     h.claim = claimed.claim();
+    let n = plan.filesystems.len().min(header::MAX_FILESYSTEMS);
+    h.filesystems[..n].copy_from_slice(&plan.filesystems[..n]);
+    h.fs_count = n as u32;
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;
     dev.flush().map_err(sink)?;

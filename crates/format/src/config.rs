@@ -7,7 +7,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use bootinfo::acpi::RemappingUnit;
 use uguid::Guid;
 
-use crate::header::RangeLe;
+use crate::header::{FsSeen, FsSeenLe, MAX_FILESYSTEMS, RangeLe};
 use crate::store::Claim;
 use crate::{CRC32C, PAGE, Range};
 
@@ -58,7 +58,9 @@ struct RawConfig {
     vmcoreinfo: RangeLe,
     claim_id: [u8; 16],
     claim_disk: [u8; 16],
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32],
+    fs_count: U32,
+    filesystems: [FsSeenLe; MAX_FILESYSTEMS],
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32 - 4 - 32 * MAX_FILESYSTEMS],
     crc: U32,
 }
 
@@ -122,6 +124,11 @@ pub struct Config {
     /// The claim `ksave setup` wrote on the store: ksave writes there only
     /// if the store still carries it.
     pub claim: Claim,
+    /// The mounted file systems as the host saw them just before the jump,
+    /// for the image's header.
+    pub filesystems: [FsSeen; MAX_FILESYSTEMS],
+    /// How many of `filesystems` are used.
+    pub fs_count: usize,
 }
 
 /// Why a config block was refused.
@@ -175,6 +182,8 @@ impl Config {
             iommu_count: 0,
             vmcoreinfo: Range { start: 0, end: 0 },
             claim: Claim { id: [0; 16], disk: [0; 16] },
+            filesystems: [FsSeen { partuuid: [0; 16], kind: 0, mounts: 0, mounted_at: 0 }; MAX_FILESYSTEMS],
+            fs_count: 0,
         }
     }
 
@@ -186,6 +195,11 @@ impl Config {
     /// The ACPI NVS ranges.
     pub fn nvs(&self) -> &[Range] {
         &self.nvs[..self.nvs_count]
+    }
+
+    /// The file systems recorded.
+    pub fn filesystems(&self) -> &[FsSeen] {
+        &self.filesystems[..self.fs_count]
     }
 
     /// The IOMMUs.
@@ -240,6 +254,8 @@ impl Config {
             vmcoreinfo: self.vmcoreinfo.into(),
             claim_id: self.claim.id,
             claim_disk: self.claim.disk,
+            fs_count: (self.fs_count as u32).into(),
+            filesystems: self.filesystems.map(FsSeenLe::from),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -300,6 +316,11 @@ impl Config {
             return Err(ConfigError::Field("vmcoreinfo note"));
         }
         c.claim = Claim { id: raw.claim_id, disk: raw.claim_disk };
+        c.fs_count = raw.fs_count.get() as usize;
+        if c.fs_count > MAX_FILESYSTEMS {
+            return Err(ConfigError::Field("file system count"));
+        }
+        c.filesystems = raw.filesystems.map(FsSeen::from);
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();
         c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());
@@ -322,5 +343,25 @@ fn decode_ranges(raw: &[RangeLe], out: &mut [Range]) -> Option<usize> {
 impl Default for Config {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_and_the_file_systems_travel_in_the_config() {
+        let mut c = Config::new();
+        c.partition_guid = Guid::from_bytes([1; 16]);
+        c.partition_sectors = 8;
+        c.ram[0] = Range { start: 0, end: 0x1000 };
+        c.ram_count = 1;
+        c.claim = Claim { id: [5; 16], disk: [6; 16] };
+        c.filesystems[1] = FsSeen { partuuid: [2; 16], kind: crate::header::FS_EXT4, mounts: 3, mounted_at: 4 };
+        c.fs_count = 2;
+        let mut block = [0u8; PAGE];
+        c.encode(&mut block);
+        assert_eq!(Config::decode(&block), Ok(c));
     }
 }

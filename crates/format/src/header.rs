@@ -28,6 +28,51 @@ pub const MAX_NVS_RANGES: usize = 16;
 pub const MAX_BACKUP_PAIRS: usize = (META_BLOCKS as usize * PAGE - (MAX_RAM_RANGES + MAX_NVS_RANGES) * 16) / 16;
 /// Bytes of the message field.
 pub const MESSAGE_LEN: usize = 256;
+/// Most mounted file systems an image records ([`FsSeen`]).
+pub const MAX_FILESYSTEMS: usize = 16;
+
+/// What a mounted file system said about its mounts when the image was
+/// saved: a resume is refused when it says something else, proof that it
+/// was mounted since (a live system, another OS, an older kernel without
+/// ksave's initramfs). Only what a mount provably changes is kept: ext2/3/4
+/// count their read-write mounts and stamp the time of the last one in the
+/// superblock (fs/ext4/super.c, ext4_setup_super).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsSeen {
+    /// The partition's unique GUID (its PARTUUID), on-disk byte order.
+    pub partuuid: [u8; 16],
+    /// [`FS_EXT4`].
+    pub kind: u32,
+    /// ext4: `s_mnt_count`, read-write mounts since the last check.
+    pub mounts: u32,
+    /// ext4: `s_mtime`, when it was last mounted (seconds since the epoch).
+    pub mounted_at: u64,
+}
+
+/// [`FsSeen::kind`]: an ext2/3/4 superblock.
+pub const FS_EXT4: u32 = 1;
+
+/// [`FsSeen`] as it lies in the header and the config.
+#[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FsSeenLe {
+    partuuid: [u8; 16],
+    kind: U32,
+    mounts: U32,
+    mounted_at: U64,
+}
+
+impl From<FsSeen> for FsSeenLe {
+    fn from(f: FsSeen) -> Self {
+        Self { partuuid: f.partuuid, kind: f.kind.into(), mounts: f.mounts.into(), mounted_at: f.mounted_at.into() }
+    }
+}
+
+impl From<FsSeenLe> for FsSeen {
+    fn from(f: FsSeenLe) -> Self {
+        Self { partuuid: f.partuuid, kind: f.kind.get(), mounts: f.mounts.get(), mounted_at: f.mounted_at.get() }
+    }
+}
 
 /// Where an image stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +174,10 @@ pub struct Header {
     /// The store's claim ([`crate::store::Claim`]), kept by every header
     /// written after `ksave setup`.
     pub claim: crate::store::Claim,
+    /// The mounted file systems the saved system had, as they were.
+    pub filesystems: [FsSeen; MAX_FILESYSTEMS],
+    /// How many of `filesystems` are used.
+    pub fs_count: u32,
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -204,7 +253,14 @@ impl Header {
             pages_free: 0,
             free_rule: 0,
             claim: crate::store::Claim { id: [0; 16], disk: [0; 16] },
+            filesystems: [FsSeen { partuuid: [0; 16], kind: 0, mounts: 0, mounted_at: 0 }; MAX_FILESYSTEMS],
+            fs_count: 0,
         }
+    }
+
+    /// The file systems recorded.
+    pub fn filesystems(&self) -> &[FsSeen] {
+        &self.filesystems[..(self.fs_count as usize).min(MAX_FILESYSTEMS)]
     }
 
     /// The header `ksave setup` writes on a store it claims: no image
@@ -272,6 +328,9 @@ impl Header {
             reserved4: [0; _],
             claim_id: self.claim.id,
             claim_disk: self.claim.disk,
+            fs_count: self.fs_count.into(),
+            reserved5: [0; _],
+            filesystems: self.filesystems.map(FsSeenLe::from),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -326,7 +385,12 @@ impl Header {
             pages_free: raw.pages_free.get(),
             free_rule: raw.free_rule.get(),
             claim: crate::store::Claim { id: raw.claim_id, disk: raw.claim_disk },
+            filesystems: raw.filesystems.map(FsSeen::from),
+            fs_count: raw.fs_count.get(),
         };
+        if h.fs_count as usize > MAX_FILESYSTEMS {
+            return Err(HeaderError::Field("file system count"));
+        }
         if h.align != 512 && h.align != MAX_ALIGN {
             return Err(HeaderError::Field("alignment"));
         }
@@ -386,7 +450,10 @@ struct RawHeader {
     reserved4: [u8; 4],
     claim_id: [u8; 16],
     claim_disk: [u8; 16],
-    pad: [u8; PAGE - 488 - 4],
+    fs_count: U32,
+    reserved5: [u8; 4],
+    filesystems: [FsSeenLe; MAX_FILESYSTEMS],
+    pad: [u8; PAGE - 496 - 32 * MAX_FILESYSTEMS - 4],
     crc: U32,
 }
 
@@ -396,6 +463,7 @@ const _: () = assert!(
         && core::mem::offset_of!(RawHeader, cr4_needed) == 416
         && core::mem::offset_of!(RawHeader, pages_free) == 440
         && core::mem::offset_of!(RawHeader, claim_id) == 456
+        && core::mem::offset_of!(RawHeader, filesystems) == 496
 );
 
 /// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.
@@ -541,5 +609,24 @@ impl<'a> Meta<'a> {
     /// The backup pairs.
     pub fn backup_pairs(&self) -> impl Iterator<Item = BackupPair> + '_ {
         self.backup.iter().map(|p| BackupPair::from(*p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_systems_seen_round_trip_and_are_bounded() {
+        let mut h = Header::new(State::Complete, 7);
+        h.filesystems[0] = FsSeen { partuuid: [0xab; 16], kind: FS_EXT4, mounts: 12, mounted_at: 1_700_000_123 };
+        h.fs_count = 1;
+        let mut block = [0u8; PAGE];
+        h.encode(&mut block);
+        let back = Header::decode(&block).unwrap();
+        assert_eq!(back.filesystems(), &h.filesystems[..1]);
+        h.fs_count = MAX_FILESYSTEMS as u32 + 1;
+        h.encode(&mut block);
+        assert_eq!(Header::decode(&block), Err(HeaderError::Field("file system count")));
     }
 }

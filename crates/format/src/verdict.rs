@@ -89,6 +89,9 @@ pub mod code {
     pub const BEYOND_REACH: u32 = 17;
     /// [`Refusal::Damaged`].
     pub const DAMAGED: u32 = 18;
+    /// A file system the image saw was mounted since ([`super::Refusal::FilesystemMounted`];
+    /// the host's check, `ksave resume`).
+    pub const FILESYSTEM_MOUNTED: u32 = 19;
 }
 
 /// Why an image is not resumed. Each variant has a stable [`code`](Self::code).
@@ -155,6 +158,16 @@ pub enum Refusal {
         /// Where the loader's reach ends.
         reach: u64,
     },
+    /// A file system the saved system had mounted says it was mounted since
+    /// ([`crate::header::FsSeen`]): resuming would undo what was written.
+    FilesystemMounted {
+        /// Its PARTUUID (on-disk byte order).
+        partuuid: [u8; 16],
+        /// Its mount count when saved, and now.
+        mounts: (u32, u32),
+        /// Its last mount time when saved, and now.
+        mounted_at: (u64, u64),
+    },
     /// A chunk failed its checks while loading.
     Damaged {
         /// The chunk's index (`u64::MAX`: the totals after the last chunk).
@@ -178,6 +191,7 @@ impl Refusal {
             Self::OtherKsave { .. } => code::OTHER_KSAVE,
             Self::SnapshotOnly => code::SNAPSHOT_ONLY,
             Self::OtherCpuVendor => code::OTHER_CPU_VENDOR,
+            Self::FilesystemMounted { .. } => code::FILESYSTEM_MOUNTED,
             Self::NoLa57 => code::NO_LA57,
             Self::HardwareChanged { .. } => code::HARDWARE_CHANGED,
             Self::HardwareUnknown => code::HARDWARE_UNKNOWN,
@@ -247,6 +261,15 @@ impl fmt::Display for Refusal {
                 write!(f, "ACPI NVS map differs: the image holds {saved_ranges} ranges, this machine has {here_ranges}")
             }
             Self::BeyondReach { reach } => write!(f, "memory above ksave's identity map ({} GiB)", reach >> 30),
+            Self::FilesystemMounted { partuuid, mounts, mounted_at } => write!(
+                f,
+                "the file system on PARTUUID {} was mounted since the image was saved (mount count {} then, {} now; last mounted at {} then, {} now): its data moved on",
+                uguid::Guid::from_bytes(*partuuid),
+                mounts.0,
+                mounts.1,
+                mounted_at.0,
+                mounted_at.1
+            ),
             Self::Damaged { chunk: u64::MAX, what } => write!(f, "image damaged: chunks do not match the header: {what}"),
             Self::Damaged { chunk, what } => write!(f, "image damaged: chunk {chunk}: {what}"),
         }

@@ -318,7 +318,10 @@ pub fn debian_hibernation_bench(by: Hibernator, rounds: usize, echo: bool) -> Re
 /// before the root was mounted), the file is there, the root file system is
 /// clean. Then a damaged image: ksave refuses it (console), the boot
 /// carries on normally and says so in the journal; the image is invalid.
-/// Last, `dpkg --purge ksave` takes back all it installed.
+/// Then a live system (kernel A) mounts the root while the machine is
+/// hibernated: the next boot refuses the image (the superblock's mount
+/// count moved) and keeps what the live system wrote. Last, `dpkg --purge
+/// ksave` takes back all it installed.
 pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     /// The older kernel's version (the same image, installed again).
     const OLDER: &str = "6.12-older";
@@ -368,6 +371,23 @@ pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     report.add_ms("damaged image: power-on to a shell of the normal boot", shell.vm.elapsed());
     shell.run("journalctl -b -k | grep 'nothing to resume' | grep -q 'image damaged'", 60 * SECOND)?;
     shell.run("systemctl is-system-running --wait", 120 * SECOND)?;
+
+    // A live system mounts the root while the machine is hibernated: its
+    // superblock says so (mount count, last mount time), and the next boot
+    // refuses the image, keeps what the live system wrote, and is clean.
+    shell.hibernate(Hibernator::Ksave, &mut report)?;
+    let live = super::kernel_a(&format!("{name}-live"), &format!("live-mount ksave.root_partuuid={}", ROOT_GUID.to_lowercase()))?
+        .arg(disk.bus.qemu_args(&disk.path, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(live)? })?;
+    vm.expect("ksave-test: mounted the hibernated system's root", 180 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    let mut vm = power_on(&format!("{name}-after-live"), &machine, &disk, &iso, false, echo)?;
+    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("the boot after a live system mounted the root")?;
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.vm.refute_seen("ksave: resuming the image")?;
+    shell.run("test -f /root/written-by-a-live-system", 30 * SECOND)?;
+    report.add_ms("after a live system mounted the root: power-on to a shell of the normal boot", shell.vm.elapsed());
     // And the package goes as it came.
     shell.run("e2e remove", 300 * SECOND)?;
     shell.power_off()?;

@@ -65,6 +65,12 @@ pub fn run(how: &How) -> Result<ExitCode> {
     }
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
+    for fs in loaded.config.filesystems() {
+        println!("ksave: recorded: ext4 PARTUUID {} mounted {} times, last at {}: a resume after it was mounted again is refused", diskdrv::part::Guid::from_bytes(fs.partuuid), fs.mounts, fs.mounted_at);
+    }
+    for what in ksave_tools::fs::seen().1 {
+        println!("ksave: note: {what} is not recorded (no mount count to prove a mount by): only the initramfs keeps a boot from mounting it under the image");
+    }
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
     let _ = load::unload(); // give the memory back

@@ -84,6 +84,10 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
         }
         Err(refusal) => return Ok(NotResumed { refusal: Some(refusal), why: refusal.to_string() }),
     }
+    // The file systems the image saw must not have been mounted since.
+    if let Some(refusal) = ksave_tools::fs::mounted_since(image.header.filesystems()) {
+        return Ok(NotResumed { refusal: Some(refusal), why: refusal.to_string() });
+    }
     let config = load::attempt_config(&setup)?;
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
     load::load_for_resume(&load::configure(&bytes, &config)?)?;

@@ -52,5 +52,8 @@ pub fn print_header(h: &Header) {
             Some(s) => println!("ACPI hw sig  {s:#x} (a boot with another is refused)"),
             None => println!("ACPI hw sig  not known when saved"),
         }
+        for fs in h.filesystems() {
+            println!("file system  ext4 PARTUUID {}: {} mounts, last at {} (mounted since: refused)", diskdrv::part::Guid::from_bytes(fs.partuuid), fs.mounts, fs.mounted_at);
+        }
     }
 }

@@ -414,6 +414,7 @@ pub fn plan(backup: &[BackupPair], lz4: bool, capacity: usize, align: u32) -> Pl
         facs_signature: Some(FACS),
         iommu_left_on: false,
         free_rule: 0,
+        filesystems: &[],
     }
 }
 

@@ -189,6 +189,7 @@ pub fn save_with_free(
         facs_signature: Some(0x1234),
         iommu_left_on: false,
         free_rule: 2,
+        filesystems: &[],
     };
     let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));

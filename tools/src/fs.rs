@@ -1,0 +1,142 @@
+//! What the mounted file systems say about having been mounted: recorded at
+//! hibernate into the image's header ([`FsSeen`]), compared by `ksave
+//! resume` before it hands the machine to ksave. A file system mounted
+//! since (by a live system, another OS, or a kernel whose initramfs has no
+//! ksave) has moved on from what the image's kernel holds in its memory:
+//! resuming would undo those writes and corrupt it.
+//!
+//! Only what a mount provably changes is kept: ext2/3/4 count read-write
+//! mounts and stamp the last one's time in the superblock
+//! (fs/ext4/super.c, ext4_setup_super; the superblock at byte 1024,
+//! `s_mtime` at 0x2C, `s_mnt_count` at 0x34, the magic 0xEF53 at 0x38).
+//! XFS keeps no mount count, and btrfs's generation moves with every
+//! transaction commit, including those between the record and the jump: for
+//! them no change can be proven, and the initramfs guard alone stands.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ksave_format::header::{FS_EXT4, FsSeen, MAX_FILESYSTEMS};
+use ksave_format::verdict::Refusal;
+
+use crate::sys;
+
+/// The ext2/3/4 superblock's mount count and last mount time, read from
+/// `device`; `None` if it holds no ext superblock.
+pub fn ext4_mounts(device: &Path) -> Option<(u32, u64)> {
+    let mut sb = [0u8; 1024];
+    File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
+    parse_ext4(&sb)
+}
+
+/// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock.
+fn parse_ext4(sb: &[u8; 1024]) -> Option<(u32, u64)> {
+    (u16::from_le_bytes([sb[0x38], sb[0x39]]) == 0xEF53).then(|| {
+        let mounts = u16::from_le_bytes([sb[0x34], sb[0x35]]) as u32;
+        let mtime = u32::from_le_bytes(sb[0x2C..0x30].try_into().unwrap()) as u64;
+        (mounts, mtime)
+    })
+}
+
+/// The mounted ext2/3/4 file systems on GPT partitions, as their
+/// superblocks are now; and the local file systems not recorded (another
+/// kind, or not on a partition with a PARTUUID), one line each, for the
+/// user.
+pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
+    let (mut seen, mut unrecorded) = (Vec::new(), Vec::new());
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return (seen, unrecorded);
+    };
+    let mut devices: Vec<String> = Vec::new();
+    for (dev, point, fstype) in mountinfo.lines().filter_map(parse_mountinfo) {
+        // Block devices only (major 0 is the kernel's anonymous devices:
+        // tmpfs, proc, overlay), each once (bind mounts).
+        if dev.starts_with("0:") || devices.contains(&dev) {
+            continue;
+        }
+        devices.push(dev.clone());
+        let Some(device) = device_of(&dev) else { continue };
+        let ext = matches!(fstype.as_str(), "ext2" | "ext3" | "ext4");
+        let part = sys::partition_info(&device).ok();
+        match (ext, part, ext4_mounts(&device)) {
+            (true, Some(part), Some((mounts, mounted_at))) if seen.len() < MAX_FILESYSTEMS => {
+                seen.push(FsSeen { partuuid: part.guid.to_bytes(), kind: FS_EXT4, mounts, mounted_at })
+            }
+            _ => unrecorded.push(format!("{fstype} on {} at {point}", device.display())),
+        }
+    }
+    (seen, unrecorded)
+}
+
+/// (device "major:minor", mount point, file system type) of a
+/// /proc/self/mountinfo line (proc(5): the type follows the " - ").
+fn parse_mountinfo(line: &str) -> Option<(String, String, String)> {
+    let (head, tail) = line.split_once(" - ")?;
+    let fields: Vec<&str> = head.split(' ').collect();
+    Some((fields.get(2)?.to_string(), fields.get(4)?.to_string(), tail.split(' ').next()?.to_string()))
+}
+
+/// /dev/NAME of the block device "major:minor".
+fn device_of(dev: &str) -> Option<PathBuf> {
+    let target = std::fs::read_link(Path::new("/sys/dev/block").join(dev)).ok()?;
+    Some(Path::new("/dev").join(target.file_name()?))
+}
+
+/// The first file system of `recorded` that says it was mounted since:
+/// found by its PARTUUID, an ext superblock with another mount count or
+/// last mount time. One that cannot be found or read proves nothing (and
+/// the resumed kernel will say so of its own).
+pub fn mounted_since(recorded: &[FsSeen]) -> Option<Refusal> {
+    recorded.iter().find_map(|fs| {
+        if fs.kind != FS_EXT4 {
+            return None;
+        }
+        let part = sys::partition_by_guid(diskdrv::part::Guid::from_bytes(fs.partuuid)).ok()?;
+        let (mounts, mounted_at) = ext4_mounts(&part.device)?;
+        changed(fs, mounts, mounted_at)
+    })
+}
+
+/// The refusal if an ext superblock now says `mounts`, `mounted_at`, not
+/// what `fs` recorded.
+fn changed(fs: &FsSeen, mounts: u32, mounted_at: u64) -> Option<Refusal> {
+    (mounts != fs.mounts || mounted_at != fs.mounted_at).then_some(Refusal::FilesystemMounted {
+        partuuid: fs.partuuid,
+        mounts: (fs.mounts, mounts),
+        mounted_at: (fs.mounted_at, mounted_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ext4_superblock_says_its_mounts() {
+        let mut sb = [0u8; 1024];
+        assert_eq!(parse_ext4(&sb), None);
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x34..0x36].copy_from_slice(&7u16.to_le_bytes());
+        sb[0x2C..0x30].copy_from_slice(&1_700_000_000u32.to_le_bytes());
+        assert_eq!(parse_ext4(&sb), Some((7, 1_700_000_000)));
+    }
+
+    #[test]
+    fn a_mount_since_is_a_refusal_and_nothing_else_is() {
+        let fs = FsSeen { partuuid: [1; 16], kind: FS_EXT4, mounts: 7, mounted_at: 100 };
+        assert_eq!(changed(&fs, 7, 100), None);
+        assert_eq!(changed(&fs, 8, 200).map(|r| r.code()), Some(ksave_format::verdict::code::FILESYSTEM_MOUNTED));
+        // A mount count wrapped or reset by e2fsck, the same time: changed.
+        assert!(changed(&fs, 0, 100).is_some());
+        assert!(changed(&fs, 7, 101).is_some());
+    }
+
+    #[test]
+    fn mountinfo_lines_are_read() {
+        let line = "29 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro";
+        assert_eq!(parse_mountinfo(line), Some(("8:1".into(), "/".into(), "ext4".into())));
+        let tmpfs = "30 29 0:26 / /run rw,nosuid shared:2 - tmpfs tmpfs rw,size=100k";
+        assert_eq!(parse_mountinfo(tmpfs).map(|m| m.2), Some("tmpfs".into()));
+    }
+}
