@@ -81,7 +81,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Saved(h) => {
-            let bytes = h.data_bytes + DATA_OFFSET;
+            let bytes = h.data_bytes.saturating_add(DATA_OFFSET);
             println!(
                 "ksave: image complete: {} pages ({} MiB) stored, {} free and {} zero pages left out, {} MiB on disk, saved in {} ms",
                 h.pages_stored,
