@@ -121,8 +121,14 @@ pub fn init() -> u64 {
     unsafe {
         let pml4 = &raw mut boot_pml4;
         (&mut *pml4)[1..].fill(0);
+        // boot_pdpt's entries past 4 GiB pointed into EXTRA and MMIO on an
+        // earlier entry (cleared now) when the CPU has no 1 GiB pages; with
+        // them they are refilled below.
+        let pdpt = &raw mut boot_pdpt;
+        (&mut *pdpt)[4..].fill(0);
         x86::controlregs::cr3_write(x86::controlregs::cr3());
     }
+    IDENTITY_END.store(4 * GIB, Ordering::Relaxed);
     // CPUID.80000001h:EDX bit 26: 1-GByte pages (Intel SDM vol. 2A, CPUID).
     let has_1g_pages = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0;
     if has_1g_pages {

@@ -51,8 +51,16 @@ pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
     let mut devices: Vec<String> = Vec::new();
     for (dev, point, fstype) in mountinfo.lines().filter_map(parse_mountinfo) {
         // Block devices only (major 0 is the kernel's anonymous devices:
-        // tmpfs, proc, overlay), each once (bind mounts).
-        if dev.starts_with("0:") || devices.contains(&dev) {
+        // tmpfs, proc, overlay; and btrfs's, named by its source), each
+        // once (bind mounts).
+        if devices.contains(&dev) {
+            continue;
+        }
+        if dev.starts_with("0:") {
+            if fstype == "btrfs" {
+                devices.push(dev);
+                unrecorded.push(format!("btrfs at {point}"));
+            }
             continue;
         }
         devices.push(dev.clone());

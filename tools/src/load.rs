@@ -77,6 +77,14 @@ pub fn configure(elf: &[u8], config: &Config) -> Result<Vec<u8>> {
     let (offset, size) = (header.sh_offset(file.endian()) as usize, header.sh_size(file.endian()) as usize);
     ensure!(size == PAGE && offset + PAGE <= elf.len(), ".ksave_config is {size} bytes, expected {PAGE}");
     ensure!(elf[offset..offset + 8] == ksave_format::config::MAGIC, ".ksave_config holds no config block");
+    // An image of another config layout would misread this one: an older
+    // ksave, say, would write a store without checking its claim.
+    let shipped = u32::from_le_bytes(elf[offset + 8..offset + 12].try_into().unwrap());
+    ensure!(
+        shipped == ksave_format::config::VERSION,
+        "this ksave.elf reads config version {shipped}, this tool writes {}: use the ksave.elf of the same ksave (the `elf=` in the setup, or --elf)",
+        ksave_format::config::VERSION
+    );
     let mut out = elf.to_vec();
     let block: &mut [u8; PAGE] = (&mut out[offset..offset + PAGE]).try_into().unwrap();
     config.encode(block);

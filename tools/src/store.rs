@@ -2,8 +2,8 @@
 //!
 //! `ksave setup` takes a partition only when nothing else has it: not
 //! mounted, not an active swap, held by nothing (LVM, md, dm-crypt), no
-//! signature libblkid knows (`blkid -p`: file systems, swap, LUKS,
-//! BitLocker, RAID and LVM members), not the EFI system partition, and of
+//! signature libblkid knows (as `wipefs` lists them: file systems, swap,
+//! LUKS, BitLocker, RAID and LVM members, partition tables), not the EFI system partition, and of
 //! ksave's own partition type ([`part::KSAVE_STORE_TYPE`]). Then it writes
 //! the claim ([`Claim`]) into the store's header, and every hibernate checks
 //! all of it again and that the claim is still there before the jump (ksave
@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use diskdrv::part::{self, Guid};
 use ksave_format::PAGE;
-use ksave_format::header::Header;
+use ksave_format::header::{DATA_OFFSET, Header};
 use ksave_format::store::{Claim, Claimed};
 
 use crate::sys::PartInfo;
@@ -31,17 +31,30 @@ pub struct Occupants {
     pub swap: bool,
     /// Devices built on it (/sys/class/block/NAME/holders: dm, md, LVM).
     pub holders: Vec<String>,
-    /// What `blkid -p` finds on it: its TYPE and USAGE, e.g. ("ext4",
-    /// "filesystem"), ("crypto_LUKS", "crypto"), ("LVM2_member", "raid").
-    pub signatures: Vec<(String, String)>,
-    /// `blkid -p` found signatures that contradict each other.
-    pub ambivalent: bool,
+    /// The signatures libblkid finds on it ([`probe_signatures`]).
+    pub signatures: Vec<Signature>,
+}
+
+/// A signature libblkid found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Signature {
+    /// Its type, e.g. "ext4", "crypto_LUKS", "swap", "LVM2_member".
+    pub kind: String,
+    /// Its usage, e.g. "filesystem", "crypto", "raid", "partition-table".
+    pub usage: String,
+    /// Where its magic lies, in bytes from the partition's start.
+    pub offset: Option<u64>,
 }
 
 /// Why `part` may not be ksave's store, one line each; none: it may.
 /// `claiming`: the user asked to set ksave's partition type, so another
-/// type is no refusal (everything else still is).
-pub fn refusals(part: &PartInfo, found: &Occupants, claiming: bool) -> Vec<String> {
+/// type is no refusal (everything else still is). `claimed`: its header
+/// carries ksave's claim, so a signature whose magic lies in the image's
+/// chunks (from [`DATA_OFFSET`] on: a page of RAM that held a superblock)
+/// is the image's data, not another owner (one made since setup would have
+/// broken the header, which its own superblock or label overlaps or which
+/// mkfs zeroes).
+pub fn refusals(part: &PartInfo, found: &Occupants, claiming: bool, claimed: bool) -> Vec<String> {
     let mut why = Vec::new();
     let dev = part.device.display();
     for at in &found.mounts {
@@ -53,12 +66,13 @@ pub fn refusals(part: &PartInfo, found: &Occupants, claiming: bool) -> Vec<Strin
     if !found.holders.is_empty() {
         why.push(format!("{dev} is in use by {} (an LVM volume, RAID array or dm-crypt mapping is built on it)", found.holders.join(", ")));
     }
-    for (kind, usage) in &found.signatures {
+    for Signature { kind, usage, offset } in &found.signatures {
+        if claimed && offset.is_some_and(|at| at >= DATA_OFFSET) {
+            continue;
+        }
         let usage = if usage.is_empty() { String::new() } else { format!(" {usage}") };
-        why.push(format!("{dev} holds a {kind}{usage} signature (blkid -p): if its data is no longer wanted, erase it with `wipefs -a {dev}` and run setup again"));
-    }
-    if found.ambivalent {
-        why.push(format!("{dev} holds signatures of more than one kind (blkid -p): erase them with `wipefs -a {dev}` if its data is no longer wanted"));
+        let at = offset.map(|o| format!(" at byte {o}")).unwrap_or_default();
+        why.push(format!("{dev} holds a {kind}{usage} signature{at} (wipefs): if its data is no longer wanted, erase it with `wipefs -a {dev}` and run setup again"));
     }
     if part.type_guid == part::ESP_TYPE {
         why.push(format!("{dev} is the EFI system partition"));
@@ -98,38 +112,36 @@ pub fn occupants(part: &PartInfo) -> Result<Occupants> {
         Ok(dir) => dir.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().to_string())).collect(),
         Err(_) => Vec::new(),
     };
-    let (signatures, ambivalent) = blkid_probe(&part.device)?;
-    Ok(Occupants { mounts, swap, holders, signatures, ambivalent })
+    let signatures = probe_signatures(&part.device)?;
+    Ok(Occupants { mounts, swap, holders, signatures })
 }
 
-/// The signatures libblkid finds on `device`, probing the device itself
-/// (`-p`: not its cache): exit 0 found, 2 nothing, 8 ambivalent (blkid(8)).
-fn blkid_probe(device: &Path) -> Result<(Vec<(String, String)>, bool)> {
-    let out = Command::new("blkid")
-        .args(["-p", "-o", "export"])
+/// Every signature libblkid finds on `device`, with its offset: `wipefs`
+/// without options only lists them (util-linux; where `blkid -p` reports
+/// one and gives up on several, this names them all).
+fn probe_signatures(device: &Path) -> Result<Vec<Signature>> {
+    let out = Command::new("wipefs")
+        .args(["--noheadings", "--output", "OFFSET,TYPE,USAGE"])
         .arg(device)
         .output()
-        .context("running blkid (util-linux), which ksave needs to see what is on a partition")?;
-    match out.status.code() {
-        Some(0) => Ok((parse_blkid_export(&String::from_utf8_lossy(&out.stdout)), false)),
-        Some(2) => Ok((Vec::new(), false)),
-        Some(8) => Ok((Vec::new(), true)),
-        _ => bail!("blkid -p {} failed ({}): {}", device.display(), out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        .context("running wipefs (util-linux), which ksave needs to see what is on a partition")?;
+    if !out.status.success() {
+        bail!("wipefs {} failed ({}): {}", device.display(), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
+    Ok(parse_wipefs(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// The (TYPE, USAGE) pairs of `blkid -o export` output; a partition table
-/// inside the partition (PTTYPE) counts as a signature too.
-fn parse_blkid_export(text: &str) -> Vec<(String, String)> {
-    let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::to_string);
-    let mut found = Vec::new();
-    if let Some(kind) = get("TYPE") {
-        found.push((kind, get("USAGE").unwrap_or_default()));
-    }
-    if let Some(table) = get("PTTYPE") {
-        found.push((table, "partition table".into()));
-    }
-    found
+/// `wipefs --noheadings --output OFFSET,TYPE,USAGE` lines: "0x438 ext4
+/// filesystem", "0x1fe PMBR partition-table".
+fn parse_wipefs(text: &str) -> Vec<Signature> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let offset = u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16).ok();
+            let kind = words.next()?.to_string();
+            Some(Signature { kind, usage: words.collect::<Vec<_>>().join(" "), offset })
+        })
+        .collect()
 }
 
 /// A new claim for a store on the disk `disk_guid`: 16 random bytes.
@@ -200,38 +212,45 @@ mod tests {
 
     #[test]
     fn only_an_unused_partition_of_ksaves_type_is_taken() {
-        assert!(refusals(&part(part::KSAVE_STORE_TYPE), &Occupants::default(), false).is_empty());
+        assert!(refusals(&part(part::KSAVE_STORE_TYPE), &Occupants::default(), false, false).is_empty());
         // Another type: refused, unless the user asked to claim it.
-        let why = refusals(&part(LINUX_DATA), &Occupants::default(), false);
+        let why = refusals(&part(LINUX_DATA), &Occupants::default(), false, false);
         assert_eq!(why.len(), 1);
         assert!(why[0].contains("not ksave's store") && why[0].contains("ksave setup --claim"), "{why:?}");
-        assert!(refusals(&part(LINUX_DATA), &Occupants::default(), true).is_empty());
+        assert!(refusals(&part(LINUX_DATA), &Occupants::default(), true, false).is_empty());
         // The ESP never, claimed or not.
-        assert!(refusals(&part(part::ESP_TYPE), &Occupants::default(), true)[0].contains("EFI system partition"));
+        assert!(refusals(&part(part::ESP_TYPE), &Occupants::default(), true, false)[0].contains("EFI system partition"));
+        // A superblock inside a claimed store's chunks is image data; one in
+        // its first blocks, or on a store without the claim, is not.
+        let sig = |at: u64| Occupants { signatures: vec![Signature { kind: "iso9660".into(), usage: "filesystem".into(), offset: Some(at) }], ..Default::default() };
+        assert!(refusals(&part(part::KSAVE_STORE_TYPE), &sig(32769), false, true).is_empty());
+        assert_eq!(refusals(&part(part::KSAVE_STORE_TYPE), &sig(32769), false, false).len(), 1);
+        assert_eq!(refusals(&part(part::KSAVE_STORE_TYPE), &sig(1080), false, true).len(), 1);
         // Everything in use is named, whatever the type.
         let busy = Occupants {
             mounts: vec!["/home".into()],
             swap: true,
             holders: vec!["dm-0".into()],
-            signatures: vec![("crypto_LUKS".into(), "crypto".into())],
-            ambivalent: true,
+            signatures: vec![Signature { kind: "crypto_LUKS".into(), usage: "crypto".into(), offset: Some(0) }],
         };
-        let why = refusals(&part(part::KSAVE_STORE_TYPE), &busy, true);
-        assert_eq!(why.len(), 5, "{why:?}");
+        let why = refusals(&part(part::KSAVE_STORE_TYPE), &busy, true, true);
+        assert_eq!(why.len(), 4, "{why:?}");
         assert!(why[0].contains("mounted at /home"));
         assert!(why[1].contains("active swap"));
         assert!(why[2].contains("in use by dm-0"));
-        assert!(why[3].contains("crypto_LUKS crypto signature") && why[3].contains("wipefs -a /dev/sda2"));
-        assert!(why[4].contains("more than one kind"));
+        assert!(why[3].contains("crypto_LUKS crypto signature at byte 0") && why[3].contains("wipefs -a /dev/sda2"));
     }
 
     #[test]
-    fn blkid_export_output_is_read() {
-        let ext4 = "DEVNAME=/dev/sda2\nUUID=1b2c\nVERSION=1.0\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\nPART_ENTRY_SCHEME=gpt\n";
-        assert_eq!(parse_blkid_export(ext4), [("ext4".to_string(), "filesystem".to_string())]);
-        assert_eq!(parse_blkid_export("DEVNAME=/dev/sda2\nPTTYPE=dos\n"), [("dos".to_string(), "partition table".to_string())]);
-        // blkid -p prints PART_ENTRY_* (the table's view of the partition)
-        // even with nothing on it: no signature.
-        assert!(parse_blkid_export("DEVNAME=/dev/sda2\nPART_ENTRY_SCHEME=gpt\nPART_ENTRY_TYPE=173db3cf\n").is_empty());
+    fn wipefs_lines_are_read() {
+        let out = "0x438  ext4 filesystem\n0x1fe    PMBR partition-table\n";
+        assert_eq!(
+            parse_wipefs(out),
+            [
+                Signature { kind: "ext4".into(), usage: "filesystem".into(), offset: Some(0x438) },
+                Signature { kind: "PMBR".into(), usage: "partition-table".into(), offset: Some(0x1fe) }
+            ]
+        );
+        assert!(parse_wipefs("").is_empty());
     }
 }

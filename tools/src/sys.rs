@@ -41,11 +41,13 @@ pub fn ram_outside_firmware_map() -> Result<Vec<(Range, String)>> {
     Ok(unlisted_ram(&iomem, &listed))
 }
 
-/// The top-level "System RAM..." ranges of `iomem` (whole pages) not
-/// inside one of `listed`.
+/// The "System RAM..." ranges of `iomem` (whole pages) not inside one of
+/// `listed`, at any depth: a driver's RAM is nested under its device's
+/// region ("virtio0" > "System RAM (virtio_mem)", "dax0.0" > "System RAM
+/// (kmem)").
 fn unlisted_ram(iomem: &str, listed: &[Range]) -> Vec<(Range, String)> {
     let mut out = Vec::new();
-    for line in iomem.lines().filter(|l| !l.starts_with(' ')) {
+    for line in iomem.lines().map(str::trim_start) {
         let Some((span, name)) = line.split_once(" : ") else { continue };
         if !name.starts_with(RAM) {
             continue;
@@ -325,7 +327,9 @@ pub fn gpt_entries(disk: &Path) -> Result<Gpt> {
                 continue;
             };
             let len = h.entry_count as u64 * h.entry_size as u64;
-            ensure!(len <= MAX_GPT_ENTRY_BYTES, "{}: its GPT header asks for {len} bytes of partition entries (at most {MAX_GPT_ENTRY_BYTES} are read): the table is damaged", disk.display());
+            if len > MAX_GPT_ENTRY_BYTES {
+                continue; // damaged or hostile: try the other copy
+            }
             let bytes = read(h.entries_lba, len as usize)?;
             if !part::entries_crc_ok(&h, &bytes) {
                 continue;
@@ -429,6 +433,19 @@ pub fn controller_of(sys: &Path, disk: &str) -> Result<Controller> {
 /// have it (a cloned disk or RAID1 members have it twice, and which one is
 /// meant cannot be known; ksave refuses them too).
 pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
+    let mut found = partitions_by_guid(guid)?;
+    match found.len() {
+        0 => bail!("no partition with PARTUUID {guid} on this machine"),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let where_ = found.iter().map(|p| p.device.display().to_string()).collect::<Vec<_>>().join(", ");
+            bail!("PARTUUID {guid} is on {} partitions ({where_}): a cloned disk? Give one a new GUID (sfdisk --part-uuid) and set up again", found.len())
+        }
+    }
+}
+
+/// Every partition whose PARTUUID is `guid`.
+pub fn partitions_by_guid(guid: Guid) -> Result<Vec<PartInfo>> {
     let mut found: Vec<PartInfo> = Vec::new();
     for entry in std::fs::read_dir("/sys/class/block")? {
         let name = entry?.file_name().to_string_lossy().to_string();
@@ -443,14 +460,7 @@ pub fn partition_by_guid(guid: Guid) -> Result<PartInfo> {
             found.push(info);
         }
     }
-    match found.len() {
-        0 => bail!("no partition with PARTUUID {guid} on this machine"),
-        1 => Ok(found.remove(0)),
-        _ => {
-            let where_ = found.iter().map(|p| p.device.display().to_string()).collect::<Vec<_>>().join(", ");
-            bail!("PARTUUID {guid} is on {} partitions ({where_}): a cloned disk? Give one a new GUID (sfdisk --part-uuid) and set up again", found.len())
-        }
-    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -475,7 +485,7 @@ mod tests {
 
     #[test]
     fn ram_a_driver_added_is_found() {
-        let iomem = "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n00100000-1ffdffff : System RAM\n  01000000-01ffffff : Kernel code\n140000000-17fffffff : System RAM (virtio_mem)\n";
+        let iomem = "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n00100000-1ffdffff : System RAM\n  01000000-01ffffff : Kernel code\n140000000-33fffffff : virtio0\n  140000000-17fffffff : System RAM (virtio_mem)\n";
         let listed = [Range { start: 0x1000, end: 0x9f000 }, Range { start: 0x10_0000, end: 0x1ffe_0000 }];
         assert_eq!(unlisted_ram(iomem, &listed), [(Range { start: 0x1_4000_0000, end: 0x1_8000_0000 }, "System RAM (virtio_mem)".to_string())]);
         assert!(unlisted_ram(iomem, &[Range { start: 0, end: 1 << 40 }]).is_empty());

@@ -13,8 +13,10 @@ use crate::{CRC32C, PAGE, Range};
 
 /// "KSAVECFG".
 pub const MAGIC: [u8; 8] = *b"KSAVECFG";
-/// Config layout version.
-pub const VERSION: u32 = 2;
+/// Config layout version: 3 added the store's claim and the file systems
+/// seen. A ksave.elf of another layout is not configured (an older one would
+/// ignore the claim).
+pub const VERSION: u32 = 3;
 /// Most RAM ranges the config carries.
 pub const MAX_RANGES: usize = 128;
 /// Most ACPI NVS ranges the config carries.

@@ -224,6 +224,7 @@ impl Refusal {
             code::NVS_MAP_DIFFERS => "NVS map differs",
             code::BEYOND_REACH => "beyond reach",
             code::DAMAGED => "damaged",
+            code::FILESYSTEM_MOUNTED => "file system mounted since",
             _ => return None,
         })
     }

@@ -133,7 +133,7 @@ struct Mutator {
 const HEADER_FIELDS: &[(usize, usize)] = &[
     (0, 8), (8, 4), (12, 4), (16, 8), (24, 8), (32, 8), (40, 8), (48, 8), (56, 4), (60, 4), (64, 4), (68, 4), (72, 4), (76, 4), (80, 8),
     (88, 8), (96, 8), (104, 8), (112, 8), (120, 4), (124, 4), (384, 8), (400, 8), (408, 2), (416, 8), (424, 4), (428, 4), (432, 4),
-    (436, 4), (440, 8), (448, 4),
+    (436, 4), (440, 8), (448, 4), (456, 8), (472, 8), (488, 4), (496, 8), (504, 8), (512, 4), (516, 4), (520, 8), (976, 8), (984, 8), (992, 4), (996, 4), (1000, 8),
 ];
 /// A chunk header's fixed fields; its words follow from 40.
 const CHUNK_FIELDS: &[(usize, usize)] = &[(0, 8), (8, 8), (16, 8), (24, 2), (26, 1), (27, 1), (28, 4), (32, 8)];
@@ -141,7 +141,7 @@ const CHUNK_FIELDS: &[(usize, usize)] = &[(0, 8), (8, 8), (16, 8), (24, 2), (26,
 const CONFIG_FIELDS: &[(usize, usize)] = &[
     (0, 8), (8, 4), (12, 4), (16, 8), (24, 8), (32, 8), (40, 8), (48, 8), (56, 8), (64, 4), (68, 4), (72, 8), (80, 8), (88, 8), (96, 8),
     (2104, 8), (2112, 8), (2376, 8), (2384, 4), (2388, 4), (2392, 4), (2396, 8), (2404, 8), (2636, 8), (2644, 8), (2652, 4), (2656, 8),
-    (2712, 8), (2720, 8), (2728, 8),
+    (2712, 8), (2720, 8), (2728, 8), (2736, 8), (2752, 8), (2768, 4), (2772, 8), (2780, 8), (2788, 4), (2792, 4), (2796, 8),
 ];
 
 impl Mutator {
@@ -349,9 +349,10 @@ fn walk_damaged(case: u64, seed: &Seed, image: &[u8], same: Same, what: &str) ->
 /// The bytes of an accepted header that need not survive a re-encode: the
 /// reserved bytes and padding, bits of the FACS word other than bit 0, an
 /// unknown FACS signature, an alignment of 0 (read as 512), and the CRC.
+/// (The claim and every file system slot, used or not, survive.)
 fn header_ignores(b: &[u8], again: &[u8], i: usize) -> bool {
     match i {
-        124..128 | 396..400 | 410..416 | 425..428 | 452.. => true,
+        124..128 | 396..400 | 410..416 | 425..428 | 452..456 | 492..496 | 1008.. => true,
         424 => (b[i] ^ again[i]) & 1 == 0,
         428..432 => b[424] & 1 == 0,
         436..440 => u32_at(b, 436) == 0,
@@ -378,7 +379,7 @@ fn check_header(case: u64, b: &[u8; PAGE], h: &Header) {
 fn header_valid(b: &[u8]) -> bool {
     let w = |at| u32_at(b, at) as usize;
     let known = b[..8] == header::MAGIC && sealed_ok(b) && w(8) == header::VERSION as usize && (1..=4).contains(&w(12)) && w(56) == PAGE;
-    let counts = w(64) <= header::MAX_RAM_RANGES && w(68) <= header::MAX_BACKUP_PAIRS && w(432) <= header::MAX_NVS_RANGES;
+    let counts = w(64) <= header::MAX_RAM_RANGES && w(68) <= header::MAX_BACKUP_PAIRS && w(432) <= header::MAX_NVS_RANGES && w(488) <= header::MAX_FILESYSTEMS;
     known && counts && [0, 512, 4096].contains(&w(436)) && u64_at(b, 40) <= u64_at(b, 48)
 }
 
@@ -392,7 +393,7 @@ fn image_headers() {
             let seed = &seeds[case as usize % 2];
             let original: &[u8; PAGE] = seed.image[..PAGE].try_into().unwrap();
             let mut block = *original;
-            seed.mutator.mutate(rng, &mut block, 452, HEADER_FIELDS);
+            seed.mutator.mutate(rng, &mut block, 1008, HEADER_FIELDS);
             let sealed = !rng.one_in(4);
             if sealed {
                 seal(&mut block);
@@ -678,7 +679,7 @@ fn config_ignores(b: &[u8], again: &[u8], c: &Config, i: usize) -> bool {
     let unused = |from: usize, slot: usize, count: usize, to: usize| (from + slot * count..to).contains(&i);
     match i {
         64 => (b[i] ^ again[i]) & 3 == 0,
-        65..68 | 2385..2388 | 2736.. => true,
+        65..68 | 2385..2388 | 3284.. => true,
         2384 => (b[i] ^ again[i]) & 1 == 0,
         2388..2392 => c.facs_signature.is_none(),
         _ => unused(72, 16, c.ram_count, 2120) || unused(2396, 16, c.nvs_count, 2652) || unused(2656, 8, c.iommu_count, 2720),
@@ -710,7 +711,7 @@ fn config_valid(b: &[u8; PAGE]) -> bool {
     let ok = |rs: &[Range]| rs.iter().all(|r| r.start < r.end) && sorted_pages(rs);
     let (ram, nvs, iommus) = (u32_at(b, 68) as usize, u32_at(b, 2392) as usize, u32_at(b, 2652) as usize);
     let known = b[..8] == config::MAGIC && u32_at(b, 12) == 1 && sealed_ok(b) && u32_at(b, 8) == config::VERSION;
-    let counts = (1..=config::MAX_RANGES).contains(&ram) && nvs <= config::MAX_NVS && iommus <= config::MAX_IOMMUS;
+    let counts = (1..=config::MAX_RANGES).contains(&ram) && nvs <= config::MAX_NVS && iommus <= config::MAX_IOMMUS && u32_at(b, 2768) as usize <= header::MAX_FILESYSTEMS;
     let note = (u64_at(b, 2720), u64_at(b, 2728));
     let fields = b[32..48] != [0; 16] && u64_at(b, 56) > 0 && note.0 <= note.1 && note.1 - note.0 <= config::MAX_VMCOREINFO;
     known && counts && fields && ok(&ranges(72, ram)) && ok(&ranges(2396, nvs)) && !overlap(&ranges(72, ram), &ranges(2396, nvs))
@@ -729,7 +730,12 @@ fn config_seeds() -> Vec<[u8; PAGE]> {
     (c.iommu_count, c.vmcoreinfo) = (2, Range { start: 0x3000_0000, end: 0x3000_0e00 });
     let info = "host 6.12.1 \u{e9}t\u{e9} \u{2603}".as_bytes();
     c.info[..info.len()].copy_from_slice(info);
+    c.claim = ksave_format::store::Claim { id: [0x5a; 16], disk: [0xd1; 16] };
+    c.filesystems[0] = header::FsSeen { partuuid: [0x3c; 16], kind: header::FS_EXT4, mounts: 9, mounted_at: 1_700_000_000 };
+    c.fs_count = 1;
     let mut full = c.clone();
+    full.filesystems = [c.filesystems[0]; header::MAX_FILESYSTEMS];
+    full.fs_count = header::MAX_FILESYSTEMS;
     full.ram = std::array::from_fn(|i| Range { start: 0x20_0000 * i as u64, end: 0x20_0000 * i as u64 + 0x10_0000 });
     full.nvs = std::array::from_fn(|i| Range { start: 0x1000_0000 + 0x2000 * i as u64, end: 0x1000_1000 + 0x2000 * i as u64 });
     full.iommus = std::array::from_fn(|i| bootinfo::acpi::RemappingUnit::Vtd(0xfed0_0000 + 0x1000 * i as u64));
@@ -750,12 +756,12 @@ fn config_sections() {
         for (i, b) in seeds.iter().enumerate().take(2) {
             check_config(u64::MAX - i as u64, b, &Config::decode(b).unwrap());
         }
-        let dict: Vec<u64> = seeds[..2].iter().flat_map(|b| (72..2736).step_by(8).map(|at| u64_at(b, at))).filter(|&v| v != 0).collect();
+        let dict: Vec<u64> = seeds[..2].iter().flat_map(|b| (72..3284).step_by(8).map(|at| u64_at(b, at))).filter(|&v| v != 0).collect();
         let mutator = Mutator::new(dict);
         move |rng, case| {
             let original = &seeds[case as usize % seeds.len()];
             let mut b = *original;
-            mutator.mutate(rng, &mut b, 2736, CONFIG_FIELDS);
+            mutator.mutate(rng, &mut b, 3284, CONFIG_FIELDS);
             let sealed = !rng.one_in(4);
             if sealed {
                 seal(&mut b);

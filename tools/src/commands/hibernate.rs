@@ -30,7 +30,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     // only a save of every page gives it that.
     let poisoning = sys::page_poisoning();
     if poisoning && !all_pages {
-        println!("ksave: this kernel poisons its free pages (page_poison=): saving them too, as with --all-pages");
+        println!("ksave: this kernel poisons its free pages (page_poison=): saving them too");
     }
     let all_pages = all_pages || poisoning;
     if let Some(why) = sys::lockdown() {
@@ -43,7 +43,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     }
     match sys::free_pages_note() {
         Some(note) => println!("ksave: note: {note}"),
-        None if all_pages => println!("ksave: saving free pages too (--all-pages)"),
+        None if all_pages && !poisoning => println!("ksave: saving free pages too (--all-pages)"),
         None => {}
     }
     if drop_caches {

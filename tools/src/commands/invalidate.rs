@@ -15,19 +15,32 @@ pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<Strin
 }
 
 /// Invalidates the image, if there is one to invalidate; returns what was
-/// done, as a line to show.
+/// done, as a line to show. By PARTUUID, every partition that has it: a
+/// boot that carries on must leave no image behind on a clone either
+/// (only a ksave header is ever rewritten).
 pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<String> {
-    let path = match partuuid {
-        Some(text) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?.device,
-        None => super::path_or_setup(path)?,
+    let paths = match partuuid {
+        Some(text) => {
+            let guid = Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?;
+            let found: Vec<PathBuf> = sys::partitions_by_guid(guid)?.into_iter().map(|p| p.device).collect();
+            anyhow::ensure!(!found.is_empty(), "no partition with PARTUUID {guid} on this machine");
+            found
+        }
+        None => vec![super::path_or_setup(path)?],
     };
-    let mut file = ImageFile::open(&path, true)?;
+    let lines: Result<Vec<String>> = paths.into_iter().map(|p| invalidate_one(&p, reason.as_deref())).collect();
+    Ok(lines?.join("\n"))
+}
+
+/// [`invalidate`] of the store at `path`.
+fn invalidate_one(path: &std::path::Path, reason: Option<&str>) -> Result<String> {
+    let mut file = ImageFile::open(path, true)?;
     // Invalidating what cannot be resumed anyway changes nothing: say so.
     Ok(match file.header() {
         Err(e) => format!("ksave: {}: no image to invalidate ({e:#})", file.description),
         Ok(h) if h.state == State::Invalidated => format!("ksave: {}: image already invalidated ({})", file.description, h.message()),
         Ok(_) => {
-            let was = file.invalidate(reason.as_deref())?;
+            let was = file.invalidate(reason)?;
             let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
             format!("ksave: {}: image {} -> invalidated{why}", file.description, was.name())
         }

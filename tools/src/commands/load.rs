@@ -16,7 +16,8 @@ pub fn run(kexec_tools: bool) -> Result<ExitCode> {
         anyhow::bail!("{why}");
     }
     let setup = Setup::load(&setup::path())?;
-    let loaded = load_ksave(&setup, kexec_tools, false, false)?;
+    // A kernel that poisons free pages gets them saved (as hibernate does).
+    let loaded = load_ksave(&setup, kexec_tools, false, ksave_tools::sys::page_poisoning())?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
     Ok(ExitCode::SUCCESS)
 }

@@ -55,14 +55,20 @@ fn path_or_setup(path: Option<PathBuf>) -> Result<PathBuf> {
 /// since breaks the header). ksave checks the claim again before it writes
 /// (--no-precheck leaves that to it, for its tests).
 fn check_store(setup: &Setup) -> Result<()> {
-    let part = sys::partition_info(&setup.device).with_context(|| format!("the configured partition {}", setup.device.display()))?;
     // ksave finds it by its GUID: on exactly one disk (a clone attached
-    // since setup would make it guess).
-    sys::partition_by_guid(setup.guid)?;
-    let why = ksave_tools::store::refusals(&part, &ksave_tools::store::occupants(&part)?, false);
-    anyhow::ensure!(why.is_empty(), "{} is no longer ksave's store alone, refusing to write it:\n  {}", part.device.display(), why.join("\n  "));
-    ksave_tools::store::check_claim(&part, &setup.claim)?;
-    Ok(())
+    // since setup would make it guess), and where setup saw it.
+    let part = sys::partition_by_guid(setup.guid).context("the partition set up")?;
+    ensure!(
+        part.device == setup.device,
+        "PARTUUID {} is {} now, {} when set up: run `ksave setup` again",
+        setup.guid,
+        part.device.display(),
+        setup.device.display()
+    );
+    let claimed = ksave_tools::store::check_claim(&part, &setup.claim);
+    let why = ksave_tools::store::refusals(&part, &ksave_tools::store::occupants(&part)?, false, claimed.is_ok());
+    ensure!(why.is_empty(), "{} is no longer ksave's store alone, refusing to write it:\n  {}", part.device.display(), why.join("\n  "));
+    claimed.map(|_| ())
 }
 
 /// The host's own checks before a jump: the partition is still the one set

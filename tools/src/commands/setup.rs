@@ -37,10 +37,17 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     let Some(kind) = controller.kind else {
         bail!("{} is on {disk_name} behind {controller}, which ksave cannot drive (it drives AHCI, IDE, NVMe and virtio-blk)", part.device.display());
     };
-    // Nothing else may have it: refuse with everything found.
-    let why = store::refusals(&part, &store::occupants(&part)?, how.claim);
+    // Nothing else may have it: refuse with everything found. A store that
+    // carries a claim of this disk already (set up again) may hold an image.
+    let existing = store::read_header(&part.device)?.map(|h| h.claim).filter(|c| c.is_claimed() && c.disk == part.disk_guid.to_bytes());
+    let why = store::refusals(&part, &store::occupants(&part)?, how.claim, existing.is_some());
     if !why.is_empty() {
         bail!("{} cannot be ksave's store (its next image would overwrite what is there):\n  {}", part.device.display(), why.join("\n  "));
+    }
+    // Every check that can still refuse, before the partition table changes.
+    ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
+    if !how.no_precheck {
+        super::precheck(&Setup::new(&part, Default::default(), lz4, elf.clone()))?;
     }
     if how.claim && part.type_guid != KSAVE_STORE_TYPE {
         let question = format!(
@@ -57,18 +64,13 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         part = sys::partition_info(&part.device)?;
         ensure!(part.type_guid == KSAVE_STORE_TYPE, "{} is still of type {} after sfdisk", part.device.display(), part.type_guid);
     }
-    ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
     // The claim: the one already on the store if it names this disk (set
     // up again), else a new one.
-    let existing = store::read_header(&part.device)?.map(|h| h.claim).filter(|c| c.is_claimed() && c.disk == part.disk_guid.to_bytes());
     let claim = match existing {
         Some(claim) => claim,
         None => store::new_claim(part.disk_guid)?,
     };
     let setup = Setup::new(&part, claim, lz4, elf);
-    if !how.no_precheck {
-        super::precheck(&setup)?;
-    }
     if existing.is_none() {
         store::write_claim(&part.device, claim)?;
     }

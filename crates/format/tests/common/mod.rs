@@ -189,13 +189,19 @@ pub fn save_with_free(
         facs_signature: Some(0x1234),
         iommu_left_on: false,
         free_rule: 2,
-        filesystems: &[],
+        filesystems: &FILESYSTEMS,
     };
     let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
     let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out } };
     commit::save(&plan, &claimed(), mem, free, disk, bufs, || 0, 0)
 }
+
+/// The file systems a saved test system had mounted.
+pub const FILESYSTEMS: [header::FsSeen; 2] = [
+    header::FsSeen { partuuid: [0x3c; 16], kind: header::FS_EXT4, mounts: 9, mounted_at: 1_700_000_000 },
+    header::FsSeen { partuuid: [0x4d; 16], kind: header::FS_EXT4, mounts: 1, mounted_at: 1_700_000_100 },
+];
 
 /// The claim the test stores carry.
 pub const CLAIM: Claim = Claim { id: [0x5a; 16], disk: [0xd1; 16] };
