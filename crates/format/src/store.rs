@@ -46,10 +46,7 @@ pub enum ClaimError {
 impl fmt::Display for ClaimError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoHeader(e) => write!(
-                f,
-                "the store does not carry ksave's claim ({e}): something else was written there since `ksave setup`, or a save was cut off while writing its header; if nothing else uses the partition, run `ksave setup` again"
-            ),
+            Self::NoHeader(e) => write!(f, "the store does not carry ksave's claim ({e}): written over since setup, or a save cut off mid-header (then run `ksave setup` again)"),
             Self::Unclaimed => write!(f, "the store carries no claim (set up by an older ksave): run `ksave setup` again"),
             Self::Other => write!(f, "the store carries another setup's claim: run `ksave setup` again"),
             Self::Disk => write!(f, "the store's claim names another disk than the one it was found on"),

@@ -429,12 +429,12 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_named() {
-        let mut seen = [false; 19];
-        for code in 1..=18 {
+        let mut seen = [false; 20];
+        for code in 1..=19 {
             assert!(Refusal::name_of(code).is_some());
             assert!(!core::mem::replace(&mut seen[code as usize], true));
         }
-        assert_eq!(Refusal::name_of(19), None);
+        assert_eq!(Refusal::name_of(20), None);
     }
 
     #[test]
