@@ -42,7 +42,16 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
                 "ksave:   control page {:#x} ({:?} layout, words at +{:#x}): saved cr3 {:#x}, identity table {:#x}, swap page {:#x}, backup map head {:#x}",
                 ctx.control_page, ctx.layout, ctx.data_offset, ctx.saved_cr3, ctx.table_page, ctx.swap_page, ctx.backup_head
             );
-            let ram = config.as_ref().ok().map(|c| c.ram());
+            // Unconfigured, ksave has no RAM map from the host; a kernel that
+            // needs its GDT found gets one from the identity tables it built
+            // for the jump, which map its RAM and firmware tables, memory all
+            // of it (pagewalk::identity_ranges).
+            let mut identity = [Range::default(); 64];
+            let ram = match &config {
+                Ok(config) => Some(config.ram()),
+                Err(_) if !reloads_own_gdt(&ctx) => identity_ram(&ctx, &mut identity),
+                Err(_) => None,
+            };
             let backup = BackupMap::walk(&ctx, ram, Range { start, end });
             backup.report();
             // The caller's memory as it sees it, and the kernel's own
@@ -80,6 +89,32 @@ pub fn run(reentry: u64, caller_rsp: u64) -> ! {
     }
     println!("ksave: returning to caller");
     return_to_caller(reentry)
+}
+
+/// The ranges the caller's identity tables for the jump map to themselves,
+/// into `out`, as its RAM map (see [`pagewalk::identity_ranges`]); `None`
+/// if they map nothing.
+fn identity_ram<'a>(ctx: &CallerContext, out: &'a mut [Range; 64]) -> Option<&'a [Range]> {
+    let mut pairs = [(0u64, 0u64); 64];
+    let la57 = ctx.saved_cr4 & kexec::CR4_LA57 != 0;
+    let found = pagewalk::identity_ranges(ctx.table_page, la57, &IdentityMapped, &mut pairs);
+    // Without the legacy VGA and ROM hole (0xa0000-0x100000), which the
+    // kernel maps with the first MiB but which is no RAM.
+    const HOLE: Range = Range { start: 0xa_0000, end: 0x10_0000 };
+    let mut n = 0;
+    for &(start, end) in &pairs[..found] {
+        for piece in [Range { start, end: end.min(HOLE.start) }, Range { start: start.max(HOLE.end), end }] {
+            if piece.start < piece.end && n < out.len() {
+                out[n] = piece;
+                n += 1;
+            }
+        }
+    }
+    let ram = &out[..n];
+    if let (Some(first), Some(last)) = (ram.first(), ram.last()) {
+        println!("ksave:   RAM map from the kernel's identity tables for the jump: {n} ranges, {:#x}-{:#x} (ksave.elf is not configured)", first.start, last.end);
+    }
+    (n > 0).then_some(ram)
 }
 
 /// Maps the caller's RAM and NVS into ksave's identity map where the CPU

@@ -19,7 +19,7 @@ fn main() -> Result<()> {
     }
     if which == "bench" {
         let runs = bench_runs();
-        ksave_qemu::bench::repeat("kexec jump round trip", runs, scenarios::kexec_round_trip)?;
+        ksave_qemu::bench::repeat("kexec jump round trip", runs, |echo| scenarios::kexec_round_trip(scenarios::Kernel::Linux6_12, echo))?;
         ksave_qemu::bench::disk_table(runs, 256)?;
         ksave_qemu::bench::save_table(runs)?;
         ksave_qemu::bench::hibernation_table(runs, 128)?;
@@ -28,14 +28,14 @@ fn main() -> Result<()> {
     if which == "demo" {
         // The whole story: the kexec-jump round trip, then hibernate, power
         // off and resume (twice), with every console on the terminal.
-        let round_trip = scenarios::kexec_round_trip(true)?;
+        let round_trip = scenarios::kexec_round_trip(scenarios::Kernel::Linux6_12, true)?;
         let story = scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, 256, true)?;
         println!("\n{round_trip}\n{story}");
         println!("PASS");
         return Ok(());
     }
     let report = match which.as_str() {
-        "roundtrip" => scenarios::kexec_round_trip(true)?,
+        "roundtrip" => scenarios::kexec_round_trip(scenarios::Kernel::Linux6_12, true)?,
         "multiboot" => scenarios::multiboot1_boot(true)?,
         "grub" => scenarios::multiboot2_grub_boot(true)?,
         "exception" => scenarios::exception_report(true)?,

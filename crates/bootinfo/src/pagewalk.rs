@@ -27,6 +27,51 @@ pub fn translate(cr3: u64, la57: bool, va: u64, mem: &impl PhysRead) -> Option<u
     None
 }
 
+/// The physical ranges the identity page tables under `root` map to
+/// themselves (VA = PA, in the lower half), merged, into `out`; returns how
+/// many. The tables a kernel builds for a kexec jump map its RAM (the
+/// direct-mapped `pfn_mapped` ranges) and the ACPI tables, ACPI NVS and EFI
+/// system table (arch/x86/kernel/machine_kexec_64.c, init_pgtable): memory
+/// all of it, the RAM map an unconfigured ksave can read its caller's GDT
+/// from. The one mapping that is not an identity (relocate_kernel's, in
+/// the upper half) is left out; ranges past `out`'s capacity are dropped.
+pub fn identity_ranges(root: u64, la57: bool, mem: &impl PhysRead, out: &mut [(u64, u64)]) -> usize {
+    let top: u32 = if la57 { 48 } else { 39 };
+    let mut n: usize = 0;
+    walk_identity(root & PHYS_MASK, top, 0, mem, &mut |start, size| {
+        if n > 0 && out[n - 1].1 == start {
+            out[n - 1].1 = start + size;
+        } else if n < out.len() {
+            out[n] = (start, start + size);
+            n += 1;
+        }
+    });
+    n
+}
+
+/// Visits the identity leaves of the table at `table` (level `shift`),
+/// which maps virtual addresses from `va_base`, in address order.
+fn walk_identity(table: u64, shift: u32, va_base: u64, mem: &impl PhysRead, leaf: &mut impl FnMut(u64, u64)) {
+    // The lower half only: at the root, entries 0-255.
+    let entries = if va_base == 0 && (shift == 39 || shift == 48) { 256 } else { 512 };
+    for i in 0..entries {
+        let Some(entry) = mem.read_u64(table + 8 * i) else { return };
+        if entry & PRESENT == 0 {
+            continue;
+        }
+        let va = va_base + (i << shift);
+        let is_leaf = shift == 12 || (entry & PAGE_SIZE_BIT != 0 && (shift == 21 || shift == 30));
+        if is_leaf {
+            let size = 1u64 << shift;
+            if entry & PHYS_MASK & !(size - 1) == va {
+                leaf(va, size);
+            }
+        } else if shift > 12 {
+            walk_identity(entry & PHYS_MASK, shift - 9, va, mem, leaf);
+        }
+    }
+}
+
 /// Linux's x86-64 GDT entries 1 to 6 (arch/x86/kernel/cpu/common.c,
 /// `gdt_page`): KERNEL32_CS, KERNEL_CS, KERNEL_DS, USER32_CS, USER_DS,
 /// USER_CS, each flat with the accessed bit set.
@@ -169,6 +214,30 @@ mod tests {
     }
 
     const VA: u64 = 0xffff_8880_0123_4000;
+
+    #[test]
+    fn identity_tables_give_the_ranges_they_map_to_themselves() {
+        let mut m = std::collections::BTreeMap::new();
+        // PML4 at 0x1000 -> PDPT 0x2000: GiB 0 through a PD at 0x3000
+        // (2 MiB pages 0-3 identity, page 5 identity), GiB 4 as a 1 GiB
+        // page; entry 2 of the PDPT maps GiB 2 to GiB 7 (not an identity).
+        m.insert(0x1000, 0x2000 | PRESENT);
+        m.insert(0x2000, 0x3000 | PRESENT);
+        for i in [0u64, 1, 2, 3, 5] {
+            m.insert(0x3000 + 8 * i, (i << 21) | PRESENT | PAGE_SIZE_BIT);
+        }
+        m.insert(0x2000 + 8 * 4, (4 << 30) | PRESENT | PAGE_SIZE_BIT);
+        m.insert(0x2000 + 8 * 2, (7 << 30) | PRESENT | PAGE_SIZE_BIT);
+        // The upper half (relocate_kernel's text) is never an identity.
+        m.insert(0x1000 + 8 * 511, 0x2000 | PRESENT);
+        let mem = Mem(m);
+        let mut out = [(0, 0); 8];
+        let n = identity_ranges(0x1000, false, &mem, &mut out);
+        assert_eq!(&out[..n], &[(0, 8 << 20), (10 << 20, 12 << 20), (4 << 30, 5 << 30)]);
+        // A full list keeps what fits.
+        let mut one = [(0, 0); 1];
+        assert_eq!(identity_ranges(0x1000, false, &mem, &mut one), 1);
+    }
 
     /// 4-level tables at 0x1000.. mapping VA (4 KiB page) to 0x9000 and
     /// VA + 2 MiB through a 2 MiB leaf at 0x4000_0000.
