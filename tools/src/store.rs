@@ -153,16 +153,19 @@ pub fn new_claim(disk_guid: Guid) -> Result<Claim> {
 
 /// The store's header block, if it holds a ksave header at all.
 pub fn read_header(device: &Path) -> Result<Option<Header>> {
-    let mut block = [0u8; PAGE];
-    File::open(device).and_then(|f| f.read_exact_at(&mut block, 0)).with_context(|| format!("reading {}", device.display()))?;
-    Ok(Header::decode(&block).ok())
+    Ok(Header::decode(&header_block(device)?).ok())
 }
 
 /// Proof that `part` carries `claim` in its header, read from the device.
 pub fn check_claim(part: &PartInfo, claim: &Claim) -> Result<Claimed> {
+    Claimed::check(&header_block(&part.device)?, part.disk_guid.to_bytes(), claim).map_err(|e| anyhow::anyhow!("{}: {e}; refusing to write it", part.device.display()))
+}
+
+/// The store's first block, where its header (and claim) lies.
+fn header_block(device: &Path) -> Result<[u8; PAGE]> {
     let mut block = [0u8; PAGE];
-    File::open(&part.device).and_then(|f| f.read_exact_at(&mut block, 0)).with_context(|| format!("reading {}", part.device.display()))?;
-    Claimed::check(&block, part.disk_guid.to_bytes(), claim).map_err(|e| anyhow::anyhow!("{}: {e}; refusing to write it", part.device.display()))
+    File::open(device).and_then(|f| f.read_exact_at(&mut block, 0)).with_context(|| format!("reading {}", device.display()))?;
+    Ok(block)
 }
 
 /// Writes `claim` into the store `device`'s header (no image: state
