@@ -214,7 +214,10 @@ fn map_mmio_beyond(addr: u64, end: u64) -> Result<(), &'static str> {
     // existing entries are only ever replaced by the same identity mapping
     // (an entry already present is kept). Interrupts are off and one CPU
     // runs; the CR3 reload drops stale translations. The range is device
-    // registers (a BAR the firmware assigned), mapped uncacheable.
+    // registers (a BAR the firmware assigned), mapped uncacheable. Entry
+    // formats: Intel SDM vol. 3A 4.5, tables 4-15 (PML4E: P|RW and the next
+    // table), 4-16 (1 GiB PDPTE: PS) and 4-18 (2 MiB PDE: PS); PWT|PCD make
+    // the page UC (11.12.3).
     unsafe {
         let mmio = &raw mut MMIO;
         let pml4 = &raw mut boot_pml4;
