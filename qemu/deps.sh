@@ -20,6 +20,8 @@ packages=(
   # the Debian test system (issue "A real distribution"): its root file
   # system, ext4 from a directory, GRUB for UEFI, the package
   debootstrap e2fsprogs grub-efi-amd64-bin
+  # image files (issue 21): the file systems and LVM the stores are made on
+  xfsprogs btrfs-progs lvm2
   # linting the shell scripts (make lint)
   shellcheck
 )

@@ -26,9 +26,12 @@ add_dynamic() {
 add_dynamic "$(command -v kexec)" /usr/sbin/kexec
 # The real tools ksave setup and the store tests run, in /bin before
 # busybox's applets of the same names (its --install leaves them be).
-for tool in blkid wipefs sfdisk mkfs.ext4 e2fsck; do
+for tool in blkid wipefs sfdisk mkfs.ext4 e2fsck filefrag e4defrag chattr lsattr fallocate cp \
+    mkfs.xfs xfs_repair xfs_db mkfs.btrfs btrfs dmsetup lvm; do
   add_dynamic "$(command -v "$tool")" "/bin/$tool"
 done
+# LVM's commands are the one program under their names.
+for cmd in pvcreate vgcreate lvcreate lvchange vgchange; do ln -s lvm "$stage/bin/$cmd"; done
 for program in "$@"; do
   add_dynamic "$program" "/usr/bin/$(basename "$program")"
 done

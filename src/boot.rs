@@ -12,6 +12,7 @@ use ksave_core::Message;
 use multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::cpu::stop;
+use crate::disks::{FileAt, StoreAt};
 use crate::disktest::{self, Job};
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
@@ -84,9 +85,11 @@ pub fn run_multiboot2(info: u64) -> ! {
 enum Mode<'a> {
     /// `ksave.selftest=page-fault`: prove the exception path.
     FaultSelfTest,
-    /// `ksave.resume=GUID [ksave.no_image=cmos:BYTE:BIT]`: resume the image
-    /// there, else hand back to the bootloader.
-    Resume { guid: Guid, no_image: Option<&'a str> },
+    /// `ksave.resume=GUID [ksave.file=BYTES] [ksave.no_image=cmos:BYTE:BIT]`:
+    /// resume the image in that partition (or in the file whose first byte
+    /// lies BYTES into it: `ksave status` prints the line), else hand back
+    /// to the bootloader.
+    Resume { at: StoreAt, no_image: Option<&'a str> },
     /// `ksave.selftest=disk` or `ksave.bench=disk [ksave.bench_mib=N]`, with
     /// `ksave.part=GUID [ksave.ide=pio]`.
     DiskTest { job: Job, guid: Guid, ide: ide::Mode },
@@ -106,7 +109,14 @@ impl<'a> Mode<'a> {
         };
         if get("ksave.resume").is_some() {
             let guid = guid("ksave.resume", "ksave.resume= needs the image partition's PARTUUID")?;
-            return Ok(Self::Resume { guid, no_image: get("ksave.no_image") });
+            let file = match get("ksave.file") {
+                Some(v) => match v.parse::<u64>() {
+                    Ok(offset) if offset != 0 && offset.is_multiple_of(ksave_format::PAGE as u64) => Some(FileAt { offset, expected_crc: None }),
+                    _ => return Err("ksave.file= needs the image file's byte offset in its partition (a non-zero multiple of 4096)"),
+                },
+                None => None,
+            };
+            return Ok(Self::Resume { at: StoreAt { guid, file }, no_image: get("ksave.no_image") });
         }
         match job {
             Some(job) => {
@@ -134,14 +144,14 @@ fn run(boot: &BootInfo, info: u64) -> ! {
     let iommus = &units[..unit_count];
     match mode {
         Mode::FaultSelfTest => unreachable!("handled above"),
-        Mode::Resume { guid, no_image } => {
+        Mode::Resume { at, no_image } => {
             let facs_now = match boot.rsdp {
                 Some((rsdt, xsdt)) => acpi::hardware_signature(&IdentityMapped, rsdt, xsdt).map_err(|e| Message::format(format_args!("{e}"))),
                 None => Err(Message::format(format_args!("{}", acpi::AcpiError::NoRsdp))),
             };
             // Read now: the command line is in memory a resume may give up.
             let cmos_flag = no_image.and_then(|v| v.strip_prefix("cmos:")).map(|flag| parse_cmos_bit(flag).ok_or(flag.len()));
-            let refusal = resume::from_bootloader(guid, &boot.map, iommus, facs_now);
+            let refusal = resume::from_bootloader(at, &boot.map, iommus, facs_now);
             resume::report(&refusal);
             match cmos_flag {
                 Some(Ok((byte, bit))) => {

@@ -18,7 +18,12 @@ use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, MAX_BLOCK, Segment};
 use ksave_core::store;
 
 use crate::hw::{self, KsaveHal};
+use ksave_format::filemap::{self, MapError};
+use ksave_format::header::Header;
+use ksave_format::reader::Source;
 use ksave_format::store::{Extent, StoreError, StoreMap};
+use ksave_format::PAGE;
+use ksave_core::store::StoreIoError;
 use crate::work::Exclusive;
 use crate::{paging, println};
 
@@ -420,8 +425,11 @@ pub struct OpenPartition {
     pub location: Location,
     /// The partition.
     pub partition: Partition,
-    /// The partition as the image store sees it: one extent.
-    extent: [Extent; 1],
+    /// The partition as one extent: the store, or where a file store's map
+    /// is read from.
+    whole: [Extent; 1],
+    /// A file store's extents (the image's part of the file).
+    file: Option<&'static [Extent]>,
     controllers: Controllers,
     iommu: TranslationOff<KsaveHal>,
 }
@@ -437,12 +445,13 @@ impl OpenPartition {
         self.partition.blocks() * self.block_size() as u64
     }
 
-    /// The image store on the partition: every image read and write goes
-    /// through it.
+    /// The image store (the partition, or the file in it): every image
+    /// read and write goes through it.
     pub fn store(&mut self) -> DiskStore<'_> {
-        let map = StoreMap::new(self.disk.info().block_size, &self.extent).expect("checked when the partition was opened");
+        let map = StoreMap::new(self.disk.info().block_size, self.file.unwrap_or(&self.whole)).expect("checked when the store was opened");
         DiskStore::new(&mut self.disk, KsaveHal, map)
     }
+
 
     /// How many IOMMUs were translating until ksave switched them off.
     pub fn iommus_switched(&self) -> usize {
@@ -519,6 +528,12 @@ pub enum OpenError {
     /// The partition is no image store (empty, or a block size ksave
     /// does not take).
     Store(StoreError),
+    /// The file store's map is unreadable, damaged, or not the one the
+    /// host checked.
+    FileMap(MapError<StoreIoError>),
+    /// The file's image header carries another claim than its map: the
+    /// map is stale or not this file's.
+    FileClaim,
 }
 
 impl fmt::Display for OpenError {
@@ -528,25 +543,86 @@ impl fmt::Display for OpenError {
             Self::Open(location, e) => write!(f, "{location}: {e}"),
             Self::Iommu(e) => write!(f, "{e}"),
             Self::Store(e) => write!(f, "the partition is no image store: {e}"),
+            Self::FileMap(e) => write!(f, "image file: {e}"),
+            Self::FileClaim => write!(f, "image file: its header's claim is not its map's (the map is stale): run `ksave setup` again"),
         }
     }
 }
 
-/// Every mode's way to its partition: the clock (drivers time out by it),
-/// the IOMMUs (`iommus`: translation off while ksave does DMA), the
-/// controllers, the DMA memory, the partition by GUID on any disk, and its
-/// disk opened. Once per entry; on failure, nothing is left changed.
-pub fn open_partition(guid: Guid, ide_mode: Mode, iommus: &[RemappingUnit]) -> Result<OpenPartition, OpenError> {
+/// Where ksave's store is: partition `guid`, or a file in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreAt {
+    /// The partition's unique GUID.
+    pub guid: Guid,
+    /// A file store: where its map begins.
+    pub file: Option<FileAt>,
+}
+
+/// Where a file store's map begins, in bytes from its partition's start
+/// (docs/FORMAT.md, "File stores").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileAt {
+    /// The offset.
+    pub offset: u64,
+    /// The CRC of the map the host checked just before (a kexec entry);
+    /// none at a bootloader start, which has only the map's own CRCs and
+    /// reads the image before it writes its header alone.
+    pub expected_crc: Option<u32>,
+}
+
+/// A file store's extents, read from its map: 32 KiB of .bss.
+static FILE_EXTENTS: Exclusive<[Extent; filemap::MAX_EXTENTS]> = Exclusive::new([Extent { lba: 0, blocks: 0 }; filemap::MAX_EXTENTS]);
+
+/// Every mode's way to its store: the clock (drivers time out by it), the
+/// IOMMUs (`iommus`: translation off while ksave does DMA), the
+/// controllers, the DMA memory, the partition by GUID on any disk, its
+/// disk opened, and a file store's map read. Once per entry; on failure,
+/// nothing is left changed.
+pub fn open_partition(at: StoreAt, ide_mode: Mode, iommus: &[RemappingUnit]) -> Result<OpenPartition, OpenError> {
     hw::calibrate_tsc();
     let iommu = translation_off(iommus).map_err(OpenError::Iommu)?;
     let mut controllers = Controllers::new();
     let mem = DISK_MEMORY.take();
     // On an error `controllers` is dropped, which puts them back.
-    let (location, partition) = find_partition(guid, ide_mode, mem, &mut controllers).map_err(OpenError::Find)?;
-    let (disk, _) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
-    let extent = [Extent { lba: partition.first_lba, blocks: partition.blocks() }];
-    StoreMap::new(disk.info().block_size, &extent).map_err(OpenError::Store)?;
-    Ok(OpenPartition { disk, location, partition, extent, controllers, iommu })
+    let (location, partition) = find_partition(at.guid, ide_mode, mem, &mut controllers).map_err(OpenError::Find)?;
+    let (mut disk, page) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
+    let whole = [Extent { lba: partition.first_lba, blocks: partition.blocks() }];
+    StoreMap::new(disk.info().block_size, &whole).map_err(OpenError::Store)?;
+    let file = match at.file {
+        Some(file) => Some(read_file_map(&mut disk, &whole, file, page)?),
+        None => None,
+    };
+    Ok(OpenPartition { disk, location, partition, whole, file, controllers, iommu })
+}
+
+/// Reads the file store's map at `at` in the partition `whole` into
+/// [`FILE_EXTENTS`] and returns the image's extents: only a map whose CRCs
+/// hold, whose every extent lies in the partition, which is the one the
+/// host checked, and whose image header (when there is one) carries the
+/// map's claim.
+fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, page: &mut [u8; PAGE]) -> Result<&'static [Extent], OpenError> {
+    let block_size = disk.info().block_size;
+    let geometry = filemap::Partition { first_lba: whole[0].lba, blocks: whole[0].blocks, block_size };
+    let table = FILE_EXTENTS.take();
+    let head = {
+        let mut partition = DiskStore::new(&mut *disk, KsaveHal, StoreMap::new(block_size, whole).map_err(OpenError::Store)?);
+        let read_page = |lba: u64, buf: &mut [u8; PAGE]| partition.read_at((lba - geometry.first_lba) * block_size as u64, buf);
+        filemap::read(geometry, at.offset, read_page, page, table).map_err(OpenError::FileMap)?
+    };
+    if let Some(expected) = at.expected_crc
+        && head.crc != expected
+    {
+        return Err(OpenError::FileMap(MapError::Unexpected { found: head.crc, expected }));
+    }
+    let image = filemap::image_extents(&mut table[..head.extents], head.pages, block_size);
+    let map = StoreMap::new(block_size, image).map_err(OpenError::Store)?;
+    let mut file = DiskStore::new(disk, KsaveHal, map);
+    file.read_at(0, page).map_err(|e| OpenError::FileMap(MapError::Read(e)))?;
+    if Header::decode(page).is_ok_and(|h| h.claim.id != head.claim_id) {
+        return Err(OpenError::FileClaim);
+    }
+    println!("ksave:   image file: {} extents, {} MiB, map at byte {} of the partition", image.len(), map.bytes() >> 20, at.offset);
+    Ok(image)
 }
 
 /// Turns DMA translation off on every unit of `iommus` that has it on, and

@@ -30,7 +30,7 @@ pub enum Job {
 /// Runs `job` on the partition `guid`; returns how it ended.
 pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap, iommus: &[RemappingUnit]) -> ExitCode {
     println!("ksave: disk test: TSC {} MHz; looking for partition {guid}", hw::calibrate_tsc());
-    let mut part = match disks::open_partition(guid, ide_mode, iommus) {
+    let mut part = match disks::open_partition(disks::StoreAt { guid, file: None }, ide_mode, iommus) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: disk test: FAILED: {e}");

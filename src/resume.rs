@@ -16,14 +16,13 @@
 use bootinfo::acpi::RemappingUnit;
 use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
-use diskdrv::part::Guid;
 use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
 use ksave_format::Range;
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::verdict::Refusal;
 
-use crate::disks;
+use crate::disks::{self, StoreAt};
 use crate::hw;
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
@@ -43,7 +42,7 @@ pub fn report(refused: &Refused) {
 /// Started by a bootloader with `ksave.resume=GUID`: resumes the image in
 /// this boot's RAM map, or returns why not (nothing was written; the
 /// bootloader's next entry boots normally, and a later boot may try again).
-pub fn from_bootloader(guid: Guid, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refused {
+pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refused {
     let mut ram = [Range::default(); MAX_RANGES];
     let mut nvs = [Range::default(); MAX_NVS];
     // The host tool takes the same whole pages of the same kinds from
@@ -51,7 +50,7 @@ pub fn from_bootloader(guid: Guid, map: &MemoryMap, iommus: &[RemappingUnit], fa
     // the maps differ, which refuses.
     let ram = page_aligned(map.ram(), &mut ram);
     let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
-    run(guid, Memory { ram, nvs }, iommus, false, facs_now)
+    run(at, Memory { ram, nvs }, iommus, false, facs_now)
 }
 
 /// The whole pages of `regions`, in `out`.
@@ -91,7 +90,7 @@ pub fn from_kexec() -> ! {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
-            report(&run(config.partition_guid, here, config.iommus(), true, facs_now));
+            report(&run(crate::save::store_at(&config), here, config.iommus(), true, facs_now));
         }
         Err(e) => println!("ksave: not resuming: {e}"),
     }
@@ -99,11 +98,11 @@ pub fn from_kexec() -> ! {
     cpu::reset()
 }
 
-/// Resumes the image on partition `guid` of a machine whose memory is
+/// Resumes the image in the store `at` of a machine whose memory is
 /// `here`. Returns only to refuse; then, if `invalidate_refused`, the image
 /// is marked invalidated with the reason, so that no later boot tries it
 /// again.
-fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refused {
+fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refused {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -111,8 +110,11 @@ fn run(guid: Guid, here: Memory, iommus: &[RemappingUnit], invalidate_refused: b
     {
         println!("ksave: resume: {e}");
     }
-    println!("ksave: resume: looking for the image on partition {guid} (TSC {} MHz)", hw::calibrate_tsc());
-    let mut part = match disks::open_partition(guid, Mode::Dma, iommus) {
+    match at.file {
+        Some(f) => println!("ksave: resume: looking for the image in the file at byte {} of partition {} (TSC {} MHz)", f.offset, at.guid, hw::calibrate_tsc()),
+        None => println!("ksave: resume: looking for the image on partition {} (TSC {} MHz)", at.guid, hw::calibrate_tsc()),
+    }
+    let mut part = match disks::open_partition(at, Mode::Dma, iommus) {
         Ok(p) => p,
         Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };

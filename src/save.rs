@@ -22,7 +22,7 @@ use ksave_format::store::Claimed;
 use ksave_format::writer::{self, Memory, Sink};
 use ksave_format::{PAGE, Range};
 
-use crate::disks::{self, CloseOnException, OpenPartition};
+use crate::disks::{self, CloseOnException, FileAt, OpenPartition, StoreAt};
 use crate::free::CallerFree;
 use crate::hw;
 use crate::jump::Caller;
@@ -143,9 +143,12 @@ impl Progress {
 /// out with it, which leaves it in the host tool's mailbox too).
 #[inline(never)] // its own frame, so that the stack it needs can be read off
 pub fn run(config: &Config, caller: &Caller) -> Result<(), Failure> {
-    let guid = config.partition_guid;
-    println!("ksave: saving to partition {guid} (TSC {} MHz, nonce {:#018x})", hw::calibrate_tsc(), config.nonce);
-    let mut part = match disks::open_partition(guid, Mode::Dma, config.iommus()) {
+    let at = store_at(config);
+    match at.file {
+        Some(f) => println!("ksave: saving to the image file at byte {} of partition {} (TSC {} MHz, nonce {:#018x})", f.offset, at.guid, hw::calibrate_tsc(), config.nonce),
+        None => println!("ksave: saving to partition {} (TSC {} MHz, nonce {:#018x})", at.guid, hw::calibrate_tsc(), config.nonce),
+    }
+    let mut part = match disks::open_partition(at, Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: save FAILED: {e}; nothing written");
@@ -202,7 +205,7 @@ fn record(part: &mut OpenPartition, claimed: &Claimed, config: &Config, failure:
 /// that `ksave hibernate` can say it.
 pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
     let refusal = Failure::new(code, why);
-    let mut part = match disks::open_partition(config.partition_guid, Mode::Dma, config.iommus()) {
+    let mut part = match disks::open_partition(store_at(config), Mode::Dma, config.iommus()) {
         Ok(p) => p,
         Err(e) => {
             println!("ksave: could not record the failure either: {e}");
@@ -282,6 +285,12 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
     let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
     let summary = ready.write(&mut sink, &mem, free, free_rule, bufs, hw::now_us)?;
     Ok((summary, sink.disk_us))
+}
+
+/// Where the config says the store is: a partition, or a file in it whose
+/// map is the one the host checked.
+pub fn store_at(config: &Config) -> StoreAt {
+    StoreAt { guid: config.partition_guid, file: config.file_map.map(|m| FileAt { offset: m.offset, expected_crc: Some(m.crc) }) }
 }
 
 /// The partition as found by GUID, in the disk's blocks.

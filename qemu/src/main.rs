@@ -48,6 +48,8 @@ fn main() -> Result<()> {
         "debian-bios" => scenarios::debian_hibernate_resume(scenarios::Firmware::Bios, true)?,
         "debian-uefi" => scenarios::debian_hibernate_resume(scenarios::Firmware::Uefi, true)?,
         "debian-stale" => scenarios::debian_stale_and_damaged_images(true)?,
+        "file-ext4" => scenarios::file_store_story(scenarios::FileFs::Ext4Fragmented, true)?,
+        "file-xfs-lvm" => scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, true)?,
         other => bail!(
             "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench, bench-hibernation, bench-disks or bench-debian"
         ),

@@ -243,6 +243,16 @@ fn hibernate_power_off_and_resume_on_ide() {
 }
 
 #[test]
+fn hibernate_into_a_fragmented_file_on_ext4_and_resume_twice() {
+    run(|echo| scenarios::file_store_story(scenarios::FileFs::Ext4Fragmented, echo));
+}
+
+#[test]
+fn hibernate_into_a_file_on_xfs_on_lvm_and_resume_twice() {
+    run(|echo| scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, echo));
+}
+
+#[test]
 fn hibernate_power_off_and_resume_on_linux_6_1() {
     run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
 }

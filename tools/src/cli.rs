@@ -14,14 +14,24 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Choose the partition images go to (recorded in /etc/ksave.conf or $KSAVE_CONF).
+    /// Choose where images go: a partition, or a file on the root file
+    /// system (recorded in /etc/ksave.conf or $KSAVE_CONF).
     Setup {
         /// The partition's device, e.g. /dev/sda2.
-        #[arg(long, conflicts_with = "partuuid", required_unless_present = "partuuid")]
+        #[arg(long, conflicts_with_all = ["partuuid", "file"], required_unless_present_any = ["partuuid", "file"])]
         partition: Option<PathBuf>,
         /// Or its PARTUUID (GPT unique partition GUID).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "file")]
         partuuid: Option<String>,
+        /// Or a file on an ext4 or XFS file system (on a partition or an LVM
+        /// linear volume), e.g. /var/lib/ksave/image: created if it does not
+        /// exist, all of it written, made immutable.
+        #[arg(long, conflicts_with = "claim")]
+        file: Option<PathBuf>,
+        /// With --file: its size, e.g. 2G or 1536M (default: the worst case
+        /// for this machine's RAM, so that every save fits).
+        #[arg(long, requires = "file")]
+        size: Option<String>,
         /// Compress with LZ4 where it pays.
         #[arg(long)]
         lz4: bool,
@@ -84,6 +94,11 @@ pub enum Command {
         /// The ksave image to load (default: the one set up).
         #[arg(long)]
         elf: Option<PathBuf>,
+        /// With --partuuid, no setup: the image is in a file whose first
+        /// byte lies BYTES into the partition (`ksave setup --file` prints
+        /// it as ksave.file=).
+        #[arg(long, requires = "partuuid")]
+        file_at: Option<u64>,
         /// When this boot does not resume the image, for whatever reason,
         /// invalidate it: the boot carries on and will change the file
         /// systems it saw (for the initramfs script).

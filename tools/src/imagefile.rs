@@ -1,5 +1,7 @@
-//! Opening an image: a partition device, a partition image file, or a whole
-//! disk (device or file) with a GPT partition holding one.
+//! Opening an image: a partition device, a partition image file, a whole
+//! disk (device or file) with a GPT partition holding one, an image file
+//! (`ksave setup --file`) itself, or the store a setup names (a file store
+//! through its partition and map).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -9,10 +11,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use ksave_format::PAGE;
 use ksave_format::header::{Header, MAGIC, State};
 use ksave_format::reader::Source;
+use ksave_format::filemap;
 use ksave_format::store::{Extent, StoreMap};
 use ksave_format::verdict;
 
-use crate::sys;
+use crate::setup::{FileStore, Setup};
+use crate::{filestore, sys};
 
 /// An image store inside a file or device: a partition device or image
 /// file (one extent from its start), or a partition of a whole disk (one
@@ -22,7 +26,10 @@ use crate::sys;
 pub struct ImageFile {
     /// The file or device.
     pub file: File,
-    extent: [Extent; 1],
+    extents: Vec<Extent>,
+    /// Opened O_DIRECT (a mounted partition, whose cache is the file
+    /// system's): every transfer goes through a page-aligned buffer.
+    direct: bool,
     /// How the image was found, for messages.
     pub description: String,
 }
@@ -53,15 +60,78 @@ impl Source for ImageFile {
     type Error = std::io::Error;
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
         let mut at = 0;
-        for piece in self.map().pieces(offset, buf.len() as u64).map_err(std::io::Error::other)? {
-            self.file.read_exact_at(&mut buf[at..at + piece.bytes as usize], piece.lba * SECTOR)?;
+        let pieces: Vec<_> = self.map().pieces(offset, buf.len() as u64).map_err(std::io::Error::other)?.collect();
+        for piece in pieces {
+            let part = &mut buf[at..at + piece.bytes as usize];
+            if self.direct {
+                let mut bounce = Aligned::new(part.len());
+                self.file.read_exact_at(bounce.bytes(), piece.lba * SECTOR)?;
+                part.copy_from_slice(bounce.bytes());
+            } else {
+                self.file.read_exact_at(part, piece.lba * SECTOR)?;
+            }
             at += piece.bytes as usize;
         }
         Ok(())
     }
 }
 
+/// Page-aligned bytes for O_DIRECT transfers (which need the disk's
+/// logical block alignment, at most a page).
+struct Aligned(Vec<AlignedPage>, usize);
+
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct AlignedPage([u8; PAGE]);
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        Self(vec![AlignedPage([0; PAGE]); len.div_ceil(PAGE)], len)
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the pages are contiguous plain bytes (repr(C), size PAGE,
+        // no padding) and at least `len` long; the slice borrows self.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), self.1) }
+    }
+}
+
 impl ImageFile {
+    /// Opens the store `setup` names: its partition, or the file in it
+    /// (through the partition's blocks and the file's map, which must be
+    /// the one setup wrote: a file moved since is refused).
+    pub fn open_setup(setup: &Setup, write: bool) -> Result<Self> {
+        match &setup.file {
+            Some(store) => Self::open_file_store(&setup.device, store, write),
+            None => Self::open(&setup.device, write),
+        }
+    }
+
+    /// Opens the file store `store` in the partition `device`.
+    pub fn open_file_store(device: &Path, store: &FileStore, write: bool) -> Result<Self> {
+        let (image, crc) = Self::open_file_map(device, store.map_offset, write)?;
+        if crc != store.map_crc {
+            bail!("{}: its map is not the one setup wrote (CRC {crc:#010x}, setup's {:#010x}): the file moved or was replaced; run `ksave setup --file {}` again", image.description, store.map_crc, store.path.display());
+        }
+        Ok(image)
+    }
+
+    /// Opens the file store whose map begins `map_offset` bytes into the
+    /// partition `device`; returns it and its map's CRC.
+    pub fn open_file_map(device: &Path, map_offset: u64, write: bool) -> Result<(Self, u32)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(device).with_context(|| format!("opening {}", device.display()))?;
+        let blocks = sys::device_len(&file)? / SECTOR;
+        let description = format!("the image file at byte {map_offset} of {}", device.display());
+        let mut image = Self { file, extents: vec![Extent { lba: 0, blocks }], direct: true, description };
+        let mut table = vec![Extent::default(); filemap::MAX_EXTENTS];
+        let part = filemap::Partition { first_lba: 0, blocks, block_size: SECTOR as u32 };
+        let head = filemap::read(part, map_offset, |lba, page| image.read_at(lba * SECTOR, page), &mut [0; PAGE], &mut table).map_err(|e| anyhow!("{}: {e}", image.description))?;
+        image.extents = filemap::image_extents(&mut table[..head.extents], head.pages, SECTOR as u32).to_vec();
+        StoreMap::new(SECTOR as u32, &image.extents).map_err(|e| anyhow!("{}: {e}", image.description))?;
+        Ok((image, head.crc))
+    }
+
     /// Opens `path` (read-only, or read-write for `invalidate`).
     pub fn open(path: &Path, write: bool) -> Result<Self> {
         let file = OpenOptions::new().read(true).write(write).open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -69,6 +139,16 @@ impl ImageFile {
         let size = sys::device_len(&file)?;
         let mut magic = [0u8; 8];
         file.read_exact_at(&mut magic, 0).with_context(|| format!("reading {}", path.display()))?;
+        if magic == filemap::MAGIC && file.metadata()?.file_type().is_file() {
+            // An image file itself: the image follows its map. ksave wrote
+            // it under the file system, so its cached pages are stale.
+            filestore::drop_cached_pages(&file);
+            let mut page = [0u8; PAGE];
+            file.read_exact_at(&mut page, 0)?;
+            let pages = u64::from_le_bytes(page[16..24].try_into().expect("8 bytes"));
+            let start = pages.checked_mul(PAGE as u64).filter(|&s| s > 0 && s < size).with_context(|| format!("{}: its file map is damaged", path.display()))?;
+            return Self::new(file, Extent { lba: start / SECTOR, blocks: (size - start) / SECTOR }, format!("{} (an image file)", path.display()));
+        }
         if magic == MAGIC {
             return Self::new(file, Extent { lba: 0, blocks: size / SECTOR }, path.display().to_string());
         }
@@ -85,6 +165,11 @@ impl ImageFile {
         bail!("no ksave image on {}: neither a ksave partition nor a disk with one", path.display())
     }
 
+    /// The store's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.map().bytes()
+    }
+
     /// Reads the header block (checks it).
     pub fn header(&mut self) -> Result<Header> {
         let mut block = [0u8; PAGE];
@@ -93,12 +178,12 @@ impl ImageFile {
 
     fn new(file: File, extent: Extent, description: String) -> Result<Self> {
         StoreMap::new(SECTOR as u32, &[extent]).map_err(|e| anyhow!("{description}: {e}"))?;
-        Ok(Self { file, extent: [extent], description })
+        Ok(Self { file, extents: vec![extent], direct: false, description })
     }
 
     /// The store's extents.
     fn map(&self) -> StoreMap<'_> {
-        StoreMap::new(SECTOR as u32, &self.extent).expect("checked in ImageFile::new")
+        StoreMap::new(SECTOR as u32, &self.extents).expect("checked when opened")
     }
 
     /// Marks the image invalidated as [`verdict::invalidate`] does, with
@@ -123,8 +208,16 @@ impl ImageFile {
 
     fn write_block(&mut self, block: &[u8; PAGE]) -> Result<()> {
         let mut at = 0;
-        for piece in self.map().pieces(0, PAGE as u64)? {
-            self.file.write_all_at(&block[at..at + piece.bytes as usize], piece.lba * SECTOR)?;
+        let pieces: Vec<_> = self.map().pieces(0, PAGE as u64)?.collect();
+        for piece in pieces {
+            let part = &block[at..at + piece.bytes as usize];
+            if self.direct {
+                let mut bounce = Aligned::new(part.len());
+                bounce.bytes().copy_from_slice(part);
+                self.file.write_all_at(bounce.bytes(), piece.lba * SECTOR)?;
+            } else {
+                self.file.write_all_at(part, piece.lba * SECTOR)?;
+            }
             at += piece.bytes as usize;
         }
         self.file.sync_all()?;

@@ -3,6 +3,7 @@
 
 pub mod elfimage;
 pub mod export;
+pub mod filestore;
 pub mod fs;
 pub mod imagefile;
 pub mod inspect;

@@ -26,6 +26,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.partition_sectors = setup.sectors;
     c.lz4 = setup.lz4;
     c.claim = setup.claim;
+    c.file_map = setup.file.as_ref().map(|f| ksave_format::config::FileMapAt { offset: f.map_offset, crc: f.map_crc });
     // What the mounted file systems say of their mounts, for the header:
     // `ksave resume` refuses an image whose file systems were mounted since.
     let (seen, _) = crate::fs::seen();

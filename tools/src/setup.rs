@@ -26,6 +26,20 @@ pub struct Setup {
     pub elf: PathBuf,
     /// The claim setup wrote on the partition (its id and the disk's GUID).
     pub claim: Claim,
+    /// A file store: the file in the partition, and its map.
+    pub file: Option<FileStore>,
+}
+
+/// A file store as setup recorded it (docs/FORMAT.md, "File stores").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStore {
+    /// The file.
+    pub path: PathBuf,
+    /// Its map's first byte (the file's first block), from the partition's
+    /// start.
+    pub map_offset: u64,
+    /// The CRC-32C of the map's entries.
+    pub map_crc: u32,
 }
 
 /// Where the setup file lives: $KSAVE_CONF, else /etc/ksave.conf.
@@ -36,12 +50,29 @@ pub fn path() -> PathBuf {
 impl Setup {
     /// A setup for `part`, which carries `claim`.
     pub fn new(part: &PartInfo, claim: Claim, lz4: bool, elf: PathBuf) -> Self {
-        Self { device: part.device.clone(), guid: part.guid, first_lba: part.first_lba, sectors: part.sectors, lz4, elf, claim }
+        Self { device: part.device.clone(), guid: part.guid, first_lba: part.first_lba, sectors: part.sectors, lz4, elf, claim, file: None }
+    }
+
+    /// The store, for people: the partition, or the file and its partition.
+    pub fn describe(&self) -> String {
+        match &self.file {
+            Some(f) => format!("{} (in {})", f.path.display(), self.device.display()),
+            None => self.device.display().to_string(),
+        }
+    }
+
+    /// What a bootloader puts on ksave's command line to resume from this
+    /// store.
+    pub fn resume_args(&self) -> String {
+        match &self.file {
+            Some(f) => format!("ksave.resume={} ksave.file={}", self.guid, f.map_offset),
+            None => format!("ksave.resume={}", self.guid),
+        }
     }
 
     /// Writes the setup file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = format!(
+        let mut text = format!(
             "# written by `ksave setup`\ndevice={}\npartuuid={}\nfirst_lba={}\nsectors={}\nlz4={}\nelf={}\nclaim={}\ndisk_guid={}\n",
             self.device.display(),
             self.guid,
@@ -52,6 +83,9 @@ impl Setup {
             self.claim.id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             Guid::from_bytes(self.claim.disk)
         );
+        if let Some(f) = &self.file {
+            text += &format!("file={}\nfile_map={}\nfile_map_crc={:08x}\n", f.path.display(), f.map_offset, f.map_crc);
+        }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -77,7 +111,16 @@ impl Setup {
             .with_context(|| format!("{}: claim={id} is not 32 hex digits", path.display()))?;
         let disk = get("disk_guid").with_context(stale)?;
         let Ok(disk) = Guid::try_parse(disk) else { bail!("{}: disk_guid={disk} is not a GUID", path.display()) };
+        let file = match get("file") {
+            Ok(path) => Some(FileStore {
+                path: path.into(),
+                map_offset: get("file_map")?.parse().context("file_map")?,
+                map_crc: u32::from_str_radix(get("file_map_crc")?, 16).context("file_map_crc")?,
+            }),
+            Err(_) => None,
+        };
         Ok(Self {
+            file,
             claim: Claim { id, disk: disk.to_bytes() },
             device: get("device")?.into(),
             guid,
@@ -111,6 +154,10 @@ mod tests {
         let setup = Setup::new(&part, claim, true, "/usr/lib/ksave/ksave.elf".into());
         setup.save(&path).unwrap();
         assert_eq!(Setup::load(&path).unwrap(), setup);
+        let file = Setup { file: Some(FileStore { path: "/var/lib/ksave/image".into(), map_offset: 1 << 30, map_crc: 0xdead_beef }), ..setup.clone() };
+        file.save(&path).unwrap();
+        assert_eq!(Setup::load(&path).unwrap(), file);
+        assert_eq!(file.resume_args(), "ksave.resume=9b3c2c1a-5e1f-4b4a-8c6f-2a1d3e4f5a6b ksave.file=1073741824");
         std::fs::write(&path, "device=/dev/sda1\npartuuid=nope\n").unwrap();
         assert!(Setup::load(&path).unwrap_err().to_string().contains("not a GUID"));
         // A setup file from before claims: set up again.

@@ -168,12 +168,19 @@ fn header_block(device: &Path) -> Result<[u8; PAGE]> {
     Ok(block)
 }
 
-/// Writes `claim` into the store `device`'s header (no image: state
-/// *invalidated*), and makes it durable.
-pub fn write_claim(device: &Path, claim: Claim) -> Result<()> {
+/// The header block setup writes into a store: the claim, no image (state
+/// *invalidated*).
+pub fn claim_header(claim: Claim) -> [u8; PAGE] {
     let mut block = [0u8; PAGE];
     let when = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Header::claiming(claim, &format!("store claimed by ksave setup at {when} (seconds since the epoch); no image yet")).encode(&mut block);
+    block
+}
+
+/// Writes `claim` into the store `device`'s header (no image: state
+/// *invalidated*), and makes it durable.
+pub fn write_claim(device: &Path, claim: Claim) -> Result<()> {
+    let block = claim_header(claim);
     let file = std::fs::OpenOptions::new().write(true).open(device).with_context(|| format!("opening {} to write the claim", device.display()))?;
     file.write_all_at(&block, 0).and_then(|()| file.sync_all()).with_context(|| format!("writing the claim to {}", device.display()))
 }

@@ -14,9 +14,10 @@ use crate::{CRC32C, PAGE, Range};
 /// "KSAVECFG".
 pub const MAGIC: [u8; 8] = *b"KSAVECFG";
 /// Config layout version: 3 added the store's claim and the file systems
-/// seen. A ksave.elf of another layout is not configured (an older one would
-/// ignore the claim).
-pub const VERSION: u32 = 3;
+/// seen, 4 the file store's map. A ksave.elf of another layout is not
+/// configured (an older one would ignore the claim, or write a file's
+/// partition from its start).
+pub const VERSION: u32 = 4;
 /// Most RAM ranges the config carries.
 pub const MAX_RANGES: usize = 128;
 /// Most ACPI NVS ranges the config carries.
@@ -62,7 +63,12 @@ struct RawConfig {
     claim_disk: [u8; 16],
     fs_count: U32,
     filesystems: [FsSeenLe; MAX_FILESYSTEMS],
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32 - 4 - 32 * MAX_FILESYSTEMS],
+    /// The file store's map, in bytes from the partition's start; 0: the
+    /// partition is the store.
+    file_map: U64,
+    /// The CRC-32C of the map's entries.
+    file_map_crc: U32,
+    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32 - 4 - 32 * MAX_FILESYSTEMS - 12],
     crc: U32,
 }
 
@@ -131,6 +137,19 @@ pub struct Config {
     pub filesystems: [FsSeen; MAX_FILESYSTEMS],
     /// How many of `filesystems` are used.
     pub fs_count: usize,
+    /// The store is a file in the partition: where its map begins.
+    pub file_map: Option<FileMapAt>,
+}
+
+/// Where a file store's map is ([`crate::filemap`]), and which map the
+/// host checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMapAt {
+    /// Bytes from the partition's start to the map (the file's first
+    /// block), a multiple of a page and never 0.
+    pub offset: u64,
+    /// The CRC-32C of the map's entries, as the host read and checked them.
+    pub crc: u32,
 }
 
 /// Why a config block was refused.
@@ -186,6 +205,7 @@ impl Config {
             claim: Claim { id: [0; 16], disk: [0; 16] },
             filesystems: [FsSeen { partuuid: [0; 16], kind: 0, mounts: 0, mounted_at: 0 }; MAX_FILESYSTEMS],
             fs_count: 0,
+            file_map: None,
         }
     }
 
@@ -258,6 +278,8 @@ impl Config {
             claim_disk: self.claim.disk,
             fs_count: (self.fs_count as u32).into(),
             filesystems: self.filesystems.map(FsSeenLe::from),
+            file_map: self.file_map.map_or(0, |m| m.offset).into(),
+            file_map_crc: self.file_map.map_or(0, |m| m.crc).into(),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -323,6 +345,11 @@ impl Config {
             return Err(ConfigError::Field("file system count"));
         }
         c.filesystems = raw.filesystems.map(FsSeen::from);
+        let map = raw.file_map.get();
+        if !map.is_multiple_of(PAGE as u64) {
+            return Err(ConfigError::Field("file map offset"));
+        }
+        c.file_map = (map != 0).then(|| FileMapAt { offset: map, crc: raw.file_map_crc.get() });
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();
         c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());
@@ -362,6 +389,7 @@ mod tests {
         c.claim = Claim { id: [5; 16], disk: [6; 16] };
         c.filesystems[1] = FsSeen { partuuid: [2; 16], kind: crate::header::FS_EXT4, mounts: 3, mounted_at: 4 };
         c.fs_count = 2;
+        c.file_map = Some(FileMapAt { offset: 1 << 30, crc: 0x1234_5678 });
         let mut block = [0u8; PAGE];
         c.encode(&mut block);
         assert_eq!(Config::decode(&block), Ok(c));

@@ -14,6 +14,7 @@ pub mod chunk;
 pub mod codec;
 pub mod commit;
 pub mod config;
+pub mod filemap;
 pub mod header;
 pub mod mailbox;
 pub mod reader;

@@ -63,7 +63,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     if let (Some(before), Some(after)) = (per_cpu_before, sys::per_cpu_list_pages()) {
         println!("ksave-metric per_cpu_list_pages_before={before} per_cpu_list_pages={after}");
     }
-    println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.device.display());
+    println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.describe());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     for fs in loaded.config.filesystems() {
         println!("ksave: recorded: ext4 PARTUUID {} mounted {} times, last at {}: a resume after it was mounted again is refused", diskdrv::part::Guid::from_bytes(fs.partuuid), fs.mounts, fs.mounted_at);
@@ -106,7 +106,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
                 // Resuming it would leave the kernel's devices doing DMA
                 // through an IOMMU nobody set up: never offer that image.
                 let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
-                ImageFile::open(&setup.device, true)?.invalidate(Some(why))?;
+                ImageFile::open_setup(&setup, true)?.invalidate(Some(why))?;
                 eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
                 println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
                 return Ok(ExitCode::FAILURE);
@@ -167,11 +167,11 @@ fn verdict(setup: &Setup, nonce: u64, mailbox: Option<(u32, String)>) -> Verdict
     let posted = mailbox.as_ref().map(|(code, _)| *code);
     let unreachable = |fallback: String| match &mailbox {
         Some((code, why)) => {
-            Verdict::Failed(format!("ksave could not save: {why} (from ksave, by the mailbox: nothing on {})", setup.device.display()), Some(*code))
+            Verdict::Failed(format!("ksave could not save: {why} (from ksave, by the mailbox: nothing on {})", setup.describe()), Some(*code))
         }
         None => Verdict::Failed(fallback, None),
     };
-    match ImageFile::open(&setup.device, false).and_then(|mut f| f.header()) {
+    match ImageFile::open_setup(&setup, false).and_then(|mut f| f.header()) {
         Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
         Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
         Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message()), Some(h.fail_code)),
@@ -182,7 +182,7 @@ fn verdict(setup: &Setup, nonce: u64, mailbox: Option<(u32, String)>) -> Verdict
             },
             posted,
         ),
-        Ok(_) => unreachable(format!("{} holds no record of this attempt: ksave could not reach the partition (its console says why)", setup.device.display())),
-        Err(e) => unreachable(format!("no record of this attempt on {}: {e:#}", setup.device.display())),
+        Ok(_) => unreachable(format!("{} holds no record of this attempt: ksave could not reach the store (its console says why)", setup.describe())),
+        Err(e) => unreachable(format!("no record of this attempt on {}: {e:#}", setup.describe())),
     }
 }

@@ -7,10 +7,11 @@ use anyhow::{Context, Result};
 use diskdrv::part::Guid;
 use ksave_format::header::State;
 use ksave_tools::imagefile::ImageFile;
+use ksave_tools::setup::Setup;
 use ksave_tools::sys;
 
 pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<ExitCode> {
-    println!("{}", invalidate(path, partuuid, reason)?);
+    println!("{}", invalidate(path, partuuid, None, reason)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -18,23 +19,30 @@ pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<Strin
 /// done, as a line to show. By PARTUUID, every partition that has it: a
 /// boot that carries on must leave no image behind on a clone either
 /// (only a ksave header is ever rewritten).
-pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<String> {
-    let paths = match partuuid {
+pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Option<u64>, reason: Option<String>) -> Result<String> {
+    let stores = match partuuid {
         Some(text) => {
             let guid = Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?;
             let found: Vec<PathBuf> = sys::partitions_by_guid(guid)?.into_iter().map(|p| p.device).collect();
             anyhow::ensure!(!found.is_empty(), "no partition with PARTUUID {guid} on this machine");
-            found
+            // A file store in that partition is found by the setup's map.
+            // (or by the offset given, with no setup).
+            let file = Setup::load(&ksave_tools::setup::path()).ok().filter(|s| s.guid == guid).and_then(|s| s.file);
+            let open = |dev: PathBuf| match (file_at, &file) {
+                (Some(offset), _) => ImageFile::open_file_map(&dev, offset, true).map(|(f, _)| f),
+                (None, Some(store)) => ImageFile::open_file_store(&dev, store, true),
+                (None, None) => ImageFile::open(&dev, true),
+            };
+            found.into_iter().map(open).collect::<Result<Vec<_>>>()?
         }
-        None => vec![super::path_or_setup(path)?],
+        None => vec![super::open_store(path, true)?],
     };
-    let lines: Result<Vec<String>> = paths.into_iter().map(|p| invalidate_one(&p, reason.as_deref())).collect();
+    let lines: Result<Vec<String>> = stores.into_iter().map(|f| invalidate_one(f, reason.as_deref())).collect();
     Ok(lines?.join("\n"))
 }
 
-/// [`invalidate`] of the store at `path`.
-fn invalidate_one(path: &std::path::Path, reason: Option<&str>) -> Result<String> {
-    let mut file = ImageFile::open(path, true)?;
+/// [`invalidate`] of the store open in `file`.
+fn invalidate_one(mut file: ImageFile, reason: Option<&str>) -> Result<String> {
     // Invalidating what cannot be resumed anyway changes nothing: say so.
     Ok(match file.header() {
         Err(e) => format!("ksave: {}: no image to invalidate ({e:#})", file.description),

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, ensure};
 use ksave_format::PAGE;
-use ksave_tools::setup::Setup;
+use ksave_tools::imagefile::ImageFile;
+use ksave_format::store::Claimed;
+use ksave_tools::filestore;
+use ksave_tools::setup::{FileStore, Setup};
 use ksave_tools::sys;
 
 use crate::cli::Command;
@@ -25,13 +28,14 @@ mod verify;
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes } => setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes }),
+        Command::Setup { file: Some(file), size, lz4, elf, no_precheck, .. } => setup::run_file(&file, size.as_deref(), lz4, elf, no_precheck),
+        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes, .. } => setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes }),
         Command::Load { kexec_tools } => load::run(kexec_tools),
         Command::Hibernate { poweroff: _, snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {
             let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
             hibernate::run(&how)
         }
-        Command::Resume { partuuid, elf, or_invalidate } => resume::run(partuuid, elf, or_invalidate),
+        Command::Resume { partuuid, elf, file_at, or_invalidate } => resume::run(partuuid, elf, file_at, or_invalidate),
         Command::Status { path, json } => status::run(path, json),
         Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),
@@ -41,11 +45,11 @@ pub fn run(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// `path`, or the partition `ksave setup` recorded.
-fn path_or_setup(path: Option<PathBuf>) -> Result<PathBuf> {
+/// The image at `path`, or in the store `ksave setup` recorded.
+fn open_store(path: Option<PathBuf>, write: bool) -> Result<ImageFile> {
     match path {
-        Some(p) => Ok(p),
-        None => Ok(Setup::load(&ksave_tools::setup::path())?.device),
+        Some(p) => ImageFile::open(&p, write),
+        None => ImageFile::open_setup(&Setup::load(&ksave_tools::setup::path())?, write),
     }
 }
 
@@ -65,10 +69,36 @@ fn check_store(setup: &Setup) -> Result<()> {
         part.device.display(),
         setup.device.display()
     );
+    if let Some(file) = &setup.file {
+        return check_file_store(setup, &part, file);
+    }
     let claimed = ksave_tools::store::check_claim(&part, &setup.claim);
     let why = ksave_tools::store::refusals(&part, &ksave_tools::store::occupants(&part)?, false, claimed.is_ok());
     ensure!(why.is_empty(), "{} is no longer ksave's store alone, refusing to write it:\n  {}", part.device.display(), why.join("\n  "));
     claimed.map(|_| ())
+}
+
+/// Before every jump, for a file store: it is still immutable, its blocks
+/// are where its map says (FIEMAP and the layers below, derived again), the
+/// map on the disk is the one setup wrote, and the image header in the file
+/// carries the claim.
+fn check_file_store(setup: &Setup, part: &sys::PartInfo, file: &FileStore) -> Result<()> {
+    let path = file.path.display();
+    let again = format!("run `ksave setup --file {path}` again");
+    ensure!(filestore::is_immutable(&file.path).with_context(|| format!("{path}"))?, "{path} is no longer immutable (chattr -i): it may have been written or moved since setup; {again}");
+    let located = filestore::locate(&file.path)?;
+    ensure!(located.partition.guid == setup.guid, "{path} is in {} (PARTUUID {}) now, not in the partition set up: {again}", located.partition.device.display(), located.partition.guid);
+    let (_, crc) = filestore::encode_map(&located.extents, setup.claim.id);
+    ensure!(
+        crc == file.map_crc && located.extents.first().map(|e| e.offset) == Some(file.map_offset),
+        "{path}'s blocks moved since setup ({} extents now, not those of its map): writing the old ones would overwrite other data; {again}",
+        located.extents.len()
+    );
+    let mut image = ImageFile::open_setup(setup, false)?;
+    let mut block = [0u8; PAGE];
+    ksave_format::reader::Source::read_at(&mut image, 0, &mut block).with_context(|| format!("reading {}", image.description))?;
+    Claimed::check(&block, part.disk_guid.to_bytes(), &setup.claim).map_err(|e| anyhow::anyhow!("{}: {e}; refusing to write it", image.description))?;
+    Ok(())
 }
 
 /// The host's own checks before a jump: the partition is still the one set
@@ -98,11 +128,12 @@ fn precheck(setup: &Setup) -> Result<()> {
     }
     let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
     let worst = ksave_format::writer::worst_case_bytes(pages);
+    let bytes = if setup.file.is_some() { ImageFile::open_setup(setup, false)?.bytes() } else { setup.sectors * 512 };
     ensure!(
-        worst <= setup.sectors * 512,
+        worst <= bytes,
         "{} holds {} MiB, an image of this machine's {} MiB of RAM may need {} MiB",
-        setup.device.display(),
-        setup.sectors / 2048,
+        setup.describe(),
+        bytes >> 20,
         (pages * PAGE as u64) >> 20,
         worst.div_ceil(1 << 20)
     );

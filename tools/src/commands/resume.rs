@@ -10,10 +10,11 @@ use diskdrv::part::Guid;
 use ksave_format::header::FLAG_RESUME_ATTEMPTED;
 use ksave_format::verdict::Refusal;
 use ksave_tools::imagefile::ImageFile;
+use ksave_tools::setup::FileStore;
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
 
-pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) -> Result<ExitCode> {
+pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, or_invalidate: bool) -> Result<ExitCode> {
     // From an initramfs (--or-invalidate) what is said goes to the kernel
     // log too, so that the journal of the boot has it. Said here, before
     // any kexec: a pipe to a logger would lose the line the kexec cuts off.
@@ -24,7 +25,7 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) 
         }
     };
     // attempt() returns only when it did not resume.
-    let why = match attempt(partuuid.clone(), elf, &say) {
+    let why = match attempt(partuuid.clone(), elf, file_at, &say) {
         Ok(NotResumed { refusal, why }) => {
             if let Some(r) = refusal {
                 say(format!("ksave-metric refusal={}", r.code()));
@@ -38,7 +39,7 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, or_invalidate: bool) 
     if or_invalidate {
         // This boot carries on and will change the file systems the image
         // saw: whatever stopped the resume, it must never happen later.
-        say(super::invalidate::invalidate(None, partuuid, Some(format!("not resumed by the boot that found it: {why}")))?);
+        say(super::invalidate::invalidate(None, partuuid, file_at, Some(format!("not resumed by the boot that found it: {why}")))?);
     }
     Ok(ExitCode::FAILURE)
 }
@@ -51,20 +52,32 @@ struct NotResumed {
 }
 
 /// Hands the machine to ksave (does not return) or says why not.
-fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String)) -> Result<NotResumed> {
+fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, say: &dyn Fn(String)) -> Result<NotResumed> {
     let setup = match (&partuuid, Setup::load(&setup::path())) {
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
             let part = sys::partition_by_guid(guid)?;
-            // A resume reads the image only: its header is the evidence, no
-            // claim is needed to find it.
-            Setup::new(&part, Default::default(), false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()))
+            match Setup::load(&setup::path()) {
+                // The setup of that partition says whether it holds a file.
+                Ok(s) if s.guid == guid && file_at.is_none() => Setup { device: part.device, ..s },
+                // A resume reads the image only: its header is the evidence,
+                // no claim is needed to find it.
+                _ => {
+                    let mut setup = Setup::new(&part, Default::default(), false, elf.clone().unwrap_or_else(|| "/usr/lib/ksave/ksave.elf".into()));
+                    if let Some(map_offset) = file_at {
+                        // The map's CRC as read: the one ksave is to use.
+                        let (_, map_crc) = ImageFile::open_file_map(&part.device, map_offset, false)?;
+                        setup.file = Some(FileStore { path: "(the image file)".into(), map_offset, map_crc });
+                    }
+                    setup
+                }
+            }
         }
         (None, Ok(s)) => s,
         (None, Err(e)) => return Err(e),
     };
     let elf_path = elf.unwrap_or(setup.elf.clone());
-    let mut file = ImageFile::open(&setup.device, false)?;
+    let mut file = ImageFile::open_setup(&setup, false)?;
     let image = match inspect::read(&mut file) {
         Ok(i) => i,
         Err(e) => return Ok(NotResumed { refusal: None, why: format!("{e:#}") }),
@@ -76,7 +89,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
         Err(refusal @ Refusal::EarlierAttemptUnfinished) => {
             // An earlier boot handed it to ksave, which neither resumed it
             // nor could mark it (no disk it drives, a reset): never loop.
-            ImageFile::open(&setup.device, true)?.invalidate(Some(&refusal.to_string()))?;
+            ImageFile::open_setup(&setup, true)?.invalidate(Some(&refusal.to_string()))?;
             return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal}; image invalidated") });
         }
         Err(refusal @ (Refusal::SaveFailed | Refusal::AlreadyResumed | Refusal::Incomplete)) => {
@@ -93,7 +106,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
     load::load_for_resume(&load::configure(&bytes, &config)?)?;
     let mut marked = image.header.clone();
     marked.flags |= FLAG_RESUME_ATTEMPTED;
-    ImageFile::open(&setup.device, true)?.write_header(&marked)?;
+    ImageFile::open_setup(&setup, true)?.write_header(&marked)?;
     say(format!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored));
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
     // kexec image loaded the kernel hands the machine to ksave.
@@ -104,6 +117,6 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, say: &dyn Fn(String))
     let why = std::io::Error::last_os_error();
     // Still here: ksave never ran, so the image was not tried; take the mark
     // back, or the next boot would invalidate an image nobody attempted.
-    ImageFile::open(&setup.device, true)?.write_header(&image.header)?;
+    ImageFile::open_setup(&setup, true)?.write_header(&image.header)?;
     bail!("the kexec into ksave did not happen: {why}")
 }

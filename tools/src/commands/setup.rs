@@ -1,12 +1,15 @@
 //! `ksave setup`: choose the partition images go to.
 
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail, ensure};
 use diskdrv::part::{Guid, KSAVE_STORE_TYPE};
-use ksave_tools::setup::{self, Setup};
-use ksave_tools::{store, sys};
+use ksave_format::PAGE;
+use ksave_tools::imagefile::ImageFile;
+use ksave_tools::setup::{self, FileStore, Setup};
+use ksave_tools::{filestore, store, sys};
 
 /// What the Debian package installs for initramfs-tools (dist/mkdeb.sh).
 const INITRAMFS_HOOK: &str = "/usr/share/initramfs-tools/hooks/ksave";
@@ -86,6 +89,12 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         controller.address,
         setup::path().display()
     );
+    finish()
+}
+
+/// What every setup ends with: a note on free pages, and the initramfs
+/// rebuilt to carry the new setup.
+fn finish() -> Result<ExitCode> {
     if let Some(note) = sys::free_pages_note() {
         println!("ksave: note: {note}");
     }
@@ -100,6 +109,142 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         ensure!(status.success(), "update-initramfs -u -k all failed ({status}): a boot could leave an image stale");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ksave setup --file`: the image in a file (docs/FILESTORE.md). Creates
+/// it (or takes one of ksave's own again), finds where it lies down to the
+/// partition, writes its map and the claim into its first pages, checks
+/// that writing them moved nothing, and makes it immutable.
+pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<ExitCode> {
+    if let Some(why) = sys::lockdown() {
+        bail!("{why}");
+    }
+    ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
+    ensure!(path.is_absolute(), "{}: give the file's absolute path (the initramfs and the boot entry name it)", path.display());
+    let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
+    // The map takes a page or a few at the file's start: room for them.
+    let worst = ksave_format::writer::worst_case_bytes(pages) + (1 << 20);
+    let size = size.map(parse_size).transpose()?;
+    let existing = if path.exists() {
+        ensure!(
+            filestore::is_image_file(path),
+            "{} exists and is not a ksave image file (it does not begin with ksave's map): ksave would overwrite it; remove it or name another file",
+            path.display()
+        );
+        filestore::set_immutable(path, false)?;
+        let len = std::fs::metadata(path)?.len();
+        if let Some(size) = size {
+            ensure!(len == size, "{} exists with {} MiB, not {} MiB: remove it first to change its size", path.display(), len >> 20, size >> 20);
+        }
+        true
+    } else {
+        let size = size.unwrap_or(worst.next_multiple_of(1 << 20));
+        println!("ksave: creating {} ({} MiB, every block written)", path.display(), size >> 20);
+        filestore::create(path, size)?;
+        false
+    };
+    match claim_file(path, existing, lz4, elf, no_precheck) {
+        Ok(()) => finish(),
+        Err(e) if !existing => {
+            // Nothing of ksave's is in it yet: take it back.
+            let _ = filestore::set_immutable(path, false);
+            let _ = std::fs::remove_file(path);
+            Err(e.context(format!("{} removed again", path.display())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Locates `path`, writes its map and claim, pins it, records the setup.
+fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<()> {
+    let located = filestore::locate(path)?;
+    let part = &located.partition;
+    let disk_name = part.disk.file_name().context("odd disk path")?.to_string_lossy().to_string();
+    let controller = sys::controller_of(Path::new("/sys"), &disk_name)?;
+    let Some(kind) = controller.kind else {
+        bail!("{} is on {disk_name} behind {controller}, which ksave cannot drive (it drives AHCI, IDE, NVMe and virtio-blk)", path.display());
+    };
+    ensure!(
+        located.extents.len() <= ksave_format::filemap::MAX_EXTENTS,
+        "{} lies in {} pieces, ksave keeps at most {}: make it on a less fragmented file system, or smaller",
+        path.display(),
+        located.extents.len(),
+        ksave_format::filemap::MAX_EXTENTS
+    );
+    let (map, _) = filestore::encode_map(&located.extents, [0; 16]);
+    // Set up again: keep the claim of this disk its header carries (it may
+    // hold an image).
+    let start = filestore::read_file_start(path, map.len() + PAGE)?;
+    let header = &start[map.len()..];
+    let kept = existing
+        .then(|| ksave_format::header::Header::decode(header.try_into().expect("a page")).ok())
+        .flatten()
+        .map(|h| h.claim)
+        .filter(|c| c.is_claimed() && c.disk == part.disk_guid.to_bytes());
+    let claim = match kept {
+        Some(claim) => claim,
+        None => store::new_claim(part.disk_guid)?,
+    };
+    let (map, crc) = filestore::encode_map(&located.extents, claim.id);
+    {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.write_all_at(&map, 0)?;
+        if kept.is_none() {
+            file.write_all_at(&store::claim_header(claim), map.len() as u64)?;
+        }
+        file.sync_all()?;
+        filestore::drop_cached_pages(&file);
+    }
+    // Written in place: the blocks must be the ones mapped.
+    let again = filestore::locate(path)?;
+    ensure!(again.extents == located.extents, "{}'s blocks moved while its map was written: the file system relocates written blocks, which ksave cannot follow", path.display());
+    filestore::set_immutable(path, true)?;
+    let mut setup = Setup::new(part, claim, lz4, elf);
+    setup.file = Some(FileStore { path: path.to_path_buf(), map_offset: located.extents[0].offset, map_crc: crc });
+    // What ksave will read: the map through the partition, the claim.
+    let mut image = ImageFile::open_setup(&setup, false)?;
+    ensure!(image.header()?.claim == claim, "{}: the claim just written does not read back through the partition", image.description);
+    if !no_precheck {
+        super::precheck(&setup)?;
+    }
+    setup.save(&setup::path())?;
+    let layers = if located.layers.is_empty() { String::new() } else { format!(" through {}", located.layers.join(", ")) };
+    println!(
+        "ksave: images go to {} ({}, {} MiB in {} extents, map at byte {}) in {}{layers} (PARTUUID {}) on {} ({} {}); recorded in {}",
+        path.display(),
+        located.fs,
+        image.bytes() >> 20,
+        located.extents.len(),
+        located.extents[0].offset,
+        part.device.display(),
+        part.guid,
+        part.disk.display(),
+        kind.name(),
+        controller.address,
+        setup::path().display()
+    );
+    println!("ksave: a bootloader resumes it with: {}", setup.resume_args());
+    Ok(())
+}
+
+/// "2G", "1536M", "1073741824": bytes, whole MiB.
+fn parse_size(text: &str) -> Result<u64> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let n: u64 = digits.parse().with_context(|| format!("{text} is not a size (e.g. 2G, 1536M)"))?;
+    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("{text}: unknown unit (K, M, G, T)"),
+    };
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).with_context(|| format!("{text} is too large"))?;
+    ensure!(bytes >= 16 << 20 && bytes.is_multiple_of(1 << 20), "{text}: the size must be whole MiB, at least 16 MiB");
+    Ok(bytes)
 }
 
 /// Asks `question` on the terminal; only "y" or "yes" is yes. Without a

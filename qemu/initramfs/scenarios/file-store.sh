@@ -1,0 +1,123 @@
+#!/bin/sh
+# The image in a file (`ksave setup --file`) on a file system made by its
+# own tools on the test disk's partition 2: hibernate, power off, be
+# resumed by another boot (the harness: kernel C, then QEMU -kernel with
+# ksave.file=), twice; the file's extents the same throughout; then the
+# refusals, each before anything is written; then the file system checked
+# clean by its own checker.
+#   KSAVE_FS  ext4: the file deliberately fragmented (the free space made
+#               into 1 MiB holes first); refused once the file has moved
+#             xfs-lvm: XFS on an LVM volume of two linear segments, the
+#               second before the first on the disk; refused once the
+#               file's blocks are shared (a reflink)
+# busybox's shell runs its own applets before programs of the same name:
+# util-linux's fallocate (hole punching) and coreutils' cp (--reflink) are
+# called by path.
+# shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
+. /lib/ksave-test/test.sh
+fs=${KSAVE_FS:-ext4}
+scratch=$(test_partition 2) || exit 1
+image=/mnt/var/lib/ksave/image
+mkdir -p /mnt
+
+case $fs in
+  ext4)
+    mkfs.ext4 -q -F "$scratch" || { say "mkfs.ext4 failed"; exit 1; }
+    mount -t ext4 "$scratch" /mnt || { say "mount failed"; exit 1; }
+    # Fill the file system, then free every other MiB: the image file can
+    # only be made of the holes.
+    dd if=/dev/zero of=/mnt/filler bs=1M 2>/dev/null
+    mib=$(($(stat -c %s /mnt/filler) >> 20))
+    i=0
+    while [ "$i" -lt "$mib" ]; do
+      /bin/fallocate -p -o $((i << 20)) -l 1048576 /mnt/filler || { say "fallocate failed"; exit 1; }
+      i=$((i + 2))
+    done
+    sync
+    fsdev=$scratch
+    ;;
+  xfs-lvm)
+    # No udev here: LVM makes its device nodes itself.
+    export DM_DISABLE_UDEV=1 LVM_SUPPRESS_FD_WARNINGS=1
+    mkdir -p /run/lvm /run/lock/lvm
+    lvm pvcreate -q -y "$scratch" && lvm vgcreate -q vg "$scratch" \
+      && lvm lvcreate -q -y -L 120M -n first vg && lvm lvcreate -q -y -L 400M -n root vg \
+      && lvm lvremove -q -y vg/first && lvm lvextend -q -L +120M vg/root \
+      || { say "LVM set-up failed"; exit 1; }
+    dmsetup table vg-root
+    [ "$(dmsetup table vg-root | grep -c linear)" = 2 ] || { say "vg/root is not two linear segments"; exit 1; }
+    fsdev=/dev/mapper/vg-root
+    mkfs.xfs -q "$fsdev" || { say "mkfs.xfs failed"; exit 1; }
+    mount -t xfs "$fsdev" /mnt || { say "mount failed"; exit 1; }
+    # Something in the volume's first segment, so that the image file
+    # reaches into its second (which lies before it on the disk).
+    dd if=/dev/urandom of=/mnt/ballast bs=1M count=100 conv=fsync 2>/dev/null
+    ;;
+esac
+
+ksave setup --file "$image" --elf /ksave.elf > /tmp/setup.log 2>&1 || { cat /tmp/setup.log; say "setup --file failed"; exit 1; }
+cat /tmp/setup.log
+[ "$(stat -c %a "$image")" = 600 ] || { say "the image file is not 0600"; exit 1; }
+lsattr "$image" | cut -c1-22 | grep -q i || { say "the image file is not immutable"; exit 1; }
+extents=$(sed -n 's/.* in \([0-9]*\) extents.*/\1/p' /tmp/setup.log)
+filefrag -v "$image" > /tmp/extents.before
+say "image file: $extents extents; $(sed -n 's/.*resumes it with: //p' /tmp/setup.log)"
+
+memtest_start "${KSAVE_MEMTEST_MIB:-64}"
+dd if=/dev/urandom of=/tmp/file bs=1M count=8 2>/dev/null
+want=$(sha256sum /tmp/file | cut -d' ' -f1)
+cp /tmp/file /mnt/kept && sync
+last=0
+for round in 1 2; do
+  say "hibernating ($round)"
+  ksave hibernate || { say "hibernate failed"; exit 1; }
+  memtest_check
+  count=$(sed 's/.*count //' /tmp/memtest.result)
+  [ "$count" -gt "$last" ] || { say "counter did not carry on: $count after $last"; exit 1; }
+  [ "$(sha256sum /mnt/kept | cut -d' ' -f1)" = "$want" ] || { say "the file on $fs changed"; exit 1; }
+  say "resumed ($round): memory and the file system intact, count $last -> $count"
+  last=$count
+done
+filefrag -v "$image" > /tmp/extents.after
+cmp -s /tmp/extents.before /tmp/extents.after || { diff /tmp/extents.before /tmp/extents.after; say "the image file's extents changed"; exit 1; }
+say "extents unchanged: $extents"
+
+# The file's bytes on the disk (ksave writes under the file system: what
+# the page cache holds of the file is stale).
+on_disk() { dd if="$image" bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+# refused WHY: `ksave hibernate` must fail before the jump, saying WHY, and
+# write nothing: the image file's bytes stay as they were.
+refused() {
+  before=$(on_disk)
+  if ksave hibernate >/tmp/why 2>&1; then say "hibernate took a store that is $1"; exit 1; fi
+  cat /tmp/why
+  grep -q "$1" /tmp/why || { say "hibernate refused, but not for \"$1\""; exit 1; }
+  grep -q "loaded in" /tmp/why && { say "hibernate loaded ksave before refusing"; exit 1; }
+  [ "$(on_disk)" = "$before" ] || { say "the refused hibernate changed the file"; exit 1; }
+  say "refused: $1"
+}
+chattr -i "$image"
+refused "no longer immutable"
+case $fs in
+  ext4)
+    # The file copied and put in its place: same name, same bytes (its map
+    # too), other blocks (the filler's, freed for it).
+    rm /mnt/filler
+    /bin/cp "$image" "$image.new" && mv "$image.new" "$image" && chattr +i "$image" || { say "could not move the file"; exit 1; }
+    refused "blocks moved since setup"
+    ;;
+  xfs-lvm)
+    /bin/cp --reflink=always "$image" /mnt/clone || { say "reflink failed"; exit 1; }
+    chattr +i "$image"
+    refused "shared with another file"
+    ;;
+esac
+memtest_stop
+chattr -i "$image"
+umount /mnt || { say "umount failed"; exit 1; }
+case $fs in
+  ext4) e2fsck -fn "$fsdev" > /tmp/fsck 2>&1 ;;
+  xfs-lvm) xfs_repair -n "$fsdev" > /tmp/fsck 2>&1 ;;
+esac || { cat /tmp/fsck; say "$fs check found damage"; exit 1; }
+say "$fs clean ($(tail -1 /tmp/fsck))"

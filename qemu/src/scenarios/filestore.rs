@@ -1,0 +1,90 @@
+//! The image in a file (`ksave setup --file`): the whole story on ext4,
+//! with the file deliberately fragmented, and on XFS on LVM; resumed once
+//! by kernel C and once by QEMU `-kernel` with `ksave.file=`.
+
+use anyhow::{Context, Result, ensure};
+
+use super::{Kernel, Machine, Report, SECOND, kernel_on};
+use crate::disk::{Bus, TestDisk};
+use crate::{Vm, VmConfig, build_input};
+
+/// The file system the image file is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFs {
+    /// ext4 on a partition, the file in hundreds of pieces; refused once
+    /// it has moved.
+    Ext4Fragmented,
+    /// XFS on an LVM volume of two linear segments; refused once its
+    /// blocks are shared by a reflink.
+    XfsOnLvm,
+}
+
+impl FileFs {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Ext4Fragmented => "ext4",
+            Self::XfsOnLvm => "xfs-lvm",
+        }
+    }
+}
+
+/// Hibernate into a file, power off, resume (kernel C, then multiboot),
+/// twice; then the refusals and the file system's own check
+/// (qemu/initramfs/scenarios/file-store.sh).
+pub fn file_store_story(fs: FileFs, echo: bool) -> Result<Report> {
+    // 320 MiB: the file holds the worst case for it (about 330 MiB), and
+    // fits a file system whose free space is half holes.
+    let bus = if fs == FileFs::XfsOnLvm { Bus::Ahci } else { Bus::Virtio };
+    let machine = Machine { memory_mib: 320, ..Machine::qemu64(Kernel::Linux6_12).on(bus) };
+    let name = format!("file-{}", fs.arg());
+    let disk = TestDisk::create_on(bus, &name, 16 + 900, 16)?;
+    let mut report = Report::new(&format!("hibernate into a file on {} ({bus:?}), power off, resume by kernel C and by multiboot", fs.arg()));
+    let config = kernel_on(machine.kernel, &name, &format!("file-store ksave.fs={} ksave.memtest_mib=64", fs.arg()))?.arg(disk.qemu_args(bus, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
+    let setup = vm.expect("ksave-test: image file:", 600 * SECOND)?;
+    // "image file: N extents; ksave.resume=GUID ksave.file=BYTES"
+    let extents: f64 = setup.text.split("image file: ").nth(1).and_then(|t| t.split_whitespace().next()?.parse().ok()).context("no extent count")?;
+    let resume_args = setup.text.split("; ").nth(1).context("no resume arguments")?.trim().to_string();
+    let value = |key: &str| resume_args.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string).with_context(|| format!("no {key} in {resume_args}"));
+    let (guid, file_at) = (value("ksave.resume=")?, value("ksave.file=")?);
+    report.add("image file extents", extents, "");
+    if fs == FileFs::Ext4Fragmented {
+        ensure!(extents >= 100.0, "the fragmented file has only {extents} extents");
+    }
+    for round in 1..=2 {
+        let start = vm.expect(&format!("ksave-test: hibernating ({round})"), 600 * SECOND)?;
+        vm.expect("ksave: image complete", 180 * SECOND)?;
+        let saved = vm.expect_metrics("image_bytes", 5 * SECOND)?;
+        vm.expect("ksave: powering off", 60 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        report.add_ms(format!("hibernate {round}: start to power-off"), vm.elapsed() - start.at);
+        report.add(format!("image {round}"), saved.get("image_bytes")? / 1048576.0, "MiB");
+        let resume = if round == 1 {
+            kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={guid} ksave.file={file_at}"))?
+        } else {
+            VmConfig::new(&format!("{name}-{round}")).arg([
+                "-kernel".to_string(),
+                build_input("ksave.elf")?.display().to_string(),
+                "-append".into(),
+                resume_args.clone(),
+            ])
+        }
+        .arg(disk.qemu_args(bus, None));
+        vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
+        vm.expect("ksave:   image file:", 300 * SECOND)?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
+        let back = vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
+        let by = if round == 1 { "kernel C" } else { "multiboot" };
+        report.add_ms(format!("resume {round} by {by}: power-on to the jump"), jump.at);
+        report.add_ms(format!("resume {round} by {by}: power-on to A checked"), back.at);
+    }
+    vm.expect("ksave-test: extents unchanged", 120 * SECOND)?;
+    vm.expect("ksave-test: refused: no longer immutable", 120 * SECOND)?;
+    let refusal = if fs == FileFs::Ext4Fragmented { "blocks moved since setup" } else { "shared with another file" };
+    vm.expect(&format!("ksave-test: refused: {refusal}"), 120 * SECOND)?;
+    vm.expect(&format!("ksave-test: {} clean", fs.arg()), 300 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.refute_seen("CPU exception")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    Ok(report)
+}

@@ -1,0 +1,429 @@
+//! A file as ksave's store (`ksave setup --file`): where its blocks lie on
+//! the disk, found from the file system (FIEMAP) and the block layers below
+//! it (a partition, or LVM's device-mapper `linear` targets), never
+//! guessed; anything else is refused with its name.
+//!
+//! ksave writes those blocks itself, under the file system, as the kernel's
+//! swap-file code does: so the file must be all allocated and written (no
+//! holes, unwritten, delayed or inline extents), its extents its own (not
+//! shared by a reflink), stored as they are (not compressed or encrypted),
+//! and pinned (immutable: the file system neither writes, truncates nor
+//! reflinks it; see docs/FILESTORE.md for what each file system promises
+//! against moving it). `ksave hibernate` derives the extents again before
+//! every jump and refuses if they are not the map's.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use ksave_format::PAGE;
+use ksave_format::filemap::{self, FileExtent};
+
+use crate::sys::{self, PartInfo};
+
+/// FS_IOC_FIEMAP, _IOWR('f', 11, struct fiemap) (linux/fs.h).
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// FIEMAP_FLAG_SYNC: write dirty data back before mapping
+/// (linux/fiemap.h).
+const FIEMAP_FLAG_SYNC: u32 = 1;
+/// FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h; long-sized argument on
+/// x86_64, though the kernel reads an int).
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+/// FS_IMMUTABLE_FL and FS_NOCOW_FL (linux/fs.h).
+const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+
+/// statfs f_type of the file systems taken (linux/magic.h).
+const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+
+/// One extent as FIEMAP reports it (struct fiemap_extent), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Offset on the file system's device (btrfs: its logical address).
+    pub physical: u64,
+    /// Length.
+    pub length: u64,
+    /// FIEMAP_EXTENT_* flags.
+    pub flags: u32,
+}
+
+/// FIEMAP_EXTENT_* flags that make an extent unusable, and why
+/// (linux/fiemap.h; Documentation/filesystems/fiemap.rst).
+const REFUSED_FLAGS: [(u32, &str); 9] = [
+    (0x2, "its location is not known (FIEMAP_EXTENT_UNKNOWN)"),
+    (0x4, "it is not allocated yet (delayed allocation)"),
+    (0x8, "it is encoded (compressed)"),
+    (0x80, "it is encrypted (fscrypt)"),
+    (0x100, "it is not aligned to blocks"),
+    (0x200, "it is inline in the file system's metadata"),
+    (0x400, "it is packed with other files' tails"),
+    (0x800, "it is unwritten (preallocated): the file system would read it as zeros"),
+    (0x2000, "it is shared with another file (a reflink or a snapshot): writing it would change that file"),
+];
+
+/// Checks the FIEMAP extents of a file of `size` bytes: from byte 0 to
+/// `size` without a hole, every extent whole pages and usable as it lies.
+/// Returns every reason it is not, one line each.
+pub fn check_mapped(extents: &[Mapped], size: u64) -> Vec<String> {
+    let mut why = Vec::new();
+    let mut next = 0u64;
+    for (i, e) in extents.iter().enumerate() {
+        if e.logical != next {
+            why.push(format!("the file has a hole at byte {next} (fill it: ksave writes every byte of its file at setup)"));
+        }
+        for (flag, what) in REFUSED_FLAGS {
+            if e.flags & flag != 0 {
+                why.push(format!("extent {i} (file byte {}): {what}", e.logical));
+            }
+        }
+        if !e.physical.is_multiple_of(PAGE as u64) || !e.length.is_multiple_of(PAGE as u64) {
+            why.push(format!("extent {i} (file byte {}) is not whole pages", e.logical));
+        }
+        next = e.logical + e.length;
+    }
+    if next < size {
+        why.push(format!("the file's blocks end at byte {next}, before its size {size}"));
+    }
+    why
+}
+
+/// The file's extents by FIEMAP, after syncing its data.
+pub fn fiemap(file: &File) -> Result<Vec<Mapped>> {
+    const BATCH: usize = 256;
+    // struct fiemap (32 bytes) and BATCH struct fiemap_extent (56 bytes).
+    let mut buf = vec![0u64; (32 + 56 * BATCH) / 8];
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        buf.fill(0);
+        buf[0] = start;
+        buf[1] = u64::MAX - start;
+        buf[2] = FIEMAP_FLAG_SYNC as u64; // fm_flags; fm_mapped_extents 0 (high half)
+        buf[3] = BATCH as u64; // fm_extent_count; fm_reserved 0
+        // SAFETY: `buf` is a struct fiemap followed by room for BATCH
+        // extents, as fm_extent_count says; the kernel writes no more.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+        ensure!(rc == 0, "FIEMAP: {} (the file system cannot say where the file's blocks are)", std::io::Error::last_os_error());
+        let mapped = (buf[2] >> 32) as usize;
+        let mut last = false;
+        for i in 0..mapped.min(BATCH) {
+            let e = &buf[4 + 7 * i..4 + 7 * i + 7];
+            let m = Mapped { logical: e[0], physical: e[1], length: e[2], flags: e[5] as u32 };
+            last = m.flags & 1 != 0;
+            start = m.logical + m.length;
+            out.push(m);
+        }
+        if mapped == 0 || last {
+            return Ok(out);
+        }
+    }
+}
+
+/// A device-mapper table line: `len` sectors at `start` of the mapped
+/// device are `target`; for `linear`, at sector `offset` of `device`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmSegment {
+    /// First sector of the mapped device.
+    pub start: u64,
+    /// Sectors.
+    pub len: u64,
+    /// The target type (`linear`, `striped`, `crypt`, `thin`, ...).
+    pub target: String,
+    /// `linear`: the device below, "major:minor".
+    pub device: String,
+    /// `linear`: the sector on it.
+    pub offset: u64,
+}
+
+/// Reads `dmsetup table` output.
+pub fn parse_dm_table(text: &str) -> Result<Vec<DmSegment>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            ensure!(f.len() >= 3, "odd device-mapper table line: {line}");
+            let (start, len) = (f[0].parse()?, f[1].parse()?);
+            let (device, offset) = if f[2] == "linear" {
+                ensure!(f.len() == 5, "odd linear target: {line}");
+                (f[3].to_string(), f[4].parse()?)
+            } else {
+                (String::new(), 0)
+            };
+            Ok(DmSegment { start, len, target: f[2].to_string(), device, offset })
+        })
+        .collect()
+}
+
+/// Maps `extents` (bytes on the mapped device) through `table` to the
+/// device below, which must be one: every byte of them in `linear` targets
+/// onto the same device. Returns that device and the extents on it.
+pub fn through_linear(extents: &[FileExtent], table: &[DmSegment], name: &str) -> Result<(String, Vec<FileExtent>)> {
+    let mut below: Option<&str> = None;
+    let mut out = Vec::new();
+    for e in extents {
+        let (mut at, end) = (e.offset, e.offset + e.bytes);
+        while at < end {
+            let sector = at / 512;
+            let seg = table
+                .iter()
+                .find(|s| s.start <= sector && sector < s.start + s.len)
+                .with_context(|| format!("{name} maps nothing at byte {at}"))?;
+            ensure!(
+                seg.target == "linear",
+                "the file lies on {name}, a device-mapper {} target: ksave writes only through partitions and LVM linear volumes ({})",
+                seg.target,
+                match seg.target.as_str() {
+                    "crypt" => "an encrypted store is not supported yet",
+                    "striped" | "raid" | "mirror" => "its blocks are spread over several disks",
+                    "thin" | "thin-pool" | "snapshot" | "snapshot-origin" => "its blocks move as the pool allocates them",
+                    "cache" | "writecache" => "a cache holds some of its blocks",
+                    _ => "ksave cannot follow it to the disk",
+                }
+            );
+            ensure!(below.is_none_or(|d| d == seg.device), "the file lies on {name}, whose linear targets span several devices ({} and {}): ksave needs it on one", below.unwrap_or(""), seg.device);
+            below = Some(&seg.device);
+            let seg_end = (seg.start + seg.len) * 512;
+            let n = (end - at).min(seg_end - at);
+            push_merged(&mut out, FileExtent { offset: seg.offset * 512 + (at - seg.start * 512), bytes: n });
+            at += n;
+        }
+    }
+    Ok((below.context("no extents")?.to_string(), out))
+}
+
+/// Appends `e`, merged into the last extent when it continues it.
+pub fn push_merged(out: &mut Vec<FileExtent>, e: FileExtent) {
+    match out.last_mut() {
+        Some(last) if last.offset + last.bytes == e.offset => last.bytes += e.bytes,
+        _ => out.push(e),
+    }
+}
+
+/// Where a file lies: the partition, the layers between, its extents in
+/// bytes from the partition's start (merged, in file order).
+#[derive(Clone, Debug)]
+pub struct Located {
+    /// The partition it is in.
+    pub partition: PartInfo,
+    /// The file system's name.
+    pub fs: &'static str,
+    /// The block layers between the file system and the partition, for
+    /// people (e.g. "dm-0 (LVM vg-root, linear)").
+    pub layers: Vec<String>,
+    /// The extents.
+    pub extents: Vec<FileExtent>,
+}
+
+/// The file system `file` is on, by name; refuses others.
+fn file_system(file: &File, path: &Path) -> Result<&'static str> {
+    // SAFETY: statfs is plain data, fully written by fstatfs on success.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a statfs to fill.
+    ensure!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0, "statfs {}: {}", path.display(), std::io::Error::last_os_error());
+    Ok(match st.f_type {
+        EXT4_SUPER_MAGIC => "ext4",
+        XFS_SUPER_MAGIC => "xfs",
+        BTRFS_SUPER_MAGIC => bail!("{} is on btrfs, which ksave does not map to the disk yet (ext4 and XFS are taken)", path.display()),
+        other => bail!("{} is on a file system of type {other:#x} (statfs): ksave takes files on ext4 and XFS", path.display()),
+    })
+}
+
+/// Finds where `path` lies on its disk, down to the partition, refusing
+/// anything it cannot prove.
+pub fn locate(path: &Path) -> Result<Located> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file.metadata()?;
+    ensure!(meta.file_type().is_file(), "{} is not a regular file", path.display());
+    let fs = file_system(&file, path)?;
+    let mapped = fiemap(&file)?;
+    let why = check_mapped(&mapped, meta.len());
+    ensure!(why.is_empty(), "{} cannot be ksave's store as it lies:\n  {}", path.display(), why.join("\n  "));
+    let mut extents = Vec::new();
+    for m in &mapped {
+        push_merged(&mut extents, FileExtent { offset: m.physical, bytes: m.length });
+    }
+    let (mut major, mut minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let mut layers = Vec::new();
+    loop {
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let name = std::fs::canonicalize(&sys).ok().and_then(|p| Some(p.file_name()?.to_string_lossy().to_string())).with_context(|| format!("the file system's device {major}:{minor} is not a block device"))?;
+        if sys.join("partition").exists() {
+            let partition = sys::partition_info(&PathBuf::from("/dev").join(&name))?;
+            let part_bytes = partition.sectors * 512;
+            if let Some(e) = extents.iter().find(|e| e.offset + e.bytes > part_bytes) {
+                bail!("{} maps to byte {} of {}, beyond its end", path.display(), e.offset, name);
+            }
+            return Ok(Located { partition, fs, layers, extents });
+        }
+        if sys.join("dm").exists() {
+            let dm_name = std::fs::read_to_string(sys.join("dm/name"))?.trim().to_string();
+            let uuid = std::fs::read_to_string(sys.join("dm/uuid")).unwrap_or_default();
+            let out = std::process::Command::new("dmsetup").args(["table", "-j", &major.to_string(), "-m", &minor.to_string()]).output().context("running dmsetup (LVM's device-mapper tool)")?;
+            ensure!(out.status.success(), "dmsetup table {dm_name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            let table = parse_dm_table(&String::from_utf8_lossy(&out.stdout))?;
+            let what = if uuid.starts_with("LVM-") { format!("{name} (LVM {dm_name}, linear)") } else { format!("{name} (device-mapper {dm_name}, linear)") };
+            let (below, mapped) = through_linear(&extents, &table, &format!("{name} ({dm_name})"))?;
+            layers.push(what);
+            extents = mapped;
+            let (ma, mi) = below.split_once(':').with_context(|| format!("{dm_name}'s table names {below}, not major:minor"))?;
+            (major, minor) = (ma.parse()?, mi.parse()?);
+            continue;
+        }
+        let kind = if sys.join("loop").exists() {
+            let backing = std::fs::read_to_string(sys.join("loop/backing_file")).unwrap_or_default();
+            format!("a loop device ({name}, backed by {})", backing.trim())
+        } else if sys.join("md").exists() {
+            format!("an md RAID array ({name}): its blocks are spread over several disks")
+        } else if name.starts_with("nbd") || name.starts_with("rbd") || name.starts_with("drbd") {
+            format!("a network block device ({name})")
+        } else if name.starts_with("zram") {
+            format!("a compressed RAM disk ({name})")
+        } else {
+            format!("{name}, a whole disk without a partition (ksave finds its store by its GPT partition)")
+        };
+        bail!("{} lies on {kind}: ksave writes only into partitions and LVM linear volumes on them", path.display());
+    }
+}
+
+/// The map of `extents` as it is written into the file's first pages,
+/// and its entries' CRC.
+pub fn encode_map(extents: &[FileExtent], claim_id: [u8; 16]) -> (Vec<u8>, u32) {
+    let mut map = vec![0u8; filemap::pages_for(extents.len()) as usize * PAGE];
+    let crc = filemap::encode(extents, claim_id, &mut map);
+    (map, crc)
+}
+
+/// Reads or sets the file's inode flags (FS_IOC_GETFLAGS/SETFLAGS).
+fn inode_flags(file: &File) -> Result<libc::c_int> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the kernel writes one int.
+    ensure!(unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS, &mut flags) } == 0, "reading the file's attributes: {}", std::io::Error::last_os_error());
+    Ok(flags)
+}
+
+fn set_inode_flags(file: &File, flags: libc::c_int) -> Result<()> {
+    // SAFETY: the kernel reads one int.
+    ensure!(unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_SETFLAGS, &flags) } == 0, "setting the file's attributes: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Whether the file is immutable (chattr +i).
+pub fn is_immutable(path: &Path) -> Result<bool> {
+    Ok(inode_flags(&File::open(path)?)? & FS_IMMUTABLE_FL != 0)
+}
+
+/// Sets or clears the immutable attribute (chattr +i / -i).
+pub fn set_immutable(path: &Path, on: bool) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let flags = inode_flags(&file)?;
+    let want = if on { flags | FS_IMMUTABLE_FL } else { flags & !FS_IMMUTABLE_FL };
+    if want != flags {
+        set_inode_flags(&file, want).with_context(|| format!("chattr {}i {}", if on { '+' } else { '-' }, path.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates `path` (0600) of `size` bytes, every byte written, and synced:
+/// no hole, no unwritten or delayed extent is left.
+pub fn create(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    ensure!(size.is_multiple_of(1 << 20) && size > 0, "the size must be whole MiB");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    // On copy-on-write file systems the file must not be: set before any
+    // data (it is ignored where there is no copy-on-write).
+    if let Ok(flags) = inode_flags(&file) {
+        let _ = set_inode_flags(&file, flags | FS_NOCOW_FL);
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let written = (0..size >> 20).try_for_each(|_| file.write_all(&zeros)).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        bail!("writing {} ({} MiB): {e}", path.display(), size >> 20);
+    }
+    Ok(())
+}
+
+/// The map page 0 and what the file starts with, read through the file
+/// with its cached pages dropped first (what is on the disk).
+pub fn read_file_start(path: &Path, bytes: usize) -> Result<Vec<u8>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    drop_cached_pages(&file);
+    let mut buf = vec![0u8; bytes];
+    file.read_exact_at(&mut buf, 0).with_context(|| format!("reading {}", path.display()))?;
+    Ok(buf)
+}
+
+/// Drops a file's clean cached pages (POSIX_FADV_DONTNEED): ksave writes
+/// its blocks under the file system, so what is cached is stale.
+pub fn drop_cached_pages(file: &File) {
+    // SAFETY: advice only; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Whether a file begins with a ksave file map.
+pub fn is_image_file(path: &Path) -> bool {
+    read_file_start(path, 8).is_ok_and(|b| b[..8] == filemap::MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn only_a_whole_written_unshared_file_is_taken() {
+        let ok = [Mapped { logical: 0, physical: 8 * MIB, length: MIB, flags: 0 }, Mapped { logical: MIB, physical: 2 * MIB, length: MIB, flags: 1 }];
+        assert!(check_mapped(&ok, 2 * MIB).is_empty());
+        let hole = [ok[0], Mapped { logical: 3 * MIB, ..ok[1] }];
+        assert!(check_mapped(&hole, 4 * MIB)[0].contains("hole at byte 1048576"));
+        let short = check_mapped(&ok, 3 * MIB);
+        assert!(short[0].contains("end at byte 2097152"), "{short:?}");
+        let shared = [Mapped { flags: 0x2000 | 1, ..ok[0] }];
+        assert!(check_mapped(&shared, MIB)[0].contains("shared with another file"));
+        let unwritten_encoded = [Mapped { flags: 0x800 | 0x8, ..ok[0] }];
+        let why = check_mapped(&unwritten_encoded, MIB);
+        assert_eq!(why.len(), 2, "{why:?}");
+        let odd = [Mapped { physical: 8 * MIB + 512, ..ok[0] }];
+        assert!(check_mapped(&odd, MIB)[0].contains("not whole pages"));
+    }
+
+    #[test]
+    fn an_lvm_volume_maps_to_its_physical_volume() {
+        // Two segments of one LV on one PV (as lvextend leaves them).
+        let table = parse_dm_table("0 8192 linear 8:2 2048\n8192 4096 linear 8:2 409600\n").unwrap();
+        let extents = [FileExtent { offset: 3 * MIB, bytes: 2 * MIB }];
+        // Bytes 3-4 MiB are in segment 0 (sectors 6144-8191), 4-5 MiB in 1.
+        let (below, out) = through_linear(&extents, &table, "dm-0").unwrap();
+        assert_eq!(below, "8:2");
+        assert_eq!(out, [FileExtent { offset: 2048 * 512 + 3 * MIB, bytes: MIB }, FileExtent { offset: 409600 * 512, bytes: MIB }]);
+        // Other targets are refused by name.
+        let crypt = parse_dm_table("0 8192 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 8:2 32768\n").unwrap();
+        let e = through_linear(&[FileExtent { offset: 0, bytes: MIB }], &crypt, "dm-1").unwrap_err();
+        assert!(e.to_string().contains("crypt target") && e.to_string().contains("encrypted"), "{e}");
+        let striped = parse_dm_table("0 8192 striped 2 128 8:2 0 8:3 0\n").unwrap();
+        assert!(through_linear(&[FileExtent { offset: 0, bytes: MIB }], &striped, "dm-2").unwrap_err().to_string().contains("several disks"));
+        let two = parse_dm_table("0 2048 linear 8:2 0\n2048 2048 linear 8:3 0\n").unwrap();
+        assert!(through_linear(&[FileExtent { offset: 0, bytes: 2 * MIB }], &two, "dm-3").unwrap_err().to_string().contains("several devices"));
+    }
+
+    #[test]
+    fn neighbours_merge() {
+        let mut out = Vec::new();
+        push_merged(&mut out, FileExtent { offset: 0, bytes: 4096 });
+        push_merged(&mut out, FileExtent { offset: 4096, bytes: 4096 });
+        push_merged(&mut out, FileExtent { offset: 65536, bytes: 4096 });
+        assert_eq!(out, [FileExtent { offset: 0, bytes: 8192 }, FileExtent { offset: 65536, bytes: 4096 }]);
+    }
+}
