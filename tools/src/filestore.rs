@@ -242,14 +242,30 @@ pub fn locate(path: &Path) -> Result<Located> {
     let meta = file.metadata()?;
     ensure!(meta.file_type().is_file(), "{} is not a regular file", path.display());
     let fs = file_system(&file, path)?;
+    ensure!(meta.len().is_multiple_of(PAGE as u64) && meta.len() > 0, "{}'s size is not whole pages", path.display());
     let mapped = fiemap(&file)?;
     let why = check_mapped(&mapped, meta.len());
     ensure!(why.is_empty(), "{} cannot be ksave's store as it lies:\n  {}", path.display(), why.join("\n  "));
+    let (partition, layers, extents) = down_to_partition(path, meta.dev(), within(&mapped, meta.len()))?;
+    Ok(Located { partition, fs, layers, extents })
+}
+
+/// The file's first `size` bytes of `mapped`, merged: a file system may
+/// map blocks past the end of a file (XFS's speculative preallocation),
+/// which it frees and gives to other files later.
+pub fn within(mapped: &[Mapped], size: u64) -> Vec<FileExtent> {
     let mut extents = Vec::new();
-    for m in &mapped {
-        push_merged(&mut extents, FileExtent { offset: m.physical, bytes: m.length });
+    for m in mapped.iter().filter(|m| m.logical < size) {
+        push_merged(&mut extents, FileExtent { offset: m.physical, bytes: m.length.min(size - m.logical) });
     }
-    let (mut major, mut minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    extents
+}
+
+/// Follows `extents` of `path` (bytes on the device `dev`) down the block
+/// layers to the partition: returns it, the layers passed, and the extents
+/// in it.
+fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Result<(PartInfo, Vec<String>, Vec<FileExtent>)> {
+    let (mut major, mut minor) = (libc::major(dev), libc::minor(dev));
     let mut layers = Vec::new();
     loop {
         let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
@@ -260,7 +276,7 @@ pub fn locate(path: &Path) -> Result<Located> {
             if let Some(e) = extents.iter().find(|e| e.offset + e.bytes > part_bytes) {
                 bail!("{} maps to byte {} of {}, beyond its end", path.display(), e.offset, name);
             }
-            return Ok(Located { partition, fs, layers, extents });
+            return Ok((partition, layers, extents));
         }
         if sys.join("dm").exists() {
             let dm_name = std::fs::read_to_string(sys.join("dm/name"))?.trim().to_string();
@@ -416,6 +432,14 @@ mod tests {
         assert!(through_linear(&[FileExtent { offset: 0, bytes: MIB }], &striped, "dm-2").unwrap_err().to_string().contains("several disks"));
         let two = parse_dm_table("0 2048 linear 8:2 0\n2048 2048 linear 8:3 0\n").unwrap();
         assert!(through_linear(&[FileExtent { offset: 0, bytes: 2 * MIB }], &two, "dm-3").unwrap_err().to_string().contains("several devices"));
+    }
+
+    #[test]
+    fn blocks_past_the_end_are_not_the_files() {
+        // XFS maps speculative preallocation past EOF: not ours to write.
+        let mapped = [Mapped { logical: 0, physical: 8 * MIB, length: 2 * MIB, flags: 0 }, Mapped { logical: 2 * MIB, physical: 64 * MIB, length: 4 * MIB, flags: 1 }];
+        assert_eq!(within(&mapped, 3 * MIB), [FileExtent { offset: 8 * MIB, bytes: 2 * MIB }, FileExtent { offset: 64 * MIB, bytes: MIB }]);
+        assert_eq!(within(&mapped, MIB), [FileExtent { offset: 8 * MIB, bytes: MIB }]);
     }
 
     #[test]

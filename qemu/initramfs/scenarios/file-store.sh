@@ -41,8 +41,9 @@ case $fs in
     export DM_DISABLE_UDEV=1 LVM_SUPPRESS_FD_WARNINGS=1
     mkdir -p /run/lvm /run/lock/lvm
     lvm pvcreate -q -y "$scratch" && lvm vgcreate -q vg "$scratch" \
-      && lvm lvcreate -q -y -L 120M -n first vg && lvm lvcreate -q -y -L 400M -n root vg \
-      && lvm lvremove -q -y vg/first && lvm lvextend -q -L +120M vg/root \
+      && lvm lvcreate -q -y -L 200M -n first vg && lvm lvcreate -q -y -L 400M -n root vg \
+      && lvm lvcreate -q -y -l 100%FREE -n rest vg \
+      && lvm lvremove -q -y vg/first && lvm lvextend -q -L +200M vg/root \
       || { say "LVM set-up failed"; exit 1; }
     dmsetup table vg-root
     [ "$(dmsetup table vg-root | grep -c linear)" = 2 ] || { say "vg/root is not two linear segments"; exit 1; }
@@ -51,7 +52,7 @@ case $fs in
     mount -t xfs "$fsdev" /mnt || { say "mount failed"; exit 1; }
     # Something in the volume's first segment, so that the image file
     # reaches into its second (which lies before it on the disk).
-    dd if=/dev/urandom of=/mnt/ballast bs=1M count=100 conv=fsync 2>/dev/null
+    dd if=/dev/urandom of=/mnt/ballast bs=1M count=64 conv=fsync 2>/dev/null
     ;;
 esac
 
@@ -66,7 +67,7 @@ say "image file: $extents extents; $(sed -n 's/.*resumes it with: //p' /tmp/setu
 memtest_start "${KSAVE_MEMTEST_MIB:-64}"
 dd if=/dev/urandom of=/tmp/file bs=1M count=8 2>/dev/null
 want=$(sha256sum /tmp/file | cut -d' ' -f1)
-cp /tmp/file /mnt/kept && sync
+cp /tmp/file /mnt/kept && sync || { say "could not write a file on $fs"; exit 1; }
 last=0
 for round in 1 2; do
   say "hibernating ($round)"
