@@ -50,6 +50,7 @@ fn main() -> Result<()> {
         "debian-stale" => scenarios::debian_stale_and_damaged_images(true)?,
         "file-ext4" => scenarios::file_store_story(scenarios::FileFs::Ext4Fragmented, true)?,
         "file-xfs-lvm" => scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, true)?,
+        "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         other => bail!(
             "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench, bench-hibernation, bench-disks or bench-debian"
         ),

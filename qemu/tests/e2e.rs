@@ -248,6 +248,11 @@ fn hibernate_into_a_fragmented_file_on_ext4_and_resume_twice() {
 }
 
 #[test]
+fn hibernate_into_a_file_on_btrfs_and_resume_twice() {
+    run(|echo| scenarios::file_store_story(scenarios::FileFs::Btrfs, echo));
+}
+
+#[test]
 fn hibernate_into_a_file_on_xfs_on_lvm_and_resume_twice() {
     run(|echo| scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, echo));
 }

@@ -23,8 +23,8 @@ pub enum Command {
         /// Or its PARTUUID (GPT unique partition GUID).
         #[arg(long, conflicts_with = "file")]
         partuuid: Option<String>,
-        /// Or a file on an ext4 or XFS file system (on a partition or an LVM
-        /// linear volume), e.g. /var/lib/ksave/image: created if it does not
+        /// Or a file on an ext4, XFS or btrfs (one device, `single` data)
+        /// file system (on a partition or an LVM linear volume), e.g. /var/lib/ksave/image: created if it does not
         /// exist, all of it written, made immutable.
         #[arg(long, conflicts_with = "claim")]
         file: Option<PathBuf>,

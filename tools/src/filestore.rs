@@ -1,5 +1,6 @@
 //! A file as ksave's store (`ksave setup --file`): where its blocks lie on
-//! the disk, found from the file system (FIEMAP) and the block layers below
+//! the disk, found from the file system (FIEMAP; on btrfs through its
+//! chunk tree, [`crate::btrfs`]) and the block layers below
 //! it (a partition, or LVM's device-mapper `linear` targets), never
 //! guessed; anything else is refused with its name.
 //!
@@ -230,8 +231,8 @@ fn file_system(file: &File, path: &Path) -> Result<&'static str> {
     Ok(match st.f_type {
         EXT4_SUPER_MAGIC => "ext4",
         XFS_SUPER_MAGIC => "xfs",
-        BTRFS_SUPER_MAGIC => bail!("{} is on btrfs, which ksave does not map to the disk yet (ext4 and XFS are taken)", path.display()),
-        other => bail!("{} is on a file system of type {other:#x} (statfs): ksave takes files on ext4 and XFS", path.display()),
+        BTRFS_SUPER_MAGIC => "btrfs",
+        other => bail!("{} is on a file system of type {other:#x} (statfs): ksave takes files on ext4, XFS and btrfs", path.display()),
     })
 }
 
@@ -246,7 +247,21 @@ pub fn locate(path: &Path) -> Result<Located> {
     let mapped = fiemap(&file)?;
     let why = check_mapped(&mapped, meta.len());
     ensure!(why.is_empty(), "{} cannot be ksave's store as it lies:\n  {}", path.display(), why.join("\n  "));
-    let (partition, layers, extents) = down_to_partition(path, meta.dev(), within(&mapped, meta.len()))?;
+    let extents = within(&mapped, meta.len());
+    let (dev, extents) = if fs == "btrfs" {
+        // Not copy-on-write: btrfs would put the blocks elsewhere on the
+        // next write, and checksums the data of files that are.
+        ensure!(
+            inode_flags(&file)? & FS_NOCOW_FL != 0,
+            "{} is copy-on-write on btrfs (no chattr +C before its data): remove it and run setup again, which makes it NOCOW",
+            path.display()
+        );
+        let (device, extents) = crate::btrfs::map(&file, &extents).with_context(|| format!("{} on btrfs", path.display()))?;
+        (std::fs::metadata(&device).with_context(|| format!("{}", device.display()))?.rdev(), extents)
+    } else {
+        (meta.dev(), extents)
+    };
+    let (partition, layers, extents) = down_to_partition(path, dev, extents)?;
     Ok(Located { partition, fs, layers, extents })
 }
 

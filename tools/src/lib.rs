@@ -1,6 +1,7 @@
 //! Host-side logic of the `ksave` CLI, kept apart from argument parsing so it
 //! can be tested.
 
+pub mod btrfs;
 pub mod elfimage;
 pub mod export;
 pub mod filestore;

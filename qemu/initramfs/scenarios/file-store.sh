@@ -7,6 +7,9 @@
 # clean by its own checker.
 #   KSAVE_FS  ext4: the file deliberately fragmented (the free space made
 #               into 1 MiB holes first); refused once the file has moved
+#             btrfs: first a RAID1 btrfs over both partitions (refused),
+#               then a single-device btrfs; refused once a balance has
+#               moved the file
 #             xfs-lvm: XFS on an LVM volume of two linear segments, the
 #               second before the first on the disk; refused once the
 #               file's blocks are shared (a reflink)
@@ -34,6 +37,23 @@ case $fs in
       i=$((i + 2))
     done
     sync
+    fsdev=$scratch
+    ;;
+  btrfs)
+    # A btrfs over both partitions, RAID1 data: refused with its name.
+    first=$(test_partition 1) || exit 1
+    mkfs.btrfs -q -f -d raid1 -m raid1 "$first" "$scratch" >/dev/null || { say "mkfs.btrfs raid1 failed"; exit 1; }
+    mount -t btrfs -o device="$first" "$scratch" /mnt || { say "mount failed"; exit 1; }
+    if ksave setup --file /mnt/image --size 64M --elf /ksave.elf --no-precheck > /tmp/why 2>&1; then say "setup took a file on RAID1 btrfs"; exit 1; fi
+    cat /tmp/why
+    grep -q "RAID1 chunk" /tmp/why || { say "setup refused the RAID1 btrfs, but not for RAID1"; exit 1; }
+    [ -e /mnt/image ] && { say "the refused setup left its file behind"; exit 1; }
+    say "refused: RAID1"
+    umount /mnt
+    wipefs -q -a "$first" "$scratch"
+    # Then the image in a file on a single-device btrfs (Fedora's layout).
+    mkfs.btrfs -q -f "$scratch" >/dev/null || { say "mkfs.btrfs failed"; exit 1; }
+    mount -t btrfs "$scratch" /mnt || { say "mount failed"; exit 1; }
     fsdev=$scratch
     ;;
   xfs-lvm)
@@ -108,6 +128,13 @@ case $fs in
     /bin/cp "$image" "$image.new" && mv "$image.new" "$image" && chattr +i "$image" || { say "could not move the file"; exit 1; }
     refused "blocks moved since setup"
     ;;
+  btrfs)
+    # A balance relocates every data chunk: the file's blocks move (an
+    # immutable file is no exception; see docs/FILESTORE.md).
+    chattr +i "$image"
+    btrfs balance start -d /mnt >/dev/null 2>&1 || { say "btrfs balance failed"; exit 1; }
+    refused "blocks moved since setup"
+    ;;
   xfs-lvm)
     /bin/cp --reflink=always "$image" /mnt/clone || { say "reflink failed"; exit 1; }
     chattr +i "$image"
@@ -119,6 +146,7 @@ chattr -i "$image"
 umount /mnt || { say "umount failed"; exit 1; }
 case $fs in
   ext4) e2fsck -fn "$fsdev" > /tmp/fsck 2>&1 ;;
+  btrfs) btrfs check --readonly "$fsdev" > /tmp/fsck 2>&1 ;;
   xfs-lvm) xfs_repair -n "$fsdev" > /tmp/fsck 2>&1 ;;
 esac || { cat /tmp/fsck; say "$fs check found damage"; exit 1; }
 say "$fs clean ($(tail -1 /tmp/fsck))"
