@@ -265,7 +265,14 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
         (Ok(_), None) => Err(Message::format(format_args!("the backup map is not exactly ksave's pages"))),
         (Err(why), _) => Err(why.clone()),
     };
-    let mut none = NoneFree;
+    // A second walk of the same free pages, to count what this save needs
+    // before it writes when the store is smaller than the worst case.
+    let mut counting_free = caller_free.as_ref().ok().and_then(|(info, _)| CallerFree::new(info, caller.view?, config.ram(), backup).ok());
+    let (mut none, mut none_counting) = (NoneFree, NoneFree);
+    let counting: &mut dyn FreePages = match counting_free {
+        Some(ref mut free) => free,
+        None => &mut none_counting,
+    };
     let (free, free_rule): (&mut dyn FreePages, u32) = match caller_free {
         Ok((info, ref mut free)) => {
             let (rule, (major, minor)) = (info.rule.code(), info.version);
@@ -283,7 +290,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
     let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
     sink.fault_at_header = config.selftest_fault_in_save;
     let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
-    let summary = ready.write(&mut sink, &mem, free, free_rule, bufs, hw::now_us)?;
+    let summary = ready.write(&mut sink, &mem, free, counting, free_rule, bufs, hw::now_us)?;
     Ok((summary, sink.disk_us))
 }
 

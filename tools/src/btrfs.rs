@@ -21,6 +21,9 @@ const IOC_TREE_SEARCH: libc::c_ulong = 0xD000_9411;
 const IOC_FS_INFO: libc::c_ulong = 0x8400_941F;
 /// BTRFS_IOC_DEV_INFO, _IOWR(0x94, 30, struct btrfs_ioctl_dev_info_args): 4096.
 const IOC_DEV_INFO: libc::c_ulong = 0xD000_941E;
+/// BTRFS_IOC_BALANCE_PROGRESS, _IOR(0x94, 34, struct btrfs_ioctl_balance_args):
+/// 1024; fails with ENOTCONN when no balance is running.
+const IOC_BALANCE_PROGRESS: libc::c_ulong = 0x8400_9422;
 /// The chunk tree, its chunk items' objectid and key type
 /// (include/uapi/linux/btrfs_tree.h).
 const CHUNK_TREE_OBJECTID: u64 = 3;
@@ -158,6 +161,14 @@ fn chunks(file: &File) -> Result<Vec<Chunk>> {
 /// (btrfs logical) mapped to it. Refuses RAID and DUP chunks by their
 /// profile's name, and file systems on several devices.
 pub fn map(file: &File, extents: &[FileExtent]) -> Result<(PathBuf, Vec<FileExtent>)> {
+    // A balance relocates data chunks as it goes, from a kernel thread the
+    // jump does not stop: not while one runs (or is paused).
+    let mut progress = vec![0u64; 1024 / 8];
+    // SAFETY: a 1024-byte struct btrfs_ioctl_balance_args for the kernel
+    // to fill.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), IOC_BALANCE_PROGRESS, progress.as_mut_ptr()) };
+    let e = std::io::Error::last_os_error();
+    ensure!(rc != 0 && e.raw_os_error() == Some(libc::ENOTCONN), "a btrfs balance is running or paused: it moves data, the image file's too; let it finish or cancel it (btrfs balance cancel){}", if rc != 0 { format!(" ({e})") } else { String::new() });
     let chunks = chunks(file)?;
     let on_device = to_device(extents, &chunks)?;
     let mut info = vec![0u64; 1024 / 8];

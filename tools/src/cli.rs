@@ -28,8 +28,8 @@ pub enum Command {
         /// exist, all of it written, made immutable.
         #[arg(long, conflicts_with = "claim")]
         file: Option<PathBuf>,
-        /// With --file: its size, e.g. 2G or 1536M (default: the worst case
-        /// for this machine's RAM, so that every save fits).
+        /// With --file: its size, e.g. 2G or 1536M (default: half of RAM; a
+        /// save that needs more is refused before it writes anything).
         #[arg(long, requires = "file")]
         size: Option<String>,
         /// Compress with LZ4 where it pays.

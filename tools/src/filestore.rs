@@ -33,9 +33,14 @@ const FIEMAP_FLAG_SYNC: u32 = 1;
 /// x86_64, though the kernel reads an int).
 const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
 const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
-/// FS_IMMUTABLE_FL and FS_NOCOW_FL (linux/fs.h).
+/// FS_IMMUTABLE_FL, FS_JOURNAL_DATA_FL and FS_NOCOW_FL (linux/fs.h).
 const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+const FS_JOURNAL_DATA_FL: libc::c_int = 0x4000;
 const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+/// FS_IOC_FSGETXATTR, _IOR('X', 31, struct fsxattr) (linux/fs.h), and
+/// FS_XFLAG_REALTIME in its fsx_xflags.
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
+const FS_XFLAG_REALTIME: u32 = 0x1;
 
 /// statfs f_type of the file systems taken (linux/magic.h).
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;
@@ -248,11 +253,31 @@ pub fn locate(path: &Path) -> Result<Located> {
     let why = check_mapped(&mapped, meta.len());
     ensure!(why.is_empty(), "{} cannot be ksave's store as it lies:\n  {}", path.display(), why.join("\n  "));
     let extents = within(&mapped, meta.len());
+    let flags = inode_flags(&file)?;
+    if fs == "ext4" {
+        // Journalled data reaches its blocks at a checkpoint, perhaps after
+        // ksave wrote them: it would write setup's bytes over an image.
+        ensure!(flags & FS_JOURNAL_DATA_FL == 0, "{}: its data is journalled (chattr +j): its blocks are written late, over ksave's", path.display());
+        ensure!(
+            !mount_options_of(path).iter().any(|o| o == "data=journal"),
+            "{} is on ext4 mounted data=journal: its data blocks are written at journal checkpoints, perhaps over ksave's",
+            path.display()
+        );
+    }
+    if fs == "xfs" {
+        // A realtime file's FIEMAP addresses are on the realtime device,
+        // which FIEMAP does not name (the kernel's swap code refuses them).
+        let mut fsx = [0u32; 7];
+        // SAFETY: a 28-byte struct fsxattr for the kernel to fill.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FSGETXATTR, fsx.as_mut_ptr()) };
+        ensure!(rc == 0, "FS_IOC_FSGETXATTR: {}", std::io::Error::last_os_error());
+        ensure!(fsx[0] & FS_XFLAG_REALTIME == 0, "{} is an XFS realtime file: its blocks are on the realtime device", path.display());
+    }
     let (dev, extents) = if fs == "btrfs" {
         // Not copy-on-write: btrfs would put the blocks elsewhere on the
         // next write, and checksums the data of files that are.
         ensure!(
-            inode_flags(&file)? & FS_NOCOW_FL != 0,
+            flags & FS_NOCOW_FL != 0,
             "{} is copy-on-write on btrfs (no chattr +C before its data): remove it and run setup again, which makes it NOCOW",
             path.display()
         );
@@ -329,6 +354,24 @@ pub fn encode_map(extents: &[FileExtent], claim_id: [u8; 16]) -> (Vec<u8>, u32) 
     let mut map = vec![0u8; filemap::pages_for(extents.len()) as usize * PAGE];
     let crc = filemap::encode(extents, claim_id, &mut map);
     (map, crc)
+}
+
+/// The mount options of the file system `path` is on (its mount point is
+/// the longest that is a prefix of the canonical path).
+fn mount_options_of(path: &Path) -> Vec<String> {
+    let Ok(path) = std::fs::canonicalize(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    // mountinfo: id parent major:minor root mountpoint options ... - type source super-options
+    let best = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dash = f.iter().position(|&w| w == "-")?;
+            Some((PathBuf::from(f.get(4)?), f.get(dash + 3).copied().unwrap_or("")))
+        })
+        .filter(|(at, _)| path.starts_with(at))
+        .max_by_key(|(at, _)| at.as_os_str().len());
+    best.map(|(_, opts)| opts.split(',').map(str::to_string).collect()).unwrap_or_default()
 }
 
 /// Reads or sets the file's inode flags (FS_IOC_GETFLAGS/SETFLAGS).

@@ -1,11 +1,11 @@
 //! A save, in stages: the partition must be where the host saw it, every
-//! RAM and NVS page must be reachable, the backup map must be exactly
-//! ksave's own pages, and the partition must hold the worst case; the first
-//! that fails says why ([`Failure`], with `ksave_format::header::fail`'s
-//! code). Nothing is written until all have passed: [`Stages::check`] runs
-//! them and returns [`Ready`], the only way to [`Ready::write`], which
-//! writes the image by the format's commit protocol
-//! ([`commit::save`]).
+//! RAM and NVS page must be reachable, and the backup map must be exactly
+//! ksave's own pages; the first that fails says why ([`Failure`], with
+//! `ksave_format::header::fail`'s code). Nothing is written until all have
+//! passed: [`Stages::check`] runs them and returns [`Ready`], the only way
+//! to [`Ready::write`], which checks that the store holds what this save
+//! needs (counted first when it is smaller than the worst case) and writes
+//! the image by the format's commit protocol ([`commit::save`]).
 //!
 //! Between the two the caller picks which free pages to leave out and
 //! readies its store (progress against [`Ready::worst_case_bytes`]).
@@ -121,7 +121,7 @@ impl<'a> Stages<'a> {
         check_partition(&self.found, &self.host)?;
         check_reachable(&self.plan, self.reach)?;
         require_exact(self.backup)?;
-        let worst = check_capacity(&self.plan)?;
+        let worst = self.plan.worst_case_bytes();
         Ok(Ready { plan: self.plan, claimed: self.claimed, worst, started_us: self.started_us })
     }
 }
@@ -152,20 +152,25 @@ fn require_exact(backup: Result<Coverage, MapError>) -> Result<(), Failure> {
     }
 }
 
-/// Worst case first: a partition that might not hold it is refused before
-/// anything is written. Returns the worst case in bytes.
-fn check_capacity(plan: &Plan) -> Result<u64, Failure> {
-    let worst = plan.worst_case_bytes();
-    if worst > plan.capacity {
+/// A store smaller than the worst case must hold what this save needs,
+/// counted before anything is written ([`Plan::needed`]: the pages neither
+/// free nor zero); else the save is refused with the figures.
+fn check_capacity(plan: &Plan, worst: u64, mem: &impl Memory, counting: &mut dyn FreePages) -> Result<(), Failure> {
+    if worst <= plan.capacity {
+        return Ok(());
+    }
+    let needed = plan.needed(mem, counting).map_err(|pfn| fail!(fail::MEMORY, "page {pfn:#x} unreachable"))?;
+    if needed.bytes > plan.capacity {
         return Err(fail!(
             fail::TOO_SMALL,
-            "partition holds {} MiB, the worst case for {} MiB of RAM needs {} MiB: nothing saved",
-            plan.capacity >> 20,
+            "this save needs {} MiB ({} pages in use and not zero, of {} MiB of RAM), the store holds {} MiB: nothing written",
+            needed.bytes.div_ceil(1 << 20),
+            needed.stored,
             (plan.page_count() * PAGE as u64) >> 20,
-            worst.div_ceil(1 << 20)
+            plan.capacity >> 20
         ));
     }
-    Ok(worst)
+    Ok(())
 }
 
 /// A save whose stages all passed: it may write.
@@ -186,7 +191,8 @@ pub struct Summary {
 }
 
 impl Ready<'_> {
-    /// The largest image the plan can make, in bytes: the partition holds it.
+    /// The largest image the plan can make, in bytes (the store may be
+    /// smaller: [`Ready::write`] then counts what this save needs first).
     pub fn worst_case_bytes(&self) -> u64 {
         self.worst
     }
@@ -198,14 +204,18 @@ impl Ready<'_> {
 
     /// Writes the image to `store` by the format's commit protocol, reading
     /// pages from `mem` and leaving out those `free` holds free (which it
-    /// recognizes by `free_rule`, [`Plan::free_rule`]; 0 for none). `clock`
-    /// returns microseconds; the header records the time since
-    /// [`Stages::started_us`].
+    /// recognizes by `free_rule`, [`Plan::free_rule`]; 0 for none). A store
+    /// smaller than the worst case is first checked to hold what this save
+    /// needs, counted with `counting` (a second walk of the same free
+    /// pages): nothing is written if not. `clock` returns microseconds; the
+    /// header records the time since [`Stages::started_us`].
+    #[allow(clippy::too_many_arguments)] // each is one thing a save needs
     pub fn write<D>(
         self,
         store: &mut D,
         mem: &impl Memory,
         free: &mut dyn FreePages,
+        counting: &mut dyn FreePages,
         free_rule: u32,
         bufs: commit::Buffers,
         clock: fn() -> u64,
@@ -214,6 +224,7 @@ impl Ready<'_> {
         D: Device,
         D::Error: fmt::Display,
     {
+        check_capacity(&self.plan, self.worst, mem, counting)?;
         let plan = Plan { free_rule, ..self.plan };
         let (header, totals) = commit::save(&plan, &self.claimed, mem, free, store, bufs, clock, self.started_us).map_err(|e| match e {
             WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),

@@ -314,7 +314,7 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
     };
     let ready = stages.check().expect("the stages pass");
     assert!(ready.worst_case_bytes() <= capacity);
-    ready.write(&mut store, phys, &mut phys.free_blocks(), FREE_RULE, bufs.save(), clock)
+    ready.write(&mut store, phys, &mut phys.free_blocks(), &mut ksave_format::commit::NoneFree, FREE_RULE, bufs.save(), clock)
 }
 
 /// A whole resume of the image in the store `extents` on `disk` into `phys`.

@@ -109,10 +109,44 @@ impl Plan<'_> {
         self.pages().count() as u64
     }
 
-    /// The largest image this plan can make: the partition must hold it.
+    /// The largest image this plan can make, whatever the memory holds.
     pub fn worst_case_bytes(&self) -> u64 {
         writer::worst_case_bytes(self.page_count())
     }
+
+    /// What a save of this plan will write at most, counted before anything
+    /// is written, as the save will walk the pages: those `free` holds free
+    /// (listed as runs) and those all zero (left out) need no room. Err: a
+    /// page `mem` cannot reach.
+    pub fn needed(&self, mem: &impl Memory, free: &mut dyn FreePages) -> Result<Needed, u64> {
+        let (mut stored, mut runs, mut free_until, mut next_free) = (0u64, 0u64, 0u64, None);
+        for (pfn, is_ram) in self.pages() {
+            if is_ram && pfn >= free_until {
+                free_until = free.free_block(pfn).map_or(0, |n| pfn + n);
+            }
+            if is_ram && pfn < free_until {
+                // A run goes on only from the page before (as add_free).
+                if next_free != Some(pfn) {
+                    runs += 1;
+                }
+                next_free = Some(pfn + 1);
+            } else if !crate::is_zero_page(mem.page(pfn).ok_or(pfn)?) {
+                stored += 1;
+            }
+        }
+        Ok(Needed { stored, free_runs: runs, bytes: writer::bytes_at_most(stored, runs) })
+    }
+}
+
+/// What a save needs, counted before it writes ([`Plan::needed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needed {
+    /// Pages to store: neither free nor zero.
+    pub stored: u64,
+    /// Runs of free pages to list.
+    pub free_runs: u64,
+    /// The largest image they make.
+    pub bytes: u64,
 }
 
 /// Working memory for [`save`].

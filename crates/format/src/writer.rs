@@ -21,6 +21,14 @@ pub fn worst_case_bytes(pages: u64) -> u64 {
     DATA_OFFSET + pages * PAGE as u64 + (2 * pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
 }
 
+/// The largest image that stores `stored` pages and lists `free_runs`
+/// runs of free pages: every stored page raw, a raw chunk header per
+/// [`MAX_RAW_PAGES`] and one more, a free-run chunk per [`MAX_FREE_RUNS`]
+/// runs ([`worst_case_bytes`] with the runs counted, not bounded).
+pub fn bytes_at_most(stored: u64, free_runs: u64) -> u64 {
+    DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(MAX_RAW_PAGES as u64) + 1 + free_runs.div_ceil(MAX_FREE_RUNS as u64)) * PAGE as u64
+}
+
 /// Reads the pages being saved.
 pub trait Memory {
     /// The page at page frame `pfn`, or `None` if it cannot be reached.

@@ -6,7 +6,7 @@
 # refusals, each before anything is written; then the file system checked
 # clean by its own checker.
 #   KSAVE_FS  ext4: the file deliberately fragmented (the free space made
-#               into 1 MiB holes first); refused once the file has moved
+#               into 512 KiB holes first); refused once the file has moved
 #             btrfs: first a RAID1 btrfs over both partitions (refused),
 #               then a single-device btrfs; refused once a balance has
 #               moved the file
@@ -27,13 +27,13 @@ case $fs in
   ext4)
     mkfs.ext4 -q -F "$scratch" || { say "mkfs.ext4 failed"; exit 1; }
     mount -t ext4 "$scratch" /mnt || { say "mount failed"; exit 1; }
-    # Fill the file system, then free every other MiB: the image file can
-    # only be made of the holes.
+    # Fill the file system, then free every other 512 KiB: the image file
+    # can only be made of the holes.
     dd if=/dev/zero of=/mnt/filler bs=1M 2>/dev/null
-    mib=$(($(stat -c %s /mnt/filler) >> 20))
+    pieces=$(($(stat -c %s /mnt/filler) >> 19))
     i=0
-    while [ "$i" -lt "$mib" ]; do
-      /bin/fallocate -p -o $((i << 20)) -l 1048576 /mnt/filler || { say "fallocate failed"; exit 1; }
+    while [ "$i" -lt "$pieces" ]; do
+      /bin/fallocate -p -o $((i << 19)) -l 524288 /mnt/filler || { say "fallocate failed"; exit 1; }
       i=$((i + 2))
     done
     sync

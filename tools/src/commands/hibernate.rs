@@ -121,6 +121,12 @@ pub fn run(how: &How) -> Result<ExitCode> {
         }
         Verdict::Failed(why, code) => {
             eprintln!("ksave: hibernation FAILED, not powering off: {why}");
+            if code == Some(ksave_format::header::fail::TOO_SMALL) {
+                eprintln!(
+                    "ksave: what would help: `ksave hibernate --drop-caches` (the page cache is most of what a used system saves), fewer programs running, or a larger store (`ksave setup --file {} --size SIZE`)",
+                    setup.file.as_ref().map_or("/var/lib/ksave/image".into(), |f| f.path.display().to_string())
+                );
+            }
             // ksave's own code (0: it left none), for the harness.
             println!("ksave-metric save_failed={}", code.unwrap_or(0));
             Ok(ExitCode::FAILURE)

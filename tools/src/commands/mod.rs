@@ -129,13 +129,20 @@ fn precheck(setup: &Setup) -> Result<()> {
     let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
     let worst = ksave_format::writer::worst_case_bytes(pages);
     let bytes = if setup.file.is_some() { ImageFile::open_setup(setup, false)?.bytes() } else { setup.sectors * 512 };
-    ensure!(
-        worst <= bytes,
-        "{} holds {} MiB, an image of this machine's {} MiB of RAM may need {} MiB",
-        setup.describe(),
-        bytes >> 20,
-        (pages * PAGE as u64) >> 20,
-        worst.div_ceil(1 << 20)
-    );
+    // Smaller than the worst case is allowed (a used system saves far less
+    // than its RAM): ksave counts what a save needs before it writes, and
+    // refuses one that does not fit. Too small for even the image's own
+    // structures is no store.
+    let least = ksave_format::writer::bytes_at_most(0, 0) + (1 << 20);
+    ensure!(bytes >= least, "{} holds {} KiB, too small for any image", setup.describe(), bytes >> 10);
+    if worst > bytes {
+        println!(
+            "ksave: note: {} holds {} MiB, less than the worst case for this machine's {} MiB of RAM ({} MiB): a save that needs more is refused before it writes",
+            setup.describe(),
+            bytes >> 20,
+            (pages * PAGE as u64) >> 20,
+            worst.div_ceil(1 << 20)
+        );
+    }
     Ok(())
 }

@@ -442,10 +442,15 @@ pub fn stages<'a>(plan: Plan<'a>, store: &Store) -> Stages<'a> {
 /// A save of `ram` through the stages, as ksave runs it: the stages, then
 /// the image with `free`'s pages left out.
 pub fn save(stages: Stages, store: &mut Store, ram: &Ram, hole: Option<u64>, free: &mut dyn FreePages, free_rule: u32) -> Result<Summary, Failure> {
+    save_counting(stages, store, ram, hole, free, &mut commit::NoneFree, free_rule)
+}
+
+/// [`save`], counting what the save needs with `counting` (a second walk
+/// of the free pages) where the store is smaller than the worst case.
+pub fn save_counting(stages: Stages, store: &mut Store, ram: &Ram, hole: Option<u64>, free: &mut dyn FreePages, counting: &mut dyn FreePages, free_rule: u32) -> Result<Summary, Failure> {
     let ready = stages.check()?;
-    assert!(ready.worst_case_bytes() <= store.bytes.len() as u64);
     let mut bufs = Bufs::new();
-    ready.write(store, &ram.reader(hole), free, free_rule, bufs.save(), clock)
+    ready.write(store, &ram.reader(hole), free, counting, free_rule, bufs.save(), clock)
 }
 
 /// The usual save: [`Ram::kernel`]'s memory with [`free_blocks`] left out.
