@@ -227,6 +227,11 @@ pub struct Located {
     pub extents: Vec<FileExtent>,
 }
 
+/// The name of the file system `path` is on, if ksave takes it.
+pub fn file_system_name(path: &Path) -> Result<&'static str> {
+    file_system(&File::open(path)?, path)
+}
+
 /// The file system `file` is on, by name; refuses others.
 fn file_system(file: &File, path: &Path) -> Result<&'static str> {
     // SAFETY: statfs is plain data, fully written by fstatfs on success.

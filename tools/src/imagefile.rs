@@ -165,6 +165,11 @@ impl ImageFile {
         bail!("no ksave image on {}: neither a ksave partition nor a disk with one", path.display())
     }
 
+    /// The store's extents (in 512-byte units of the file or device).
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
     /// The store's size in bytes.
     pub fn bytes(&self) -> u64 {
         self.map().bytes()

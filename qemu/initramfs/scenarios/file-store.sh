@@ -102,6 +102,12 @@ done
 filefrag -v "$image" > /tmp/extents.after
 cmp -s /tmp/extents.before /tmp/extents.after || { diff /tmp/extents.before /tmp/extents.after; say "the image file's extents changed"; exit 1; }
 say "extents unchanged: $extents"
+# A snapshot, then the store as status shows it and the image verified
+# through the file itself (what ksave wrote under the file system).
+ksave hibernate --snapshot > /tmp/snapshot.log 2>&1 || { cat /tmp/snapshot.log; say "snapshot failed"; exit 1; }
+ksave status | grep -q "^store .*$image" || { ksave status; say "ksave status does not show the image file"; exit 1; }
+ksave verify "$image" > /tmp/verify 2>&1 || { cat /tmp/verify; say "ksave verify of the image file failed"; exit 1; }
+say "snapshot verified through the file: $(tail -1 /tmp/verify)"
 
 # The file's bytes on the disk (ksave writes under the file system: what
 # the page cache holds of the file is stale).

@@ -1,19 +1,68 @@
-//! `ksave status`: the image header on the configured partition (or a
-//! given partition, disk or image file).
+//! `ksave status`: the store `ksave setup` recorded (a partition, or a file
+//! and where it lies) and its image header; or the header on a given
+//! partition, disk or image file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use ksave_tools::imagefile::ImageFile;
+use ksave_tools::setup::Setup;
+use serde_json::json;
 
 use super::show;
 
 pub fn run(path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
-    let header = super::open_store(path, false)?.header()?;
+    let Some(path) = path else { return run_setup(json) };
+    let header = ImageFile::open(&path, false)?.header()?;
     if json {
         println!("{}", show::header_json(&header));
     } else {
         show::print_header(&header);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The setup's store, then its header.
+fn run_setup(json: bool) -> Result<ExitCode> {
+    let setup = Setup::load(&ksave_tools::setup::path())?;
+    let mut image = ImageFile::open_setup(&setup, false)?;
+    let header = image.header()?;
+    let extents = image.extents().len();
+    let store = match &setup.file {
+        Some(f) => json!({
+            "kind": "file",
+            "file": f.path,
+            "file_system": ksave_tools::filestore::file_system_name(&f.path).ok(),
+            "partition": setup.device,
+            "partuuid": setup.guid.to_string(),
+            "map_offset": f.map_offset,
+            "extents": extents,
+            "bytes": image.bytes(),
+            "boot_args": setup.resume_args(),
+        }),
+        None => json!({
+            "kind": "partition",
+            "partition": setup.device,
+            "partuuid": setup.guid.to_string(),
+            "bytes": image.bytes(),
+            "boot_args": setup.resume_args(),
+        }),
+    };
+    if json {
+        let mut all = show::header_json(&header);
+        all["store"] = store;
+        println!("{all}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &setup.file {
+        Some(f) => {
+            let fs = ksave_tools::filestore::file_system_name(&f.path).unwrap_or("?");
+            println!("store        {} ({fs}), {} MiB in {extents} extents, in {} (PARTUUID {}) at byte {}", f.path.display(), image.bytes() >> 20, setup.device.display(), setup.guid, f.map_offset);
+        }
+        None => println!("store        {} (PARTUUID {}), {} MiB", setup.device.display(), setup.guid, image.bytes() >> 20),
+    }
+    println!("boot args    {} (a bootloader's ksave line)", setup.resume_args());
+    show::print_header(&header);
     Ok(ExitCode::SUCCESS)
 }
