@@ -141,13 +141,21 @@ impl ImageFile {
         file.read_exact_at(&mut magic, 0).with_context(|| format!("reading {}", path.display()))?;
         if magic == filemap::MAGIC && file.metadata()?.file_type().is_file() {
             // An image file itself: the image follows its map. ksave wrote
-            // it under the file system, so its cached pages are stale.
+            // it under the file system, so its cached pages are stale: read
+            // it O_DIRECT, from the disk.
+            use std::os::unix::fs::OpenOptionsExt;
+            if write {
+                bail!("{} is an image file, immutable: it is written through its partition (`ksave invalidate` with no path, for the store set up)", path.display());
+            }
             filestore::drop_cached_pages(&file);
-            let mut page = [0u8; PAGE];
-            file.read_exact_at(&mut page, 0)?;
-            let pages = u64::from_le_bytes(page[16..24].try_into().expect("8 bytes"));
+            let file = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).with_context(|| format!("opening {} O_DIRECT", path.display()))?;
+            let mut page = Aligned::new(PAGE);
+            file.read_exact_at(page.bytes(), 0)?;
+            let pages = u64::from_le_bytes(page.bytes()[16..24].try_into().expect("8 bytes"));
             let start = pages.checked_mul(PAGE as u64).filter(|&s| s > 0 && s < size).with_context(|| format!("{}: its file map is damaged", path.display()))?;
-            return Self::new(file, Extent { lba: start / SECTOR, blocks: (size - start) / SECTOR }, format!("{} (an image file)", path.display()));
+            let mut image = Self::new(file, Extent { lba: start / SECTOR, blocks: (size - start) / SECTOR }, format!("{} (an image file)", path.display()))?;
+            image.direct = true;
+            return Ok(image);
         }
         if magic == MAGIC {
             return Self::new(file, Extent { lba: 0, blocks: size / SECTOR }, path.display().to_string());

@@ -122,11 +122,23 @@ fn load_segment(elf: &[u8], flags: u64) -> Result<ImageLayout> {
     let layout = ImageLayout::parse(elf)?;
     let data = &elf[layout.file_offset as usize..(layout.file_offset + layout.file_size) as usize];
     let seg = KexecSegment { buf: data.as_ptr(), bufsz: data.len(), mem: layout.start as usize, memsz: layout.footprint() as usize };
-    // SAFETY: kexec_load reads one segment descriptor and `bufsz` bytes at
-    // `buf`, both alive for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_kexec_load, layout.entry, 1u64, &seg as *const KexecSegment, flags | KEXEC_ARCH_X86_64) };
-    if rc != 0 {
-        bail!("kexec_load: {} (needs root and a kernel with CONFIG_KEXEC_JUMP)", std::io::Error::last_os_error());
+    // The kernel takes its control pages with __GFP_NORETRY
+    // (KEXEC_CONTROL_MEMORY_GFP, arch/x86/include/asm/kexec.h): under
+    // memory pressure (a large page cache being reclaimed) it fails at once
+    // where a moment later it would not. A few tries, with reclaim between.
+    for attempt in 1.. {
+        // SAFETY: kexec_load reads one segment descriptor and `bufsz` bytes
+        // at `buf`, both alive for the call.
+        let rc = unsafe { libc::syscall(libc::SYS_kexec_load, layout.entry, 1u64, &seg as *const KexecSegment, flags | KEXEC_ARCH_X86_64) };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOMEM) || attempt == 5 {
+            bail!("kexec_load: {e} (needs root and a kernel with CONFIG_KEXEC_JUMP)");
+        }
+        println!("ksave: kexec_load: {e}: trying again");
+        std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
     }
     Ok(layout)
 }
