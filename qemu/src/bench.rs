@@ -202,3 +202,23 @@ pub fn debian_table(runs: usize) -> Result<()> {
     println!("   (hibernate: systemctl hibernate to power-off; resume: power-on to `systemctl is-system-running` answering `running`)");
     Ok(())
 }
+
+/// The image in a file next to the partition on the same disk, in the
+/// same run (one run: a 3.6 GiB file system is filled once), and what
+/// finding a file's blocks again costs `ksave hibernate`.
+pub fn file_table() -> Result<()> {
+    eprintln!("bench: file vs partition");
+    let r = crate::scenarios::file_bench(false)?;
+    println!("{r}");
+    let pick = |what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
+    println!(
+        "   {:<58} {:>8.2}\n   {:<58} {:>8.2}\n   {:<58} {:>8.2}",
+        "file / partition, save rate",
+        pick("file: save rate (image / ksave's save time)") / pick("partition: save rate (image / ksave's save time)"),
+        "file / partition, save's disk transfers",
+        pick("file: save, disk transfers alone") / pick("partition: save, disk transfers alone"),
+        "file / partition, resume rate",
+        pick("file: resume rate (image / ksave's load time)") / pick("partition: resume rate (image / ksave's load time)")
+    );
+    Ok(())
+}

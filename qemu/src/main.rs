@@ -14,6 +14,9 @@ fn main() -> Result<()> {
     if which == "bench-debian" {
         return ksave_qemu::bench::debian_table(bench_runs());
     }
+    if which == "bench-file" {
+        return ksave_qemu::bench::file_table();
+    }
     if which == "bench-disks" {
         return ksave_qemu::bench::disk_table(bench_runs(), 256);
     }
@@ -23,6 +26,7 @@ fn main() -> Result<()> {
         ksave_qemu::bench::disk_table(runs, 256)?;
         ksave_qemu::bench::save_table(runs)?;
         ksave_qemu::bench::hibernation_table(runs, 128)?;
+        ksave_qemu::bench::file_table()?;
         return ksave_qemu::bench::debian_table(runs);
     }
     if which == "demo" {
@@ -52,7 +56,7 @@ fn main() -> Result<()> {
         "file-xfs-lvm" => scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, true)?,
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian, bench, bench-hibernation, bench-disks or bench-debian"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file or bench-debian"
         ),
     };
     println!("\n{report}");

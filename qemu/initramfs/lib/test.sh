@@ -92,3 +92,18 @@ prove_free_left_out() {
   [ "${free:-0}" -ge $((churned_mib * 256 / 2)) ] || { say "only ${free:-0} pages left out as free after churning $churned_mib MiB"; exit 1; }
   say "free pages proven: $free left out, none in use among them"
 }
+
+# fragment_free_space DIR BYTES: fills the file system at DIR (DIR/filler),
+# then frees every other BYTES of it: its free space is holes of BYTES, and
+# a file made next is in as many pieces. util-linux's fallocate is called by
+# path: busybox's shell runs its own applet (which cannot punch) first.
+fragment_free_space() {
+  dd if=/dev/zero of="$1/filler" bs=1M 2>/dev/null
+  pieces=$(($(stat -c %s "$1/filler") / $2))
+  i=0
+  while [ "$i" -lt "$pieces" ]; do
+    /bin/fallocate -p -o $((i * $2)) -l "$2" "$1/filler" || { say "fallocate failed"; exit 1; }
+    i=$((i + 2))
+  done
+  sync
+}

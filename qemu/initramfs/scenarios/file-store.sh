@@ -14,8 +14,7 @@
 #               second before the first on the disk; refused once the
 #               file's blocks are shared (a reflink)
 # busybox's shell runs its own applets before programs of the same name:
-# util-linux's fallocate (hole punching) and coreutils' cp (--reflink) are
-# called by path.
+# coreutils' cp (--reflink) is called by path.
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 fs=${KSAVE_FS:-ext4}
@@ -27,16 +26,8 @@ case $fs in
   ext4)
     mkfs.ext4 -q -F "$scratch" || { say "mkfs.ext4 failed"; exit 1; }
     mount -t ext4 "$scratch" /mnt || { say "mount failed"; exit 1; }
-    # Fill the file system, then free every other 512 KiB: the image file
-    # can only be made of the holes.
-    dd if=/dev/zero of=/mnt/filler bs=1M 2>/dev/null
-    pieces=$(($(stat -c %s /mnt/filler) >> 19))
-    i=0
-    while [ "$i" -lt "$pieces" ]; do
-      /bin/fallocate -p -o $((i << 19)) -l 524288 /mnt/filler || { say "fallocate failed"; exit 1; }
-      i=$((i + 2))
-    done
-    sync
+    # The image file can only be made of 512 KiB holes.
+    fragment_free_space /mnt 524288
     fsdev=$scratch
     ;;
   btrfs)
@@ -60,11 +51,12 @@ case $fs in
     # No udev here: LVM makes its device nodes itself.
     export DM_DISABLE_UDEV=1 LVM_SUPPRESS_FD_WARNINGS=1
     mkdir -p /run/lvm /run/lock/lvm
-    lvm pvcreate -q -y "$scratch" && lvm vgcreate -q vg "$scratch" \
+    if ! { lvm pvcreate -q -y "$scratch" && lvm vgcreate -q vg "$scratch" \
       && lvm lvcreate -q -y -L 200M -n first vg && lvm lvcreate -q -y -L 400M -n root vg \
       && lvm lvcreate -q -y -l 100%FREE -n rest vg \
-      && lvm lvremove -q -y vg/first && lvm lvextend -q -L +200M vg/root \
-      || { say "LVM set-up failed"; exit 1; }
+      && lvm lvremove -q -y vg/first && lvm lvextend -q -L +200M vg/root; }; then
+      say "LVM set-up failed"; exit 1
+    fi
     dmsetup table vg-root
     [ "$(dmsetup table vg-root | grep -c linear)" = 2 ] || { say "vg/root is not two linear segments"; exit 1; }
     fsdev=/dev/mapper/vg-root
@@ -87,7 +79,7 @@ say "image file: $extents extents; $(sed -n 's/.*resumes it with: //p' /tmp/setu
 memtest_start "${KSAVE_MEMTEST_MIB:-64}"
 dd if=/dev/urandom of=/tmp/file bs=1M count=8 2>/dev/null
 want=$(sha256sum /tmp/file | cut -d' ' -f1)
-cp /tmp/file /mnt/kept && sync || { say "could not write a file on $fs"; exit 1; }
+if ! { cp /tmp/file /mnt/kept && sync; }; then say "could not write a file on $fs"; exit 1; fi
 last=0
 for round in 1 2; do
   say "hibernating ($round)"
@@ -131,7 +123,7 @@ case $fs in
     # The file copied and put in its place: same name, same bytes (its map
     # too), other blocks (the filler's, freed for it).
     rm /mnt/filler
-    /bin/cp "$image" "$image.new" && mv "$image.new" "$image" && chattr +i "$image" || { say "could not move the file"; exit 1; }
+    if ! { /bin/cp "$image" "$image.new" && mv "$image.new" "$image" && chattr +i "$image"; }; then say "could not move the file"; exit 1; fi
     refused "blocks moved since setup"
     ;;
   btrfs)

@@ -267,6 +267,10 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
         }
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
     }
+    if in_a_file {
+        // The purge takes the (immutable) image file back too.
+        shell.run("e2e remove", 600 * SECOND)?;
+    }
     shell.power_off()?;
     disk.fsck_root()?;
     Ok(report)

@@ -97,3 +97,63 @@ pub fn file_store_story(fs: FileFs, echo: bool) -> Result<Report> {
     vm.expect_exit(0, 60 * SECOND)?;
     Ok(report)
 }
+
+/// `make bench`: the same memory (256 MiB of memtest data in a 512 MiB VM,
+/// AHCI) saved into ksave's partition and into a 1 GiB file on ext4 on the
+/// same disk, in turns, three times each, each resumed by QEMU `-kernel`
+/// (medians); then the time `ksave
+/// hibernate` spends finding the file's blocks again, for a 1 GiB file in
+/// one extent and in hundreds (qemu/initramfs/scenarios/file-bench.sh).
+pub fn file_bench(echo: bool) -> Result<Report> {
+    let bus = Bus::Ahci;
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(bus);
+    let name = "bench-file";
+    let part_mib = 600;
+    // Every block of the disk image allocated on the host: a sparse one
+    // makes the first write of a block slower than a rewrite, and the file
+    // is written once by setup before ksave writes it.
+    let disk = TestDisk::create_allocated(name, part_mib + 3600, part_mib)?;
+    let mut report = Report::new("the same memory into ksave's partition and into a file on ext4, same disk (AHCI), resumed by QEMU -kernel");
+    let config = kernel_on(machine.kernel, name, &format!("file-bench ksave.partuuid={} ksave.memtest_mib=256", crate::disk::PART_GUID))?.arg(disk.qemu_args(bus, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
+    let setup = vm.expect("ksave-test: image file:", 600 * SECOND)?;
+    let extents: f64 = setup.text.split("image file: ").nth(1).and_then(|t| t.split_whitespace().next()?.parse().ok()).context("no extent count")?;
+    report.add("1 GiB file on a fresh ext4: extents", extents, "");
+    let file_args = setup.text.split("; ").nth(1).context("no resume arguments")?.trim().to_string();
+    let partition_args = format!("ksave.resume={}", crate::disk::PART_GUID);
+    // Per store: save ms, disk ms, load ms, image bytes; three rounds each.
+    let mut runs: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    for round in 1..=6 {
+        let (store, index, args) = if round % 2 == 1 { ("partition", 0, &partition_args) } else { ("file", 1, &file_args) };
+        vm.expect(&format!("ksave-test: hibernating ({round}, {store})"), 600 * SECOND)?;
+        if store == "file" && round == 2 {
+            report.add("1 GiB file on a fresh ext4: ksave hibernate finding its blocks", vm.expect_metrics("store_check_ms", 60 * SECOND)?.get("store_check_ms")?, "ms");
+        }
+        let saved = vm.expect_metrics("save_ms", 600 * SECOND)?;
+        vm.expect("ksave: powering off", 60 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        let resume = VmConfig::new(&format!("{name}-{round}")).arg(["-kernel".to_string(), build_input("ksave.elf")?.display().to_string(), "-append".into(), args.clone()]);
+        vm = Vm::start(VmConfig { echo, ..machine.apply(resume.arg(disk.qemu_args(bus, None)))? })?;
+        let loaded = vm.expect_metrics("resume_load_ms", 300 * SECOND)?;
+        runs[index].push([saved.get("save_ms")?, saved.get("disk_ms")?, loaded.get("resume_load_ms")?, saved.get("image_bytes")?]);
+    }
+    for (index, store) in [(0, "partition"), (1, "file")] {
+        let median = |k: usize| {
+            let mut v: Vec<f64> = runs[index].iter().map(|r| r[k]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let bytes = median(3);
+        report.add(format!("{store}: image (median of 3)"), bytes / 1048576.0, "MiB");
+        report.add(format!("{store}: save rate (image / ksave's save time)"), bytes / 1e3 / median(0), "MB/s");
+        report.add(format!("{store}: save, disk transfers alone"), bytes / 1e3 / median(1).max(1.0), "MB/s");
+        report.add(format!("{store}: resume rate (image / ksave's load time)"), bytes / 1e3 / median(2).max(1.0), "MB/s");
+    }
+    let fragmented = vm.expect("ksave-test: fragmented file:", 900 * SECOND)?;
+    let extents: f64 = fragmented.text.split("file: ").nth(1).and_then(|t| t.split_whitespace().next()?.parse().ok()).context("no extent count")?;
+    report.add("fragmented 1 GiB file: extents", extents, "");
+    report.add("fragmented 1 GiB file: ksave hibernate finding its blocks", vm.expect_metrics("store_check_ms", 120 * SECOND)?.get("store_check_ms")?, "ms");
+    vm.expect("ksave-test: bench done", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    Ok(report)
+}

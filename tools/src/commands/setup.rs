@@ -268,3 +268,22 @@ fn confirm(question: &str) -> Result<bool> {
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_are_whole_mib() {
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1536M").unwrap(), 1536 << 20);
+        assert_eq!(parse_size("1536MiB").unwrap(), 1536 << 20);
+        assert_eq!(parse_size("1073741824").unwrap(), 1 << 30);
+        assert!(parse_size("1T").is_ok());
+        assert!(parse_size("8M").is_err(), "below 16 MiB");
+        assert!(parse_size("100000K").is_err(), "not whole MiB");
+        assert!(parse_size("2X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err(), "overflow");
+    }
+}
