@@ -181,7 +181,7 @@ fn verdict(setup: &Setup, nonce: u64, mailbox: Option<(u32, String)>) -> Verdict
         }
         None => Verdict::Failed(fallback, None),
     };
-    match ImageFile::open_setup(&setup, false).and_then(|mut f| f.header()) {
+    match ImageFile::open_setup(setup, false).and_then(|mut f| f.header()) {
         Ok(h) if h.nonce == nonce && h.state == State::Invalidated => Verdict::Resumed(h),
         Ok(h) if h.nonce == nonce && h.state == State::Complete => Verdict::Saved(h),
         Ok(h) if h.nonce == nonce && h.state == State::Failed => Verdict::Failed(format!("ksave could not save: {}", h.message()), Some(h.fail_code)),
