@@ -346,7 +346,7 @@ impl Config {
         }
         c.filesystems = raw.filesystems.map(FsSeen::from);
         let map = raw.file_map.get();
-        if !map.is_multiple_of(PAGE as u64) {
+        if !map.is_multiple_of(PAGE as u64) || (map == 0 && raw.file_map_crc.get() != 0) {
             return Err(ConfigError::Field("file map offset"));
         }
         c.file_map = (map != 0).then(|| FileMapAt { offset: map, crc: raw.file_map_crc.get() });

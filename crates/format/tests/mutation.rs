@@ -142,6 +142,7 @@ const CONFIG_FIELDS: &[(usize, usize)] = &[
     (0, 8), (8, 4), (12, 4), (16, 8), (24, 8), (32, 8), (40, 8), (48, 8), (56, 8), (64, 4), (68, 4), (72, 8), (80, 8), (88, 8), (96, 8),
     (2104, 8), (2112, 8), (2376, 8), (2384, 4), (2388, 4), (2392, 4), (2396, 8), (2404, 8), (2636, 8), (2644, 8), (2652, 4), (2656, 8),
     (2712, 8), (2720, 8), (2728, 8), (2736, 8), (2752, 8), (2768, 4), (2772, 8), (2780, 8), (2788, 4), (2792, 4), (2796, 8),
+    (3284, 8), (3292, 4),
 ];
 
 impl Mutator {
@@ -714,6 +715,10 @@ fn config_valid(b: &[u8; PAGE]) -> bool {
     let counts = (1..=config::MAX_RANGES).contains(&ram) && nvs <= config::MAX_NVS && iommus <= config::MAX_IOMMUS && u32_at(b, 2768) as usize <= header::MAX_FILESYSTEMS;
     let note = (u64_at(b, 2720), u64_at(b, 2728));
     let fields = b[32..48] != [0; 16] && u64_at(b, 56) > 0 && note.0 <= note.1 && note.1 - note.0 <= config::MAX_VMCOREINFO;
+    // A file store's map: whole pages from the partition's start; no CRC
+    // without one.
+    let file_map = u64_at(b, 3284) % PAGE as u64 == 0 && (u64_at(b, 3284) != 0 || u32_at(b, 3292) == 0);
+    let fields = fields && file_map;
     known && counts && fields && ok(&ranges(72, ram)) && ok(&ranges(2396, nvs)) && !overlap(&ranges(72, ram), &ranges(2396, nvs))
 }
 
@@ -742,6 +747,7 @@ fn config_seeds() -> Vec<[u8; PAGE]> {
     (full.ram_count, full.nvs_count, full.iommu_count, full.facs_signature) = (config::MAX_RANGES, config::MAX_NVS, config::MAX_IOMMUS, None);
     full.vmcoreinfo = Range { start: 0x3000_0000, end: 0x3000_0000 + config::MAX_VMCOREINFO };
     full.info = [b'x'; config::INFO_LEN];
+    full.file_map = Some(config::FileMapAt { offset: 1 << 30, crc: 0xc0ff_ee00 });
     let mut blocks = vec![[0u8; PAGE], [0u8; PAGE], config::SHIPPED];
     c.encode(&mut blocks[0]);
     full.encode(&mut blocks[1]);
@@ -756,12 +762,12 @@ fn config_sections() {
         for (i, b) in seeds.iter().enumerate().take(2) {
             check_config(u64::MAX - i as u64, b, &Config::decode(b).unwrap());
         }
-        let dict: Vec<u64> = seeds[..2].iter().flat_map(|b| (72..3284).step_by(8).map(|at| u64_at(b, at))).filter(|&v| v != 0).collect();
+        let dict: Vec<u64> = seeds[..2].iter().flat_map(|b| (72..3296).step_by(8).map(|at| u64_at(b, at))).filter(|&v| v != 0).collect();
         let mutator = Mutator::new(dict);
         move |rng, case| {
             let original = &seeds[case as usize % seeds.len()];
             let mut b = *original;
-            mutator.mutate(rng, &mut b, 3284, CONFIG_FIELDS);
+            mutator.mutate(rng, &mut b, 3296, CONFIG_FIELDS);
             let sealed = !rng.one_in(4);
             if sealed {
                 seal(&mut b);
