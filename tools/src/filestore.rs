@@ -254,7 +254,9 @@ pub fn locate(path: &Path) -> Result<Located> {
     ensure!(meta.file_type().is_file(), "{} is not a regular file", path.display());
     let fs = file_system(&file, path)?;
     ensure!(meta.len().is_multiple_of(PAGE as u64) && meta.len() > 0, "{}'s size is not whole pages", path.display());
-    let mapped = fiemap(&file)?;
+    // Only what lies inside the file is ours (blocks past the end may be
+    // speculative preallocation, delayed or unwritten).
+    let mapped: Vec<Mapped> = fiemap(&file)?.into_iter().filter(|m| m.logical < meta.len()).collect();
     let why = check_mapped(&mapped, meta.len());
     ensure!(why.is_empty(), "{} cannot be ksave's store as it lies:\n  {}", path.display(), why.join("\n  "));
     let extents = within(&mapped, meta.len());

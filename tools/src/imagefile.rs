@@ -28,8 +28,11 @@ pub struct ImageFile {
     pub file: File,
     extents: Vec<Extent>,
     /// Opened O_DIRECT (a mounted partition, whose cache is the file
-    /// system's): every transfer goes through a page-aligned buffer.
+    /// system's; an image file): every transfer goes through a page-aligned
+    /// buffer.
     direct: bool,
+    /// The file's or device's length in bytes.
+    len: u64,
     /// How the image was found, for messages.
     pub description: String,
 }
@@ -52,7 +55,11 @@ fn drop_cached_blocks(file: &File) -> std::io::Result<()> {
 
 impl Drop for ImageFile {
     fn drop(&mut self) {
-        let _ = drop_cached_blocks(&self.file);
+        // O_DIRECT left nothing cached (and a mounted partition's cache is
+        // its file system's).
+        if !self.direct {
+            let _ = drop_cached_blocks(&self.file);
+        }
     }
 }
 
@@ -64,9 +71,15 @@ impl Source for ImageFile {
         for piece in pieces {
             let part = &mut buf[at..at + piece.bytes as usize];
             if self.direct {
-                let mut bounce = Aligned::new(part.len());
-                self.file.read_exact_at(bounce.bytes(), piece.lba * SECTOR)?;
-                part.copy_from_slice(bounce.bytes());
+                // Whole pages around the piece: a file system may want its
+                // block size (btrfs does, and reads anything else through
+                // the page cache, stale here); a device's end may not be.
+                let (at, end) = (piece.lba * SECTOR, piece.lba * SECTOR + piece.bytes);
+                let (from, to) = (at / PAGE as u64 * PAGE as u64, end.next_multiple_of(PAGE as u64));
+                let (from, to) = if to <= self.len { (from, to) } else { (at, end) };
+                let mut bounce = Aligned::new((to - from) as usize);
+                self.file.read_exact_at(bounce.bytes(), from)?;
+                part.copy_from_slice(&bounce.bytes()[(at - from) as usize..(end - from) as usize]);
             } else {
                 self.file.read_exact_at(part, piece.lba * SECTOR)?;
             }
@@ -123,12 +136,18 @@ impl ImageFile {
         let file = OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(device).with_context(|| format!("opening {}", device.display()))?;
         let blocks = sys::device_len(&file)? / SECTOR;
         let description = format!("the image file at byte {map_offset} of {}", device.display());
-        let mut image = Self { file, extents: vec![Extent { lba: 0, blocks }], direct: true, description };
+        let mut image = Self { file, extents: vec![Extent { lba: 0, blocks }], direct: true, len: blocks * SECTOR, description };
         let mut table = vec![Extent::default(); filemap::MAX_EXTENTS];
         let part = filemap::Partition { first_lba: 0, blocks, block_size: SECTOR as u32 };
         let head = filemap::read(part, map_offset, |lba, page| image.read_at(lba * SECTOR, page), &mut [0; PAGE], &mut table).map_err(|e| anyhow!("{}: {e}", image.description))?;
         image.extents = filemap::image_extents(&mut table[..head.extents], head.pages, SECTOR as u32).to_vec();
         StoreMap::new(SECTOR as u32, &image.extents).map_err(|e| anyhow!("{}: {e}", image.description))?;
+        // As ksave: an image header in the file carries the map's claim.
+        let mut block = [0u8; PAGE];
+        image.read_at(0, &mut block)?;
+        if Header::decode(&block).is_ok_and(|h| h.claim.id != head.claim_id) {
+            bail!("{}: its header's claim is not its map's (the map is stale): run `ksave setup` again", image.description);
+        }
         Ok((image, head.crc))
     }
 
@@ -191,7 +210,8 @@ impl ImageFile {
 
     fn new(file: File, extent: Extent, description: String) -> Result<Self> {
         StoreMap::new(SECTOR as u32, &[extent]).map_err(|e| anyhow!("{description}: {e}"))?;
-        Ok(Self { file, extents: vec![extent], direct: false, description })
+        let len = sys::device_len(&file)?;
+        Ok(Self { file, extents: vec![extent], direct: false, len, description })
     }
 
     /// The store's extents.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use diskdrv::part::Guid;
 
 use ksave_format::store::Claim;
@@ -112,11 +112,11 @@ impl Setup {
         let disk = get("disk_guid").with_context(stale)?;
         let Ok(disk) = Guid::try_parse(disk) else { bail!("{}: disk_guid={disk} is not a GUID", path.display()) };
         let file = match get("file") {
-            Ok(path) => Some(FileStore {
-                path: path.into(),
-                map_offset: get("file_map")?.parse().context("file_map")?,
-                map_crc: u32::from_str_radix(get("file_map_crc")?, 16).context("file_map_crc")?,
-            }),
+            Ok(file) => {
+                let map_offset: u64 = get("file_map")?.parse().context("file_map")?;
+                ensure!(map_offset != 0 && map_offset.is_multiple_of(4096), "{}: file_map={map_offset} is not a file's first block", path.display());
+                Some(FileStore { path: file.into(), map_offset, map_crc: u32::from_str_radix(get("file_map_crc")?, 16).context("file_map_crc")? })
+            }
             Err(_) => None,
         };
         Ok(Self {

@@ -130,29 +130,31 @@ fn a_backup_map_that_is_not_exactly_ksaves_pages_is_refused() {
 
 #[test]
 fn a_store_below_the_worst_case_holds_a_save_that_fits_and_refuses_one_that_does_not_before_writing() {
-    let kernel = Ram::kernel(36);
-    let backup = backup();
-    let worst = plan(&backup, false, CAPACITY, 512).worst_case_bytes();
-    // What this save needs, counted as ksave counts: free and zero pages
-    // take no room.
-    let needed = plan(&backup, false, CAPACITY, 512).needed(&kernel.reader(None), &mut free_blocks()).unwrap();
-    assert!(needed.bytes < worst && needed.stored > 0 && needed.free_runs == free_blocks().0.len() as u64, "{needed:?} of {worst}");
-    // A store of exactly that size holds it.
-    let fits = needed.bytes as usize;
-    let mut store = Store::new(fits, 512, &kernel);
-    let summary = save_counting(stages(plan(&backup, false, fits, 512), &store), &mut store, &kernel, None, &mut free_blocks(), &mut free_blocks(), FREE_RULE).expect("it fits");
-    assert_eq!(summary.totals.pages_stored, needed.stored);
-    assert!(DATA_OFFSET + summary.totals.data_bytes <= needed.bytes);
-    // One page less: refused with the figures, and not a byte written.
-    let short = fits - PAGE;
-    let mut store = Store::new(short, 512, &kernel);
-    let before = store.bytes.clone();
-    let failure = save_counting(stages(plan(&backup, false, short, 512), &store), &mut store, &kernel, None, &mut free_blocks(), &mut free_blocks(), FREE_RULE).unwrap_err();
-    assert_eq!(failure.code, fail::TOO_SMALL);
-    let why = failure.message.as_str();
-    assert!(why.starts_with(&format!("this save needs {} MiB ({} pages in use and not zero", needed.bytes.div_ceil(1 << 20), needed.stored)) && why.ends_with("nothing written"), "{why}");
-    assert!(store.bytes == before, "the refused save wrote to the store");
-    assert!(store.flushes.is_empty());
+    for (seed, lz4, align) in [(36, false, 512), (37, true, 512), (38, true, 4096)] {
+        let kernel = Ram::kernel(seed);
+        let backup = backup();
+        let worst = plan(&backup, lz4, CAPACITY, align).worst_case_bytes();
+        // What this save needs, counted as ksave counts: free and zero
+        // pages take no room, and coded groups never more than raw.
+        let needed = plan(&backup, lz4, CAPACITY, align).needed(&kernel.reader(None), &mut free_blocks()).unwrap();
+        assert!(needed.bytes < worst && needed.stored > 0 && needed.free_runs == free_blocks().0.len() as u64, "{needed:?} of {worst}");
+        // A store of exactly that size holds it.
+        let fits = needed.bytes as usize;
+        let mut store = Store::new(fits, align, &kernel);
+        let summary = save_counting(stages(plan(&backup, lz4, fits, align), &store), &mut store, &kernel, None, &mut free_blocks(), &mut free_blocks(), FREE_RULE).expect("it fits");
+        assert_eq!(summary.totals.pages_stored, needed.stored);
+        assert!(DATA_OFFSET + summary.totals.data_bytes <= needed.bytes, "lz4 {lz4}, align {align}");
+        // One page less: refused with the figures, and not a byte written.
+        let short = fits - PAGE;
+        let mut store = Store::new(short, align, &kernel);
+        let before = store.bytes.clone();
+        let failure = save_counting(stages(plan(&backup, lz4, short, align), &store), &mut store, &kernel, None, &mut free_blocks(), &mut free_blocks(), FREE_RULE).unwrap_err();
+        assert_eq!(failure.code, fail::TOO_SMALL);
+        let why = failure.message.as_str();
+        assert!(why.starts_with(&format!("this save needs {} MiB ({} pages in use and not zero", needed.bytes.div_ceil(1 << 20), needed.stored)) && why.ends_with("nothing written"), "{why}");
+        assert!(store.bytes == before, "the refused save wrote to the store");
+        assert!(store.flushes.is_empty());
+    }
 }
 
 #[test]

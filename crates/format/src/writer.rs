@@ -13,10 +13,11 @@ use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 
 /// Worst-case bytes of an image of `pages` pages: every page raw, a raw
 /// chunk header per [`MAX_RAW_PAGES`], a free-run chunk per as many (a run
-/// every other page at most), and one more header for a raw chunk cut short
-/// by the last LZ4 group (an earlier cut is paid for by the group it makes
-/// room for, which saves at least a block). A partition smaller than this
-/// is refused up front.
+/// every other page at most), and one more header for a raw chunk cut
+/// short by an LZ4 group's flush at the end (a coded group is taken only
+/// when it costs no more than its pages raw and the header of the raw
+/// chunk it cuts short, `flush_group`). A store smaller than this counts
+/// what a save needs first ([`bytes_at_most`]).
 pub fn worst_case_bytes(pages: u64) -> u64 {
     DATA_OFFSET + pages * PAGE as u64 + (2 * pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
 }
@@ -24,7 +25,9 @@ pub fn worst_case_bytes(pages: u64) -> u64 {
 /// The largest image that stores `stored` pages and lists `free_runs`
 /// runs of free pages: every stored page raw, a raw chunk header per
 /// [`MAX_RAW_PAGES`] and one more, a free-run chunk per [`MAX_FREE_RUNS`]
-/// runs ([`worst_case_bytes`] with the runs counted, not bounded).
+/// runs ([`worst_case_bytes`] with the runs counted, not bounded). A coded
+/// group never costs more than its pages raw and the raw chunk header it
+/// cuts short (the writer stores it raw otherwise).
 pub fn bytes_at_most(stored: u64, free_runs: u64) -> u64 {
     DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(MAX_RAW_PAGES as u64) + 1 + free_runs.div_ceil(MAX_FREE_RUNS as u64)) * PAGE as u64
 }
@@ -217,7 +220,14 @@ impl<'b> Writer<'b> {
         let out = &mut self.bufs.lz4_out;
         let codec = self.codec.as_mut().expect("groups are gathered only with a codec");
         let encoding = codec.encoding();
-        match codec.encode(input, &mut out[LZ4_HEADER..]) {
+        // A group is stored coded only when that costs no more than its
+        // pages raw, counting the header of the raw chunk it cuts short:
+        // then no image is larger than all its pages raw
+        // ([`worst_case_bytes`], [`bytes_at_most`]), whatever the alignment.
+        let cut = if self.raw_count > 0 { PAGE } else { 0 };
+        let align = self.align;
+        let coded = codec.encode(input, &mut out[LZ4_HEADER..]).filter(|&len| encoding.bytes_on_disk(len, align) as usize + cut <= n * PAGE);
+        match coded {
             Some(len) => {
                 // Stored pages go out in ascending order (restore relies on
                 // it): raw pages queued before this group go first.

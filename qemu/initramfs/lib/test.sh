@@ -100,6 +100,7 @@ prove_free_left_out() {
 fragment_free_space() {
   dd if=/dev/zero of="$1/filler" bs=1M 2>/dev/null
   pieces=$(($(stat -c %s "$1/filler") / $2))
+  [ "$pieces" -gt 2 ] || { say "could not fill $1"; exit 1; }
   i=0
   while [ "$i" -lt "$pieces" ]; do
     /bin/fallocate -p -o $((i * $2)) -l "$2" "$1/filler" || { say "fallocate failed"; exit 1; }

@@ -37,12 +37,17 @@ pub fn run(how: &How) -> Result<ExitCode> {
         anyhow::bail!("{why}");
     }
     let setup = Setup::load(&setup::path())?;
-    if !no_precheck {
+    // A file store is checked always, --no-precheck or not: a file moved
+    // since setup leaves its old map and claim in blocks that are no longer
+    // its, where ksave's own checks would find them intact.
+    if !no_precheck || setup.file.is_some() {
         let checking = std::time::Instant::now();
         super::check_store(&setup)?;
         // For `make bench`: what finding the store's blocks again costs (a
         // file: FIEMAP, the layers below, the map on the disk).
         println!("ksave-metric store_check_ms={:.1}", checking.elapsed().as_secs_f64() * 1000.0);
+    }
+    if !no_precheck {
         super::precheck(&setup)?;
     }
     match sys::free_pages_note() {

@@ -28,17 +28,30 @@ pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Opti
             // A file store in that partition is found by the setup's map.
             // (or by the offset given, with no setup).
             let file = Setup::load(&ksave_tools::setup::path()).ok().filter(|s| s.guid == guid).and_then(|s| s.file);
-            let open = |dev: PathBuf| match (file_at, &file) {
-                (Some(offset), _) => ImageFile::open_file_map(&dev, offset, true).map(|(f, _)| f),
-                (None, Some(store)) => ImageFile::open_file_store(&dev, store, true),
-                (None, None) => ImageFile::open(&dev, true),
+            let open = |dev: &PathBuf| match (file_at, &file) {
+                (Some(offset), _) => ImageFile::open_file_map(dev, offset, true).map(|(f, _)| f),
+                (None, Some(store)) => ImageFile::open_file_store(dev, store, true),
+                (None, None) => ImageFile::open(dev, true),
             };
-            found.into_iter().map(open).collect::<Result<Vec<_>>>()?
+            found.iter().map(|dev| open(dev).with_context(|| format!("{}", dev.display()))).collect()
         }
-        None => vec![super::open_store(path, true)?],
+        None => vec![super::open_store(path, true)],
     };
-    let lines: Result<Vec<String>> = stores.into_iter().map(|f| invalidate_one(f, reason.as_deref())).collect();
-    Ok(lines?.join("\n"))
+    // Every store that opens is invalidated, whatever another one does;
+    // then the first failure is the answer.
+    let mut lines = Vec::new();
+    let mut failed = None;
+    for store in stores {
+        match store.and_then(|f| invalidate_one(f, reason.as_deref())) {
+            Ok(line) => lines.push(line),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    match failed {
+        Some(e) if lines.is_empty() => Err(e),
+        Some(e) => Err(e.context(lines.join("\n"))),
+        None => Ok(lines.join("\n")),
+    }
 }
 
 /// [`invalidate`] of the store open in `file`.

@@ -16,6 +16,11 @@ pub fn run(kexec_tools: bool) -> Result<ExitCode> {
         anyhow::bail!("{why}");
     }
     let setup = Setup::load(&setup::path())?;
+    // A `kexec -e` by hand would save: a file store must still be where its
+    // map says (ksave cannot tell a moved file's old blocks from its own).
+    if setup.file.is_some() {
+        super::check_store(&setup)?;
+    }
     // A kernel that poisons free pages gets them saved (as hibernate does).
     let loaded = load_ksave(&setup, kexec_tools, false, ksave_tools::sys::page_poisoning())?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);

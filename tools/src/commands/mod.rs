@@ -57,7 +57,8 @@ fn open_store(path: Option<PathBuf>, write: bool) -> Result<ImageFile> {
 /// nothing else has it (mounted, swap, holders, a signature, its type), and
 /// its header still carries the claim setup wrote (a file system made on it
 /// since breaks the header). ksave checks the claim again before it writes
-/// (--no-precheck leaves that to it, for its tests).
+/// (--no-precheck leaves that to it, for its tests). A file store: see
+/// [`check_file_store`], which nothing skips.
 fn check_store(setup: &Setup) -> Result<()> {
     // ksave finds it by its GUID: on exactly one disk (a clone attached
     // since setup would make it guess), and where setup saw it.

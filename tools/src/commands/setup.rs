@@ -128,11 +128,11 @@ pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, no_pre
             "{} exists and is not a ksave image file (it does not begin with ksave's map): ksave would overwrite it; remove it or name another file",
             path.display()
         );
-        filestore::set_immutable(path, false)?;
         let len = std::fs::metadata(path)?.len();
         if let Some(size) = size {
             ensure!(len == size, "{} exists with {} MiB, not {} MiB: remove it first to change its size", path.display(), len >> 20, size >> 20);
         }
+        filestore::set_immutable(path, false)?;
         true
     } else {
         let size = size.unwrap_or(default_file_size()?);
@@ -145,10 +145,16 @@ pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, no_pre
         Err(e) if !existing => {
             // Nothing of ksave's is in it yet: take it back.
             let _ = filestore::set_immutable(path, false);
-            let _ = std::fs::remove_file(path);
-            Err(e.context(format!("{} removed again", path.display())))
+            match std::fs::remove_file(path) {
+                Ok(()) => Err(e.context(format!("{} removed again", path.display()))),
+                Err(r) => Err(e.context(format!("{} could not be removed again ({r}): remove it by hand", path.display()))),
+            }
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // Set up before: pinned again as it was.
+            let _ = filestore::set_immutable(path, true);
+            Err(e)
+        }
     }
 }
 
