@@ -717,7 +717,7 @@ fn config_valid(b: &[u8; PAGE]) -> bool {
     let fields = b[32..48] != [0; 16] && u64_at(b, 56) > 0 && note.0 <= note.1 && note.1 - note.0 <= config::MAX_VMCOREINFO;
     // A file store's map: whole pages from the partition's start; no CRC
     // without one.
-    let file_map = u64_at(b, 3284) % PAGE as u64 == 0 && (u64_at(b, 3284) != 0 || u32_at(b, 3292) == 0);
+    let file_map = u64_at(b, 3284).is_multiple_of(PAGE as u64) && (u64_at(b, 3284) != 0 || u32_at(b, 3292) == 0);
     let fields = fields && file_map;
     known && counts && fields && ok(&ranges(72, ram)) && ok(&ranges(2396, nvs)) && !overlap(&ranges(72, ram), &ranges(2396, nvs))
 }
