@@ -8,10 +8,12 @@
 # (dpkg -i, as a user would) unless PACKAGE is "none", and the test's own
 # files (qemu/debian/). Needs root (chroot).
 #   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB SWAP_PARTUUID]
+#   KSAVE_ROOT_FS=btrfs  the root file system on btrfs (Fedora's layout), not ext4
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0} swap_guid=${9:-}
 root_mib=1024
+root_fs=${KSAVE_ROOT_FS:-ext4}
 kver=6.12-ksave
 base=$("$here/build-debian.sh")
 work=$(mktemp -d)
@@ -41,6 +43,9 @@ if [ "$swap_mib" -gt 0 ]; then
   echo "PARTUUID=$swap_id none swap sw 0 0" >> "$root/etc/fstab"
   echo "RESUME=PARTUUID=$swap_id" > "$root/etc/initramfs-tools/conf.d/resume"
 fi
+if [ "$root_fs" = btrfs ]; then
+  sed -i 's|^LABEL=debian-root / ext4 .*|LABEL=debian-root / btrfs defaults 0 0|' "$root/etc/fstab"
+fi
 chroot "$root" update-initramfs -c -k "$kver" >&2
 if [ "$package" != none ]; then
   cp "$package" "$root/tmp/ksave.deb"
@@ -63,7 +68,15 @@ ksave_type=${KSAVE_STORE_TYPE:?the harness sets it}
 total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
 rm -f "$out"
 truncate -s "${total_mib}M" "$out"
-mke2fs -q -F -t ext4 -L debian-root -d "$root" -E offset=$((first * 512)) "$out" "${root_mib}M"
+if [ "$root_fs" = btrfs ]; then
+  # mkfs.btrfs has no offset: make it in a file, put it in place.
+  truncate -s "${root_mib}M" "$work/root.img"
+  mkfs.btrfs -q -f -L debian-root --rootdir "$root" "$work/root.img" >&2
+  dd if="$work/root.img" of="$out" bs=1M seek=$((first / 2048)) conv=notrunc,sparse status=none
+  rm "$work/root.img"
+else
+  mke2fs -q -F -t ext4 -L debian-root -d "$root" -E offset=$((first * 512)) "$out" "${root_mib}M"
+fi
 # (sgdisk 1.0.9 with -q does not write the table: not quiet, then.)
 parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-root
   -n "2:0:+${ksave_mib}M" -t "2:$ksave_type" -u "2:$ksave_guid" -c 2:ksave)
