@@ -435,16 +435,6 @@ pub fn create(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// The map page 0 and what the file starts with, read through the file
-/// with its cached pages dropped first (what is on the disk).
-pub fn read_file_start(path: &Path, bytes: usize) -> Result<Vec<u8>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    drop_cached_pages(&file);
-    let mut buf = vec![0u8; bytes];
-    file.read_exact_at(&mut buf, 0).with_context(|| format!("reading {}", path.display()))?;
-    Ok(buf)
-}
-
 /// Drops a file's clean cached pages (POSIX_FADV_DONTNEED): ksave writes
 /// its blocks under the file system, so what is cached is stale.
 pub fn drop_cached_pages(file: &File) {
@@ -452,9 +442,11 @@ pub fn drop_cached_pages(file: &File) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
-/// Whether a file begins with a ksave file map.
+/// Whether a file begins with a ksave file map (written through the file
+/// system by setup only, so its cached copy is the disk's).
 pub fn is_image_file(path: &Path) -> bool {
-    read_file_start(path, 8).is_ok_and(|b| b[..8] == filemap::MAGIC)
+    let mut magic = [0u8; 8];
+    File::open(path).and_then(|f| f.read_exact_at(&mut magic, 0)).is_ok() && magic == filemap::MAGIC
 }
 
 #[cfg(test)]

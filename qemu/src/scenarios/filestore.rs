@@ -92,6 +92,7 @@ pub fn file_store_story(fs: FileFs, echo: bool) -> Result<Report> {
     vm.expect("ksave-test: refused: no longer immutable", 120 * SECOND)?;
     let refusal = if fs == FileFs::XfsOnLvm { "shared with another file" } else { "blocks moved since setup" };
     vm.expect(&format!("ksave-test: refused: {refusal}"), 120 * SECOND)?;
+    vm.expect("ksave-test: set up again: a snapshot taken and verified", 300 * SECOND)?;
     vm.expect(&format!("ksave-test: {} clean", fs.arg()), 300 * SECOND)?;
     vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
     vm.refute_seen("CPU exception")?;

@@ -173,8 +173,9 @@ fn default_file_size() -> Result<u64> {
 
 /// Locates `path`, writes its map and claim, pins it, records the setup.
 fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<()> {
-    let located = filestore::locate(path)?;
-    let part = &located.partition;
+    let mut located = filestore::locate(path)?;
+    let part = located.partition.clone();
+    let part = &part;
     let disk_name = part.disk.file_name().context("odd disk path")?.to_string_lossy().to_string();
     let controller = sys::controller_of(Path::new("/sys"), &disk_name)?;
     let Some(kind) = controller.kind else {
@@ -187,22 +188,27 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
         located.extents.len(),
         ksave_format::filemap::MAX_EXTENTS
     );
-    let (map, _) = filestore::encode_map(&located.extents, [0; 16]);
-    // Set up again: keep the claim of this disk its header carries (it may
-    // hold an image).
-    let start = filestore::read_file_start(path, map.len() + PAGE)?;
-    let header = &start[map.len()..];
-    let kept = existing
-        .then(|| ksave_format::header::Header::decode(header.try_into().expect("a page")).ok())
-        .flatten()
-        .map(|h| h.claim)
-        .filter(|c| c.is_claimed() && c.disk == part.disk_guid.to_bytes());
+    // Set up again: keep the claim of this disk its image header carries
+    // (it may hold an image), if the new map leaves the header where it is.
+    // Read as any image file is, O_DIRECT: ksave wrote it under the file
+    // system.
+    let kept = if existing {
+        let mut old = ImageFile::open(path, false)?;
+        let in_place = old.extents()[0].lba * 512 == ksave_format::filemap::pages_for(located.extents.len()) * PAGE as u64;
+        old.header().ok().map(|h| h.claim).filter(|c| in_place && c.is_claimed() && c.disk == part.disk_guid.to_bytes())
+    } else {
+        None
+    };
     let claim = match kept {
         Some(claim) => claim,
         None => store::new_claim(part.disk_guid)?,
     };
-    let (map, crc) = filestore::encode_map(&located.extents, claim.id);
-    {
+    // Written in place, the blocks must be the ones mapped. btrfs copies a
+    // NOCOW file's block on its first write after a relocation (a balance)
+    // all the same: then the map is made again and written once more.
+    let mut tries = 0;
+    let crc = loop {
+        let (map, crc) = filestore::encode_map(&located.extents, claim.id);
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
         file.write_all_at(&map, 0)?;
         if kept.is_none() {
@@ -210,10 +216,14 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
         }
         file.sync_all()?;
         filestore::drop_cached_pages(&file);
-    }
-    // Written in place: the blocks must be the ones mapped.
-    let again = filestore::locate(path)?;
-    ensure!(again.extents == located.extents, "{}'s blocks moved while its map was written: the file system relocates written blocks, which ksave cannot follow", path.display());
+        let again = filestore::locate(path)?;
+        if again.extents == located.extents {
+            break crc;
+        }
+        tries += 1;
+        ensure!(tries < 3, "{}'s blocks moved each time its map was written: the file system relocates written blocks, which ksave cannot follow", path.display());
+        located = again;
+    };
     filestore::set_immutable(path, true)?;
     let mut setup = Setup::new(part, claim, lz4, elf);
     setup.file = Some(FileStore { path: path.to_path_buf(), map_offset: located.extents[0].offset, map_crc: crc });
