@@ -195,6 +195,7 @@ pub fn stop(code: ExitCode) -> ! {
 /// Resets the machine: the 8042 keyboard controller's CPU reset line (port
 /// 0x64, command 0xFE), then a triple fault if that did nothing.
 pub fn reset() -> ! {
+    forget_secrets();
     // SAFETY: 0xFE to the 8042 command port pulses the reset line (IBM PC/AT
     // technical reference); the machine restarts, nothing returns.
     unsafe { x86::io::outb(0x64, 0xFE) };
@@ -213,6 +214,42 @@ unsafe extern "C" {
     // asm/entry.s: ksave's stack, in .bss (zeroed on every entry).
     static ksave_stack: [u64; 0];
     static ksave_stack_top: [u64; 0];
+}
+
+/// Wipes what a sealed image's key may have left behind on ksave's way
+/// out: the key in the config block, every stack word below the live
+/// frames (the cipher's frames are gone by now), and the vector registers
+/// (AES-NI and the GHASH multiply work in them). The caller gets ksave's
+/// pages back as its own after the jump (kexec's swap pages), and a reset
+/// keeps RAM: neither may find the key.
+pub fn forget_secrets() {
+    crate::config::wipe_key();
+    // SAFETY: only the addresses of the linker-placed symbols are taken.
+    let bottom = unsafe { ksave_stack.as_ptr() } as u64;
+    // SAFETY: zeroes ksave's own stack from its bottom to the stack pointer:
+    // nothing below the stack pointer is live (the block may use the
+    // stack, no `nostack`, so the compiler keeps nothing in a red zone),
+    // and rep stos itself touches no stack. The second block clobbers only
+    // the xmm registers it declares.
+    unsafe {
+        core::arch::asm!(
+            "mov rcx, rsp",
+            "sub rcx, rdi",
+            "shr rcx, 3",
+            "xor eax, eax",
+            "rep stosq",
+            inout("rdi") bottom => _, out("rcx") _, out("rax") _,
+        );
+        core::arch::asm!(
+            "pxor xmm0, xmm0", "pxor xmm1, xmm1", "pxor xmm2, xmm2", "pxor xmm3, xmm3",
+            "pxor xmm4, xmm4", "pxor xmm5, xmm5", "pxor xmm6, xmm6", "pxor xmm7, xmm7",
+            "pxor xmm8, xmm8", "pxor xmm9, xmm9", "pxor xmm10, xmm10", "pxor xmm11, xmm11",
+            "pxor xmm12, xmm12", "pxor xmm13, xmm13", "pxor xmm14, xmm14", "pxor xmm15, xmm15",
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _, out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+            options(nomem, nostack),
+        );
+    }
 }
 
 /// Bytes of ksave's stack used so far on this entry: the stack is zeroed

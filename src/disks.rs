@@ -430,6 +430,9 @@ pub struct OpenPartition {
     whole: [Extent; 1],
     /// A file store's extents (the image's part of the file).
     file: Option<&'static [Extent]>,
+    /// The file lies on an encrypted volume (its map says so): every image
+    /// in it is sealed.
+    pub encrypted: bool,
     controllers: Controllers,
     iommu: TranslationOff<KsaveHal>,
 }
@@ -588,19 +591,23 @@ pub fn open_partition(at: StoreAt, ide_mode: Mode, iommus: &[RemappingUnit]) -> 
     let (mut disk, page) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
     let whole = [Extent { lba: partition.first_lba, blocks: partition.blocks() }];
     StoreMap::new(disk.info().block_size, &whole).map_err(OpenError::Store)?;
-    let file = match at.file {
-        Some(file) => Some(read_file_map(&mut disk, &whole, file, page)?),
-        None => None,
+    let (file, encrypted) = match at.file {
+        Some(file) => {
+            let (extents, encrypted) = read_file_map(&mut disk, &whole, file, page)?;
+            (Some(extents), encrypted)
+        }
+        None => (None, false),
     };
-    Ok(OpenPartition { disk, location, partition, whole, file, controllers, iommu })
+    Ok(OpenPartition { disk, location, partition, whole, file, encrypted, controllers, iommu })
 }
 
 /// Reads the file store's map at `at` in the partition `whole` into
 /// [`FILE_EXTENTS`] and returns the image's extents: only a map whose CRCs
 /// hold, whose every extent lies in the partition, which is the one the
 /// host checked, and whose image header (when there is one) carries the
-/// map's claim.
-fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, page: &mut [u8; PAGE]) -> Result<&'static [Extent], OpenError> {
+/// map's claim. Also whether the map says the file is on an encrypted
+/// volume.
+fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, page: &mut [u8; PAGE]) -> Result<(&'static [Extent], bool), OpenError> {
     let block_size = disk.info().block_size;
     let geometry = filemap::Partition { first_lba: whole[0].lba, blocks: whole[0].blocks, block_size };
     let table = FILE_EXTENTS.take();
@@ -614,15 +621,16 @@ fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, p
     {
         return Err(OpenError::FileMap(MapError::Unexpected { found: head.crc, expected }));
     }
-    let image = filemap::image_extents(&mut table[..head.extents], head.pages, block_size);
+    let image = filemap::image_extents(&mut table[..head.extents], head.image_starts_at_page(), block_size);
     let map = StoreMap::new(block_size, image).map_err(OpenError::Store)?;
     let mut file = DiskStore::new(disk, KsaveHal, map);
     file.read_at(0, page).map_err(|e| OpenError::FileMap(MapError::Read(e)))?;
     if Header::decode(page).is_ok_and(|h| h.claim.id != head.claim_id) {
         return Err(OpenError::FileClaim);
     }
-    println!("ksave:   image file: {} extents, {} MiB, map at byte {} of the partition", image.len(), map.bytes() >> 20, at.offset);
-    Ok(image)
+    let encrypted = if head.encrypted { ", on an encrypted volume" } else { "" };
+    println!("ksave:   image file: {} extents, {} MiB, map at byte {} of the partition{encrypted}", image.len(), map.bytes() >> 20, at.offset);
+    Ok((image, head.encrypted))
 }
 
 /// Turns DMA translation off on every unit of `iommus` that has it on, and

@@ -20,6 +20,7 @@ use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
 use ksave_format::Range;
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
+use ksave_format::seal::Seal;
 use ksave_format::verdict::Refusal;
 
 use crate::disks::{self, StoreAt};
@@ -50,7 +51,7 @@ pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], f
     // the maps differ, which refuses.
     let ram = page_aligned(map.ram(), &mut ram);
     let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
-    run(at, Memory { ram, nvs }, iommus, false, facs_now)
+    run(at, Memory { ram, nvs }, iommus, false, facs_now, None)
 }
 
 /// The whole pages of `regions`, in `out`.
@@ -90,7 +91,7 @@ pub fn from_kexec() -> ! {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
-            report(&run(crate::save::store_at(&config), here, config.iommus(), true, facs_now));
+            report(&run(crate::save::store_at(&config), here, config.iommus(), true, facs_now, config::seal()));
         }
         Err(e) => println!("ksave: not resuming: {e}"),
     }
@@ -102,7 +103,9 @@ pub fn from_kexec() -> ! {
 /// `here`. Returns only to refuse; then, if `invalidate_refused`, the image
 /// is marked invalidated with the reason, so that no later boot tries it
 /// again.
-fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>) -> Refused {
+/// `seal`: the image's cipher, from the key `ksave resume` read on the
+/// unlocked volume (an encrypted store's image is resumed only with it).
+fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>, seal: Option<Seal>) -> Refused {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -118,7 +121,11 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         Ok(p) => p,
         Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };
-    let Work { block, raw_header, lz4_in, lz4_out, .. } = work::take();
+    if part.encrypted && seal.is_none() {
+        part.close();
+        return Refused::new(Refusal::Sealed("the image file lies on an encrypted volume: the initramfs resumes it once the volume is unlocked"));
+    }
+    let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work::take();
     let (own_start, own_end) = image_range();
     let machine = Machine {
         ram: here.ram,
@@ -129,7 +136,7 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         own: Range { start: own_start, end: own_end },
         reach: paging::identity_end(),
     };
-    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in };
+    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.as_ref().map(|s| (s, sealed_chunk)) };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or
     // kernel C's, the one the verdict compares), its reach ksave's identity

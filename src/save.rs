@@ -229,6 +229,15 @@ pub fn record_refusal(config: &Config, code: u32, why: core::fmt::Arguments) {
 fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Claimed, work: &mut Work, start: u64) -> Result<(Summary, u64), Failure> {
     let Caller { ctx, backup, return_gdt, .. } = *caller;
     let (image_start, image_end) = image_range();
+    // An encrypted store takes only sealed images; the key is the config
+    // block's (wiped on the way out: cpu::forget_secrets).
+    let seal = crate::config::seal();
+    if part.encrypted && seal.is_none() {
+        return Err(Failure::new(
+            fail::CONFIG,
+            format_args!("the image file lies on an encrypted volume and the config carries no key to seal the image with: nothing written"),
+        ));
+    }
     let stages = Stages {
         plan: Plan {
             nonce: config.nonce,
@@ -249,6 +258,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
             iommu_left_on: part.iommus_switched() > 0,
             free_rule: 0,
             filesystems: config.filesystems(),
+            sealed: seal.is_some(),
         },
         claimed,
         found: found_partition(part),
@@ -285,11 +295,14 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
         }
     };
     // The image, by the format's commit protocol.
-    let Work { block, page0, raw_header, lz4_in, lz4_out } = work;
+    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk } = work;
+    if seal.is_some() {
+        println!("ksave: sealing the image (AES-256-GCM, the key from the config)");
+    }
     let mem = CallerMemory::new(paging::identity_end(), page0);
     let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
     sink.fault_at_header = config.selftest_fault_in_save;
-    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out } };
+    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out, seal: seal.as_ref().map(|s| (s, sealed_chunk)) } };
     let summary = ready.write(&mut sink, &mem, free, counting, free_rule, bufs, hw::now_us)?;
     Ok((summary, sink.disk_us))
 }

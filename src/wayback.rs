@@ -105,6 +105,7 @@ fn pseudo_descriptor(base: u64, limit: u16) -> [u8; 10] {
 /// found. Never returns here: the next `kexec -e` comes in through the
 /// entry point again.
 pub fn return_to_caller(reentry: u64) -> ! {
+    crate::cpu::forget_secrets();
     let gdtr = match RETURN_GDT.load(Ordering::Relaxed) {
         0 => None,
         base => Some(pseudo_descriptor(base, pagewalk::LINUX_GDT_LIMIT)),
@@ -126,6 +127,7 @@ pub fn return_to_caller(reentry: u64) -> ! {
 /// `reentry` and `gdt` must be what a complete image recorded, and that
 /// image must be loaded, identity-mapped, into this machine's RAM.
 pub unsafe fn enter_saved_kernel(reentry: u64, gdt: (u64, u16)) -> ! {
+    crate::cpu::forget_secrets();
     let gdtr = pseudo_descriptor(gdt.0, gdt.1);
     let gdtr = if gdt.0 == 0 { core::ptr::null() } else { &gdtr as *const _ };
     // SAFETY: upheld by the caller: the control page and everything the

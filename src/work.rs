@@ -5,7 +5,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use ksave_format::PAGE;
-use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 
 /// A static that one entry may borrow mutably once. It must start all zero,
 /// so that it lives in .bss, which every entry clears: each entry then gets
@@ -52,10 +52,18 @@ pub struct Work {
     pub lz4_in: [u8; LZ4_GROUP * PAGE],
     /// An LZ4 chunk.
     pub lz4_out: [u8; LZ4_OUT],
+    /// A sealed image's raw chunk, encrypted or opened in place.
+    pub sealed_chunk: SealedChunk,
 }
 
-static WORK: Exclusive<Work> =
-    Exclusive::new(Work { block: [0; PAGE], page0: [0; PAGE], raw_header: [0; PAGE], lz4_in: [0; LZ4_GROUP * PAGE], lz4_out: [0; LZ4_OUT] });
+static WORK: Exclusive<Work> = Exclusive::new(Work {
+    block: [0; PAGE],
+    page0: [0; PAGE],
+    raw_header: [0; PAGE],
+    lz4_in: [0; LZ4_GROUP * PAGE],
+    lz4_out: [0; LZ4_OUT],
+    sealed_chunk: [0; size_of::<SealedChunk>()],
+});
 
 /// The work buffers; once per entry.
 pub fn take() -> &'static mut Work {

@@ -50,6 +50,10 @@ pub enum Command {
         /// With --claim: do not ask.
         #[arg(long, requires = "claim")]
         yes: bool,
+        /// Take a store that is not encrypted although the root file system
+        /// or a swap is (the image, all of RAM, would be plaintext there).
+        #[arg(long)]
+        allow_plaintext: bool,
     },
     /// Load a configured ksave for a jump (and say how much memory it holds).
     Load {

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -142,11 +142,17 @@ pub struct DmSegment {
     pub len: u64,
     /// The target type (`linear`, `striped`, `crypt`, `thin`, ...).
     pub target: String,
-    /// `linear`: the device below, "major:minor".
+    /// `linear` and `crypt`: the device below, "major:minor".
     pub device: String,
-    /// `linear`: the sector on it.
+    /// `linear` and `crypt`: the sector on it.
     pub offset: u64,
 }
+
+/// The targets whose sectors lie, in order, at an offset on one device
+/// below: ksave can follow them to the disk. `crypt` (dm-crypt, LUKS)
+/// encrypts each sector in place (its IV from the sector number), so its
+/// blocks are where they are, ciphertext (docs/ENCRYPTION.md).
+const FOLLOWED: [&str; 2] = ["linear", "crypt"];
 
 /// Reads `dmsetup table` output.
 pub fn parse_dm_table(text: &str) -> Result<Vec<DmSegment>> {
@@ -156,11 +162,21 @@ pub fn parse_dm_table(text: &str) -> Result<Vec<DmSegment>> {
             let f: Vec<&str> = line.split_whitespace().collect();
             ensure!(f.len() >= 3, "odd device-mapper table line: {line}");
             let (start, len) = (f[0].parse()?, f[1].parse()?);
-            let (device, offset) = if f[2] == "linear" {
-                ensure!(f.len() == 5, "odd linear target: {line}");
-                (f[3].to_string(), f[4].parse()?)
-            } else {
-                (String::new(), 0)
+            let (device, offset) = match f[2] {
+                "linear" => {
+                    ensure!(f.len() == 5, "odd linear target: {line}");
+                    (f[3].to_string(), f[4].parse()?)
+                }
+                // start len crypt <cipher> <key> <iv_offset> <device> <offset> [#opt <opt>...]
+                // (Documentation/admin-guide/device-mapper/dm-crypt.rst).
+                "crypt" => {
+                    ensure!(f.len() >= 8, "odd crypt target: {line}");
+                    // With integrity (authenticated encryption) the sectors
+                    // carry tags on a dm-integrity device below.
+                    ensure!(!f[8..].iter().any(|o| o.starts_with("integrity:")), "an authenticated dm-crypt (integrity) volume: ksave cannot follow its sectors ({line})");
+                    (f[6].to_string(), f[7].parse()?)
+                }
+                _ => (String::new(), 0),
             };
             Ok(DmSegment { start, len, target: f[2].to_string(), device, offset })
         })
@@ -182,11 +198,10 @@ pub fn through_linear(extents: &[FileExtent], table: &[DmSegment], name: &str) -
                 .find(|s| s.start <= sector && sector < s.start + s.len)
                 .with_context(|| format!("{name} maps nothing at byte {at}"))?;
             ensure!(
-                seg.target == "linear",
-                "the file lies on {name}, a device-mapper {} target: ksave writes only through partitions and LVM linear volumes ({})",
+                FOLLOWED.contains(&seg.target.as_str()),
+                "the file lies on {name}, a device-mapper {} target: ksave writes only through partitions, LVM linear volumes and dm-crypt ({})",
                 seg.target,
                 match seg.target.as_str() {
-                    "crypt" => "an encrypted store is not supported yet",
                     "striped" | "raid" | "mirror" => "its blocks are spread over several disks",
                     "thin" | "thin-pool" | "snapshot" | "snapshot-origin" => "its blocks move as the pool allocates them",
                     "cache" | "writecache" => "a cache holds some of its blocks",
@@ -212,6 +227,42 @@ pub fn push_merged(out: &mut Vec<FileExtent>, e: FileExtent) {
     }
 }
 
+/// The block device a file system lies on, when it is above dm-crypt: the
+/// store's key block is written and read through it, so that on disk it is
+/// encrypted as the file system is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    /// Its device-mapper UUID (`CRYPT-LUKS2-...`, `LVM-...`): how the
+    /// initramfs finds it again once unlocked.
+    pub dm_uuid: String,
+    /// Its node, e.g. /dev/dm-0.
+    pub device: PathBuf,
+    /// The file's extents on it, in bytes.
+    pub extents: Vec<FileExtent>,
+}
+
+impl Volume {
+    /// Where byte `at` of the file lies on the volume.
+    pub fn byte_of(&self, mut at: u64) -> Option<u64> {
+        for e in &self.extents {
+            if at < e.bytes {
+                return Some(e.offset + at);
+            }
+            at -= e.bytes;
+        }
+        None
+    }
+}
+
+/// The node of the device-mapper device whose UUID is `uuid`, if it is
+/// there (unlocked, activated).
+pub fn dm_device_by_uuid(uuid: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/block").ok()?.flatten().find_map(|d| {
+        let found = std::fs::read_to_string(d.path().join("dm/uuid")).ok()?;
+        (found.trim() == uuid).then(|| PathBuf::from("/dev").join(d.file_name()))
+    })
+}
+
 /// Where a file lies: the partition, the layers between, its extents in
 /// bytes from the partition's start (merged, in file order).
 #[derive(Clone, Debug)]
@@ -225,6 +276,8 @@ pub struct Located {
     pub layers: Vec<String>,
     /// The extents.
     pub extents: Vec<FileExtent>,
+    /// The file system's device, when dm-crypt lies below it.
+    pub volume: Option<Volume>,
 }
 
 /// The name of the file system `path` is on, if ksave takes it.
@@ -293,8 +346,18 @@ pub fn locate(path: &Path) -> Result<Located> {
     } else {
         (meta.dev(), extents)
     };
-    let (partition, layers, extents) = down_to_partition(path, dev, extents)?;
-    Ok(Located { partition, fs, layers, extents })
+    let top = extents.clone();
+    let (partition, layers, encrypted, extents) = down_to_partition(path, dev, extents)?;
+    let volume = if encrypted {
+        let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+        let name = std::fs::canonicalize(&sys)?.file_name().context("odd sysfs path")?.to_string_lossy().to_string();
+        let dm_uuid = std::fs::read_to_string(sys.join("dm/uuid")).with_context(|| format!("{name}: no device-mapper UUID"))?.trim().to_string();
+        ensure!(!dm_uuid.is_empty(), "{} lies on {name}, which has no device-mapper UUID to find it by at boot", path.display());
+        Some(Volume { dm_uuid, device: PathBuf::from("/dev").join(name), extents: top })
+    } else {
+        None
+    };
+    Ok(Located { partition, fs, layers, extents, volume })
 }
 
 /// The file's first `size` bytes of `mapped`, merged: a file system may
@@ -309,11 +372,12 @@ pub fn within(mapped: &[Mapped], size: u64) -> Vec<FileExtent> {
 }
 
 /// Follows `extents` of `path` (bytes on the device `dev`) down the block
-/// layers to the partition: returns it, the layers passed, and the extents
-/// in it.
-fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Result<(PartInfo, Vec<String>, Vec<FileExtent>)> {
+/// layers to the partition: returns it, the layers passed, whether one was
+/// dm-crypt, and the extents in it.
+fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Result<(PartInfo, Vec<String>, bool, Vec<FileExtent>)> {
     let (mut major, mut minor) = (libc::major(dev), libc::minor(dev));
     let mut layers = Vec::new();
+    let mut encrypted = false;
     loop {
         let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
         let name = std::fs::canonicalize(&sys).ok().and_then(|p| Some(p.file_name()?.to_string_lossy().to_string())).with_context(|| format!("the file system's device {major}:{minor} is not a block device"))?;
@@ -323,7 +387,7 @@ fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Res
             if let Some(e) = extents.iter().find(|e| e.offset + e.bytes > part_bytes) {
                 bail!("{} maps to byte {} of {}, beyond its end", path.display(), e.offset, name);
             }
-            return Ok((partition, layers, extents));
+            return Ok((partition, layers, encrypted, extents));
         }
         if sys.join("dm").exists() {
             let dm_name = std::fs::read_to_string(sys.join("dm/name"))?.trim().to_string();
@@ -331,7 +395,15 @@ fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Res
             let out = std::process::Command::new("dmsetup").args(["table", "-j", &major.to_string(), "-m", &minor.to_string()]).output().context("running dmsetup (LVM's device-mapper tool)")?;
             ensure!(out.status.success(), "dmsetup table {dm_name}: {}", String::from_utf8_lossy(&out.stderr).trim());
             let table = parse_dm_table(&String::from_utf8_lossy(&out.stdout))?;
-            let what = if uuid.starts_with("LVM-") { format!("{name} (LVM {dm_name}, linear)") } else { format!("{name} (device-mapper {dm_name}, linear)") };
+            let crypt = table.iter().any(|s| s.target == "crypt");
+            encrypted |= crypt;
+            let what = if crypt {
+                format!("{name} (dm-crypt {dm_name})")
+            } else if uuid.starts_with("LVM-") {
+                format!("{name} (LVM {dm_name}, linear)")
+            } else {
+                format!("{name} (device-mapper {dm_name}, linear)")
+            };
             let (below, mapped) = through_linear(&extents, &table, &format!("{name} ({dm_name})"))?;
             layers.push(what);
             extents = mapped;
@@ -355,11 +427,33 @@ fn down_to_partition(path: &Path, dev: u64, mut extents: Vec<FileExtent>) -> Res
     }
 }
 
+/// Writes `bytes` (whole pages) at byte `at` of the file whose `extents`
+/// lie on `device`, straight onto the device, O_DIRECT: an encrypted
+/// store's map and claim lie under dm-crypt, where ksave reads them.
+pub fn write_raw(device: &Path, extents: &[FileExtent], mut at: u64, bytes: &[u8]) -> Result<()> {
+    #[repr(C, align(4096))]
+    struct Page([u8; PAGE]);
+    ensure!(bytes.len().is_multiple_of(PAGE) && at.is_multiple_of(PAGE as u64), "raw writes are whole pages");
+    let dev = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(device).with_context(|| format!("opening {}", device.display()))?;
+    let mut page = Box::new(Page([0; PAGE]));
+    for chunk in bytes.chunks(PAGE) {
+        let mut offset = at;
+        let on_disk = extents
+            .iter()
+            .find_map(|e| if offset < e.bytes { Some(e.offset + offset) } else { offset -= e.bytes; None })
+            .with_context(|| format!("byte {at} is beyond the file"))?;
+        page.0.copy_from_slice(chunk);
+        dev.write_all_at(&page.0, on_disk).with_context(|| format!("writing {}", device.display()))?;
+        at += PAGE as u64;
+    }
+    Ok(())
+}
+
 /// The map of `extents` as it is written into the file's first pages,
 /// and its entries' CRC.
-pub fn encode_map(extents: &[FileExtent], claim_id: [u8; 16]) -> (Vec<u8>, u32) {
+pub fn encode_map(extents: &[FileExtent], claim_id: [u8; 16], encrypted: bool) -> (Vec<u8>, u32) {
     let mut map = vec![0u8; filemap::pages_for(extents.len()) as usize * PAGE];
-    let crc = filemap::encode(extents, claim_id, &mut map);
+    let crc = filemap::encode(extents, claim_id, encrypted, &mut map);
     (map, crc)
 }
 
@@ -481,10 +575,14 @@ mod tests {
         let (below, out) = through_linear(&extents, &table, "dm-0").unwrap();
         assert_eq!(below, "8:2");
         assert_eq!(out, [FileExtent { offset: 2048 * 512 + 3 * MIB, bytes: MIB }, FileExtent { offset: 409600 * 512, bytes: MIB }]);
+        // dm-crypt (LUKS2: data 16 MiB into the partition) is followed, an
+        // authenticated one refused.
+        let crypt = parse_dm_table("0 8192 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 8:2 32768 1 sector_size:4096\n").unwrap();
+        let (below, out) = through_linear(&[FileExtent { offset: MIB, bytes: MIB }], &crypt, "dm-1").unwrap();
+        assert_eq!((below.as_str(), out), ("8:2", vec![FileExtent { offset: 32768 * 512 + MIB, bytes: MIB }]));
+        let e = parse_dm_table("0 8192 crypt capi:authenc(hmac(sha256),xts(aes))-random - 0 253:4 0 1 integrity:32:aead\n").unwrap_err();
+        assert!(e.to_string().contains("integrity"), "{e}");
         // Other targets are refused by name.
-        let crypt = parse_dm_table("0 8192 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 8:2 32768\n").unwrap();
-        let e = through_linear(&[FileExtent { offset: 0, bytes: MIB }], &crypt, "dm-1").unwrap_err();
-        assert!(e.to_string().contains("crypt target") && e.to_string().contains("encrypted"), "{e}");
         let striped = parse_dm_table("0 8192 striped 2 128 8:2 0 8:3 0\n").unwrap();
         assert!(through_linear(&[FileExtent { offset: 0, bytes: MIB }], &striped, "dm-2").unwrap_err().to_string().contains("several disks"));
         let two = parse_dm_table("0 2048 linear 8:2 0\n2048 2048 linear 8:3 0\n").unwrap();

@@ -15,6 +15,8 @@ use ksave_format::filemap;
 use ksave_format::store::{Extent, StoreMap};
 use ksave_format::verdict;
 
+use ksave_format::seal::KeyBlock;
+
 use crate::setup::{FileStore, Setup};
 use crate::{filestore, sys};
 
@@ -35,7 +37,16 @@ pub struct ImageFile {
     len: u64,
     /// How the image was found, for messages.
     pub description: String,
+    /// The store is a file on an encrypted volume (its map says so): its
+    /// images are sealed.
+    pub encrypted: bool,
+    /// Its key block, read through the unlocked volume (docs/ENCRYPTION.md),
+    /// or why not.
+    pub key: Result<KeyBlock, String>,
 }
+
+/// Why an image file opened by itself has no key.
+const NO_KEY: &str = "no key block read (the store's setup names it)";
 
 /// The unit the host addresses a store in.
 const SECTOR: u64 = 512;
@@ -114,10 +125,18 @@ impl ImageFile {
     /// (through the partition's blocks and the file's map, which must be
     /// the one setup wrote: a file moved since is refused).
     pub fn open_setup(setup: &Setup, write: bool) -> Result<Self> {
-        match &setup.file {
-            Some(store) => Self::open_file_store(&setup.device, store, write),
-            None => Self::open(&setup.device, write),
+        let mut image = match &setup.file {
+            Some(store) => Self::open_file_store(&setup.device, store, write)?,
+            None => Self::open(&setup.device, write)?,
+        };
+        if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+            image.key = match crate::keyblock::read(volume) {
+                Ok(k) if k.claim_id == setup.claim.id => Ok(k),
+                Ok(_) => Err("the key block is another store's".into()),
+                Err(e) => Err(format!("{e:#}")),
+            };
         }
+        Ok(image)
     }
 
     /// Opens the file store `store` in the partition `device`.
@@ -136,11 +155,12 @@ impl ImageFile {
         let file = OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(device).with_context(|| format!("opening {}", device.display()))?;
         let blocks = sys::device_len(&file)? / SECTOR;
         let description = format!("the image file at byte {map_offset} of {}", device.display());
-        let mut image = Self { file, extents: vec![Extent { lba: 0, blocks }], direct: true, len: blocks * SECTOR, description };
+        let mut image = Self { file, extents: vec![Extent { lba: 0, blocks }], direct: true, len: blocks * SECTOR, description, encrypted: false, key: Err(NO_KEY.into()) };
         let mut table = vec![Extent::default(); filemap::MAX_EXTENTS];
         let part = filemap::Partition { first_lba: 0, blocks, block_size: SECTOR as u32 };
         let head = filemap::read(part, map_offset, |lba, page| image.read_at(lba * SECTOR, page), &mut [0; PAGE], &mut table).map_err(|e| anyhow!("{}: {e}", image.description))?;
-        image.extents = filemap::image_extents(&mut table[..head.extents], head.pages, SECTOR as u32).to_vec();
+        image.extents = filemap::image_extents(&mut table[..head.extents], head.image_starts_at_page(), SECTOR as u32).to_vec();
+        image.encrypted = head.encrypted;
         StoreMap::new(SECTOR as u32, &image.extents).map_err(|e| anyhow!("{}: {e}", image.description))?;
         // As ksave: an image header in the file carries the map's claim.
         let mut block = [0u8; PAGE];
@@ -211,7 +231,7 @@ impl ImageFile {
     fn new(file: File, extent: Extent, description: String) -> Result<Self> {
         StoreMap::new(SECTOR as u32, &[extent]).map_err(|e| anyhow!("{description}: {e}"))?;
         let len = sys::device_len(&file)?;
-        Ok(Self { file, extents: vec![extent], direct: false, len, description })
+        Ok(Self { file, extents: vec![extent], direct: false, len, description, encrypted: false, key: Err(NO_KEY.into()) })
     }
 
     /// The store's extents.

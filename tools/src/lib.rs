@@ -8,6 +8,7 @@ pub mod filestore;
 pub mod fs;
 pub mod imagefile;
 pub mod inspect;
+pub mod keyblock;
 pub mod load;
 pub mod mailbox;
 pub mod setup;

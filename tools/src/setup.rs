@@ -40,6 +40,18 @@ pub struct FileStore {
     pub map_offset: u64,
     /// The CRC-32C of the map's entries.
     pub map_crc: u32,
+    /// The file lies above dm-crypt: where its key block is.
+    pub key: Option<KeyVolume>,
+}
+
+/// Where an encrypted store's key block is (docs/ENCRYPTION.md): a page of
+/// the file, read and written through the volume the file system is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyVolume {
+    /// The volume's device-mapper UUID (found again once it is unlocked).
+    pub dm_uuid: String,
+    /// The key block's byte on it.
+    pub at: u64,
 }
 
 /// Where the setup file lives: $KSAVE_CONF, else /etc/ksave.conf.
@@ -85,6 +97,9 @@ impl Setup {
         );
         if let Some(f) = &self.file {
             text += &format!("file={}\nfile_map={}\nfile_map_crc={:08x}\n", f.path.display(), f.map_offset, f.map_crc);
+            if let Some(k) = &f.key {
+                text += &format!("key_volume={}\nkey_at={}\n", k.dm_uuid, k.at);
+            }
         }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -115,7 +130,11 @@ impl Setup {
             Ok(file) => {
                 let map_offset: u64 = get("file_map")?.parse().context("file_map")?;
                 ensure!(map_offset != 0 && map_offset.is_multiple_of(4096), "{}: file_map={map_offset} is not a file's first block", path.display());
-                Some(FileStore { path: file.into(), map_offset, map_crc: u32::from_str_radix(get("file_map_crc")?, 16).context("file_map_crc")? })
+                let key = match get("key_volume") {
+                    Ok(uuid) => Some(KeyVolume { dm_uuid: uuid.to_string(), at: get("key_at")?.parse().context("key_at")? }),
+                    Err(_) => None,
+                };
+                Some(FileStore { path: file.into(), map_offset, map_crc: u32::from_str_radix(get("file_map_crc")?, 16).context("file_map_crc")?, key })
             }
             Err(_) => None,
         };
@@ -154,9 +173,13 @@ mod tests {
         let setup = Setup::new(&part, claim, true, "/usr/lib/ksave/ksave.elf".into());
         setup.save(&path).unwrap();
         assert_eq!(Setup::load(&path).unwrap(), setup);
-        let file = Setup { file: Some(FileStore { path: "/var/lib/ksave/image".into(), map_offset: 1 << 30, map_crc: 0xdead_beef }), ..setup.clone() };
+        let file = Setup { file: Some(FileStore { path: "/var/lib/ksave/image".into(), map_offset: 1 << 30, map_crc: 0xdead_beef, key: None }), ..setup.clone() };
         file.save(&path).unwrap();
         assert_eq!(Setup::load(&path).unwrap(), file);
+        let mut sealed = file.clone();
+        sealed.file.as_mut().unwrap().key = Some(KeyVolume { dm_uuid: "CRYPT-LUKS2-0123-root".into(), at: 5 << 20 });
+        sealed.save(&path).unwrap();
+        assert_eq!(Setup::load(&path).unwrap(), sealed);
         assert_eq!(file.resume_args(), "ksave.resume=9b3c2c1a-5e1f-4b4a-8c6f-2a1d3e4f5a6b ksave.file=1073741824");
         std::fs::write(&path, "device=/dev/sda1\npartuuid=nope\n").unwrap();
         assert!(Setup::load(&path).unwrap_err().to_string().contains("not a GUID"));

@@ -463,6 +463,68 @@ pub fn partitions_by_guid(guid: Guid) -> Result<Vec<PartInfo>> {
     Ok(found)
 }
 
+/// What this machine encrypts with dm-crypt, for people: the root file
+/// system and each active swap that lies above a `crypt` target
+/// (`/sys/dev/block/M:m/slaves`, followed down). Empty: nothing.
+pub fn encryption_in_use() -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut found = Vec::new();
+    if let Ok(meta) = std::fs::metadata("/")
+        && let Some(crypt) = crypt_below(meta.dev())
+    {
+        found.push(format!("its root file system (on {crypt})"));
+    }
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for name in swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
+        let Ok(meta) = std::fs::metadata(name) else { continue };
+        let dev = if meta.file_type().is_block_device() { meta.rdev() } else { meta.dev() };
+        if let Some(crypt) = crypt_below(dev) {
+            found.push(format!("the swap {name} (on {crypt})"));
+        }
+    }
+    found
+}
+
+/// The dm-crypt device (its name) the block device `dev` is, or lies
+/// above, if any.
+fn crypt_below(dev: u64) -> Option<String> {
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev))).ok()?;
+    let mut todo = vec![sys];
+    while let Some(dir) = todo.pop() {
+        // A partition's slaves are its disk's: look at the device itself.
+        if std::fs::read_to_string(dir.join("dm/uuid")).is_ok_and(|u| u.starts_with("CRYPT-")) {
+            let name = std::fs::read_to_string(dir.join("dm/name")).unwrap_or_default();
+            return Some(format!("/dev/mapper/{}", name.trim()));
+        }
+        if let Ok(slaves) = std::fs::read_dir(dir.join("slaves")) {
+            todo.extend(slaves.flatten().filter_map(|s| std::fs::canonicalize(s.path()).ok()));
+        }
+    }
+    None
+}
+
+/// Processes that hold `memfd_secret(2)` memory, as "pid (comm)": Linux
+/// refuses to hibernate while any does (hibernation_available(),
+/// kernel/power/hibernate.c: the memory must never be written out), and so
+/// does ksave. Found by their mappings of the secretmem file
+/// (mm/secretmem.c names it "secretmem").
+pub fn secretmem_holders() -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut holders = Vec::new();
+    for p in procs.flatten() {
+        let name = p.file_name().to_string_lossy().to_string();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let maps = std::fs::read_to_string(p.path().join("maps")).unwrap_or_default();
+        if maps.lines().any(|l| l.split_whitespace().nth(5).is_some_and(|f| f == "/secretmem" || f.starts_with("/secretmem"))) {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            holders.push(format!("{name} ({})", comm.trim()));
+        }
+    }
+    holders
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,3 +584,4 @@ mod tests {
         assert_eq!(controller_of(sys.path(), "vda").unwrap().kind, Some(diskdrv::pci::StorageKind::VirtioBlk));
     }
 }
+

@@ -79,10 +79,11 @@ fn image_file(dir: &Path) -> std::path::PathBuf {
         iommu_left_on: false,
         free_rule: 0,
         filesystems: &[],
+        sealed: false,
     };
     let (mut block, mut raw_header) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]));
     let (mut lz4_in, mut lz4_out) = (Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
-    let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out } };
+    let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out, seal: None } };
     commit::save(&plan, &claimed, &Noise, &mut NoneFree, &mut store, bufs, || 0, 0).expect("the image");
     let path = dir.join("image.img");
     std::fs::write(&path, &store.0).unwrap();

@@ -20,7 +20,8 @@
 
 use core::fmt;
 
-use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
+use ksave_format::seal::Seal;
 use ksave_format::commit::Device;
 use ksave_format::header::{META_BLOCKS, State};
 use ksave_format::reader::{self, ReadError, Source};
@@ -112,6 +113,9 @@ pub struct Buffers<'b> {
     /// The metadata blocks first; then a group of decoded pages, or raw
     /// pages being checked.
     pub pages: &'b mut [u8; LZ4_GROUP * PAGE],
+    /// The store is encrypted: the image's cipher (its data key, from the
+    /// unlocked volume), and a sealed raw chunk being opened.
+    pub seal: Option<(&'b Seal, &'b mut SealedChunk)>,
 }
 
 const _: () = assert!(META_BLOCKS as usize * PAGE <= LZ4_GROUP * PAGE);
@@ -236,10 +240,10 @@ where
     E: fmt::Display,
     M: PhysMemory,
 {
-    let Buffers { block, chunk_header, coded, pages } = bufs;
+    let Buffers { block, chunk_header, coded, pages, seal } = bufs;
     let start = clock();
     // SAFETY: check_and_load's contract, passed on.
-    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages }, clock, start) };
+    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages, seal }, clock, start) };
     match loaded {
         Ok((mut loaded, way_back)) => {
             // Never twice: the image is invalidated before the saved kernel runs.
@@ -277,7 +281,7 @@ unsafe fn load<S: DmaSource, M: PhysMemory>(
 where
     S::Error: fmt::Display,
 {
-    let Buffers { block, chunk_header, coded, pages } = bufs;
+    let Buffers { block, chunk_header, coded, pages, seal } = bufs;
     let header = reader::read_header(store, block).map_err(unreadable)?;
     // The metadata is read into the pages buffer: only its copy (`saved`)
     // is needed once the chunks are read.
@@ -307,6 +311,11 @@ where
         Err(r) => return Err(Refused::new(r)),
     }
     let meta = meta.expect("the verdict passed the metadata");
+    // An encrypted store: the image must be sealed under the key read from
+    // the unlocked volume, its header and metadata as it wrote them; a
+    // sealed image without its key is never loaded. Before anything is
+    // written.
+    reader::check_sealed::<S::Error>(seal.as_ref().map(|(s, _)| *s), &header, &meta, &mut coded[..]).map_err(unreadable)?;
 
     // One pass: each chunk is loaded as it is read and checked, and every
     // page the image does not store is zeroed on the way. From here on the
@@ -318,7 +327,7 @@ where
     let saved = reader::Saved::of(&meta, &header);
     let verified = clock();
     let mut loader = Loader { machine, mem, next: 0, zeroed: 0 };
-    let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages };
+    let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
     if let Err(e) = reader::visit_chunks(store, &header, &saved, bufs, &mut loader) {
         return Err(Refused { memory_lost: true, ..unreadable(e) });
     }
@@ -344,6 +353,7 @@ fn unreadable<E: fmt::Display>(e: ReadError<E>) -> Refused {
         ReadError::Header(h) => Refused::new(Refusal::NoImage(h)),
         ReadError::Chunk { index, what, .. } => Refused::new(Refusal::Damaged { chunk: index, what }),
         ReadError::Totals(what) => Refused::new(Refusal::Damaged { chunk: u64::MAX, what }),
+        ReadError::Seal(what) => Refused::new(Refusal::Sealed(what)),
     }
 }
 

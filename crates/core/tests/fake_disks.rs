@@ -250,11 +250,11 @@ impl Bufs {
     }
 
     fn resume(&mut self) -> resume::Buffers<'_> {
-        resume::Buffers { block: self.block, chunk_header: self.chunk_header, coded: self.coded, pages: self.pages }
+        resume::Buffers { block: self.block, chunk_header: self.chunk_header, coded: self.coded, pages: self.pages, seal: None }
     }
 
     fn save(&mut self) -> commit::Buffers<'_> {
-        commit::Buffers { block: self.block, writer: writer::Buffers { raw_header: self.chunk_header, lz4_in: self.pages, lz4_out: self.coded } }
+        commit::Buffers { block: self.block, writer: writer::Buffers { raw_header: self.chunk_header, lz4_in: self.pages, lz4_out: self.coded, seal: None } }
     }
 }
 
@@ -289,6 +289,7 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
         iommu_left_on: false,
         free_rule: 0,
         filesystems: &[],
+        sealed: false,
     };
     // The partition as found and as the host saw it: the first extent's
     // start, the whole store's size.

@@ -75,6 +75,14 @@ impl Encoding {
     }
 }
 
+/// Pages in a full raw chunk of a sealed image: they are encrypted in a
+/// buffer of this many pages and a header ([`SealedChunk`]), 1.5% of
+/// header per chunk.
+pub const SEALED_RAW_PAGES: usize = 64;
+/// A sealed raw chunk as it goes out or comes in: header block, then the
+/// pages.
+pub type SealedChunk = [u8; PAGE * (1 + SEALED_RAW_PAGES)];
+
 /// Runs in a full free-run chunk (its words fill one block, as a raw
 /// chunk's pfns do).
 pub const MAX_FREE_RUNS: usize = MAX_RAW_PAGES / 2;
@@ -94,7 +102,27 @@ struct ChunkHead {
 }
 
 const PFNS_AT: usize = size_of::<ChunkHead>();
-const _: () = assert!(PFNS_AT == 40 && PFNS_AT + 8 * MAX_RAW_PAGES <= PAGE - 4 && PFNS_AT + 8 * LZ4_GROUP <= LZ4_HEADER - 4);
+// The pfns end before the tag (sealed images), which is right before the CRC.
+const _: () = assert!(
+    PFNS_AT == 40 && PFNS_AT + 8 * MAX_RAW_PAGES <= crate::seal::chunk_tag_at(PAGE) && PFNS_AT + 8 * LZ4_GROUP <= crate::seal::chunk_tag_at(LZ4_HEADER)
+);
+
+/// Puts a sealed chunk's `tag` into its encoded header `h` and returns the
+/// header's new CRC.
+pub fn set_tag(h: &mut [u8], tag: &[u8; crate::seal::TAG_LEN]) -> [u8; 4] {
+    let len = h.len();
+    let at = crate::seal::chunk_tag_at(len);
+    h[at..at + tag.len()].copy_from_slice(tag);
+    let crc = CRC32C.checksum(&h[..len - 4]).to_le_bytes();
+    h[len - 4..].copy_from_slice(&crc);
+    crc
+}
+
+/// A sealed chunk header's tag.
+pub fn tag(h: &[u8]) -> [u8; crate::seal::TAG_LEN] {
+    let at = crate::seal::chunk_tag_at(h.len());
+    h[at..at + crate::seal::TAG_LEN].try_into().unwrap()
+}
 
 /// A chunk header's fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

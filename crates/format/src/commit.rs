@@ -70,6 +70,9 @@ pub struct Plan<'a> {
     /// The caller's mounted file systems as the host saw them
     /// ([`Header::filesystems`]).
     pub filesystems: &'a [header::FsSeen],
+    /// The image is sealed ([`header::FLAG_SEALED`]): the writer's buffers
+    /// carry the cipher.
+    pub sealed: bool,
 }
 
 /// Which pages the saved kernel's allocator holds free: those are left out
@@ -111,7 +114,7 @@ impl Plan<'_> {
 
     /// The largest image this plan can make, whatever the memory holds.
     pub fn worst_case_bytes(&self) -> u64 {
-        writer::worst_case_bytes(self.page_count())
+        writer::worst_case_bytes(self.page_count(), self.sealed)
     }
 
     /// What a save of this plan will write at most, counted before anything
@@ -134,7 +137,7 @@ impl Plan<'_> {
                 stored += 1;
             }
         }
-        Ok(Needed { stored, free_runs: runs, bytes: writer::bytes_at_most(stored, runs) })
+        Ok(Needed { stored, free_runs: runs, bytes: writer::bytes_at_most(stored, runs, self.sealed) })
     }
 }
 
@@ -184,15 +187,23 @@ pub fn save<D: Device>(
     dev.flush().map_err(sink)?;
     dev.reached(Step::HeaderWritten);
 
+    assert_eq!(plan.sealed, bufs.writer.seal.is_some(), "a sealed plan is written with its cipher");
     let meta = &mut bufs.writer.lz4_in[..META_BLOCKS as usize * PAGE];
     meta.fill(0);
     let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, meta);
     let align = plan.align as usize;
     let meta_bytes = meta_len.next_multiple_of(align).max(align);
     dev.write_bytes(META_OFFSET, &meta[..meta_bytes]).map_err(sink)?;
+    // A sealed image's metadata stays plaintext, under a tag the header
+    // carries (scratch: the LZ4 output buffer, not in use yet).
+    let meta_tag = match &bufs.writer.seal {
+        Some((seal, _)) => seal.meta_tag(&bufs.writer.lz4_in[..meta_len], &mut bufs.writer.lz4_out[..]),
+        None => [0; crate::seal::TAG_LEN],
+    };
 
     let mut lz4 = Lz4;
     let codec: Option<&mut dyn PageCodec> = if plan.lz4 { Some(&mut lz4) } else { None };
+    let seal = bufs.writer.seal.as_ref().map(|(seal, _)| *seal);
     let mut w = Writer::new(plan.nonce, codec, plan.capacity, plan.align, bufs.writer);
     let mut free_until = 0;
     for (pfn, is_ram) in plan.pages() {
@@ -236,6 +247,11 @@ pub fn save<D: Device>(
     let n = plan.filesystems.len().min(header::MAX_FILESYSTEMS);
     h.filesystems[..n].copy_from_slice(&plan.filesystems[..n]);
     h.fs_count = n as u32;
+    if let Some(seal) = seal {
+        h.meta_tag = meta_tag;
+        h.tagged_block(bufs.block);
+        h.tag = seal.header_tag(bufs.block);
+    }
     h.encode(bufs.block);
     dev.write_bytes(0, bufs.block).map_err(sink)?;
     dev.flush().map_err(sink)?;

@@ -8,16 +8,20 @@ use bootinfo::acpi::RemappingUnit;
 use uguid::Guid;
 
 use crate::header::{FsSeen, FsSeenLe, MAX_FILESYSTEMS, RangeLe};
+use crate::seal::{DataKey, KEY_LEN};
 use crate::store::Claim;
 use crate::{CRC32C, PAGE, Range};
 
 /// "KSAVECFG".
 pub const MAGIC: [u8; 8] = *b"KSAVECFG";
 /// Config layout version: 3 added the store's claim and the file systems
-/// seen, 4 the file store's map. A ksave.elf of another layout is not
-/// configured (an older one would ignore the claim, or write a file's
-/// partition from its start).
-pub const VERSION: u32 = 4;
+/// seen, 4 the file store's map, 5 the data key of a sealed image. A
+/// ksave.elf of another layout is not configured (an older one would
+/// ignore the claim, write a file's partition from its start, or write an
+/// encrypted store in plaintext).
+pub const VERSION: u32 = 5;
+/// Where the data key lies in the block, so that ksave can wipe it there.
+pub const DATA_KEY_AT: usize = 3296;
 /// Most RAM ranges the config carries.
 pub const MAX_RANGES: usize = 128;
 /// Most ACPI NVS ranges the config carries.
@@ -68,11 +72,13 @@ struct RawConfig {
     file_map: U64,
     /// The CRC-32C of the map's entries.
     file_map_crc: U32,
-    pad: [u8; PAGE - 72 - 16 * MAX_RANGES - INFO_LEN - 16 - 4 - 16 * MAX_NVS - 4 - 4 - 8 * MAX_IOMMUS - 16 - 32 - 4 - 32 * MAX_FILESYSTEMS - 12],
+    /// A sealed image's data key (bit 2 of `lz4` says there is one).
+    data_key: [u8; KEY_LEN],
+    pad: [u8; PAGE - DATA_KEY_AT - KEY_LEN - 4],
     crc: U32,
 }
 
-const _: () = assert!(size_of::<RawConfig>() == PAGE && core::mem::offset_of!(RawConfig, ram) == 72);
+const _: () = assert!(size_of::<RawConfig>() == PAGE && core::mem::offset_of!(RawConfig, ram) == 72 && core::mem::offset_of!(RawConfig, data_key) == DATA_KEY_AT);
 
 /// The block as built into ksave.elf: magic, version, not configured.
 pub const SHIPPED: [u8; PAGE] = {
@@ -139,6 +145,10 @@ pub struct Config {
     pub fs_count: usize,
     /// The store is a file in the partition: where its map begins.
     pub file_map: Option<FileMapAt>,
+    /// The store is encrypted: the data key to seal (save) or open
+    /// (resume) the image with (docs/ENCRYPTION.md). ksave wipes it in its
+    /// config block once it is done ([`DATA_KEY_AT`]).
+    pub data_key: Option<DataKey>,
 }
 
 /// Where a file store's map is ([`crate::filemap`]), and which map the
@@ -206,6 +216,7 @@ impl Config {
             filesystems: [FsSeen { partuuid: [0; 16], kind: 0, mounts: 0, mounted_at: 0 }; MAX_FILESYSTEMS],
             fs_count: 0,
             file_map: None,
+            data_key: None,
         }
     }
 
@@ -262,7 +273,7 @@ impl Config {
             partition_guid: self.partition_guid.to_bytes(),
             partition_first_lba: self.partition_first_lba.into(),
             partition_sectors: self.partition_sectors.into(),
-            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1).into(),
+            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1 | (self.data_key.is_some() as u32) << 2).into(),
             ram_count: (self.ram_count as u32).into(),
             ram,
             info: self.info,
@@ -280,6 +291,7 @@ impl Config {
             filesystems: self.filesystems.map(FsSeenLe::from),
             file_map: self.file_map.map_or(0, |m| m.offset).into(),
             file_map_crc: self.file_map.map_or(0, |m| m.crc).into(),
+            data_key: self.data_key.as_ref().map_or([0; KEY_LEN], |k| k.0),
             pad: [0; _],
             crc: 0.into(),
         };
@@ -350,6 +362,7 @@ impl Config {
             return Err(ConfigError::Field("file map offset"));
         }
         c.file_map = (map != 0).then(|| FileMapAt { offset: map, crc: raw.file_map_crc.get() });
+        c.data_key = (raw.lz4.get() & 4 != 0).then(|| DataKey(raw.data_key));
         c.info = raw.info;
         c.mailbox = raw.mailbox.get();
         c.facs_signature = (raw.facs_known.get() & 1 != 0).then(|| raw.facs_signature.get());
@@ -390,8 +403,10 @@ mod tests {
         c.filesystems[1] = FsSeen { partuuid: [2; 16], kind: crate::header::FS_EXT4, mounts: 3, mounted_at: 4 };
         c.fs_count = 2;
         c.file_map = Some(FileMapAt { offset: 1 << 30, crc: 0x1234_5678 });
+        c.data_key = Some(DataKey([0x77; KEY_LEN]));
         let mut block = [0u8; PAGE];
         c.encode(&mut block);
+        assert_eq!(block[DATA_KEY_AT..DATA_KEY_AT + KEY_LEN], [0x77; KEY_LEN]);
         assert_eq!(Config::decode(&block), Ok(c));
     }
 }

@@ -17,8 +17,12 @@ use crate::{CRC32C, PAGE};
 
 /// "KSAVEMAP".
 pub const MAGIC: [u8; 8] = *b"KSAVEMAP";
-/// Map layout version.
-pub const VERSION: u32 = 1;
+/// Map layout version: 2 added the flags (version 1 reads as flags 0).
+pub const VERSION: u32 = 2;
+/// Flag: the file lies on an encrypted volume (dm-crypt): the page after
+/// the map is its key block (docs/ENCRYPTION.md), written only through the
+/// volume's encryption, and every image in it must be sealed.
+pub const ENCRYPTED: u32 = 1 << 0;
 /// Most extents a file store may have, after merging neighbours: ksave
 /// keeps them in a fixed table (16 bytes each). An ext4 file of 256 GiB
 /// has at least 2048 (128 MiB extents), far larger than any store.
@@ -57,6 +61,21 @@ pub struct Head {
     /// CRC-32C of the entries: the config names it, so that ksave uses
     /// only the map the host checked just before the jump.
     pub crc: u32,
+    /// The file lies on an encrypted volume ([`ENCRYPTED`]).
+    pub encrypted: bool,
+}
+
+impl Head {
+    /// Pages before the image: the map's, and an encrypted store's key block.
+    pub fn image_starts_at_page(&self) -> u64 {
+        self.pages + self.encrypted as u64
+    }
+
+    /// Where the key block is, in bytes from the file's start (an
+    /// encrypted store's).
+    pub fn key_block_at(&self) -> Option<u64> {
+        self.encrypted.then_some(self.pages * PAGE as u64)
+    }
 }
 
 /// Why a map is refused.
@@ -110,8 +129,9 @@ impl<E: fmt::Display> fmt::Display for MapError<E> {
 }
 
 /// Writes the map of `extents` with `claim_id` into `out`, which must be
-/// exactly [`pages_for`] pages; returns the entries' CRC.
-pub fn encode(extents: &[FileExtent], claim_id: [u8; 16], out: &mut [u8]) -> u32 {
+/// exactly [`pages_for`] pages; `encrypted`: the file lies on an encrypted
+/// volume ([`ENCRYPTED`]). Returns the entries' CRC.
+pub fn encode(extents: &[FileExtent], claim_id: [u8; 16], encrypted: bool, out: &mut [u8]) -> u32 {
     assert_eq!(out.len() as u64, pages_for(extents.len()) * PAGE as u64, "map buffer size");
     out.fill(0);
     for (i, e) in extents.iter().enumerate() {
@@ -127,6 +147,7 @@ pub fn encode(extents: &[FileExtent], claim_id: [u8; 16], out: &mut [u8]) -> u32
     out[24..40].copy_from_slice(&claim_id);
     out[40..48].copy_from_slice(&extents.iter().map(|e| e.bytes).sum::<u64>().to_le_bytes());
     out[48..52].copy_from_slice(&crc.to_le_bytes());
+    out[52..56].copy_from_slice(&(if encrypted { ENCRYPTED } else { 0 }).to_le_bytes());
     let head_crc = CRC32C.checksum(&out[..60]);
     out[60..64].copy_from_slice(&head_crc.to_le_bytes());
     crc
@@ -177,7 +198,11 @@ pub fn read<E>(
         return Err(MapError::HeadChecksum);
     }
     let version = le32(&page[8..]);
-    if version != VERSION {
+    if version != VERSION && version != 1 {
+        return Err(MapError::Version(version));
+    }
+    let flags = le32(&page[52..]);
+    if flags & !ENCRYPTED != 0 {
         return Err(MapError::Version(version));
     }
     let count = le32(&page[12..]) as usize;
@@ -187,6 +212,7 @@ pub fn read<E>(
         claim_id: page[24..40].try_into().expect("16 bytes"),
         bytes: le64(&page[40..]),
         crc: le32(&page[48..]),
+        encrypted: flags & ENCRYPTED != 0,
     };
     if count > out.len().min(MAX_EXTENTS) {
         return Err(MapError::TooMany(count));
@@ -225,7 +251,7 @@ pub fn read<E>(
     if total != head.bytes {
         return Err(MapError::BadEntry(count - 1));
     }
-    if head.pages * PAGE as u64 >= total {
+    if head.image_starts_at_page() * PAGE as u64 >= total {
         return Err(MapError::Size);
     }
     Ok(head)
@@ -274,7 +300,7 @@ mod tests {
         let part = Partition { first_lba: 2048, blocks: (64 << 20) / bs as u64, block_size: bs };
         let mut bytes = vec![0u8; ((part.first_lba + part.blocks) * bs as u64) as usize];
         let mut map = vec![0u8; pages_for(extents.len()) as usize * PAGE];
-        let crc = encode(extents, claim, &mut map);
+        let crc = encode(extents, claim, false, &mut map);
         // Lay the map's pages into the file's extents, in file order.
         let mut left = &map[..];
         for e in extents {
@@ -303,7 +329,7 @@ mod tests {
             let (part, bytes, crc) = disk(&extents, [5; 16], bs);
             let mut out = vec![Extent::default(); MAX_EXTENTS];
             let head = read(part, extents[0].offset, reader(&bytes, bs), &mut [0; PAGE], &mut out).unwrap();
-            assert_eq!(head, Head { pages: 3, extents: 600, claim_id: [5; 16], bytes: 600 * PAGE as u64, crc });
+            assert_eq!(head, Head { pages: 3, extents: 600, claim_id: [5; 16], bytes: 600 * PAGE as u64, crc, encrypted: false });
             let per = PAGE as u64 / bs as u64;
             assert_eq!(out[599], Extent { lba: 2048 + (4000 - 1198) * per, blocks: per });
             // The image begins after the map's 3 pages: at extent 3.

@@ -178,6 +178,12 @@ pub struct Header {
     pub filesystems: [FsSeen; MAX_FILESYSTEMS],
     /// How many of `filesystems` are used.
     pub fs_count: u32,
+    /// A sealed image's tag of its metadata ([`crate::seal::Seal::meta_tag`]);
+    /// zero in a plain one.
+    pub meta_tag: [u8; crate::seal::TAG_LEN],
+    /// A sealed image's tag of this header ([`crate::seal::Seal::header_tag`]);
+    /// zero in a plain one.
+    pub tag: [u8; crate::seal::TAG_LEN],
 }
 
 /// The CR4 bits recorded in [`Header::cr4_needed`]: relocate_kernel's way
@@ -198,6 +204,11 @@ pub const FLAG_RESUME_ATTEMPTED: u32 = 1 << 1;
 /// fresh boot cannot recreate the kernel's translation state: such an image
 /// is a snapshot only, never resumed.
 pub const FLAG_IOMMU_LEFT_ON: u32 = 1 << 2;
+
+/// The image is sealed (docs/ENCRYPTION.md): every chunk's payload is
+/// encrypted and every chunk header, this header and the metadata are
+/// authenticated under a data key kept in the store's key block.
+pub const FLAG_SEALED: u32 = 1 << 3;
 
 /// Why a header was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +266,26 @@ impl Header {
             claim: crate::store::Claim { id: [0; 16], disk: [0; 16] },
             filesystems: [FsSeen { partuuid: [0; 16], kind: 0, mounts: 0, mounted_at: 0 }; MAX_FILESYSTEMS],
             fs_count: 0,
+            meta_tag: [0; crate::seal::TAG_LEN],
+            tag: [0; crate::seal::TAG_LEN],
         }
+    }
+
+    /// Whether the image is sealed ([`FLAG_SEALED`]).
+    pub fn sealed(&self) -> bool {
+        self.flags & FLAG_SEALED != 0
+    }
+
+    /// The block a sealed header's tag covers (all but its tag and CRC):
+    /// this header as its save wrote it complete, whatever the state and
+    /// the resume mark say now (an invalidated image is refused by its
+    /// state; its key block is destroyed besides).
+    pub fn tagged_block(&self, b: &mut [u8; PAGE]) {
+        let mut h = self.clone();
+        h.state = State::Complete;
+        h.flags &= !FLAG_RESUME_ATTEMPTED;
+        h.tag = [0; crate::seal::TAG_LEN];
+        h.encode(b);
     }
 
     /// The file systems recorded.
@@ -332,6 +362,8 @@ impl Header {
             reserved5: [0; _],
             filesystems: self.filesystems.map(FsSeenLe::from),
             pad: [0; _],
+            meta_tag: self.meta_tag,
+            tag: self.tag,
             crc: 0.into(),
         };
         b.copy_from_slice(raw.as_bytes());
@@ -387,6 +419,8 @@ impl Header {
             claim: crate::store::Claim { id: raw.claim_id, disk: raw.claim_disk },
             filesystems: raw.filesystems.map(FsSeen::from),
             fs_count: raw.fs_count.get(),
+            meta_tag: raw.meta_tag,
+            tag: raw.tag,
         };
         if h.fs_count as usize > MAX_FILESYSTEMS {
             return Err(HeaderError::Field("file system count"));
@@ -453,7 +487,9 @@ struct RawHeader {
     fs_count: U32,
     reserved5: [u8; 4],
     filesystems: [FsSeenLe; MAX_FILESYSTEMS],
-    pad: [u8; PAGE - 496 - 32 * MAX_FILESYSTEMS - 4],
+    pad: [u8; crate::seal::META_TAG_AT - 496 - 32 * MAX_FILESYSTEMS],
+    meta_tag: [u8; crate::seal::TAG_LEN],
+    tag: [u8; crate::seal::TAG_LEN],
     crc: U32,
 }
 
@@ -464,6 +500,7 @@ const _: () = assert!(
         && core::mem::offset_of!(RawHeader, pages_free) == 440
         && core::mem::offset_of!(RawHeader, claim_id) == 456
         && core::mem::offset_of!(RawHeader, filesystems) == 496
+        && core::mem::offset_of!(RawHeader, meta_tag) == crate::seal::META_TAG_AT
 );
 
 /// Two little-endian u64s: a [`Range`] or a [`BackupPair`] on disk.
@@ -556,6 +593,7 @@ pub fn encode_meta(lists: MetaLists, out: &mut [u8]) -> (usize, u32) {
 
 /// The metadata, checked against its header.
 pub struct Meta<'a> {
+    bytes: &'a [u8],
     ram: &'a [RangeLe],
     backup: &'a [RangeLe],
     nvs: &'a [RangeLe],
@@ -575,7 +613,7 @@ impl<'a> Meta<'a> {
         let items = <[RangeLe]>::ref_from_bytes(&bytes[..len]).map_err(|_| HeaderError::Field("metadata length"))?;
         let (ram, rest) = items.split_at(ram);
         let (backup, nvs) = rest.split_at(backup);
-        let meta = Self { ram, backup, nvs };
+        let meta = Self { bytes: &bytes[..len], ram, backup, nvs };
         let bad = |r: Range| r.start > r.end || !r.start.is_multiple_of(PAGE as u64) || !r.end.is_multiple_of(PAGE as u64);
         // Sorted and apart (docs/FORMAT.md): no page is saved, or counted, twice.
         let unsorted = |rs: &[RangeLe]| rs.windows(2).any(|w| Range::from(w[1]).start < Range::from(w[0]).end);
@@ -589,6 +627,11 @@ impl<'a> Meta<'a> {
             return Err(HeaderError::Field("NVS range overlaps RAM"));
         }
         Ok(meta)
+    }
+
+    /// The metadata bytes in use (a sealed image's tag covers them).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
     }
 
     /// The RAM ranges saved.

@@ -18,6 +18,7 @@ pub mod filemap;
 pub mod header;
 pub mod mailbox;
 pub mod reader;
+pub mod seal;
 pub mod store;
 pub mod verdict;
 pub mod writer;

@@ -1,9 +1,10 @@
 //! The decoder: checks an image and hands its pages out, used by the host
 //! tool (verify, inspect, export) and by restore.
 
-use crate::chunk::{self, ChunkInfo, Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkInfo, Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES, SEALED_RAW_PAGES, SealedChunk};
 use crate::codec::{Lz4, PageCodec};
 use crate::header::{DATA_OFFSET, Header, HeaderError, META_BLOCKS, META_OFFSET, Meta};
+use crate::seal::{Seal, Sealed, chunk_tag_at};
 use crate::{CRC32C, PAGE, PayloadHasher, payload_hash};
 
 /// Reads bytes of the partition.
@@ -43,6 +44,10 @@ pub enum ReadError<E> {
     },
     /// The chunks do not add up to what the header says.
     Totals(&'static str),
+    /// A sealed image cannot be read without its key, a plain one is not
+    /// taken from an encrypted store, or the header's or metadata's tag
+    /// does not check.
+    Seal(&'static str),
 }
 
 impl<E: core::fmt::Debug> core::fmt::Display for ReadError<E> {
@@ -52,6 +57,7 @@ impl<E: core::fmt::Debug> core::fmt::Display for ReadError<E> {
             Self::Header(e) => write!(f, "{e}"),
             Self::Chunk { index, offset, what } => write!(f, "chunk {index} at byte {offset}: {what}"),
             Self::Totals(what) => write!(f, "chunks do not match the header: {what}"),
+            Self::Seal(what) => write!(f, "{what}"),
         }
     }
 }
@@ -68,6 +74,25 @@ pub fn read_meta<'a, S: Source>(src: &mut S, header: &Header, buf: &'a mut [u8; 
     Meta::parse(header, buf).map_err(ReadError::Header)
 }
 
+/// Checks what a sealed image's header says against `seal`, with its
+/// metadata `meta` as read: that the image is sealed (an encrypted
+/// store takes no plain image: it could be anyone's), the metadata's tag
+/// and the header's. With no `seal` (the store is not encrypted) only that
+/// the image is not sealed: its key is needed. `scratch` is overwritten.
+pub fn check_sealed<E>(seal: Option<&Seal>, header: &Header, meta: &Meta, scratch: &mut [u8]) -> Result<(), ReadError<E>> {
+    match (seal, header.sealed()) {
+        (None, false) => Ok(()),
+        (None, true) => Err(ReadError::Seal("the image is encrypted: its key is read from the unlocked volume (`ksave resume` in the initramfs)")),
+        (Some(_), false) => Err(ReadError::Seal("the store is on an encrypted volume but the image is not sealed: refused")),
+        (Some(seal), true) => {
+            Seal::check(seal.meta_tag(meta.bytes(), scratch), &header.meta_tag).map_err(|_| ReadError::Seal("the metadata's tag does not check (another key, or forged)"))?;
+            let mut block = [0u8; PAGE];
+            header.tagged_block(&mut block);
+            Seal::check(seal.header_tag(&block), &header.tag).map_err(|_| ReadError::Seal("the header's tag does not check (another key, or forged)"))
+        }
+    }
+}
+
 /// Working memory for [`visit_chunks`].
 pub struct Buffers<'b> {
     /// A chunk header.
@@ -76,6 +101,9 @@ pub struct Buffers<'b> {
     pub lz4_in: &'b mut [u8; LZ4_OUT],
     /// A decompressed group, or a run of raw pages being read.
     pub lz4_out: &'b mut [u8; LZ4_GROUP * PAGE],
+    /// A sealed image ([`check_sealed`] passed): its cipher, and a raw chunk
+    /// being read (its pages are handed out only once its tag checks).
+    pub seal: Option<(&'b Seal, &'b mut SealedChunk)>,
 }
 
 /// What a walk of the chunks hands out, chunk by chunk, in image order.
@@ -121,6 +149,11 @@ impl<S: Source> Visitor<S> for CheckOnly {}
 /// free runs ascending and inside the saved memory, and the totals the
 /// header committed (stored + zero + free = every page saved).
 pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs: Buffers, visitor: &mut impl Visitor<S>) -> Result<(), ReadError<S::Error>> {
+    if header.sealed() != bufs.seal.is_some() {
+        return Err(ReadError::Seal(if header.sealed() { "the image is encrypted: its key is needed" } else { "a plain image on an encrypted store" }));
+    }
+    let Buffers { header: chunk_header, lz4_in, lz4_out, mut seal } = bufs;
+    let cipher = seal.as_ref().map(|(cipher, _)| *cipher);
     let saved_pages = saved.pages;
     let saved = &saved.ranges;
     // The header's CRC holds, but its length may still be anything.
@@ -133,9 +166,12 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
         if offset + header.align as u64 > end {
             return Err(bad("beyond the data the header records"));
         }
-        let header_len = read_chunk_header(src, offset, header.align, bufs.header).map_err(|e| e.at(index, offset))?;
-        let decoded = chunk::decode(&bufs.header[..header_len]).map_err(bad)?;
-        chunks_digest.update(&bufs.header[header_len - 4..header_len]);
+        let header_len = read_chunk_header(src, offset, header.align, chunk_header).map_err(|e| e.at(index, offset))?;
+        let head = &chunk_header[..header_len];
+        let decoded = chunk::decode(head).map_err(bad)?;
+        chunks_digest.update(&head[header_len - 4..]);
+        // What a sealed chunk's tag binds: its header before the tag.
+        let sealed = cipher.map(|c| Opening { seal: c, index, aad: &head[..chunk_tag_at(header_len)], tag: chunk::tag(head) });
         let fields = decoded.fields;
         if fields.index != index {
             return Err(bad("out of order"));
@@ -151,6 +187,9 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                 if fields.payload_len != 0 {
                     return Err(bad("payload length"));
                 }
+                if let Some(o) = &sealed {
+                    o.open(&mut []).map_err(bad)?;
+                }
                 for (first, pages) in decoded.runs() {
                     order.free_run(first, pages, saved, header).map_err(bad)?;
                     visitor.free_run(first, pages);
@@ -164,22 +203,34 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                 let pfns = &pfns[..count];
                 // Raw pages are read where the visitor wants them (zero
                 // copy); other codecs decode from the buffers.
-                if encoding == Encoding::Raw {
+                if encoding == Encoding::Raw && sealed.is_some() {
+                    // Sealed: read into the chunk buffer, opened, then handed out.
+                    let (Some(o), Some((_, chunk))) = (&sealed, &mut seal) else { unreachable!("sealed") };
+                    if payload_len != count * PAGE || count > SEALED_RAW_PAGES {
+                        return Err(bad("payload length"));
+                    }
+                    let pages = &mut chunk[..payload_len];
+                    src.read_at(payload_at, pages).map_err(ReadError::Io)?;
+                    o.open(pages).map_err(bad)?;
+                    for (p, data) in pfns.iter().zip(pages.chunks_exact(PAGE)) {
+                        visitor.page(*p, data.try_into().unwrap());
+                    }
+                } else if encoding == Encoding::Raw {
                     if payload_len != count * PAGE {
                         return Err(bad("payload length"));
                     }
-                    let hash = visitor.raw_pages(src, payload_at, pfns, bufs.lz4_out).map_err(ReadError::Io)?;
+                    let hash = visitor.raw_pages(src, payload_at, pfns, lz4_out).map_err(ReadError::Io)?;
                     if hash != fields.payload_hash {
                         return Err(bad("payload checksum"));
                     }
                 } else {
-                    let chunk = CodedChunk { offset, encoding, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align };
+                    let chunk = CodedChunk { offset, encoding, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align, sealed };
                     let mut lz4 = Lz4;
                     let codec: &mut dyn PageCodec = match encoding {
                         Encoding::Lz4 => &mut lz4,
                         Encoding::Raw | Encoding::Free => unreachable!("handled above"),
                     };
-                    read_coded_chunk(src, &chunk, codec, bufs.lz4_in, bufs.lz4_out, visitor).map_err(|e| e.at(index, offset))?;
+                    read_coded_chunk(src, &chunk, codec, lz4_in, lz4_out, visitor).map_err(|e| e.at(index, offset))?;
                 }
             }
         }
@@ -283,6 +334,21 @@ fn read_chunk_header<S: Source>(src: &mut S, offset: u64, align: u32, buf: &mut 
     Ok(len)
 }
 
+/// A sealed chunk's tag, with what it binds.
+struct Opening<'a> {
+    seal: &'a Seal,
+    index: u64,
+    aad: &'a [u8],
+    tag: [u8; crate::seal::TAG_LEN],
+}
+
+impl Opening<'_> {
+    /// Checks the tag over `payload` (as read) and decrypts it in place.
+    fn open(&self, payload: &mut [u8]) -> Result<(), &'static str> {
+        self.seal.open(Sealed::Chunk(self.index), self.aad, payload, &self.tag).map_err(|_| "tag does not check (another key, or forged)")
+    }
+}
+
 /// Where a coded chunk is and what its header says.
 struct CodedChunk<'p> {
     offset: u64,
@@ -291,6 +357,8 @@ struct CodedChunk<'p> {
     payload_len: u32,
     hash: u64,
     align: u32,
+    /// Sealed: opened before it is decoded (its hash is not kept).
+    sealed: Option<Opening<'p>>,
 }
 
 /// A coded chunk: read whole from its start (header again, payload,
@@ -311,10 +379,13 @@ fn read_coded_chunk<S: Source>(
     }
     let total = chunk.encoding.bytes_on_disk(len, chunk.align) as usize;
     src.read_at(chunk.offset, &mut buf[..total]).map_err(ChunkError::Io)?;
-    let payload = &buf[head..head + len];
-    if payload_hash(payload) != chunk.hash {
-        return Err(ChunkError::Bad("payload checksum"));
+    let payload = &mut buf[head..head + len];
+    match &chunk.sealed {
+        Some(o) => o.open(payload).map_err(ChunkError::Bad)?,
+        None if payload_hash(payload) != chunk.hash => return Err(ChunkError::Bad("payload checksum")),
+        None => {}
     }
+    let payload = &*payload;
     let out = &mut pages_buf[..chunk.pfns.len() * PAGE];
     codec.decode(payload, out).map_err(ChunkError::Bad)?;
     for (p, data) in chunk.pfns.iter().zip(out.chunks_exact(PAGE)) {

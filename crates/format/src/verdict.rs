@@ -92,6 +92,9 @@ pub mod code {
     /// A file system the image saw was mounted since ([`super::Refusal::FilesystemMounted`];
     /// the host's check, `ksave resume`).
     pub const FILESYSTEM_MOUNTED: u32 = 19;
+    /// The store is encrypted and the image's key is missing, not its, or
+    /// the image not sealed ([`super::Refusal::Sealed`]).
+    pub const SEALED: u32 = 20;
 }
 
 /// Why an image is not resumed. Each variant has a stable [`code`](Self::code).
@@ -168,6 +171,9 @@ pub enum Refusal {
         /// Its last mount time when saved, and now.
         mounted_at: (u64, u64),
     },
+    /// The store is on an encrypted volume: the image needs the key the
+    /// initramfs reads after the unlock, and must be sealed under it.
+    Sealed(&'static str),
     /// A chunk failed its checks while loading.
     Damaged {
         /// The chunk's index (`u64::MAX`: the totals after the last chunk).
@@ -200,6 +206,7 @@ impl Refusal {
             Self::NvsMapDiffers { .. } => code::NVS_MAP_DIFFERS,
             Self::BeyondReach { .. } => code::BEYOND_REACH,
             Self::Damaged { .. } => code::DAMAGED,
+            Self::Sealed(_) => code::SEALED,
         }
     }
 
@@ -225,6 +232,7 @@ impl Refusal {
             code::BEYOND_REACH => "beyond reach",
             code::DAMAGED => "damaged",
             code::FILESYSTEM_MOUNTED => "file system mounted since",
+            code::SEALED => "sealed",
             _ => return None,
         })
     }
@@ -271,6 +279,7 @@ impl fmt::Display for Refusal {
                 mounted_at.0,
                 mounted_at.1
             ),
+            Self::Sealed(what) => write!(f, "{what}"),
             Self::Damaged { chunk: u64::MAX, what } => write!(f, "image damaged: chunks do not match the header: {what}"),
             Self::Damaged { chunk, what } => write!(f, "image damaged: chunk {chunk}: {what}"),
         }
@@ -429,12 +438,12 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_named() {
-        let mut seen = [false; 20];
-        for code in 1..=19 {
+        let mut seen = [false; 21];
+        for code in 1..=20 {
             assert!(Refusal::name_of(code).is_some());
             assert!(!core::mem::replace(&mut seen[code as usize], true));
         }
-        assert_eq!(Refusal::name_of(20), None);
+        assert_eq!(Refusal::name_of(21), None);
     }
 
     #[test]

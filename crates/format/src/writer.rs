@@ -6,10 +6,17 @@
 
 use crc::{Digest, Table};
 
-use crate::chunk::{self, ChunkHeader, Encoding, LZ4_GROUP, LZ4_HEADER, MAX_FREE_RUNS, MAX_RAW_PAGES};
+use crate::chunk::{self, ChunkHeader, Encoding, LZ4_GROUP, LZ4_HEADER, MAX_FREE_RUNS, MAX_RAW_PAGES, SEALED_RAW_PAGES, SealedChunk};
 use crate::codec::PageCodec;
-use crate::header::{DATA_OFFSET, FLAG_LZ4};
+use crate::header::{DATA_OFFSET, FLAG_LZ4, FLAG_SEALED};
+use crate::seal::{Seal, Sealed};
 use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
+
+/// Pages in a full raw chunk: a sealed image's go through its
+/// [`SealedChunk`] buffer, so they are fewer.
+pub const fn raw_chunk_pages(sealed: bool) -> usize {
+    if sealed { SEALED_RAW_PAGES } else { MAX_RAW_PAGES }
+}
 
 /// Worst-case bytes of an image of `pages` pages: every page raw, a raw
 /// chunk header per [`MAX_RAW_PAGES`], a free-run chunk per as many (a run
@@ -18,8 +25,8 @@ use crate::{CRC32C, MAX_ALIGN, PAGE, PayloadHasher, is_zero_page, payload_hash};
 /// when it costs no more than its pages raw and the header of the raw
 /// chunk it cuts short, `flush_group`). A store smaller than this counts
 /// what a save needs first ([`bytes_at_most`]).
-pub fn worst_case_bytes(pages: u64) -> u64 {
-    DATA_OFFSET + pages * PAGE as u64 + (2 * pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
+pub fn worst_case_bytes(pages: u64, sealed: bool) -> u64 {
+    DATA_OFFSET + pages * PAGE as u64 + (pages.div_ceil(raw_chunk_pages(sealed) as u64) + pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
 }
 
 /// The largest image that stores `stored` pages and lists `free_runs`
@@ -28,8 +35,8 @@ pub fn worst_case_bytes(pages: u64) -> u64 {
 /// runs ([`worst_case_bytes`] with the runs counted, not bounded). A coded
 /// group never costs more than its pages raw and the raw chunk header it
 /// cuts short (the writer stores it raw otherwise).
-pub fn bytes_at_most(stored: u64, free_runs: u64) -> u64 {
-    DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(MAX_RAW_PAGES as u64) + 1 + free_runs.div_ceil(MAX_FREE_RUNS as u64)) * PAGE as u64
+pub fn bytes_at_most(stored: u64, free_runs: u64, sealed: bool) -> u64 {
+    DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(raw_chunk_pages(sealed) as u64) + 1 + free_runs.div_ceil(MAX_FREE_RUNS as u64)) * PAGE as u64
 }
 
 /// Reads the pages being saved.
@@ -68,6 +75,10 @@ pub struct Buffers<'b> {
     pub lz4_in: &'b mut [u8; LZ4_GROUP * PAGE],
     /// The LZ4 chunk being built.
     pub lz4_out: &'b mut [u8; chunk::LZ4_OUT],
+    /// A sealed image: its cipher, and the raw chunk being built (every
+    /// chunk is encrypted on its way out, so none goes from memory where
+    /// its pages lie).
+    pub seal: Option<(&'b Seal, &'b mut SealedChunk)>,
 }
 
 /// What a finished save wrote.
@@ -202,10 +213,14 @@ impl<'b> Writer<'b> {
     }
 
     fn push_raw<S: Sink>(&mut self, pfn: u64, page: &[u8], sink: &mut S) -> Result<(), WriteError<S::Error>> {
-        self.raw[self.raw_count] = pfn;
+        let i = self.raw_count;
+        self.raw[i] = pfn;
         self.raw_count += 1;
-        self.raw_hasher.update(page);
-        if self.raw_count == MAX_RAW_PAGES {
+        match &mut self.bufs.seal {
+            Some((_, chunk)) => chunk[PAGE * (1 + i)..PAGE * (2 + i)].copy_from_slice(page),
+            None => self.raw_hasher.update(page),
+        }
+        if self.raw_count == raw_chunk_pages(self.bufs.seal.is_some()) {
             self.flush_raw(sink)?;
         }
         Ok(())
@@ -235,14 +250,17 @@ impl<'b> Writer<'b> {
                 let out = &mut self.bufs.lz4_out;
                 let total = encoding.bytes_on_disk(len, self.align) as usize;
                 out[LZ4_HEADER + len..total].fill(0);
+                let sealed = self.bufs.seal.as_ref().map(|(seal, _)| *seal);
                 let fields = ChunkHeader {
                     index: self.totals.chunks,
                     nonce: self.nonce,
                     encoding,
                     payload_len: len as u32,
-                    payload_hash: payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]),
+                    payload_hash: if sealed.is_some() { 0 } else { payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]) },
                 };
                 let header_crc = chunk::encode(&mut out[..LZ4_HEADER], &fields, &self.group[..n]);
+                let (head, payload) = out.split_at_mut(LZ4_HEADER);
+                let header_crc = seal_chunk(sealed, fields.index, head, &mut payload[..len]).unwrap_or(header_crc);
                 self.check_room(total as u64)?;
                 sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
                 self.chunk_written(total as u64, header_crc);
@@ -279,13 +297,26 @@ impl<'b> Writer<'b> {
             nonce: self.nonce,
             encoding: Encoding::Raw,
             payload_len: (n * PAGE) as u32,
-            payload_hash: self.raw_hasher.digest(),
+            payload_hash: if self.bufs.seal.is_some() { 0 } else { self.raw_hasher.digest() },
         };
         self.raw_hasher.reset();
-        let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
         let total = Encoding::Raw.bytes_on_disk(n * PAGE, self.align);
         self.check_room(total)?;
-        sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
+        let header_crc = match &mut self.bufs.seal {
+            // Sealed: header and encrypted pages from the chunk buffer.
+            Some((seal, chunk)) => {
+                let (head, payload) = chunk.split_at_mut(PAGE);
+                chunk::encode(head, &fields, &self.raw[..n]);
+                let crc = seal_chunk(Some(seal), fields.index, head, &mut payload[..n * PAGE]).expect("sealed");
+                sink.write_bytes(self.offset, &chunk[..PAGE * (1 + n)]).map_err(WriteError::Sink)?;
+                crc
+            }
+            None => {
+                let crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
+                sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
+                crc
+            }
+        };
         self.chunk_written(total, header_crc);
         self.totals.pages_stored += n as u64;
         Ok(())
@@ -298,6 +329,8 @@ impl<'b> Writer<'b> {
         }
         let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding: Encoding::Free, payload_len: 0, payload_hash: payload_hash(&[]) };
         let header_crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.free[..2 * n]);
+        let sealed = self.bufs.seal.as_ref().map(|(seal, _)| *seal);
+        let header_crc = seal_chunk(sealed, fields.index, &mut self.bufs.raw_header[..], &mut []).unwrap_or(header_crc);
         let total = Encoding::Free.bytes_on_disk(0, self.align);
         self.check_room(total)?;
         sink.write_bytes(self.offset, &self.bufs.raw_header[..]).map_err(WriteError::Sink)?;
@@ -322,6 +355,19 @@ impl<'b> Writer<'b> {
         self.flush_free(sink)?;
         self.totals.data_bytes = self.offset - DATA_OFFSET;
         self.totals.chunks_crc = self.chunks_digest.finalize();
+        if self.bufs.seal.is_some() {
+            self.totals.flags |= FLAG_SEALED;
+        }
         Ok(self.totals)
     }
+}
+
+/// In a sealed image: encrypts `payload` in place and puts the tag in
+/// `header` (already encoded: everything before the tag is its associated
+/// data), returning the header's new CRC. `None` when not sealed.
+fn seal_chunk(seal: Option<&Seal>, index: u64, header: &mut [u8], payload: &mut [u8]) -> Option<[u8; 4]> {
+    let seal = seal?;
+    let at = crate::seal::chunk_tag_at(header.len());
+    let tag = seal.seal(Sealed::Chunk(index), &header[..at], payload);
+    Some(chunk::set_tag(header, &tag))
 }

@@ -22,7 +22,7 @@ fn raw_round_trip_elides_zero_pages() {
     assert_eq!(totals.pages_stored + zero, mem.0.len() as u64);
     assert_eq!(totals.pages_lz4, 0);
     assert_same(&mem, &load(&image).unwrap());
-    assert!(DATA_OFFSET + totals.data_bytes <= worst_case_bytes(mem.0.len() as u64));
+    assert!(DATA_OFFSET + totals.data_bytes <= worst_case_bytes(mem.0.len() as u64, false));
 }
 
 #[test]

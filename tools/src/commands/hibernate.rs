@@ -36,6 +36,13 @@ pub fn run(how: &How) -> Result<ExitCode> {
     if let Some(why) = sys::lockdown() {
         anyhow::bail!("{why}");
     }
+    let secret = sys::secretmem_holders();
+    if !secret.is_empty() {
+        anyhow::bail!(
+            "{} hold memfd_secret memory, which must never be written out (Linux refuses to hibernate then too: hibernation_available()): end them first",
+            secret.join(", ")
+        );
+    }
     let setup = Setup::load(&setup::path())?;
     // A file store is checked always, --no-precheck or not: a file moved
     // since setup leaves its old map and claim in blocks that are no longer
@@ -87,6 +94,11 @@ pub fn run(how: &How) -> Result<ExitCode> {
     match verdict(&setup, loaded.config.nonce, from_ksave) {
         Verdict::Resumed(h) => {
             println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
+            // `ksave resume` destroyed the key block before the jump; a
+            // resume some other way leaves it: not any more.
+            if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+                let _ = ksave_tools::keyblock::destroy(volume);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Saved(h) => {

@@ -56,6 +56,7 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
         v["chunks_free"] = json!(free_chunks);
         v["free_runs"] = json!(runs.len());
         v["checks"] = json!(walked.as_ref().err().cloned().unwrap_or_else(|| "ok".into()));
+        v["encryption"] = json!(image.sealed_note());
         v["refusal_here"] = match here {
             Ok(verdict) => json!(verdict.err().map_or(0, |r| r.code())),
             Err(_) => json!(null),
@@ -64,6 +65,9 @@ pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode
     } else {
         println!("image        {}", file.description);
         show::print_header(&image.header);
+        if let Some(note) = image.sealed_note() {
+            println!("encryption   {note}");
+        }
         for r in &image.ram {
             println!("RAM          {:#014x}-{:#014x} ({} MiB)", r.start, r.end, (r.end - r.start) >> 20);
         }

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ksave_format::config::Config;
+use ksave_format::seal::{DataKey, KEY_LEN, KeyBlock};
+use zeroize::Zeroizing;
 use ksave_tools::elfimage::ImageLayout;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
@@ -56,19 +58,34 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
         }
     };
     config.mailbox = mailbox.as_ref().map_or(0, MailboxPage::phys);
+    // An encrypted store: a fresh key for this image, kept on disk only in
+    // the key block, through the volume's own encryption; ksave gets it in
+    // its config (RAM only) and wipes it there when done.
+    if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+        let key = ksave_tools::keyblock::fresh_key()?;
+        ksave_tools::keyblock::write(volume, &KeyBlock { claim_id: setup.claim.id, nonce: config.nonce, key: key.clone() })?;
+        config.data_key = Some(key);
+    }
     let elf = std::fs::read(&setup.elf).with_context(|| format!("reading {}", setup.elf.display()))?;
-    let configured = load::configure(&elf, &config)?;
+    // The configured image is wiped when dropped (it holds the key); the
+    // config keeps only that there is one.
+    let configured = Zeroizing::new(load::configure(&elf, &config)?);
+    config.data_key = config.data_key.take().map(|_| DataKey([0; KEY_LEN]));
     let prepared = t.elapsed();
     let layout = ImageLayout::parse(&configured)?;
     if kexec_tools {
         let path = Path::new("/run/ksave/ksave.elf");
         std::fs::create_dir_all(path.parent().unwrap())?;
-        std::fs::write(path, &configured)?;
+        std::fs::write(path, &configured[..])?;
         let cmd = load::kexec_tools_command(path, &layout);
         println!("ksave: {}", cmd.join(" "));
-        load::run_kexec_tools(&cmd)?;
+        let loaded = load::run_kexec_tools(&cmd);
+        // The file holds the configured ksave, a sealed image's key too.
+        let _ = std::fs::write(path, vec![0u8; configured.len()]);
+        let _ = std::fs::remove_file(path);
+        loaded?;
     } else {
-        load::load_with_syscall(&configured)?;
+        load::load_with_syscall(&configured[..])?;
     }
     let ram: u64 = config.ram().iter().map(|r| r.end - r.start).sum();
     let held_kib = load::held_bytes(&layout, ram) / 1024;

@@ -28,8 +28,12 @@ mod verify;
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Setup { file: Some(file), size, lz4, elf, no_precheck, .. } => setup::run_file(&file, size.as_deref(), lz4, elf, no_precheck),
-        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes, .. } => setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes }),
+        Command::Setup { file: Some(file), size, lz4, elf, no_precheck, allow_plaintext, .. } => {
+            setup::run_file(&file, size.as_deref(), lz4, elf, &setup::How { no_precheck, claim: false, yes: false, allow_plaintext })
+        }
+        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes, allow_plaintext, .. } => {
+            setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes, allow_plaintext })
+        }
         Command::Load { kexec_tools } => load::run(kexec_tools),
         Command::Hibernate { poweroff: _, snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {
             let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
@@ -89,7 +93,12 @@ fn check_file_store(setup: &Setup, part: &sys::PartInfo, file: &FileStore) -> Re
     ensure!(filestore::is_immutable(&file.path).with_context(|| format!("{path}"))?, "{path} is no longer immutable (chattr -i): it may have been written or moved since setup; {again}");
     let located = filestore::locate(&file.path)?;
     ensure!(located.partition.guid == setup.guid, "{path} is in {} (PARTUUID {}) now, not in the partition set up: {again}", located.partition.device.display(), located.partition.guid);
-    let (_, crc) = filestore::encode_map(&located.extents, setup.claim.id);
+    ensure!(
+        located.volume.as_ref().map(|v| &v.dm_uuid) == file.key.as_ref().map(|k| &k.dm_uuid),
+        "{path} lies {} now, not as set up: {again}",
+        located.volume.as_ref().map_or("on no encrypted volume".into(), |v| format!("on the encrypted volume {}", v.dm_uuid))
+    );
+    let (_, crc) = filestore::encode_map(&located.extents, setup.claim.id, file.key.is_some());
     ensure!(
         crc == file.map_crc && located.extents.first().map(|e| e.offset) == Some(file.map_offset),
         "{path}'s blocks moved since setup ({} extents now, not those of its map): writing the old ones would overwrite other data; {again}",
@@ -128,13 +137,14 @@ fn precheck(setup: &Setup) -> Result<()> {
         );
     }
     let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
-    let worst = ksave_format::writer::worst_case_bytes(pages);
+    let sealed = setup.file.as_ref().is_some_and(|f| f.key.is_some());
+    let worst = ksave_format::writer::worst_case_bytes(pages, sealed);
     let bytes = if setup.file.is_some() { ImageFile::open_setup(setup, false)?.bytes() } else { setup.sectors * 512 };
     // Smaller than the worst case is allowed (a used system saves far less
     // than its RAM): ksave counts what a save needs before it writes, and
     // refuses one that does not fit. Too small for even the image's own
     // structures is no store.
-    let least = ksave_format::writer::bytes_at_most(0, 0) + (1 << 20);
+    let least = ksave_format::writer::bytes_at_most(0, 0, sealed) + (1 << 20);
     ensure!(bytes >= least, "{} holds {} KiB, too small for any image", setup.describe(), bytes >> 10);
     if worst > bytes {
         println!(

@@ -67,7 +67,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
                     if let Some(map_offset) = file_at {
                         // The map's CRC as read: the one ksave is to use.
                         let (_, map_crc) = ImageFile::open_file_map(&part.device, map_offset, false)?;
-                        setup.file = Some(FileStore { path: "(the image file)".into(), map_offset, map_crc });
+                        setup.file = Some(FileStore { path: "(the image file)".into(), map_offset, map_crc, key: None });
                     }
                     setup
                 }
@@ -101,12 +101,27 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
     if let Some(refusal) = ksave_tools::fs::mounted_since(image.header.filesystems()) {
         return Ok(NotResumed { refusal: Some(refusal), why: refusal.to_string() });
     }
-    let config = load::attempt_config(&setup)?;
+    let mut config = load::attempt_config(&setup)?;
+    // An encrypted store: the key from the key block (its tags checked by
+    // the verdict above), for ksave's config in RAM only.
+    let key_volume = setup.file.as_ref().and_then(|f| f.key.clone());
+    if key_volume.is_some() {
+        config.data_key = Some(file.key.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?.key.clone());
+    }
     let bytes = std::fs::read(&elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
-    load::load_for_resume(&load::configure(&bytes, &config)?)?;
+    let configured = zeroize::Zeroizing::new(load::configure(&bytes, &config)?);
+    config.data_key = None;
+    load::load_for_resume(&configured)?;
+    drop(configured);
     let mut marked = image.header.clone();
     marked.flags |= FLAG_RESUME_ATTEMPTED;
     ImageFile::open_setup(&setup, true)?.write_header(&marked)?;
+    // The key now lives only in the kernel's copy of ksave: the key block
+    // goes before the jump, so that not even the passphrase opens this
+    // image once it is resumed (a resume that fails invalidates it anyway).
+    if let Some(volume) = &key_volume {
+        ksave_tools::keyblock::destroy(volume)?;
+    }
     say(format!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored));
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
     // kexec image loaded the kernel hands the machine to ksave.
@@ -118,5 +133,8 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
     // Still here: ksave never ran, so the image was not tried; take the mark
     // back, or the next boot would invalidate an image nobody attempted.
     ImageFile::open_setup(&setup, true)?.write_header(&image.header)?;
+    if let (Some(volume), Ok(block)) = (&key_volume, &file.key) {
+        ksave_tools::keyblock::write(volume, block)?;
+    }
     bail!("the kexec into ksave did not happen: {why}")
 }

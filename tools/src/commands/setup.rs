@@ -22,12 +22,28 @@ pub struct How {
     pub claim: bool,
     /// Without asking.
     pub yes: bool,
+    /// Take a plaintext store on a machine that encrypts its root or swap.
+    pub allow_plaintext: bool,
+}
+
+/// Refuses a plaintext store on a machine that encrypts its root file
+/// system or a swap, unless told: the image is all of RAM, keys included.
+fn refuse_plaintext(how: &How) -> Result<()> {
+    let encrypted = sys::encryption_in_use();
+    if encrypted.is_empty() || how.allow_plaintext {
+        return Ok(());
+    }
+    bail!(
+        "this machine encrypts {}, and this store is not encrypted: an image there would hold all of RAM, the volume's key too, in plaintext. Put the store in a file on the encrypted root instead (`ksave setup --file /var/lib/ksave/image`: images there are sealed), or give --allow-plaintext to insist",
+        encrypted.join(" and ")
+    )
 }
 
 pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, how: &How) -> Result<ExitCode> {
     if let Some(why) = sys::lockdown() {
         bail!("{why}");
     }
+    refuse_plaintext(how)?;
     let mut part = match (partition, partuuid) {
         (Some(dev), _) => sys::partition_info(&dev)?,
         (_, Some(text)) => sys::partition_by_guid(Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?)?,
@@ -115,7 +131,7 @@ fn finish() -> Result<ExitCode> {
 /// it (or takes one of ksave's own again), finds where it lies down to the
 /// partition, writes its map and the claim into its first pages, checks
 /// that writing them moved nothing, and makes it immutable.
-pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<ExitCode> {
+pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, how: &How) -> Result<ExitCode> {
     if let Some(why) = sys::lockdown() {
         bail!("{why}");
     }
@@ -140,7 +156,7 @@ pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, no_pre
         filestore::create(path, size)?;
         false
     };
-    match claim_file(path, existing, lz4, elf, no_precheck) {
+    match claim_file(path, existing, lz4, elf, how) {
         Ok(()) => finish(),
         Err(e) if !existing => {
             // Nothing of ksave's is in it yet: take it back.
@@ -172,8 +188,12 @@ fn default_file_size() -> Result<u64> {
 }
 
 /// Locates `path`, writes its map and claim, pins it, records the setup.
-fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck: bool) -> Result<()> {
+fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, how: &How) -> Result<()> {
+    let no_precheck = how.no_precheck;
     let mut located = filestore::locate(path)?;
+    if located.volume.is_none() {
+        refuse_plaintext(how)?;
+    }
     let part = located.partition.clone();
     let part = &part;
     let disk_name = part.disk.file_name().context("odd disk path")?.to_string_lossy().to_string();
@@ -192,7 +212,10 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
     // (it may hold an image), if the new map leaves the header where it is.
     // Read as any image file is, O_DIRECT: ksave wrote it under the file
     // system.
-    let kept = if existing {
+    let volume = located.volume.clone();
+    // An encrypted store starts afresh: its old image cannot be read
+    // through the file system to check it.
+    let kept = if existing && volume.is_none() {
         let mut old = ImageFile::open(path, false)?;
         let in_place = old.extents()[0].lba * 512 == ksave_format::filemap::pages_for(located.extents.len()) * PAGE as u64;
         old.header().ok().map(|h| h.claim).filter(|c| in_place && c.is_claimed() && c.disk == part.disk_guid.to_bytes())
@@ -208,11 +231,24 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
     // all the same: then the map is made again and written once more.
     let mut tries = 0;
     let crc = loop {
-        let (map, crc) = filestore::encode_map(&located.extents, claim.id);
+        let (map, crc) = filestore::encode_map(&located.extents, claim.id, volume.is_some());
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
-        file.write_all_at(&map, 0)?;
-        if kept.is_none() {
-            file.write_all_at(&store::claim_header(claim), map.len() as u64)?;
+        match &volume {
+            // Above dm-crypt: the map and the claim go where ksave reads
+            // them, onto the partition under the encryption; the key block
+            // (no key yet) through the volume, encrypted as the file system.
+            Some(v) => {
+                filestore::write_raw(&part.device, &located.extents, 0, &map)?;
+                filestore::write_raw(&part.device, &located.extents, map.len() as u64 + PAGE as u64, &store::claim_header(claim))?;
+                let at = v.byte_of(map.len() as u64).context("the key block is beyond the file")?;
+                ksave_tools::keyblock::destroy(&ksave_tools::setup::KeyVolume { dm_uuid: v.dm_uuid.clone(), at })?;
+            }
+            None => {
+                file.write_all_at(&map, 0)?;
+                if kept.is_none() {
+                    file.write_all_at(&store::claim_header(claim), map.len() as u64)?;
+                }
+            }
         }
         file.sync_all()?;
         filestore::drop_cached_pages(&file);
@@ -226,7 +262,14 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
     };
     filestore::set_immutable(path, true)?;
     let mut setup = Setup::new(part, claim, lz4, elf);
-    setup.file = Some(FileStore { path: path.to_path_buf(), map_offset: located.extents[0].offset, map_crc: crc });
+    let key = match &volume {
+        Some(v) => {
+            let map_bytes = ksave_format::filemap::pages_for(located.extents.len()) * PAGE as u64;
+            Some(ksave_tools::setup::KeyVolume { dm_uuid: v.dm_uuid.clone(), at: v.byte_of(map_bytes).context("the key block is beyond the file")? })
+        }
+        None => None,
+    };
+    setup.file = Some(FileStore { path: path.to_path_buf(), map_offset: located.extents[0].offset, map_crc: crc, key });
     // What ksave will read: the map through the partition, the claim.
     let mut image = ImageFile::open_setup(&setup, false)?;
     ensure!(image.header()?.claim == claim, "{}: the claim just written does not read back through the partition", image.description);
@@ -249,7 +292,14 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, no_precheck:
         controller.address,
         setup::path().display()
     );
-    println!("ksave: a bootloader resumes it with: {}", setup.resume_args());
+    match &volume {
+        Some(v) => println!(
+            "ksave: the file lies on the encrypted volume {} ({}): every image is sealed (AES-256-GCM) under a key kept only in the store's key block there; the initramfs resumes it once the volume is unlocked",
+            v.device.display(),
+            v.dm_uuid
+        ),
+        None => println!("ksave: a bootloader resumes it with: {}", setup.resume_args()),
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ pub fn header_json(h: &Header) -> serde_json::Value {
         "bytes": h.data_bytes.saturating_add(DATA_OFFSET),
         "save_us": h.save_us,
         "lz4": h.flags & FLAG_LZ4 != 0,
+        "sealed": h.sealed(),
         "ksave_range": [h.image.start, h.image.end],
         "reentry": format!("{:#x}", h.reentry),
         "cpu_vendor": String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0').to_string(),
@@ -40,6 +41,7 @@ pub fn print_header(h: &Header) {
         println!("pages        {} stored, {} left out as zero, {} left out as free", h.pages_stored, h.pages_zero, h.pages_free);
         println!("free pages   {}", freepages::vmcoreinfo::Rule::describe(h.free_rule));
         println!("size         {} MiB in {} chunks{}", (h.data_bytes.saturating_add(DATA_OFFSET)) >> 20, h.chunks, if h.flags & FLAG_LZ4 != 0 { ", some LZ4" } else { "" });
+        println!("sealed       {}", if h.sealed() { "yes: encrypted and authenticated (AES-256-GCM) under the key in the store's key block" } else { "no (plaintext)" });
         println!("saved in     {} ms", h.save_us / 1000);
         println!("ksave range  {:#x}-{:#x}, re-entry {:#x}", h.image.start, h.image.end, h.reentry);
         println!("CPU          {}", String::from_utf8_lossy(&h.cpu_vendor).trim_end_matches('\0'));

@@ -40,6 +40,9 @@ fn run_setup(json: bool) -> Result<ExitCode> {
             "extents": extents,
             "bytes": image.bytes(),
             "boot_args": setup.resume_args(),
+            "encrypted": f.key.is_some(),
+            "key_volume": f.key.as_ref().map(|k| k.dm_uuid.clone()),
+            "key_block": f.key.as_ref().map(|_| match &image.key { Ok(_) => "present".to_string(), Err(e) => e.clone() }),
         }),
         None => json!({
             "kind": "partition",
@@ -62,7 +65,16 @@ fn run_setup(json: bool) -> Result<ExitCode> {
         }
         None => println!("store        {} (PARTUUID {}), {} MiB", setup.device.display(), setup.guid, image.bytes() >> 20),
     }
-    println!("boot args    {} (a bootloader's ksave line)", setup.resume_args());
+    match setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+        Some(k) => {
+            let block = match &image.key {
+                Ok(_) => "present".to_string(),
+                Err(e) => e.clone(),
+            };
+            println!("encrypted    yes: images sealed, key block on {} ({block}); resumed by the initramfs after the unlock", k.dm_uuid);
+        }
+        None => println!("boot args    {} (a bootloader's ksave line)", setup.resume_args()),
+    }
     show::print_header(&header);
     Ok(ExitCode::SUCCESS)
 }

@@ -270,7 +270,7 @@ impl Store {
         let meta_buf = (&mut bufs.pages[..ksave_format::header::META_BLOCKS as usize * PAGE]).try_into().unwrap();
         let saved = reader::Saved::of(&reader::read_meta(&mut src, &header, meta_buf).unwrap(), &header);
         let mut chunks = Chunks(Vec::new());
-        let rb = reader::Buffers { header: &mut bufs.chunk_header, lz4_in: &mut bufs.coded, lz4_out: &mut bufs.pages };
+        let rb = reader::Buffers { header: &mut bufs.chunk_header, lz4_in: &mut bufs.coded, lz4_out: &mut bufs.pages, seal: None };
         reader::visit_chunks(&mut src, &header, &saved, rb, &mut chunks).unwrap();
         chunks.0
     }
@@ -364,13 +364,13 @@ impl Bufs {
     }
 
     pub fn resume(&mut self) -> resume::Buffers<'_> {
-        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages }
+        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal: None }
     }
 
     pub fn save(&mut self) -> commit::Buffers<'_> {
         commit::Buffers {
             block: &mut self.block,
-            writer: writer::Buffers { raw_header: &mut self.chunk_header, lz4_in: &mut self.pages, lz4_out: &mut self.coded },
+            writer: writer::Buffers { raw_header: &mut self.chunk_header, lz4_in: &mut self.pages, lz4_out: &mut self.coded, seal: None },
         }
     }
 }
@@ -415,6 +415,7 @@ pub fn plan(backup: &[BackupPair], lz4: bool, capacity: usize, align: u32) -> Pl
         iommu_left_on: false,
         free_rule: 0,
         filesystems: &[],
+        sealed: false,
     }
 }
 

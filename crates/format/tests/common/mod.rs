@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT, SealedChunk};
+use ksave_format::seal::{DataKey, Seal};
 use ksave_format::commit;
 use ksave_format::header::{self, Header, META_BLOCKS, State};
 use ksave_format::reader::{self, ReadError};
@@ -171,6 +172,19 @@ pub fn save_with_free(
     lz4: bool,
     free: &mut dyn commit::FreePages,
 ) -> Result<(Header, Totals), WriteError<&'static str>> {
+    save_with(disk, mem, ram, nvs, lz4, free, None)
+}
+
+/// A save, sealed under `key` when there is one.
+pub fn save_with(
+    disk: &mut Disk,
+    mem: &Mem,
+    ram: &[Range],
+    nvs: &[Range],
+    lz4: bool,
+    free: &mut dyn commit::FreePages,
+    key: Option<&DataKey>,
+) -> Result<(Header, Totals), WriteError<&'static str>> {
     let plan = commit::Plan {
         nonce: NONCE,
         created_unix: 0,
@@ -190,10 +204,16 @@ pub fn save_with_free(
         iommu_left_on: false,
         free_rule: 2,
         filesystems: &FILESYSTEMS,
+        sealed: key.is_some(),
     };
     let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
-    let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out } };
+    let seal = key.map(Seal::new);
+    let mut chunk = Box::new([0u8; size_of::<SealedChunk>()]);
+    let bufs = commit::Buffers {
+        block: &mut block,
+        writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out, seal: seal.as_ref().map(|s| (s, &mut *chunk)) },
+    };
     commit::save(&plan, &claimed(), mem, free, disk, bufs, || 0, 0)
 }
 
@@ -247,6 +267,11 @@ pub struct Walk {
 
 /// Reads a complete image through the reader, checking everything.
 pub fn walk(image: &[u8]) -> Result<Walk, ReadError<&'static str>> {
+    walk_with(image, None)
+}
+
+/// [`walk`] of an image on a store that is encrypted when `key` is given.
+pub fn walk_with(image: &[u8], key: Option<&DataKey>) -> Result<Walk, ReadError<&'static str>> {
     let mut src = image;
     let mut block = [0u8; PAGE];
     let header = reader::read_header(&mut src, &mut block)?;
@@ -255,10 +280,13 @@ pub fn walk(image: &[u8]) -> Result<Walk, ReadError<&'static str>> {
     }
     let mut meta_buf = Box::new([0u8; META_BLOCKS as usize * PAGE]);
     let meta = reader::read_meta(&mut src, &header, &mut meta_buf)?;
+    let seal = key.map(Seal::new);
+    reader::check_sealed(seal.as_ref(), &header, &meta, &mut vec![0u8; META_BLOCKS as usize * PAGE])?;
     let (ram, nvs, backup) = (meta.ram_ranges().collect(), meta.nvs_ranges().collect(), meta.backup_pairs().collect());
     let mut loaded = Loaded::default();
     let (mut hb, mut li, mut lo) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_OUT]), Box::new([0u8; LZ4_GROUP * PAGE]));
-    let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo };
+    let mut chunk = Box::new([0u8; size_of::<SealedChunk>()]);
+    let bufs = reader::Buffers { header: &mut hb, lz4_in: &mut li, lz4_out: &mut lo, seal: seal.as_ref().map(|s| (s, &mut *chunk)) };
     reader::visit_chunks(&mut src, &header, &reader::Saved::of(&meta, &header), bufs, &mut loaded)?;
     Ok(Walk { header, ram, nvs, backup, loaded })
 }
