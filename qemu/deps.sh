@@ -22,6 +22,8 @@ packages=(
   debootstrap e2fsprogs grub-efi-amd64-bin
   # image files (issue 21): the file systems and LVM the stores are made on
   xfsprogs btrfs-progs lvm2
+  # encrypted stores (issue 22): LUKS volumes the tests make and unlock
+  cryptsetup-bin
   # linting the shell scripts (make lint)
   shellcheck
 )

@@ -27,7 +27,7 @@ add_dynamic "$(command -v kexec)" /usr/sbin/kexec
 # The real tools ksave setup and the store tests run, in /bin before
 # busybox's applets of the same names (its --install leaves them be).
 for tool in blkid wipefs sfdisk mkfs.ext4 e2fsck filefrag e4defrag chattr lsattr fallocate cp \
-    mkfs.xfs xfs_repair xfs_db mkfs.btrfs btrfs dmsetup lvm; do
+    mkfs.xfs xfs_repair xfs_db mkfs.btrfs btrfs dmsetup lvm cryptsetup; do
   add_dynamic "$(command -v "$tool")" "/bin/$tool"
 done
 # LVM's commands are the one program under their names.

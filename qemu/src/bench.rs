@@ -206,6 +206,24 @@ pub fn debian_table(runs: usize) -> Result<()> {
 /// The image in a file next to the partition on the same disk, in the
 /// same run (one run: a 3.6 GiB file system is filled once), and what
 /// finding a file's blocks again costs `ksave hibernate`.
+/// Sealed against plain (`make bench`): ksave's save and load of the same
+/// memory, and the cipher's rate on the host next to OpenSSL's.
+pub fn encrypted_table() -> Result<()> {
+    eprintln!("bench: sealed vs plain");
+    println!("{}", crate::scenarios::seal_host_bench()?);
+    let r = crate::scenarios::encrypted_bench(false)?;
+    println!("{r}");
+    let pick = |what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
+    println!(
+        "   {:<58} {:>8.2}\n   {:<58} {:>8.2}",
+        "sealed / plain, ksave's save time",
+        pick("sealed: ksave's save") / pick("plain: ksave's save"),
+        "sealed / plain, ksave's load time",
+        pick("sealed: ksave's load at the resume") / pick("plain: ksave's load at the resume")
+    );
+    Ok(())
+}
+
 pub fn file_table() -> Result<()> {
     eprintln!("bench: file vs partition");
     let r = crate::scenarios::file_bench(false)?;

@@ -17,6 +17,9 @@ fn main() -> Result<()> {
     if which == "bench-file" {
         return ksave_qemu::bench::file_table();
     }
+    if which == "bench-encrypted" {
+        return ksave_qemu::bench::encrypted_table();
+    }
     if which == "bench-disks" {
         return ksave_qemu::bench::disk_table(bench_runs(), 256);
     }
@@ -27,6 +30,7 @@ fn main() -> Result<()> {
         ksave_qemu::bench::save_table(runs)?;
         ksave_qemu::bench::hibernation_table(runs, 128)?;
         ksave_qemu::bench::file_table()?;
+        ksave_qemu::bench::encrypted_table()?;
         return ksave_qemu::bench::debian_table(runs);
     }
     if which == "demo" {
@@ -55,8 +59,9 @@ fn main() -> Result<()> {
         "file-ext4" => scenarios::file_store_story(scenarios::FileFs::Ext4Fragmented, true)?,
         "file-xfs-lvm" => scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, true)?,
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
+        "encrypted" => scenarios::encrypted_store_story(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file or bench-debian"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
         ),
     };
     println!("\n{report}");

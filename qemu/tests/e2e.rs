@@ -248,6 +248,11 @@ fn hibernate_into_a_fragmented_file_on_ext4_and_resume_twice() {
 }
 
 #[test]
+fn an_image_on_an_encrypted_volume_is_sealed_and_resumed_only_after_the_unlock() {
+    run(scenarios::encrypted_store_story);
+}
+
+#[test]
 fn hibernate_into_a_file_on_btrfs_and_resume_twice() {
     run(|echo| scenarios::file_store_story(scenarios::FileFs::Btrfs, echo));
 }

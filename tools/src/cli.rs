@@ -103,6 +103,10 @@ pub enum Command {
         /// it as ksave.file=).
         #[arg(long, requires = "partuuid")]
         file_at: Option<u64>,
+        /// With --file-at, a file on an encrypted volume: where its key
+        /// block is, as DM-UUID:BYTES (`ksave status` prints it).
+        #[arg(long, requires = "file_at")]
+        key_at: Option<String>,
         /// When this boot does not resume the image, for whatever reason,
         /// invalidate it: the boot carries on and will change the file
         /// systems it saw (for the initramfs script).

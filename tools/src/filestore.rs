@@ -540,7 +540,14 @@ pub fn drop_cached_pages(file: &File) {
 /// system by setup only, so its cached copy is the disk's).
 pub fn is_image_file(path: &Path) -> bool {
     let mut magic = [0u8; 8];
-    File::open(path).and_then(|f| f.read_exact_at(&mut magic, 0)).is_ok() && magic == filemap::MAGIC
+    if File::open(path).and_then(|f| f.read_exact_at(&mut magic, 0)).is_ok() && magic == filemap::MAGIC {
+        return true;
+    }
+    // On an encrypted volume the map lies under dm-crypt, where ksave reads
+    // it: read there (through the file system it reads as noise).
+    let Ok(located) = locate(path) else { return false };
+    let (Some(_), Some(first)) = (&located.volume, located.extents.first()) else { return false };
+    File::open(&located.partition.device).and_then(|f| f.read_exact_at(&mut magic, first.offset)).is_ok() && magic == filemap::MAGIC
 }
 
 #[cfg(test)]

@@ -130,11 +130,8 @@ impl ImageFile {
             None => Self::open(&setup.device, write)?,
         };
         if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
-            image.key = match crate::keyblock::read(volume) {
-                Ok(k) if k.claim_id == setup.claim.id => Ok(k),
-                Ok(_) => Err("the key block is another store's".into()),
-                Err(e) => Err(format!("{e:#}")),
-            };
+            // Whose key it is, the image's header says (inspect::read).
+            image.key = crate::keyblock::read(volume).map_err(|e| format!("{e:#}"));
         }
         Ok(image)
     }

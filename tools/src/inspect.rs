@@ -39,6 +39,9 @@ pub fn read(file: &mut ImageFile) -> Result<Image> {
     let parsed = reader::read_meta(file, &header, &mut meta).map_err(|e| anyhow!("{}: {e}", file.description))?;
     let seal = (file.encrypted || header.sealed()).then(|| {
         let block = file.key.as_ref().map_err(Clone::clone)?;
+        if block.claim_id != header.claim.id {
+            return Err("the key block is another store's".to_string());
+        }
         if block.nonce != header.nonce {
             return Err("the key block holds another image's key (a later save's, or one never completed)".to_string());
         }

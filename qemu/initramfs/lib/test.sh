@@ -108,3 +108,20 @@ fragment_free_space() {
   done
   sync
 }
+
+# The test volumes' passphrase (qemu/src/scenarios/encrypted.rs types it
+# too).
+LUKS_PASSPHRASE=ksave-test-passphrase
+export LUKS_PASSPHRASE
+
+# luks_open DEV PASSPHRASE: unlocks DEV as /dev/mapper/root, in three
+# tries as an initramfs gives them (a wrong passphrase fails all three).
+luks_open() {
+  export DM_DISABLE_UDEV=1
+  mkdir -p /run/cryptsetup
+  for try in 1 2 3; do
+    printf %s "$2" | cryptsetup open --key-file - "$1" root && return 0
+    say "unlock $try of 3 failed"
+  done
+  return 1
+}

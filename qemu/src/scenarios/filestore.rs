@@ -68,6 +68,13 @@ pub fn file_store_story(fs: FileFs, echo: bool) -> Result<Report> {
         vm.expect("ksave: powering off", 60 * SECOND)?;
         vm.expect_exit(0, 60 * SECOND)?;
         report.add_ms(format!("hibernate {round}: start to power-off"), vm.elapsed() - start.at);
+        if round == 1 {
+            // A plaintext store holds the memory as it was: the search the
+            // encrypted story makes (and must come back empty) finds it here.
+            let found = super::memtest_pages_on(&disk.path, 64 << 8)?;
+            ensure!(found > 10_000, "only {found} of memtest's pages found in the plaintext image");
+            report.add("memtest pages found in the plaintext store", found as f64, "");
+        }
         report.add(format!("image {round}"), saved.get("image_bytes")? / 1048576.0, "MiB");
         let resume = if round == 1 {
             kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={guid} ksave.file={file_at}"))?

@@ -15,6 +15,7 @@ mod bench;
 mod boot;
 mod debian;
 mod disks;
+mod encrypted;
 mod filestore;
 mod refusals;
 mod resume;
@@ -25,6 +26,7 @@ pub use bench::{disk_bench, hibernate_bench, linux_dd, linux_hibernate_resume, l
 pub use boot::{exception_report, multiboot1_boot, multiboot2_grub_boot};
 pub use debian::{Hibernator, debian_hibernate_resume, debian_hibernation_bench, debian_shell, debian_stale_and_damaged_images};
 pub use disks::{disk_error, disk_self_test};
+pub use encrypted::{encrypted_bench, encrypted_store_story, memtest_pages_on, seal_host_bench};
 pub use filestore::{FileFs, file_bench, file_store_story};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
 pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_bench, hibernate_resume_on};

@@ -11,7 +11,7 @@ use ksave_tools::setup::Setup;
 use ksave_tools::sys;
 
 pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<String>) -> Result<ExitCode> {
-    println!("{}", invalidate(path, partuuid, None, reason)?);
+    println!("{}", invalidate(path, partuuid, None, None, reason)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -19,7 +19,7 @@ pub fn run(path: Option<PathBuf>, partuuid: Option<String>, reason: Option<Strin
 /// done, as a line to show. By PARTUUID, every partition that has it: a
 /// boot that carries on must leave no image behind on a clone either
 /// (only a ksave header is ever rewritten).
-pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Option<u64>, reason: Option<String>) -> Result<String> {
+pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Option<u64>, key: Option<ksave_tools::setup::KeyVolume>, reason: Option<String>) -> Result<String> {
     let stores = match partuuid {
         Some(text) => {
             let guid = Guid::try_parse(&text).ok().with_context(|| format!("{text} is not a GUID"))?;
@@ -39,7 +39,7 @@ pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Opti
     };
     // An encrypted store's key block goes too, when its volume is
     // unlocked: not even the passphrase opens that image afterwards.
-    let key = Setup::load(&ksave_tools::setup::path()).ok().and_then(|s| s.file?.key);
+    let key = key.or_else(|| Setup::load(&ksave_tools::setup::path()).ok().and_then(|s| s.file?.key));
     let destroyed = key.as_ref().map(|volume| match ksave_tools::keyblock::destroy(volume) {
         Ok(()) => "ksave: the key block is destroyed".to_string(),
         Err(e) => format!("ksave: the key block is left ({e:#}); the image is invalidated all the same"),

@@ -39,7 +39,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             let how = hibernate::How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
             hibernate::run(&how)
         }
-        Command::Resume { partuuid, elf, file_at, or_invalidate } => resume::run(partuuid, elf, file_at, or_invalidate),
+        Command::Resume { partuuid, elf, file_at, key_at, or_invalidate } => resume::run(partuuid, elf, file_at, key_at, or_invalidate),
         Command::Status { path, json } => status::run(path, json),
         Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),

@@ -10,11 +10,11 @@ use diskdrv::part::Guid;
 use ksave_format::header::FLAG_RESUME_ATTEMPTED;
 use ksave_format::verdict::Refusal;
 use ksave_tools::imagefile::ImageFile;
-use ksave_tools::setup::FileStore;
+use ksave_tools::setup::{FileStore, KeyVolume};
 use ksave_tools::setup::{self, Setup};
 use ksave_tools::{inspect, load, sys};
 
-pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, or_invalidate: bool) -> Result<ExitCode> {
+pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, key_at: Option<String>, or_invalidate: bool) -> Result<ExitCode> {
     // From an initramfs (--or-invalidate) what is said goes to the kernel
     // log too, so that the journal of the boot has it. Said here, before
     // any kexec: a pipe to a logger would lose the line the kexec cuts off.
@@ -25,7 +25,15 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
         }
     };
     // attempt() returns only when it did not resume.
-    let why = match attempt(partuuid.clone(), elf, file_at, &say) {
+    let key = match key_at.as_deref().map(parse_key_at).transpose() {
+        Ok(key) => key,
+        Err(e) if or_invalidate => {
+            say(format!("ksave: {e:#}"));
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let why = match attempt(partuuid.clone(), elf, file_at, key.clone(), &say) {
         Ok(NotResumed { refusal, why }) => {
             if let Some(r) = refusal {
                 say(format!("ksave-metric refusal={}", r.code()));
@@ -39,9 +47,15 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
     if or_invalidate {
         // This boot carries on and will change the file systems the image
         // saw: whatever stopped the resume, it must never happen later.
-        say(super::invalidate::invalidate(None, partuuid, file_at, Some(format!("not resumed by the boot that found it: {why}")))?);
+        say(super::invalidate::invalidate(None, partuuid, file_at, key, Some(format!("not resumed by the boot that found it: {why}")))?);
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// `--key-at DM-UUID:BYTES`.
+fn parse_key_at(text: &str) -> Result<KeyVolume> {
+    let (uuid, at) = text.rsplit_once(':').with_context(|| format!("--key-at {text}: not DM-UUID:BYTES"))?;
+    Ok(KeyVolume { dm_uuid: uuid.to_string(), at: at.parse().with_context(|| format!("--key-at {text}: {at} is not a byte offset"))? })
 }
 
 /// Why there was no resume: the verdict's refusal when there was one to
@@ -52,7 +66,7 @@ struct NotResumed {
 }
 
 /// Hands the machine to ksave (does not return) or says why not.
-fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, say: &dyn Fn(String)) -> Result<NotResumed> {
+fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>, key: Option<KeyVolume>, say: &dyn Fn(String)) -> Result<NotResumed> {
     let setup = match (&partuuid, Setup::load(&setup::path())) {
         (Some(text), _) => {
             let guid = Guid::try_parse(text).ok().with_context(|| format!("{text} is not a GUID"))?;
@@ -67,7 +81,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
                     if let Some(map_offset) = file_at {
                         // The map's CRC as read: the one ksave is to use.
                         let (_, map_crc) = ImageFile::open_file_map(&part.device, map_offset, false)?;
-                        setup.file = Some(FileStore { path: "(the image file)".into(), map_offset, map_crc, key: None });
+                        setup.file = Some(FileStore { path: "(the image file)".into(), map_offset, map_crc, key });
                     }
                     setup
                 }
@@ -94,6 +108,9 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
         }
         Err(refusal @ (Refusal::SaveFailed | Refusal::AlreadyResumed | Refusal::Incomplete)) => {
             return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal} ({})", image.header.message()) });
+        }
+        Err(refusal @ Refusal::Sealed(_)) => {
+            return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal} ({})", image.sealed_note().unwrap_or_default()) });
         }
         Err(refusal) => return Ok(NotResumed { refusal: Some(refusal), why: refusal.to_string() }),
     }

@@ -72,6 +72,7 @@ fn run_setup(json: bool) -> Result<ExitCode> {
                 Err(e) => e.clone(),
             };
             println!("encrypted    yes: images sealed, key block on {} ({block}); resumed by the initramfs after the unlock", k.dm_uuid);
+            println!("resume args  --partuuid {} --file-at {} --key-at {}:{} (`ksave resume` without a setup)", setup.guid, setup.file.as_ref().map_or(0, |f| f.map_offset), k.dm_uuid, k.at);
         }
         None => println!("boot args    {} (a bootloader's ksave line)", setup.resume_args()),
     }

@@ -1,0 +1,275 @@
+//! Encrypted machines (docs/ENCRYPTION.md): the image in a file on ext4 on
+//! LUKS2, sealed. Between the boots the harness reads the disk image for
+//! what must not be there (memtest's pages, the data key) and tampers with
+//! what ksave wrote, as anyone with the powered-off disk can
+//! (qemu/initramfs/scenarios/encrypted-store.sh).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use ksave_format::PAGE;
+use ksave_format::chunk;
+use ksave_format::header::{DATA_OFFSET, Header, State};
+use ksave_format::verdict::code;
+
+use super::{Kernel, Machine, Report, SECOND, kernel_on};
+use crate::disk::{Bus, TestDisk};
+use crate::{Vm, VmConfig, build_input};
+
+/// memtest's seed in the scenarios (qemu/initramfs/lib/test.sh).
+const MEMTEST_SEED: u64 = 42;
+
+/// How many of `disk`'s sectors begin with the first 64 bytes of one of
+/// memtest's first `pages` pages: a page of the test's memory in
+/// plaintext, wherever it lies (an image writes pages on sector
+/// boundaries).
+pub fn memtest_pages_on(disk: &Path, pages: u64) -> Result<usize> {
+    let mut wanted = std::collections::HashSet::new();
+    let mut page = [0u8; PAGE];
+    for i in (0..pages).filter(|&i| !crate::memdata::is_zero_page(i)) {
+        crate::memdata::fill_page(MEMTEST_SEED, i, &mut page);
+        wanted.insert(<[u8; 64]>::try_from(&page[..64]).unwrap());
+    }
+    let bytes = std::fs::read(disk).with_context(|| format!("reading {}", disk.display()))?;
+    Ok(bytes.chunks_exact(512).filter(|s| wanted.contains(&<[u8; 64]>::try_from(&s[..64]).unwrap())).count())
+}
+
+/// Whether `needle` lies anywhere in `disk`.
+fn disk_holds(disk: &Path, needle: &[u8]) -> Result<bool> {
+    let bytes = std::fs::read(disk)?;
+    Ok(bytes.windows(needle.len()).any(|w| w == needle))
+}
+
+/// The byte offset of the complete (sealed) image header on `disk`: the
+/// one a save left, found by its magic on a block boundary.
+fn complete_header(disk: &Path) -> Result<(u64, Header)> {
+    let bytes = std::fs::read(disk)?;
+    bytes
+        .chunks_exact(PAGE)
+        .enumerate()
+        .find_map(|(i, b)| Header::decode(b.try_into().unwrap()).ok().filter(|h| h.state == State::Complete).map(|h| ((i * PAGE) as u64, h)))
+        .context("no complete image header on the disk")
+}
+
+/// Rewrites the image's header with the re-entry address an attacker
+/// wants, its CRC made good: only the header's tag can tell.
+fn forge_reentry(disk: &Path) -> Result<()> {
+    let (at, mut header) = complete_header(disk)?;
+    ensure!(header.sealed(), "the image is not sealed");
+    header.reentry = 0x4141_4141;
+    let mut block = [0u8; PAGE];
+    header.encode(&mut block);
+    std::fs::OpenOptions::new().write(true).open(disk)?.write_all_at(&block, at)?;
+    Ok(())
+}
+
+/// Flips a byte in the middle of the first chunk's payload: its header's
+/// CRC still holds, only the chunk's tag can tell.
+fn damage_first_chunk(disk: &Path) -> Result<()> {
+    let (at, _) = complete_header(disk)?;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(disk)?;
+    let chunk_at = at + DATA_OFFSET;
+    let mut head = [0u8; PAGE];
+    file.read_exact_at(&mut head, chunk_at)?;
+    let len = chunk::announced_len(&head[..512]).map_err(anyhow::Error::msg)?;
+    let decoded = chunk::decode(&head[..len]).map_err(anyhow::Error::msg)?;
+    let payload = decoded.fields.payload_len as u64;
+    if payload == 0 {
+        bail!("the first chunk has no payload");
+    }
+    let byte_at = chunk_at + len as u64 + payload / 2;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, byte_at)?;
+    file.write_all_at(&[byte[0] ^ 0x20], byte_at)?;
+    Ok(())
+}
+
+/// The encrypted story: a plaintext store refused; an image in a file on
+/// LUKS2 sealed (no memtest page and no key on the disk); refused by a
+/// bootloader start (which cannot unlock), resumed by kernel C after the
+/// unlock, its key block destroyed; a wrong passphrase three times: not
+/// resumed then, nor later; a forged header and a damaged chunk refused.
+pub fn encrypted_store_story(echo: bool) -> Result<Report> {
+    let bus = Bus::Virtio;
+    let machine = Machine { memory_mib: 320, ..Machine::qemu64(Kernel::Linux6_12).on(bus) };
+    let name = "encrypted";
+    let disk = TestDisk::create_on(bus, name, 16 + 900, 16)?;
+    let mut report = Report::new("an image file on LUKS2: sealed, resumed only after the unlock, tampering refused");
+    let boot = |vm_name: &str, scenario: &str| -> Result<Vm> {
+        let config = kernel_on(machine.kernel, vm_name, scenario)?.arg(disk.qemu_args(bus, None));
+        Vm::start(VmConfig { echo, ..machine.apply(config)? })
+    };
+    let mut vm = boot(name, "encrypted-store ksave.memtest_mib=64")?;
+    vm.expect("ksave-test: refused: a plaintext store", 300 * SECOND)?;
+    let store = vm.expect("ksave-test: encrypted store:", 300 * SECOND)?;
+    // "--partuuid G --file-at F --key-at UUID:BYTES"
+    let words: Vec<&str> = store.text.split("encrypted store: ").nth(1).context("no store")?.split_whitespace().collect();
+    let value = |flag: &str| words.iter().position(|w| *w == flag).and_then(|i| words.get(i + 1)).map(|s| s.to_string()).with_context(|| format!("no {flag} in {words:?}"));
+    let (guid, file_at, key_at) = (value("--partuuid")?, value("--file-at")?, value("--key-at")?);
+    let resume_c = |round: &str, extra: &str| format!("resume-c ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at} ksave.luks=2{extra} ksave.round={round}");
+
+    // Round 1: sealed on the disk; a bootloader start refuses it and keeps
+    // it; kernel C resumes it after the unlock.
+    vm.expect("ksave-test: hibernating (1)", 600 * SECOND)?;
+    let saved = vm.expect_metrics("image_bytes", 300 * SECOND)?;
+    vm.expect("ksave: powering off", 60 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    report.add("image 1", saved.get("image_bytes")? / 1048576.0, "MiB");
+    let plaintext = memtest_pages_on(&disk.path, 64 << 8)?;
+    ensure!(plaintext == 0, "{plaintext} of memtest's pages lie on the disk in plaintext");
+    let multiboot = VmConfig::new(&format!("{name}-multiboot"))
+        .arg(["-kernel".to_string(), build_input("ksave.elf")?.display().to_string(), "-append".into(), format!("ksave.resume={guid} ksave.file={file_at}")])
+        .arg(disk.qemu_args(bus, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(multiboot)? })?;
+    vm.expect_refusal(code::SEALED, 300 * SECOND).context("a bootloader start of an encrypted image")?;
+    vm.refute_seen("image invalidated")?;
+    // ksave.elf alone names no way back to a normal boot: it stops
+    // (isa-debug-exit, ExitCode::NoImage).
+    vm.expect_exit(39, 60 * SECOND)?;
+    let mut vm = boot(&format!("{name}-1"), &resume_c("1", ""))?;
+    let key = vm.expect("ksave-test: key block holds", 300 * SECOND)?;
+    let key_hex = key.text.split("holds ").nth(1).context("no key")?.trim().to_string();
+    ensure!(key_hex.len() == 64 && key_hex != "0".repeat(64), "the key block held no key: {key_hex}");
+    let key: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&key_hex[2 * i..2 * i + 2], 16)).collect::<Result<_, _>>()?;
+    let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
+    report.add_ms("resume 1 by kernel C after the unlock: power-on to the jump", jump.at);
+    vm.expect("ksave-test: resumed (1)", 300 * SECOND)?;
+    // The key was on the disk only in its key block, through dm-crypt, and
+    // is not even there now.
+    ensure!(!disk_holds(&disk.path, &key)?, "the data key lies on the disk in plaintext");
+
+    // Round 2, and a wrong passphrase, three times: no resume, the image
+    // invalidated; the next boot with the right one does not resume it.
+    vm.expect("ksave-test: hibernating (2)", 300 * SECOND)?;
+    vm.expect("ksave: powering off", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    let mut vm = boot(&format!("{name}-wrong"), &resume_c("2", " ksave.luks_pass=not-the-passphrase"))?;
+    vm.expect("ksave-test: the volume stays locked", 300 * SECOND)?;
+    vm.expect_refusal(code::SEALED, 120 * SECOND).context("the boot whose unlock failed")?;
+    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
+    vm.refute_seen("ksave: resume: jumping")?;
+    let again = format!("encrypted-store ksave.phase=again ksave.memtest_mib=64 ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at}");
+    let mut vm = boot(&format!("{name}-again"), &again)?;
+    vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
+    // Set up again, the file where it was: the same places.
+    let store_again = vm.expect("ksave-test: encrypted store:", 300 * SECOND)?;
+    ensure!(store_again.text == store.text, "set up again, the store moved: {:?}, then {:?}", store.text, store_again.text);
+
+    // Round 3: its header forged (the re-entry address, the CRC made
+    // good): refused by its tag before anything is written.
+    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
+    vm.expect("ksave: powering off", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    forge_reentry(&disk.path)?;
+    let mut vm = boot(&format!("{name}-forged"), &resume_c("3", ""))?;
+    vm.expect_refusal(code::SEALED, 300 * SECOND).context("a forged header")?;
+    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
+    vm.refute_seen("ksave: resume: jumping")?;
+    // Round 4: a chunk's payload damaged: ksave refuses it by its tag
+    // while loading; the image is invalidated and the next boot is normal.
+    let mut vm = boot(&format!("{name}-again-2"), &again)?;
+    vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
+    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
+    vm.expect("ksave: powering off", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    damage_first_chunk(&disk.path)?;
+    let mut vm = boot(&format!("{name}-damaged"), &resume_c("4", ""))?;
+    vm.expect("ksave: resuming the image", 300 * SECOND)?;
+    vm.expect("ksave: image invalidated, so no later boot tries it again", 300 * SECOND)?;
+    let line = vm.expect("ksave: not resuming: image damaged: chunk 0: tag does not check", 5 * SECOND)?;
+    let refused = vm.expect_refusal(code::DAMAGED, 5 * SECOND)?;
+    ensure!(refused.get("memory_lost")? == 1.0, "a chunk refused while loading gives up this boot's memory");
+    report.add_ms("damaged chunk: power-on to its refusal", line.at);
+    vm.refute_seen("ksave: resume: jumping")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    Ok(report)
+}
+
+/// `make bench`: the same memory (256 MiB of memtest data in a 512 MiB VM,
+/// virtio-blk) saved plain into ksave's partition and sealed into a file on
+/// ext4 on LUKS2 on the same disk, in turns, three times each; the plain
+/// ones resumed by QEMU `-kernel`, the sealed ones by kernel C after the
+/// unlock; ksave's own save and load times compared (medians), with the
+/// kernel's dm-crypt rate in the same VM (qemu/initramfs/scenarios/encrypted-bench.sh).
+pub fn encrypted_bench(echo: bool) -> Result<Report> {
+    let bus = Bus::Virtio;
+    let machine = Machine::qemu64(Kernel::Linux6_12).on(bus);
+    let name = "bench-encrypted";
+    let part_mib = 700;
+    let disk = TestDisk::create_allocated(name, part_mib + 1000, part_mib)?;
+    let mut report = Report::new("the same memory saved plain (partition) and sealed (a file on LUKS2), same disk (virtio-blk)");
+    let config = kernel_on(machine.kernel, name, "encrypted-bench ksave.memtest_mib=256")?.arg(disk.qemu_args(bus, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
+    let store = vm.expect("ksave-test: encrypted store:", 600 * SECOND)?;
+    let words: Vec<&str> = store.text.split("encrypted store: ").nth(1).context("no store")?.split_whitespace().collect();
+    let value = |flag: &str| words.iter().position(|w| *w == flag).and_then(|i| words.get(i + 1)).map(|s| s.to_string()).with_context(|| format!("no {flag} in {words:?}"));
+    let (guid, file_at, key_at) = (value("--partuuid")?, value("--file-at")?, value("--key-at")?);
+    let dm_crypt = vm.expect_metrics("dm_crypt_encrypt_mib_s", 300 * SECOND)?;
+    // Per store: save ms, load ms, image bytes.
+    let mut runs: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
+    for round in 1..=6 {
+        let (store, index) = if round % 2 == 1 { ("plain", 0) } else { ("sealed", 1) };
+        vm.expect(&format!("ksave-test: hibernating ({round}, {store})"), 600 * SECOND)?;
+        let saved = vm.expect_metrics("save_ms", 600 * SECOND)?;
+        vm.expect("ksave: powering off", 60 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        let resume = if store == "plain" {
+            VmConfig::new(&format!("{name}-{round}")).arg([
+                "-kernel".to_string(),
+                build_input("ksave.elf")?.display().to_string(),
+                "-append".into(),
+                format!("ksave.resume={}", crate::disk::PART_GUID),
+            ])
+        } else {
+            kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at} ksave.luks=2"))?
+        };
+        vm = Vm::start(VmConfig { echo, ..machine.apply(resume.arg(disk.qemu_args(bus, None)))? })?;
+        let loaded = vm.expect_metrics("resume_load_ms", 600 * SECOND)?;
+        vm.expect(&format!("ksave-test: resumed ({round})"), 300 * SECOND)?;
+        runs[index].push([saved.get("save_ms")?, loaded.get("resume_load_ms")?, saved.get("image_bytes")?]);
+    }
+    vm.expect("ksave-test: bench done", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    for (index, store) in [(0, "plain"), (1, "sealed")] {
+        let median = |k: usize| {
+            let mut v: Vec<f64> = runs[index].iter().map(|r| r[k]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        report.add(format!("{store}: image (median of 3)"), median(2) / 1048576.0, "MiB");
+        report.add(format!("{store}: ksave's save"), median(0), "ms");
+        report.add(format!("{store}: ksave's load at the resume"), median(1), "ms");
+        report.add(format!("{store}: save rate"), median(2) / 1e3 / median(0).max(1.0), "MB/s");
+        report.add(format!("{store}: load rate"), median(2) / 1e3 / median(1).max(1.0), "MB/s");
+    }
+    report.add("dm-crypt aes-xts-512 in this VM, encrypt (cryptsetup benchmark)", dm_crypt.get("dm_crypt_encrypt_mib_s")? * 1.048576, "MB/s");
+    report.add("dm-crypt aes-xts-512 in this VM, decrypt", dm_crypt.get("dm_crypt_decrypt_mib_s")? * 1.048576, "MB/s");
+    Ok(report)
+}
+
+/// The cipher's own rate on the host CPU, one core: ksave's sealing
+/// (AES-256-GCM, 64-page chunks, AES-NI when the CPU has it) over 256 MiB,
+/// next to OpenSSL's AES-256-GCM on the same CPU (`cryptsetup benchmark`
+/// needs the kernel's AF_ALG, which this host does not offer; the VM bench
+/// runs it there).
+pub fn seal_host_bench() -> Result<Report> {
+    use ksave_format::seal::{DataKey, KEY_LEN, Seal, Sealed};
+    let mut report = Report::new("AES-256-GCM on the host CPU, one core");
+    let seal = Seal::new(&DataKey([7; KEY_LEN]));
+    let mut chunk = vec![0x5au8; chunk::SEALED_RAW_PAGES * PAGE];
+    let total = 256u64 << 20;
+    let start = std::time::Instant::now();
+    for i in 0..total / chunk.len() as u64 {
+        std::hint::black_box(seal.seal(Sealed::Chunk(i), &[0u8; 64], &mut chunk));
+    }
+    report.add("ksave's sealing (RustCrypto aes-gcm)", total as f64 / 1e6 / start.elapsed().as_secs_f64(), "MB/s");
+    let out = std::process::Command::new("openssl").args(["speed", "-evp", "aes-256-gcm", "-seconds", "2", "-bytes", "262144"]).output();
+    if let Ok(out) = out {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(k) = text.lines().find_map(|l| l.strip_prefix("AES-256-GCM")).and_then(|v| v.trim().trim_end_matches('k').parse::<f64>().ok()) {
+            report.add("OpenSSL AES-256-GCM (openssl speed -evp)", k * 1000.0 / 1e6, "MB/s");
+        }
+    }
+    Ok(report)
+}
