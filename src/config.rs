@@ -4,7 +4,11 @@ use core::cell::UnsafeCell;
 
 use ksave_format::PAGE;
 use ksave_format::config::{Config, ConfigError, DATA_KEY_AT, SHIPPED};
+use core::mem::MaybeUninit;
+
 use ksave_format::seal::{KEY_LEN, Seal};
+
+use crate::work::Exclusive;
 use zeroize::Zeroize;
 
 /// In an UnsafeCell so the compiler treats the contents as changeable: the
@@ -33,13 +37,27 @@ pub fn load() -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// The cipher of a sealed image, where [`forget`] wipes it: in a static,
+/// never moved (a value moved about the stack leaves copies of its key
+/// schedule where it was).
+static SEAL: Exclusive<MaybeUninit<Seal>> = Exclusive::new(MaybeUninit::zeroed());
+
 /// The cipher of a sealed image, keyed from the config block (none: the
-/// image is not to be sealed, or the key was wiped: [`wipe_key`]).
-pub fn seal() -> Option<Seal> {
+/// image is not to be sealed, or the key was wiped: [`wipe_key`]). Once per
+/// entry.
+pub fn seal() -> Option<&'static Seal> {
     // SAFETY: as in load().
     let block = unsafe { &*KSAVE_CONFIG.0.get() };
     let key = Config::decode(block).ok()?.data_key?;
-    Some(Seal::new(&key))
+    Some(SEAL.take().write(Seal::new(&key)))
+}
+
+/// Wipes the key: in the config block ([`wipe_key`]) and the cipher's key
+/// schedule where [`seal`] put it. On ksave's way out, after every use.
+pub fn forget() {
+    wipe_key();
+    // All zeros is a valid MaybeUninit; nothing reads the cipher after this.
+    SEAL.wipe();
 }
 
 /// Wipes the data key in the config block (and so breaks its CRC: a second

@@ -185,6 +185,7 @@ fn print_call_chain(mut rbp: u64) {
 /// Ends ksave when there is no caller to return to: QEMU exits with `code`
 /// when its debug-exit device is there; otherwise the CPU halts for good.
 pub fn stop(code: ExitCode) -> ! {
+    forget_secrets();
     qemu::exit(code);
     loop {
         // SAFETY: interrupts are off; hlt only waits (for an NMI at most).
@@ -223,7 +224,7 @@ unsafe extern "C" {
 /// pages back as its own after the jump (kexec's swap pages), and a reset
 /// keeps RAM: neither may find the key.
 pub fn forget_secrets() {
-    crate::config::wipe_key();
+    crate::config::forget();
     // SAFETY: only the addresses of the linker-placed symbols are taken.
     let bottom = unsafe { ksave_stack.as_ptr() } as u64;
     // SAFETY: zeroes ksave's own stack from its bottom to the stack pointer:

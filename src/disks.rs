@@ -621,6 +621,14 @@ fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, p
     {
         return Err(OpenError::FileMap(MapError::Unexpected { found: head.crc, expected }));
     }
+    // A map is plaintext and rewritable: a partition that begins with a
+    // LUKS header makes the store encrypted whatever the map says (the
+    // config pins the map's flag besides, by its CRC).
+    let encrypted = {
+        let mut partition = DiskStore::new(&mut *disk, KsaveHal, StoreMap::new(block_size, whole).map_err(OpenError::Store)?);
+        partition.read_at(0, page).map_err(|e| OpenError::FileMap(MapError::Read(e)))?;
+        head.encrypted || filemap::is_luks(&page[..])
+    };
     let image = filemap::image_extents(&mut table[..head.extents], head.image_starts_at_page(), block_size);
     let map = StoreMap::new(block_size, image).map_err(OpenError::Store)?;
     let mut file = DiskStore::new(disk, KsaveHal, map);
@@ -628,9 +636,9 @@ fn read_file_map(disk: &mut AnyDisk<'static>, whole: &[Extent; 1], at: FileAt, p
     if Header::decode(page).is_ok_and(|h| h.claim.id != head.claim_id) {
         return Err(OpenError::FileClaim);
     }
-    let encrypted = if head.encrypted { ", on an encrypted volume" } else { "" };
-    println!("ksave:   image file: {} extents, {} MiB, map at byte {} of the partition{encrypted}", image.len(), map.bytes() >> 20, at.offset);
-    Ok((image, head.encrypted))
+    let note = if encrypted { ", on an encrypted volume" } else { "" };
+    println!("ksave:   image file: {} extents, {} MiB, map at byte {} of the partition{note}", image.len(), map.bytes() >> 20, at.offset);
+    Ok((image, encrypted))
 }
 
 /// Turns DMA translation off on every unit of `iommus` that has it on, and

@@ -105,7 +105,7 @@ pub fn from_kexec() -> ! {
 /// again.
 /// `seal`: the image's cipher, from the key `ksave resume` read on the
 /// unlocked volume (an encrypted store's image is resumed only with it).
-fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>, seal: Option<Seal>) -> Refused {
+fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>, seal: Option<&Seal>) -> Refused {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -136,7 +136,7 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         own: Range { start: own_start, end: own_end },
         reach: paging::identity_end(),
     };
-    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.as_ref().map(|s| (s, sealed_chunk)) };
+    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)) };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or
     // kernel C's, the one the verdict compares), its reach ksave's identity

@@ -302,7 +302,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
     let mem = CallerMemory::new(paging::identity_end(), page0);
     let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
     sink.fault_at_header = config.selftest_fault_in_save;
-    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out, seal: seal.as_ref().map(|s| (s, sealed_chunk)) } };
+    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out, seal: seal.map(|s| (s, sealed_chunk)) } };
     let summary = ready.write(&mut sink, &mem, free, counting, free_rule, bufs, hw::now_us)?;
     Ok((summary, sink.disk_us))
 }

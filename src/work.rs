@@ -36,6 +36,20 @@ impl<T> Exclusive<T> {
         // SAFETY: the flag above makes this the only reference this entry.
         unsafe { &mut *self.value.get() }
     }
+
+    /// Overwrites the value with zeros where it lies (secrets, on ksave's
+    /// way out). All zeros must be a valid `T` (it is what every entry
+    /// starts with), and no reference the value was taken by may be used
+    /// after this.
+    pub fn wipe(&'static self) {
+        let at = self.value.get().cast::<u8>();
+        for i in 0..size_of::<T>() {
+            // SAFETY: inside the value; zeros are its initial (valid) state;
+            // the caller uses no reference to it afterwards, and ksave runs
+            // on one CPU.
+            unsafe { core::ptr::write_volatile(at.add(i), 0) };
+        }
+    }
 }
 
 /// The buffers of a save or a restore (one entry does one or the other, so

@@ -156,8 +156,12 @@ impl ImageFile {
         let mut table = vec![Extent::default(); filemap::MAX_EXTENTS];
         let part = filemap::Partition { first_lba: 0, blocks, block_size: SECTOR as u32 };
         let head = filemap::read(part, map_offset, |lba, page| image.read_at(lba * SECTOR, page), &mut [0; PAGE], &mut table).map_err(|e| anyhow!("{}: {e}", image.description))?;
+        // A map is plaintext and rewritable: a partition that begins with a
+        // LUKS header makes the store encrypted whatever it says (as ksave).
+        let mut first = [0u8; PAGE];
+        image.read_at(0, &mut first)?;
+        image.encrypted = head.encrypted || filemap::is_luks(&first);
         image.extents = filemap::image_extents(&mut table[..head.extents], head.image_starts_at_page(), SECTOR as u32).to_vec();
-        image.encrypted = head.encrypted;
         StoreMap::new(SECTOR as u32, &image.extents).map_err(|e| anyhow!("{}: {e}", image.description))?;
         // As ksave: an image header in the file carries the map's claim.
         let mut block = [0u8; PAGE];

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use ksave_format::PAGE;
-use ksave_format::seal::{DataKey, KEY_LEN, KeyBlock};
+use ksave_format::seal::{DataKey, KEY_LEN, KeyBlock, KeyBlockError};
 use zeroize::Zeroize;
 
 use crate::filestore::dm_device_by_uuid;
@@ -63,10 +63,42 @@ pub fn read(volume: &KeyVolume) -> Result<KeyBlock> {
     KeyBlock::decode(&page.0).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Destroys the key block (zeros through the volume): the image it opened
-/// can never be read again, not even with the volume's passphrase.
-pub fn destroy(volume: &KeyVolume) -> Result<()> {
+/// What [`destroy`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Destroyed {
+    /// A key of this store's, now zeros.
+    Key,
+    /// No key there (destroyed before, or never written).
+    NoKey,
+    /// Not this store's key block (the file moved, a stale location): the
+    /// page is left as it is, whatever it holds.
+    NotOurs,
+}
+
+/// Destroys the key block of the store `claim_id` names (zeros through the
+/// volume): the image it opened can never be read again, not even with the
+/// volume's passphrase. Only a page that decodes as that store's key block
+/// is written: anything else at the recorded place (the file moved since,
+/// a wrong location) is left alone.
+pub fn destroy(volume: &KeyVolume, claim_id: [u8; 16]) -> Result<Destroyed> {
     let file = open(volume, true)?;
-    file.write_all_at(&Page([0; PAGE]).0, volume.at).context("destroying the key block")?;
+    let mut page = Page([0; PAGE]);
+    file.read_exact_at(&mut page.0, volume.at).context("reading the key block")?;
+    match KeyBlock::decode(&page.0) {
+        Ok(block) if block.claim_id == claim_id => {}
+        Ok(_) | Err(KeyBlockError::Checksum) => return Ok(Destroyed::NotOurs),
+        Err(KeyBlockError::NoKey) => return Ok(if page.0.iter().all(|&b| b == 0) { Destroyed::NoKey } else { Destroyed::NotOurs }),
+    }
+    page.0.zeroize();
+    file.write_all_at(&page.0, volume.at).context("destroying the key block")?;
+    file.sync_all().context("syncing the key block")?;
+    Ok(Destroyed::Key)
+}
+
+/// Zeros the key block's page at setup, where `ksave setup` just found the
+/// file's page to be (no key yet).
+pub fn clear(volume: &KeyVolume) -> Result<()> {
+    let file = open(volume, true)?;
+    file.write_all_at(&Page([0; PAGE]).0, volume.at).context("clearing the key block")?;
     file.sync_all().context("syncing the key block")
 }

@@ -469,20 +469,42 @@ pub fn partitions_by_guid(guid: Guid) -> Result<Vec<PartInfo>> {
 pub fn encryption_in_use() -> Vec<String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut found = Vec::new();
-    if let Ok(meta) = std::fs::metadata("/")
-        && let Some(crypt) = crypt_below(meta.dev())
-    {
+    if let Some(crypt) = fs_device("/".as_ref()).and_then(crypt_below) {
         found.push(format!("its root file system (on {crypt})"));
     }
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
     for name in swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
         let Ok(meta) = std::fs::metadata(name) else { continue };
-        let dev = if meta.file_type().is_block_device() { meta.rdev() } else { meta.dev() };
-        if let Some(crypt) = crypt_below(dev) {
+        let dev = if meta.file_type().is_block_device() { Some(meta.rdev()) } else { fs_device(name.as_ref()) };
+        if let Some(crypt) = dev.and_then(crypt_below) {
             found.push(format!("the swap {name} (on {crypt})"));
         }
     }
     found
+}
+
+/// The block device the file system holding `path` is mounted from: its
+/// mount source in /proc/self/mountinfo (btrfs reports an anonymous
+/// `st_dev`, major 0, not its device), else `st_dev`.
+fn fs_device(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // mount ID, parent, major:minor, root, mount point, options, [optional...] - type source ...
+    let source = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let mount_point = f.get(4)?;
+            let sep = f.iter().position(|w| *w == "-")?;
+            canonical.starts_with(mount_point).then(|| (mount_point.len(), f.get(sep + 2).copied()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .and_then(|(_, source)| source);
+    match source.and_then(|s| std::fs::metadata(s).ok()) {
+        Some(meta) if meta.file_type().is_block_device() => Some(meta.rdev()),
+        _ => std::fs::metadata(path).ok().map(|m| m.dev()),
+    }
 }
 
 /// The dm-crypt device (its name) the block device `dev` is, or lies

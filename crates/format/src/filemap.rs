@@ -139,7 +139,8 @@ pub fn encode(extents: &[FileExtent], claim_id: [u8; 16], encrypted: bool, out: 
         out[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
         out[at + 8..at + 16].copy_from_slice(&e.bytes.to_le_bytes());
     }
-    let crc = CRC32C.checksum(&out[HEAD..HEAD + ENTRY * extents.len()]);
+    let flags = if encrypted { ENCRYPTED } else { 0 };
+    let crc = entries_crc(flags, &out[HEAD..HEAD + ENTRY * extents.len()]);
     out[..8].copy_from_slice(&MAGIC);
     out[8..12].copy_from_slice(&VERSION.to_le_bytes());
     out[12..16].copy_from_slice(&(extents.len() as u32).to_le_bytes());
@@ -147,10 +148,30 @@ pub fn encode(extents: &[FileExtent], claim_id: [u8; 16], encrypted: bool, out: 
     out[24..40].copy_from_slice(&claim_id);
     out[40..48].copy_from_slice(&extents.iter().map(|e| e.bytes).sum::<u64>().to_le_bytes());
     out[48..52].copy_from_slice(&crc.to_le_bytes());
-    out[52..56].copy_from_slice(&(if encrypted { ENCRYPTED } else { 0 }).to_le_bytes());
+    out[52..56].copy_from_slice(&flags.to_le_bytes());
     let head_crc = CRC32C.checksum(&out[..60]);
     out[60..64].copy_from_slice(&head_crc.to_le_bytes());
     crc
+}
+
+/// The map's CRC: of its flags and its entries, so that the CRC the host
+/// pins (the config's, the setup's) pins whether the store is encrypted
+/// too (version 1, without flags: of the entries alone).
+fn entries_crc(flags: u32, entries: &[u8]) -> u32 {
+    let mut digest = CRC32C.digest();
+    if flags != 0 {
+        digest.update(&flags.to_le_bytes());
+    }
+    digest.update(entries);
+    digest.finalize()
+}
+
+/// Whether `first` (a partition's first bytes) begins with a LUKS header
+/// (LUKS1 and LUKS2: "LUKS\xba\xbe", cryptsetup's luks1/luks2 on-disk
+/// formats): its file systems are encrypted, and so must a store in it be,
+/// whatever a (plaintext, rewritable) map says.
+pub fn is_luks(first: &[u8]) -> bool {
+    first.starts_with(b"LUKS\xba\xbe")
 }
 
 /// The partition a map is read from, in the disk's logical blocks.
@@ -221,6 +242,9 @@ pub fn read<E>(
         return Err(MapError::Size);
     }
     let mut digest = CRC32C.digest();
+    if flags != 0 {
+        digest.update(&flags.to_le_bytes());
+    }
     let (mut at, mut page_index, mut total) = (HEAD, 0u64, 0u64);
     for i in 0..count {
         if at == PAGE {
@@ -348,6 +372,26 @@ mod tests {
         assert_eq!(head.pages, 1);
         let image = image_extents(&mut out[..2], head.pages, 512);
         assert_eq!(image, [Extent { lba: 2048 + 2048 + 8, blocks: 15 * 8 }, Extent { lba: 2048 + 16384, blocks: 8192 }]);
+    }
+
+    #[test]
+    fn the_encrypted_flag_is_pinned_by_the_maps_crc() {
+        let extents = [FileExtent { offset: 4 << 20, bytes: 8 << 20 }];
+        let mut map = vec![0u8; PAGE];
+        let sealed = encode(&extents, [1; 16], true, &mut map);
+        let plain = encode(&extents, [1; 16], false, &mut vec![0u8; PAGE]);
+        assert_ne!(sealed, plain, "the CRC the config pins tells an encrypted store from a plain one");
+        // The flag cleared, the head's CRC made good: the map reads as
+        // another one (the entries' CRC no longer matches).
+        map[52] = 0;
+        let head_crc = CRC32C.checksum(&map[..60]);
+        map[60..64].copy_from_slice(&head_crc.to_le_bytes());
+        let mut disk = vec![0u8; 16 << 20];
+        disk[4 << 20..(4 << 20) + PAGE].copy_from_slice(&map);
+        let part = Partition { first_lba: 0, blocks: (16 << 20) / 512, block_size: 512 };
+        let mut out = [Extent { lba: 0, blocks: 0 }; 4];
+        assert_eq!(read(part, 4 << 20, reader(&disk, 512), &mut [0; PAGE], &mut out).err(), Some(MapError::Checksum));
+        assert!(is_luks(b"LUKS\xba\xbe\x00\x02") && !is_luks(b"KSAVEMAP"));
     }
 
     #[test]

@@ -357,6 +357,10 @@ pub fn invalidate(block: &mut [u8; PAGE], why: Option<&str>) -> Result<State, He
         if let Some(why) = why {
             header.set_message(why);
         }
+        // A sealed image's tags go too: setting the state back (its CRC
+        // made good) does not make it resumable again.
+        header.tag = [0; crate::seal::TAG_LEN];
+        header.meta_tag = [0; crate::seal::TAG_LEN];
         header.encode(block);
     }
     Ok(was)

@@ -209,7 +209,7 @@ fn free_pages_are_listed_not_stored_and_everything_stays_in_order() {
         // ksave's range and whose pages run into it, one ending at a range end.
         let blocks = Blocks(BTreeMap::from([(0x10, 16), (0x11f8, 16), (0x3f8, 8)]));
         let mut disk = Disk::new(8 << 20, 512, &mem);
-        let (h, totals) = save_with_free(&mut disk, &mem, &RAM, &NVS, lz4, &mut { blocks }).unwrap();
+        let (h, totals) = save_with(&mut disk, &mem, &RAM, &NVS, lz4, &mut { blocks }, None).unwrap();
         // 0x11f8..0x1200 are free; 0x1200.. is ksave's, never listed.
         assert_eq!((h.pages_free, totals.pages_free, h.free_rule), (16 + 8 + 8, 32, 2));
         let loaded = load_all(&disk.bytes).unwrap();

@@ -149,13 +149,15 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     vm.expect_refusal(code::SEALED, 120 * SECOND).context("the boot whose unlock failed")?;
     vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
     vm.refute_seen("ksave: resume: jumping")?;
+    vm.expect_exit(0, 60 * SECOND)?;
     let again = format!("encrypted-store ksave.phase=again ksave.memtest_mib=64 ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at}");
-    let mut vm = boot(&format!("{name}-again"), &again)?;
+    let mut vm = boot(&format!("{name}-again"), &format!("{again} ksave.export=1"))?;
     vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
     // Set up again, the file where it was: the same places.
     let store_again = vm.expect("ksave-test: encrypted store:", 300 * SECOND)?;
     ensure!(store_again.text == store.text, "set up again, the store moved: {:?}, then {:?}", store.text, store_again.text);
 
+    vm.expect("ksave-test: snapshot verified and exported", 600 * SECOND)?;
     // Round 3: its header forged (the re-entry address, the CRC made
     // good): refused by its tag before anything is written.
     vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
@@ -166,6 +168,7 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     vm.expect_refusal(code::SEALED, 300 * SECOND).context("a forged header")?;
     vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
     vm.refute_seen("ksave: resume: jumping")?;
+    vm.expect_exit(0, 60 * SECOND)?;
     // Round 4: a chunk's payload damaged: ksave refuses it by its tag
     // while loading; the image is invalidated and the next boot is normal.
     let mut vm = boot(&format!("{name}-again-2"), &again)?;
@@ -192,13 +195,15 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
 /// ones resumed by QEMU `-kernel`, the sealed ones by kernel C after the
 /// unlock; ksave's own save and load times compared (medians), with the
 /// kernel's dm-crypt rate in the same VM (qemu/initramfs/scenarios/encrypted-bench.sh).
-pub fn encrypted_bench(echo: bool) -> Result<Report> {
+/// `cpu`: QEMU's CPU model; with `+aes,+pclmulqdq` ksave and the kernel
+/// take their AES-NI paths (emulated by TCG's helpers).
+pub fn encrypted_bench(cpu: &'static str, echo: bool) -> Result<Report> {
     let bus = Bus::Virtio;
-    let machine = Machine::qemu64(Kernel::Linux6_12).on(bus);
-    let name = "bench-encrypted";
+    let machine = Machine { cpu, ..Machine::qemu64(Kernel::Linux6_12).on(bus) };
+    let name = if cpu == "qemu64" { "bench-encrypted" } else { "bench-encrypted-aesni" };
     let part_mib = 700;
     let disk = TestDisk::create_allocated(name, part_mib + 1000, part_mib)?;
-    let mut report = Report::new("the same memory saved plain (partition) and sealed (a file on LUKS2), same disk (virtio-blk)");
+    let mut report = Report::new(&format!("the same memory saved plain (partition) and sealed (a file on LUKS2), same disk (virtio-blk), -cpu {cpu}"));
     let config = kernel_on(machine.kernel, name, "encrypted-bench ksave.memtest_mib=256")?.arg(disk.qemu_args(bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let store = vm.expect("ksave-test: encrypted store:", 600 * SECOND)?;

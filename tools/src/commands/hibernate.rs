@@ -96,9 +96,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
             println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
             // `ksave resume` destroyed the key block before the jump; a
             // resume some other way leaves it: not any more.
-            if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
-                let _ = ksave_tools::keyblock::destroy(volume);
-            }
+            forget_key(&setup);
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Saved(h) => {
@@ -128,6 +126,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
                 // through an IOMMU nobody set up: never offer that image.
                 let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
                 ImageFile::open_setup(&setup, true)?.invalidate(Some(why))?;
+                forget_key(&setup);
                 eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
                 println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
                 return Ok(ExitCode::FAILURE);
@@ -141,6 +140,8 @@ pub fn run(how: &How) -> Result<ExitCode> {
             bail!("power off failed: {}", std::io::Error::last_os_error())
         }
         Verdict::Failed(why, code) => {
+            // The key of a half-written image has nothing left to open.
+            forget_key(&setup);
             eprintln!("ksave: hibernation FAILED, not powering off: {why}");
             if code == Some(ksave_format::header::fail::TOO_SMALL) {
                 eprintln!(
@@ -152,6 +153,13 @@ pub fn run(how: &How) -> Result<ExitCode> {
             println!("ksave-metric save_failed={}", code.unwrap_or(0));
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// An encrypted store: its key block destroyed, if it holds this store's key.
+fn forget_key(setup: &Setup) {
+    if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+        println!("{}", super::forget_key(volume, setup.claim.id));
     }
 }
 

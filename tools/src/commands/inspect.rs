@@ -7,14 +7,13 @@ use anyhow::{Context, Result};
 use ksave_format::PAGE;
 use ksave_format::chunk::Encoding;
 use ksave_format::header::State;
-use ksave_tools::imagefile::ImageFile;
 use ksave_tools::inspect;
 use serde_json::json;
 
 use super::show;
 
 pub fn run(path: &Path, json: bool, free_runs: Option<&Path>) -> Result<ExitCode> {
-    let mut file = ImageFile::open(path, false)?;
+    let mut file = super::open_store(Some(path.to_path_buf()), false)?;
     let image = inspect::read(&mut file)?;
     let (mut raw, mut lz4, mut raw_bytes, mut lz4_bytes, mut lz4_pages, mut free_chunks) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut runs = Vec::new();

@@ -37,22 +37,26 @@ pub fn invalidate(path: Option<PathBuf>, partuuid: Option<String>, file_at: Opti
         }
         None => vec![super::open_store(path, true)],
     };
-    // An encrypted store's key block goes too, when its volume is
-    // unlocked: not even the passphrase opens that image afterwards.
-    let key = key.or_else(|| Setup::load(&ksave_tools::setup::path()).ok().and_then(|s| s.file?.key));
-    let destroyed = key.as_ref().map(|volume| match ksave_tools::keyblock::destroy(volume) {
-        Ok(()) => "ksave: the key block is destroyed".to_string(),
-        Err(e) => format!("ksave: the key block is left ({e:#}); the image is invalidated all the same"),
-    });
     // Every store that opens is invalidated, whatever another one does;
     // then the first failure is the answer.
-    let mut lines: Vec<String> = destroyed.into_iter().collect();
+    let mut lines = Vec::new();
     let mut failed = None;
+    let mut claims = Vec::new();
     for store in stores {
-        match store.and_then(|f| invalidate_one(f, reason.as_deref())) {
+        match store.and_then(|mut f| {
+            claims.extend(f.header().ok().map(|h| h.claim.id));
+            invalidate_one(f, reason.as_deref())
+        }) {
             Ok(line) => lines.push(line),
             Err(e) => failed = failed.or(Some(e)),
         }
+    }
+    // An encrypted store's key block goes too, when its volume is unlocked
+    // and it holds that store's key: not even the passphrase opens the
+    // image afterwards.
+    let key = key.or_else(|| Setup::load(&ksave_tools::setup::path()).ok().and_then(|s| s.file?.key));
+    if let (Some(volume), Some(claim)) = (&key, claims.first()) {
+        lines.push(super::forget_key(volume, *claim));
     }
     match failed {
         Some(e) if lines.is_empty() => Err(e),

@@ -62,6 +62,13 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
     // the key block, through the volume's own encryption; ksave gets it in
     // its config (RAM only) and wipes it there when done.
     if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+        // The key in this process's memory never goes to swap, nor into a
+        // core dump.
+        // SAFETY: mlockall and prctl take no memory arguments.
+        unsafe {
+            libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE);
+            libc::prctl(libc::PR_SET_DUMPABLE, 0);
+        }
         let key = ksave_tools::keyblock::fresh_key()?;
         ksave_tools::keyblock::write(volume, &KeyBlock { claim_id: setup.claim.id, nonce: config.nonce, key: key.clone() })?;
         config.data_key = Some(key);
@@ -80,8 +87,14 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
         let cmd = load::kexec_tools_command(path, &layout);
         println!("ksave: {}", cmd.join(" "));
         let loaded = load::run_kexec_tools(&cmd);
-        // The file holds the configured ksave, a sealed image's key too.
-        let _ = std::fs::write(path, vec![0u8; configured.len()]);
+        // The file holds the configured ksave, a sealed image's key too:
+        // overwritten where it lies (not truncated: its pages would go back
+        // to tmpfs as they are), then removed.
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) {
+            use std::os::unix::fs::FileExt;
+            let _ = file.write_all_at(&vec![0u8; configured.len()], 0);
+            let _ = file.sync_all();
+        }
         let _ = std::fs::remove_file(path);
         loaded?;
     } else {

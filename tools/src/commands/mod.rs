@@ -51,9 +51,35 @@ pub fn run(command: Command) -> Result<ExitCode> {
 
 /// The image at `path`, or in the store `ksave setup` recorded.
 fn open_store(path: Option<PathBuf>, write: bool) -> Result<ImageFile> {
-    match path {
-        Some(p) => ImageFile::open(&p, write),
-        None => ImageFile::open_setup(&Setup::load(&ksave_tools::setup::path())?, write),
+    let setup = Setup::load(&ksave_tools::setup::path());
+    match (path, setup) {
+        // The image file set up: through its partition and map, as ksave
+        // reads it (on an encrypted volume the map lies under dm-crypt, and
+        // the key block is the setup's).
+        (Some(p), Ok(setup)) if setup.file.as_ref().is_some_and(|f| same_file(&f.path, &p)) => ImageFile::open_setup(&setup, write),
+        (Some(p), _) => ImageFile::open(&p, write),
+        (None, setup) => ImageFile::open_setup(&setup?, write),
+    }
+}
+
+/// Destroys an encrypted store's key block if it holds that store's key
+/// (`claim`), and says what happened.
+fn forget_key(volume: &ksave_tools::setup::KeyVolume, claim: [u8; 16]) -> String {
+    use ksave_tools::keyblock::Destroyed;
+    match ksave_tools::keyblock::destroy(volume, claim) {
+        Ok(Destroyed::Key) => "ksave: the key block is destroyed".into(),
+        Ok(Destroyed::NoKey) => "ksave: the key block holds no key".into(),
+        Ok(Destroyed::NotOurs) => format!("ksave: what lies at the key block's place ({}:{}) is not this store's key block: left alone", volume.dm_uuid, volume.at),
+        Err(e) => format!("ksave: the key block is left ({e:#}); the image is invalidated all the same"),
+    }
+}
+
+/// Whether `a` and `b` name the same file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

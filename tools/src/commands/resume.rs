@@ -104,6 +104,9 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
             // An earlier boot handed it to ksave, which neither resumed it
             // nor could mark it (no disk it drives, a reset): never loop.
             ImageFile::open_setup(&setup, true)?.invalidate(Some(&refusal.to_string()))?;
+            if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
+                say(super::forget_key(volume, image.header.claim.id));
+            }
             return Ok(NotResumed { refusal: Some(refusal), why: format!("{refusal}; image invalidated") });
         }
         Err(refusal @ (Refusal::SaveFailed | Refusal::AlreadyResumed | Refusal::Incomplete)) => {
@@ -132,12 +135,17 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
     drop(configured);
     let mut marked = image.header.clone();
     marked.flags |= FLAG_RESUME_ATTEMPTED;
-    ImageFile::open_setup(&setup, true)?.write_header(&marked)?;
     // The key now lives only in the kernel's copy of ksave: the key block
     // goes before the jump, so that not even the passphrase opens this
     // image once it is resumed (a resume that fails invalidates it anyway).
-    if let Some(volume) = &key_volume {
-        ksave_tools::keyblock::destroy(volume)?;
+    // On any failure here ksave goes, key and all.
+    let handed_over = ImageFile::open_setup(&setup, true).and_then(|mut f| f.write_header(&marked)).and_then(|()| match &key_volume {
+        Some(volume) => ksave_tools::keyblock::destroy(volume, image.header.claim.id).map(drop),
+        None => Ok(()),
+    });
+    if let Err(e) = handed_over {
+        let _ = load::unload();
+        return Err(e);
     }
     say(format!("ksave: resuming the image saved at {} (unix): {} pages", image.header.created_unix, image.header.pages_stored));
     // SAFETY: sync and reboot(KEXEC) take no memory arguments; with a plain
@@ -147,6 +155,7 @@ fn attempt(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
         libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC);
     }
     let why = std::io::Error::last_os_error();
+    let _ = load::unload();
     // Still here: ksave never ran, so the image was not tried; take the mark
     // back, or the next boot would invalidate an image nobody attempted.
     ImageFile::open_setup(&setup, true)?.write_header(&image.header)?;

@@ -241,7 +241,7 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, how: &How) -
                 filestore::write_raw(&part.device, &located.extents, 0, &map)?;
                 filestore::write_raw(&part.device, &located.extents, map.len() as u64 + PAGE as u64, &store::claim_header(claim))?;
                 let at = v.byte_of(map.len() as u64).context("the key block is beyond the file")?;
-                ksave_tools::keyblock::destroy(&ksave_tools::setup::KeyVolume { dm_uuid: v.dm_uuid.clone(), at })?;
+                ksave_tools::keyblock::clear(&ksave_tools::setup::KeyVolume { dm_uuid: v.dm_uuid.clone(), at })?;
             }
             None => {
                 file.write_all_at(&map, 0)?;

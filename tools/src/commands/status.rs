@@ -14,7 +14,7 @@ use super::show;
 
 pub fn run(path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
     let Some(path) = path else { return run_setup(json) };
-    let header = ImageFile::open(&path, false)?.header()?;
+    let header = super::open_store(Some(path), false)?.header()?;
     if json {
         println!("{}", show::header_json(&header));
     } else {
@@ -39,7 +39,8 @@ fn run_setup(json: bool) -> Result<ExitCode> {
             "map_offset": f.map_offset,
             "extents": extents,
             "bytes": image.bytes(),
-            "boot_args": setup.resume_args(),
+            // A bootloader cannot unlock an encrypted store: no line for it.
+            "boot_args": f.key.is_none().then(|| setup.resume_args()),
             "encrypted": f.key.is_some(),
             "key_volume": f.key.as_ref().map(|k| k.dm_uuid.clone()),
             "key_block": f.key.as_ref().map(|_| match &image.key { Ok(_) => "present".to_string(), Err(e) => e.clone() }),

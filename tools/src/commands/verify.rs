@@ -5,11 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use ksave_format::header::State;
-use ksave_tools::imagefile::ImageFile;
 use ksave_tools::inspect;
 
 pub fn run(path: &Path) -> Result<ExitCode> {
-    let mut file = ImageFile::open(path, false)?;
+    let mut file = super::open_store(Some(path.to_path_buf()), false)?;
     let image = inspect::read(&mut file)?;
     if image.header.state != State::Complete {
         println!("ksave: {}: image is {}, not restorable: {}", file.description, image.header.state.name(), image.header.message());

@@ -152,7 +152,7 @@ pub fn save_ram(mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool, capacity: us
 }
 
 pub fn save_to(disk: &mut Disk, mem: &Mem, ram: &[Range], nvs: &[Range], lz4: bool) -> Result<(Header, Totals), WriteError<&'static str>> {
-    save_with_free(disk, mem, ram, nvs, lz4, &mut commit::NoneFree)
+    save_with(disk, mem, ram, nvs, lz4, &mut commit::NoneFree, None)
 }
 
 /// Free blocks by their first page: (first pfn, pages).
@@ -164,18 +164,8 @@ impl commit::FreePages for Blocks {
     }
 }
 
-pub fn save_with_free(
-    disk: &mut Disk,
-    mem: &Mem,
-    ram: &[Range],
-    nvs: &[Range],
-    lz4: bool,
-    free: &mut dyn commit::FreePages,
-) -> Result<(Header, Totals), WriteError<&'static str>> {
-    save_with(disk, mem, ram, nvs, lz4, free, None)
-}
-
-/// A save, sealed under `key` when there is one.
+/// A save leaving out what `free` holds free, sealed under `key` when
+/// there is one.
 pub fn save_with(
     disk: &mut Disk,
     mem: &Mem,
