@@ -9,7 +9,9 @@
 //! mounts and stamp the last one's time in the superblock
 //! (fs/ext4/super.c, ext4_setup_super; the superblock at byte 1024,
 //! `s_mtime` at 0x2C, `s_mnt_count` at 0x34, the magic 0xEF53 at 0x38).
-//! XFS keeps no mount count, and btrfs's generation moves with every
+//! A file system on a partition is found again by its PARTUUID, one on a
+//! device-mapper volume (dm-crypt, LVM) by its own superblock UUID. XFS
+//! keeps no mount count, and btrfs's generation moves with every
 //! transaction commit, including those between the record and the jump: for
 //! them no change can be proven, and the initramfs guard alone stands.
 
@@ -17,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ksave_format::header::{FS_EXT4, FsSeen, MAX_FILESYSTEMS};
+use ksave_format::header::{FS_EXT4, FS_EXT4_BY_UUID, FsSeen, MAX_FILESYSTEMS};
 use ksave_format::verdict::Refusal;
 
 use crate::sys;
@@ -28,6 +30,14 @@ pub fn ext4_mounts(device: &Path) -> Option<(u32, u64)> {
     let mut sb = [0u8; 1024];
     File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
     parse_ext4(&sb)
+}
+
+/// The ext2/3/4 superblock's UUID (`s_uuid`, at 0x68), read from `device`.
+fn ext4_uuid(device: &Path) -> Option<[u8; 16]> {
+    let mut sb = [0u8; 1024];
+    File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
+    parse_ext4(&sb)?;
+    sb[0x68..0x78].try_into().ok()
 }
 
 /// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock.
@@ -67,10 +77,16 @@ pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
         let Some(device) = device_of(&dev) else { continue };
         let ext = matches!(fstype.as_str(), "ext2" | "ext3" | "ext4");
         let part = sys::partition_info(&device).ok();
-        match (ext, part, ext4_mounts(&device)) {
-            (true, Some(part), Some((mounts, mounted_at))) if seen.len() < MAX_FILESYSTEMS => {
-                seen.push(FsSeen { partuuid: part.guid.to_bytes(), kind: FS_EXT4, mounts, mounted_at })
-            }
+        // On a partition: by its PARTUUID; on a device-mapper volume
+        // (dm-crypt, LVM): by the file system's own UUID.
+        let dm = Path::new("/sys/dev/block").join(&dev).join("dm").exists();
+        let id = match (&part, dm) {
+            (Some(part), _) => Some((part.guid.to_bytes(), FS_EXT4)),
+            (None, true) => ext4_uuid(&device).map(|uuid| (uuid, FS_EXT4_BY_UUID)),
+            (None, false) => None,
+        };
+        match (ext, id, ext4_mounts(&device)) {
+            (true, Some((id, kind)), Some((mounts, mounted_at))) if seen.len() < MAX_FILESYSTEMS => seen.push(FsSeen { partuuid: id, kind, mounts, mounted_at }),
             _ => unrecorded.push(format!("{fstype} on {} at {point}", device.display())),
         }
     }
@@ -96,14 +112,26 @@ fn device_of(dev: &str) -> Option<PathBuf> {
 /// last mount time. One that cannot be found or read proves nothing (and
 /// the resumed kernel will say so of its own).
 pub fn mounted_since(recorded: &[FsSeen]) -> Option<Refusal> {
-    recorded.iter().find_map(|fs| {
-        if fs.kind != FS_EXT4 {
-            return None;
+    recorded.iter().find_map(|fs| match fs.kind {
+        FS_EXT4 => {
+            let part = sys::partition_by_guid(diskdrv::part::Guid::from_bytes(fs.partuuid)).ok()?;
+            let (mounts, mounted_at) = ext4_mounts(&part.device)?;
+            changed(fs, mounts, mounted_at)
         }
-        let part = sys::partition_by_guid(diskdrv::part::Guid::from_bytes(fs.partuuid)).ok()?;
-        let (mounts, mounted_at) = ext4_mounts(&part.device)?;
-        changed(fs, mounts, mounted_at)
+        // Every block device whose ext superblock carries that UUID (an
+        // unlocked dm-crypt volume, an LVM volume; a snapshot of it too: any
+        // that says it was mounted since refuses).
+        FS_EXT4_BY_UUID => block_devices().into_iter().filter(|d| ext4_uuid(d) == Some(fs.partuuid)).find_map(|d| {
+            let (mounts, mounted_at) = ext4_mounts(&d)?;
+            changed(fs, mounts, mounted_at)
+        }),
+        _ => None,
     })
+}
+
+/// /dev/NAME of every block device the kernel lists.
+fn block_devices() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/class/block").map(|d| d.flatten().map(|e| Path::new("/dev").join(e.file_name())).collect()).unwrap_or_default()
 }
 
 /// The refusal if an ext superblock now says `mounts`, `mounted_at`, not

@@ -39,9 +39,11 @@ pub const MAX_FILESYSTEMS: usize = 16;
 /// superblock (fs/ext4/super.c, ext4_setup_super).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsSeen {
-    /// The partition's unique GUID (its PARTUUID), on-disk byte order.
+    /// Which file system: the partition's unique GUID (its PARTUUID),
+    /// on-disk byte order ([`FS_EXT4`]); or the file system's own UUID
+    /// ([`FS_EXT4_BY_UUID`]).
     pub partuuid: [u8; 16],
-    /// [`FS_EXT4`].
+    /// [`FS_EXT4`] or [`FS_EXT4_BY_UUID`].
     pub kind: u32,
     /// ext4: `s_mnt_count`, read-write mounts since the last check.
     pub mounts: u32,
@@ -49,8 +51,13 @@ pub struct FsSeen {
     pub mounted_at: u64,
 }
 
-/// [`FsSeen::kind`]: an ext2/3/4 superblock.
+/// [`FsSeen::kind`]: an ext2/3/4 superblock on the partition named by its
+/// PARTUUID.
 pub const FS_EXT4: u32 = 1;
+/// [`FsSeen::kind`]: an ext2/3/4 superblock found by its own UUID
+/// (`s_uuid`): one on a device-mapper volume (dm-crypt, LVM), which has no
+/// PARTUUID.
+pub const FS_EXT4_BY_UUID: u32 = 2;
 
 /// [`FsSeen`] as it lies in the header and the config.
 #[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

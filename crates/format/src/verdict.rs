@@ -272,7 +272,7 @@ impl fmt::Display for Refusal {
             Self::BeyondReach { reach } => write!(f, "memory above ksave's identity map ({} GiB)", reach >> 30),
             Self::FilesystemMounted { partuuid, mounts, mounted_at } => write!(
                 f,
-                "the file system on PARTUUID {} was mounted since the image was saved (mount count {} then, {} now; last mounted at {} then, {} now): its data moved on",
+                "the file system {} (its PARTUUID, or its own UUID on a device-mapper volume) was mounted since the image was saved (mount count {} then, {} now; last mounted at {} then, {} now): its data moved on",
                 uguid::Guid::from_bytes(*partuuid),
                 mounts.0,
                 mounts.1,

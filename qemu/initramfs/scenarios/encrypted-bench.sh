@@ -12,7 +12,7 @@ volume=$(test_partition 2) || exit 1
 printf %s "$LUKS_PASSPHRASE" | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file - "$volume" \
   || { say "luksFormat failed"; exit 1; }
 luks_open "$volume" "$LUKS_PASSPHRASE" || { say "the volume did not unlock"; exit 1; }
-if ! { mkfs.ext4 -q /dev/mapper/root && mount -t ext4 /dev/mapper/root /mnt; }; then say "ext4 on the volume failed"; exit 1; fi
+if ! { mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/root && mount -t ext4 /dev/mapper/root /mnt; }; then say "ext4 on the volume failed"; exit 1; fi
 KSAVE_CONF=/etc/ksave-plain.conf ksave setup --partition "$plain" --allow-plaintext --elf /ksave.elf --no-precheck > /tmp/setup.log 2>&1 \
   || { cat /tmp/setup.log; say "setup of the partition failed"; exit 1; }
 KSAVE_CONF=/etc/ksave-sealed.conf ksave setup --file /mnt/image --size 640M --elf /ksave.elf --no-precheck > /tmp/setup.log 2>&1 \

@@ -7,9 +7,11 @@
 #                  resumed (by kernel C, after the unlock), the key block
 #                  destroyed then; hibernate again (the harness then tries
 #                  a wrong passphrase)
-#                again: the image the wrong passphrase left is not resumed
-#                  now and its key block goes; set up again, hibernate (the
-#                  harness tampers with what ksave wrote)
+#                again: the image the last boot refused is not resumed
+#                  now (its key block goes, or went then); set up again,
+#                  hibernate (the harness tampers with what ksave wrote)
+#                live: as a live system would, unlock the volume of the
+#                  hibernated system, mount it and write a file
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 # No udev here: device-mapper makes its nodes itself.
@@ -26,7 +28,18 @@ if [ "$phase" = first ]; then
     || { say "luksFormat failed"; exit 1; }
 fi
 luks_open "$volume" "$LUKS_PASSPHRASE" || { say "the volume did not unlock"; exit 1; }
-[ "$phase" = first ] && { mkfs.ext4 -q /dev/mapper/root || { say "mkfs.ext4 failed"; exit 1; }; }
+if [ "$phase" = live ]; then
+  if ! { mount -t ext4 /dev/mapper/root /mnt && echo live > /mnt/written-by-a-live-system && umount /mnt; }; then
+    say "could not mount the volume"; exit 1
+  fi
+  say "mounted the hibernated system's volume"
+  exit 0
+fi
+# Inode tables written now, not by ext4lazyinit in the background: a
+# kernel thread (the kexec jump freezes user space only) writing through
+# dm-crypt while the devices suspend for the jump is suspected of the one
+# hang seen in this story (2 runs of 10; see the note of issue 22).
+[ "$phase" = first ] && { mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/mapper/root || { say "mkfs.ext4 failed"; exit 1; }; }
 mount -t ext4 /dev/mapper/root /mnt || { say "mount failed"; exit 1; }
 
 if [ "$phase" = first ]; then
@@ -46,7 +59,8 @@ else
     && { say "an image refused before was resumed"; exit 1; }
   cat /tmp/resume
   grep -q "already resumed or invalidated" /tmp/resume || { say "the image was not refused as invalidated"; exit 1; }
-  grep -q "the key block is destroyed" /tmp/resume || { say "its key block was not destroyed"; exit 1; }
+  grep -qE "the key block (is destroyed|holds no key)" /tmp/resume || { say "its key block was not destroyed"; exit 1; }
+  if [ -e /mnt/written-by-a-live-system ]; then say "what the live system wrote is there"; fi
   say "not resumed later: invalidated, key block destroyed"
 fi
 

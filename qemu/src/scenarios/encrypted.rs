@@ -89,7 +89,8 @@ fn damage_first_chunk(disk: &Path) -> Result<()> {
 /// LUKS2 sealed (no memtest page and no key on the disk); refused by a
 /// bootloader start (which cannot unlock), resumed by kernel C after the
 /// unlock, its key block destroyed; a wrong passphrase three times: not
-/// resumed then, nor later; a forged header and a damaged chunk refused.
+/// resumed then, nor later; a live system's mount of the volume refuses
+/// the image; a forged header and a damaged chunk refused.
 pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     let bus = Bus::Virtio;
     // The images that are resumed are made and loaded on a CPU with AES-NI,
@@ -118,6 +119,9 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     // Round 1: sealed on the disk; a bootloader start refuses it and keeps
     // it; kernel C resumes it after the unlock.
     vm.expect("ksave-test: hibernating (1)", 600 * SECOND)?;
+    // The file system on the volume is recorded by its own UUID (it has no
+    // PARTUUID): a mount since is found at the resume.
+    vm.expect("ksave: recorded: ext4 UUID", 60 * SECOND)?;
     let saved = vm.expect_metrics("image_bytes", 300 * SECOND)?;
     vm.expect("ksave: powering off", 60 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
@@ -159,32 +163,51 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     let again = format!("encrypted-store ksave.phase=again ksave.memtest_mib=64 ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at}");
     machine = without;
     let mut vm = boot(&machine, &format!("{name}-again"), &format!("{again} ksave.export=1"))?;
+    vm.expect("ksave: the key block is destroyed", 300 * SECOND)?;
     vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
     // Set up again, the file where it was: the same places.
     let store_again = vm.expect("ksave-test: encrypted store:", 300 * SECOND)?;
     ensure!(store_again.text == store.text, "set up again, the store moved: {:?}, then {:?}", store.text, store_again.text);
 
     vm.expect("ksave-test: snapshot verified and exported", 600 * SECOND)?;
-    // Round 3: its header forged (the re-entry address, the CRC made
+    // Round 3: while hibernated, a live system unlocks the volume and
+    // mounts it: the next boot refuses the image (its ext4 was mounted
+    // since) and keeps what the live system wrote.
+    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
+    vm.expect("ksave: powering off", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    let mut vm = boot(&machine, &format!("{name}-live"), "encrypted-store ksave.phase=live")?;
+    vm.expect("ksave-test: mounted the hibernated system's volume", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    let mut vm = boot(&machine, &format!("{name}-after-live"), &resume_c("3", ""))?;
+    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("the boot after a live system mounted the volume")?;
+    vm.expect("ksave: the key block is destroyed", 60 * SECOND)?;
+    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
+    vm.refute_seen("ksave: resume: jumping")?;
+    vm.expect_exit(0, 60 * SECOND)?;
+    // Round 4: its header forged (the re-entry address, the CRC made
     // good): refused by its tag before anything is written.
+    let mut vm = boot(&machine, &format!("{name}-again-2"), &again)?;
+    vm.expect("ksave: the key block holds no key", 300 * SECOND)?;
+    vm.expect("ksave-test: what the live system wrote is there", 300 * SECOND)?;
     vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
     vm.expect("ksave: powering off", 300 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     forge_reentry(&disk.path)?;
-    let mut vm = boot(&machine, &format!("{name}-forged"), &resume_c("3", ""))?;
+    let mut vm = boot(&machine, &format!("{name}-forged"), &resume_c("4", ""))?;
     vm.expect_refusal(code::SEALED, 300 * SECOND).context("a forged header")?;
     vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
     vm.refute_seen("ksave: resume: jumping")?;
     vm.expect_exit(0, 60 * SECOND)?;
-    // Round 4: a chunk's payload damaged: ksave refuses it by its tag
+    // Round 5: a chunk's payload damaged: ksave refuses it by its tag
     // while loading; the image is invalidated and the next boot is normal.
-    let mut vm = boot(&machine, &format!("{name}-again-2"), &again)?;
+    let mut vm = boot(&machine, &format!("{name}-again-3"), &again)?;
     vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
     vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
     vm.expect("ksave: powering off", 300 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     damage_first_chunk(&disk.path)?;
-    let mut vm = boot(&machine, &format!("{name}-damaged"), &resume_c("4", ""))?;
+    let mut vm = boot(&machine, &format!("{name}-damaged"), &resume_c("5", ""))?;
     vm.expect("ksave: resuming the image", 300 * SECOND)?;
     vm.expect("ksave: image invalidated, so no later boot tries it again", 300 * SECOND)?;
     let line = vm.expect("ksave: not resuming: image damaged: chunk 0: tag does not check", 5 * SECOND)?;
