@@ -203,9 +203,15 @@ pub fn debian_table(runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// The image in a file next to the partition on the same disk, in the
-/// same run (one run: a 3.6 GiB file system is filled once), and what
-/// finding a file's blocks again costs `ksave hibernate`.
+/// Prints, under `r`, one ratio a row: (label, figure, over figure).
+fn print_ratios(r: &crate::scenarios::Report, rows: &[(&str, &str, &str)]) {
+    let pick = |what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
+    for (label, over, under) in rows {
+        println!("   {label:<58} {:>8.2}", pick(over) / pick(under));
+    }
+    println!();
+}
+
 /// Sealed against plain (`make bench`): ksave's save and load of the same
 /// memory, and the cipher's rate on the host next to OpenSSL's.
 pub fn encrypted_table() -> Result<()> {
@@ -216,31 +222,25 @@ pub fn encrypted_table() -> Result<()> {
     for cpu in ["qemu64", "qemu64,+aes,+pclmulqdq"] {
         let r = crate::scenarios::encrypted_bench(cpu, false)?;
         println!("{r}");
-        let pick = |what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
-        println!(
-            "   {:<58} {:>8.2}\n   {:<58} {:>8.2}\n",
-            "sealed / plain, ksave's save time",
-            pick("sealed: ksave's save") / pick("plain: ksave's save"),
-            "sealed / plain, ksave's load time",
-            pick("sealed: ksave's load at the resume") / pick("plain: ksave's load at the resume")
-        );
+        print_ratios(&r, &[
+            ("sealed / plain, ksave's save time", "sealed: ksave's save", "plain: ksave's save"),
+            ("sealed / plain, ksave's load time", "sealed: ksave's load at the resume", "plain: ksave's load at the resume"),
+        ]);
     }
     Ok(())
 }
 
+/// The image in a file next to the partition on the same disk, in the
+/// same run (one run: a 3.6 GiB file system is filled once), and what
+/// finding a file's blocks again costs `ksave hibernate`.
 pub fn file_table() -> Result<()> {
     eprintln!("bench: file vs partition");
     let r = crate::scenarios::file_bench(false)?;
     println!("{r}");
-    let pick = |what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
-    println!(
-        "   {:<58} {:>8.2}\n   {:<58} {:>8.2}\n   {:<58} {:>8.2}",
-        "file / partition, save rate",
-        pick("file: save rate (image / ksave's save time)") / pick("partition: save rate (image / ksave's save time)"),
-        "file / partition, save's disk transfers",
-        pick("file: save, disk transfers alone") / pick("partition: save, disk transfers alone"),
-        "file / partition, resume rate",
-        pick("file: resume rate (image / ksave's load time)") / pick("partition: resume rate (image / ksave's load time)")
-    );
+    print_ratios(&r, &[
+        ("file / partition, save rate", "file: save rate (image / ksave's save time)", "partition: save rate (image / ksave's save time)"),
+        ("file / partition, save's disk transfers", "file: save, disk transfers alone", "partition: save, disk transfers alone"),
+        ("file / partition, resume rate", "file: resume rate (image / ksave's load time)", "partition: resume rate (image / ksave's load time)"),
+    ]);
     Ok(())
 }

@@ -85,6 +85,20 @@ fn damage_first_chunk(disk: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `vm` hibernated (round `round`) and powered off.
+fn hibernated(vm: &mut Vm, round: &str) -> Result<()> {
+    vm.expect(&format!("ksave-test: hibernating ({round})"), 600 * SECOND)?;
+    vm.expect("ksave: powering off", 300 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)
+}
+
+/// `vm`'s boot (kernel C) resumed nothing: no jump, it carried on.
+fn not_resumed(vm: &mut Vm) -> Result<()> {
+    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
+    vm.refute_seen("ksave: resume: jumping")?;
+    vm.expect_exit(0, 60 * SECOND)
+}
+
 /// The encrypted story: a plaintext store refused; an image in a file on
 /// LUKS2 sealed (no memtest page and no key on the disk); refused by a
 /// bootloader start (which cannot unlock), resumed by kernel C after the
@@ -151,15 +165,11 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
 
     // Round 2, and a wrong passphrase, three times: no resume, the image
     // invalidated; the next boot with the right one does not resume it.
-    vm.expect("ksave-test: hibernating (2)", 300 * SECOND)?;
-    vm.expect("ksave: powering off", 300 * SECOND)?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    hibernated(&mut vm, "2")?;
     let mut vm = boot(&machine, &format!("{name}-wrong"), &resume_c("2", " ksave.luks_pass=not-the-passphrase"))?;
     vm.expect("ksave-test: the volume stays locked", 300 * SECOND)?;
     vm.expect_refusal(code::SEALED, 120 * SECOND).context("the boot whose unlock failed")?;
-    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
-    vm.refute_seen("ksave: resume: jumping")?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    not_resumed(&mut vm)?;
     let again = format!("encrypted-store ksave.phase=again ksave.memtest_mib=64 ksave.partuuid={guid} ksave.file={file_at} ksave.key_at={key_at}");
     machine = without;
     let mut vm = boot(&machine, &format!("{name}-again"), &format!("{again} ksave.export=1"))?;
@@ -173,39 +183,29 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     // Round 3: while hibernated, a live system unlocks the volume and
     // mounts it: the next boot refuses the image (its ext4 was mounted
     // since) and keeps what the live system wrote.
-    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
-    vm.expect("ksave: powering off", 300 * SECOND)?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    hibernated(&mut vm, "3")?;
     let mut vm = boot(&machine, &format!("{name}-live"), "encrypted-store ksave.phase=live")?;
     vm.expect("ksave-test: mounted the hibernated system's volume", 300 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     let mut vm = boot(&machine, &format!("{name}-after-live"), &resume_c("3", ""))?;
     vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("the boot after a live system mounted the volume")?;
     vm.expect("ksave: the key block is destroyed", 60 * SECOND)?;
-    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
-    vm.refute_seen("ksave: resume: jumping")?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    not_resumed(&mut vm)?;
     // Round 4: its header forged (the re-entry address, the CRC made
     // good): refused by its tag before anything is written.
     let mut vm = boot(&machine, &format!("{name}-again-2"), &again)?;
     vm.expect("ksave: the key block holds no key", 300 * SECOND)?;
     vm.expect("ksave-test: what the live system wrote is there", 300 * SECOND)?;
-    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
-    vm.expect("ksave: powering off", 300 * SECOND)?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    hibernated(&mut vm, "3")?;
     forge_reentry(&disk.path)?;
     let mut vm = boot(&machine, &format!("{name}-forged"), &resume_c("4", ""))?;
     vm.expect_refusal(code::SEALED, 300 * SECOND).context("a forged header")?;
-    vm.expect("ksave-test: nothing resumed", 60 * SECOND)?;
-    vm.refute_seen("ksave: resume: jumping")?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    not_resumed(&mut vm)?;
     // Round 5: a chunk's payload damaged: ksave refuses it by its tag
     // while loading; the image is invalidated and the next boot is normal.
     let mut vm = boot(&machine, &format!("{name}-again-3"), &again)?;
     vm.expect("ksave-test: not resumed later: invalidated, key block destroyed", 300 * SECOND)?;
-    vm.expect("ksave-test: hibernating (3)", 600 * SECOND)?;
-    vm.expect("ksave: powering off", 300 * SECOND)?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    hibernated(&mut vm, "3")?;
     damage_first_chunk(&disk.path)?;
     let mut vm = boot(&machine, &format!("{name}-damaged"), &resume_c("5", ""))?;
     vm.expect("ksave: resuming the image", 300 * SECOND)?;
