@@ -15,6 +15,7 @@ install -D -m 0644 "$here/systemd/hibernate-service.conf" "$stage/usr/lib/system
 install -D -m 0644 "$here/systemd/logind.conf" "$stage/usr/lib/systemd/system/systemd-logind.service.d/ksave.conf"
 install -D -m 0755 "$here/initramfs-tools/hook" "$stage/usr/share/initramfs-tools/hooks/ksave"
 install -D -m 0755 "$here/initramfs-tools/local-premount" "$stage/usr/share/initramfs-tools/scripts/local-premount/ksave"
+install -D -m 0755 "$here/initramfs-tools/local-bottom" "$stage/usr/share/initramfs-tools/scripts/local-bottom/ksave"
 install -D -m 0644 "$here/../README.md" "$stage/usr/share/doc/ksave/README.md"
 mkdir -p "$stage/DEBIAN"
 sed "s/@VERSION@/$version/" "$here/debian/control" > "$stage/DEBIAN/control"

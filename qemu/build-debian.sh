@@ -24,9 +24,11 @@ rm -rf "$root"
 # The mirror the machine's apt already uses.
 mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
-# minbase + what a systemd system with logind, udev and initramfs-tools is.
+# minbase + what a systemd system with logind, udev and initramfs-tools is,
+# and the initramfs's unlock of an encrypted root (cryptsetup-initramfs: it
+# does nothing without a crypttab entry for the initramfs).
 debootstrap --variant=minbase \
-  --include=systemd,systemd-sysv,udev,dbus,libpam-systemd,initramfs-tools,zstd,kmod,e2fsprogs,procps \
+  --include=systemd,systemd-sysv,udev,dbus,libpam-systemd,initramfs-tools,zstd,kmod,e2fsprogs,procps,cryptsetup-initramfs \
   "$suite" "$root" "$mirror" >&2
 
 # The machine: a name, no root password on the serial console (a test

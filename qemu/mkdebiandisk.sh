@@ -9,11 +9,22 @@
 # files (qemu/debian/). Needs root (chroot).
 #   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB SWAP_PARTUUID]
 #   KSAVE_ROOT_FS=btrfs  the root file system on btrfs (Fedora's layout), not ext4
+#   KSAVE_ROOT_LUKS=UUID the root (ext4) on LUKS2, unlocked by the initramfs's
+#                        cryptroot at its prompt (crypttab), with a plaintext
+#                        /boot (partition 3, label debian-boot) as an
+#                        installer makes it. This host has no device-mapper,
+#                        so partition 1 is left empty and the root file
+#                        system is written to OUT.img.root-ext4 for the
+#                        harness to encrypt in a VM (scenario luks-root)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0} swap_guid=${9:-}
 root_mib=1024
 root_fs=${KSAVE_ROOT_FS:-ext4}
+luks_uuid=${KSAVE_ROOT_LUKS:-}
+boot_mib=128
+# LUKS2's header (cryptsetup's default data offset) comes before the root.
+luks_header_mib=16
 kver=6.12-ksave
 base=$("$here/build-debian.sh")
 work=$(mktemp -d)
@@ -46,6 +57,15 @@ fi
 if [ "$root_fs" = btrfs ]; then
   sed -i 's|^LABEL=debian-root / ext4 .*|LABEL=debian-root / btrfs defaults 0 0|' "$root/etc/fstab"
 fi
+if [ -n "$luks_uuid" ]; then
+  # As Debian's installer leaves an encrypted root: crypttab names the
+  # volume, fstab mounts its mapping and the plaintext /boot. Built in a
+  # chroot, the root is not on dm-crypt yet, so the cryptsetup hook is told
+  # to include the volume ("initramfs") and itself (CRYPTSETUP=y).
+  echo "cryptroot UUID=$luks_uuid none luks,discard,initramfs" > "$root/etc/crypttab"
+  printf '%s\n' "/dev/mapper/cryptroot / ext4 errors=remount-ro 0 1" "LABEL=debian-boot /boot ext4 defaults 0 2" > "$root/etc/fstab"
+  echo CRYPTSETUP=y >> "$root/etc/cryptsetup-initramfs/conf-hook"
+fi
 chroot "$root" update-initramfs -c -k "$kver" >&2
 if [ "$package" != none ]; then
   cp "$package" "$root/tmp/ksave.deb"
@@ -66,9 +86,18 @@ first=2048
 # passes diskdrv's part::KSAVE_STORE_TYPE.
 ksave_type=${KSAVE_STORE_TYPE:?the harness sets it}
 total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
+[ -z "$luks_uuid" ] || total_mib=$((total_mib + boot_mib))
 rm -f "$out"
 truncate -s "${total_mib}M" "$out"
-if [ "$root_fs" = btrfs ]; then
+if [ -n "$luks_uuid" ]; then
+  mv "$root/boot" "$work/boot" && mkdir -m 0755 "$root/boot"
+  boot_first=$((first + (root_mib + ksave_mib) * 2048))
+  mke2fs -q -F -t ext4 -L debian-boot -d "$work/boot" -E offset=$((boot_first * 512)) "$out" "${boot_mib}M"
+  # Inode tables and journal written now, as on a disk an installer made:
+  # no lazy initialisation writing through dm-crypt later.
+  rm -f "$out.root-ext4"
+  mke2fs -q -F -t ext4 -L debian-root -d "$root" -E lazy_itable_init=0,lazy_journal_init=0 "$out.root-ext4" "$((root_mib - luks_header_mib))M"
+elif [ "$root_fs" = btrfs ]; then
   # mkfs.btrfs has no offset: make it in a file, put it in place.
   truncate -s "${root_mib}M" "$work/root.img"
   mkfs.btrfs -q -f -L debian-root --rootdir "$root" "$work/root.img" >&2
@@ -81,6 +110,7 @@ fi
 parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-root
   -n "2:0:+${ksave_mib}M" -t "2:$ksave_type" -u "2:$ksave_guid" -c 2:ksave)
 if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -u "3:$swap_guid" -c 3:swap); fi
+if [ -n "$luks_uuid" ]; then parts+=(-t 1:8309 -n "3:0:+${boot_mib}M" -t 3:8300 -c 3:debian-boot); fi
 sgdisk "${parts[@]}" "$out" >/dev/null
 if [ "$swap_mib" -gt 0 ]; then
   # mkswap 2.38 has no --offset: make the signature in a file, put it in place.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -50,6 +50,9 @@ pub struct Line {
     pub at: Duration,
     /// The text, without the line ending.
     pub text: String,
+    /// An unfinished line that ends as a prompt does (": "), waiting for
+    /// input: [`Vm::expect_prompt`] reads these, [`Vm::expect`] the lines.
+    pub prompt: bool,
 }
 
 /// The figures of one `ksave-metric key=value ...` line, which ksave and
@@ -123,18 +126,34 @@ impl Vm {
         let echo = config.echo;
         let err_tx = tx.clone();
         std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
+            let mut stdout = stdout;
             let mut buf = Vec::new();
-            while reader.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
-                let at = started.elapsed();
-                let _ = writeln!(log_file, "[{:8.3}] {text}", at.as_secs_f64());
-                if echo {
-                    println!("{text}");
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = stdout.read(&mut chunk).unwrap_or(0);
+                buf.extend_from_slice(&chunk[..n]);
+                // Whole lines, and the last piece at the end of the output.
+                while let Some(end) = buf.iter().position(|&b| b == b'\n').map(|i| i + 1).or((n == 0 && !buf.is_empty()).then_some(buf.len())) {
+                    let line: Vec<u8> = buf.drain(..end).collect();
+                    let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+                    let at = started.elapsed();
+                    let _ = writeln!(log_file, "[{:8.3}] {text}", at.as_secs_f64());
+                    if echo {
+                        println!("{text}");
+                    }
+                    if tx.send(Line { at, text, prompt: false }).is_err() {
+                        return;
+                    }
                 }
-                buf.clear();
-                if tx.send(Line { at, text }).is_err() {
-                    break;
+                if n == 0 {
+                    return;
+                }
+                // A prompt waits for input without ending its line.
+                if buf.ends_with(b": ") {
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if tx.send(Line { at: started.elapsed(), text, prompt: true }).is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -142,7 +161,7 @@ impl Vm {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let at = started.elapsed();
-                let _ = err_tx.send(Line { at, text: format!("qemu: {line}") });
+                let _ = err_tx.send(Line { at, text: format!("qemu: {line}"), prompt: false });
             }
         });
         Ok(Self { name: config.name, child, input, lines, seen: Vec::new(), log, started })
@@ -157,13 +176,25 @@ impl Vm {
     /// Waits up to `timeout` for a line containing `needle`, after the lines
     /// already matched.
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> Result<Line> {
+        self.expect_line(needle, false, timeout)
+    }
+
+    /// Waits up to `timeout` for a prompt containing `needle` (an
+    /// unfinished line ending in ": "), after the lines already matched.
+    pub fn expect_prompt(&mut self, needle: &str, timeout: Duration) -> Result<Line> {
+        self.expect_line(needle, true, timeout)
+    }
+
+    fn expect_line(&mut self, needle: &str, prompt: bool, timeout: Duration) -> Result<Line> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.text.contains(needle) {
+                    if !line.prompt {
+                        self.seen.push(line.clone());
+                    }
+                    if line.prompt == prompt && line.text.contains(needle) {
                         return Ok(line);
                     }
                 }
@@ -217,12 +248,12 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             while let Ok(line) = self.lines.try_recv() {
-                self.seen.push(line);
+                self.seen.extend((!line.prompt).then_some(line));
             }
             if let Some(status) = self.child.try_wait()? {
                 // Collect the last lines the reader threads still hold.
                 while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
+                    self.seen.extend((!line.prompt).then_some(line));
                 }
                 return status.code().ok_or_else(|| self.failure(&format!("QEMU killed by a signal ({status})")));
             }

@@ -301,3 +301,12 @@ fn debian_systemctl_hibernate_and_resume_twice_on_uefi() {
 fn debian_never_resumes_a_stale_or_damaged_image() {
     run(scenarios::debian_stale_and_damaged_images);
 }
+
+/// Debian with its root on LUKS2 (cryptroot unlocks it at its prompt, where
+/// the harness types): a plaintext store refused, `systemctl hibernate`
+/// into a sealed image file, no plaintext of memory on the disk, three
+/// wrong passphrases resume nothing, the right one resumes; twice.
+#[test]
+fn debian_with_an_encrypted_root_hibernates_sealed_and_resumes_after_the_unlock() {
+    run(scenarios::debian_encrypted_root);
+}

@@ -138,7 +138,7 @@ fn block_devices() -> Vec<PathBuf> {
 /// what `fs` recorded.
 fn changed(fs: &FsSeen, mounts: u32, mounted_at: u64) -> Option<Refusal> {
     (mounts != fs.mounts || mounted_at != fs.mounted_at).then_some(Refusal::FilesystemMounted {
-        partuuid: fs.partuuid,
+        id: fs.id(),
         mounts: (fs.mounts, mounts),
         mounted_at: (fs.mounted_at, mounted_at),
     })

@@ -51,6 +51,34 @@ pub struct FsSeen {
     pub mounted_at: u64,
 }
 
+impl FsSeen {
+    /// The file system's name as udev and blkid show it.
+    pub fn id(&self) -> FsId {
+        FsId { kind: self.kind, bytes: self.partuuid }
+    }
+}
+
+/// A recorded file system's name: `PARTUUID x` (a GPT GUID, its first
+/// three fields little-endian on disk) or `UUID x` (ext4's `s_uuid`, bytes
+/// in order), as udev and blkid write them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsId {
+    kind: u32,
+    bytes: [u8; 16],
+}
+
+impl core::fmt::Display for FsId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.kind == FS_EXT4_BY_UUID {
+            let b = u128::from_be_bytes(self.bytes);
+            let hex = |shift: u32, bits: u32| (b >> shift) & ((1u128 << bits) - 1);
+            write!(f, "UUID {:08x}-{:04x}-{:04x}-{:04x}-{:012x}", hex(96, 32), hex(80, 16), hex(64, 16), hex(48, 16), hex(0, 48))
+        } else {
+            write!(f, "PARTUUID {}", uguid::Guid::from_bytes(self.bytes))
+        }
+    }
+}
+
 /// [`FsSeen::kind`]: an ext2/3/4 superblock on the partition named by its
 /// PARTUUID.
 pub const FS_EXT4: u32 = 1;
@@ -665,6 +693,17 @@ impl<'a> Meta<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    extern crate std;
+    use std::string::ToString;
+
+    #[test]
+    fn a_file_system_is_named_as_blkid_names_it() {
+        let bytes = [0xb0, 0x41, 0xe9, 0x1b, 0x48, 0xca, 0x95, 0x44, 0xa8, 0x6d, 0x4f, 0xa0, 0xcc, 0x0f, 0x15, 0x1d];
+        let by_uuid = FsSeen { partuuid: bytes, kind: FS_EXT4_BY_UUID, mounts: 0, mounted_at: 0 };
+        assert_eq!(by_uuid.id().to_string(), "UUID b041e91b-48ca-9544-a86d-4fa0cc0f151d");
+        let by_partuuid = FsSeen { kind: FS_EXT4, ..by_uuid };
+        assert_eq!(by_partuuid.id().to_string(), "PARTUUID 1be941b0-ca48-4495-a86d-4fa0cc0f151d");
+    }
 
     #[test]
     fn the_file_systems_seen_round_trip_and_are_bounded() {

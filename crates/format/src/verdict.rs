@@ -164,8 +164,8 @@ pub enum Refusal {
     /// A file system the saved system had mounted says it was mounted since
     /// ([`crate::header::FsSeen`]): resuming would undo what was written.
     FilesystemMounted {
-        /// Its PARTUUID (on-disk byte order).
-        partuuid: [u8; 16],
+        /// Which file system.
+        id: crate::header::FsId,
         /// Its mount count when saved, and now.
         mounts: (u32, u32),
         /// Its last mount time when saved, and now.
@@ -270,10 +270,9 @@ impl fmt::Display for Refusal {
                 write!(f, "ACPI NVS map differs: the image holds {saved_ranges} ranges, this machine has {here_ranges}")
             }
             Self::BeyondReach { reach } => write!(f, "memory above ksave's identity map ({} GiB)", reach >> 30),
-            Self::FilesystemMounted { partuuid, mounts, mounted_at } => write!(
+            Self::FilesystemMounted { id, mounts, mounted_at } => write!(
                 f,
-                "the file system {} (its PARTUUID, or its own UUID on a device-mapper volume) was mounted since the image was saved (mount count {} then, {} now; last mounted at {} then, {} now): its data moved on",
-                uguid::Guid::from_bytes(*partuuid),
+                "the file system with {id} was mounted since the image was saved (mount count {} then, {} now; last mounted at {} then, {} now): its data moved on",
                 mounts.0,
                 mounts.1,
                 mounted_at.0,

@@ -23,6 +23,10 @@ const ROOT_MIB: u64 = 1024;
 const KSAVE_FIRST_LBA: u64 = 2048 + ROOT_MIB * 2048;
 /// The swap partition's unique GUID, on the disk of Linux's own hibernation.
 const SWAP_GUID: &str = "5A5A0C0D-7E1F-4A2B-9C3D-4E5F60718293";
+/// The encrypted root's LUKS2 UUID, which its crypttab names.
+const LUKS_UUID: &str = "5eed0000-1111-4222-8333-444455556666";
+/// The encrypted root's mapping, as its crypttab and fstab name it.
+const CRYPT_ROOT: &str = "/dev/mapper/cryptroot";
 
 /// What writes the image when the Debian system hibernates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +58,29 @@ impl DebianDisk {
 
     /// [`DebianDisk::create`] with the root on `root_fs` ("ext4", "btrfs").
     fn create_on(name: &str, machine: &Machine, by: Hibernator, root_fs: &'static str) -> Result<Self> {
+        Self::make(name, machine, by, root_fs, None)
+    }
+
+    /// A disk with ksave's package whose root (ext4) lies on LUKS2, unlocked
+    /// by the initramfs (cryptroot, crypttab) with
+    /// [`super::encrypted::LUKS_PASSPHRASE`], and a plaintext /boot. The
+    /// host has no device-mapper: a VM of kernel A encrypts the root file
+    /// system mkdebiandisk.sh made (qemu/initramfs/scenarios/luks-root.sh).
+    fn create_encrypted(name: &str, machine: &Machine, echo: bool) -> Result<Self> {
+        let disk = Self::make(name, machine, Hibernator::Ksave, "ext4", Some(LUKS_UUID))?;
+        let plaintext = PathBuf::from(format!("{}.root-ext4", disk.path.display()));
+        let format = super::kernel_a(&format!("{name}-format"), &format!("luks-root ksave.phase=format ksave.luks_uuid={LUKS_UUID}"))?
+            .arg(disk.bus.qemu_args(&disk.path, None))
+            .arg(["-drive".to_string(), format!("file={},format=raw,if=virtio,readonly=on", plaintext.display())]);
+        let mut vm = Vm::start(VmConfig { echo, ..machine.apply(format)? })?;
+        vm.expect("ksave-test: root file system encrypted", 600 * SECOND)?;
+        vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        std::fs::remove_file(&plaintext)?;
+        Ok(Self { root_fs: "ext4 on LUKS2", ..disk })
+    }
+
+    fn make(name: &str, machine: &Machine, by: Hibernator, root_fs: &'static str, luks: Option<&str>) -> Result<Self> {
         let path = build_dir().join("disks").join(format!("{name}.img"));
         std::fs::create_dir_all(path.parent().unwrap())?;
         let (deb, swap) = match by {
@@ -70,11 +97,22 @@ impl DebianDisk {
             .args(swap)
             .env("KSAVE_STORE_TYPE", diskdrv::part::KSAVE_STORE_TYPE.to_string())
             .env("KSAVE_ROOT_FS", root_fs)
+            .env("KSAVE_ROOT_LUKS", luks.unwrap_or(""))
             .stdout(std::process::Stdio::null())
             .status()
             .context("running qemu/mkdebiandisk.sh")?;
         ensure!(status.success(), "qemu/mkdebiandisk.sh failed ({status})");
         Ok(Self { path, bus: machine.bus, root_fs })
+    }
+
+    /// The encrypted root's own check, in a VM that unlocks it: `e2fsck -fn`.
+    fn fsck_encrypted_root(&self, machine: &Machine, echo: bool) -> Result<()> {
+        let name = self.path.file_stem().unwrap().to_string_lossy().to_string();
+        let check = super::kernel_a(&format!("{name}-fsck"), "luks-root ksave.phase=check")?.arg(self.bus.qemu_args(&self.path, None));
+        let mut vm = Vm::start(VmConfig { echo, ..machine.apply(check)? })?;
+        vm.expect("ksave-test: root file system clean", 300 * SECOND)?;
+        vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)
     }
 
     /// The root file system's own check (a copy of partition 1): `e2fsck
@@ -123,10 +161,16 @@ fn boot_iso(name: &str, args: &str) -> Result<PathBuf> {
 
 /// [`boot_iso`] of the installed kernel `version`.
 fn boot_iso_of(name: &str, version: &str, args: &str) -> Result<PathBuf> {
+    boot_iso_rooted(name, ROOT_GUID, version, args)
+}
+
+/// [`boot_iso_of`] with the root `root`: a PARTUUID, or a device (the
+/// encrypted root's mapping, whose kernel lies on the plaintext /boot).
+fn boot_iso_rooted(name: &str, root: &str, version: &str, args: &str) -> Result<PathBuf> {
     let iso = build_dir().join(format!("{name}.iso"));
     let status = Command::new(repo_root().join("qemu/mkdebianiso.sh"))
         .arg(&iso)
-        .arg(ROOT_GUID)
+        .arg(root)
         .args(args.split_whitespace())
         .env("KSAVE_KERNEL_VERSION", version)
         .status()?;
@@ -282,6 +326,87 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
     shell.run("e2e remove", 600 * SECOND)?;
     shell.power_off()?;
     disk.fsck_root()?;
+    Ok(report)
+}
+
+/// Types the passphrase at cryptroot's prompt, where the initramfs asks
+/// for the encrypted root's.
+fn unlock(vm: &mut Vm, passphrase: &str) -> Result<()> {
+    vm.expect_prompt("Please unlock disk cryptroot", 300 * SECOND).context("cryptroot's prompt")?;
+    vm.send(&format!("{passphrase}\n"))
+}
+
+/// The Debian story on an encrypted machine (issue 22): the root file
+/// system on LUKS2, unlocked by the initramfs at cryptroot's prompt, where
+/// the harness types. ksave refuses a plaintext store there and takes a
+/// file on the root; `systemctl hibernate` writes a sealed image, and the
+/// disk holds none of the test's memory in plaintext. Three wrong
+/// passphrases: cryptroot gives up, ksave (local-premount, next in the
+/// initramfs's order) refuses the sealed image and invalidates it; the
+/// initramfs asks again, the right passphrase boots normally, and the key
+/// block is destroyed then (local-bottom): nothing resumed, then or later.
+/// Then `systemctl hibernate`, the right passphrase, resumed, twice, the
+/// key block gone each time; the package goes; the root is clean.
+pub fn debian_encrypted_root(echo: bool) -> Result<Report> {
+    use super::encrypted::LUKS_PASSPHRASE;
+    let machine = Machine::qemu64(Kernel::Linux6_12);
+    let name = "debian-luks";
+    let mut report = Report::new("Debian with its root on LUKS2: systemctl hibernate into a sealed image file, resumed by the initramfs after cryptroot's unlock, twice");
+    let made = Instant::now();
+    let disk = DebianDisk::create_encrypted(name, &machine, echo)?;
+    report.add_ms("making the disk (root encrypted in a VM)", made.elapsed());
+    let iso = boot_iso_rooted(name, CRYPT_ROOT, "6.12-ksave", "")?;
+    let mut vm = power_on(name, &machine, &disk, &iso, false, echo)?;
+    unlock(&mut vm, LUKS_PASSPHRASE)?;
+    let mut shell = Shell::attach(vm, true, 600 * SECOND)?;
+    report.add_ms("power-on to a root shell (first boot, unlocked)", shell.vm.elapsed());
+    shell.run("e2e plaintext-refused", 120 * SECOND)?;
+    shell.run("e2e setup-file", 600 * SECOND)?;
+    shell.run("e2e sealed", 60 * SECOND)?;
+    shell.run("e2e start", 120 * SECOND)?;
+
+    // Wrong passphrases: nothing resumed, then or later.
+    shell.hibernate(Hibernator::Ksave, &mut report)?;
+    // memtest holds 64 MiB of seeded pages (qemu/debian/e2e start).
+    let plaintext = super::encrypted::memtest_pages_on(&disk.path, 64 << 8)?;
+    ensure!(plaintext == 0, "{plaintext} of memtest's pages lie on the disk in plaintext");
+    let mut vm = power_on(&format!("{name}-wrong"), &machine, &disk, &iso, false, echo)?;
+    for _ in 0..3 {
+        unlock(&mut vm, "not-the-passphrase")?;
+        vm.expect("cryptsetup failed, bad password", 120 * SECOND)?;
+    }
+    vm.expect("maximum number of tries exceeded", 60 * SECOND)?;
+    vm.expect_refusal(code::SEALED, 120 * SECOND).context("the boot whose unlock failed")?;
+    let invalidated = vm.expect("-> invalidated", 60 * SECOND)?;
+    ensure!(invalidated.text.contains("image complete"), "not the complete image invalidated: {:?}", invalidated.text);
+    unlock(&mut vm, LUKS_PASSPHRASE)?;
+    vm.expect("ksave: the key block is destroyed", 300 * SECOND).context("the unlocked boot's local-bottom")?;
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.vm.refute_seen("ksave: resuming the image")?;
+    report.add_ms("three wrong passphrases, then the right one: power-on to a shell of the normal boot", shell.vm.elapsed());
+    shell.run("e2e sealed", 60 * SECOND)?;
+    shell.run("e2e start", 120 * SECOND)?;
+
+    for round in 1..=2 {
+        shell.run(&format!("e2e mark before-{round}"), 30 * SECOND)?;
+        let away = Instant::now();
+        let took = shell.hibernate(Hibernator::Ksave, &mut report)?;
+        report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
+        let mut vm = power_on(&format!("{name}-{round}"), &machine, &disk, &iso, false, echo)?;
+        unlock(&mut vm, LUKS_PASSPHRASE)?;
+        vm.expect("ksave: resuming the image", 300 * SECOND)?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
+        shell = Shell::attach(vm, false, 120 * SECOND)?;
+        report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel (passphrase typed)"), jump.at);
+        shell.check(away)?;
+        shell.run("e2e extents", 60 * SECOND)?;
+        shell.run("e2e sealed", 60 * SECOND)?;
+        shell.run("e2e recorded-root", 60 * SECOND)?;
+        shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
+    }
+    shell.run("e2e remove", 600 * SECOND)?;
+    shell.power_off()?;
+    disk.fsck_encrypted_root(&machine, echo)?;
     Ok(report)
 }
 

@@ -20,6 +20,9 @@ use crate::{Vm, VmConfig, build_input};
 /// memtest's seed in the scenarios (qemu/initramfs/lib/test.sh).
 const MEMTEST_SEED: u64 = 42;
 
+/// The test volumes' passphrase, as qemu/initramfs/lib/test.sh has it.
+pub const LUKS_PASSPHRASE: &str = "ksave-test-passphrase";
+
 /// How many of `disk`'s sectors begin with the first 64 bytes of one of
 /// memtest's first `pages` pages: a page of the test's memory in
 /// plaintext, wherever it lies (an image writes pages on sector

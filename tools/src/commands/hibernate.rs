@@ -82,8 +82,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.describe());
     println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
     for fs in loaded.config.filesystems() {
-        let by = if fs.kind == ksave_format::header::FS_EXT4_BY_UUID { "UUID" } else { "PARTUUID" };
-        println!("ksave: recorded: ext4 {by} {} mounted {} times, last at {}: a resume after it was mounted again is refused", diskdrv::part::Guid::from_bytes(fs.partuuid), fs.mounts, fs.mounted_at);
+        println!("ksave: recorded: ext4 {} mounted {} times, last at {}: a resume after it was mounted again is refused", fs.id(), fs.mounts, fs.mounted_at);
     }
     for what in ksave_tools::fs::seen().1 {
         println!("ksave: note: {what} is not recorded (no mount count to prove a mount by): only the initramfs keeps a boot from mounting it under the image");

@@ -55,7 +55,7 @@ pub fn print_header(h: &Header) {
             None => println!("ACPI hw sig  not known when saved"),
         }
         for fs in h.filesystems() {
-            println!("file system  ext4 PARTUUID {}: {} mounts, last at {} (mounted since: refused)", diskdrv::part::Guid::from_bytes(fs.partuuid), fs.mounts, fs.mounted_at);
+            println!("file system  ext4 {}: {} mounts, last at {} (mounted since: refused)", fs.id(), fs.mounts, fs.mounted_at);
         }
     }
 }
