@@ -155,6 +155,7 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
     let Buffers { header: chunk_header, lz4_in, lz4_out, mut seal } = bufs;
     let cipher = seal.as_ref().map(|(cipher, _)| *cipher);
     let saved_pages = saved.pages;
+    let ram = &saved.ram;
     let saved = &saved.ranges;
     // The header's CRC holds, but its length may still be anything.
     let end = DATA_OFFSET.checked_add(header.data_bytes).ok_or(ReadError::Totals("data length"))?;
@@ -191,7 +192,7 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                     o.open(&mut []).map_err(bad)?;
                 }
                 for (first, pages) in decoded.runs() {
-                    order.free_run(first, pages, saved, header).map_err(bad)?;
+                    order.free_run(first, pages, ram, header).map_err(bad)?;
                     visitor.free_run(first, pages);
                 }
             }
@@ -246,6 +247,8 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
 /// are read).
 pub struct Saved {
     ranges: heapless_ranges::Ranges,
+    /// The saved RAM alone: free runs lie there, never in ACPI NVS.
+    ram: heapless_ranges::Ranges,
     /// Pages in the saved RAM and NVS outside ksave's own range: stored,
     /// zero and free together.
     pages: u64,
@@ -259,7 +262,7 @@ impl Saved {
         let page = PAGE as u64;
         let (own_from, own_to) = (header.image.start.div_ceil(page), header.image.end.div_ceil(page));
         let outside = |p: core::ops::Range<u64>| (p.end - p.start) - p.end.min(own_to).saturating_sub(p.start.max(own_from));
-        Self { ranges: meta.saved_ranges().collect(), pages: meta.saved_ranges().map(|r| outside(r.pages())).sum() }
+        Self { ranges: meta.saved_ranges().collect(), ram: meta.ram_ranges().collect(), pages: meta.saved_ranges().map(|r| outside(r.pages())).sum() }
     }
 }
 
@@ -290,12 +293,13 @@ impl Order {
         Ok(pfn)
     }
 
-    /// A free run must be whole pages of one saved range, outside ksave's
-    /// own range, above the run before.
-    fn free_run(&mut self, first: u64, pages: u64, saved: &heapless_ranges::Ranges, header: &Header) -> Result<(), &'static str> {
+    /// A free run must be whole pages of one saved RAM range (the kernel
+    /// frees no firmware memory), outside ksave's own range, above the run
+    /// before.
+    fn free_run(&mut self, first: u64, pages: u64, ram: &heapless_ranges::Ranges, header: &Header) -> Result<(), &'static str> {
         let start = first.checked_mul(PAGE as u64).ok_or("free run address")?;
         let end = pages.checked_mul(PAGE as u64).and_then(|len| start.checked_add(len)).ok_or("free run address")?;
-        if pages == 0 || !saved.contains_range(start, end) || (start < header.image.end && header.image.start < end) {
+        if pages == 0 || !ram.contains_range(start, end) || (start < header.image.end && header.image.start < end) {
             return Err("free run outside the saved RAM");
         }
         if first < self.free_from {
@@ -445,5 +449,26 @@ mod heapless_ranges {
             }
             s
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Range;
+    use crate::header::State;
+
+    #[test]
+    fn a_free_run_lies_in_saved_ram_only() {
+        let ram: heapless_ranges::Ranges = [Range { start: 0, end: 0x10_0000 }].into_iter().collect();
+        let header = Header { image: Range { start: 0x4_0000, end: 0x5_0000 }, ..Header::new(State::Complete, 1) };
+        assert!(Order::default().free_run(0x10, 0x10, &ram, &header).is_ok());
+        // ACPI NVS is saved memory, but firmware's: never the kernel's free pages.
+        assert_eq!(Order::default().free_run(0x100, 1, &ram, &header), Err("free run outside the saved RAM"));
+        assert!(Order::default().free_run(0xff, 2, &ram, &header).is_err(), "a run across RAM's end");
+        assert!(Order::default().free_run(0x3f, 2, &ram, &header).is_err(), "a run into ksave's own range");
+        let mut order = Order::default();
+        order.free_run(0x20, 4, &ram, &header).unwrap();
+        assert!(order.free_run(0x22, 1, &ram, &header).is_err(), "a run overlapping the one before");
     }
 }

@@ -649,6 +649,31 @@ fn chunk_tables() {
     });
 }
 
+/// A free run moved into ACPI NVS, every checksum and count made good:
+/// refused, though NVS is saved memory (firmware's, never free pages the
+/// kernel could list; ksave would zero it).
+#[test]
+fn a_free_run_in_acpi_nvs_is_refused() {
+    for seed in seeds() {
+        let mut image = seed.image.clone();
+        let chunks = &seed.walk.loaded.chunks;
+        let c = chunks.iter().find(|c| c.encoding == Encoding::Free).unwrap();
+        let table = c.offset as usize + 40;
+        assert_eq!((u64_at(&image, table), u64_at(&image, table + 8)), (0x8, 4), "the seed's first free run");
+        let nvs_pages = (SMALL_NVS[0].end - SMALL_NVS[0].start) / 4096;
+        image[table..table + 8].copy_from_slice(&(SMALL_NVS[0].start / 4096).to_le_bytes());
+        image[table + 8..table + 16].copy_from_slice(&nvs_pages.to_le_bytes());
+        // The pages no longer listed free count as zero pages.
+        let mut h = header_of(&image);
+        h.pages_free -= 4 - nvs_pages;
+        h.pages_zero += 4 - nvs_pages;
+        h.encode((&mut image[..PAGE]).try_into().unwrap());
+        seal_chunk(&mut image, chunks, c);
+        let Err(e) = walk(&image) else { panic!("a free run in ACPI NVS was accepted") };
+        assert!(format!("{e:?}").contains("free run outside the saved RAM"), "{e:?}");
+    }
+}
+
 /// Damage anywhere in an image, the image cut short or extended, nothing
 /// re-sealed: refused, or exactly the original pages.
 #[test]
