@@ -44,6 +44,11 @@ pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap, iommus: &[Rema
         (_, Mode::Dma) => "IDE DMA",
         (_, Mode::Pio) => "IDE PIO",
     };
+    if let Err(why) = spare_store_of_ksaves(&mut part) {
+        println!("ksave: disk test: FAILED: refused to write partition {guid}: {why}");
+        part.close();
+        return ExitCode::Failure;
+    }
     let p = part.partition;
     println!(
         "ksave: disk test: {} ({mode}, {}-byte blocks), partition LBA {}-{} ({} MiB, {:?})",
@@ -68,6 +73,23 @@ pub fn run(job: Job, guid: Guid, ide_mode: Mode, map: &MemoryMap, iommus: &[Rema
             ExitCode::Failure
         }
     }
+}
+
+/// The disk tests overwrite the whole partition: only one of ksave's own
+/// type, and not while it holds an image still to be resumed.
+fn spare_store_of_ksaves(part: &mut disks::OpenPartition) -> Result<(), &'static str> {
+    use ksave_format::header::{Header, State};
+    use ksave_format::reader::Source as _;
+    if part.partition.type_guid != diskdrv::part::KSAVE_STORE_TYPE {
+        return Err("its type is not ksave's store type (173DB3CF-DE7F-42FC-B307-BAA2FE510158), so it may hold anything");
+    }
+    // Into a buffer that can take DMA (page aligned, in ksave's image).
+    let page = &mut crate::work::take().block;
+    part.store().read_at(0, page).map_err(|_| "its first page could not be read")?;
+    if Header::decode(page).is_ok_and(|h| h.state == State::Complete) {
+        return Err("it holds a complete image, not resumed yet");
+    }
+    Ok(())
 }
 
 /// A free RAM range of `bytes` for data buffers: a bootloader start leaves

@@ -34,6 +34,9 @@ pub struct Partition {
     /// The disk's GUID from its GPT header (zero for an MBR partition):
     /// the disk's identity in a store's claim.
     pub disk: Guid,
+    /// Its GPT partition type ([`KSAVE_STORE_TYPE`] for ksave's store);
+    /// zero for an MBR partition.
+    pub type_guid: Guid,
 }
 
 impl Partition {
@@ -235,13 +238,16 @@ pub fn find_gpt_partition(
     }
 }
 
+/// An entry found: its first and last LBA and its type.
+type FoundEntry = (u64, u64, Guid);
+
 /// The partition an entry describes, if it lies in the header's usable
 /// range and on the disk (whose last block is `disk_last`: a GPT copied
 /// from a larger disk describes blocks this one does not have).
-fn found_in(found: Option<(u64, u64)>, header: &GptHeader, source: Source, disk_last: u64) -> Result<Partition, PartError> {
+fn found_in(found: Option<FoundEntry>, header: &GptHeader, source: Source, disk_last: u64) -> Result<Partition, PartError> {
     match found {
-        Some((first, last)) if first >= header.usable.0 && last <= header.usable.1 && first <= last && last <= disk_last => {
-            Ok(Partition { first_lba: first, last_lba: last, source, disk: header.disk_guid })
+        Some((first, last, type_guid)) if first >= header.usable.0 && last <= header.usable.1 && first <= last && last <= disk_last => {
+            Ok(Partition { first_lba: first, last_lba: last, source, disk: header.disk_guid, type_guid })
         }
         _ => Err(PartError::NotFound),
     }
@@ -256,7 +262,7 @@ fn search_entries(
     header: &GptHeader,
     guid: Guid,
     buf: &mut [u8],
-) -> Result<Option<Option<(u64, u64)>>, PartError> {
+) -> Result<Option<Option<FoundEntry>>, PartError> {
     let total = header.entry_count as u64 * header.entry_size as u64;
     let block = buf.len() as u64;
     let mut digest = CRC32.digest();
@@ -273,7 +279,7 @@ fn search_entries(
             if let (true, None, Some(e)) = (starts_entry, found, parse_entry(&buf[at..at + 128]))
                 && e.unique == guid
             {
-                found = Some((e.first_lba, e.last_lba));
+                found = Some((e.first_lba, e.last_lba, e.type_guid));
             }
         }
         offset += block;
@@ -300,7 +306,7 @@ pub fn parse_mbr(sector: &[u8; 512], index: usize, disk_sectors: u64) -> Option<
     if kind == 0 || kind == 0xEE || count == 0 || first + count > disk_sectors {
         return None; // empty, or the GPT protective entry
     }
-    Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr, disk: Guid::ZERO })
+    Some(Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr, disk: Guid::ZERO, type_guid: Guid::ZERO })
 }
 
 /// Entries a GPT made by [`build_gpt`] has, of 128 bytes each.
@@ -394,7 +400,7 @@ mod tests {
         s[446 + 16 + 4] = 0x83;
         s[446 + 16 + 8..446 + 16 + 12].copy_from_slice(&2048u32.to_le_bytes());
         s[446 + 16 + 12..446 + 16 + 16].copy_from_slice(&4096u32.to_le_bytes());
-        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr, disk: Guid::ZERO }));
+        assert_eq!(parse_mbr(&s, 1, 100_000), Some(Partition { first_lba: 2048, last_lba: 6143, source: Source::Mbr, disk: Guid::ZERO, type_guid: Guid::ZERO }));
         assert_eq!(parse_mbr(&s, 0, 100_000), None);
         assert_eq!(parse_mbr(&s, 1, 5000), None, "entry past the end of the disk");
         s[510] = 0;

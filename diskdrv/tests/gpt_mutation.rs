@@ -383,7 +383,7 @@ fn gpt_parsers() {
         let e = 446 + 16 * index.min(3);
         let (kind, first, count) = (mbr[e + 4], le(mbr, e + 8, 4), le(mbr, e + 12, 4));
         let valid = index < 4 && mbr[510..] == [0x55, 0xaa] && kind != 0 && kind != 0xee && count > 0 && first + count <= blocks;
-        let expect = valid.then(|| Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr, disk: Guid::ZERO });
+        let expect = valid.then(|| Partition { first_lba: first, last_lba: first + count - 1, source: Source::Mbr, disk: Guid::ZERO, type_guid: Guid::ZERO });
         assert_eq!(parse_mbr(mbr, index, blocks), expect, "case {case}: MBR entry {index}");
     }
     println!("gpt_parsers: {CASES} cases in {:.2?}", start.elapsed());

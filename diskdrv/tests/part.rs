@@ -11,6 +11,8 @@ use diskdrv::part::{Guid, PartError, Partition, Source, find_gpt_partition, find
 const CRC32: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 const SECTORS: u64 = 65536;
 const WANTED: &str = "9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B";
+/// The Linux file system data partition type.
+const LINUX_DATA: Guid = Guid::parse_or_panic("0FC63DAF-8483-4772-8E79-3D69D8477DE4");
 const OTHER: &str = "11111111-2222-3333-4444-555555555555";
 
 /// Writes a GPT (as sgdisk would: 128 entries of 128 bytes, primary at
@@ -22,7 +24,9 @@ fn write_gpt(disk: &fakes::Disk, parts: &[(&str, u64, u64)]) {
     let mut entries = vec![0u8; 128 * 128];
     for (i, (guid, first, last)) in parts.iter().enumerate() {
         let e = &mut entries[128 * i..128 * (i + 1)];
-        e[0..16].copy_from_slice(&Guid::try_parse("0FC63DAF-8483-4772-8E79-3D69D8477DE4").unwrap().to_bytes());
+        // The wanted partition is ksave's store, the other one Linux data.
+        let type_guid = if *guid == WANTED { diskdrv::part::KSAVE_STORE_TYPE } else { LINUX_DATA };
+        e[0..16].copy_from_slice(&type_guid.to_bytes());
         e[16..32].copy_from_slice(&Guid::try_parse(guid).unwrap().to_bytes());
         e[32..40].copy_from_slice(&first.to_le_bytes());
         e[40..48].copy_from_slice(&last.to_le_bytes());
@@ -81,8 +85,9 @@ fn disk_with_two_partitions() -> fakes::Disk {
 fn finds_a_partition_by_unique_guid() {
     let disk = disk_with_two_partitions();
     let p = lookup(&disk, WANTED).unwrap();
-    assert_eq!(p, Partition { first_lba: 4096, last_lba: 40959, source: Source::GptPrimary, disk: DISK });
+    assert_eq!(p, Partition { first_lba: 4096, last_lba: 40959, source: Source::GptPrimary, disk: DISK, type_guid: diskdrv::part::KSAVE_STORE_TYPE });
     assert_eq!(p.blocks(), 36864);
+    assert_eq!(lookup(&disk, OTHER).unwrap().type_guid, LINUX_DATA);
     assert_eq!(lookup(&disk, "DEADBEEF-0000-0000-0000-000000000000"), Err(PartError::NotFound));
 }
 
@@ -136,6 +141,6 @@ fn mbr_fallback_by_index() {
     let mut d = unsafe { AhciDisk::open(hal.clone(), Machine::ABAR, 0, &mut mem) }.unwrap();
     let buf = low([0u8; 4096]);
     let p = find_mbr_partition(&mut d, &hal, 0, buf).unwrap();
-    assert_eq!(p, Partition { first_lba: 2048, last_lba: 10239, source: Source::Mbr, disk: Guid::ZERO });
+    assert_eq!(p, Partition { first_lba: 2048, last_lba: 10239, source: Source::Mbr, disk: Guid::ZERO, type_guid: Guid::ZERO });
     assert_eq!(find_mbr_partition(&mut d, &hal, 1, buf), Err(PartError::NoMbrPartition));
 }

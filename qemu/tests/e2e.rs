@@ -44,6 +44,13 @@ fn cpu_exception_is_reported_not_a_triple_fault() {
     run(scenarios::exception_report);
 }
 
+/// The disk self-test overwrites a partition only when it is provably a
+/// spare store of ksave's: of ksave's type, and holding no complete image.
+#[test]
+fn the_disk_self_test_never_writes_a_partition_not_a_spare_store() {
+    run(scenarios::disk_test_refuses_what_is_not_a_spare_store);
+}
+
 #[test]
 fn disk_self_test_on_ahci() {
     run(|echo| scenarios::disk_self_test(Bus::Ahci, "dma", echo));

@@ -55,3 +55,42 @@ pub fn disk_error(bus: Bus, iotype: &str, echo: bool) -> Result<Report> {
     report.add_ms("QEMU start to the error report", failed.at);
     Ok(report)
 }
+
+/// The disk self-test overwrites its whole partition, so it refuses one
+/// that is not provably a spare store of ksave's: a partition of another
+/// type (retyped Linux data), and ksave's own while it holds a complete
+/// image still to be resumed. Not a byte of the disk changes.
+pub fn disk_test_refuses_what_is_not_a_spare_store(echo: bool) -> Result<Report> {
+    use ksave_format::header::{Header, State};
+    use std::process::Command;
+    let mut report = Report::new("the disk self-test refuses a partition not ksave's, and ksave's holding an image");
+    let name = "disk-selftest-refusals";
+    let disk = TestDisk::create(name, 64, 8)?;
+    let retype = |code: &str| -> Result<()> {
+        let out = Command::new("sgdisk").arg(format!("--typecode=1:{code}")).arg(&disk.path).output()?;
+        ensure!(out.status.success(), "sgdisk --typecode: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let mut selftest_refuses = |case: &str, why: &str| -> Result<()> {
+        let before = std::fs::read(&disk.path)?;
+        let append = format!("ksave.selftest=disk ksave.part={PART_GUID}");
+        let mut vm = ksave_with_disk(&format!("{name}-{case}"), &append, &disk, Bus::Ahci, None, echo)?;
+        let refused = vm.expect("disk test: FAILED: refused to write partition", 60 * SECOND)?;
+        ensure!(refused.text.contains(why), "refused, but not because {why}: {}", refused.text);
+        vm.expect_exit(35, 10 * SECOND)?;
+        ensure!(std::fs::read(&disk.path)? == before, "the disk changed");
+        report.add_ms(format!("{case}: QEMU start to the refusal"), refused.at);
+        Ok(())
+    };
+    retype("0FC63DAF-8483-4772-8E79-3D69D8477DE4")?;
+    selftest_refuses("linux-data", "its type is not ksave's store type")?;
+    retype(&diskdrv::part::KSAVE_STORE_TYPE.to_string())?;
+    {
+        use std::os::unix::fs::FileExt;
+        let mut page = [0u8; ksave_format::PAGE];
+        Header::new(State::Complete, 0x5eed).encode(&mut page);
+        std::fs::OpenOptions::new().write(true).open(&disk.path)?.write_all_at(&page, PART_FIRST_LBA * 512)?;
+    }
+    selftest_refuses("complete-image", "it holds a complete image")?;
+    Ok(report)
+}
