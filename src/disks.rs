@@ -456,6 +456,18 @@ impl OpenPartition {
     }
 
 
+    /// The 1024 bytes at byte 1024 of the partition `guid` on this disk,
+    /// where an ext superblock lies, read through `buf` (DMA memory);
+    /// `None` if this disk has no such partition or it cannot be read.
+    pub fn ext_superblock<'b>(&mut self, guid: Guid, buf: &'b mut [u8; PAGE]) -> Option<&'b [u8; 1024]> {
+        let block_size = self.block_size();
+        let found = part::find_gpt_partition(&mut self.disk, &KsaveHal, guid, buf).ok()?;
+        let whole = [Extent { lba: found.first_lba, blocks: found.blocks() }];
+        let mut partition = DiskStore::new(&mut self.disk, KsaveHal, StoreMap::new(block_size, &whole).ok()?);
+        partition.read_at(0, buf).ok()?;
+        buf[1024..2048].try_into().ok()
+    }
+
     /// How many IOMMUs were translating until ksave switched them off.
     pub fn iommus_switched(&self) -> usize {
         self.iommu.switched()

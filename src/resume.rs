@@ -18,7 +18,9 @@ use bootinfo::memmap::{MemoryMap, Region, RegionKind};
 use diskdrv::ide::Mode;
 use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
-use ksave_format::Range;
+use diskdrv::part::Guid;
+use ksave_format::header::{FS_EXT4, State};
+use ksave_format::{PAGE, Range, reader};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::seal::Seal;
 use ksave_format::verdict::Refusal;
@@ -51,7 +53,29 @@ pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], f
     // the maps differ, which refuses.
     let ram = page_aligned(map.ram(), &mut ram);
     let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
-    run(at, Memory { ram, nvs }, iommus, false, facs_now, None)
+    run(at, Memory { ram, nvs }, iommus, false, true, facs_now, None)
+}
+
+/// Refuses the image if a file system it saw says it was mounted since,
+/// or cannot be found and read: ksave reads their ext superblocks on the
+/// store's disk, the one it has open (kind [`FS_EXT4`], by PARTUUID; one
+/// recorded by its own UUID lies on a device-mapper volume, which only
+/// Linux assembles). An image that is not complete or not readable is left
+/// to the verdict, which says why.
+fn filesystems_unchanged(part: &mut disks::OpenPartition, block: &mut [u8; PAGE], buf: &mut [u8; PAGE]) -> Result<(), Refused> {
+    let Ok(header) = reader::read_header(&mut part.store(), block) else { return Ok(()) };
+    if header.state != State::Complete {
+        return Ok(());
+    }
+    for fs in header.filesystems() {
+        let superblock = if fs.kind == FS_EXT4 { part.ext_superblock(Guid::from_bytes(fs.partuuid), buf) } else { None };
+        match superblock.map(|sb| fs.mounted_since(sb)) {
+            Some(None) => {}
+            Some(Some(mounted)) => return Err(Refused::new(mounted)),
+            None => return Err(Refused::new(Refusal::FilesystemUnchecked(fs.id()))),
+        }
+    }
+    Ok(())
 }
 
 /// The whole pages of `regions`, in `out`.
@@ -91,7 +115,8 @@ pub fn from_kexec() -> ! {
         Ok(config) => {
             let facs_now = config.facs_signature.ok_or_else(|| Message::format(format_args!("the host could not read /sys/firmware/acpi/tables/FACS")));
             let here = Memory { ram: config.ram(), nvs: config.nvs() };
-            report(&run(crate::save::store_at(&config), here, config.iommus(), true, facs_now, config::seal()));
+            // The host tool compared the file systems with every device Linux sees.
+            report(&run(crate::save::store_at(&config), here, config.iommus(), true, false, facs_now, config::seal()));
         }
         Err(e) => println!("ksave: not resuming: {e}"),
     }
@@ -105,7 +130,9 @@ pub fn from_kexec() -> ! {
 /// again.
 /// `seal`: the image's cipher, from the key `ksave resume` read on the
 /// unlocked volume (an encrypted store's image is resumed only with it).
-fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, facs_now: Result<u32, Message>, seal: Option<&Seal>) -> Refused {
+/// `check_filesystems`: no host tool has compared the file systems the
+/// image saw with what they say now (a bootloader start): ksave does.
+fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, check_filesystems: bool, facs_now: Result<u32, Message>, seal: Option<&Seal>) -> Refused {
     // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
     // refused below, before anything is written.
     if let Some(end) = here.ranges().map(|r| r.end).max()
@@ -126,6 +153,10 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         return Refused::new(Refusal::Sealed("the image file lies on an encrypted volume: the initramfs resumes it once the volume is unlocked"));
     }
     let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work::take();
+    if check_filesystems && let Err(refused) = filesystems_unchanged(&mut part, block, raw_header) {
+        part.close();
+        return refused;
+    }
     let (own_start, own_end) = image_range();
     let machine = Machine {
         ram: here.ram,

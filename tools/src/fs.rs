@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ksave_format::header::{FS_EXT4, FS_EXT4_BY_UUID, FsSeen, MAX_FILESYSTEMS};
+use ksave_format::header::{FS_EXT4, FS_EXT4_BY_UUID, FsSeen, MAX_FILESYSTEMS, ext_mount_counters};
 use ksave_format::verdict::Refusal;
 
 use crate::sys;
@@ -29,25 +29,17 @@ use crate::sys;
 pub fn ext4_mounts(device: &Path) -> Option<(u32, u64)> {
     let mut sb = [0u8; 1024];
     File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
-    parse_ext4(&sb)
+    ext_mount_counters(&sb)
 }
 
 /// The ext2/3/4 superblock's UUID (`s_uuid`, at 0x68), read from `device`.
 fn ext4_uuid(device: &Path) -> Option<[u8; 16]> {
     let mut sb = [0u8; 1024];
     File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
-    parse_ext4(&sb)?;
+    ext_mount_counters(&sb)?;
     sb[0x68..0x78].try_into().ok()
 }
 
-/// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock.
-fn parse_ext4(sb: &[u8; 1024]) -> Option<(u32, u64)> {
-    (u16::from_le_bytes([sb[0x38], sb[0x39]]) == 0xEF53).then(|| {
-        let mounts = u16::from_le_bytes([sb[0x34], sb[0x35]]) as u32;
-        let mtime = u32::from_le_bytes(sb[0x2C..0x30].try_into().unwrap()) as u64;
-        (mounts, mtime)
-    })
-}
 
 /// The mounted ext2/3/4 file systems on GPT partitions, as their
 /// superblocks are now; and the local file systems not recorded (another
@@ -115,16 +107,12 @@ pub fn mounted_since(recorded: &[FsSeen]) -> Option<Refusal> {
     recorded.iter().find_map(|fs| match fs.kind {
         FS_EXT4 => {
             let part = sys::partition_by_guid(diskdrv::part::Guid::from_bytes(fs.partuuid)).ok()?;
-            let (mounts, mounted_at) = ext4_mounts(&part.device)?;
-            changed(fs, mounts, mounted_at)
+            fs.mounted_since(&superblock(&part.device)?)
         }
         // Every block device whose ext superblock carries that UUID (an
         // unlocked dm-crypt volume, an LVM volume; a snapshot of it too: any
         // that says it was mounted since refuses).
-        FS_EXT4_BY_UUID => block_devices().into_iter().filter(|d| ext4_uuid(d) == Some(fs.partuuid)).find_map(|d| {
-            let (mounts, mounted_at) = ext4_mounts(&d)?;
-            changed(fs, mounts, mounted_at)
-        }),
+        FS_EXT4_BY_UUID => block_devices().into_iter().filter(|d| ext4_uuid(d) == Some(fs.partuuid)).find_map(|d| fs.mounted_since(&superblock(&d)?)),
         _ => None,
     })
 }
@@ -134,39 +122,16 @@ fn block_devices() -> Vec<PathBuf> {
     std::fs::read_dir("/sys/class/block").map(|d| d.flatten().map(|e| Path::new("/dev").join(e.file_name())).collect()).unwrap_or_default()
 }
 
-/// The refusal if an ext superblock now says `mounts`, `mounted_at`, not
-/// what `fs` recorded.
-fn changed(fs: &FsSeen, mounts: u32, mounted_at: u64) -> Option<Refusal> {
-    (mounts != fs.mounts || mounted_at != fs.mounted_at).then_some(Refusal::FilesystemMounted {
-        id: fs.id(),
-        mounts: (fs.mounts, mounts),
-        mounted_at: (fs.mounted_at, mounted_at),
-    })
+/// The 1024 bytes at byte 1024 of `device`: where an ext superblock lies.
+fn superblock(device: &Path) -> Option<[u8; 1024]> {
+    let mut sb = [0u8; 1024];
+    File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
+    Some(sb)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ext4_superblock_says_its_mounts() {
-        let mut sb = [0u8; 1024];
-        assert_eq!(parse_ext4(&sb), None);
-        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
-        sb[0x34..0x36].copy_from_slice(&7u16.to_le_bytes());
-        sb[0x2C..0x30].copy_from_slice(&1_700_000_000u32.to_le_bytes());
-        assert_eq!(parse_ext4(&sb), Some((7, 1_700_000_000)));
-    }
-
-    #[test]
-    fn a_mount_since_is_a_refusal_and_nothing_else_is() {
-        let fs = FsSeen { partuuid: [1; 16], kind: FS_EXT4, mounts: 7, mounted_at: 100 };
-        assert_eq!(changed(&fs, 7, 100), None);
-        assert_eq!(changed(&fs, 8, 200).map(|r| r.code()), Some(ksave_format::verdict::code::FILESYSTEM_MOUNTED));
-        // A mount count wrapped or reset by e2fsck, the same time: changed.
-        assert!(changed(&fs, 0, 100).is_some());
-        assert!(changed(&fs, 7, 101).is_some());
-    }
 
     #[test]
     fn mountinfo_lines_are_read() {

@@ -56,6 +56,31 @@ impl FsSeen {
     pub fn id(&self) -> FsId {
         FsId { kind: self.kind, bytes: self.partuuid }
     }
+
+    /// The refusal if its ext superblock (the 1024 bytes at byte 1024 of
+    /// its device) now says it was mounted since: another mount count or
+    /// last mount time, or no ext superblock at all.
+    pub fn mounted_since(&self, superblock: &[u8; 1024]) -> Option<crate::verdict::Refusal> {
+        let (mounts, mounted_at) = ext_mount_counters(superblock).unwrap_or((u32::MAX, u64::MAX));
+        (mounts != self.mounts || mounted_at != self.mounted_at).then_some(crate::verdict::Refusal::FilesystemMounted {
+            id: self.id(),
+            mounts: (self.mounts, mounts),
+            mounted_at: (self.mounted_at, mounted_at),
+        })
+    }
+}
+
+/// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock (the 1024 bytes at
+/// byte 1024 of its device: `s_mtime` at 0x2C, `s_mnt_count` at 0x34, the
+/// magic 0xEF53 at 0x38; fs/ext4/super.c `ext4_setup_super` moves both at
+/// every read-write mount); `None` without the magic.
+pub fn ext_mount_counters(superblock: &[u8; 1024]) -> Option<(u32, u64)> {
+    let sb = superblock;
+    (u16::from_le_bytes([sb[0x38], sb[0x39]]) == 0xEF53).then(|| {
+        let mounts = u16::from_le_bytes([sb[0x34], sb[0x35]]) as u32;
+        let mtime = u32::from_le_bytes([sb[0x2C], sb[0x2D], sb[0x2E], sb[0x2F]]) as u64;
+        (mounts, mtime)
+    })
 }
 
 /// A recorded file system's name: `PARTUUID x` (a GPT GUID, its first
@@ -695,6 +720,32 @@ mod tests {
     use super::*;
     extern crate std;
     use std::string::ToString;
+
+    fn ext_superblock(mounts: u16, mtime: u32) -> [u8; 1024] {
+        let mut sb = [0u8; 1024];
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x34..0x36].copy_from_slice(&mounts.to_le_bytes());
+        sb[0x2C..0x30].copy_from_slice(&mtime.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn an_ext4_superblock_says_its_mounts() {
+        assert_eq!(ext_mount_counters(&[0u8; 1024]), None);
+        assert_eq!(ext_mount_counters(&ext_superblock(7, 1_700_000_000)), Some((7, 1_700_000_000)));
+    }
+
+    #[test]
+    fn a_mount_since_is_a_refusal_and_nothing_else_is() {
+        let fs = FsSeen { partuuid: [1; 16], kind: FS_EXT4, mounts: 7, mounted_at: 100 };
+        assert_eq!(fs.mounted_since(&ext_superblock(7, 100)), None);
+        assert_eq!(fs.mounted_since(&ext_superblock(8, 200)).map(|r| r.code()), Some(crate::verdict::code::FILESYSTEM_MOUNTED));
+        // A mount count wrapped or reset by e2fsck, the same time: changed.
+        assert!(fs.mounted_since(&ext_superblock(0, 100)).is_some());
+        assert!(fs.mounted_since(&ext_superblock(7, 101)).is_some());
+        // No ext superblock there any more (reformatted): changed.
+        assert!(fs.mounted_since(&[0u8; 1024]).is_some());
+    }
 
     #[test]
     fn a_file_system_is_named_as_blkid_names_it() {

@@ -95,6 +95,10 @@ pub mod code {
     /// The store is encrypted and the image's key is missing, not its, or
     /// the image not sealed ([`super::Refusal::Sealed`]).
     pub const SEALED: u32 = 20;
+    /// A file system the image saw cannot be checked by this resumer
+    /// ([`super::Refusal::FilesystemUnchecked`]; ksave on a bootloader
+    /// start, which reads only the store's disk).
+    pub const FILESYSTEM_UNCHECKED: u32 = 21;
 }
 
 /// Why an image is not resumed. Each variant has a stable [`code`](Self::code).
@@ -171,6 +175,9 @@ pub enum Refusal {
         /// Its last mount time when saved, and now.
         mounted_at: (u64, u64),
     },
+    /// A file system the saved system had mounted could not be found and
+    /// read here, so a mount since cannot be ruled out.
+    FilesystemUnchecked(crate::header::FsId),
     /// The store is on an encrypted volume: the image needs the key the
     /// initramfs reads after the unlock, and must be sealed under it.
     Sealed(&'static str),
@@ -207,6 +214,7 @@ impl Refusal {
             Self::BeyondReach { .. } => code::BEYOND_REACH,
             Self::Damaged { .. } => code::DAMAGED,
             Self::Sealed(_) => code::SEALED,
+            Self::FilesystemUnchecked(_) => code::FILESYSTEM_UNCHECKED,
         }
     }
 
@@ -233,6 +241,7 @@ impl Refusal {
             code::DAMAGED => "damaged",
             code::FILESYSTEM_MOUNTED => "file system mounted since",
             code::SEALED => "sealed",
+            code::FILESYSTEM_UNCHECKED => "file system unchecked",
             _ => return None,
         })
     }
@@ -279,6 +288,10 @@ impl fmt::Display for Refusal {
                 mounted_at.1
             ),
             Self::Sealed(what) => write!(f, "{what}"),
+            Self::FilesystemUnchecked(id) => write!(
+                f,
+                "the file system with {id}, which the image saw, is not on the store's disk as a partition ksave can read: a mount since cannot be ruled out here (the initramfs checks it)"
+            ),
             Self::Damaged { chunk: u64::MAX, what } => write!(f, "image damaged: chunks do not match the header: {what}"),
             Self::Damaged { chunk, what } => write!(f, "image damaged: chunk {chunk}: {what}"),
         }
@@ -441,12 +454,12 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_named() {
-        let mut seen = [false; 21];
-        for code in 1..=20 {
+        let mut seen = [false; 22];
+        for code in 1..=21 {
             assert!(Refusal::name_of(code).is_some());
             assert!(!core::mem::replace(&mut seen[code as usize], true));
         }
-        assert_eq!(Refusal::name_of(21), None);
+        assert_eq!(Refusal::name_of(22), None);
     }
 
     #[test]
