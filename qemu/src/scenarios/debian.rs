@@ -191,6 +191,15 @@ fn power_on(name: &str, machine: &Machine, disk: &DebianDisk, iso: &Path, reboot
     Vm::start(VmConfig { echo, reboot, ..machine.apply(config)? })
 }
 
+/// How a Debian story powers its machine on.
+struct Boot<'a> {
+    name: &'a str,
+    machine: &'a Machine,
+    disk: &'a DebianDisk,
+    iso: &'a Path,
+    echo: bool,
+}
+
 /// The root shell on the serial console, and a count of commands typed.
 struct Shell {
     vm: Vm,
@@ -280,6 +289,29 @@ impl Shell {
         self.run(&format!("e2e check {max_gap}"), 300 * SECOND)
     }
 
+    /// One round of a Debian story: `systemctl hibernate`, power on (the
+    /// passphrase typed at cryptroot's prompt, when there is one), the
+    /// initramfs resumes; the e2e checks (memory, ticks, journal, systemd)
+    /// and the image file's extents unchanged. Returns the resumed shell.
+    fn round_trip(mut self, round: u32, boot: &Boot, passphrase: Option<&str>, report: &mut Report) -> Result<Self> {
+        self.run(&format!("e2e mark before-{round}"), 30 * SECOND)?;
+        let away = Instant::now();
+        let took = self.hibernate(Hibernator::Ksave, report)?;
+        report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
+        let mut vm = power_on(&format!("{}-{round}", boot.name), boot.machine, boot.disk, boot.iso, false, boot.echo)?;
+        if let Some(passphrase) = passphrase {
+            unlock(&mut vm, passphrase)?;
+        }
+        vm.expect("ksave: resuming the image", 300 * SECOND)?;
+        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
+        let mut shell = Shell::attach(vm, false, 120 * SECOND)?;
+        report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel"), jump.at);
+        report.add_ms(format!("resume {round}: power-on to the resumed shell answering"), shell.vm.elapsed());
+        shell.check(away)?;
+        shell.run("e2e extents", 60 * SECOND)?;
+        Ok(shell)
+    }
+
     /// `systemctl poweroff`, and QEMU exits.
     fn power_off(mut self) -> Result<()> {
         self.vm.send("systemctl poweroff\n")?;
@@ -308,18 +340,7 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
     report.add_ms("ksave setup (with update-initramfs)", setup.elapsed());
     shell.run("e2e start", 120 * SECOND)?;
     for round in 1..=2 {
-        shell.run(&format!("e2e mark before-{round}"), 30 * SECOND)?;
-        let away = Instant::now();
-        let took = shell.hibernate(Hibernator::Ksave, &mut report)?;
-        report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
-        let mut vm = power_on(&format!("{name}-{round}"), &machine, &disk, &iso, false, echo)?;
-        vm.expect("ksave: resuming the image", 300 * SECOND)?;
-        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
-        shell = Shell::attach(vm, false, 120 * SECOND)?;
-        report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel"), jump.at);
-        report.add_ms(format!("resume {round}: power-on to the resumed shell answering"), shell.vm.elapsed());
-        shell.check(away)?;
-        shell.run("e2e extents", 60 * SECOND)?;
+        shell = shell.round_trip(round, &Boot { name: &name, machine: &machine, disk: &disk, iso: &iso, echo }, None, &mut report)?;
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
     }
     // The purge takes the (immutable) image file back too.
@@ -388,18 +409,7 @@ pub fn debian_encrypted_root(echo: bool) -> Result<Report> {
     shell.run("e2e start", 120 * SECOND)?;
 
     for round in 1..=2 {
-        shell.run(&format!("e2e mark before-{round}"), 30 * SECOND)?;
-        let away = Instant::now();
-        let took = shell.hibernate(Hibernator::Ksave, &mut report)?;
-        report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
-        let mut vm = power_on(&format!("{name}-{round}"), &machine, &disk, &iso, false, echo)?;
-        unlock(&mut vm, LUKS_PASSPHRASE)?;
-        vm.expect("ksave: resuming the image", 300 * SECOND)?;
-        let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
-        shell = Shell::attach(vm, false, 120 * SECOND)?;
-        report.add_ms(format!("resume {round}: power-on to the jump into the saved kernel (passphrase typed)"), jump.at);
-        shell.check(away)?;
-        shell.run("e2e extents", 60 * SECOND)?;
+        shell = shell.round_trip(round, &Boot { name, machine: &machine, disk: &disk, iso: &iso, echo }, Some(LUKS_PASSPHRASE), &mut report)?;
         shell.run("e2e sealed", 60 * SECOND)?;
         shell.run("e2e recorded-root", 60 * SECOND)?;
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
