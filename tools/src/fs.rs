@@ -27,19 +27,15 @@ use crate::sys;
 /// The ext2/3/4 superblock's mount count and last mount time, read from
 /// `device`; `None` if it holds no ext superblock.
 pub fn ext4_mounts(device: &Path) -> Option<(u32, u64)> {
-    let mut sb = [0u8; 1024];
-    File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
-    ext_mount_counters(&sb)
+    ext_mount_counters(&superblock(device)?)
 }
 
 /// The ext2/3/4 superblock's UUID (`s_uuid`, at 0x68), read from `device`.
 fn ext4_uuid(device: &Path) -> Option<[u8; 16]> {
-    let mut sb = [0u8; 1024];
-    File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
+    let sb = superblock(device)?;
     ext_mount_counters(&sb)?;
     sb[0x68..0x78].try_into().ok()
 }
-
 
 /// The mounted ext2/3/4 file systems on GPT partitions, as their
 /// superblocks are now; and the local file systems not recorded (another

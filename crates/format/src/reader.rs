@@ -459,11 +459,12 @@ mod tests {
     use crate::header::State;
 
     #[test]
-    fn a_free_run_lies_in_saved_ram_only() {
+    fn a_free_run_lies_inside_the_ram_outside_ksave_and_after_the_last() {
         let ram: heapless_ranges::Ranges = [Range { start: 0, end: 0x10_0000 }].into_iter().collect();
         let header = Header { image: Range { start: 0x4_0000, end: 0x5_0000 }, ..Header::new(State::Complete, 1) };
         assert!(Order::default().free_run(0x10, 0x10, &ram, &header).is_ok());
-        // ACPI NVS is saved memory, but firmware's: never the kernel's free pages.
+        // Past the RAM given (the reader gives the saved RAM alone, not the
+        // NVS: tests/mutation.rs a_free_run_in_acpi_nvs_is_refused).
         assert_eq!(Order::default().free_run(0x100, 1, &ram, &header), Err("free run outside the saved RAM"));
         assert!(Order::default().free_run(0xff, 2, &ram, &header).is_err(), "a run across RAM's end");
         assert!(Order::default().free_run(0x3f, 2, &ram, &header).is_err(), "a run into ksave's own range");
