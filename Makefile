@@ -10,11 +10,11 @@ CLI := $(BUILD)/ksave
 KERNELS := $(BUILD)/bzImage $(BUILD)/bzImage-6.1 $(BUILD)/bzImage-7.3
 # The Debian test system: its root file system (debootstrap, cached like the
 # kernels) and ksave's package, installed into a copy of it for each disk.
-VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BUILD)/grub-resume.iso $(BUILD)/ksave.deb debian-root
+VM_INPUTS := $(ELF) $(KERNELS) $(BUILD)/initramfs.cpio.gz $(BUILD)/grub.iso $(BUILD)/grub-resume.iso $(BUILD)/ksave.deb $(BUILD)/ksave.rpm debian-root
 # The test partition's GUID (qemu/src/disk.rs) for the resume menu.
 TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
-.PHONY: all size deps deb debian-root vm-inputs qemu qemu-debian qemu-multiboot lint clippy test bench clean FORCE
+.PHONY: all size deps deb rpm debian-root vm-inputs qemu qemu-debian qemu-multiboot lint clippy test bench clean FORCE
 .NOTPARALLEL:
 all: $(ELF) $(CLI)
 
@@ -60,12 +60,20 @@ $(BUILD)/grub-resume.iso: $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz qem
 # ksave's Debian package (dist/): the CLI, ksave.elf, the initramfs-tools
 # hook and boot script, the systemd drop-ins.
 deb: $(BUILD)/ksave.deb
-$(BUILD)/ksave.deb: $(ELF) $(CLI) $(wildcard dist/* dist/*/*)
+$(BUILD)/ksave.deb: $(ELF) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*)
 	dist/mkdeb.sh $@ $(CLI) $(ELF)
 
-# Prints nothing; builds the root file system the first time (about a minute).
+# The same files as an RPM (dist/mkrpm.sh, rpmbuild from Debian's rpm), for
+# dracut systems: Fedora, RHEL, openSUSE.
+rpm: $(BUILD)/ksave.rpm
+$(BUILD)/ksave.rpm: $(ELF) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*) | deps
+	dist/mkrpm.sh $@ $(CLI) $(ELF)
+
+# Prints nothing; builds the root file systems the first time (about a
+# minute each): Debian 12 with initramfs-tools, Debian 13 with dracut.
 debian-root: | deps
-	qemu/build-debian.sh >/dev/null
+	qemu/build-debian.sh bookworm >/dev/null
+	qemu/build-debian.sh trixie >/dev/null
 
 vm-inputs: $(VM_INPUTS)
 

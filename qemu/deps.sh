@@ -24,6 +24,8 @@ packages=(
   xfsprogs btrfs-progs lvm2
   # encrypted stores (issue 22): LUKS volumes the tests make and unlock
   cryptsetup-bin
+  # ksave's RPM (issue 23): rpmbuild is in Debian's rpm
+  rpm
   # linting the shell scripts (make lint)
   shellcheck
 )

@@ -4,10 +4,12 @@
 # swap partition (3) set up for Linux's own hibernation the way a Debian
 # install sets it up (fstab, initramfs-tools RESUME=). The root is the cached
 # debootstrap (qemu/build-debian.sh) plus the test kernel, installed the way
-# a kernel package installs one (update-initramfs -c), the ksave package
-# (dpkg -i, as a user would) unless PACKAGE is "none", and the test's own
-# files (qemu/debian/). Needs root (chroot).
-#   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB SWAP_PARTUUID]
+# a kernel package installs one (its initramfs made by the system's
+# generator), the ksave package (dpkg -i, or rpm -i, as a user would)
+# unless PACKAGE is "none", and the test's own files (qemu/debian/). Needs
+# root (chroot).
+#   mkdebiandisk.sh OUT.img BZIMAGE PACKAGE.deb|PACKAGE.rpm|none MEMTEST ROOT_PARTUUID KSAVE_PARTUUID KSAVE_MIB [SWAP_MIB SWAP_PARTUUID]
+#   KSAVE_SUITE=trixie   Debian 13 with dracut (qemu/build-debian.sh), not 12
 #   KSAVE_ROOT_FS=btrfs  the root file system on btrfs (Fedora's layout), not ext4
 #   KSAVE_ROOT_LUKS=UUID the root (ext4) on LUKS2, unlocked by the initramfs's
 #                        cryptroot at its prompt (crypttab), with a plaintext
@@ -26,7 +28,8 @@ boot_mib=128
 # LUKS2's header (cryptsetup's default data offset) comes before the root.
 luks_header_mib=16
 kver=6.12-ksave
-base=$("$here/build-debian.sh")
+suite=${KSAVE_SUITE:-bookworm}
+base=$("$here/build-debian.sh" "$suite")
 work=$(mktemp -d)
 mounted=()
 cleanup() {
@@ -66,12 +69,31 @@ if [ -n "$luks_uuid" ]; then
   printf '%s\n' "/dev/mapper/cryptroot / ext4 errors=remount-ro 0 1" "LABEL=debian-boot /boot ext4 defaults 0 2" > "$root/etc/fstab"
   echo CRYPTSETUP=y >> "$root/etc/cryptsetup-initramfs/conf-hook"
 fi
-chroot "$root" update-initramfs -c -k "$kver" >&2
-if [ "$package" != none ]; then
+if [ "$suite" = bookworm ]; then
+  chroot "$root" update-initramfs -c -k "$kver" >&2
+else
+  # As a kernel package does on a dracut system: its module lists (empty:
+  # dracut --regenerate-all takes only kernels that have them), then the
+  # kernel's postinst hook makes the initramfs.
+  chroot "$root" depmod -a "$kver"
+  chroot "$root" /etc/kernel/postinst.d/dracut "$kver" "/boot/vmlinuz-$kver" >&2
+fi
+case "$package" in
+none) ;;
+*.rpm)
+  # Debian's rpm keeps its own database, which knows none of what dpkg
+  # installed (dracut, systemd, /bin/sh): --nodeps. --noplugins: its unshare
+  # plugin cannot run in this chroot (a system's rpm -e later runs it).
+  cp "$package" "$root/tmp/ksave.rpm"
+  chroot "$root" rpm -i --nodeps --noplugins /tmp/ksave.rpm >&2
+  rm "$root/tmp/ksave.rpm"
+  ;;
+*)
   cp "$package" "$root/tmp/ksave.deb"
   chroot "$root" dpkg -i /tmp/ksave.deb >&2
   rm "$root/tmp/ksave.deb"
-fi
+  ;;
+esac
 install -m 0755 "$memtest" "$root/usr/local/bin/memtest"
 install -m 0755 "$here/debian/e2e" "$root/usr/local/bin/e2e"
 install -m 0644 "$here/debian/e2e-ticks.service" "$root/etc/systemd/system/e2e-ticks.service"

@@ -57,12 +57,13 @@ fn main() -> Result<()> {
         "debian-uefi" => scenarios::debian_hibernate_resume(scenarios::Firmware::Uefi, true)?,
         "debian-stale" => scenarios::debian_stale_and_damaged_images(true)?,
         "debian-luks" => scenarios::debian_encrypted_root(true)?,
+        "debian-dracut" => scenarios::debian_dracut_sleep_modes(true)?,
         "file-ext4" => scenarios::file_store_story(scenarios::FileFs::Ext4Fragmented, true)?,
         "file-xfs-lvm" => scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, true)?,
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         "encrypted" => scenarios::encrypted_store_story(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
         ),
     };
     println!("\n{report}");

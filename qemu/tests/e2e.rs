@@ -317,3 +317,13 @@ fn debian_never_resumes_a_stale_or_damaged_image() {
 fn debian_with_an_encrypted_root_hibernates_sealed_and_resumes_after_the_unlock() {
     run(scenarios::debian_encrypted_root);
 }
+
+/// Debian 13 with dracut and ksave's RPM (issue 23): logind offers every
+/// sleep that hibernates with no swap; `systemctl hibernate` resumed by
+/// dracut's initrd, twice; suspend-then-hibernate (woken by the RTC, then
+/// hibernated by ksave, resumed); hybrid-sleep (the power lost: resumed;
+/// woken: the image invalidated); ksave.noresume leaves nothing to resume.
+#[test]
+fn debian_with_dracut_hibernates_through_every_sleep_that_saves() {
+    run(scenarios::debian_dracut_sleep_modes);
+}

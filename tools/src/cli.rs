@@ -69,6 +69,16 @@ pub enum Command {
         /// Keep running after the image is written.
         #[arg(long)]
         snapshot: bool,
+        /// hybrid-sleep: after a complete image, suspend to RAM instead of
+        /// powering off. A wake-up invalidates the image (the system ran
+        /// on); a power loss during the suspend leaves it for the next boot.
+        #[arg(long, conflicts_with_all = ["snapshot", "poweroff", "suspend_first"])]
+        then_suspend: bool,
+        /// suspend-then-hibernate: first suspend to RAM with the RTC set to
+        /// wake the machine after SECONDS; hibernate only when that alarm
+        /// is what woke it (woken earlier: back to work, no image).
+        #[arg(long, value_name = "SECONDS", conflicts_with = "snapshot")]
+        suspend_first: Option<u64>,
         /// Load with kexec-tools instead of kexec_load(2).
         #[arg(long)]
         kexec_tools: bool,
@@ -109,7 +119,8 @@ pub enum Command {
         key_at: Option<String>,
         /// When this boot does not resume the image, for whatever reason,
         /// invalidate it: the boot carries on and will change the file
-        /// systems it saw (for the initramfs script).
+        /// systems it saw (for the initramfs script). `ksave.noresume` or
+        /// `noresume` on the kernel command line is such a reason.
         #[arg(long)]
         or_invalidate: bool,
     },

@@ -97,6 +97,84 @@ pub fn vmcoreinfo() -> Option<Range> {
     (start > 0 && len > 0 && len <= ksave_format::config::MAX_VMCOREINFO).then(|| Range { start, end: start + len })
 }
 
+/// Suspends to RAM (`mem`: the kernel's default suspend, s2idle or deep
+/// as /sys/power/mem_sleep says) and returns when something wakes the
+/// machine.
+pub fn suspend() -> Result<()> {
+    std::fs::write("/sys/power/state", "mem").context("suspending to RAM (writing mem to /sys/power/state)")
+}
+
+/// What ended a [`suspend_for`], and after how many seconds of CLOCK_BOOTTIME
+/// (which counts the time suspended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Woken {
+    ByTheAlarm(u64),
+    Early(u64),
+}
+
+/// The RTC's wake alarm (/sys/class/rtc/rtc0/wakealarm), cleared when
+/// dropped so that no alarm of ksave's wakes the machine later.
+struct WakeAlarm(PathBuf);
+
+const WAKE_ALARM: &str = "/sys/class/rtc/rtc0/wakealarm";
+
+impl WakeAlarm {
+    fn set(seconds: u64) -> Result<Self> {
+        let path = PathBuf::from(WAKE_ALARM);
+        // A set alarm must be cleared before another is written (rtc-sysfs.c).
+        std::fs::write(&path, "0").with_context(|| format!("clearing the RTC's wake alarm ({}): does this machine have an RTC (CONFIG_RTC_CLASS)?", path.display()))?;
+        std::fs::write(&path, format!("+{seconds}")).with_context(|| format!("setting the RTC's wake alarm ({})", path.display()))?;
+        Ok(Self(path))
+    }
+
+    /// Still set: it has not gone off (the RTC core disables a one-shot
+    /// alarm once it fires, and the file then reads empty).
+    fn pending(&self) -> bool {
+        std::fs::read_to_string(&self.0).is_ok_and(|t| !t.trim().is_empty())
+    }
+}
+
+impl Drop for WakeAlarm {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "0");
+    }
+}
+
+fn boottime_seconds() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// suspend-then-hibernate's first half: suspend with the RTC set to wake
+/// the machine after `seconds`, and tell whether the alarm woke it. The
+/// time asleep comes from CLOCK_BOOTTIME, in the RTC's whole seconds.
+pub fn suspend_for(seconds: u64) -> Result<Woken> {
+    let alarm = WakeAlarm::set(seconds)?;
+    let start = boottime_seconds();
+    suspend()?;
+    let after = boottime_seconds().saturating_sub(start);
+    Ok(if after + 1 >= seconds || !alarm.pending() { Woken::ByTheAlarm(after) } else { Woken::Early(after) })
+}
+
+/// Whether `command` is found on `PATH`, as the shell would run it.
+pub fn on_path(command: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).any(|dir| std::fs::metadata(dir.join(command)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The word on this boot's command line that says not to resume
+/// (`ksave.noresume`, or the kernel's own `noresume`), if there is one.
+pub fn noresume() -> Option<String> {
+    std::fs::read_to_string("/proc/cmdline").ok().and_then(|line| noresume_word(&line).map(str::to_string))
+}
+
+fn noresume_word(cmdline: &str) -> Option<&str> {
+    cmdline.split_whitespace().find(|w| matches!(*w, "ksave.noresume" | "noresume"))
+}
+
 /// Whether this kernel poisons the pages it frees (`page_poison=` true on
 /// its command line, mm/page_poison.c; parsed by kstrtobool): it then
 /// expects its free pages to hold the poison pattern, not the zeros a
@@ -583,6 +661,13 @@ mod tests {
         assert!(!poisons_free_pages("page_poison=0"));
         assert!(!poisons_free_pages("page_poison=off"));
         assert!(!poisons_free_pages("page_poison=1 page_poison=0"));
+    }
+
+    #[test]
+    fn noresume_is_a_whole_word() {
+        assert_eq!(noresume_word("root=/dev/sda1 ro ksave.noresume quiet\n"), Some("ksave.noresume"));
+        assert_eq!(noresume_word("noresume"), Some("noresume"));
+        assert_eq!(noresume_word("resume=/dev/sda2 ksave.noresumex noresume=1"), None);
     }
 
     #[test]

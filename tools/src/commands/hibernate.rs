@@ -17,6 +17,10 @@ use super::load::load_ksave;
 /// How to hibernate (the command's options).
 pub struct How {
     pub snapshot: bool,
+    /// hybrid-sleep: suspend after a complete image, not power off.
+    pub then_suspend: bool,
+    /// suspend-then-hibernate: suspend first, for this many seconds.
+    pub suspend_first: Option<u64>,
     pub kexec_tools: bool,
     pub all_pages: bool,
     pub drop_caches: bool,
@@ -25,7 +29,7 @@ pub struct How {
 }
 
 pub fn run(how: &How) -> Result<ExitCode> {
-    let &How { snapshot, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
+    let &How { snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
     // A kernel that poisons free pages expects the poison back in them:
     // only a save of every page gives it that.
     let poisoning = sys::page_poisoning();
@@ -56,6 +60,17 @@ pub fn run(how: &How) -> Result<ExitCode> {
     }
     if !no_precheck {
         super::precheck(&setup)?;
+    }
+    // Checked first, so that a store that cannot take the image is said
+    // now, not when the alarm wakes the machine.
+    if let Some(seconds) = suspend_first {
+        match sys::suspend_for(seconds)? {
+            sys::Woken::ByTheAlarm(after) => println!("ksave: woken by the RTC after {after} s of suspend: hibernating"),
+            sys::Woken::Early(after) => {
+                println!("ksave: woken after {after} s of suspend, before the {seconds} s were up: not hibernating");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
     }
     match sys::free_pages_note() {
         Some(note) => println!("ksave: note: {note}"),
@@ -121,6 +136,9 @@ pub fn run(how: &How) -> Result<ExitCode> {
                 println!("ksave: snapshot taken; still running");
                 return Ok(ExitCode::SUCCESS);
             }
+            if then_suspend {
+                return suspend_on_the_image(&setup, h.flags & FLAG_IOMMU_LEFT_ON != 0);
+            }
             if h.flags & FLAG_IOMMU_LEFT_ON != 0 {
                 // Resuming it would leave the kernel's devices doing DMA
                 // through an IOMMU nobody set up: never offer that image.
@@ -154,6 +172,32 @@ pub fn run(how: &How) -> Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// hybrid-sleep, the image complete: suspend to RAM. A power loss now
+/// leaves the image for the next boot to resume; a wake-up means the system
+/// runs on and will change what the image saw, so it is invalidated then.
+fn suspend_on_the_image(setup: &Setup, iommu_left_on: bool) -> Result<ExitCode> {
+    let invalidate = |why: &str| -> Result<()> {
+        ImageFile::open_setup(setup, true)?.invalidate(Some(why))?;
+        forget_key(setup);
+        Ok(())
+    };
+    if iommu_left_on {
+        // Not resumable after a power loss (see the power-off path): a
+        // plain suspend is all this kernel gets.
+        invalidate("this kernel leaves its IOMMU translating across a kexec jump: the image could not be resumed after a power loss")?;
+        println!("ksave: note: this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off): suspending without an image to fall back on");
+    } else {
+        println!("ksave: image complete; suspending (a power loss now resumes this image at the next boot)");
+    }
+    let suspended = sys::suspend();
+    if !iommu_left_on {
+        invalidate("woken from hybrid-sleep's suspend: the system ran on")?;
+    }
+    suspended?;
+    println!("ksave: woken from suspend; the image is invalidated (the system runs on)");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An encrypted store: its key block destroyed, if it holds this store's key.

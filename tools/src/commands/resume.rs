@@ -33,7 +33,13 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
         }
         Err(e) => return Err(e),
     };
-    let why = match attempt(partuuid.clone(), elf, file_at, key.clone(), &say) {
+    // Asked not to resume: this boot carries on (and invalidates, below).
+    let noresume = if or_invalidate { sys::noresume() } else { None };
+    let outcome = match noresume {
+        Some(word) => Ok(NotResumed { refusal: None, why: format!("{word} on the kernel command line") }),
+        None => attempt(partuuid.clone(), elf, file_at, key.clone(), &say),
+    };
+    let why = match outcome {
         Ok(NotResumed { refusal, why }) => {
             if let Some(r) = refusal {
                 say(format!("ksave-metric refusal={}", r.code()));

@@ -11,8 +11,15 @@ use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, FileStore, Setup};
 use ksave_tools::{filestore, store, sys};
 
-/// What the Debian package installs for initramfs-tools (dist/mkdeb.sh).
-const INITRAMFS_HOOK: &str = "/usr/share/initramfs-tools/hooks/ksave";
+/// The initramfs generators ksave's packages hook into (dist/): the file
+/// each installs, and the command that rebuilds every installed kernel's
+/// initramfs with it (-k all, --regenerate-all: an older kernel picked at
+/// boot without this setup would mount the root under a valid image;
+/// kernels installed later get it from their own postinst).
+const INITRAMFS_GENERATORS: [(&str, &[&str]); 2] = [
+    ("/usr/share/initramfs-tools/hooks/ksave", &["update-initramfs", "-u", "-k", "all"]),
+    ("/usr/lib/dracut/modules.d/90ksave/module-setup.sh", &["dracut", "--regenerate-all", "--force"]),
+];
 
 /// How setup goes about it.
 pub struct How {
@@ -114,15 +121,17 @@ fn finish() -> Result<ExitCode> {
     if let Some(note) = sys::free_pages_note() {
         println!("ksave: note: {note}");
     }
-    // Installed from the package, the initramfs resumes: it must carry this
+    // Installed from a package, the initramfs resumes: it must carry this
     // setup, so build it again now rather than leave a step to remember.
-    if std::path::Path::new(INITRAMFS_HOOK).exists() {
-        // Every installed kernel's (-k all): an older kernel picked at boot
-        // without this setup would mount the root under a valid image.
-        // Kernels installed later get the hook from their own postinst.
-        println!("ksave: updating every installed kernel's initramfs (update-initramfs -u -k all), which resumes from this partition");
-        let status = std::process::Command::new("update-initramfs").args(["-u", "-k", "all"]).status().context("running update-initramfs")?;
-        ensure!(status.success(), "update-initramfs -u -k all failed ({status}): a boot could leave an image stale");
+    // The generator whose hook is installed and whose command is there.
+    for (hook, command) in INITRAMFS_GENERATORS {
+        if !Path::new(hook).exists() || !sys::on_path(command[0]) {
+            continue;
+        }
+        let line = command.join(" ");
+        println!("ksave: updating every installed kernel's initramfs ({line}), which resumes from this store");
+        let status = std::process::Command::new(command[0]).args(&command[1..]).status().with_context(|| format!("running {line}"))?;
+        ensure!(status.success(), "{line} failed ({status}): a boot could leave an image stale");
     }
     Ok(ExitCode::SUCCESS)
 }

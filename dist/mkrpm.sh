@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds ksave's RPM (Fedora, RHEL, openSUSE: dracut and systemd) with
+# rpmbuild, from the same files as the .deb (dist/mkdeb.sh) and the same
+# install and removal steps (dist/maintscript.sh).
+#   mkrpm.sh OUT.rpm KSAVE_CLI KSAVE_ELF
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=$1 cli=$2 elf=$3
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../tools/Cargo.toml" | head -n 1)
+top=$(mktemp -d)
+trap 'rm -rf "$top"' EXIT
+stage=$top/stage
+"$here/stage.sh" "$stage" "$cli" "$elf"
+# The scriptlets: the shared functions, then what each does. %postun with
+# 0 is the removal (1 is an upgrade, whose %post follows).
+scriptlet() { cat "$here/maintscript.sh"; echo "$1"; }
+{
+  sed "s/@VERSION@/$version/" "$here/rpm/ksave.spec"
+  echo "%post"; scriptlet 'ksave_systemd_reload; ksave_initramfs_rebuild'
+  echo "%postun"
+  # shellcheck disable=SC2016 # $1 is the scriptlet's own, at install time
+  scriptlet 'if [ "$1" -eq 0 ]; then ksave_systemd_reload; ksave_initramfs_rebuild; ksave_forget_store; fi'
+  echo "%files"
+  (cd "$stage" && find . -type f | sed 's|^\.||' | sort)
+  # Its own directories (the shared ones belong to systemd and dracut).
+  echo "%dir /usr/lib/ksave"
+  echo "%dir /usr/lib/dracut/modules.d/90ksave"
+  echo "%dir /usr/share/doc/ksave"
+} > "$top/ksave.spec"
+rpmbuild --quiet -bb --nodeps \
+  --define "_topdir $top" --define "_rpmdir $top/out" --define "stage $stage" \
+  --define "_build_id_links none" --define "debug_package %{nil}" --define "__os_install_post %{nil}" \
+  "$top/ksave.spec" >&2
+mv "$top"/out/x86_64/ksave-"$version"-1.x86_64.rpm "$out"
+echo "$out"
