@@ -10,7 +10,8 @@ chmod 0755 "$stage"
 install -D -s -m 0755 "$cli" "$stage/usr/sbin/ksave"
 install -D -m 0644 "$elf" "$stage/usr/lib/ksave/ksave.elf"
 # systemd: the sleep services that hibernate run ksave (dist/systemd/sleep),
-# and logind offers hibernation without swap.
+# and logind offers hibernation without swap where ksave can hibernate
+# (dist/systemd/sleep-generator).
 install -D -m 0755 "$here/systemd/sleep" "$stage/usr/lib/ksave/sleep"
 for verb in hibernate hybrid-sleep suspend-then-hibernate; do
   dropin=$stage/usr/lib/systemd/system/systemd-$verb.service.d/ksave.conf
@@ -18,7 +19,7 @@ for verb in hibernate hybrid-sleep suspend-then-hibernate; do
   sed "s/@VERB@/$verb/g" "$here/systemd/sleep-service.conf" > "$dropin"
   chmod 0644 "$dropin"
 done
-install -D -m 0644 "$here/systemd/logind.conf" "$stage/usr/lib/systemd/system/systemd-logind.service.d/ksave.conf"
+install -D -m 0755 "$here/systemd/sleep-generator" "$stage/usr/lib/systemd/system-generators/ksave-sleep-generator"
 # The initramfs: initramfs-tools (Debian, Ubuntu) or dracut (Fedora's
 # family; Debian's dracut), whichever the system has.
 install -D -m 0755 "$here/initramfs-tools/hook" "$stage/usr/share/initramfs-tools/hooks/ksave"

@@ -124,6 +124,11 @@ pub enum Command {
         #[arg(long)]
         or_invalidate: bool,
     },
+    /// Whether this machine can hibernate with ksave now: prints "yes", or
+    /// why not and exits 1 (not set up, a kernel in lockdown or without
+    /// CONFIG_KEXEC_JUMP, an initramfs without ksave). ksave's systemd
+    /// generator lets logind offer hibernation only then.
+    CanHibernate,
     /// Show the image header on the configured partition (or DEV|FILE).
     Status {
         /// A partition, disk or image file; default: the configured partition.

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod keyblock;
 pub mod load;
 pub mod mailbox;
+pub mod ready;
 pub mod setup;
 pub mod store;
 pub mod sys;

@@ -148,9 +148,35 @@ pub fn unload() -> Result<()> {
     // SAFETY: no segments: nothing is read.
     let rc = unsafe { libc::syscall(libc::SYS_kexec_load, 0u64, 0u64, std::ptr::null::<KexecSegment>(), KEXEC_PRESERVE_CONTEXT | KEXEC_ARCH_X86_64) };
     if rc != 0 {
-        bail!("unloading the kexec image: {}", std::io::Error::last_os_error());
+        return Err(anyhow::Error::new(std::io::Error::last_os_error()).context("unloading the kexec image"));
     }
     Ok(())
+}
+
+/// Why this kernel cannot load ksave for a jump and come back, if
+/// kexec_load(2) says so: asked with no segments (an unload, which changes
+/// nothing while no kexec image is loaded; with one loaded, nothing is
+/// asked and the load itself will tell) and KEXEC_PRESERVE_CONTEXT, a flag
+/// the kernel accepts only when built with CONFIG_KEXEC_JUMP (KEXEC_FLAGS,
+/// include/linux/kexec.h; kexec_load_check, kernel/kexec.c).
+pub fn jump_unavailable() -> Option<String> {
+    if std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|t| t.trim() != "0") {
+        return None;
+    }
+    unload().err().and_then(|e| e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)).and_then(kexec_refusal)
+}
+
+/// What kexec_load(2)'s `errno` says about jumping to ksave.
+fn kexec_refusal(errno: i32) -> Option<String> {
+    match errno {
+        libc::EINVAL => Some("this kernel is built without CONFIG_KEXEC_JUMP (kexec_load refuses KEXEC_PRESERVE_CONTEXT): it could not come back from ksave".into()),
+        libc::ENOSYS => Some("this kernel is built without CONFIG_KEXEC: it cannot load ksave".into()),
+        libc::EPERM => Some(
+            "kexec_load(2) is not permitted here (not root, kernel.kexec_load_disabled set, or a security module's policy): ksave cannot be loaded".into(),
+        ),
+        // EBUSY (another kexec under way) and the like: the load will say.
+        _ => None,
+    }
 }
 
 /// The kexec-tools command that loads `path` for a jump, with the memory
@@ -181,4 +207,17 @@ pub fn held_bytes(layout: &ImageLayout, ram_bytes: u64) -> u64 {
     let indirection = entries.div_ceil(511);
     let tables = 3 + ram_bytes.div_ceil(1 << 30);
     (pages + 2 + indirection + tables) * PAGE as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kexec_refusals_name_their_cause() {
+        assert!(kexec_refusal(libc::EINVAL).unwrap().contains("CONFIG_KEXEC_JUMP"));
+        assert!(kexec_refusal(libc::ENOSYS).unwrap().contains("CONFIG_KEXEC"));
+        assert!(kexec_refusal(libc::EPERM).unwrap().contains("not permitted"));
+        assert_eq!(kexec_refusal(libc::EBUSY), None);
+    }
 }

@@ -408,24 +408,30 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
 /// resumed. hybrid-sleep: the power lost during the suspend, the image
 /// resumed; then woken from the suspend normally, the image invalidated.
 /// The stale-image guard: a boot with `ksave.noresume` invalidates the
-/// image, changes a file, and the next boot does not resume. `rpm -e`
-/// takes everything back; the root is clean.
+/// image, changes a file, and the next boot does not resume. That boot is
+/// in lockdown: ksave refuses to hibernate before loading anything, and
+/// logind does not offer it (nor before the setup). `rpm -e` takes
+/// everything back; the root is clean.
 pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     /// suspend-then-hibernate's HibernateDelaySec, in seconds.
     const DELAY: u32 = 20;
     let machine = Machine::qemu64(Kernel::Linux6_12);
     let name = "debian-dracut";
-    let mut report = Report::new("Debian 13, dracut, ksave's RPM: hibernate twice, suspend-then-hibernate, hybrid-sleep (power lost, then woken), ksave.noresume");
+    let mut report = Report::new("Debian 13, dracut, ksave's RPM: hibernate twice, suspend-then-hibernate, hybrid-sleep (power lost, then woken), ksave.noresume in lockdown");
     let disk = DebianDisk::make(name, &machine, Hibernator::Ksave, "ext4", None, Suite::Trixie)?;
     let iso = boot_iso(name, "")?;
-    let noresume = boot_iso(&format!("{name}-noresume"), "ksave.noresume")?;
+    // The boot that must not resume is in lockdown too, as under Secure
+    // Boot: ksave must refuse to hibernate there, before loading anything.
+    let noresume = boot_iso(&format!("{name}-noresume"), "ksave.noresume lockdown=integrity")?;
     let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo };
     let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
     report.add_ms("power-on to a root shell (first boot)", shell.vm.elapsed());
-    shell.run("e2e can-sleep", 60 * SECOND)?;
+    // Not set up yet: logind answers as without ksave (no swap: na).
+    shell.run("e2e can-sleep na", 60 * SECOND)?;
     let setup = Instant::now();
     shell.run("e2e setup-file", 600 * SECOND)?;
     report.add_ms("ksave setup (with dracut --regenerate-all)", setup.elapsed());
+    shell.run("e2e can-sleep yes", 60 * SECOND)?;
     shell.run("lsinitrd /boot/initrd.img-6.12-ksave | grep -q ksave-resume.service", 120 * SECOND)?;
     shell.run("e2e start", 120 * SECOND)?;
     for round in 1..=2 {
@@ -478,6 +484,7 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     let mut vm = power_on(&format!("{name}-noresume"), &machine, &disk, &noresume, false, echo)?;
     vm.expect("invalidated: not resumed by the boot that found it: ksave.noresume on the kernel command line", 300 * SECOND)?;
     let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.run("e2e cannot-hibernate lockdown", 120 * SECOND)?;
     shell.run("echo changed > /root/after-noresume && sync", 30 * SECOND)?;
     shell.power_off()?;
     let mut vm = power_on(&format!("{name}-after"), &machine, &disk, &iso, false, echo)?;

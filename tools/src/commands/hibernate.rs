@@ -48,6 +48,10 @@ pub fn run(how: &How) -> Result<ExitCode> {
         );
     }
     let setup = Setup::load(&setup::path())?;
+    // What the loading and the next boot would find out too late.
+    if let Some(why) = ksave_tools::ready::why_not(&setup) {
+        bail!("{why}");
+    }
     // A file store is checked always, --no-precheck or not: a file moved
     // since setup leaves its old map and claim in blocks that are no longer
     // its, where ksave's own checks would find them intact.

@@ -40,6 +40,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
             hibernate::run(&how)
         }
         Command::Resume { partuuid, elf, file_at, key_at, or_invalidate } => resume::run(partuuid, elf, file_at, key_at, or_invalidate),
+        Command::CanHibernate => status::can_hibernate(),
         Command::Status { path, json } => status::run(path, json),
         Command::Inspect { path, json, free_runs } => inspect::run(&path, json, free_runs.as_deref()),
         Command::Verify { path } => verify::run(&path),

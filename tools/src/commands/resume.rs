@@ -51,6 +51,11 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
     };
     say(format!("ksave: nothing to resume: {why}"));
     if or_invalidate {
+        // This boot's initramfs resumes from this setup (it just tried):
+        // `ksave can-hibernate` and `hibernate` look for that.
+        if let Ok(setup) = Setup::load(&setup::path()) {
+            let _ = ksave_tools::ready::mark_resume_path(&setup);
+        }
         // This boot carries on and will change the file systems the image
         // saw: whatever stopped the resume, it must never happen later.
         say(super::invalidate::invalidate(None, partuuid, file_at, key, Some(format!("not resumed by the boot that found it: {why}")))?);

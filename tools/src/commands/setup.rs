@@ -9,17 +9,7 @@ use diskdrv::part::{Guid, KSAVE_STORE_TYPE};
 use ksave_format::PAGE;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, FileStore, Setup};
-use ksave_tools::{filestore, store, sys};
-
-/// The initramfs generators ksave's packages hook into (dist/): the file
-/// each installs, and the command that rebuilds every installed kernel's
-/// initramfs with it (-k all, --regenerate-all: an older kernel picked at
-/// boot without this setup would mount the root under a valid image;
-/// kernels installed later get it from their own postinst).
-const INITRAMFS_GENERATORS: [(&str, &[&str]); 2] = [
-    ("/usr/share/initramfs-tools/hooks/ksave", &["update-initramfs", "-u", "-k", "all"]),
-    ("/usr/lib/dracut/modules.d/90ksave/module-setup.sh", &["dracut", "--regenerate-all", "--force"]),
-];
+use ksave_tools::{filestore, ready, store, sys};
 
 /// How setup goes about it.
 pub struct How {
@@ -115,16 +105,19 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
     finish()
 }
 
-/// What every setup ends with: a note on free pages, and the initramfs
-/// rebuilt to carry the new setup.
+/// What every setup ends with: a note on free pages, the initramfs rebuilt
+/// to carry the new setup, and logind told whether to offer hibernation
+/// (dist/systemd/sleep-generator asks `ksave can-hibernate`).
 fn finish() -> Result<ExitCode> {
     if let Some(note) = sys::free_pages_note() {
         println!("ksave: note: {note}");
     }
+    let setup = Setup::load(&setup::path())?;
     // Installed from a package, the initramfs resumes: it must carry this
     // setup, so build it again now rather than leave a step to remember.
     // The generator whose hook is installed and whose command is there.
-    for (hook, command) in INITRAMFS_GENERATORS {
+    let mut rebuilt = false;
+    for (hook, command) in ready::INITRAMFS_GENERATORS {
         if !Path::new(hook).exists() || !sys::on_path(command[0]) {
             continue;
         }
@@ -132,6 +125,20 @@ fn finish() -> Result<ExitCode> {
         println!("ksave: updating every installed kernel's initramfs ({line}), which resumes from this store");
         let status = std::process::Command::new(command[0]).args(&command[1..]).status().with_context(|| format!("running {line}"))?;
         ensure!(status.success(), "{line} failed ({status}): a boot could leave an image stale");
+        rebuilt = true;
+    }
+    if rebuilt {
+        ready::mark_resume_path(&setup).context("recording that the initramfs resumes from this setup")?;
+    }
+    if Path::new("/run/systemd/system").exists() {
+        // The generator runs again, and logind reads what it wrote when it starts.
+        for args in [&["daemon-reload"][..], &["try-restart", "systemd-logind.service"]] {
+            let _ = std::process::Command::new("systemctl").args(args).status();
+        }
+    }
+    match ready::why_not(&setup) {
+        None => println!("ksave: ready: `systemctl hibernate` (and hybrid-sleep, suspend-then-hibernate) goes through ksave"),
+        Some(why) => println!("ksave: set up, but this machine cannot hibernate with ksave now: {why}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,6 +23,24 @@ pub fn run(path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ksave can-hibernate`: "yes", or why not (exit 1).
+pub fn can_hibernate() -> Result<ExitCode> {
+    let why = match Setup::load(&ksave_tools::setup::path()) {
+        Err(e) => Some(format!("ksave is not set up ({e:#}): ksave setup --file /var/lib/ksave/image, or --partuuid ...")),
+        Ok(setup) => ksave_tools::ready::why_not(&setup),
+    };
+    match why {
+        None => {
+            println!("yes");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(why) => {
+            println!("no: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// The setup's store, then its header.
 fn run_setup(json: bool) -> Result<ExitCode> {
     let setup = Setup::load(&ksave_tools::setup::path())?;
@@ -65,6 +83,10 @@ fn run_setup(json: bool) -> Result<ExitCode> {
             println!("store        {} ({fs}), {} MiB in {extents} extents, in {} (PARTUUID {}) at byte {}", f.path.display(), image.bytes() >> 20, setup.device.display(), setup.guid, f.map_offset);
         }
         None => println!("store        {} (PARTUUID {}), {} MiB", setup.device.display(), setup.guid, image.bytes() >> 20),
+    }
+    match ksave_tools::ready::why_not(&setup) {
+        None => println!("hibernate    yes"),
+        Some(why) => println!("hibernate    no: {why}"),
     }
     match setup.file.as_ref().and_then(|f| f.key.as_ref()) {
         Some(k) => {
