@@ -377,7 +377,8 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
     let name = format!("debian-{firmware:?}").to_lowercase();
     // No spare partition (issue 21): the image goes into a file on the
     // root, ext4 on UEFI (Debian's and Ubuntu's layout), btrfs on BIOS
-    // (Fedora's). The partition store is the stale-image story's.
+    // (Fedora's; `make test` runs it in the dracut story, on Debian 13).
+    // The partition store is the stale-image story's.
     let root_fs = if firmware == Firmware::Uefi { "ext4" } else { "btrfs" };
     let mut report = Report::new(&format!("Debian with systemd: systemctl hibernate into an image file on its {root_fs} root, resume by the initramfs, twice ({firmware:?})"));
     let disk = DebianDisk::create_on(&name, &machine, Hibernator::Ksave, root_fs)?;
@@ -400,8 +401,8 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
 }
 
 /// Debian 13 (issue 23): systemd 257, its initramfs made by dracut (the
-/// dracut of Fedora's family) with ksave's module, and ksave installed from
-/// its RPM. logind offers every sleep that hibernates with no swap at all.
+/// dracut of Fedora's family) with ksave's module, its root on btrfs, and
+/// ksave installed from its RPM; the image in a file on the root. logind offers every sleep that hibernates with no swap at all.
 /// `systemctl hibernate`, power off, resumed by ksave-resume.service in
 /// dracut's systemd initrd, twice. suspend-then-hibernate: suspended, woken
 /// by the RTC after HibernateDelaySec, hibernated by ksave, powered off,
@@ -418,7 +419,8 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     let machine = Machine::qemu64(Kernel::Linux6_12);
     let name = "debian-dracut";
     let mut report = Report::new("Debian 13, dracut, ksave's RPM: hibernate twice, suspend-then-hibernate, hybrid-sleep (power lost, then woken), ksave.noresume in lockdown");
-    let disk = DebianDisk::make(name, &machine, Hibernator::Ksave, "ext4", None, Suite::Trixie)?;
+    // Its root on btrfs, as Fedora lays it out (dracut's family).
+    let disk = DebianDisk::make(name, &machine, Hibernator::Ksave, "btrfs", None, Suite::Trixie)?;
     let iso = boot_iso(name, "")?;
     // The boot that must not resume is in lockdown too, as under Secure
     // Boot: ksave must refuse to hibernate there, before loading anything.
