@@ -11,8 +11,12 @@ top=$(mktemp -d)
 trap 'rm -rf "$top"' EXIT
 stage=$top/stage
 "$here/stage.sh" "$stage" "$cli" "$elf"
+# The RPM's systems build their initramfs with dracut: no initramfs-tools
+# hook (its directories would be ksave's alone there, left behind by rpm -e).
+rm -r "$stage/usr/share/initramfs-tools"
 # The scriptlets: the shared functions, then what each does. %postun with
-# 0 is the removal (1 is an upgrade, whose %post follows).
+# 0 is the removal (on an upgrade the new package's %post runs first, then
+# the old one's %postun with 1, which does nothing).
 scriptlet() { cat "$here/maintscript.sh"; echo "$1"; }
 {
   sed "s/@VERSION@/$version/" "$here/rpm/ksave.spec"
@@ -22,10 +26,10 @@ scriptlet() { cat "$here/maintscript.sh"; echo "$1"; }
   scriptlet 'if [ "$1" -eq 0 ]; then ksave_systemd_reload; ksave_initramfs_rebuild; ksave_forget_store; fi'
   echo "%files"
   (cd "$stage" && find . -type f | sed 's|^\.||' | sort)
-  # Its own directories (the shared ones belong to systemd and dracut).
-  echo "%dir /usr/lib/ksave"
-  echo "%dir /usr/lib/dracut/modules.d/90ksave"
-  echo "%dir /usr/share/doc/ksave"
+  # Its own directories, drop-in ones included (the rest belong to
+  # systemd and dracut).
+  (cd "$stage" && find ./usr/lib/ksave ./usr/lib/dracut/modules.d/90ksave ./usr/share/doc/ksave ./usr/lib/systemd/system -mindepth 0 -type d \
+    | grep -v '^\./usr/lib/systemd/system$' | sed 's|^\.|%dir |' | sort)
 } > "$top/ksave.spec"
 rpmbuild --quiet -bb --nodeps \
   --define "_topdir $top" --define "_rpmdir $top/out" --define "stage $stage" \

@@ -74,9 +74,9 @@ pub enum Command {
         /// on); a power loss during the suspend leaves it for the next boot.
         #[arg(long, conflicts_with_all = ["snapshot", "poweroff", "suspend_first"])]
         then_suspend: bool,
-        /// suspend-then-hibernate: first suspend to RAM with the RTC set to
-        /// wake the machine after SECONDS; hibernate only when that alarm
-        /// is what woke it (woken earlier: back to work, no image).
+        /// suspend-then-hibernate: first suspend to RAM with an alarm timer
+        /// set to wake the machine after SECONDS; hibernate only when that
+        /// alarm is what woke it (woken earlier: back to work, no image).
         #[arg(long, value_name = "SECONDS", conflicts_with = "snapshot")]
         suspend_first: Option<u64>,
         /// Load with kexec-tools instead of kexec_load(2).

@@ -153,23 +153,35 @@ pub fn unload() -> Result<()> {
     Ok(())
 }
 
-/// Why this kernel cannot load ksave for a jump and come back, if
-/// kexec_load(2) says so: asked with no segments (an unload, which changes
-/// nothing while no kexec image is loaded; with one loaded, nothing is
-/// asked and the load itself will tell) and KEXEC_PRESERVE_CONTEXT, a flag
-/// the kernel accepts only when built with CONFIG_KEXEC_JUMP (KEXEC_FLAGS,
-/// include/linux/kexec.h; kexec_load_check, kernel/kexec.c).
+/// Why this kernel cannot load ksave for a jump and come back, if it
+/// cannot: kexec_load(2) switched off (kernel.kexec_load_disabled), or a
+/// kernel built without CONFIG_KEXEC_JUMP, as its config file in /boot says
+/// or, without one, as kexec_load(2) says: asked with no segments (an
+/// unload, which changes nothing while no kexec image is loaded; with one
+/// loaded, nothing is asked and the load itself will tell) and
+/// KEXEC_PRESERVE_CONTEXT, a flag the kernel accepts only when built with
+/// CONFIG_KEXEC_JUMP (KEXEC_FLAGS, include/linux/kexec.h; kexec_load_check,
+/// kernel/kexec.c). (A lockdown is `sys::lockdown`'s to say.)
 pub fn jump_unavailable() -> Option<String> {
+    if std::fs::read_to_string("/proc/sys/kernel/kexec_load_disabled").is_ok_and(|t| t.trim() == "1") {
+        return Some("kexec_load(2) is switched off on this boot (kernel.kexec_load_disabled = 1, which stays until the next boot): ksave cannot be loaded".into());
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Ok(config) = std::fs::read_to_string(format!("/boot/config-{}", release.trim())) {
+        return (!config.lines().any(|l| l == "CONFIG_KEXEC_JUMP=y")).then(|| NO_KEXEC_JUMP.into());
+    }
     if std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|t| t.trim() != "0") {
         return None;
     }
     unload().err().and_then(|e| e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)).and_then(kexec_refusal)
 }
 
+const NO_KEXEC_JUMP: &str = "this kernel is built without CONFIG_KEXEC_JUMP: it could not come back from ksave (a kernel that can: Fedora's, RHEL's, Ubuntu's, NixOS's)";
+
 /// What kexec_load(2)'s `errno` says about jumping to ksave.
 fn kexec_refusal(errno: i32) -> Option<String> {
     match errno {
-        libc::EINVAL => Some("this kernel is built without CONFIG_KEXEC_JUMP (kexec_load refuses KEXEC_PRESERVE_CONTEXT): it could not come back from ksave".into()),
+        libc::EINVAL => Some(NO_KEXEC_JUMP.into()),
         libc::ENOSYS => Some("this kernel is built without CONFIG_KEXEC: it cannot load ksave".into()),
         libc::EPERM => Some(
             "kexec_load(2) is not permitted here (not root, kernel.kexec_load_disabled set, or a security module's policy): ksave cannot be loaded".into(),

@@ -9,8 +9,9 @@ use std::path::Path;
 use crate::setup::Setup;
 use crate::sys;
 
-/// The initramfs generators ksave's packages hook into (dist/): the file
-/// each installs, and the command that rebuilds every installed kernel's
+/// The initramfs generators ksave's packages hook into (dist/), in the
+/// order the packages pick the first that is there (dist/maintscript.sh):
+/// the file each installs, and the command that rebuilds every installed kernel's
 /// initramfs with it (-k all, --regenerate-all: an older kernel picked at
 /// boot without the setup would mount the root under a valid image;
 /// kernels installed later get it from their own postinst).

@@ -112,34 +112,6 @@ pub enum Woken {
     Early(u64),
 }
 
-/// The RTC's wake alarm (/sys/class/rtc/rtc0/wakealarm), cleared when
-/// dropped so that no alarm of ksave's wakes the machine later.
-struct WakeAlarm(PathBuf);
-
-const WAKE_ALARM: &str = "/sys/class/rtc/rtc0/wakealarm";
-
-impl WakeAlarm {
-    fn set(seconds: u64) -> Result<Self> {
-        let path = PathBuf::from(WAKE_ALARM);
-        // A set alarm must be cleared before another is written (rtc-sysfs.c).
-        std::fs::write(&path, "0").with_context(|| format!("clearing the RTC's wake alarm ({}): does this machine have an RTC (CONFIG_RTC_CLASS)?", path.display()))?;
-        std::fs::write(&path, format!("+{seconds}")).with_context(|| format!("setting the RTC's wake alarm ({})", path.display()))?;
-        Ok(Self(path))
-    }
-
-    /// Still set: it has not gone off (the RTC core disables a one-shot
-    /// alarm once it fires, and the file then reads empty).
-    fn pending(&self) -> bool {
-        std::fs::read_to_string(&self.0).is_ok_and(|t| !t.trim().is_empty())
-    }
-}
-
-impl Drop for WakeAlarm {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.0, "0");
-    }
-}
-
 fn boottime_seconds() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is a valid timespec for clock_gettime to fill.
@@ -147,15 +119,34 @@ fn boottime_seconds() -> u64 {
     ts.tv_sec as u64
 }
 
-/// suspend-then-hibernate's first half: suspend with the RTC set to wake
-/// the machine after `seconds`, and tell whether the alarm woke it. The
-/// time asleep comes from CLOCK_BOOTTIME, in the RTC's whole seconds.
+/// suspend-then-hibernate's first half, as systemd-sleep does it: suspend
+/// with a CLOCK_BOOTTIME_ALARM timer `seconds` ahead (the kernel programs
+/// an RTC that can wake the machine when it suspends, refuses to suspend
+/// with the timer under 2 s away, and leaves other alarms alone:
+/// kernel/time/alarmtimer.c), and tell whether that timer is what woke it.
 pub fn suspend_for(seconds: u64) -> Result<Woken> {
-    let alarm = WakeAlarm::set(seconds)?;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    ensure!(seconds >= 2, "suspend-then-hibernate: a delay of {seconds} s is too short to suspend for (HibernateDelaySec, at least 2 s)");
+    // SAFETY: timerfd_create takes no pointers.
+    let raw = unsafe { libc::timerfd_create(libc::CLOCK_BOOTTIME_ALARM, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+    ensure!(raw >= 0, "an alarm timer to wake the machine (timerfd_create(CLOCK_BOOTTIME_ALARM)): {} (needs an RTC, CONFIG_RTC_CLASS)", std::io::Error::last_os_error());
+    // SAFETY: raw is a new file descriptor that nothing else owns.
+    let timer = unsafe { OwnedFd::from_raw_fd(raw) };
+    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let due = libc::itimerspec { it_interval: zero, it_value: libc::timespec { tv_sec: seconds as libc::time_t, tv_nsec: 0 } };
+    // SAFETY: due is a valid itimerspec; no old value is asked for.
+    let rc = unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &due, std::ptr::null_mut()) };
+    ensure!(rc == 0, "setting the alarm timer: {}", std::io::Error::last_os_error());
     let start = boottime_seconds();
     suspend()?;
     let after = boottime_seconds().saturating_sub(start);
-    Ok(if after + 1 >= seconds || !alarm.pending() { Woken::ByTheAlarm(after) } else { Woken::Early(after) })
+    // Its expiry may be handled a moment after the wake-up: wait for it
+    // briefly when the time is (nearly) up.
+    let wait_ms = if after + 1 >= seconds { 1500 } else { 0 };
+    let mut poll = libc::pollfd { fd: timer.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let fired = unsafe { libc::poll(&mut poll, 1, wait_ms) } == 1;
+    Ok(if fired { Woken::ByTheAlarm(after) } else { Woken::Early(after) })
 }
 
 /// Whether `command` is found on `PATH`, as the shell would run it.

@@ -69,7 +69,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     // now, not when the alarm wakes the machine.
     if let Some(seconds) = suspend_first {
         match sys::suspend_for(seconds)? {
-            sys::Woken::ByTheAlarm(after) => println!("ksave: woken by the RTC after {after} s of suspend: hibernating"),
+            sys::Woken::ByTheAlarm(after) => println!("ksave: woken by the alarm after {after} s of suspend: hibernating"),
             sys::Woken::Early(after) => {
                 println!("ksave: woken after {after} s of suspend, before the {seconds} s were up: not hibernating");
                 return Ok(ExitCode::SUCCESS);
@@ -154,9 +154,12 @@ pub fn run(how: &How) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             println!("ksave: powering off");
-            // SAFETY: sync and reboot(POWER_OFF) take no memory arguments.
+            // No sync(): what the system wrote since the image was taken
+            // (the journal, a service's log) must not reach the disk that
+            // the image will be resumed over (docs/SYSTEMD.md, "Writes after
+            // the image").
+            // SAFETY: reboot(POWER_OFF) takes no memory arguments.
             unsafe {
-                libc::sync();
                 libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
             }
             bail!("power off failed: {}", std::io::Error::last_os_error())
@@ -182,26 +185,46 @@ pub fn run(how: &How) -> Result<ExitCode> {
 /// leaves the image for the next boot to resume; a wake-up means the system
 /// runs on and will change what the image saw, so it is invalidated then.
 fn suspend_on_the_image(setup: &Setup, iommu_left_on: bool) -> Result<ExitCode> {
-    let invalidate = |why: &str| -> Result<()> {
-        ImageFile::open_setup(setup, true)?.invalidate(Some(why))?;
-        forget_key(setup);
-        Ok(())
-    };
     if iommu_left_on {
         // Not resumable after a power loss (see the power-off path): a
         // plain suspend is all this kernel gets.
-        invalidate("this kernel leaves its IOMMU translating across a kexec jump: the image could not be resumed after a power loss")?;
+        invalidate_while_running(setup, "this kernel leaves its IOMMU translating across a kexec jump: the image could not be resumed after a power loss")?;
         println!("ksave: note: this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off): suspending without an image to fall back on");
     } else {
         println!("ksave: image complete; suspending (a power loss now resumes this image at the next boot)");
     }
     let suspended = sys::suspend();
     if !iommu_left_on {
-        invalidate("woken from hybrid-sleep's suspend: the system ran on")?;
+        invalidate_while_running(setup, "woken from hybrid-sleep's suspend: the system ran on")?;
     }
     suspended?;
     println!("ksave: woken from suspend; the image is invalidated (the system runs on)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Invalidates the complete image of a system that runs on (it will change
+/// what the image saw), and destroys its key block, whatever the
+/// invalidation does. Tried a few times: a failure leaves an image the
+/// next boot would resume, which is said as loudly as can be.
+fn invalidate_while_running(setup: &Setup, why: &str) -> Result<()> {
+    let mut tries = 0;
+    let result = loop {
+        tries += 1;
+        match ImageFile::open_setup(setup, true).and_then(|mut f| f.invalidate(Some(why))) {
+            Ok(_) => break Ok(()),
+            Err(e) if tries < 3 => eprintln!("ksave: invalidating the image failed ({e:#}): trying again"),
+            Err(e) => break Err(e),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    forget_key(setup);
+    result.map_err(|e| {
+        let warning = format!(
+            "ksave: WARNING: the image could not be invalidated ({e:#}) while the system runs on: run `ksave invalidate` now, or boot with ksave.noresume, or the next boot resumes a stale image"
+        );
+        sys::kernel_log(&warning);
+        anyhow::anyhow!(warning)
+    })
 }
 
 /// An encrypted store: its key block destroyed, if it holds this store's key.

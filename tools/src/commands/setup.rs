@@ -115,19 +115,14 @@ fn finish() -> Result<ExitCode> {
     let setup = Setup::load(&setup::path())?;
     // Installed from a package, the initramfs resumes: it must carry this
     // setup, so build it again now rather than leave a step to remember.
-    // The generator whose hook is installed and whose command is there.
-    let mut rebuilt = false;
-    for (hook, command) in ready::INITRAMFS_GENERATORS {
-        if !Path::new(hook).exists() || !sys::on_path(command[0]) {
-            continue;
-        }
+    // The first generator whose hook is installed and whose command is
+    // there, as the packages choose (dist/maintscript.sh).
+    let generator = ready::INITRAMFS_GENERATORS.iter().find(|(hook, command)| Path::new(hook).exists() && sys::on_path(command[0]));
+    if let Some((_, command)) = generator {
         let line = command.join(" ");
         println!("ksave: updating every installed kernel's initramfs ({line}), which resumes from this store");
         let status = std::process::Command::new(command[0]).args(&command[1..]).status().with_context(|| format!("running {line}"))?;
         ensure!(status.success(), "{line} failed ({status}): a boot could leave an image stale");
-        rebuilt = true;
-    }
-    if rebuilt {
         ready::mark_resume_path(&setup).context("recording that the initramfs resumes from this setup")?;
     }
     if Path::new("/run/systemd/system").exists() {
