@@ -5,10 +5,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 cli=$2 elf=$3
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../tools/Cargo.toml" | head -n 1)
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-"$here/stage.sh" "$stage" "$cli" "$elf"
+version=$("$here/stage.sh" "$stage" "$cli" "$elf")
 mkdir -p "$stage/DEBIAN"
 sed "s/@VERSION@/$version/" "$here/debian/control" > "$stage/DEBIAN/control"
 # The maintainer scripts: the shared functions, then what each does.

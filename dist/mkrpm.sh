@@ -6,11 +6,10 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 cli=$2 elf=$3
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/../tools/Cargo.toml" | head -n 1)
 top=$(mktemp -d)
 trap 'rm -rf "$top"' EXIT
 stage=$top/stage
-"$here/stage.sh" "$stage" "$cli" "$elf"
+version=$("$here/stage.sh" "$stage" "$cli" "$elf")
 # The RPM's systems build their initramfs with dracut: no initramfs-tools
 # hook (its directories would be ksave's alone there, left behind by rpm -e).
 rm -r "$stage/usr/share/initramfs-tools"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stages the files ksave's packages install (the .deb: dist/mkdeb.sh, the
-# RPM: dist/mkrpm.sh) into DIR, as they lie on the installed system.
+# RPM: dist/mkrpm.sh) into DIR, as they lie on the installed system, and
+# prints the packages' version (the CLI's).
 #   stage.sh DIR KSAVE_CLI KSAVE_ELF
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,3 +29,4 @@ install -D -m 0755 "$here/initramfs-tools/local-bottom" "$stage/usr/share/initra
 install -D -m 0755 "$here/dracut/90ksave/module-setup.sh" "$stage/usr/lib/dracut/modules.d/90ksave/module-setup.sh"
 install -D -m 0644 "$here/dracut/90ksave/ksave-resume.service" "$stage/usr/lib/dracut/modules.d/90ksave/ksave-resume.service"
 install -D -m 0644 "$here/../README.md" "$stage/usr/share/doc/ksave/README.md"
+sed -n 's/^version = "\(.*\)"/\1/p' "$here/../tools/Cargo.toml" | head -n 1

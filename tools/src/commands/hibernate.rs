@@ -162,7 +162,10 @@ pub fn run(how: &How) -> Result<ExitCode> {
             unsafe {
                 libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
             }
-            bail!("power off failed: {}", std::io::Error::last_os_error())
+            // Still running: the system goes on, and so the image must not.
+            let e = std::io::Error::last_os_error();
+            invalidate_while_running(&setup, "the power-off failed: the system ran on")?;
+            bail!("power off failed: {e} (image invalidated)")
         }
         Verdict::Failed(why, code) => {
             // The key of a half-written image has nothing left to open.
