@@ -319,7 +319,7 @@ pub fn locate(path: &Path) -> Result<Located> {
         // ksave wrote them: it would write setup's bytes over an image.
         ensure!(flags & FS_JOURNAL_DATA_FL == 0, "{}: its data is journalled (chattr +j): its blocks are written late, over ksave's", path.display());
         ensure!(
-            !mount_options_of(path).iter().any(|o| o == "data=journal"),
+            !crate::mounts::of(path).is_some_and(|m| m.all_options().any(|o| o == "data=journal")),
             "{} is on ext4 mounted data=journal: its data blocks are written at journal checkpoints, perhaps over ksave's",
             path.display()
         );
@@ -455,24 +455,6 @@ pub fn encode_map(extents: &[FileExtent], claim_id: [u8; 16], encrypted: bool) -
     let mut map = vec![0u8; filemap::pages_for(extents.len()) as usize * PAGE];
     let crc = filemap::encode(extents, claim_id, encrypted, &mut map);
     (map, crc)
-}
-
-/// The mount options of the file system `path` is on (its mount point is
-/// the longest that is a prefix of the canonical path).
-fn mount_options_of(path: &Path) -> Vec<String> {
-    let Ok(path) = std::fs::canonicalize(path) else { return Vec::new() };
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    // mountinfo: id parent major:minor root mountpoint options ... - type source super-options
-    let best = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let dash = f.iter().position(|&w| w == "-")?;
-            Some((PathBuf::from(f.get(4)?), f.get(dash + 3).copied().unwrap_or("")))
-        })
-        .filter(|(at, _)| path.starts_with(at))
-        .max_by_key(|(at, _)| at.as_os_str().len());
-    best.map(|(_, opts)| opts.split(',').map(str::to_string).collect()).unwrap_or_default()
 }
 
 /// Reads or sets the file's inode flags (FS_IOC_GETFLAGS/SETFLAGS).

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use ksave_format::header::{FS_EXT4, FS_EXT4_BY_UUID, FsSeen, MAX_FILESYSTEMS, ext_mount_counters};
 use ksave_format::verdict::Refusal;
 
+use crate::mounts::{self, Mount};
 use crate::sys;
 
 /// The ext2/3/4 superblock's mount count and last mount time, read from
@@ -43,11 +44,9 @@ fn ext4_uuid(device: &Path) -> Option<[u8; 16]> {
 /// user.
 pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
     let (mut seen, mut unrecorded) = (Vec::new(), Vec::new());
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return (seen, unrecorded);
-    };
     let mut devices: Vec<String> = Vec::new();
-    for (dev, point, fstype) in mountinfo.lines().filter_map(parse_mountinfo) {
+    for Mount { dev, point, fstype, .. } in mounts::all() {
+        let point = point.display();
         // Block devices only (major 0 is the kernel's anonymous devices:
         // tmpfs, proc, overlay; and btrfs's, named by its source), each
         // once (bind mounts).
@@ -79,14 +78,6 @@ pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
         }
     }
     (seen, unrecorded)
-}
-
-/// (device "major:minor", mount point, file system type) of a
-/// /proc/self/mountinfo line (proc(5): the type follows the " - ").
-fn parse_mountinfo(line: &str) -> Option<(String, String, String)> {
-    let (head, tail) = line.split_once(" - ")?;
-    let fields: Vec<&str> = head.split(' ').collect();
-    Some((fields.get(2)?.to_string(), fields.get(4)?.to_string(), tail.split(' ').next()?.to_string()))
 }
 
 /// /dev/NAME of the block device "major:minor".
@@ -123,17 +114,4 @@ fn superblock(device: &Path) -> Option<[u8; 1024]> {
     let mut sb = [0u8; 1024];
     File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
     Some(sb)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_lines_are_read() {
-        let line = "29 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro";
-        assert_eq!(parse_mountinfo(line), Some(("8:1".into(), "/".into(), "ext4".into())));
-        let tmpfs = "30 29 0:26 / /run rw,nosuid shared:2 - tmpfs tmpfs rw,size=100k";
-        assert_eq!(parse_mountinfo(tmpfs).map(|m| m.2), Some("tmpfs".into()));
-    }
 }

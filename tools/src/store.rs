@@ -93,16 +93,8 @@ pub fn refusals(part: &PartInfo, found: &Occupants, claiming: bool, claimed: boo
 pub fn occupants(part: &PartInfo) -> Result<Occupants> {
     let rdev = std::fs::metadata(&part.device).with_context(|| format!("{}", part.device.display()))?.rdev();
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mounts = mountinfo
-        .lines()
-        .filter_map(|l| {
-            // "36 35 98:0 /mnt1 /mnt/parent rw ...": the third field is the
-            // device, the fifth the mount point (proc(5)).
-            let fields: Vec<&str> = l.split(' ').collect();
-            (fields.get(2) == Some(&format!("{major}:{minor}").as_str())).then(|| fields.get(4).unwrap_or(&"?").to_string())
-        })
-        .collect();
+    let dev = format!("{major}:{minor}");
+    let mounts = crate::mounts::all().into_iter().filter(|m| m.dev == dev).map(|m| m.point.display().to_string()).collect();
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
     // The first column of each line after the heading; a swap file's rdev
     // is 0, never a partition's.

@@ -557,19 +557,7 @@ pub fn encryption_in_use() -> Vec<String> {
 /// `st_dev`, major 0, not its device), else `st_dev`.
 fn fs_device(path: &Path) -> Option<u64> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let canonical = std::fs::canonicalize(path).ok()?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    // mount ID, parent, major:minor, root, mount point, options, [optional...] - type source ...
-    let source = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let mount_point = f.get(4)?;
-            let sep = f.iter().position(|w| *w == "-")?;
-            canonical.starts_with(mount_point).then(|| (mount_point.len(), f.get(sep + 2).copied()))
-        })
-        .max_by_key(|(len, _)| *len)
-        .and_then(|(_, source)| source);
+    let source = crate::mounts::of(path).map(|m| m.source);
     match source.and_then(|s| std::fs::metadata(s).ok()) {
         Some(meta) if meta.file_type().is_block_device() => Some(meta.rdev()),
         _ => std::fs::metadata(path).ok().map(|m| m.dev()),

@@ -168,6 +168,27 @@ impl DebianDisk {
         Ok(())
     }
 
+    /// After a hibernate's power-off: an ext4 root was left as a freeze
+    /// leaves it (the journal flushed, `needs_recovery` cleared:
+    /// ext4_freeze, fs/ext4/super.c), so nothing the system did after the
+    /// image reached it (tools/src/freeze.rs). A mounted ext4 that was not
+    /// frozen has the flag set. Other roots: nothing to read (btrfs has no
+    /// such flag; LUKS is sealed to the host).
+    fn expect_root_frozen(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.root_fs != "ext4" {
+            return Ok(());
+        }
+        // The superblock at byte 1024 of the root (at 1 MiB); its magic at
+        // 0x38, s_feature_incompat at 0x60, INCOMPAT_RECOVER 0x4.
+        let mut sb = [0u8; 0x64];
+        std::fs::File::open(&self.path)?.read_exact_at(&mut sb, (1 << 20) + 1024)?;
+        ensure!(sb[0x38..0x3a] == [0x53, 0xef], "no ext4 superblock at the root partition");
+        let incompat = u32::from_le_bytes(sb[0x60..0x64].try_into()?);
+        ensure!(incompat & 0x4 == 0, "the root file system was powered off mounted and not frozen (needs_recovery set): the system could write to it after the image");
+        Ok(())
+    }
+
     /// Flips a bit in the image's first chunk, past its header: the host's
     /// checks pass, ksave's checksum does not.
     fn damage_image(&self) -> Result<()> {
@@ -284,11 +305,10 @@ impl Shell {
 
     /// `systemctl hibernate` until the machine is off, and how long that
     /// took; what `by` says it saved goes to `report` ("pages in the
-    /// image", "image size"). ksave: it saves and returns, the tool powers
-    /// off. (The tool's own lines reach the console through journald, which
-    /// the power-off may overtake; the journal has them after the resume.
-    /// The tool powers off only for a complete image of this attempt, and
-    /// the next boot resumes it or says why not.)
+    /// image", "image size"). ksave: it saves and returns (its own lines on
+    /// the serial console), the tool powers off. (The tool powers off only
+    /// for a complete image of this attempt, and the next boot resumes it
+    /// or says why not.)
     fn hibernate(mut self, by: Hibernator, report: &mut Report) -> Result<Duration> {
         let start = Instant::now();
         // The console shows KERN_INFO from here: Linux reports its image at
@@ -325,6 +345,7 @@ impl Shell {
         let away = Instant::now();
         let took = self.hibernate(Hibernator::Ksave, report)?;
         report.add_ms(format!("hibernate {round}: systemctl hibernate to power-off"), took);
+        boot.disk.expect_root_frozen()?;
         resume(&round.to_string(), boot, passphrase, away, report)
     }
 

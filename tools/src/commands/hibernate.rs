@@ -1,4 +1,4 @@
-//! `ksave hibernate`: load, sync, jump to ksave, read what it wrote, and
+//! `ksave hibernate`: load, freeze, jump to ksave, read what it wrote, and
 //! power off only for a complete image of this attempt.
 
 use std::process::ExitCode;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use ksave_format::PAGE;
 use ksave_format::header::{DATA_OFFSET, FLAG_IOMMU_LEFT_ON, Header, State};
+use ksave_tools::freeze::Frozen;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
@@ -106,70 +107,74 @@ pub fn run(how: &How) -> Result<ExitCode> {
     for what in ksave_tools::fs::seen().1 {
         println!("ksave: note: {what} is not recorded (no mount count to prove a mount by): only the initramfs keeps a boot from mounting it under the image");
     }
+    // From here until the machine powers off, or goes on, nothing may reach
+    // the disk the image will be resumed over (freeze.rs).
+    let frozen = Frozen::everything()?;
+    for note in &frozen.notes {
+        frozen.say(&format!("ksave: note: {note}"));
+    }
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
     let _ = load::unload(); // give the memory back
     let from_ksave = loaded.mailbox.as_ref().and_then(MailboxPage::posted);
-    match verdict(&setup, loaded.config.nonce, from_ksave) {
+    let verdict = verdict(&setup, loaded.config.nonce, from_ksave);
+    if !matches!(verdict, Verdict::Saved(_)) || snapshot {
+        // The system goes on.
+        drop(frozen);
+        return after_no_power_off(&setup, verdict);
+    }
+    let Verdict::Saved(h) = verdict else { unreachable!() };
+    for line in complete(&h) {
+        frozen.say(&line);
+    }
+    if then_suspend {
+        return suspend_on_the_image(&setup, h.flags & FLAG_IOMMU_LEFT_ON != 0, frozen);
+    }
+    if h.flags & FLAG_IOMMU_LEFT_ON != 0 {
+        // Resuming it would leave the kernel's devices doing DMA through an
+        // IOMMU nobody set up: never offer that image.
+        let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
+        ImageFile::open_setup(&setup, true)?.invalidate(Some(why))?;
+        forget_key(&setup);
+        drop(frozen);
+        eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
+        println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
+        return Ok(ExitCode::FAILURE);
+    }
+    frozen.say("ksave: powering off");
+    // No sync(): nothing was written since the freeze, and nothing may be.
+    // SAFETY: reboot(POWER_OFF) takes no memory arguments.
+    unsafe {
+        libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
+    }
+    // Still running: the system goes on, and so the image must not.
+    let e = std::io::Error::last_os_error();
+    invalidate_while_running(&setup, "the power-off failed: the system ran on")?;
+    drop(frozen);
+    bail!("power off failed: {e} (image invalidated)")
+}
+
+/// What is said, and done, when the system goes on after the jump (user
+/// space and file systems thawed): resumed, failed, or a snapshot taken.
+fn after_no_power_off(setup: &Setup, verdict: Verdict) -> Result<ExitCode> {
+    match verdict {
         Verdict::Resumed(h) => {
             println!("ksave: resumed from the image saved at {} (unix), {} pages", h.created_unix, h.pages_stored);
             // `ksave resume` destroyed the key block before the jump; a
             // resume some other way leaves it: not any more.
-            forget_key(&setup);
+            forget_key(setup);
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Saved(h) => {
-            let bytes = h.data_bytes.saturating_add(DATA_OFFSET);
-            println!(
-                "ksave: image complete: {} pages ({} MiB) stored, {} free and {} zero pages left out, {} MiB on disk, saved in {} ms",
-                h.pages_stored,
-                (h.pages_stored * PAGE as u64) >> 20,
-                h.pages_free,
-                h.pages_zero,
-                bytes >> 20,
-                h.save_us / 1000
-            );
-            println!(
-                "ksave-metric image_bytes={bytes} pages_stored={} pages_zero={} pages_free={} save_ms={}",
-                h.pages_stored,
-                h.pages_zero,
-                h.pages_free,
-                h.save_us / 1000
-            );
-            if snapshot {
-                println!("ksave: snapshot taken; still running");
-                return Ok(ExitCode::SUCCESS);
+            for line in complete(&h) {
+                println!("{line}");
             }
-            if then_suspend {
-                return suspend_on_the_image(&setup, h.flags & FLAG_IOMMU_LEFT_ON != 0);
-            }
-            if h.flags & FLAG_IOMMU_LEFT_ON != 0 {
-                // Resuming it would leave the kernel's devices doing DMA
-                // through an IOMMU nobody set up: never offer that image.
-                let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
-                ImageFile::open_setup(&setup, true)?.invalidate(Some(why))?;
-                forget_key(&setup);
-                eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
-                println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
-                return Ok(ExitCode::FAILURE);
-            }
-            println!("ksave: powering off");
-            // No sync(): what the system wrote since the image was taken
-            // (the journal, a service's log) must not reach the disk that
-            // the image will be resumed over (docs/SYSTEMD.md, "Writes after
-            // the image").
-            // SAFETY: reboot(POWER_OFF) takes no memory arguments.
-            unsafe {
-                libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF);
-            }
-            // Still running: the system goes on, and so the image must not.
-            let e = std::io::Error::last_os_error();
-            invalidate_while_running(&setup, "the power-off failed: the system ran on")?;
-            bail!("power off failed: {e} (image invalidated)")
+            println!("ksave: snapshot taken; still running");
+            Ok(ExitCode::SUCCESS)
         }
         Verdict::Failed(why, code) => {
             // The key of a half-written image has nothing left to open.
-            forget_key(&setup);
+            forget_key(setup);
             eprintln!("ksave: hibernation FAILED, not powering off: {why}");
             if code == Some(ksave_format::header::fail::TOO_SMALL) {
                 eprintln!(
@@ -184,22 +189,43 @@ pub fn run(how: &How) -> Result<ExitCode> {
     }
 }
 
+/// What is said of a complete image: for the user, and for the harness.
+fn complete(h: &Header) -> [String; 2] {
+    let bytes = h.data_bytes.saturating_add(DATA_OFFSET);
+    [
+        format!(
+            "ksave: image complete: {} pages ({} MiB) stored, {} free and {} zero pages left out, {} MiB on disk, saved in {} ms",
+            h.pages_stored,
+            (h.pages_stored * PAGE as u64) >> 20,
+            h.pages_free,
+            h.pages_zero,
+            bytes >> 20,
+            h.save_us / 1000
+        ),
+        format!("ksave-metric image_bytes={bytes} pages_stored={} pages_zero={} pages_free={} save_ms={}", h.pages_stored, h.pages_zero, h.pages_free, h.save_us / 1000),
+    ]
+}
+
 /// hybrid-sleep, the image complete: suspend to RAM. A power loss now
 /// leaves the image for the next boot to resume; a wake-up means the system
-/// runs on and will change what the image saw, so it is invalidated then.
-fn suspend_on_the_image(setup: &Setup, iommu_left_on: bool) -> Result<ExitCode> {
+/// runs on and will change what the image saw, so it is invalidated then,
+/// before anything is thawed.
+fn suspend_on_the_image(setup: &Setup, iommu_left_on: bool, frozen: Frozen) -> Result<ExitCode> {
     if iommu_left_on {
         // Not resumable after a power loss (see the power-off path): a
         // plain suspend is all this kernel gets.
         invalidate_while_running(setup, "this kernel leaves its IOMMU translating across a kexec jump: the image could not be resumed after a power loss")?;
+        drop(frozen);
         println!("ksave: note: this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off): suspending without an image to fall back on");
-    } else {
-        println!("ksave: image complete; suspending (a power loss now resumes this image at the next boot)");
+        sys::suspend()?;
+        println!("ksave: woken from suspend");
+        return Ok(ExitCode::SUCCESS);
     }
+    frozen.say("ksave: image complete; suspending (a power loss now resumes this image at the next boot)");
     let suspended = sys::suspend();
-    if !iommu_left_on {
-        invalidate_while_running(setup, "woken from hybrid-sleep's suspend: the system ran on")?;
-    }
+    let invalidated = invalidate_while_running(setup, "woken from hybrid-sleep's suspend: the system ran on");
+    drop(frozen);
+    invalidated?;
     suspended?;
     println!("ksave: woken from suspend; the image is invalidated (the system runs on)");
     Ok(ExitCode::SUCCESS)
@@ -237,10 +263,8 @@ fn forget_key(setup: &Setup) {
     }
 }
 
-/// Syncs and jumps to the loaded ksave; returns when it has come back.
+/// Jumps to the loaded ksave; returns when it has come back.
 fn jump(kexec_tools: bool) -> Result<()> {
-    // SAFETY: sync has no memory arguments.
-    unsafe { libc::sync() };
     if kexec_tools {
         // kexec-tools 2.0.25 exits 255 even after a good jump back: only the
         // partition tells what happened.
