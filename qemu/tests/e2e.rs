@@ -132,6 +132,14 @@ fn a_partition_guid_on_two_disks_is_never_guessed() {
     run(|echo| scenarios::hibernate_snapshot(Expect::Cloned, false, 16, echo));
 }
 
+/// Nothing of RAM left out: RAM a driver added (QEMU's virtio-mem, which
+/// the firmware map does not list) is refused by name, before anything is
+/// loaded, whether the host's checks run or not.
+#[test]
+fn ram_a_driver_added_is_refused_by_name_before_anything_is_loaded() {
+    run(|echo| scenarios::hibernate_snapshot(Expect::DriverRam, false, 16, echo));
+}
+
 #[test]
 fn a_cpu_exception_during_a_save_returns_to_the_caller() {
     run(|echo| scenarios::hibernate_snapshot(Expect::CpuException, false, 16, echo));

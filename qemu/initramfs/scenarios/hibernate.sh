@@ -8,6 +8,7 @@
 #                   | reformatted (setup refuses what is not ksave's, and a
 #                     store made a file system since setup is never written)
 #                   | cloned (the disk has a clone, vda: neither is written)
+#                   | driver-ram (virtio-mem RAM plugged: refused, named)
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 expect=${KSAVE_EXPECT:-ok}
@@ -114,6 +115,24 @@ elif [ "$expect" = io-error ] || [ "$expect" = too-small ]; then
     fi
   fi
   say "hibernate refused (as it must)"
+elif [ "$expect" = driver-ram ]; then
+  # RAM a driver added is not in the firmware's map (MHP_NO_FIRMWARE_MEMMAP):
+  # no image holds it, so no hibernate may go ahead, checked or not.
+  mib=0
+  sed -n 's/^ *\([0-9a-f]*-[0-9a-f]*\) : System RAM (virtio_mem)$/\1/p' /proc/iomem > /tmp/driver-ram
+  while read -r span; do
+    mib=$((mib + ((0x${span#*-} - 0x${span%-*} + 1) >> 20)))
+  done < /tmp/driver-ram
+  [ "$mib" -gt 0 ] || { say "no RAM from virtio-mem in /proc/iomem"; exit 1; }
+  say "RAM a driver added: $mib MiB"
+  for how in "" --no-precheck; do
+    # shellcheck disable=SC2086 # an option or none
+    ksave hibernate --snapshot $how 2>/tmp/why && { say "hibernate $how went ahead with RAM a driver added"; exit 1; }
+    cat /tmp/why >&2
+    grep -q "System RAM (virtio_mem) at 0x.* is RAM a driver added" /tmp/why || { say "hibernate $how refused, but not naming the RAM: $(cat /tmp/why)"; exit 1; }
+    [ "$(cat /sys/kernel/kexec_loaded)" = 0 ] || { say "hibernate $how loaded ksave before it refused"; exit 1; }
+  done
+  say "hibernate refused the RAM a driver added, naming it, nothing loaded"
 elif [ "$expect" != ok ] && [ "$expect" != iommu-left-on ]; then
   # The host's own check refuses first ...
   ksave hibernate --snapshot 2>/tmp/why && { say "hibernate passed the host check"; exit 1; }

@@ -9,6 +9,9 @@
 #   KSAVE_INIT_ON_FREE  set: the kernel runs with init_on_free=1 and trusts
 #                   free pages to be zero: after each resume, new pages are
 #                   checked to be (ksave zeroed the pages it left out)
+#   KSAVE_PAGE_POISON  set: the kernel runs with page_poison=1 and checks
+#                   the poison in each free page it hands out: no free
+#                   page may be left out, and none may be found changed
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 
@@ -33,11 +36,33 @@ check() {
   [ "$(dd if="$scratch" bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$want" ] || { say "disk read back differs"; exit 1; }
 }
 
+# page_poison=1: what the kernel would call corruption, from its log.
+poison_errors() {
+  dmesg | grep "pagealloc: " | head -3
+}
+
+# A poisoning kernel's snapshot leaves no free page out: the tool saves
+# them all, poison and all.
+prove_poison_kept() {
+  grep -qw page_poison=1 /proc/cmdline || { say "page_poison=1 is not on the command line"; exit 1; }
+  lived_in
+  ksave hibernate --snapshot > /tmp/snapshot.log || { cat /tmp/snapshot.log; say "snapshot failed"; exit 1; }
+  cat /tmp/snapshot.log
+  grep -q "poisons its free pages" /tmp/snapshot.log || { say "the tool did not see the poisoning"; exit 1; }
+  free=$(sed -n 's/.*pages_free=\([0-9]*\).*/\1/p' /tmp/snapshot.log)
+  [ "${free:-x}" = 0 ] || { say "${free:-no count of} free pages left out of a poisoning kernel's image"; exit 1; }
+  [ -z "$(poison_errors)" ] || { say "poison found changed before any resume: $(poison_errors)"; exit 1; }
+  say "page poisoning: no free page left out"
+}
+
 check
 # Memory that has been used for a while: the free pages hold old data. A
 # snapshot proves what the image leaves out is free, then the story runs on
 # lived-in memory.
-if [ -z "$KSAVE_FRESH" ]; then
+if [ -n "$KSAVE_PAGE_POISON" ]; then
+  prove_poison_kept
+  check
+elif [ -z "$KSAVE_FRESH" ]; then
   prove_free_left_out
   check
 fi
@@ -53,6 +78,11 @@ for round in 1 2; do
   if [ -n "$KSAVE_INIT_ON_FREE" ]; then
     grep -qw init_on_free=1 /proc/cmdline || { say "init_on_free=1 is not on the command line"; exit 1; }
     memtest zeroed --percent 60 || { say "new pages held old data after the resume"; exit 1; }
+  fi
+  if [ -n "$KSAVE_PAGE_POISON" ]; then
+    # New pages, most of them free ones: the kernel checks each one's poison.
+    memtest zeroed --percent 60 || { say "new pages held old data after the resume"; exit 1; }
+    [ -z "$(poison_errors)" ] || { say "the kernel found its free pages' poison changed after the resume: $(poison_errors)"; exit 1; }
   fi
   say "resumed ($round): memory, tmpfs and disk intact, count $last -> $count"
   last=$count

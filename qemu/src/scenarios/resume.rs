@@ -62,10 +62,15 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
     // trusts its free pages to be zero (init_on_free=1): ksave must have
     // zeroed those it left out.
     let init_on_free = if by == ResumeBy::KernelC { " init_on_free=1 ksave.init_on_free=1" } else { "" };
+    // Resumed by GRUB, A poisons its free pages (page_poison=1) and checks
+    // the poison as it hands each out (mm/page_poison.c): ksave must save
+    // them (no free page left out) and the poison must be back after the
+    // resume.
+    let poison = if by == ResumeBy::Grub { " page_poison=1 ksave.page_poison=1" } else { "" };
     let config = kernel_on(
         machine.kernel,
         &name,
-        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{}", machine.kernel_args()),
+        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{poison}{}", machine.kernel_args()),
     )?
     .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
@@ -73,7 +78,9 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         // Kernel A really translates its devices' DMA.
         vm.expect("ksave-test: DMA remapping on: iommu groups", 120 * SECOND)?;
     }
-    if lived_in {
+    if !poison.is_empty() {
+        vm.expect("ksave-test: page poisoning: no free page left out", 300 * SECOND)?;
+    } else if lived_in {
         let proven = vm.expect("ksave-test: free pages proven:", 300 * SECOND)?;
         let free: f64 = proven.text.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0);
         report.add("snapshot of lived-in memory: pages left out as free", free, "pages");

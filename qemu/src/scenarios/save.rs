@@ -27,6 +27,10 @@ pub enum Expect {
     /// Setup refuses what is not ksave's; a file system made on the store
     /// after setup is refused by the tool and by ksave, and stays intact.
     Reformatted,
+    /// RAM a driver added (QEMU's virtio-mem, 128 MiB plugged): no image
+    /// can hold it, so the tool refuses, naming it, before anything is
+    /// loaded, --no-precheck or not.
+    DriverRam,
 }
 
 /// Kernel A holds `memtest_mib` MiB of known data and runs `ksave
@@ -55,9 +59,10 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
     };
     // The LZ4 runs load through kexec-tools, the others through kexec_load(2).
     let scenario = format!(
-        "hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib} ksave.expect={}{}",
-        format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error").replace("cpuexception", "cpu-exception"),
-        if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" }
+        "hibernate ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib} ksave.expect={}{}{}",
+        format!("{expect:?}").to_lowercase().replace("toosmall", "too-small").replace("wrongguid", "wrong-guid").replace("ioerror", "io-error").replace("cpuexception", "cpu-exception").replace("driverram", "driver-ram"),
+        if lz4 { " ksave.lz4=1 ksave.kexec_tools=1" } else { "" },
+        if expect == Expect::DriverRam { " memhp_default_state=online" } else { "" }
     );
     let mut config = kernel_a(&name, &scenario)?.arg(disk.qemu_args(bus, rule.as_deref()));
     if expect == Expect::Cloned {
@@ -65,6 +70,18 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
         let copied = std::process::Command::new("cp").arg("--sparse=always").arg(&disk.path).arg(&clone).status()?;
         ensure!(copied.success(), "copying the disk for its clone failed ({copied})");
         config = config.arg(["-drive".to_string(), format!("if=none,id=clone,format=raw,file={}", clone.display()), "-device".into(), "virtio-blk-pci,drive=clone".into()]);
+    }
+    if expect == Expect::DriverRam {
+        // Room for hotplugged memory (the -m options merge with the VM's),
+        // and 128 MiB of it plugged at boot, onlined by the kernel.
+        config = config.arg([
+            "-m",
+            "512M,maxmem=1G",
+            "-object",
+            "memory-backend-ram,id=vmem0,size=256M",
+            "-device",
+            "virtio-mem-pci,id=vmem,memdev=vmem0,requested-size=128M",
+        ]);
     }
     let mut vm = Vm::start(VmConfig { echo, ..config })?;
     let mut report = Report::new(&format!("hibernate --snapshot, {expect:?}{}, {memtest_mib} MiB memtest, {bus:?}", if lz4 { ", LZ4" } else { "" }));
@@ -100,6 +117,11 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
             report.add("  of which disk transfers", saved.get("disk_ms")?, "ms");
             report.add("zero pages left out", saved.get("pages_zero")?, "pages");
             report.add("data stored", saved.get("pages_stored")? * 4096.0 / MIB, "MiB");
+        }
+        Expect::DriverRam => {
+            let ram = vm.expect("ksave-test: RAM a driver added:", 120 * SECOND)?;
+            report.add("virtio-mem RAM plugged", ram.text.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0.0), "MiB");
+            vm.expect("ksave-test: hibernate refused the RAM a driver added, naming it, nothing loaded", 120 * SECOND)?;
         }
         _ => {
             // ksave's own failure first, then the tool's, which must pass

@@ -48,6 +48,10 @@ pub fn run(how: &How) -> Result<ExitCode> {
             secret.join(", ")
         );
     }
+    // Nothing of RAM left out: no image holds RAM a driver added.
+    if let Some(what) = super::driver_ram()? {
+        bail!("{what}");
+    }
     let setup = Setup::load(&setup::path())?;
     // What the loading and the next boot would find out too late.
     if let Some(why) = ksave_tools::ready::why_not(&setup) {

@@ -138,6 +138,22 @@ fn check_file_store(setup: &Setup, part: &sys::PartInfo, file: &FileStore) -> Re
     Ok(())
 }
 
+/// RAM a driver added (virtio-mem, dax/kmem, CXL), said for the user: no
+/// image can hold it (sys::ram_outside_firmware_map), so a hibernate is
+/// refused while there is any, --no-precheck or not.
+fn driver_ram() -> Result<Option<String>> {
+    let unlisted = sys::ram_outside_firmware_map()?;
+    Ok(unlisted.first().map(|(r, name)| {
+        format!(
+            "{name} at {:#x}-{:#x} ({} MiB{}) is RAM a driver added, which the firmware map does not list: ksave can neither save it nor restore into it at the next boot. Unplug it first (virtio-mem: the host sets the device's requested-size to 0)",
+            r.start,
+            r.end,
+            (r.end - r.start) >> 20,
+            if unlisted.len() > 1 { format!(", and {} more ranges", unlisted.len() - 1) } else { String::new() }
+        )
+    }))
+}
+
 /// The host's own checks before a jump: the partition is still the one set
 /// up, and it holds the worst case for this machine's RAM.
 fn precheck(setup: &Setup) -> Result<()> {
@@ -153,15 +169,8 @@ fn precheck(setup: &Setup) -> Result<()> {
         part.first_lba,
         part.sectors
     );
-    let unlisted = sys::ram_outside_firmware_map()?;
-    if let Some((r, name)) = unlisted.first() {
-        anyhow::bail!(
-            "{name} at {:#x}-{:#x} ({} MiB{}) is RAM the firmware map does not list (added by a driver: virtio-mem, dax/kmem, CXL): ksave would neither save nor restore it. Take it offline or unplug it first",
-            r.start,
-            r.end,
-            (r.end - r.start) >> 20,
-            if unlisted.len() > 1 { format!(", and {} more ranges", unlisted.len() - 1) } else { String::new() }
-        );
+    if let Some(what) = driver_ram()? {
+        println!("ksave: note: {what}: `ksave hibernate` refuses while it is there");
     }
     let pages: u64 = sys::ram_ranges()?.iter().map(|r| r.pages().count() as u64).sum();
     let sealed = setup.file.as_ref().is_some_and(|f| f.key.is_some());
