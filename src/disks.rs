@@ -456,16 +456,18 @@ impl OpenPartition {
     }
 
 
-    /// The 1024 bytes at byte 1024 of the partition `guid` on this disk,
-    /// where an ext superblock lies, read through `buf` (DMA memory);
-    /// `None` if this disk has no such partition or it cannot be read.
-    pub fn ext_superblock<'b>(&mut self, guid: Guid, buf: &'b mut [u8; PAGE]) -> Option<&'b [u8; 1024]> {
+    /// The 1024 bytes at byte `at` of the partition `guid` on this disk,
+    /// where a file system's superblock lies (ext: 1024, btrfs: 65536),
+    /// read through `buf` (DMA memory); `None` if this disk has no such
+    /// partition or it cannot be read.
+    pub fn superblock<'b>(&mut self, guid: Guid, at: u64, buf: &'b mut [u8; PAGE]) -> Option<&'b [u8; 1024]> {
         let block_size = self.block_size();
         let found = part::find_gpt_partition(&mut self.disk, &KsaveHal, guid, buf).ok()?;
         let whole = [Extent { lba: found.first_lba, blocks: found.blocks() }];
         let mut partition = DiskStore::new(&mut self.disk, KsaveHal, StoreMap::new(block_size, &whole).ok()?);
-        partition.read_at(0, buf).ok()?;
-        buf[1024..2048].try_into().ok()
+        let within = (at % PAGE as u64) as usize;
+        partition.read_at(at - within as u64, buf).ok()?;
+        buf.get(within..within + 1024)?.try_into().ok()
     }
 
     /// How many IOMMUs were translating until ksave switched them off.

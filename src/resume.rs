@@ -19,7 +19,7 @@ use diskdrv::ide::Mode;
 use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
 use diskdrv::part::Guid;
-use ksave_format::header::{FS_EXT4, State};
+use ksave_format::header::{FS_BTRFS, FS_EXT4, State};
 use ksave_format::{PAGE, Range, reader};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::seal::Seal;
@@ -57,10 +57,10 @@ pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], f
 }
 
 /// Refuses the image if a file system it saw says it was mounted since,
-/// or cannot be found and read: ksave reads their ext superblocks on the
-/// store's disk, the one it has open (kind [`FS_EXT4`], by PARTUUID; one
-/// recorded by its own UUID lies on a device-mapper volume, which only
-/// Linux assembles). An image that is not complete or not readable is left
+/// or cannot be found and read: ksave reads their superblocks on the
+/// store's disk, the one it has open (kinds [`FS_EXT4`] and [`FS_BTRFS`],
+/// by PARTUUID; one recorded by its own UUID lies on a device-mapper
+/// volume, which only Linux assembles). An image that is not complete or not readable is left
 /// to the verdict, which says why.
 fn filesystems_unchanged(part: &mut disks::OpenPartition, block: &mut [u8; PAGE], buf: &mut [u8; PAGE]) -> Result<(), Refused> {
     let Ok(header) = reader::read_header(&mut part.store(), block) else { return Ok(()) };
@@ -68,7 +68,7 @@ fn filesystems_unchanged(part: &mut disks::OpenPartition, block: &mut [u8; PAGE]
         return Ok(());
     }
     for fs in header.filesystems() {
-        let superblock = if fs.kind == FS_EXT4 { part.ext_superblock(Guid::from_bytes(fs.partuuid), buf) } else { None };
+        let superblock = if matches!(fs.kind, FS_EXT4 | FS_BTRFS) { part.superblock(Guid::from_bytes(fs.partuuid), fs.superblock_at(), buf) } else { None };
         match superblock.map(|sb| fs.mounted_since(sb)) {
             Some(None) => {}
             Some(Some(mounted)) => return Err(Refused::new(mounted)),

@@ -36,18 +36,22 @@ pub const MAX_FILESYSTEMS: usize = 16;
 /// was mounted since (a live system, another OS, an older kernel without
 /// ksave's initramfs). Only what a mount provably changes is kept: ext2/3/4
 /// count their read-write mounts and stamp the time of the last one in the
-/// superblock (fs/ext4/super.c, ext4_setup_super).
+/// superblock (fs/ext4/super.c, ext4_setup_super); btrfs's superblock
+/// generation moves with every transaction commit (fs/btrfs/transaction.c),
+/// and is final once the file system is frozen for the jump (the tool reads
+/// it after the freeze).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsSeen {
     /// Which file system: the partition's unique GUID (its PARTUUID),
-    /// on-disk byte order ([`FS_EXT4`]); or the file system's own UUID
-    /// ([`FS_EXT4_BY_UUID`]).
+    /// on-disk byte order ([`FS_EXT4`], [`FS_BTRFS`]); or the file
+    /// system's own UUID ([`FS_EXT4_BY_UUID`], [`FS_BTRFS_BY_UUID`]).
     pub partuuid: [u8; 16],
-    /// [`FS_EXT4`] or [`FS_EXT4_BY_UUID`].
+    /// One of the `FS_` kinds.
     pub kind: u32,
-    /// ext4: `s_mnt_count`, read-write mounts since the last check.
+    /// ext4: `s_mnt_count`, read-write mounts since the last check. btrfs: 0.
     pub mounts: u32,
     /// ext4: `s_mtime`, when it was last mounted (seconds since the epoch).
+    /// btrfs: the superblock's generation.
     pub mounted_at: u64,
 }
 
@@ -57,10 +61,25 @@ impl FsSeen {
         FsId { kind: self.kind, bytes: self.partuuid }
     }
 
-    /// The refusal if its ext superblock (the 1024 bytes at byte 1024 of
-    /// its device) now says it was mounted since: another mount count or
-    /// last mount time, or no ext superblock at all.
+    /// A btrfs kind ([`FS_BTRFS`], [`FS_BTRFS_BY_UUID`]).
+    pub fn is_btrfs(&self) -> bool {
+        matches!(self.kind, FS_BTRFS | FS_BTRFS_BY_UUID)
+    }
+
+    /// Where on its device its superblock lies, in bytes.
+    pub fn superblock_at(&self) -> u64 {
+        if self.is_btrfs() { BTRFS_SUPERBLOCK_AT } else { EXT_SUPERBLOCK_AT }
+    }
+
+    /// The refusal if its superblock (the 1024 bytes at
+    /// [`FsSeen::superblock_at`] of its device) now says it was mounted
+    /// since: ext, another mount count or last mount time; btrfs, another
+    /// generation or file system; either, no such superblock at all.
     pub fn mounted_since(&self, superblock: &[u8; 1024]) -> Option<crate::verdict::Refusal> {
+        if self.is_btrfs() {
+            let generation = btrfs_generation(superblock).filter(|(fsid, _)| self.kind == FS_BTRFS || *fsid == self.partuuid).map_or(u64::MAX, |(_, g)| g);
+            return (generation != self.mounted_at).then_some(crate::verdict::Refusal::FilesystemWritten { id: self.id(), generation: (self.mounted_at, generation) });
+        }
         let (mounts, mounted_at) = ext_mount_counters(superblock).unwrap_or((u32::MAX, u64::MAX));
         (mounts != self.mounts || mounted_at != self.mounted_at).then_some(crate::verdict::Refusal::FilesystemMounted {
             id: self.id(),
@@ -68,6 +87,21 @@ impl FsSeen {
             mounted_at: (self.mounted_at, mounted_at),
         })
     }
+}
+
+/// Where an ext2/3/4 superblock lies on its device, in bytes.
+pub const EXT_SUPERBLOCK_AT: u64 = 1024;
+/// Where btrfs's primary superblock lies on each of its devices, in bytes
+/// (fs/btrfs/disk-io.h, BTRFS_SUPER_INFO_OFFSET).
+pub const BTRFS_SUPERBLOCK_AT: u64 = 65536;
+
+/// `(fsid, generation)` of a btrfs superblock (the bytes at
+/// [`BTRFS_SUPERBLOCK_AT`]: `fsid` at 0x20, the magic "_BHRfS_M" at 0x40,
+/// `generation` at 0x48; include/uapi/linux/btrfs_tree.h,
+/// btrfs_super_block); `None` without the magic.
+pub fn btrfs_generation(superblock: &[u8; 1024]) -> Option<([u8; 16], u64)> {
+    let sb = superblock;
+    (&sb[0x40..0x48] == b"_BHRfS_M").then(|| (sb[0x20..0x30].try_into().unwrap(), u64::from_le_bytes(sb[0x48..0x50].try_into().unwrap())))
 }
 
 /// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock (the 1024 bytes at
@@ -94,7 +128,7 @@ pub struct FsId {
 
 impl core::fmt::Display for FsId {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        if self.kind == FS_EXT4_BY_UUID {
+        if matches!(self.kind, FS_EXT4_BY_UUID | FS_BTRFS_BY_UUID) {
             let b = u128::from_be_bytes(self.bytes);
             let hex = |shift: u32, bits: u32| (b >> shift) & ((1u128 << bits) - 1);
             write!(f, "UUID {:08x}-{:04x}-{:04x}-{:04x}-{:012x}", hex(96, 32), hex(80, 16), hex(64, 16), hex(48, 16), hex(0, 48))
@@ -111,6 +145,12 @@ pub const FS_EXT4: u32 = 1;
 /// (`s_uuid`): one on a device-mapper volume (dm-crypt, LVM), which has no
 /// PARTUUID.
 pub const FS_EXT4_BY_UUID: u32 = 2;
+/// [`FsSeen::kind`]: a btrfs superblock on the partition named by its
+/// PARTUUID (the device it is mounted from).
+pub const FS_BTRFS: u32 = 3;
+/// [`FsSeen::kind`]: a btrfs superblock found by its own fsid: one on a
+/// device-mapper volume.
+pub const FS_BTRFS_BY_UUID: u32 = 4;
 
 /// [`FsSeen`] as it lies in the header and the config.
 #[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -745,6 +785,33 @@ mod tests {
         assert!(fs.mounted_since(&ext_superblock(7, 101)).is_some());
         // No ext superblock there any more (reformatted): changed.
         assert!(fs.mounted_since(&[0u8; 1024]).is_some());
+    }
+
+    /// A btrfs superblock (the 1024 bytes at 64 KiB) of `fsid` at
+    /// `generation`.
+    fn btrfs_superblock(fsid: [u8; 16], generation: u64) -> [u8; 1024] {
+        let mut sb = [0u8; 1024];
+        sb[0x20..0x30].copy_from_slice(&fsid);
+        sb[0x40..0x48].copy_from_slice(b"_BHRfS_M");
+        sb[0x48..0x50].copy_from_slice(&generation.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn a_btrfs_written_since_is_a_refusal_and_nothing_else_is() {
+        let by_partuuid = FsSeen { partuuid: [1; 16], kind: FS_BTRFS, mounts: 0, mounted_at: 41 };
+        assert_eq!(by_partuuid.superblock_at(), 65536);
+        assert_eq!(btrfs_generation(&btrfs_superblock([9; 16], 41)), Some(([9; 16], 41)));
+        assert_eq!(by_partuuid.mounted_since(&btrfs_superblock([9; 16], 41)), None);
+        let written = by_partuuid.mounted_since(&btrfs_superblock([9; 16], 42)).unwrap();
+        assert_eq!(written.code(), crate::verdict::code::FILESYSTEM_MOUNTED);
+        // No btrfs there any more, or an ext superblock where it was.
+        assert!(by_partuuid.mounted_since(&[0u8; 1024]).is_some());
+        // Found by its fsid: another fsid at the same generation is not it.
+        let by_uuid = FsSeen { partuuid: [9; 16], kind: FS_BTRFS_BY_UUID, mounts: 0, mounted_at: 41 };
+        assert_eq!(by_uuid.mounted_since(&btrfs_superblock([9; 16], 41)), None);
+        assert!(by_uuid.mounted_since(&btrfs_superblock([8; 16], 41)).is_some());
+        assert_eq!(by_uuid.id().to_string(), "UUID 09090909-0909-0909-0909-090909090909");
     }
 
     #[test]

@@ -175,6 +175,14 @@ pub enum Refusal {
         /// Its last mount time when saved, and now.
         mounted_at: (u64, u64),
     },
+    /// A btrfs file system the image saw was written since: its superblock
+    /// generation moved (code [`code::FILESYSTEM_MOUNTED`] too).
+    FilesystemWritten {
+        /// Which file system.
+        id: crate::header::FsId,
+        /// Its generation when saved, and now (`u64::MAX`: no such btrfs).
+        generation: (u64, u64),
+    },
     /// A file system the saved system had mounted could not be found and
     /// read here, so a mount since cannot be ruled out.
     FilesystemUnchecked(crate::header::FsId),
@@ -204,7 +212,7 @@ impl Refusal {
             Self::OtherKsave { .. } => code::OTHER_KSAVE,
             Self::SnapshotOnly => code::SNAPSHOT_ONLY,
             Self::OtherCpuVendor => code::OTHER_CPU_VENDOR,
-            Self::FilesystemMounted { .. } => code::FILESYSTEM_MOUNTED,
+            Self::FilesystemMounted { .. } | Self::FilesystemWritten { .. } => code::FILESYSTEM_MOUNTED,
             Self::NoLa57 => code::NO_LA57,
             Self::HardwareChanged { .. } => code::HARDWARE_CHANGED,
             Self::HardwareUnknown => code::HARDWARE_UNKNOWN,
@@ -287,6 +295,12 @@ impl fmt::Display for Refusal {
                 mounted_at.0,
                 mounted_at.1
             ),
+            Self::FilesystemWritten { id, generation: (_, u64::MAX) } => {
+                write!(f, "the btrfs file system with {id} no longer holds its superblock (made another file system since?): its data moved on")
+            }
+            Self::FilesystemWritten { id, generation: (then, now) } => {
+                write!(f, "the btrfs file system with {id} was written since the image was saved (generation {then} then, {now} now): its data moved on")
+            }
             Self::Sealed(what) => write!(f, "{what}"),
             Self::FilesystemUnchecked(id) => write!(
                 f,

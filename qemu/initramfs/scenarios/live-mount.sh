@@ -13,7 +13,7 @@ for _ in $(seq 100); do
 done
 [ -n "$dev" ] || { say "no partition with PARTUUID $KSAVE_ROOT_PARTUUID"; exit 1; }
 mkdir -p /mnt
-mount -t ext4 "$dev" /mnt || { say "mounting $dev failed"; exit 1; }
+mount "$dev" /mnt || { say "mounting $dev failed"; exit 1; }
 echo "written while the system was hibernated" > /mnt/root/written-by-a-live-system
 umount /mnt || { say "umount failed"; exit 1; }
 say "mounted the hibernated system's root ($dev) read-write and wrote to it"

@@ -439,7 +439,7 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     const DELAY: u32 = 20;
     let machine = Machine::qemu64(Kernel::Linux6_12);
     let name = "debian-dracut";
-    let mut report = Report::new("Debian 13, dracut, ksave's RPM: hibernate twice, suspend-then-hibernate, hybrid-sleep (power lost, then woken), ksave.noresume in lockdown");
+    let mut report = Report::new("Debian 13, dracut, ksave's RPM: hibernate twice, suspend-then-hibernate, hybrid-sleep (power lost, then woken), ksave.noresume in lockdown, a live system writing the btrfs root");
     // Its root on btrfs, as Fedora lays it out (dracut's family).
     let disk = DebianDisk::make(name, &machine, Hibernator::Ksave, "btrfs", None, Suite::Trixie)?;
     let iso = boot_iso(name, "")?;
@@ -471,8 +471,8 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     report.add_ms("suspend-then-hibernate: systemctl to the RTC's wake-up", woken);
     // The RTC counts whole seconds: its alarm may go off up to one early.
     ensure!(woken >= (DELAY - 1) * SECOND, "woken after {woken:?}, before HibernateDelaySec ({DELAY} s)");
-    // ksave's own line (the tool's reach the console through journald,
-    // which the power-off may overtake; the journal has them, below).
+    // ksave's own line (the tool's go to the kernel log while the system
+    // is frozen; the journal has them, below).
     shell.vm.expect("ksave: returning to caller", 300 * SECOND)?;
     shell.vm.expect_exit(0, 120 * SECOND)?;
     report.add_ms("suspend-then-hibernate: systemctl to power-off", away.elapsed());
@@ -504,7 +504,15 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     // The stale-image guard: ksave.noresume invalidates, the next boot
     // does not resume what a changed root no longer matches.
     shell.hibernate(Hibernator::Ksave, &mut report)?;
-    let mut shell = never_after_noresume(&boot, &noresume, &["e2e cannot-hibernate lockdown"])?;
+    let shell = never_after_noresume(&boot, &noresume, &["e2e cannot-hibernate lockdown"])?;
+
+    // A live system writes to the btrfs root while the machine is
+    // hibernated: the generation recorded after the freeze moved, and the
+    // next boot refuses the image.
+    shell.hibernate(Hibernator::Ksave, &mut report)?;
+    a_live_system_writes_the_root(&boot)?;
+    let mut shell = not_resumed_after_a_live_mount(&boot)?;
+    shell.run("journalctl -b -o cat | grep -q 'btrfs file system with PARTUUID .* was written since the image was saved'", 60 * SECOND)?;
     shell.run("e2e remove", 600 * SECOND)?;
     shell.power_off()?;
     disk.fsck_root()?;
@@ -530,6 +538,30 @@ fn never_after_noresume(boot: &Boot, noresume_iso: &Path, during: &[&str]) -> Re
     let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
     shell.vm.refute_seen("ksave: resuming the image")?;
     shell.run("test -f /root/after-noresume", 30 * SECOND)?;
+    Ok(shell)
+}
+
+/// A live system (kernel A's initramfs) mounts the hibernated system's
+/// root read-write, writes /root/written-by-a-live-system, and powers off.
+fn a_live_system_writes_the_root(boot: &Boot) -> Result<()> {
+    let live = super::kernel_a(&format!("{}-live", boot.name), &format!("live-mount ksave.root_partuuid={}", ROOT_GUID.to_lowercase()))?
+        .arg(boot.disk.bus.qemu_args(&boot.disk.path, None));
+    let mut vm = Vm::start(VmConfig { echo: boot.echo, ..boot.machine.apply(live)? })?;
+    vm.expect("ksave-test: mounted the hibernated system's root", 180 * SECOND)?;
+    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
+    vm.expect_exit(0, 60 * SECOND)
+}
+
+/// The boot after [`a_live_system_writes_the_root`]: the root's superblock
+/// says it was mounted (ext4: the mount count; btrfs: the generation), so
+/// the initramfs refuses the image and boots normally, with what the live
+/// system wrote. Returns that boot's shell.
+fn not_resumed_after_a_live_mount(boot: &Boot) -> Result<Shell> {
+    let mut vm = power_on(&format!("{}-after-live", boot.name), boot.machine, boot.disk, boot.iso, false, boot.echo)?;
+    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("the boot after a live system mounted the root")?;
+    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
+    shell.vm.refute_seen("ksave: resuming the image")?;
+    shell.run("test -f /root/written-by-a-live-system", 30 * SECOND)?;
     Ok(shell)
 }
 
@@ -706,12 +738,7 @@ pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     // superblock says so (mount count, last mount time), and the next boot
     // refuses the image, keeps what the live system wrote, and is clean.
     shell.hibernate(Hibernator::Ksave, &mut report)?;
-    let live = super::kernel_a(&format!("{name}-live"), &format!("live-mount ksave.root_partuuid={}", ROOT_GUID.to_lowercase()))?
-        .arg(disk.bus.qemu_args(&disk.path, None));
-    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(live)? })?;
-    vm.expect("ksave-test: mounted the hibernated system's root", 180 * SECOND)?;
-    vm.expect("KSAVE-TEST-RESULT: PASS", 60 * SECOND)?;
-    vm.expect_exit(0, 60 * SECOND)?;
+    a_live_system_writes_the_root(&boot)?;
     // A bootloader start has no host tool to compare the root: ksave reads
     // its superblock itself, refuses and keeps the image.
     let multiboot = VmConfig::new(&format!("{name}-multiboot-after-live"))
@@ -722,11 +749,7 @@ pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     vm.refute_seen("image invalidated")?;
     // ksave.elf alone names no way back to a normal boot: it stops.
     vm.expect_exit(39, 60 * SECOND)?;
-    let mut vm = power_on(&format!("{name}-after-live"), &machine, &disk, &iso, false, echo)?;
-    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("the boot after a live system mounted the root")?;
-    let mut shell = Shell::attach(vm, true, 300 * SECOND)?;
-    shell.vm.refute_seen("ksave: resuming the image")?;
-    shell.run("test -f /root/written-by-a-live-system", 30 * SECOND)?;
+    let mut shell = not_resumed_after_a_live_mount(&boot)?;
     report.add_ms("after a live system mounted the root: power-on to a shell of the normal boot", shell.vm.elapsed());
     // And the package goes as it came.
     shell.run("e2e remove", 300 * SECOND)?;

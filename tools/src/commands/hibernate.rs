@@ -95,27 +95,32 @@ pub fn run(how: &How) -> Result<ExitCode> {
         std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache (/proc/sys/vm/drop_caches)")?;
         println!("ksave: page cache dropped in {} ms", t.elapsed().as_millis());
     }
+    // From here until the machine powers off, or goes on, nothing may reach
+    // the disk the image will be resumed over (freeze.rs); and what the file
+    // systems say of their mounts, recorded with the load, stays true.
+    let frozen = Frozen::everything()?;
+    for note in &frozen.notes {
+        frozen.say(&format!("ksave: note: {note}"));
+    }
     let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save, all_pages)?;
     // Free pages on the per-CPU lists look used to ksave: send them back to
     // the allocator for the jump (the knob is restored when this is dropped).
     let per_cpu_before = sys::per_cpu_list_pages();
     let _short_lists = if all_pages { None } else { sys::ShortPerCpuLists::new() };
     if let (Some(before), Some(after)) = (per_cpu_before, sys::per_cpu_list_pages()) {
-        println!("ksave-metric per_cpu_list_pages_before={before} per_cpu_list_pages={after}");
+        frozen.say(&format!("ksave-metric per_cpu_list_pages_before={before} per_cpu_list_pages={after}"));
     }
-    println!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.describe());
-    println!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib);
+    frozen.say(&format!("ksave: loaded in {} ms, holding about {} KiB; saving to {}", loaded.took.as_millis(), loaded.held_kib, setup.describe()));
+    frozen.say(&format!("ksave-metric load_ms={} held_kib={}", loaded.took.as_millis(), loaded.held_kib));
     for fs in loaded.config.filesystems() {
-        println!("ksave: recorded: ext4 {} mounted {} times, last at {}: a resume after it was mounted again is refused", fs.id(), fs.mounts, fs.mounted_at);
+        frozen.say(&if fs.is_btrfs() {
+            format!("ksave: recorded: btrfs {} at generation {}: a resume after it was written is refused", fs.id(), fs.mounted_at)
+        } else {
+            format!("ksave: recorded: ext4 {} mounted {} times, last at {}: a resume after it was mounted again is refused", fs.id(), fs.mounts, fs.mounted_at)
+        });
     }
     for what in ksave_tools::fs::seen().1 {
-        println!("ksave: note: {what} is not recorded (no mount count to prove a mount by): only the initramfs keeps a boot from mounting it under the image");
-    }
-    // From here until the machine powers off, or goes on, nothing may reach
-    // the disk the image will be resumed over (freeze.rs).
-    let frozen = Frozen::everything()?;
-    for note in &frozen.notes {
-        frozen.say(&format!("ksave: note: {note}"));
+        frozen.say(&format!("ksave: note: {what} is not recorded (nothing on it proves a mount): only the initramfs keeps a boot from mounting it under the image"));
     }
     jump(kexec_tools)?;
     // No "time away" here: Linux's clocks stand still across the jump.
