@@ -19,7 +19,7 @@ use ksave_core::store;
 
 use crate::hw::{self, KsaveHal};
 use ksave_format::filemap::{self, MapError};
-use ksave_format::header::Header;
+use ksave_format::header::{Header, SUPERBLOCK_BYTES};
 use ksave_format::reader::Source;
 use ksave_format::store::{Extent, StoreError, StoreMap};
 use ksave_format::PAGE;
@@ -456,18 +456,19 @@ impl OpenPartition {
     }
 
 
-    /// The 1024 bytes at byte `at` of the partition `guid` on this disk,
-    /// where a file system's superblock lies (ext: 1024, btrfs: 65536),
+    /// The [`SUPERBLOCK_BYTES`] at byte `at` (a multiple of 512) of the
+    /// partition `guid` on this disk, where a file system's superblock
+    /// lies (ext: 1024, btrfs: 65536) or XFS's log head sector,
     /// read through `buf` (DMA memory); `None` if this disk has no such
     /// partition or it cannot be read.
-    pub fn superblock<'b>(&mut self, guid: Guid, at: u64, buf: &'b mut [u8; PAGE]) -> Option<&'b [u8; 1024]> {
+    pub fn superblock<'b>(&mut self, guid: Guid, at: u64, buf: &'b mut [u8; PAGE]) -> Option<&'b [u8; SUPERBLOCK_BYTES]> {
         let block_size = self.block_size();
         let found = part::find_gpt_partition(&mut self.disk, &KsaveHal, guid, buf).ok()?;
         let whole = [Extent { lba: found.first_lba, blocks: found.blocks() }];
         let mut partition = DiskStore::new(&mut self.disk, KsaveHal, StoreMap::new(block_size, &whole).ok()?);
         let within = (at % PAGE as u64) as usize;
         partition.read_at(at - within as u64, buf).ok()?;
-        buf.get(within..within + 1024)?.try_into().ok()
+        buf.get(within..within + SUPERBLOCK_BYTES)?.try_into().ok()
     }
 
     /// How many IOMMUs were translating until ksave switched them off.

@@ -19,7 +19,7 @@ use diskdrv::ide::Mode;
 use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
 use diskdrv::part::Guid;
-use ksave_format::header::{FS_BTRFS, FS_EXT4, State};
+use ksave_format::header::{FS_BTRFS, FS_EXT4, FS_XFS, State};
 use ksave_format::{PAGE, Range, reader};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::seal::Seal;
@@ -58,7 +58,7 @@ pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], f
 
 /// Refuses the image if a file system it saw says it was mounted since,
 /// or cannot be found and read: ksave reads their superblocks on the
-/// store's disk, the one it has open (kinds [`FS_EXT4`] and [`FS_BTRFS`],
+/// store's disk, the one it has open (kinds [`FS_EXT4`], [`FS_BTRFS`] and [`FS_XFS`],
 /// by PARTUUID; one recorded by its own UUID lies on a device-mapper
 /// volume, which only Linux assembles). An image that is not complete or not readable is left
 /// to the verdict, which says why.
@@ -68,7 +68,8 @@ fn filesystems_unchanged(part: &mut disks::OpenPartition, block: &mut [u8; PAGE]
         return Ok(());
     }
     for fs in header.filesystems() {
-        let superblock = if matches!(fs.kind, FS_EXT4 | FS_BTRFS) { part.superblock(Guid::from_bytes(fs.partuuid), fs.superblock_at(), buf) } else { None };
+        let readable = matches!(fs.kind, FS_EXT4 | FS_BTRFS | FS_XFS);
+        let superblock = if readable { part.superblock(Guid::from_bytes(fs.partuuid), fs.superblock_at(), buf) } else { None };
         match superblock.map(|sb| fs.mounted_since(sb)) {
             Some(None) => {}
             Some(Some(mounted)) => return Err(Refused::new(mounted)),

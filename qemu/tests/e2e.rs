@@ -272,6 +272,13 @@ fn hibernate_into_a_file_on_btrfs_and_resume_twice() {
     run(|echo| scenarios::file_store_story(scenarios::FileFs::Btrfs, echo));
 }
 
+/// Never after a write: a live system writes the XFS the image file lies
+/// on; ksave (multiboot) and `ksave resume` (kernel C) both refuse.
+#[test]
+fn an_image_on_xfs_written_since_is_refused() {
+    run(scenarios::xfs_written_since_is_refused);
+}
+
 #[test]
 fn hibernate_into_a_file_on_xfs_on_lvm_and_resume_twice() {
     run(|echo| scenarios::file_store_story(scenarios::FileFs::XfsOnLvm, echo));

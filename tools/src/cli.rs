@@ -61,7 +61,7 @@ pub enum Command {
         #[arg(long)]
         kexec_tools: bool,
     },
-    /// Save the system: load, sync, jump to ksave, check what it wrote.
+    /// Save the system: freeze, load, jump to ksave, check what it wrote.
     Hibernate {
         /// Power off after a complete image (the default).
         #[arg(long, conflicts_with = "snapshot")]

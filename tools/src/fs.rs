@@ -15,15 +15,17 @@
 //! a read-write mount that changes anything commits; it is read after the
 //! file systems are frozen for the jump (freeze.rs), when no commit can
 //! follow until the resume, so any other generation is proof of a write.
-//! XFS keeps no mount count: for it no change can be proven, and the
-//! initramfs guard alone stands.
+//! XFS writes every change, and the unmount record of every read-write
+//! mount, to its log at the head: the sector there, read after the freeze,
+//! is another after any such write. An XFS with its log on another device
+//! is not recorded, and the initramfs guard alone stands for it.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ksave_format::header::{
-    BTRFS_SUPERBLOCK_AT, EXT_SUPERBLOCK_AT, FS_BTRFS, FS_BTRFS_BY_UUID, FS_EXT4, FS_EXT4_BY_UUID, FsSeen, MAX_FILESYSTEMS, btrfs_generation, ext_mount_counters,
+    BTRFS_SUPERBLOCK_AT, EXT_SUPERBLOCK_AT, FS_BTRFS, FS_BTRFS_BY_UUID, FS_EXT4, FS_EXT4_BY_UUID, FS_XFS, FS_XFS_BY_UUID, FsSeen, MAX_FILESYSTEMS, SUPERBLOCK_BYTES,
+    btrfs_generation, ext_mount_counters, xfs_log_head,
 };
 use ksave_format::verdict::Refusal;
 
@@ -48,8 +50,27 @@ fn btrfs_super(device: &Path) -> Option<([u8; 16], u64)> {
     btrfs_generation(&superblock(device, BTRFS_SUPERBLOCK_AT)?)
 }
 
-/// The mounted ext2/3/4 and btrfs file systems, as their superblocks are
-/// now (on a GPT partition: by its PARTUUID; on a device-mapper volume,
+/// The XFS superblock's UUID, read from `device`; `None` if it holds no
+/// XFS.
+fn xfs_uuid(device: &Path) -> Option<[u8; 16]> {
+    let sb = superblock(device, 0)?;
+    (&sb[0..4] == b"XFSB").then(|| sb[0x20..0x30].try_into().unwrap())
+}
+
+/// The mounted XFS on `device`: its UUID, where its log's head sector lies
+/// and that sector's CRC-32C. The head is the kernel's
+/// (/sys/fs/xfs/DEV/log/log_head_lsn, "cycle:block"): where the log's next
+/// write goes.
+fn xfs_head(device: &Path) -> Option<([u8; 16], u64, u32)> {
+    let name = device.file_name()?.to_str()?;
+    let lsn = std::fs::read_to_string(format!("/sys/fs/xfs/{name}/log/log_head_lsn")).ok()?;
+    let block: u64 = lsn.trim().split_once(':')?.1.parse().ok()?;
+    let (uuid, at) = xfs_log_head(&superblock(device, 0)?, block)?;
+    Some((uuid, at, ksave_format::CRC32C.checksum(&superblock(device, at)?)))
+}
+
+/// The mounted ext2/3/4, btrfs and XFS file systems, as their superblocks
+/// (and XFS's log head) are now (on a GPT partition: by its PARTUUID; on a device-mapper volume,
 /// dm-crypt or LVM: by the file system's own UUID); and the local file
 /// systems not recorded (another kind, or on neither), one line each, for
 /// the user. Read after the freeze (freeze.rs), btrfs's generation is the
@@ -88,6 +109,10 @@ pub fn seen() -> (Vec<FsSeen>, Vec<String>) {
                 let (id, kind) = named(Some(fsid), FS_BTRFS, FS_BTRFS_BY_UUID)?;
                 Some(FsSeen { partuuid: id, kind, mounts: 0, mounted_at: generation })
             }),
+            "xfs" => xfs_head(&device).and_then(|(uuid, at, crc)| {
+                let (id, kind) = named(Some(uuid), FS_XFS, FS_XFS_BY_UUID)?;
+                Some(FsSeen { partuuid: id, kind, mounts: crc, mounted_at: at })
+            }),
             _ => None,
         };
         match record {
@@ -104,13 +129,15 @@ fn device_of(dev: &str) -> Option<PathBuf> {
     Some(Path::new("/dev").join(target.file_name()?))
 }
 
-/// The first file system of `recorded` that says it was mounted since:
-/// found by its PARTUUID, an ext superblock with another mount count or
-/// last mount time. One that cannot be found or read proves nothing (and
-/// the resumed kernel will say so of its own).
+/// The first file system of `recorded` that says it was mounted since
+/// ([`FsSeen::mounted_since`]), found by its PARTUUID or its own UUID. One
+/// that cannot be found or read proves nothing (and the resumed kernel
+/// will say so of its own). By UUID, every device that carries it must
+/// agree: a classic LVM snapshot of a btrfs or XFS volume, taken before
+/// the hibernation, holds an older state and makes the resume refused.
 pub fn mounted_since(recorded: &[FsSeen]) -> Option<Refusal> {
     recorded.iter().find_map(|fs| match fs.kind {
-        FS_EXT4 | FS_BTRFS => {
+        FS_EXT4 | FS_BTRFS | FS_XFS => {
             let part = sys::partition_by_guid(diskdrv::part::Guid::from_bytes(fs.partuuid)).ok()?;
             fs.mounted_since(&superblock(&part.device, fs.superblock_at())?)
         }
@@ -119,6 +146,7 @@ pub fn mounted_since(recorded: &[FsSeen]) -> Option<Refusal> {
         // that says it was mounted since refuses).
         FS_EXT4_BY_UUID => block_devices().into_iter().filter(|d| ext4_uuid(d) == Some(fs.partuuid)).find_map(|d| fs.mounted_since(&superblock(&d, EXT_SUPERBLOCK_AT)?)),
         FS_BTRFS_BY_UUID => block_devices().into_iter().filter(|d| btrfs_super(d).is_some_and(|(fsid, _)| fsid == fs.partuuid)).find_map(|d| fs.mounted_since(&superblock(&d, BTRFS_SUPERBLOCK_AT)?)),
+        FS_XFS_BY_UUID => block_devices().into_iter().filter(|d| xfs_uuid(d) == Some(fs.partuuid)).find_map(|d| fs.mounted_since(&superblock(&d, fs.superblock_at())?)),
         _ => None,
     })
 }
@@ -128,9 +156,19 @@ fn block_devices() -> Vec<PathBuf> {
     std::fs::read_dir("/sys/class/block").map(|d| d.flatten().map(|e| Path::new("/dev").join(e.file_name())).collect()).unwrap_or_default()
 }
 
-/// The 1024 bytes at byte `at` of `device`: where a superblock lies.
-fn superblock(device: &Path, at: u64) -> Option<[u8; 1024]> {
-    let mut sb = [0u8; 1024];
-    File::open(device).ok()?.read_exact_at(&mut sb, at).ok()?;
-    Some(sb)
+/// The [`SUPERBLOCK_BYTES`] at byte `at` (a multiple of 512) of `device`:
+/// a superblock, or XFS's log head sector. Read past the page cache
+/// (O_DIRECT): XFS writes its log around it, so a cached copy could be
+/// stale.
+fn superblock(device: &Path, at: u64) -> Option<[u8; SUPERBLOCK_BYTES]> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const ALIGN: usize = 4096; // any disk's logical block size, at most
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(device).ok()?;
+    let mut buf = vec![0u8; 2 * ALIGN];
+    let skew = buf.as_ptr().align_offset(ALIGN);
+    let page = &mut buf[skew..skew + ALIGN];
+    let base = at - at % ALIGN as u64;
+    file.read_exact_at(page, base).ok()?;
+    let within = (at - base) as usize;
+    page.get(within..within + SUPERBLOCK_BYTES)?.try_into().ok()
 }

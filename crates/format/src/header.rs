@@ -37,21 +37,26 @@ pub const MAX_FILESYSTEMS: usize = 16;
 /// ksave's initramfs). Only what a mount provably changes is kept: ext2/3/4
 /// count their read-write mounts and stamp the time of the last one in the
 /// superblock (fs/ext4/super.c, ext4_setup_super); btrfs's superblock
-/// generation moves with every transaction commit (fs/btrfs/transaction.c),
-/// and is final once the file system is frozen for the jump (the tool reads
-/// it after the freeze).
+/// generation moves with every transaction commit (fs/btrfs/transaction.c);
+/// XFS writes every change, and the unmount record of every read-write
+/// mount, to its log at the log's head (fs/xfs/xfs_log.c), so the sector at
+/// the head changes. All are final once the file system is frozen for the
+/// jump (the tool reads them after the freeze).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsSeen {
     /// Which file system: the partition's unique GUID (its PARTUUID),
-    /// on-disk byte order ([`FS_EXT4`], [`FS_BTRFS`]); or the file
-    /// system's own UUID ([`FS_EXT4_BY_UUID`], [`FS_BTRFS_BY_UUID`]).
+    /// on-disk byte order ([`FS_EXT4`], [`FS_BTRFS`], [`FS_XFS`]); or the
+    /// file system's own UUID ([`FS_EXT4_BY_UUID`], [`FS_BTRFS_BY_UUID`],
+    /// [`FS_XFS_BY_UUID`]).
     pub partuuid: [u8; 16],
     /// One of the `FS_` kinds.
     pub kind: u32,
-    /// ext4: `s_mnt_count`, read-write mounts since the last check. btrfs: 0.
+    /// ext4: `s_mnt_count`, read-write mounts since the last check. btrfs:
+    /// 0. XFS: the CRC-32C of the log's sector at its head.
     pub mounts: u32,
     /// ext4: `s_mtime`, when it was last mounted (seconds since the epoch).
-    /// btrfs: the superblock's generation.
+    /// btrfs: the superblock's generation. XFS: where on the device the
+    /// log's head sector lies, in bytes.
     pub mounted_at: u64,
 }
 
@@ -66,16 +71,30 @@ impl FsSeen {
         matches!(self.kind, FS_BTRFS | FS_BTRFS_BY_UUID)
     }
 
-    /// Where on its device its superblock lies, in bytes.
-    pub fn superblock_at(&self) -> u64 {
-        if self.is_btrfs() { BTRFS_SUPERBLOCK_AT } else { EXT_SUPERBLOCK_AT }
+    /// An XFS kind ([`FS_XFS`], [`FS_XFS_BY_UUID`]).
+    pub fn is_xfs(&self) -> bool {
+        matches!(self.kind, FS_XFS | FS_XFS_BY_UUID)
     }
 
-    /// The refusal if its superblock (the 1024 bytes at
+    /// Where on its device what tells lies, in bytes: the superblock (ext,
+    /// btrfs), the log's head sector (XFS).
+    pub fn superblock_at(&self) -> u64 {
+        match self.kind {
+            FS_BTRFS | FS_BTRFS_BY_UUID => BTRFS_SUPERBLOCK_AT,
+            FS_XFS | FS_XFS_BY_UUID => self.mounted_at,
+            _ => EXT_SUPERBLOCK_AT,
+        }
+    }
+
+    /// The refusal if what tells (the [`SUPERBLOCK_BYTES`] at
     /// [`FsSeen::superblock_at`] of its device) now says it was mounted
     /// since: ext, another mount count or last mount time; btrfs, another
-    /// generation or file system; either, no such superblock at all.
-    pub fn mounted_since(&self, superblock: &[u8; 1024]) -> Option<crate::verdict::Refusal> {
+    /// generation or file system; XFS, another log head sector; ext and
+    /// btrfs, no such superblock at all.
+    pub fn mounted_since(&self, superblock: &[u8; SUPERBLOCK_BYTES]) -> Option<crate::verdict::Refusal> {
+        if self.is_xfs() {
+            return (crate::CRC32C.checksum(superblock) != self.mounts).then_some(crate::verdict::Refusal::XfsLogWritten(self.id()));
+        }
         if self.is_btrfs() {
             let generation = btrfs_generation(superblock).filter(|(fsid, _)| self.kind == FS_BTRFS || *fsid == self.partuuid).map_or(u64::MAX, |(_, g)| g);
             return (generation != self.mounted_at).then_some(crate::verdict::Refusal::FilesystemWritten { id: self.id(), generation: (self.mounted_at, generation) });
@@ -89,6 +108,10 @@ impl FsSeen {
     }
 }
 
+/// How much of a superblock (or XFS log sector) is read: every field the
+/// checks use lies in its first 512 bytes, one sector of any disk.
+pub const SUPERBLOCK_BYTES: usize = 512;
+
 /// Where an ext2/3/4 superblock lies on its device, in bytes.
 pub const EXT_SUPERBLOCK_AT: u64 = 1024;
 /// Where btrfs's primary superblock lies on each of its devices, in bytes
@@ -99,16 +122,41 @@ pub const BTRFS_SUPERBLOCK_AT: u64 = 65536;
 /// [`BTRFS_SUPERBLOCK_AT`]: `fsid` at 0x20, the magic "_BHRfS_M" at 0x40,
 /// `generation` at 0x48; include/uapi/linux/btrfs_tree.h,
 /// btrfs_super_block); `None` without the magic.
-pub fn btrfs_generation(superblock: &[u8; 1024]) -> Option<([u8; 16], u64)> {
+pub fn btrfs_generation(superblock: &[u8; SUPERBLOCK_BYTES]) -> Option<([u8; 16], u64)> {
     let sb = superblock;
     (&sb[0x40..0x48] == b"_BHRfS_M").then(|| (sb[0x20..0x30].try_into().unwrap(), u64::from_le_bytes(sb[0x48..0x50].try_into().unwrap())))
+}
+
+/// `(sb_uuid, where its log's head sector lies)` of an XFS superblock (the
+/// 512 bytes at byte 0 of its device, big-endian: the magic "XFSB" at 0,
+/// `sb_blocksize` at 0x4, `sb_uuid` at 0x20, `sb_logstart` at 0x30,
+/// `sb_agblocks` at 0x54, `sb_agblklog` at 0x7c; fs/xfs/libxfs/xfs_format.h)
+/// and the head's block in the log (512-byte units, as
+/// /sys/fs/xfs/DEV/log/log_head_lsn gives it). `None` without the magic,
+/// or with the log on another device (`sb_logstart` 0).
+pub fn xfs_log_head(superblock: &[u8; SUPERBLOCK_BYTES], head_block: u64) -> Option<([u8; 16], u64)> {
+    let sb = superblock;
+    let be32 = |at: usize| u32::from_be_bytes(sb[at..at + 4].try_into().unwrap()) as u64;
+    if &sb[0..4] != b"XFSB" {
+        return None;
+    }
+    let log_start = u64::from_be_bytes(sb[0x30..0x38].try_into().unwrap());
+    let agblklog = u32::from(sb[0x7c]);
+    if log_start == 0 || agblklog >= 64 {
+        return None;
+    }
+    // XFS_FSB_TO_DADDR: a file system block number is (AG << agblklog) |
+    // block in the AG; an AG spans sb_agblocks blocks.
+    let (ag, block) = (log_start >> agblklog, log_start & ((1 << agblklog) - 1));
+    let at = ag.checked_mul(be32(0x54))?.checked_add(block)?.checked_mul(be32(0x4))?.checked_add(head_block.checked_mul(512)?)?;
+    Some((sb[0x20..0x30].try_into().unwrap(), at))
 }
 
 /// `(s_mnt_count, s_mtime)` of an ext2/3/4 superblock (the 1024 bytes at
 /// byte 1024 of its device: `s_mtime` at 0x2C, `s_mnt_count` at 0x34, the
 /// magic 0xEF53 at 0x38; fs/ext4/super.c `ext4_setup_super` moves both at
 /// every read-write mount); `None` without the magic.
-pub fn ext_mount_counters(superblock: &[u8; 1024]) -> Option<(u32, u64)> {
+pub fn ext_mount_counters(superblock: &[u8; SUPERBLOCK_BYTES]) -> Option<(u32, u64)> {
     let sb = superblock;
     (u16::from_le_bytes([sb[0x38], sb[0x39]]) == 0xEF53).then(|| {
         let mounts = u16::from_le_bytes([sb[0x34], sb[0x35]]) as u32;
@@ -128,7 +176,7 @@ pub struct FsId {
 
 impl core::fmt::Display for FsId {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        if matches!(self.kind, FS_EXT4_BY_UUID | FS_BTRFS_BY_UUID) {
+        if matches!(self.kind, FS_EXT4_BY_UUID | FS_BTRFS_BY_UUID | FS_XFS_BY_UUID) {
             let b = u128::from_be_bytes(self.bytes);
             let hex = |shift: u32, bits: u32| (b >> shift) & ((1u128 << bits) - 1);
             write!(f, "UUID {:08x}-{:04x}-{:04x}-{:04x}-{:012x}", hex(96, 32), hex(80, 16), hex(64, 16), hex(48, 16), hex(0, 48))
@@ -151,6 +199,12 @@ pub const FS_BTRFS: u32 = 3;
 /// [`FsSeen::kind`]: a btrfs superblock found by its own fsid: one on a
 /// device-mapper volume.
 pub const FS_BTRFS_BY_UUID: u32 = 4;
+/// [`FsSeen::kind`]: an XFS, its log internal, on the partition named by
+/// its PARTUUID.
+pub const FS_XFS: u32 = 5;
+/// [`FsSeen::kind`]: an XFS found by its own `sb_uuid`: one on a
+/// device-mapper volume.
+pub const FS_XFS_BY_UUID: u32 = 6;
 
 /// [`FsSeen`] as it lies in the header and the config.
 #[derive(Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -761,8 +815,8 @@ mod tests {
     extern crate std;
     use std::string::ToString;
 
-    fn ext_superblock(mounts: u16, mtime: u32) -> [u8; 1024] {
-        let mut sb = [0u8; 1024];
+    fn ext_superblock(mounts: u16, mtime: u32) -> [u8; SUPERBLOCK_BYTES] {
+        let mut sb = [0u8; SUPERBLOCK_BYTES];
         sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
         sb[0x34..0x36].copy_from_slice(&mounts.to_le_bytes());
         sb[0x2C..0x30].copy_from_slice(&mtime.to_le_bytes());
@@ -771,7 +825,7 @@ mod tests {
 
     #[test]
     fn an_ext4_superblock_says_its_mounts() {
-        assert_eq!(ext_mount_counters(&[0u8; 1024]), None);
+        assert_eq!(ext_mount_counters(&[0u8; SUPERBLOCK_BYTES]), None);
         assert_eq!(ext_mount_counters(&ext_superblock(7, 1_700_000_000)), Some((7, 1_700_000_000)));
     }
 
@@ -784,13 +838,13 @@ mod tests {
         assert!(fs.mounted_since(&ext_superblock(0, 100)).is_some());
         assert!(fs.mounted_since(&ext_superblock(7, 101)).is_some());
         // No ext superblock there any more (reformatted): changed.
-        assert!(fs.mounted_since(&[0u8; 1024]).is_some());
+        assert!(fs.mounted_since(&[0u8; SUPERBLOCK_BYTES]).is_some());
     }
 
-    /// A btrfs superblock (the 1024 bytes at 64 KiB) of `fsid` at
+    /// A btrfs superblock (its first 512 bytes, at 64 KiB) of `fsid` at
     /// `generation`.
-    fn btrfs_superblock(fsid: [u8; 16], generation: u64) -> [u8; 1024] {
-        let mut sb = [0u8; 1024];
+    fn btrfs_superblock(fsid: [u8; 16], generation: u64) -> [u8; SUPERBLOCK_BYTES] {
+        let mut sb = [0u8; SUPERBLOCK_BYTES];
         sb[0x20..0x30].copy_from_slice(&fsid);
         sb[0x40..0x48].copy_from_slice(b"_BHRfS_M");
         sb[0x48..0x50].copy_from_slice(&generation.to_le_bytes());
@@ -806,12 +860,38 @@ mod tests {
         let written = by_partuuid.mounted_since(&btrfs_superblock([9; 16], 42)).unwrap();
         assert_eq!(written.code(), crate::verdict::code::FILESYSTEM_MOUNTED);
         // No btrfs there any more, or an ext superblock where it was.
-        assert!(by_partuuid.mounted_since(&[0u8; 1024]).is_some());
+        assert!(by_partuuid.mounted_since(&[0u8; SUPERBLOCK_BYTES]).is_some());
         // Found by its fsid: another fsid at the same generation is not it.
         let by_uuid = FsSeen { partuuid: [9; 16], kind: FS_BTRFS_BY_UUID, mounts: 0, mounted_at: 41 };
         assert_eq!(by_uuid.mounted_since(&btrfs_superblock([9; 16], 41)), None);
         assert!(by_uuid.mounted_since(&btrfs_superblock([8; 16], 41)).is_some());
         assert_eq!(by_uuid.id().to_string(), "UUID 09090909-0909-0909-0909-090909090909");
+    }
+
+    #[test]
+    fn an_xfs_log_head_is_found_and_a_write_there_is_a_refusal() {
+        // mkfs.xfs's layout for a 1 GiB file system: 4 KiB blocks, AGs of
+        // 65536 blocks (agblklog 16), the log in AG 2 at block 10.
+        let mut sb = [0u8; SUPERBLOCK_BYTES];
+        sb[0..4].copy_from_slice(b"XFSB");
+        sb[4..8].copy_from_slice(&4096u32.to_be_bytes());
+        sb[0x20..0x30].copy_from_slice(&[7; 16]);
+        sb[0x30..0x38].copy_from_slice(&((2u64 << 16) | 10).to_be_bytes());
+        sb[0x54..0x58].copy_from_slice(&65536u32.to_be_bytes());
+        sb[0x7c] = 16;
+        assert_eq!(xfs_log_head(&sb, 3), Some(([7; 16], (2 * 65536 + 10) * 4096 + 3 * 512)));
+        // An external log, or no XFS: nothing to record.
+        let mut external = sb;
+        external[0x30..0x38].fill(0);
+        assert_eq!(xfs_log_head(&external, 3), None);
+        assert_eq!(xfs_log_head(&[0; SUPERBLOCK_BYTES], 3), None);
+        let head = [0x5a; SUPERBLOCK_BYTES];
+        let fs = FsSeen { partuuid: [1; 16], kind: FS_XFS, mounts: crate::CRC32C.checksum(&head), mounted_at: 4096 };
+        assert_eq!(fs.superblock_at(), 4096);
+        assert_eq!(fs.mounted_since(&head), None);
+        let mut written = head;
+        written[0..4].copy_from_slice(&0xFEED_BABEu32.to_be_bytes()); // a log record's magic
+        assert_eq!(fs.mounted_since(&written).map(|r| r.code()), Some(crate::verdict::code::FILESYSTEM_MOUNTED));
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub enum Refusal {
         /// Its generation when saved, and now (`u64::MAX`: no such btrfs).
         generation: (u64, u64),
     },
+    /// An XFS the image saw was written since: its log's sector at the
+    /// head the freeze left is another (code [`code::FILESYSTEM_MOUNTED`]).
+    XfsLogWritten(crate::header::FsId),
     /// A file system the saved system had mounted could not be found and
     /// read here, so a mount since cannot be ruled out.
     FilesystemUnchecked(crate::header::FsId),
@@ -212,7 +215,7 @@ impl Refusal {
             Self::OtherKsave { .. } => code::OTHER_KSAVE,
             Self::SnapshotOnly => code::SNAPSHOT_ONLY,
             Self::OtherCpuVendor => code::OTHER_CPU_VENDOR,
-            Self::FilesystemMounted { .. } | Self::FilesystemWritten { .. } => code::FILESYSTEM_MOUNTED,
+            Self::FilesystemMounted { .. } | Self::FilesystemWritten { .. } | Self::XfsLogWritten(_) => code::FILESYSTEM_MOUNTED,
             Self::NoLa57 => code::NO_LA57,
             Self::HardwareChanged { .. } => code::HARDWARE_CHANGED,
             Self::HardwareUnknown => code::HARDWARE_UNKNOWN,
@@ -300,6 +303,9 @@ impl fmt::Display for Refusal {
             }
             Self::FilesystemWritten { id, generation: (then, now) } => {
                 write!(f, "the btrfs file system with {id} was written since the image was saved (generation {then} then, {now} now): its data moved on")
+            }
+            Self::XfsLogWritten(id) => {
+                write!(f, "the XFS file system with {id} was written since the image was saved (its log moved on from the head the image left): its data moved on")
             }
             Self::Sealed(what) => write!(f, "{what}"),
             Self::FilesystemUnchecked(id) => write!(

@@ -10,6 +10,8 @@
 #             btrfs: first a RAID1 btrfs over both partitions (refused),
 #               then a single-device btrfs; refused once a balance has
 #               moved the file
+#             xfs: XFS on the partition, hibernated once only (the
+#               harness writes to it before any resume: refused)
 #             xfs-lvm: XFS on an LVM volume of two linear segments, the
 #               second before the first on the disk; refused once the
 #               file's blocks are shared (a reflink)
@@ -45,6 +47,11 @@ case $fs in
     # Then the image in a file on a single-device btrfs (Fedora's layout).
     mkfs.btrfs -q -f "$scratch" >/dev/null || { say "mkfs.btrfs failed"; exit 1; }
     mount -t btrfs "$scratch" /mnt || { say "mount failed"; exit 1; }
+    fsdev=$scratch
+    ;;
+  xfs)
+    mkfs.xfs -q -f "$scratch" || { say "mkfs.xfs failed"; exit 1; }
+    mount -t xfs "$scratch" /mnt || { say "mount failed"; exit 1; }
     fsdev=$scratch
     ;;
   xfs-lvm)

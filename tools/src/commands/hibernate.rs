@@ -1,4 +1,4 @@
-//! `ksave hibernate`: load, freeze, jump to ksave, read what it wrote, and
+//! `ksave hibernate`: freeze, load, jump to ksave, read what it wrote, and
 //! power off only for a complete image of this attempt.
 
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use ksave_format::PAGE;
 use ksave_format::header::{DATA_OFFSET, FLAG_IOMMU_LEFT_ON, Header, State};
-use ksave_tools::freeze::Frozen;
+use ksave_tools::freeze::{Frozen, say};
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
@@ -115,6 +115,8 @@ pub fn run(how: &How) -> Result<ExitCode> {
     for fs in loaded.config.filesystems() {
         frozen.say(&if fs.is_btrfs() {
             format!("ksave: recorded: btrfs {} at generation {}: a resume after it was written is refused", fs.id(), fs.mounted_at)
+        } else if fs.is_xfs() {
+            format!("ksave: recorded: XFS {} with its log's head at byte {}: a resume after it was written is refused", fs.id(), fs.mounted_at)
         } else {
             format!("ksave: recorded: ext4 {} mounted {} times, last at {}: a resume after it was mounted again is refused", fs.id(), fs.mounts, fs.mounted_at)
         });
@@ -143,9 +145,11 @@ pub fn run(how: &How) -> Result<ExitCode> {
         // Resuming it would leave the kernel's devices doing DMA through an
         // IOMMU nobody set up: never offer that image.
         let why = "this kernel leaves its IOMMU translating across a kexec jump (CONFIG_SUSPEND off), which a resume after power-off cannot recreate; ksave saved a snapshot only";
-        ImageFile::open_setup(&setup, true)?.invalidate(Some(why))?;
-        forget_key(&setup);
+        // Thawed whatever the invalidation does: no boot resumes an image
+        // with this flag (verdict: SnapshotOnly).
+        let invalidated = invalidate_while_running(&setup, why);
         drop(frozen);
+        invalidated?;
         eprintln!("ksave: hibernation FAILED, not powering off: {why} (image invalidated)");
         println!("ksave-metric refusal={}", ksave_format::verdict::code::SNAPSHOT_ONLY);
         return Ok(ExitCode::FAILURE);
@@ -158,7 +162,12 @@ pub fn run(how: &How) -> Result<ExitCode> {
     }
     // Still running: the system goes on, and so the image must not.
     let e = std::io::Error::last_os_error();
-    invalidate_while_running(&setup, "the power-off failed: the system ran on")?;
+    if let Err(not) = invalidate_while_running(&setup, "the power-off failed: the system ran on") {
+        // Neither off nor invalidated: stay frozen, so that the disk still
+        // matches the image the next boot will resume.
+        frozen.keep();
+        bail!("power off failed: {e}; and {not:#}: the system stays frozen; reset the machine (the next boot resumes the image)");
+    }
     drop(frozen);
     bail!("power off failed: {e} (image invalidated)")
 }
@@ -232,9 +241,17 @@ fn suspend_on_the_image(setup: &Setup, iommu_left_on: bool, frozen: Frozen) -> R
     }
     frozen.say("ksave: image complete; suspending (a power loss now resumes this image at the next boot)");
     let suspended = sys::suspend();
-    let invalidated = invalidate_while_running(setup, "woken from hybrid-sleep's suspend: the system ran on");
+    if let Err(not) = invalidate_while_running(setup, "woken from hybrid-sleep's suspend: the system ran on") {
+        // The image is still valid and the disk, frozen, still matches it:
+        // powering off makes a hibernation of it, not a stale image.
+        frozen.say(&format!("ksave: {not:#}: powering off instead (the next boot resumes the image)"));
+        // SAFETY: reboot(POWER_OFF) takes no memory arguments.
+        unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_POWER_OFF) };
+        let e = std::io::Error::last_os_error();
+        frozen.keep();
+        bail!("power off failed too: {e}: the system stays frozen; reset the machine (the next boot resumes the image)");
+    }
     drop(frozen);
-    invalidated?;
     suspended?;
     println!("ksave: woken from suspend; the image is invalidated (the system runs on)");
     Ok(ExitCode::SUCCESS)
@@ -250,7 +267,7 @@ fn invalidate_while_running(setup: &Setup, why: &str) -> Result<()> {
         tries += 1;
         match ImageFile::open_setup(setup, true).and_then(|mut f| f.invalidate(Some(why))) {
             Ok(_) => break Ok(()),
-            Err(e) if tries < 3 => eprintln!("ksave: invalidating the image failed ({e:#}): trying again"),
+            Err(e) if tries < 3 => say(&format!("ksave: invalidating the image failed ({e:#}): trying again")),
             Err(e) => break Err(e),
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
@@ -268,7 +285,7 @@ fn invalidate_while_running(setup: &Setup, why: &str) -> Result<()> {
 /// An encrypted store: its key block destroyed, if it holds this store's key.
 fn forget_key(setup: &Setup) {
     if let Some(volume) = setup.file.as_ref().and_then(|f| f.key.as_ref()) {
-        println!("{}", super::forget_key(volume, setup.claim.id));
+        say(&super::forget_key(volume, setup.claim.id));
     }
 }
 

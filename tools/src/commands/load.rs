@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use ksave_format::config::Config;
 use ksave_format::seal::{DataKey, KEY_LEN, KeyBlock};
 use zeroize::Zeroizing;
+use ksave_tools::freeze::say;
 use ksave_tools::elfimage::ImageLayout;
 use ksave_tools::load;
 use ksave_tools::mailbox::MailboxPage;
@@ -53,7 +54,7 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
     let mailbox = match MailboxPage::new(config.nonce) {
         Ok(m) => Some(m),
         Err(e) => {
-            eprintln!("ksave: no mailbox for ksave's reasons ({e:#}); the partition's record still tells");
+            say(&format!("ksave: no mailbox for ksave's reasons ({e:#}); the partition's record still tells"));
             None
         }
     };
@@ -85,7 +86,7 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
         std::fs::create_dir_all(path.parent().unwrap())?;
         std::fs::write(path, &configured[..])?;
         let cmd = load::kexec_tools_command(path, &layout);
-        println!("ksave: {}", cmd.join(" "));
+        say(&format!("ksave: {}", cmd.join(" ")));
         let loaded = load::run_kexec_tools(&cmd);
         // The file holds the configured ksave, a sealed image's key too:
         // overwritten where it lies (not truncated: its pages would go back
@@ -102,6 +103,6 @@ pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool
     }
     let ram: u64 = config.ram().iter().map(|r| r.end - r.start).sum();
     let held_kib = load::held_bytes(&layout, ram) / 1024;
-    eprintln!("ksave: prepared the image in {} ms, kexec load took {} ms", prepared.as_millis(), (t.elapsed() - prepared).as_millis());
+    say(&format!("ksave: prepared the image in {} ms, kexec load took {} ms", prepared.as_millis(), (t.elapsed() - prepared).as_millis()));
     Ok(Loaded { mailbox, config, took: t.elapsed(), held_kib })
 }
