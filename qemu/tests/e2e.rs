@@ -2,7 +2,7 @@
 //! `make test` builds first (build/ksave.elf, bzImage, initramfs.cpio.gz).
 
 use ksave_qemu::disk::Bus;
-use ksave_qemu::scenarios::{self, Expect, Kernel, Machine, ResumeBy};
+use ksave_qemu::scenarios::{self, Expect, FileFs, Kernel, Machine, ResumeBy};
 
 fn run(scenario: impl Fn(bool) -> anyhow::Result<scenarios::Report>) {
     match scenario(false) {
@@ -276,7 +276,13 @@ fn hibernate_into_a_file_on_btrfs_and_resume_twice() {
 /// on; ksave (multiboot) and `ksave resume` (kernel C) both refuse.
 #[test]
 fn an_image_on_xfs_written_since_is_refused() {
-    run(scenarios::xfs_written_since_is_refused);
+    run(|echo| scenarios::written_since_is_refused(FileFs::Xfs, echo));
+}
+
+/// The same on btrfs (its superblock generation).
+#[test]
+fn an_image_on_btrfs_written_since_is_refused() {
+    run(|echo| scenarios::written_since_is_refused(FileFs::BtrfsSingle, echo));
 }
 
 #[test]
@@ -287,13 +293,6 @@ fn hibernate_into_a_file_on_xfs_on_lvm_and_resume_twice() {
 #[test]
 fn hibernate_power_off_and_resume_on_linux_6_1() {
     run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
-}
-
-/// 6.12 with 5-level paging and RAM above 4 GiB (-cpu max, 5 GiB, q35); the
-/// image is refused on the same machine without LA57, then resumed.
-#[test]
-fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_6_12() {
-    run(|echo| scenarios::hibernate_resume_on(Machine::la57(Kernel::Linux6_12), ResumeBy::Multiboot1, 256, echo));
 }
 
 /// The same on 7.3.

@@ -10,8 +10,9 @@
 #             btrfs: first a RAID1 btrfs over both partitions (refused),
 #               then a single-device btrfs; refused once a balance has
 #               moved the file
-#             xfs: XFS on the partition, hibernated once only (the
-#               harness writes to it before any resume: refused)
+#             xfs, btrfs-single: XFS (btrfs) on the partition alone;
+#               the harness resumes round 1, then writes to it before
+#               resuming round 2: refused
 #             xfs-lvm: XFS on an LVM volume of two linear segments, the
 #               second before the first on the disk; refused once the
 #               file's blocks are shared (a reflink)
@@ -52,6 +53,11 @@ case $fs in
   xfs)
     mkfs.xfs -q -f "$scratch" || { say "mkfs.xfs failed"; exit 1; }
     mount -t xfs "$scratch" /mnt || { say "mount failed"; exit 1; }
+    fsdev=$scratch
+    ;;
+  btrfs-single)
+    mkfs.btrfs -q -f "$scratch" >/dev/null || { say "mkfs.btrfs failed"; exit 1; }
+    mount -t btrfs "$scratch" /mnt || { say "mount failed"; exit 1; }
     fsdev=$scratch
     ;;
   xfs-lvm)

@@ -22,6 +22,10 @@ pub enum FileFs {
     /// btrfs: refused on RAID1 over two devices; then on one device,
     /// refused once a balance has moved the file.
     Btrfs,
+    /// XFS on the partition ([`written_since_is_refused`]).
+    Xfs,
+    /// btrfs on the partition alone ([`written_since_is_refused`]).
+    BtrfsSingle,
 }
 
 impl FileFs {
@@ -30,6 +34,8 @@ impl FileFs {
             Self::Ext4Fragmented => "ext4",
             Self::XfsOnLvm => "xfs-lvm",
             Self::Btrfs => "btrfs",
+            Self::Xfs => "xfs",
+            Self::BtrfsSingle => "btrfs-single",
         }
     }
 }
@@ -123,18 +129,25 @@ pub fn file_store_story(fs: FileFs, echo: bool) -> Result<Report> {
     Ok(report)
 }
 
-/// Never after a write (issue 20): the image in a file on XFS (on the
-/// partition, log internal), hibernated and resumed by kernel C (`ksave
-/// resume` and ksave both check the XFS: unchanged); hibernated again, and
-/// a live system mounts the XFS read-write and writes a file. ksave on a
-/// bootloader start refuses (the log's head sector the freeze left is
-/// another) and keeps the image; so does `ksave resume` in kernel C.
-pub fn xfs_written_since_is_refused(echo: bool) -> Result<Report> {
+/// Never after a write (issue 20): the image in a file on `fs` ([`FileFs::Xfs`]
+/// on the partition, log internal, or [`FileFs::BtrfsSingle`]), hibernated
+/// and resumed by kernel C (`ksave resume` and ksave both check the file
+/// system: unchanged); hibernated again, and a live system mounts it
+/// read-write and writes a file. ksave on a bootloader start refuses (XFS:
+/// the log's head sector the freeze left is another; btrfs: the
+/// generation moved) and keeps the image; so does `ksave resume` in kernel
+/// C.
+pub fn written_since_is_refused(fs: FileFs, echo: bool) -> Result<Report> {
+    let (label, said) = match fs {
+        FileFs::Xfs => ("XFS", "the XFS file system with PARTUUID"),
+        FileFs::BtrfsSingle => ("btrfs", "the btrfs file system with PARTUUID"),
+        _ => anyhow::bail!("no written-since story on {fs:?}"),
+    };
     let machine = Machine { memory_mib: 320, ..Machine::qemu64(Kernel::Linux6_12).on(Bus::Ahci) };
-    let name = "file-xfs-written";
-    let disk = TestDisk::create_on(machine.bus, name, 16 + 900, 16)?;
-    let mut report = Report::new("an image in a file on XFS, the XFS written by a live system: refused by ksave and by ksave resume");
-    let config = kernel_on(machine.kernel, name, "file-store ksave.fs=xfs ksave.memtest_mib=16")?.arg(disk.qemu_args(machine.bus, None));
+    let name = format!("file-{}-written", fs.arg());
+    let disk = TestDisk::create_on(machine.bus, &name, 16 + 900, 16)?;
+    let mut report = Report::new(&format!("an image in a file on {label}, written by a live system: refused by ksave and by ksave resume"));
+    let config = kernel_on(machine.kernel, &name, &format!("file-store ksave.fs={} ksave.memtest_mib=16", fs.arg()))?.arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let setup = vm.expect("ksave-test: image file:", 600 * SECOND)?;
     let resume_args = setup.text.split("; ").nth(1).context("no resume arguments")?.trim().to_string();
@@ -145,9 +158,9 @@ pub fn xfs_written_since_is_refused(echo: bool) -> Result<Report> {
     };
     for round in 1..=2 {
         vm.expect(&format!("ksave-test: hibernating ({round})"), 600 * SECOND)?;
-        let recorded = vm.expect("ksave: recorded: XFS PARTUUID", 180 * SECOND)?;
+        let recorded = vm.expect(&format!("ksave: recorded: {label} PARTUUID"), 180 * SECOND)?;
         // The file's partition (partition 2), the one the XFS is on.
-        ensure!(recorded.text.to_lowercase().contains(&guid.to_lowercase()), "not the XFS of the image file recorded: {}", recorded.text);
+        ensure!(recorded.text.to_lowercase().contains(&guid.to_lowercase()), "not the {label} of the image file recorded: {}", recorded.text);
         vm.expect("ksave: powering off", 180 * SECOND)?;
         vm.expect_exit(0, 60 * SECOND)?;
         if round == 1 {
@@ -155,7 +168,7 @@ pub fn xfs_written_since_is_refused(echo: bool) -> Result<Report> {
             vm = Vm::start(VmConfig { echo, ..machine.apply(kernel_c("1")?)? })?;
             vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
             let back = vm.expect("ksave-test: resumed (1)", 300 * SECOND)?;
-            report.add_ms("resume by kernel C, the XFS unchanged: power-on to A checked", back.at);
+            report.add_ms(format!("resume by kernel C, the {label} unchanged: power-on to A checked"), back.at);
         }
     }
     let live = kernel_on(machine.kernel, &format!("{name}-live"), &format!("live-mount ksave.root_partuuid={}", guid.to_lowercase()))?.arg(disk.qemu_args(machine.bus, None));
@@ -167,12 +180,12 @@ pub fn xfs_written_since_is_refused(echo: bool) -> Result<Report> {
         .arg(["-kernel".to_string(), build_input("ksave.elf")?.display().to_string(), "-append".into(), resume_args.clone()])
         .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(multiboot)? })?;
-    let refusal = vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("multiboot after a live system wrote the XFS")?;
+    let refusal = vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).with_context(|| format!("multiboot after a live system wrote the {label}"))?;
     report.add_ms("multiboot: power-on to the refusal", refusal.at);
     vm.expect_exit(39, 60 * SECOND)?;
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(kernel_c("2")?)? })?;
-    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).context("kernel C after a live system wrote the XFS")?;
-    vm.expect("the XFS file system with PARTUUID", 10 * SECOND)?;
+    vm.expect_refusal(code::FILESYSTEM_MOUNTED, 300 * SECOND).with_context(|| format!("kernel C after a live system wrote the {label}"))?;
+    vm.expect(said, 10 * SECOND)?;
     vm.refute_seen("ksave: resume: jumping to the saved kernel")?;
     Ok(report)
 }
