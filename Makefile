@@ -4,6 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 BUILD := build
 ELF := $(BUILD)/ksave.elf
+EFI := $(BUILD)/ksave.efi
 CLI := $(BUILD)/ksave
 # Test kernels: 6.12 (build/bzImage, every scenario), and 6.1 and 7.3 for the
 # full story on each kernel generation (qemu/build-kernel.sh).
@@ -16,13 +17,17 @@ TEST_PARTUUID := 9B3C2C1A-5E1F-4B4A-8C6F-2A1D3E4F5A6B
 
 .PHONY: all size deps deb rpm debian-root vm-inputs qemu qemu-debian qemu-multiboot lint clippy test bench clean FORCE
 .NOTPARALLEL:
-all: $(ELF) $(CLI)
+all: $(ELF) $(EFI) $(CLI)
 
 # cargo knows what is stale; make only copies the results where they belong.
 $(ELF): FORCE
 	$(CARGO) build --release -p ksave --bin ksave-image
 	@mkdir -p $(BUILD)
 	cp target/release/ksave-image $@
+
+# The same image as a UEFI application (tools/src/efiimage.rs).
+$(EFI): $(ELF) $(CLI)
+	target/release/elf2efi $(ELF) $@
 
 $(CLI): FORCE
 	$(CARGO) build --release -p ksave-tools -p ksave-qemu
@@ -52,8 +57,8 @@ $(BUILD)/initramfs.cpio.gz: $(ELF) $(CLI) qemu/mkinitramfs.sh qemu/initramfs/ini
 $(BUILD)/grub.iso: $(ELF) qemu/mkgrubiso.sh | deps
 	qemu/mkgrubiso.sh $@ $(ELF) ksave.demo
 
-$(BUILD)/grub-resume.iso: $(ELF) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz qemu/mkgrubiso.sh | deps
-	LINUX=$(BUILD)/bzImage INITRD=$(BUILD)/initramfs.cpio.gz \
+$(BUILD)/grub-resume.iso: $(ELF) $(EFI) $(BUILD)/bzImage $(BUILD)/initramfs.cpio.gz qemu/mkgrubiso.sh | deps
+	LINUX=$(BUILD)/bzImage INITRD=$(BUILD)/initramfs.cpio.gz EFI=$(EFI) \
 	  LINUX_ARGS="console=ttyS0,115200 panic=-1 quiet ksave.test=normal-boot" \
 	  qemu/mkgrubiso.sh $@ $(ELF) ksave.resume=$(TEST_PARTUUID)
 

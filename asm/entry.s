@@ -16,7 +16,8 @@
 .set ENTRY_KEXEC, 0
 .set ENTRY_MB1,   1
 .set ENTRY_MB2,   2
-.set ENTRY_UNKNOWN, 3
+.set ENTRY_UEFI,  3
+.set ENTRY_UNKNOWN, 4
 
 # ---------------------------------------------------------------- headers
 .section .multiboot, "a"
@@ -146,6 +147,70 @@ no_long_mode:
     cmove %ecx, %eax
     mov %edi, %esi                  # info pointer, zero-extended
     mov %eax, %edi
+    xor %edx, %edx
+    jmp ksave_long_common
+
+# ---------------------------------------------------------------- UEFI
+# ksave.efi's entry (tools/src/efiimage.rs): UEFI firmware calls it in long
+# mode on its identity map, MS x64 ABI: RCX = image handle, RDX = system
+# table, interrupts as the firmware has them (UEFI 2.10, 2.3.4). Until
+# ExitBootServices, ksave runs on the firmware's GDT, IDT and page tables;
+# only the stack is ksave's own (the firmware's may be 128 KiB). Returns
+# the EFI_STATUS ksave_efi_main returns, for the firmware to go on.
+.global ksave_efi_entry
+ksave_efi_entry:
+    push %rbp                       # callee-saved in the MS x64 ABI: rbp,
+    push %rdi                       # rdi, rsi (rep stosb below)
+    push %rsi
+    mov %rsp, %rbp
+    mov %rcx, %r8
+    mov %rdx, %r9
+    # The PE loader zeroes what the file does not hold (ksave's bss); the
+    # clear here makes it so whatever loaded it.
+    mov $__bss_start, %rdi
+    mov $__bss_end, %rcx
+    sub %rdi, %rcx
+    xor %eax, %eax
+    rep stosb
+    mov %r8, %rcx
+    mov %r9, %rdx
+    mov $ksave_stack_top, %rsp
+    sub $32, %rsp                   # the callee's home space (MS x64 ABI)
+    call ksave_efi_main
+    mov %rbp, %rsp
+    pop %rsi
+    pop %rdi
+    pop %rbp
+    ret
+
+# ksave_efi_take_over(handover: u64) -> !
+# After ExitBootServices: ksave's GDT and page tables, as the kexec entry
+# takes them, then the common path (bss cleared, ksave's stack) into Rust as
+# ENTRY_UEFI. The hand-over lies in .data, which the clear keeps.
+.global ksave_efi_take_over
+ksave_efi_take_over:
+    cli
+    mov %rdi, %r13
+    lgdt ksave_gdt_ptr(%rip)
+    pushq $KERNEL_CS
+    lea 1f(%rip), %rax
+    pushq %rax
+    lretq
+1:  mov $KERNEL_DS, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    mov %cr4, %rax
+    mov $boot_pml4, %ecx
+    test $CR4_LA57, %eax
+    jz 2f
+    mov $boot_pml5, %ecx
+2:  mov %rcx, %cr3
+    mov $ENTRY_UEFI, %edi
+    mov %r13, %rsi
     xor %edx, %edx
     jmp ksave_long_common
 

@@ -81,8 +81,17 @@ pub fn run_multiboot2(info: u64) -> ! {
     run(&BootInfo { protocol: "multiboot2", cmdline, map, rsdp }, info)
 }
 
+/// Started by UEFI firmware as ksave.efi, which has checked the image and
+/// left boot services (efi.rs): `handover` is what it read.
+pub fn run_uefi(handover: u64) -> ! {
+    // SAFETY: ksave_efi_take_over passes the address of efi::HANDOVER, in
+    // ksave's .data, written before and untouched since.
+    let handover = unsafe { &*(handover as *const crate::efi::Handover) };
+    run(&BootInfo { protocol: "UEFI", cmdline: handover.cmdline(), map: handover.map.clone(), rsdp: handover.rsdp }, handover as *const _ as u64)
+}
+
 /// What a bootloader start was asked to do.
-enum Mode<'a> {
+pub enum Mode<'a> {
     /// `ksave.selftest=page-fault`: prove the exception path.
     FaultSelfTest,
     /// `ksave.resume=GUID [ksave.file=BYTES] [ksave.no_image=cmos:BYTE:BIT]`:
@@ -98,7 +107,8 @@ enum Mode<'a> {
 }
 
 impl<'a> Mode<'a> {
-    fn parse(line: &'a str) -> Result<Self, &'static str> {
+    /// The mode a command line (or ksave.efi's load options) asks for.
+    pub fn parse(line: &'a str) -> Result<Self, &'static str> {
         let get = |key| cmdline::get(line, key);
         let guid = |key, why| get(key).and_then(|v| Guid::try_parse(v).ok()).ok_or(why);
         let job = match (get("ksave.selftest"), get("ksave.bench")) {
@@ -159,6 +169,13 @@ fn run(boot: &BootInfo, info: u64) -> ! {
                     hand_over_by_cmos(byte, bit)
                 }
                 Some(Err(_)) => println!("ksave: ksave.no_image=cmos: is not BYTE:BIT (byte 0x40-0x7f)"),
+                // ksave.efi kept the image's identity before it left the
+                // firmware: the next start hands this image to the next
+                // loader instead of trying it again.
+                None if boot.protocol == "UEFI" => {
+                    println!("ksave: not resumed after leaving the firmware: resetting; the next start leaves this image to the next loader");
+                    crate::cpu::reset()
+                }
                 None if refusal.memory_lost => {
                     println!("ksave: no image to resume, and this boot's memory was given up: resetting");
                     crate::cpu::reset()

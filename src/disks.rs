@@ -24,6 +24,7 @@ use ksave_format::reader::Source;
 use ksave_format::store::{Extent, StoreError, StoreMap};
 use ksave_format::PAGE;
 use ksave_core::store::StoreIoError;
+use crate::efi::FirmwareDisk;
 use crate::work::Exclusive;
 use crate::{paging, println};
 
@@ -104,6 +105,9 @@ pub enum Location {
     Nvme { pci: Address, bar: u64, index: usize },
     /// A virtio-blk device.
     Virtio { pci: Address, transport: Transport },
+    /// A disk the UEFI firmware reads for ksave.efi (efi.rs), before it
+    /// leaves boot services.
+    Firmware,
 }
 
 impl fmt::Display for Location {
@@ -115,6 +119,7 @@ impl fmt::Display for Location {
             }
             Self::Nvme { pci, index, .. } => write!(f, "NVMe {pci} namespace #{}", index + 1),
             Self::Virtio { pci, transport } => write!(f, "virtio-blk {pci} at {:#x}", transport.common),
+            Self::Firmware => write!(f, "the firmware's Block I/O"),
         }
     }
 }
@@ -129,6 +134,8 @@ pub enum AnyDisk<'m> {
     Nvme(NvmeDisk<'m, KsaveHal>),
     /// A virtio-blk device.
     Virtio(VirtioBlk<'m, KsaveHal>),
+    /// A disk the UEFI firmware reads (read-only).
+    Firmware(FirmwareDisk),
 }
 
 impl AnyDisk<'_> {
@@ -148,6 +155,7 @@ impl AnyDisk<'_> {
             Self::Ide(d) => d.close(),
             Self::Nvme(d) => d.stop(),
             Self::Virtio(d) => d.stop(),
+            Self::Firmware(_) => {}
         }
     }
 }
@@ -159,6 +167,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ide(d) => d.info(),
             Self::Nvme(d) => d.info(),
             Self::Virtio(d) => d.info(),
+            Self::Firmware(d) => d.info(),
         }
     }
     fn transfer(&mut self, dir: Direction, lba: u64, segments: &[Segment]) -> Result<(), DiskError> {
@@ -167,6 +176,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ide(d) => d.transfer(dir, lba, segments),
             Self::Nvme(d) => d.transfer(dir, lba, segments),
             Self::Virtio(d) => d.transfer(dir, lba, segments),
+            Self::Firmware(d) => d.transfer(dir, lba, segments),
         }
     }
     fn flush(&mut self) -> Result<(), DiskError> {
@@ -175,6 +185,7 @@ impl BlockDevice for AnyDisk<'_> {
             Self::Ide(d) => d.flush(),
             Self::Nvme(d) => d.flush(),
             Self::Virtio(d) => d.flush(),
+            Self::Firmware(d) => d.flush(),
         }
     }
 }
@@ -335,6 +346,8 @@ fn open<'m>(location: Location, ide_mode: Mode, mem: &'m mut DiskMemory) -> Resu
         // SAFETY: as above, for the virtio device's structures, mapped UC by
         // each_location.
         Location::Virtio { transport, .. } => AnyDisk::Virtio(unsafe { VirtioBlk::open(KsaveHal, transport, driver.virtio())? }),
+        // Found by open_firmware_partition, never by each_location.
+        Location::Firmware => return Err(DiskError::NoDevice),
     };
     Ok((disk, &mut block.0))
 }
@@ -603,7 +616,50 @@ pub fn open_partition(at: StoreAt, ide_mode: Mode, iommus: &[RemappingUnit]) -> 
     let mem = DISK_MEMORY.take();
     // On an error `controllers` is dropped, which puts them back.
     let (location, partition) = find_partition(at.guid, ide_mode, mem, &mut controllers).map_err(OpenError::Find)?;
-    let (mut disk, page) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
+    let (disk, page) = open(location, ide_mode, mem).map_err(|e| OpenError::Open(location, e))?;
+    opened(disk, location, partition, page, at, controllers, iommu)
+}
+
+/// The image partition on a disk the UEFI firmware reads, for ksave.efi
+/// before it leaves the firmware (efi.rs): found, and a file store's map
+/// and claim read, by the same code as on ksave's own drivers. Read-only:
+/// no IOMMU or controller is touched.
+pub fn open_firmware_partition(at: StoreAt) -> Result<OpenPartition, OpenError> {
+    let mem = DISK_MEMORY.take();
+    let page = &mut mem.block.0;
+    let (mut disks, mut found_on, mut found) = (0, 0, None);
+    crate::efi::firmware_disks(|mut disk| {
+        disks += 1;
+        let has = part::find_gpt_partition(&mut disk, &KsaveHal, at.guid, page);
+        let blocks = disk.info().blocks * disk.info().block_size as u64;
+        println!("ksave:   firmware disk {disks}: {} MiB{}", blocks >> 20, if has.is_ok() { "  <- has the partition" } else { "" });
+        if let Ok(partition) = has {
+            found_on += 1;
+            found = Some((disk, partition));
+        }
+        false
+    });
+    let (disk, partition) = match found {
+        _ if found_on > 1 => return Err(OpenError::Find(FindError::Ambiguous { found: found_on })),
+        Some(f) => f,
+        None if disks == 0 => return Err(OpenError::Find(FindError::NoDisks(None))),
+        None => return Err(OpenError::Find(FindError::NotFound { disks })),
+    };
+    let iommu = translation_off(&[]).map_err(OpenError::Iommu)?;
+    opened(AnyDisk::Firmware(disk), Location::Firmware, partition, page, at, Controllers::new(), iommu)
+}
+
+/// The partition on its open disk: the store checked, a file store's map
+/// read.
+fn opened(
+    mut disk: AnyDisk<'static>,
+    location: Location,
+    partition: Partition,
+    page: &'static mut [u8; MAX_BLOCK],
+    at: StoreAt,
+    controllers: Controllers,
+    iommu: TranslationOff<KsaveHal>,
+) -> Result<OpenPartition, OpenError> {
     let whole = [Extent { lba: partition.first_lba, blocks: partition.blocks() }];
     StoreMap::new(disk.info().block_size, &whole).map_err(OpenError::Store)?;
     let (file, encrypted) = match at.file {

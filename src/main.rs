@@ -1,9 +1,11 @@
 //! ksave: a tiny kexec-jump image that saves and restores the calling
 //! kernel's RAM.
 //!
-//! Entered three ways (asm/entry.s): by a kexec jump from Linux (64-bit, the
-//! ELF entry point), or by a multiboot 1/2 bootloader (32-bit). All three end
-//! in [`ksave_main`] on ksave's own stack, GDT and page tables with SSE on.
+//! Entered four ways (asm/entry.s): by a kexec jump from Linux (64-bit, the
+//! ELF entry point), by a multiboot 1/2 bootloader (32-bit), or by UEFI
+//! firmware as ksave.efi (efi.rs, which decides while the firmware runs).
+//! All end in [`ksave_main`] on ksave's own stack, GDT and page tables with
+//! SSE on.
 #![no_std]
 #![no_main]
 // Errors here carry a `Message` (message.rs): its text in a fixed 240-byte
@@ -22,6 +24,7 @@ mod console;
 mod cpu;
 mod disks;
 mod disktest;
+mod efi;
 mod free;
 mod heap;
 mod hw;
@@ -51,6 +54,8 @@ pub enum Entry {
     Multiboot1 { info: u64 },
     /// By a multiboot 2 loader (GRUB).
     Multiboot2 { info: u64 },
+    /// By UEFI firmware as ksave.efi, after it left boot services (efi.rs).
+    Uefi { handover: u64 },
 }
 
 /// The first Rust code to run, on every entry.
@@ -63,6 +68,7 @@ extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
         0 => Entry::KexecJump { reentry: arg, caller_rsp },
         1 => Entry::Multiboot1 { info: arg },
         2 => Entry::Multiboot2 { info: arg },
+        3 => Entry::Uefi { handover: arg },
         _ => {
             console::init(false);
             println!("ksave: entered with an unknown boot protocol (magic not multiboot 1 or 2)");
@@ -80,6 +86,7 @@ extern "C" fn ksave_main(kind: u64, arg: u64, caller_rsp: u64) -> ! {
         Entry::Kexec => resume::from_kexec(),
         Entry::Multiboot1 { info } => boot::run_multiboot1(info),
         Entry::Multiboot2 { info } => boot::run_multiboot2(info),
+        Entry::Uefi { handover } => boot::run_uefi(handover),
     }
 }
 

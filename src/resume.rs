@@ -19,7 +19,7 @@ use diskdrv::ide::Mode;
 use ksave_core::Message;
 use ksave_core::resume::{self, Buffers, Machine, Refused, Resumed, WayBack, WhenRefused};
 use diskdrv::part::Guid;
-use ksave_format::header::{FS_BTRFS, FS_EXT4, FS_XFS, State};
+use ksave_format::header::{FS_BTRFS, FS_EXT4, FS_XFS, META_BLOCKS, State};
 use ksave_format::{PAGE, Range, reader};
 use ksave_format::config::{MAX_NVS, MAX_RANGES};
 use ksave_format::seal::Seal;
@@ -48,12 +48,72 @@ pub fn report(refused: &Refused) {
 pub fn from_bootloader(at: StoreAt, map: &MemoryMap, iommus: &[RemappingUnit], facs_now: Result<u32, Message>) -> Refused {
     let mut ram = [Range::default(); MAX_RANGES];
     let mut nvs = [Range::default(); MAX_NVS];
-    // The host tool takes the same whole pages of the same kinds from
-    // /sys/firmware/memmap (tools/src/sys.rs); more ranges than fit make
-    // the maps differ, which refuses.
-    let ram = page_aligned(map.ram(), &mut ram);
-    let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), &mut nvs);
-    run(at, Memory { ram, nvs }, iommus, false, true, facs_now, None)
+    run(at, Memory::of(map, &mut ram, &mut nvs), iommus, false, true, facs_now, None)
+}
+
+/// Started by UEFI firmware as ksave.efi, before it leaves the firmware
+/// (efi.rs): every check of a bootloader start, on the firmware's disks,
+/// with nothing written. Ok with the image's identity (its nonce and its
+/// chunks' CRC), which a start that could not finish keeps in a firmware
+/// variable.
+pub fn check_from_firmware(at: StoreAt, map: &MemoryMap, facs_now: Result<u32, Message>) -> Result<[u8; 12], Refused> {
+    let mut ram = [Range::default(); MAX_RANGES];
+    let mut nvs = [Range::default(); MAX_NVS];
+    let here = Memory::of(map, &mut ram, &mut nvs);
+    reach(here);
+    let mut part = disks::open_firmware_partition(at).map_err(|e| Refused::with(Refusal::NoStore, format_args!("{e}")))?;
+    let Work { block, raw_header, lz4_in, .. } = work::take();
+    let checked = before_verdict(&mut part, None, true, block, raw_header).and_then(|()| {
+        let meta_buf = (&mut lz4_in[..META_BLOCKS as usize * PAGE]).try_into().expect("the work buffer holds the metadata");
+        resume::check(&mut part.store(), &machine(here, &facs_now), block, meta_buf)
+    });
+    part.close();
+    let header = checked?;
+    if header.sealed() {
+        return Err(Refused::new(Refusal::Sealed("the image is encrypted: the initramfs resumes it once the volume is unlocked")));
+    }
+    let mut identity = [0u8; 12];
+    identity[..8].copy_from_slice(&header.nonce.to_le_bytes());
+    identity[8..].copy_from_slice(&header.chunks_crc.to_le_bytes());
+    Ok(identity)
+}
+
+/// What every way in checks once the store is open, before the verdict:
+/// an encrypted store's image only with its key, and (`check_filesystems`)
+/// the file systems the image saw, unchanged.
+fn before_verdict(part: &mut disks::OpenPartition, seal: Option<&Seal>, check_filesystems: bool, block: &mut [u8; PAGE], buf: &mut [u8; PAGE]) -> Result<(), Refused> {
+    if part.encrypted && seal.is_none() {
+        return Err(Refused::new(Refusal::Sealed("the image file lies on an encrypted volume: the initramfs resumes it once the volume is unlocked")));
+    }
+    if check_filesystems {
+        filesystems_unchanged(part, block, buf)?;
+    }
+    Ok(())
+}
+
+/// Maps this boot's memory up to its end: RAM above 4 GiB on a CPU
+/// without 1 GiB pages. What stays unmapped is refused by the verdict
+/// (its reach), before anything is written.
+fn reach(here: Memory) {
+    if let Some(end) = here.ranges().map(|r| r.end).max()
+        && let Err(e) = paging::map_ram_to(end)
+    {
+        println!("ksave: resume: {e}");
+    }
+}
+
+/// This machine as the verdict sees it.
+fn machine<'a>(here: Memory<'a>, facs_now: &'a Result<u32, Message>) -> Machine<'a> {
+    let (own_start, own_end) = image_range();
+    Machine {
+        ram: here.ram,
+        nvs: here.nvs,
+        cpu_vendor: ksave_format::cpu_vendor(),
+        la57: paging::cpu_has_la57(),
+        facs_signature: facs_now.as_ref().copied().map_err(Message::as_str),
+        own: Range { start: own_start, end: own_end },
+        reach: paging::identity_end(),
+    }
 }
 
 /// Refuses the image if a file system it saw says it was mounted since,
@@ -100,7 +160,17 @@ struct Memory<'a> {
     nvs: &'a [Range],
 }
 
-impl Memory<'_> {
+impl<'a> Memory<'a> {
+    /// The RAM and ACPI NVS of a bootloader's (or the firmware's) memory
+    /// map. The host tool takes the same whole pages of the same kinds
+    /// from /sys/firmware/memmap (tools/src/sys.rs); more ranges than fit
+    /// make the maps differ, which refuses.
+    fn of(map: &MemoryMap, ram: &'a mut [Range; MAX_RANGES], nvs: &'a mut [Range; MAX_NVS]) -> Self {
+        let ram = page_aligned(map.ram(), ram);
+        let nvs = page_aligned(map.regions().iter().filter(|r| r.kind == RegionKind::AcpiNvs), nvs);
+        Self { ram, nvs }
+    }
+
     fn ranges(&self) -> impl Iterator<Item = &Range> {
         self.ram.iter().chain(self.nvs)
     }
@@ -134,13 +204,7 @@ pub fn from_kexec() -> ! {
 /// `check_filesystems`: no host tool has compared the file systems the
 /// image saw with what they say now (a bootloader start): ksave does.
 fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: bool, check_filesystems: bool, facs_now: Result<u32, Message>, seal: Option<&Seal>) -> Refused {
-    // RAM above 4 GiB on a CPU without 1 GiB pages; what stays unmapped is
-    // refused below, before anything is written.
-    if let Some(end) = here.ranges().map(|r| r.end).max()
-        && let Err(e) = paging::map_ram_to(end)
-    {
-        println!("ksave: resume: {e}");
-    }
+    reach(here);
     match at.file {
         Some(f) => println!("ksave: resume: looking for the image in the file at byte {} of partition {} (TSC {} MHz)", f.offset, at.guid, hw::calibrate_tsc()),
         None => println!("ksave: resume: looking for the image on partition {} (TSC {} MHz)", at.guid, hw::calibrate_tsc()),
@@ -149,25 +213,12 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         Ok(p) => p,
         Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };
-    if part.encrypted && seal.is_none() {
-        part.close();
-        return Refused::new(Refusal::Sealed("the image file lies on an encrypted volume: the initramfs resumes it once the volume is unlocked"));
-    }
     let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work::take();
-    if check_filesystems && let Err(refused) = filesystems_unchanged(&mut part, block, raw_header) {
+    if let Err(refused) = before_verdict(&mut part, seal, check_filesystems, block, raw_header) {
         part.close();
         return refused;
     }
-    let (own_start, own_end) = image_range();
-    let machine = Machine {
-        ram: here.ram,
-        nvs: here.nvs,
-        cpu_vendor: ksave_format::cpu_vendor(),
-        la57: paging::cpu_has_la57(),
-        facs_signature: facs_now.as_ref().copied().map_err(Message::as_str),
-        own: Range { start: own_start, end: own_end },
-        reach: paging::identity_end(),
-    };
+    let machine = machine(here, &facs_now);
     let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)) };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or

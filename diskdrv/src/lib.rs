@@ -193,6 +193,14 @@ pub enum DiskError {
     /// The disk is something these drivers do not drive (e.g. ATAPI, 4K
     /// logical sectors, no LBA).
     Unsupported(&'static str),
+    /// The firmware's Block I/O protocol failed a read (UEFI 2.10, 13.9:
+    /// its EFI_STATUS).
+    Firmware {
+        /// First LBA asked for.
+        lba: u64,
+        /// The status, with the error bit.
+        status: u64,
+    },
 }
 
 /// An NVMe status: status code type and status code (NVMe 1.4, 4.6.1), as
@@ -233,6 +241,7 @@ impl fmt::Display for DiskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Self::NoDevice => write!(f, "no device"),
+            Self::Firmware { lba, status } => write!(f, "firmware Block I/O read at LBA {lba}: status {status:#x}"),
             Self::Device { command, lba, status, error } => {
                 write!(f, "device error on command {command:#04x} at LBA {lba}: status {status:#04x}, error {error:#04x}")
             }

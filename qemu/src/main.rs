@@ -51,6 +51,12 @@ fn main() -> Result<()> {
         "resume" => scenarios::hibernate_resume(scenarios::ResumeBy::Multiboot1, 256, true)?,
         "resume-c" => scenarios::hibernate_resume(scenarios::ResumeBy::KernelC, 256, true)?,
         "resume-grub" => scenarios::hibernate_resume(scenarios::ResumeBy::Grub, 256, true)?,
+        "resume-efi" => scenarios::hibernate_resume_on(
+            scenarios::Machine::qemu64(scenarios::Kernel::Linux6_12).uefi().on(ksave_qemu::disk::Bus::VirtioRootPort),
+            scenarios::ResumeBy::UefiApp,
+            256,
+            true,
+        )?,
         "grub-no-image" => scenarios::grub_no_image_boots_normally(true)?,
         "linux-hibernate" => scenarios::linux_hibernate_resume(128, true)?,
         "debian-bios" => scenarios::debian_hibernate_resume(scenarios::Firmware::Bios, true)?,
@@ -63,7 +69,7 @@ fn main() -> Result<()> {
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         "encrypted" => scenarios::encrypted_store_story(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, resume-efi, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
         ),
     };
     println!("\n{report}");

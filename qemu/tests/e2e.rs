@@ -188,15 +188,17 @@ fn restore_refuses_damaged_foreign_and_used_images() {
     run(scenarios::restore_refusals);
 }
 
-/// On UEFI (OVMF): the firmware's ACPI NVS travels in the image and is put
-/// back. Kernel C is the way back a UEFI machine has (GRUB EFI has no
-/// CMOS hand-over, shared/KEXEC-JUMP.md). The disk is a virtio-blk behind
-/// a PCIe root port, whose registers OVMF puts at 896 GiB: ksave maps
-/// them, saving and resuming.
+/// On UEFI (OVMF), resumed by ksave.efi, which GRUB EFI chainloads: it
+/// checks the image through the firmware's Block I/O, leaves the firmware
+/// and loads it with its own driver. The firmware's ACPI NVS travels in the
+/// image and is put back. The disk is a virtio-blk behind a PCIe root
+/// port, whose registers OVMF puts at 896 GiB: ksave maps them, saving and
+/// resuming. Then, with the image spent, ksave.efi returns to GRUB, which
+/// boots Linux.
 #[test]
-fn hibernate_power_off_and_resume_by_kernel_c_on_uefi_twice() {
+fn hibernate_power_off_and_resume_by_ksave_efi_on_uefi_twice() {
     let machine = Machine::qemu64(Kernel::Linux6_12).uefi().on(Bus::VirtioRootPort);
-    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::KernelC, 256, echo));
+    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::UefiApp, 256, echo));
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! can be tested.
 
 pub mod btrfs;
+pub mod efiimage;
 pub mod elfimage;
 pub mod export;
 pub mod filestore;

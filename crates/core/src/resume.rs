@@ -23,7 +23,7 @@ use core::fmt;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::Seal;
 use ksave_format::commit::Device;
-use ksave_format::header::{META_BLOCKS, State};
+use ksave_format::header::{Header, META_BLOCKS, Meta, State};
 use ksave_format::reader::{self, ReadError, Source};
 use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_format::{PAGE, PayloadHasher, Range};
@@ -282,35 +282,10 @@ where
     S::Error: fmt::Display,
 {
     let Buffers { block, chunk_header, coded, pages, seal } = bufs;
-    let header = reader::read_header(store, block).map_err(unreadable)?;
     // The metadata is read into the pages buffer: only its copy (`saved`)
     // is needed once the chunks are read.
     let meta_buf = (&mut pages[..META_BLOCKS as usize * PAGE]).try_into().expect("the pages buffer holds the metadata");
-    let meta = match reader::read_meta(store, &header, meta_buf) {
-        Ok(meta) => Ok(meta),
-        Err(ReadError::Header(e)) => Err(e),
-        Err(e) => return Err(unreadable(e)),
-    };
-    let here = Here {
-        resumer: Resumer::Ksave,
-        ram: machine.ram,
-        nvs: machine.nvs,
-        cpu_vendor: machine.cpu_vendor,
-        la57: machine.la57,
-        facs_signature: machine.facs_signature.ok(),
-        own: Some(machine.own),
-        reach: machine.reach,
-    };
-    match verdict::resumable(&header, meta.as_ref().map_err(|e| *e), &here) {
-        Ok(()) => {}
-        Err(Refusal::SaveFailed) => return Err(Refused::with(Refusal::SaveFailed, format_args!("{}", header.message()))),
-        Err(r @ Refusal::HardwareUnknown) => {
-            let why = machine.facs_signature.err().unwrap_or("");
-            return Err(Refused::with(r, format_args!("{why}")));
-        }
-        Err(r) => return Err(Refused::new(r)),
-    }
-    let meta = meta.expect("the verdict passed the metadata");
+    let (header, meta) = verdict_on(store, machine, block, meta_buf)?;
     // An encrypted store: the image must be sealed under the key read from
     // the unlocked volume, its header and metadata as it wrote them; a
     // sealed image without its key is never loaded. Before anything is
@@ -344,6 +319,51 @@ where
     };
     let way_back = WayBack { reentry: header.reentry, gdt: header.return_gdt, la57: header.cr4_needed & CR4_LA57 != 0 };
     Ok((loaded, way_back))
+}
+
+/// The verdict alone: the image on `store` would be loaded on `machine`
+/// (its header and metadata pass [`verdict::resumable`]), or why not.
+/// Nothing is written. For a resumer that must decide before it can load
+/// (ksave.efi decides while the firmware still runs, then leaves it:
+/// docs/UEFI.md); the load checks again.
+pub fn check<S: Source>(store: &mut S, machine: &Machine, block: &mut [u8; PAGE], meta_buf: &mut [u8; META_BLOCKS as usize * PAGE]) -> Result<Header, Refused>
+where
+    S::Error: fmt::Display,
+{
+    verdict_on(store, machine, block, meta_buf).map(|(header, _)| header)
+}
+
+/// Reads the header and the metadata and asks the verdict.
+fn verdict_on<'m, S: Source>(store: &mut S, machine: &Machine, block: &mut [u8; PAGE], meta_buf: &'m mut [u8; META_BLOCKS as usize * PAGE]) -> Result<(Header, Meta<'m>), Refused>
+where
+    S::Error: fmt::Display,
+{
+    let header = reader::read_header(store, block).map_err(unreadable)?;
+    let meta = match reader::read_meta(store, &header, meta_buf) {
+        Ok(meta) => Ok(meta),
+        Err(ReadError::Header(e)) => Err(e),
+        Err(e) => return Err(unreadable(e)),
+    };
+    let here = Here {
+        resumer: Resumer::Ksave,
+        ram: machine.ram,
+        nvs: machine.nvs,
+        cpu_vendor: machine.cpu_vendor,
+        la57: machine.la57,
+        facs_signature: machine.facs_signature.ok(),
+        own: Some(machine.own),
+        reach: machine.reach,
+    };
+    match verdict::resumable(&header, meta.as_ref().map_err(|e| *e), &here) {
+        Ok(()) => {}
+        Err(Refusal::SaveFailed) => return Err(Refused::with(Refusal::SaveFailed, format_args!("{}", header.message()))),
+        Err(r @ Refusal::HardwareUnknown) => {
+            let why = machine.facs_signature.err().unwrap_or("");
+            return Err(Refused::with(r, format_args!("{why}")));
+        }
+        Err(r) => return Err(Refused::new(r)),
+    }
+    Ok((header, meta.expect("the verdict passed the metadata")))
 }
 
 /// The refusal a failed read of the image stands for.

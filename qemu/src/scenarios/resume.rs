@@ -15,6 +15,10 @@ pub enum ResumeBy {
     KernelC,
     /// GRUB's menu boots ksave by multiboot 2 (build/grub-resume.iso).
     Grub,
+    /// OVMF starts GRUB EFI from the same ISO, which chainloads ksave.efi:
+    /// the firmware's application, which checks the image while the
+    /// firmware runs and resumes it after leaving it.
+    UefiApp,
 }
 
 /// The full story: kernel A holds 256 MiB of known data, a counting
@@ -128,7 +132,7 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
             ResumeBy::KernelC => {
                 kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}{}", machine.kernel_args()))?
             }
-            ResumeBy::Grub => grub_resume_menu(&format!("{name}-{round}"))?,
+            ResumeBy::Grub | ResumeBy::UefiApp => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(machine.bus, None));
         let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
@@ -149,6 +153,19 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         }
         vm.refute_seen("CPU exception")?;
         vm.expect_exit(0, 60 * SECOND)?;
+    }
+    if by == ResumeBy::UefiApp {
+        // The image is spent (resumed, so invalidated): ksave.efi refuses
+        // it while the firmware runs and returns to GRUB, whose fallback
+        // boots Linux.
+        let config = grub_resume_menu(&format!("{name}-no-image"))?.arg(disk.qemu_args(machine.bus, None));
+        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..machine.apply(config)? })?;
+        vm.expect("started by the UEFI firmware, load options", 120 * SECOND)?;
+        vm.expect_refusal(ksave_format::verdict::code::ALREADY_RESUMED, 120 * SECOND)?;
+        vm.expect("back to the boot manager", 30 * SECOND)?;
+        let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        report.add_ms("no image: power-on to Linux booted normally through ksave.efi and GRUB", normal.at);
     }
     Ok(report)
 }
