@@ -20,8 +20,10 @@
 //! image's identity, kept in a firmware variable before leaving, makes the
 //! next start hand that image to the next loader instead of trying again.
 
+use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::ptr;
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use bootinfo::memmap::{MemoryMap, RegionKind};
 use bootinfo::acpi;
@@ -67,8 +69,16 @@ impl Handover {
     }
 }
 
+/// The one [`Handover`], written by ksave.efi before it leaves the firmware
+/// and read by the entry after.
+struct HandoverCell(UnsafeCell<Handover>);
+
+// SAFETY: ksave runs on one CPU, and the two entries that use the hand-over
+// run one after the other.
+unsafe impl Sync for HandoverCell {}
+
 #[unsafe(link_section = ".data.handover")]
-static mut HANDOVER: Handover = Handover { cmdline: [0; 1024], cmdline_len: 0, map: MemoryMap::new(), rsdp: None };
+static HANDOVER: HandoverCell = HandoverCell(UnsafeCell::new(Handover { cmdline: [0; 1024], cmdline_len: 0, map: MemoryMap::new(), rsdp: None }));
 
 /// The firmware's memory map, as GetMemoryMap writes it.
 #[repr(C, align(8))]
@@ -330,16 +340,18 @@ impl BlockDevice for FirmwareDisk {
     }
 }
 
-/// The firmware's disks, for [`crate::disks::open_firmware_partition`]:
-/// set while ksave.efi decides.
-static mut FIRMWARE: Option<Firmware> = None;
+/// The firmware's system table and ksave.efi's image handle while boot
+/// services run (null before and after), for
+/// [`crate::disks::open_firmware_partition`].
+static SYSTEM: AtomicPtr<SystemTable> = AtomicPtr::new(ptr::null_mut());
+static IMAGE: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
 
-/// Calls `f` with each whole disk the firmware reads until it returns true.
+/// Calls `f` with each whole disk the firmware reads until it returns true;
+/// none once boot services are gone.
 pub fn firmware_disks(f: impl FnMut(FirmwareDisk) -> bool) {
-    // SAFETY: one CPU; FIRMWARE is set by ksave_efi_main before anything
-    // calls here and cleared before it leaves boot services.
-    if let Some(fw) = unsafe { (*(&raw const FIRMWARE)).as_ref() } {
-        fw.disks(f);
+    let system = SYSTEM.load(Ordering::Relaxed);
+    if !system.is_null() {
+        Firmware { image: IMAGE.load(Ordering::Relaxed), system }.disks(f);
     }
 }
 
@@ -372,11 +384,11 @@ extern "efiapi" fn ksave_efi_main(image: Handle, system: *const SystemTable) -> 
     crate::console::init(true);
     heap::init();
     let fw = Firmware { image, system };
-    // SAFETY: one CPU, nothing else uses FIRMWARE yet.
-    unsafe { *(&raw mut FIRMWARE) = Some(fw) };
+    IMAGE.store(image, Ordering::Relaxed);
+    SYSTEM.store(system.cast_mut(), Ordering::Relaxed);
     // SAFETY: one CPU; the hand-over is used by this entry alone, and by
     // the next (ENTRY_UEFI) only after this one is gone.
-    let handover = unsafe { &mut *(&raw mut HANDOVER) };
+    let handover = unsafe { &mut *HANDOVER.0.get() };
     let mut len = 0;
     let options = fw.load_options(&mut handover.cmdline, &mut len);
     handover.cmdline_len = len;
@@ -430,11 +442,10 @@ fn leave_firmware(fw: &Firmware, handover: &mut Handover, buf: &mut MapBuffer) {
             return;
         }
         // SAFETY: ExitBootServices with the key of the map just read; from
-        // its success on, no boot service is called (FIRMWARE is cleared).
+        // its success on, no boot service is called (SYSTEM is cleared).
         status = unsafe { (fw.boot().exit_boot_services)(fw.image, key) };
         if status.is_success() {
-            // SAFETY: one CPU; the firmware's boot services are gone.
-            unsafe { *(&raw mut FIRMWARE) = None };
+            SYSTEM.store(ptr::null_mut(), Ordering::Relaxed);
             // SAFETY: boot services are gone; ksave takes the machine over
             // from its own image, where the hand-over lies.
             unsafe { ksave_efi_take_over(handover as *const Handover as u64) }
