@@ -65,14 +65,14 @@ $(BUILD)/grub-resume.iso: $(ELF) $(EFI) $(BUILD)/bzImage $(BUILD)/initramfs.cpio
 # ksave's Debian package (dist/): the CLI, ksave.elf, the initramfs-tools
 # hook and boot script, the systemd drop-ins.
 deb: $(BUILD)/ksave.deb
-$(BUILD)/ksave.deb: $(ELF) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*)
-	dist/mkdeb.sh $@ $(CLI) $(ELF)
+$(BUILD)/ksave.deb: $(ELF) $(EFI) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*)
+	dist/mkdeb.sh $@ $(CLI) $(ELF) $(EFI)
 
 # The same files as an RPM (dist/mkrpm.sh, rpmbuild from Debian's rpm), for
 # dracut systems: Fedora, RHEL, openSUSE.
 rpm: $(BUILD)/ksave.rpm
-$(BUILD)/ksave.rpm: $(ELF) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*) | deps
-	dist/mkrpm.sh $@ $(CLI) $(ELF)
+$(BUILD)/ksave.rpm: $(ELF) $(EFI) $(CLI) $(wildcard dist/* dist/*/* dist/*/*/*) | deps
+	dist/mkrpm.sh $@ $(CLI) $(ELF) $(EFI)
 
 # Prints nothing; builds the root file systems the first time (about a
 # minute each): Debian 12 with initramfs-tools, Debian 13 with dracut.

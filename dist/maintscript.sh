@@ -23,6 +23,27 @@ ksave_initramfs_rebuild() {
   fi
 }
 
+# ksave.efi's boot entries (labelled ksave, as `ksave setup --uefi` makes
+# them), its directory in the ESP, wherever an ESP is mounted, and its
+# firmware variables.
+ksave_uefi_forget() {
+  if command -v efibootmgr >/dev/null 2>&1 && [ -d /sys/firmware/efi ]; then
+    efibootmgr | sed -n 's/^Boot\([0-9A-Fa-f]\{4\}\)\*\{0,1\} ksave\([[:space:]].*\)\{0,1\}$/\1/p' | while read -r entry; do
+      efibootmgr -q -b "$entry" -B || true
+    done
+  fi
+  for esp in /boot/efi /efi; do
+    rm -rf "$esp/EFI/ksave"
+  done
+  # ksave.efi's own variables (its last reason, the image it last took);
+  # efivarfs makes them immutable.
+  for var in /sys/firmware/efi/efivars/Ksave*-6b5f3a1e-8c1d-4e0f-9b7a-5d2c4e6f8a01; do
+    [ -e "$var" ] || continue
+    chattr -i "$var" 2>/dev/null || true
+    rm -f "$var"
+  done
+}
+
 # Removing ksave for good: its image file and its setup. An image file
 # `ksave setup --file` made is ksave's data: immutable, so nothing else could
 # remove it. Its map says so; on an encrypted volume the map lies under the

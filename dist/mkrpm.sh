@@ -2,14 +2,14 @@
 # Builds ksave's RPM (Fedora, RHEL, openSUSE: dracut and systemd) with
 # rpmbuild, from the same files as the .deb (dist/mkdeb.sh) and the same
 # install and removal steps (dist/maintscript.sh).
-#   mkrpm.sh OUT.rpm KSAVE_CLI KSAVE_ELF
+#   mkrpm.sh OUT.rpm KSAVE_CLI KSAVE_ELF KSAVE_EFI
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=$1 cli=$2 elf=$3
+out=$1 cli=$2 elf=$3 efi=$4
 top=$(mktemp -d)
 trap 'rm -rf "$top"' EXIT
 stage=$top/stage
-version=$("$here/stage.sh" "$stage" "$cli" "$elf")
+version=$("$here/stage.sh" "$stage" "$cli" "$elf" "$efi")
 # The RPM's systems build their initramfs with dracut: no initramfs-tools
 # hook (its directories would be ksave's alone there, left behind by rpm -e).
 rm -r "$stage/usr/share/initramfs-tools"
@@ -22,7 +22,7 @@ scriptlet() { cat "$here/maintscript.sh"; echo "$1"; }
   echo "%post"; scriptlet 'ksave_systemd_reload; ksave_initramfs_rebuild'
   echo "%postun"
   # shellcheck disable=SC2016 # $1 is the scriptlet's own, at install time
-  scriptlet 'if [ "$1" -eq 0 ]; then ksave_systemd_reload; ksave_initramfs_rebuild; ksave_forget_store; fi'
+  scriptlet 'if [ "$1" -eq 0 ]; then ksave_systemd_reload; ksave_initramfs_rebuild; ksave_uefi_forget; ksave_forget_store; fi'
   echo "%files"
   (cd "$stage" && find . -type f | sed 's|^\.||' | sort)
   # Its own directories, drop-in ones included (the rest belong to

@@ -2,14 +2,17 @@
 # Stages the files ksave's packages install (the .deb: dist/mkdeb.sh, the
 # RPM: dist/mkrpm.sh) into DIR, as they lie on the installed system, and
 # prints the packages' version (the CLI's).
-#   stage.sh DIR KSAVE_CLI KSAVE_ELF
+#   stage.sh DIR KSAVE_CLI KSAVE_ELF KSAVE_EFI
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-stage=$1 cli=$2 elf=$3
+stage=$1 cli=$2 elf=$3 efi=$4
 mkdir -p "$stage"
 chmod 0755 "$stage"
 install -D -s -m 0755 "$cli" "$stage/usr/sbin/ksave"
 install -D -m 0644 "$elf" "$stage/usr/lib/ksave/ksave.elf"
+# The same image for UEFI firmware: `ksave setup --uefi` puts it in the ESP
+# with its boot entry (docs/UEFI.md); the removal takes both back.
+install -D -m 0644 "$efi" "$stage/usr/lib/ksave/ksave.efi"
 # systemd: the sleep services that hibernate run ksave (dist/systemd/sleep),
 # and logind offers hibernation without swap where ksave can hibernate
 # (dist/systemd/sleep-generator).

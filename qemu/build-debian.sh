@@ -16,8 +16,9 @@ suite=${1:-bookworm}
 case $suite in
 # minbase + what a systemd system with logind, udev and initramfs-tools is,
 # and the initramfs's unlock of an encrypted root (cryptsetup-initramfs: it
-# does nothing without a crypttab entry for the initramfs).
-bookworm) packages=initramfs-tools,cryptsetup-initramfs ;;
+# does nothing without a crypttab entry for the initramfs), and efibootmgr
+# for ksave.efi's boot entry (the UEFI story).
+bookworm) packages=initramfs-tools,cryptsetup-initramfs,efibootmgr ;;
 # dracut instead (its systemd initrd; no cryptsetup module without a
 # crypttab), and rpm (Debian's, which installs into its own database).
 trixie) packages=dracut,rpm,cpio ;;

@@ -18,6 +18,8 @@
 #                        so partition 1 is left empty and the root file
 #                        system is written to OUT.img.root-ext4 for the
 #                        harness to encrypt in a VM (scenario luks-root)
+#   KSAVE_ESP=1          an EFI system partition (4, FAT, 64 MiB, empty)
+#                        mounted at /boot/efi, as a UEFI install has one
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0} swap_guid=${9:-}
@@ -27,6 +29,10 @@ luks_uuid=${KSAVE_ROOT_LUKS:-}
 boot_mib=128
 # LUKS2's header (cryptsetup's default data offset) comes before the root.
 luks_header_mib=16
+esp_mib=0
+[ -z "${KSAVE_ESP:-}" ] || esp_mib=64
+# The ESP's FAT volume serial, its fstab UUID.
+esp_serial=4B5A0E5F
 kver=6.12-ksave
 suite=${KSAVE_SUITE:-bookworm}
 base=$("$here/build-debian.sh" "$suite")
@@ -56,6 +62,10 @@ if [ "$swap_mib" -gt 0 ]; then
   swap_id=$(echo "$swap_guid" | tr '[:upper:]' '[:lower:]')
   echo "PARTUUID=$swap_id none swap sw 0 0" >> "$root/etc/fstab"
   echo "RESUME=PARTUUID=$swap_id" > "$root/etc/initramfs-tools/conf.d/resume"
+fi
+if [ "$esp_mib" -gt 0 ]; then
+  mkdir -p "$root/boot/efi"
+  echo "UUID=${esp_serial:0:4}-${esp_serial:4:4} /boot/efi vfat umask=0077 0 1" >> "$root/etc/fstab"
 fi
 if [ "$root_fs" = btrfs ]; then
   sed -i 's|^LABEL=debian-root / ext4 .*|LABEL=debian-root / btrfs defaults 0 0|' "$root/etc/fstab"
@@ -107,7 +117,7 @@ first=2048
 # ksave's store partition type, which ksave setup requires: the harness
 # passes diskdrv's part::KSAVE_STORE_TYPE.
 ksave_type=${KSAVE_STORE_TYPE:?the harness sets it}
-total_mib=$((1 + root_mib + ksave_mib + swap_mib + 1))
+total_mib=$((1 + root_mib + ksave_mib + swap_mib + esp_mib + 1))
 [ -z "$luks_uuid" ] || total_mib=$((total_mib + boot_mib))
 rm -f "$out"
 truncate -s "${total_mib}M" "$out"
@@ -134,7 +144,12 @@ parts=(-o -n "1:$first:+${root_mib}M" -t 1:8304 -u "1:$root_guid" -c 1:debian-ro
   -n "2:0:+${ksave_mib}M" -t "2:$ksave_type" -u "2:$ksave_guid" -c 2:ksave)
 if [ "$swap_mib" -gt 0 ]; then parts+=(-n "3:0:+${swap_mib}M" -t 3:8200 -u "3:$swap_guid" -c 3:swap); fi
 if [ -n "$luks_uuid" ]; then parts+=(-t 1:8309 -n "3:0:+${boot_mib}M" -t 3:8300 -c 3:debian-boot); fi
+if [ "$esp_mib" -gt 0 ]; then parts+=(-n "4:0:+${esp_mib}M" -t 4:ef00 -c "4:EFI system partition"); fi
 sgdisk "${parts[@]}" "$out" >/dev/null
+if [ "$esp_mib" -gt 0 ]; then
+  esp_first=$(sgdisk -i 4 "$out" | sed -n 's/^First sector: \([0-9]*\).*/\1/p')
+  mformat -i "$out@@$((esp_first * 512))" -T $((esp_mib * 2048)) -h 64 -s 32 -N "$esp_serial" -v ESP ::
+fi
 if [ "$swap_mib" -gt 0 ]; then
   # mkswap 2.38 has no --offset: make the signature in a file, put it in place.
   truncate -s "${swap_mib}M" "$work/swap"

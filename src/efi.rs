@@ -25,13 +25,13 @@ use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use bootinfo::memmap::{MemoryMap, RegionKind};
+use bootinfo::memmap::MemoryMap;
 use bootinfo::acpi;
 use diskdrv::{BlockDevice, Direction, DiskError, DiskInfo, Segment};
 use uefi_raw::protocol::block::{BlockIoMedia, BlockIoProtocol};
 use uefi_raw::protocol::device_path::{DevicePathProtocol, DeviceSubType, DeviceType};
 use uefi_raw::protocol::loaded_image::LoadedImageProtocol;
-use uefi_raw::table::boot::{BootServices, MemoryDescriptor, MemoryType};
+use uefi_raw::table::boot::{BootServices, MemoryDescriptor};
 use uefi_raw::table::runtime::{RuntimeServices, VariableAttributes};
 use uefi_raw::table::system::SystemTable;
 use uefi_raw::{Boolean, Guid, Handle, Status, guid};
@@ -355,27 +355,9 @@ pub fn firmware_disks(f: impl FnMut(FirmwareDisk) -> bool) {
     }
 }
 
-/// The UEFI memory map as the e820 map Linux's EFI stub builds from it
-/// (setup_e820, drivers/firmware/efi/libstub/x86-stub.c): the map the
-/// saved kernel saw, in /sys/firmware/memmap.
+/// The UEFI memory map in e820 kinds (bootinfo::uefi).
 fn e820_map(bytes: &[u8], desc_size: usize, map: &mut MemoryMap) -> Result<(), &'static str> {
-    for d in bytes.chunks_exact(desc_size) {
-        // SAFETY: a descriptor as GetMemoryMap wrote it; read unaligned.
-        let d = unsafe { d.as_ptr().cast::<MemoryDescriptor>().read_unaligned() };
-        let kind = match d.ty {
-            MemoryType::LOADER_CODE | MemoryType::LOADER_DATA | MemoryType::BOOT_SERVICES_CODE | MemoryType::BOOT_SERVICES_DATA | MemoryType::CONVENTIONAL => RegionKind::Ram,
-            MemoryType::ACPI_RECLAIM => RegionKind::AcpiReclaimable,
-            MemoryType::ACPI_NON_VOLATILE => RegionKind::AcpiNvs,
-            MemoryType::UNUSABLE => RegionKind::Defective,
-            MemoryType::PERSISTENT_MEMORY
-            | MemoryType::RESERVED | MemoryType::RUNTIME_SERVICES_CODE | MemoryType::RUNTIME_SERVICES_DATA | MemoryType::MMIO | MemoryType::MMIO_PORT_SPACE | MemoryType::PAL_CODE => {
-                RegionKind::Reserved
-            }
-            _ => continue,
-        };
-        map.add(d.phys_start, d.page_count * 4096, kind).map_err(|_| "more memory regions than ksave keeps")?;
-    }
-    Ok(())
+    bootinfo::uefi::add_memory_map(bytes, desc_size, map).map_err(|_| "more memory regions than ksave keeps")
 }
 
 /// ksave.efi's Rust entry (asm/entry.s, on ksave's stack).

@@ -148,6 +148,20 @@ pub fn init() -> u64 {
     identity_end()
 }
 
+/// What [`identity_end`] will be once [`init`] and [`map_ram_to`]`(end)`
+/// have run, without running them: ksave.efi decides on it while the
+/// firmware's page tables are in use (efi.rs).
+pub fn identity_end_once_mapped(end: u64) -> u64 {
+    // CPUID.80000001h:EDX bit 26: 1-GByte pages, as init() asks.
+    if core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0 {
+        512 * GIB
+    } else if end <= END_WITHOUT_1G_PAGES {
+        end.div_ceil(GIB).max(4) * GIB
+    } else {
+        4 * GIB
+    }
+}
+
 /// One past the highest identity-mapped physical address.
 pub fn identity_end() -> u64 {
     IDENTITY_END.load(Ordering::Relaxed)

@@ -60,12 +60,13 @@ pub fn check_from_firmware(at: StoreAt, map: &MemoryMap, facs_now: Result<u32, M
     let mut ram = [Range::default(); MAX_RANGES];
     let mut nvs = [Range::default(); MAX_NVS];
     let here = Memory::of(map, &mut ram, &mut nvs);
-    reach(here);
+    // ksave's page tables are not in use yet: the reach they will have.
+    let reach = paging::identity_end_once_mapped(here.ranges().map(|r| r.end).max().unwrap_or(0));
     let mut part = disks::open_firmware_partition(at).map_err(|e| Refused::with(Refusal::NoStore, format_args!("{e}")))?;
     let Work { block, raw_header, lz4_in, .. } = work::take();
     let checked = before_verdict(&mut part, None, true, block, raw_header).and_then(|()| {
         let meta_buf = (&mut lz4_in[..META_BLOCKS as usize * PAGE]).try_into().expect("the work buffer holds the metadata");
-        resume::check(&mut part.store(), &machine(here, &facs_now), block, meta_buf)
+        resume::check(&mut part.store(), &machine(here, &facs_now, reach), block, meta_buf)
     });
     part.close();
     let header = checked?;
@@ -102,8 +103,8 @@ fn reach(here: Memory) {
     }
 }
 
-/// This machine as the verdict sees it.
-fn machine<'a>(here: Memory<'a>, facs_now: &'a Result<u32, Message>) -> Machine<'a> {
+/// This machine as the verdict sees it, its memory reached up to `reach`.
+fn machine<'a>(here: Memory<'a>, facs_now: &'a Result<u32, Message>, reach: u64) -> Machine<'a> {
     let (own_start, own_end) = image_range();
     Machine {
         ram: here.ram,
@@ -112,7 +113,7 @@ fn machine<'a>(here: Memory<'a>, facs_now: &'a Result<u32, Message>) -> Machine<
         la57: paging::cpu_has_la57(),
         facs_signature: facs_now.as_ref().copied().map_err(Message::as_str),
         own: Range { start: own_start, end: own_end },
-        reach: paging::identity_end(),
+        reach,
     }
 }
 
@@ -218,7 +219,7 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         part.close();
         return refused;
     }
-    let machine = machine(here, &facs_now);
+    let machine = machine(here, &facs_now, paging::identity_end());
     let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)) };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or

@@ -54,6 +54,11 @@ pub enum Command {
         /// or a swap is (the image, all of RAM, would be plaintext there).
         #[arg(long)]
         allow_plaintext: bool,
+        /// Also resume straight from the firmware: put ksave.efi into the
+        /// EFI system partition with a boot entry first in BootOrder
+        /// (efibootmgr). The initramfs stays the fallback.
+        #[arg(long)]
+        uefi: bool,
     },
     /// Load a configured ksave for a jump (and say how much memory it holds).
     Load {

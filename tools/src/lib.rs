@@ -18,3 +18,4 @@ pub mod ready;
 pub mod setup;
 pub mod store;
 pub mod sys;
+pub mod uefi;

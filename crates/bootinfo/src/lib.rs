@@ -6,6 +6,7 @@
 //! - [`multiboot1`]: the multiboot 1 information structure and its mmap.
 //! - [`kexec`]: the kexec-jump caller's control page and its backup map.
 //! - [`pagewalk`]: the caller's memory through its own page tables; its GDT.
+//! - [`uefi`]: the UEFI memory map as Linux's EFI stub turns it into e820.
 #![no_std]
 #![deny(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod kexec;
 pub mod memmap;
 pub mod multiboot1;
 pub mod pagewalk;
+pub mod uefi;
 
 /// Physical memory as the parsers see it. The image implements it over its
 /// identity map; tests implement it over a byte buffer.

@@ -114,6 +114,10 @@ impl DebianDisk {
             Hibernator::Ksave | Hibernator::KsaveDroppingCaches => (build_input(suite.package())?.display().to_string(), vec![]),
         };
         let memtest = repo_root().join("target/release/memtest");
+        // A new machine: its firmware's variables start from OVMF's.
+        if machine.nvram.is_some() {
+            let _ = std::fs::remove_file(machine.nvram_path(name));
+        }
         let status = Command::new(repo_root().join("qemu/mkdebiandisk.sh"))
             .arg(&path)
             .arg(build_input(machine.kernel.file())?)
@@ -125,6 +129,8 @@ impl DebianDisk {
             .env("KSAVE_ROOT_FS", root_fs)
             .env("KSAVE_ROOT_LUKS", luks.unwrap_or(""))
             .env("KSAVE_SUITE", suite.name())
+            // A UEFI machine has an EFI system partition (ksave.efi goes there).
+            .env("KSAVE_ESP", if machine.firmware == Firmware::Uefi { "1" } else { "" })
             .stdout(std::process::Stdio::null())
             .status()
             .context("running qemu/mkdebiandisk.sh")?;
@@ -246,6 +252,9 @@ struct Boot<'a> {
     disk: &'a DebianDisk,
     iso: &'a Path,
     echo: bool,
+    /// The firmware starts ksave.efi from its boot entry, which resumes;
+    /// else the initramfs does.
+    by_firmware: bool,
 }
 
 /// The root shell on the serial console, and a count of commands typed.
@@ -379,8 +388,17 @@ fn resume(label: &str, boot: &Boot, passphrase: Option<&str>, away: Instant, rep
     if let Some(passphrase) = passphrase {
         unlock(&mut vm, passphrase)?;
     }
-    vm.expect("ksave: resuming the image", 300 * SECOND)?;
+    if boot.by_firmware {
+        vm.expect("started by the UEFI firmware, load options", 300 * SECOND)?;
+        vm.refute_seen("ksave: resuming the image")?;
+    } else {
+        vm.expect("ksave: resuming the image", 300 * SECOND)?;
+    }
     let jump = vm.expect("ksave: resume: jumping to the saved kernel", 120 * SECOND)?;
+    if boot.by_firmware {
+        // No kernel ran between the firmware and ksave.
+        vm.refute_seen("Linux version")?;
+    }
     let mut shell = Shell::attach(vm, false, 120 * SECOND)?;
     report.add_ms(format!("resume {label}: power-on to the jump into the saved kernel"), jump.at);
     report.add_ms(format!("resume {label}: power-on to the resumed shell answering"), shell.vm.elapsed());
@@ -391,30 +409,50 @@ fn resume(label: &str, boot: &Boot, passphrase: Option<&str>, away: Instant, rep
 
 /// The Debian story on `firmware`: install, `ksave setup`, a ticking
 /// service and a process holding known data; `systemctl hibernate`, power
-/// off, power on: the initramfs resumes; everything carried on; twice;
-/// power off; the root file system is clean.
+/// off, power on: resumed; everything carried on; twice; power off; the
+/// root file system is clean. On BIOS the initramfs resumes. On UEFI,
+/// `ksave setup --uefi` puts ksave.efi into the ESP with a boot entry
+/// first (efibootmgr), and the firmware starts it and it resumes, with no
+/// kernel before it; with the image spent, it returns to the boot manager,
+/// whose next entry (GRUB) boots Debian, whose initramfs logs ksave.efi's
+/// reason; `dpkg --purge` takes the entry and the ESP's file back.
 pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report> {
-    let machine = Machine { firmware, ..Machine::qemu64(Kernel::Linux6_12) };
-    let name = format!("debian-{firmware:?}").to_lowercase();
+    let uefi = firmware == Firmware::Uefi;
+    let name = if uefi { "debian-uefi" } else { "debian-bios" };
+    let machine = Machine { firmware, nvram: uefi.then_some(name), ..Machine::qemu64(Kernel::Linux6_12) };
     // No spare partition (issue 21): the image goes into a file on the
     // root, ext4 on UEFI (Debian's and Ubuntu's layout), btrfs on BIOS
     // (Fedora's; `make test` runs it in the dracut story, on Debian 13).
     // The partition store is the stale-image story's.
-    let root_fs = if firmware == Firmware::Uefi { "ext4" } else { "btrfs" };
-    let mut report = Report::new(&format!("Debian with systemd: systemctl hibernate into an image file on its {root_fs} root, resume by the initramfs, twice ({firmware:?})"));
-    let disk = DebianDisk::create_on(&name, &machine, Hibernator::Ksave, root_fs)?;
-    let iso = boot_iso(&name, "")?;
-    let mut shell = Shell::attach(power_on(&name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
+    let root_fs = if uefi { "ext4" } else { "btrfs" };
+    let by = if uefi { "ksave.efi from its boot entry" } else { "the initramfs" };
+    let mut report = Report::new(&format!("Debian with systemd: systemctl hibernate into an image file on its {root_fs} root, resume by {by}, twice ({firmware:?})"));
+    let disk = DebianDisk::create_on(name, &machine, Hibernator::Ksave, root_fs)?;
+    let iso = boot_iso(name, "")?;
+    let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
     report.add_ms("power-on to a root shell (first boot)", shell.vm.elapsed());
     let setup = Instant::now();
-    shell.run("e2e setup-file", 600 * SECOND)?;
+    shell.run(if uefi { "e2e setup-file --uefi" } else { "e2e setup-file" }, 600 * SECOND)?;
     report.add_ms("ksave setup (with update-initramfs)", setup.elapsed());
     shell.run("e2e start", 120 * SECOND)?;
+    let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo, by_firmware: uefi };
     for round in 1..=2 {
-        shell = shell.round_trip(round, &Boot { name: &name, machine: &machine, disk: &disk, iso: &iso, echo }, None, &mut report)?;
+        shell = shell.round_trip(round, &boot, None, &mut report)?;
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
     }
-    // The purge takes the (immutable) image file back too.
+    if uefi {
+        // The image is spent: ksave.efi says why while the firmware runs
+        // and returns; the boot manager's next entry is GRUB (the ISO).
+        shell.power_off()?;
+        let mut vm = power_on(&format!("{name}-no-image"), &machine, &disk, &iso, false, echo)?;
+        vm.expect("started by the UEFI firmware, load options", 300 * SECOND)?;
+        vm.expect_refusal(code::ALREADY_RESUMED, 120 * SECOND)?;
+        vm.expect("back to the boot manager", 30 * SECOND)?;
+        shell = Shell::attach(vm, true, 600 * SECOND)?;
+        report.add_ms("no image: power-on to a shell of the normal boot, through ksave.efi and GRUB", shell.vm.elapsed());
+        shell.run("journalctl -b -o cat | grep 'ksave.efi did not resume at this boot' | grep -q 'already resumed'", 60 * SECOND)?;
+    }
+    // The purge takes the (immutable) image file back too, and ksave.efi.
     shell.run("e2e remove", 600 * SECOND)?;
     shell.power_off()?;
     disk.fsck_root()?;
@@ -446,7 +484,7 @@ pub fn debian_dracut_sleep_modes(echo: bool) -> Result<Report> {
     // The boot that must not resume is in lockdown too, as under Secure
     // Boot: ksave must refuse to hibernate there, before loading anything.
     let noresume = boot_iso(&format!("{name}-noresume"), "ksave.noresume lockdown=integrity")?;
-    let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo };
+    let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo, by_firmware: false };
     let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
     report.add_ms("power-on to a root shell (first boot)", shell.vm.elapsed());
     // Not set up yet: logind answers as without ksave (no swap: na).
@@ -618,7 +656,7 @@ pub fn debian_encrypted_root(echo: bool) -> Result<Report> {
     shell.run("e2e start", 120 * SECOND)?;
 
     for round in 1..=2 {
-        shell = shell.round_trip(round, &Boot { name, machine: &machine, disk: &disk, iso: &iso, echo }, Some(LUKS_PASSPHRASE), &mut report)?;
+        shell = shell.round_trip(round, &Boot { name, machine: &machine, disk: &disk, iso: &iso, echo, by_firmware: false }, Some(LUKS_PASSPHRASE), &mut report)?;
         shell.run("e2e sealed", 60 * SECOND)?;
         shell.run("e2e recorded-root", 60 * SECOND)?;
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
@@ -713,7 +751,7 @@ pub fn debian_stale_and_damaged_images(echo: bool) -> Result<Report> {
     report.add_ms("hibernated, the older kernel booted: power-on to the resumed shell", shell.vm.elapsed());
     shell.hibernate(Hibernator::Ksave, &mut report)?;
 
-    let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo };
+    let boot = Boot { name, machine: &machine, disk: &disk, iso: &iso, echo, by_firmware: false };
     let shell = never_after_noresume(&boot, &noresume, &[])?;
     report.add_ms("the boot after ksave.noresume: power-on to a shell", shell.vm.elapsed());
     shell.hibernate(Hibernator::Ksave, &mut report)?;

@@ -132,12 +132,16 @@ pub struct Machine {
     /// A VT-d IOMMU (QEMU's intel-iommu on a q35), which kernel A turns on
     /// (`intel_iommu=on`).
     pub iommu: bool,
+    /// On UEFI: the firmware's variables are this machine's own, kept from
+    /// one VM to the next under this name (boot entries made in one boot
+    /// are there in the next); else each VM starts from OVMF's defaults.
+    pub nvram: Option<&'static str>,
 }
 
 impl Machine {
     /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
     pub const fn qemu64(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci, iommu: false }
+        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci, iommu: false, nvram: None }
     }
 
     /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
@@ -180,10 +184,13 @@ impl Machine {
         }
         if self.firmware == Firmware::Uefi {
             // Each VM its own variable store, as each boot of a real machine
-            // would find it: nothing of one VM's boot leaks into the next.
-            let vars = crate::build_dir().join("disks").join(format!("{}-ovmf-vars.fd", config.name));
+            // would find it: nothing of one VM's boot leaks into the next;
+            // or the machine's own, kept.
+            let vars = self.nvram_path(&config.name);
             std::fs::create_dir_all(vars.parent().unwrap())?;
-            std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (run qemu/deps.sh)"))?;
+            if self.nvram.is_none() || !vars.exists() {
+                std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS} (run qemu/deps.sh)"))?;
+            }
             config = config.arg([
                 "-drive".to_string(),
                 format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
@@ -192,6 +199,11 @@ impl Machine {
             ]);
         }
         Ok(VmConfig { memory_mib: self.memory_mib, ..config.arg(["-cpu", self.cpu]) })
+    }
+
+    /// The OVMF variable store of a VM named `vm` on this machine.
+    pub fn nvram_path(&self, vm: &str) -> std::path::PathBuf {
+        crate::build_dir().join("disks").join(format!("{}-ovmf-vars.fd", self.nvram.unwrap_or(vm)))
     }
 
     /// The same CPU without LA57, if this one has it.

@@ -28,11 +28,11 @@ mod verify;
 /// Runs one command.
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Setup { file: Some(file), size, lz4, elf, no_precheck, allow_plaintext, .. } => {
-            setup::run_file(&file, size.as_deref(), lz4, elf, &setup::How { no_precheck, claim: false, yes: false, allow_plaintext })
+        Command::Setup { file: Some(file), size, lz4, elf, no_precheck, allow_plaintext, uefi, .. } => {
+            setup::run_file(&file, size.as_deref(), lz4, elf, &setup::How { no_precheck, claim: false, yes: false, allow_plaintext, uefi })
         }
-        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes, allow_plaintext, .. } => {
-            setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes, allow_plaintext })
+        Command::Setup { partition, partuuid, lz4, elf, no_precheck, claim, yes, allow_plaintext, uefi, .. } => {
+            setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes, allow_plaintext, uefi })
         }
         Command::Load { kexec_tools } => load::run(kexec_tools),
         Command::Hibernate { poweroff: _, snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {

@@ -33,6 +33,13 @@ pub fn run(partuuid: Option<String>, elf: Option<PathBuf>, file_at: Option<u64>,
         }
         Err(e) => return Err(e),
     };
+    // ksave.efi's reason for not resuming at this boot's start, once.
+    if or_invalidate {
+        ksave_tools::uefi::mount_efivarfs();
+        if let Some(why) = ksave_tools::uefi::take_refusal() {
+            say(format!("ksave: ksave.efi did not resume at this boot's start: {why}"));
+        }
+    }
     // Asked not to resume: this boot carries on (and invalidates, below).
     let noresume = if or_invalidate { sys::noresume() } else { None };
     let outcome = match noresume {

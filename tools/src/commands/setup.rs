@@ -9,7 +9,7 @@ use diskdrv::part::{Guid, KSAVE_STORE_TYPE};
 use ksave_format::PAGE;
 use ksave_tools::imagefile::ImageFile;
 use ksave_tools::setup::{self, FileStore, Setup};
-use ksave_tools::{filestore, ready, store, sys};
+use ksave_tools::{filestore, ready, store, sys, uefi};
 
 /// How setup goes about it.
 pub struct How {
@@ -21,6 +21,23 @@ pub struct How {
     pub yes: bool,
     /// Take a plaintext store on a machine that encrypts its root or swap.
     pub allow_plaintext: bool,
+    /// Resume straight from the firmware: ksave.efi in the ESP, with its
+    /// boot entry first (docs/UEFI.md).
+    pub uefi: bool,
+}
+
+/// What refuses a setup before it changes anything: lockdown, and a way
+/// in (--uefi) that cannot work here.
+fn refuse_early(how: &How) -> Result<()> {
+    if let Some(why) = sys::lockdown() {
+        bail!("{why}");
+    }
+    if how.uefi
+        && let Some(why) = uefi::why_not()
+    {
+        bail!("--uefi: {why}");
+    }
+    Ok(())
 }
 
 /// Refuses a plaintext store on a machine that encrypts its root file
@@ -37,9 +54,7 @@ fn refuse_plaintext(how: &How) -> Result<()> {
 }
 
 pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf: PathBuf, how: &How) -> Result<ExitCode> {
-    if let Some(why) = sys::lockdown() {
-        bail!("{why}");
-    }
+    refuse_early(how)?;
     refuse_plaintext(how)?;
     let mut part = match (partition, partuuid) {
         (Some(dev), _) => sys::partition_info(&dev)?,
@@ -102,13 +117,13 @@ pub fn run(partition: Option<PathBuf>, partuuid: Option<String>, lz4: bool, elf:
         controller.address,
         setup::path().display()
     );
-    finish()
+    finish(how)
 }
 
 /// What every setup ends with: a note on free pages, the initramfs rebuilt
 /// to carry the new setup, and logind told whether to offer hibernation
 /// (dist/systemd/sleep-generator asks `ksave can-hibernate`).
-fn finish() -> Result<ExitCode> {
+fn finish(how: &How) -> Result<ExitCode> {
     if let Some(note) = sys::free_pages_note() {
         println!("ksave: note: {note}");
     }
@@ -131,6 +146,10 @@ fn finish() -> Result<ExitCode> {
             let _ = std::process::Command::new("systemctl").args(args).status();
         }
     }
+    if how.uefi {
+        let options = uefi::install(&setup.resume_args())?;
+        println!("ksave: ksave.efi is in the ESP, its boot entry \"{}\" first: the firmware resumes without a second kernel (options \"{options}\")", uefi::LABEL);
+    }
     match ready::why_not(&setup) {
         None => println!("ksave: ready: `systemctl hibernate` (and hybrid-sleep, suspend-then-hibernate) goes through ksave"),
         Some(why) => println!("ksave: set up, but this machine cannot hibernate with ksave now: {why}"),
@@ -143,9 +162,7 @@ fn finish() -> Result<ExitCode> {
 /// partition, writes its map and the claim into its first pages, checks
 /// that writing them moved nothing, and makes it immutable.
 pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, how: &How) -> Result<ExitCode> {
-    if let Some(why) = sys::lockdown() {
-        bail!("{why}");
-    }
+    refuse_early(how)?;
     ensure!(elf.exists(), "{} does not exist (--elf)", elf.display());
     ensure!(path.is_absolute(), "{}: give the file's absolute path (the initramfs and the boot entry name it)", path.display());
     let size = size.map(parse_size).transpose()?;
@@ -168,7 +185,7 @@ pub fn run_file(path: &Path, size: Option<&str>, lz4: bool, elf: PathBuf, how: &
         false
     };
     match claim_file(path, existing, lz4, elf, how) {
-        Ok(()) => finish(),
+        Ok(()) => finish(how),
         Err(e) if !existing => {
             // Nothing of ksave's is in it yet: take it back.
             let _ = filestore::set_immutable(path, false);
