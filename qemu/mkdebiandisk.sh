@@ -18,8 +18,10 @@
 #                        so partition 1 is left empty and the root file
 #                        system is written to OUT.img.root-ext4 for the
 #                        harness to encrypt in a VM (scenario luks-root)
-#   KSAVE_ESP=1          an EFI system partition (4, FAT, 64 MiB, empty)
-#                        mounted at /boot/efi, as a UEFI install has one
+#   KSAVE_ESP=1          an EFI system partition (4, FAT, 64 MiB) mounted at
+#                        /boot/efi, as a UEFI install has one, with the
+#                        distribution's loader: GRUB at \EFI\debian\grubx64.efi
+#                        booting this disk's kernel (grub-mkstandalone)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1 kernel=$2 package=$3 memtest=$4 root_guid=$5 ksave_guid=$6 ksave_mib=$7 swap_mib=${8:-0} swap_guid=${9:-}
@@ -148,7 +150,24 @@ if [ "$esp_mib" -gt 0 ]; then parts+=(-n "4:0:+${esp_mib}M" -t 4:ef00 -c "4:EFI 
 sgdisk "${parts[@]}" "$out" >/dev/null
 if [ "$esp_mib" -gt 0 ]; then
   esp_first=$(sgdisk -i 4 "$out" | sed -n 's/^First sector: \([0-9]*\).*/\1/p')
-  mformat -i "$out@@$((esp_first * 512))" -T $((esp_mib * 2048)) -h 64 -s 32 -N "$esp_serial" -v ESP ::
+  esp="$out@@$((esp_first * 512))"
+  mformat -i "$esp" -T $((esp_mib * 2048)) -h 64 -s 32 -N "$esp_serial" -v ESP ::
+  root_id=$(echo "$root_guid" | tr '[:upper:]' '[:lower:]')
+  cat > "$work/grub.cfg" <<CFG
+set timeout=0
+serial --unit=0 --speed=115200
+terminal_output serial
+search --no-floppy --set=root --label debian-root
+menuentry "Debian (ksave test system, GRUB in the ESP)" {
+  linux /boot/vmlinuz-$kver root=PARTUUID=$root_id ro console=ttyS0,115200 panic=-1 quiet
+  initrd /boot/initrd.img-$kver
+}
+CFG
+  grub-mkstandalone -O x86_64-efi --locales= --fonts= --themes= \
+    --install-modules="part_gpt ext2 linux normal serial terminal search search_label echo test" --modules="part_gpt ext2 serial" \
+    -o "$work/grubx64.efi" "boot/grub/grub.cfg=$work/grub.cfg"
+  mmd -i "$esp" ::/EFI ::/EFI/debian
+  mcopy -i "$esp" "$work/grubx64.efi" ::/EFI/debian/grubx64.efi
 fi
 if [ "$swap_mib" -gt 0 ]; then
   # mkswap 2.38 has no --offset: make the signature in a file, put it in place.

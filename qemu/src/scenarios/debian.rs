@@ -413,8 +413,8 @@ fn resume(label: &str, boot: &Boot, passphrase: Option<&str>, away: Instant, rep
 /// root file system is clean. On BIOS the initramfs resumes. On UEFI,
 /// `ksave setup --uefi` puts ksave.efi into the ESP with a boot entry
 /// first (efibootmgr), and the firmware starts it and it resumes, with no
-/// kernel before it; with the image spent, it returns to the boot manager,
-/// whose next entry (GRUB) boots Debian, whose initramfs logs ksave.efi's
+/// kernel before it; with the image spent, it starts the distribution's
+/// GRUB in the ESP, which boots Debian, whose initramfs logs ksave.efi's
 /// reason; `dpkg --purge` takes the entry and the ESP's file back.
 pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report> {
     let uefi = firmware == Firmware::Uefi;
@@ -442,14 +442,16 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
     }
     if uefi {
         // The image is spent: ksave.efi says why while the firmware runs
-        // and returns; the boot manager's next entry is GRUB (the ISO).
+        // and starts the next loader, the distribution's GRUB in the ESP
+        // (not the CD's).
         shell.power_off()?;
         let mut vm = power_on(&format!("{name}-no-image"), &machine, &disk, &iso, false, echo)?;
         vm.expect("started by the UEFI firmware, load options", 300 * SECOND)?;
         vm.expect_refusal(code::ALREADY_RESUMED, 120 * SECOND)?;
-        vm.expect("back to the boot manager", 30 * SECOND)?;
+        vm.expect("ksave: starting the next loader, \\EFI\\debian\\grubx64.efi", 30 * SECOND)?;
+        vm.expect("Debian (ksave test system, GRUB in the ESP)", 60 * SECOND)?;
         shell = Shell::attach(vm, true, 600 * SECOND)?;
-        report.add_ms("no image: power-on to a shell of the normal boot, through ksave.efi and GRUB", shell.vm.elapsed());
+        report.add_ms("no image: power-on to a shell of the normal boot, through ksave.efi and the ESP's GRUB", shell.vm.elapsed());
         shell.run("journalctl -b -o cat | grep 'ksave.efi did not resume at this boot' | grep -q 'already resumed'", 60 * SECOND)?;
     }
     // The purge takes the (immutable) image file back too, and ksave.efi.
