@@ -121,6 +121,33 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         ensure!(disk.digest()? == before, "the refused boot changed the disk");
         report.add_ms("without LA57: power-on to refusal", line.at);
     }
+    if by == ResumeBy::UefiApp {
+        // The disk on a controller the firmware drives and ksave does not
+        // (virtio-scsi): ksave.efi checks the image through the firmware,
+        // leaves it, and its own drivers find no disk. It can only reset;
+        // the next start finds the image it took in KsaveTried and leaves
+        // it to the next loader (GRUB's fallback: a normal boot). The image
+        // is untouched, for the resumes below.
+        let before = disk.digest()?;
+        let scsi = [
+            "-device".to_string(),
+            "virtio-scsi-pci,id=scsi0".into(),
+            "-drive".into(),
+            format!("if=none,id=d0,format=raw,file={}", disk.path.display()),
+            "-device".into(),
+            "scsi-hd,drive=d0,bus=scsi0.0".into(),
+        ];
+        let config = grub_resume_menu(&format!("{name}-unreached"))?.arg(scsi);
+        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..machine.apply(config)? })?;
+        vm.expect("ksave:   firmware disk 1:", 120 * SECOND)?;
+        vm.expect_refusal(ksave_format::verdict::code::NO_STORE, 120 * SECOND)?;
+        vm.expect("the next start leaves this image to the next loader", 30 * SECOND)?;
+        vm.expect("an earlier start took this image and did not reach the saved kernel", 180 * SECOND)?;
+        let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
+        vm.expect_exit(0, 60 * SECOND)?;
+        ensure!(disk.digest()? == before, "the start that could not finish changed the disk");
+        report.add_ms("ksave.efi's own drivers find no disk: power-on to a normal boot, through a reset", normal.at);
+    }
     for round in 1..=2 {
         let resume = match by {
             ResumeBy::Multiboot1 => VmConfig::new(&format!("{name}-{round}")).arg([
