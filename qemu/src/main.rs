@@ -14,6 +14,9 @@ fn main() -> Result<()> {
     if which == "bench-debian" {
         return ksave_qemu::bench::debian_table(bench_runs());
     }
+    if which == "bench-debian-uefi" {
+        return ksave_qemu::bench::debian_uefi_table(bench_runs());
+    }
     if which == "bench-file" {
         return ksave_qemu::bench::file_table();
     }
@@ -31,7 +34,8 @@ fn main() -> Result<()> {
         ksave_qemu::bench::hibernation_table(runs, 128)?;
         ksave_qemu::bench::file_table()?;
         ksave_qemu::bench::encrypted_table()?;
-        return ksave_qemu::bench::debian_table(runs);
+        ksave_qemu::bench::debian_table(runs)?;
+        return ksave_qemu::bench::debian_uefi_table(runs);
     }
     if which == "demo" {
         // The whole story: the kexec-jump round trip, then hibernate, power
@@ -69,7 +73,7 @@ fn main() -> Result<()> {
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         "encrypted" => scenarios::encrypted_store_story(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, resume-efi, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted or bench-debian"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, resume-efi, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-disks, bench-file, bench-encrypted, encrypted, bench-debian or bench-debian-uefi"
         ),
     };
     println!("\n{report}");

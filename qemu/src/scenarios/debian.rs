@@ -674,14 +674,24 @@ pub fn debian_encrypted_root(echo: bool) -> Result<Report> {
 /// data). Each round: `systemctl hibernate` to power-off, then power-on to
 /// `systemctl is-system-running` answering `running`; then the e2e checks
 /// (data intact, no gap longer than the time away).
-pub fn debian_hibernation_bench(by: Hibernator, rounds: usize, echo: bool) -> Result<Report> {
-    let machine = Machine::qemu64(Kernel::Linux6_12);
-    let name = format!("bench-debian-{by:?}").to_lowercase();
-    let mut report = Report::new(&format!("Debian with systemd, hibernated by {by:?}, {rounds} rounds"));
-    let disk = DebianDisk::create(&name, &machine, by)?;
-    let iso = boot_iso(&name, "")?;
-    let mut shell = Shell::attach(power_on(&name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
+/// On `firmware`; `by_firmware`: ksave set up with `--uefi`, so that the
+/// firmware starts ksave.efi, which resumes (else the initramfs does).
+pub fn debian_hibernation_bench(by: Hibernator, firmware: Firmware, by_firmware: bool, rounds: usize, echo: bool) -> Result<Report> {
+    let name = match (firmware, by, by_firmware) {
+        (Firmware::Bios, Hibernator::Ksave, _) => "bench-debian-ksave",
+        (Firmware::Bios, Hibernator::KsaveDroppingCaches, _) => "bench-debian-ksavedroppingcaches",
+        (Firmware::Bios, Hibernator::LinuxSwap, _) => "bench-debian-linuxswap",
+        (Firmware::Uefi, Hibernator::LinuxSwap, _) => "bench-debian-uefi-linuxswap",
+        (Firmware::Uefi, _, true) => "bench-debian-uefi-ksave-efi",
+        (Firmware::Uefi, _, false) => "bench-debian-uefi-ksave",
+    };
+    let machine = Machine { firmware, nvram: (firmware == Firmware::Uefi).then_some(name), ..Machine::qemu64(Kernel::Linux6_12) };
+    let mut report = Report::new(&format!("Debian with systemd, hibernated by {by:?} ({firmware:?}), {rounds} rounds"));
+    let disk = DebianDisk::create(name, &machine, by)?;
+    let iso = boot_iso(name, "")?;
+    let mut shell = Shell::attach(power_on(name, &machine, &disk, &iso, false, echo)?, true, 600 * SECOND)?;
     match by {
+        Hibernator::Ksave if by_firmware => shell.run("e2e setup --uefi", 600 * SECOND)?,
         Hibernator::Ksave => shell.run("e2e setup", 600 * SECOND)?,
         Hibernator::KsaveDroppingCaches => {
             shell.run("e2e setup", 600 * SECOND)?;
