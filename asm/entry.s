@@ -68,28 +68,9 @@ ksave_kexec_entry:
     mov %cr4, %rax
     mov %rax, ksave_entry_cr4(%rip)
     sgdt ksave_entry_gdtr(%rip)
-    lgdt ksave_gdt_ptr(%rip)
-    pushq $KERNEL_CS
-    lea 1f(%rip), %rax
-    pushq %rax
-    lretq
-1:  mov $KERNEL_DS, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
-    mov %eax, %fs
-    mov %eax, %gs
-    # Our page tables cover our stack and MMIO; the caller's do not map MMIO.
-    # With 5-level paging on, LA57 cannot be switched off in long mode: hang
-    # our 4-level tables under a one-entry PML5.
-    mov %cr4, %rax
-    mov $boot_pml4, %ecx
-    test $CR4_LA57, %eax
-    jz 2f
-    mov $boot_pml5, %ecx
-2:  mov %rcx, %cr3
-    mov $ENTRY_KEXEC, %edi
+    lea 1f(%rip), %r15
+    jmp ksave_own_tables
+1:  mov $ENTRY_KEXEC, %edi
     mov %r12, %rsi
     mov %r13, %rdx
     jmp ksave_long_common
@@ -191,6 +172,22 @@ ksave_efi_entry:
 ksave_efi_take_over:
     cli
     mov %rdi, %r13
+    lea 1f(%rip), %r15
+    jmp ksave_own_tables
+1:  mov $ENTRY_UEFI, %edi
+    mov %r13, %rsi
+    xor %edx, %edx
+    jmp ksave_long_common
+
+# ---------------------------------------------------------------- own tables
+# ksave's GDT (CS and the data segments reloaded) and its page tables, for
+# the ways in that arrive in long mode on another's (a kexec caller's, the
+# firmware's). Ours cover our stack and MMIO; a caller's do not map MMIO.
+# With 5-level paging on, LA57 cannot be switched off in long mode: our
+# 4-level tables hang under a one-entry PML5. Returns by `jmp *%r15`: the
+# stack it was entered on may not be mapped once CR3 is ours. Clobbers rax
+# and rcx.
+ksave_own_tables:
     lgdt ksave_gdt_ptr(%rip)
     pushq $KERNEL_CS
     lea 1f(%rip), %rax
@@ -209,10 +206,7 @@ ksave_efi_take_over:
     jz 2f
     mov $boot_pml5, %ecx
 2:  mov %rcx, %cr3
-    mov $ENTRY_UEFI, %edi
-    mov %r13, %rsi
-    xor %edx, %edx
-    jmp ksave_long_common
+    jmp *%r15
 
 # ---------------------------------------------------------------- common
 # rdi = entry kind, rsi = re-entry address or boot info, rdx = caller rsp.

@@ -182,22 +182,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// with `--drop-caches`) and for Linux's own hibernation to swap on the
 /// same disk; `runs` rounds each on one system (medians).
 pub fn debian_table(runs: usize) -> Result<()> {
-    use crate::scenarios::{Firmware, Hibernator, debian_hibernation_bench};
-    let median_of = |r: &Report, what: &str| median(r.figures.iter().filter(|f| f.what == what).map(|f| f.value).collect());
-    let mut rows = Vec::new();
-    for (label, by) in
-        [("ksave", Hibernator::Ksave), ("ksave --drop-caches", Hibernator::KsaveDroppingCaches), ("Linux (swap partition, LZO)", Hibernator::LinuxSwap)]
-    {
-        eprintln!("bench: Debian, {label}: {runs} rounds");
-        let r = debian_hibernation_bench(by, Firmware::Bios, false, runs, false)?;
-        rows.push(HibernationRow {
-            label,
-            hibernate_ms: median_of(&r, "hibernate: systemctl hibernate to power-off"),
-            image_mib: median_of(&r, "image size"),
-            pages: median_of(&r, "pages in the image"),
-            resume_ms: median_of(&r, "resume: power-on to systemctl is-system-running: running"),
-        });
-    }
+    use crate::scenarios::{Firmware, Hibernator};
+    let rows = debian_rows(
+        Firmware::Bios,
+        &[("ksave", Hibernator::Ksave, false), ("ksave --drop-caches", Hibernator::KsaveDroppingCaches, false), ("Linux (swap partition, LZO)", Hibernator::LinuxSwap, false)],
+        runs,
+    )?;
     print_against_linux(&format!("Debian bookworm with systemd, 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)"), &rows);
     println!("   (hibernate: systemctl hibernate to power-off; resume: power-on to `systemctl is-system-running` answering `running`)");
     Ok(())
@@ -208,16 +198,32 @@ pub fn debian_table(runs: usize) -> Result<()> {
 /// and Linux's own hibernation to swap; the same figures as
 /// [`debian_table`], and the resume's ratio to Linux's.
 pub fn debian_uefi_table(runs: usize) -> Result<()> {
-    use crate::scenarios::{Firmware, Hibernator, debian_hibernation_bench};
+    use crate::scenarios::{Firmware, Hibernator};
+    let rows = debian_rows(
+        Firmware::Uefi,
+        &[
+            ("ksave, resumed by ksave.efi", Hibernator::Ksave, true),
+            ("ksave, resumed by the initramfs", Hibernator::Ksave, false),
+            ("Linux (swap partition, LZO)", Hibernator::LinuxSwap, false),
+        ],
+        runs,
+    )?;
+    print_against_linux(&format!("Debian bookworm with systemd on UEFI (OVMF), 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)"), &rows);
+    let linux = rows.last().expect("a Linux row").resume_ms;
+    for row in &rows[..rows.len() - 1] {
+        println!("   resume (power-on to running), {} / Linux's: {:.2}", row.label, row.resume_ms / linux);
+    }
+    Ok(())
+}
+
+/// One row a way (label, hibernator, resumed by ksave.efi), each from
+/// its own Debian system on `firmware`, `runs` rounds (medians).
+fn debian_rows(firmware: crate::scenarios::Firmware, ways: &[(&'static str, crate::scenarios::Hibernator, bool)], runs: usize) -> Result<Vec<HibernationRow>> {
     let median_of = |r: &Report, what: &str| median(r.figures.iter().filter(|f| f.what == what).map(|f| f.value).collect());
     let mut rows = Vec::new();
-    for (label, by, by_firmware) in [
-        ("ksave, resumed by ksave.efi", Hibernator::Ksave, true),
-        ("ksave, resumed by the initramfs", Hibernator::Ksave, false),
-        ("Linux (swap partition, LZO)", Hibernator::LinuxSwap, false),
-    ] {
-        eprintln!("bench: Debian on UEFI, {label}: {runs} rounds");
-        let r = debian_hibernation_bench(by, Firmware::Uefi, by_firmware, runs, false)?;
+    for &(label, by, by_firmware) in ways {
+        eprintln!("bench: Debian ({firmware:?}), {label}: {runs} rounds");
+        let r = crate::scenarios::debian_hibernation_bench(by, firmware, by_firmware, runs, false)?;
         rows.push(HibernationRow {
             label,
             hibernate_ms: median_of(&r, "hibernate: systemctl hibernate to power-off"),
@@ -226,12 +232,7 @@ pub fn debian_uefi_table(runs: usize) -> Result<()> {
             resume_ms: median_of(&r, "resume: power-on to systemctl is-system-running: running"),
         });
     }
-    print_against_linux(&format!("Debian bookworm with systemd on UEFI (OVMF), 512 MiB, AHCI: systemctl hibernate, power on, {runs} rounds each (median)"), &rows);
-    let linux = rows.last().expect("a Linux row").resume_ms;
-    for row in &rows[..rows.len() - 1] {
-        println!("   resume (power-on to running), {} / Linux's: {:.2}", row.label, row.resume_ms / linux);
-    }
-    Ok(())
+    Ok(rows)
 }
 
 /// Prints, under `r`, one ratio a row: (label, figure, over figure).
