@@ -193,8 +193,9 @@ fn restore_refuses_damaged_foreign_and_used_images() {
 /// and loads it with its own driver. The firmware's ACPI NVS travels in the
 /// image and is put back. The disk is a virtio-blk behind a PCIe root
 /// port, whose registers OVMF puts at 896 GiB: ksave maps them, saving and
-/// resuming. Then, with the image spent, ksave.efi returns to GRUB, which
-/// boots Linux.
+/// resuming. First, with the disk where ksave's own drivers cannot reach
+/// it (virtio-scsi), a start that cannot finish resets, and the next one
+/// returns the image to GRUB, which boots Linux.
 #[test]
 fn hibernate_power_off_and_resume_by_ksave_efi_on_uefi_twice() {
     let machine = Machine::qemu64(Kernel::Linux6_12).uefi().on(Bus::VirtioRootPort);

@@ -181,18 +181,5 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         vm.refute_seen("CPU exception")?;
         vm.expect_exit(0, 60 * SECOND)?;
     }
-    if by == ResumeBy::UefiApp {
-        // The image is spent (resumed, so invalidated): ksave.efi refuses
-        // it while the firmware runs and returns to GRUB, whose fallback
-        // boots Linux.
-        let config = grub_resume_menu(&format!("{name}-no-image"))?.arg(disk.qemu_args(machine.bus, None));
-        let mut vm = Vm::start(VmConfig { echo, reboot: true, ..machine.apply(config)? })?;
-        vm.expect("started by the UEFI firmware, load options", 120 * SECOND)?;
-        vm.expect_refusal(ksave_format::verdict::code::ALREADY_RESUMED, 120 * SECOND)?;
-        vm.expect("back to the boot manager", 30 * SECOND)?;
-        let normal = vm.expect("ksave-test: normal boot reached userspace", 180 * SECOND)?;
-        vm.expect_exit(0, 60 * SECOND)?;
-        report.add_ms("no image: power-on to Linux booted normally through ksave.efi and GRUB", normal.at);
-    }
     Ok(report)
 }
