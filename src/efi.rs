@@ -142,8 +142,8 @@ impl Firmware {
         core::str::from_utf8(&out[..n]).unwrap_or("")
     }
 
-    /// The firmware's memory map into [`MAP_BUFFER`]: its descriptors'
-    /// bytes, the descriptor size, and the key ExitBootServices wants.
+    /// The firmware's memory map into `buf`: its descriptors' bytes, the
+    /// descriptor size, and the key ExitBootServices wants.
     fn memory_map<'b>(&self, buf: &'b mut MapBuffer) -> Result<(&'b [u8], usize, usize), Status> {
         let (mut size, mut key, mut desc_size, mut version) = (buf.0.len(), 0usize, 0usize, 0u32);
         // SAFETY: GetMemoryMap (UEFI 2.10, 7.2.3) writes at most `size` bytes

@@ -52,6 +52,13 @@ pub fn why_not() -> Option<String> {
                 .into(),
         );
     }
+    let encrypted = sys::encryption_in_use();
+    if !encrypted.is_empty() {
+        return Some(format!(
+            "this machine encrypts {}: its images are sealed, and only the initramfs, once the volume is unlocked, can resume them (ksave.efi would refuse every one)",
+            encrypted.join(" and ")
+        ));
+    }
     if !sys::on_path("efibootmgr") {
         return Some("efibootmgr is not installed: it makes the boot entry".into());
     }
