@@ -246,9 +246,10 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         }
         Ok(Resumed { loaded, way_back }) => {
             println!(
-                "ksave: resume: {} pages loaded, {} zeroed ({} free, {} zero when saved) in {} ms",
+                "ksave: resume: {} pages loaded, {} zeroed, {} free left as found (of {} free, {} zero when saved) in {} ms",
                 loaded.pages_stored,
                 loaded.pages_zeroed,
+                loaded.pages_left,
                 loaded.pages_free,
                 loaded.pages_zero,
                 loaded.load_us / 1000
@@ -270,6 +271,8 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
                 resume_check_ms = loaded.check_us / 1000,
                 resume_load_ms = loaded.load_us / 1000,
                 pages_stored = loaded.pages_stored,
+                pages_zeroed = loaded.pages_zeroed,
+                pages_left = loaded.pages_left,
                 stack_kib = cpu::stack_used().div_ceil(1024),
             );
             // Memory is the saved kernel's now: leave the controller stopped

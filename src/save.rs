@@ -259,6 +259,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
             free_rule: 0,
             filesystems: config.filesystems(),
             sealed: seal.is_some(),
+            free_as_found: config.free_as_found,
         },
         claimed,
         found: found_partition(part),

@@ -137,6 +137,57 @@ pub fn hibernation_table(runs: usize, memtest_mib: u64) -> Result<()> {
     Ok(())
 }
 
+/// The resume's cost against RAM: the same load (`memtest_mib` MiB on
+/// lived-in memory) in a 512 MiB and a 5 GiB VM (6.12; q35 for 5 GiB), resumed by QEMU
+/// `-kernel`: ksave leaving the free pages as found (the kernel relies on
+/// nothing in them), ksave zeroing them (A booted with `init_on_free=1`,
+/// as every resume did before), and Linux's own hibernation; medians of
+/// `runs`.
+pub fn resume_by_ram_table(runs: usize, memtest_mib: u64) -> Result<()> {
+    use crate::scenarios::{Kernel, Machine, hibernate_resume_bench_on, linux_hibernate_resume_in};
+    let pick = |r: &Report, what: &str| r.figures.iter().find(|f| f.what == what).map(|f| f.value).unwrap_or(f64::NAN);
+    let small = Machine { memory_mib: 512, ..Machine::qemu64_high_ram(Kernel::Linux6_12) };
+    let large = Machine::qemu64_high_ram(Kernel::Linux6_12);
+    let ways = [
+        ("ksave, free pages left", small, Some(false)),
+        ("ksave, free pages left", large, Some(false)),
+        ("ksave, free pages zeroed", small, Some(true)),
+        ("ksave, free pages zeroed", large, Some(true)),
+        ("Linux (swap)", small, None),
+        ("Linux (swap)", large, None),
+    ];
+    println!("== resume against RAM: {memtest_mib} MiB memtest on lived-in memory, 6.12, AHCI, resumed by QEMU -kernel, {runs} runs (median)");
+    println!("   {:<26} {:>8} {:>10} {:>13} {:>13} {:>10} {:>19}", "", "RAM MiB", "image MiB", "pages zeroed", "free left", "load ms", "power-on to A ms");
+    for (label, machine, init_on_free) in ways {
+        let mut figures: [Vec<f64>; 5] = Default::default();
+        for run in 1..=runs {
+            eprintln!("bench: resume against RAM, {label}, {} MiB: run {run}/{runs}", machine.memory_mib);
+            let (r, running) = match init_on_free {
+                Some(zeroed) => (hibernate_resume_bench_on(machine, memtest_mib, zeroed)?, "resume 1: power-on to A running"),
+                None => (linux_hibernate_resume_in(machine, memtest_mib, true, false)?, "resume: power-on to A running"),
+            };
+            let row = [
+                pick(&r, "image size"),
+                pick(&r, "resume 1: pages zeroed"),
+                pick(&r, "resume 1: free pages left as found"),
+                pick(&r, "resume 1: one pass over memory (load)"),
+                pick(&r, running),
+            ];
+            for (column, value) in figures.iter_mut().zip(row) {
+                column.push(value);
+            }
+        }
+        let [image, zeroed, left, load, running] = figures.map(|v| match median(v) {
+            m if m.is_nan() => "-".to_string(),
+            m => format!("{m:.0}"),
+        });
+        println!("   {label:<26} {:>8} {image:>10} {zeroed:>13} {left:>13} {load:>10} {running:>19}", machine.memory_mib);
+    }
+    println!("   (load: ksave's one pass, every page loaded, zeroed or left; Linux's resume has no such figure: it boots a kernel first;");
+    println!("    the 5 GiB kernel's image is larger by its page structs, 64 bytes a page)");
+    Ok(())
+}
+
 /// One way to hibernate and resume, medians.
 struct HibernationRow {
     label: &'static str,

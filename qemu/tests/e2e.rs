@@ -216,7 +216,7 @@ fn grub_menu_with_no_image_boots_linux_normally() {
 /// with RAM above 4 GiB on a CPU without 1 GiB pages (qemu64, 5 GiB, q35).
 #[test]
 fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
-    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64_high_ram(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(Machine::qemu64_high_ram(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
 }
 
 /// The whole story on 6.1: no GDT reload after the jump back.
@@ -301,7 +301,7 @@ fn hibernate_power_off_and_resume_on_linux_6_1() {
 /// The same on 7.3.
 #[test]
 fn hibernate_power_off_and_resume_with_5_level_paging_on_linux_7_3() {
-    run(|echo| scenarios::hibernate_resume_on(Machine::la57(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(Machine::la57(Kernel::Linux7_3), ResumeBy::Multiboot1, 256, echo));
 }
 
 // Debian on SeaBIOS: the stale-image and encrypted-root stories (bookworm),

@@ -42,6 +42,7 @@ pub fn attempt_config(setup: &Setup) -> Result<Config> {
     c.nvs_count = nvs.len();
     c.facs_signature = sys::acpi_hardware_signature();
     c.vmcoreinfo = sys::vmcoreinfo().unwrap_or_default();
+    c.free_as_found = sys::free_pages_as_found().is_ok();
     let iommus = sys::remapping_units();
     ensure!(iommus.len() <= MAX_IOMMUS, "{} IOMMUs, ksave takes {MAX_IOMMUS}", iommus.len());
     c.iommus[..iommus.len()].copy_from_slice(&iommus);

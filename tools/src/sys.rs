@@ -180,8 +180,89 @@ pub fn page_poisoning() -> bool {
 /// `page_poison=` with a value kstrtobool reads as true (lib/kstrtox.c:
 /// 1, y, Y, t, T, on, On, ...); the last one given counts.
 fn poisons_free_pages(cmdline: &str) -> bool {
-    let value = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("page_poison=")).next_back();
-    value.is_some_and(|v| matches!(v.as_bytes(), [b'1' | b'y' | b'Y' | b't' | b'T', ..] | [b'o' | b'O', b'n' | b'N', ..]))
+    cmdline.split_whitespace().filter_map(|w| w.strip_prefix("page_poison=")).next_back().and_then(kstrtobool) == Some(true)
+}
+
+/// Whether this kernel relies on nothing in the pages it holds free, so
+/// that a resume may leave them as it finds them: Ok with the proof, Err
+/// with the doubt (then a resume zeroes them, as `init_on_free=1` needs:
+/// the kernel hands such pages out without clearing them, mm/page_alloc.c
+/// post_alloc_hook). The proof is the kernel's own word at boot, "mem
+/// auto-init: ... heap free:off" (report_meminit, mm/mm_init.c; a line only
+/// the kernel can log, facility 0), else `init_on_free=` on its command
+/// line, else its config saying CONFIG_INIT_ON_FREE_DEFAULT_ON is not set.
+/// A kernel that poisons its free pages has them saved instead
+/// ([`page_poisoning`]).
+pub fn free_pages_as_found() -> std::result::Result<String, String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let config_path = format!("/boot/config-{}", release.trim());
+    let config = std::fs::read_to_string(&config_path).ok();
+    free_pages_verdict(&cmdline, kernel_log_line("heap free:").as_deref(), config.as_deref().map(|c| (config_path.as_str(), c)))
+}
+
+fn free_pages_verdict(cmdline: &str, meminit: Option<&str>, config: Option<(&str, &str)>) -> std::result::Result<String, String> {
+    if poisons_free_pages(cmdline) {
+        return Err("it poisons them (page_poison=)".into());
+    }
+    if let Some(line) = meminit {
+        return match line.split("heap free:").nth(1) {
+            Some(v) if v.starts_with("off") => Ok(format!("its boot log says \"{}\"", line.trim())),
+            _ => Err(format!("it zeroes them when freed (its boot log says \"{}\")", line.trim())),
+        };
+    }
+    match cmdline.split_whitespace().filter_map(|w| w.strip_prefix("init_on_free=")).next_back().map(kstrtobool) {
+        Some(Some(false)) => return Ok("init_on_free=0 on its command line".into()),
+        Some(Some(true)) => return Err("it zeroes them when freed (init_on_free=1)".into()),
+        Some(None) => return Err("its init_on_free= is not a value the kernel reads".into()),
+        None => {}
+    }
+    match config {
+        Some((path, text)) if text.lines().any(|l| l == "# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set") => {
+            Ok(format!("{path}: CONFIG_INIT_ON_FREE_DEFAULT_ON is not set"))
+        }
+        Some((path, _)) => Err(format!("{path} does not say CONFIG_INIT_ON_FREE_DEFAULT_ON is off")),
+        None => Err("neither its boot log nor its config says whether it zeroes freed pages".into()),
+    }
+}
+
+/// A boolean as the kernel's kstrtobool reads it (lib/kstrtox.c).
+fn kstrtobool(v: &str) -> Option<bool> {
+    match v.as_bytes() {
+        [b'1' | b'y' | b'Y' | b't' | b'T', ..] | [b'o' | b'O', b'n' | b'N', ..] => Some(true),
+        [b'0' | b'n' | b'N' | b'f' | b'F', ..] | [b'o' | b'O', b'f' | b'F', ..] => Some(false),
+        _ => None,
+    }
+}
+
+/// The last line of the kernel's log (/dev/kmsg) that contains `needle`
+/// and that the kernel itself logged (facility 0: a line written to
+/// /dev/kmsg from user space never has it, printk/printk.c devkmsg_write).
+/// None if the log no longer holds one.
+fn kernel_log_line(needle: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg").ok()?;
+    let mut found = None;
+    let mut record = vec![0u8; 8192];
+    loop {
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&record[..n]);
+                let Some((prefix, message)) = text.split_once(';') else { continue };
+                let from_kernel = prefix.split(',').next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| p >> 3 == 0);
+                let message = message.lines().next().unwrap_or("");
+                if from_kernel && message.contains(needle) {
+                    found = Some(message.to_string());
+                }
+            }
+            // Records overwritten while reading: go on from the oldest left.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    found
 }
 
 /// What a save does with free pages on this kernel, said once by `setup`
@@ -630,6 +711,24 @@ mod tests {
         let listed = [Range { start: 0x1000, end: 0x9f000 }, Range { start: 0x10_0000, end: 0x1ffe_0000 }];
         assert_eq!(unlisted_ram(iomem, &listed), [(Range { start: 0x1_4000_0000, end: 0x1_8000_0000 }, "System RAM (virtio_mem)".to_string())]);
         assert!(unlisted_ram(iomem, &[Range { start: 0, end: 1 << 40 }]).is_empty());
+    }
+
+    #[test]
+    fn free_pages_are_left_as_found_only_on_proof() {
+        let off = Some("mem auto-init: stack:all(zero), heap alloc:on, heap free:off");
+        let on = Some("mem auto-init: stack:off, heap alloc:off, heap free:on");
+        let config_off = Some(("/boot/config-x", "CONFIG_X=y\n# CONFIG_INIT_ON_FREE_DEFAULT_ON is not set\n"));
+        let config_on = Some(("/boot/config-x", "CONFIG_INIT_ON_FREE_DEFAULT_ON=y\n"));
+        assert!(free_pages_verdict("quiet", off, None).is_ok());
+        assert!(free_pages_verdict("quiet", on, config_off).is_err(), "the kernel's own word first");
+        assert!(free_pages_verdict("page_poison=1", off, config_off).is_err());
+        assert!(free_pages_verdict("init_on_free=0", None, config_on).is_ok());
+        assert!(free_pages_verdict("init_on_free=0 init_on_free=on", None, config_off).is_err(), "the last one counts");
+        assert!(free_pages_verdict("init_on_free=maybe", None, config_off).is_err());
+        assert!(free_pages_verdict("quiet", None, config_off).is_ok());
+        assert!(free_pages_verdict("quiet", None, config_on).is_err());
+        assert!(free_pages_verdict("quiet", None, Some(("/boot/config-x", "CONFIG_X=y\n"))).is_err(), "silence is no proof");
+        assert!(free_pages_verdict("quiet", None, None).is_err());
     }
 
     #[test]

@@ -80,6 +80,7 @@ fn image_file(dir: &Path) -> std::path::PathBuf {
         free_rule: 0,
         filesystems: &[],
         sealed: false,
+        free_as_found: false,
     };
     let (mut block, mut raw_header) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]));
     let (mut lz4_in, mut lz4_out) = (Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));

@@ -7,7 +7,9 @@
 //! RAM and ACPI NVS maps, the reach). Then, in one pass, each chunk's pages
 //! are loaded as the chunk is checked (raw pages by DMA straight into
 //! place, coded pages decoded and copied) and every page of this machine's
-//! RAM and NVS the image does not store is zeroed. This boot's memory is
+//! RAM and NVS the image does not store is zeroed, but for the saved
+//! kernel's free pages where it relies on nothing in them ([`Loader`]).
+//! This boot's memory is
 //! given up from there: a refusal after loading began invalidates the
 //! image (it is damaged) and leaves only a reset ([`Refused::memory_lost`]).
 //! When every chunk has passed, the image is invalidated on the store, so
@@ -23,7 +25,7 @@ use core::fmt;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::Seal;
 use ksave_format::commit::Device;
-use ksave_format::header::{Header, META_BLOCKS, Meta, State};
+use ksave_format::header::{FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
 use ksave_format::reader::{self, ReadError, Source};
 use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_format::{PAGE, PayloadHasher, Range};
@@ -185,9 +187,12 @@ pub struct WayBack {
 pub struct Loaded {
     /// Pages loaded from the image.
     pub pages_stored: u64,
-    /// Pages of this machine's RAM and NVS zeroed (the image's free and
-    /// zero pages, and pages no image holds).
+    /// Pages of this machine's RAM and NVS zeroed (the image's zero pages,
+    /// its free pages unless left, and pages no image holds).
     pub pages_zeroed: u64,
+    /// Free pages left as found (the saved kernel relies on nothing in
+    /// them); the image's other free pages were zeroed.
+    pub pages_left: u64,
     /// Pages the image lists as free when saved.
     pub pages_free: u64,
     /// Pages that were zero when saved.
@@ -301,7 +306,8 @@ where
     // was the only copy.
     let saved = reader::Saved::of(&meta, &header);
     let verified = clock();
-    let mut loader = Loader { machine, mem, next: 0, zeroed: 0 };
+    let as_found = header.flags & FLAG_FREE_AS_FOUND != 0;
+    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0 };
     let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
     if let Err(e) = reader::visit_chunks(store, &header, &saved, bufs, &mut loader) {
         return Err(Refused { memory_lost: true, ..unreadable(e) });
@@ -311,6 +317,7 @@ where
     let loaded = Loaded {
         pages_stored: header.pages_stored,
         pages_zeroed: loader.zeroed,
+        pages_left: loader.left,
         pages_free: header.pages_free,
         pages_zero: header.pages_zero,
         check_us: verified - start,
@@ -414,22 +421,91 @@ where
 /// chunks by DMA straight into their pages, coded pages decoded and copied,
 /// and every page of this machine's RAM and NVS the image does not store
 /// zeroed (pages that were zero or free when saved, and pages no image
-/// holds, like the firmware's). Relies on stored pages coming in ascending
-/// order, which the reader checks. Made only by [`load`], once the verdict
-/// has passed, under [`check_and_load`]'s contract.
+/// holds, like the firmware's), except, where the image says the saved
+/// kernel relies on nothing in its free pages
+/// ([`FLAG_FREE_AS_FOUND`](ksave_format::header::FLAG_FREE_AS_FOUND)), the
+/// free runs it has listed by the time it reaches them: those are left as
+/// found. Relies on stored pages coming in ascending order, which the
+/// reader checks; free runs come in ascending order too, but may lag the
+/// stored pages (a free run listed after the loader passed it was zeroed:
+/// harmless, only slower). Made only by [`load`], once the verdict has
+/// passed, under [`check_and_load`]'s contract.
 struct Loader<'a, M> {
     machine: &'a Machine<'a>,
     mem: &'a mut M,
-    /// The first page not yet loaded or zeroed.
+    /// The first page not yet loaded, zeroed or left.
     next: u64,
     /// Pages zeroed.
     zeroed: u64,
+    /// Free runs to leave as found: None if the image's free pages are
+    /// zeroed like the rest.
+    ahead: Option<RunsAhead>,
+    /// Free pages left as found.
+    left: u64,
+}
+
+/// Free runs listed ahead of the loader, ascending, as (first pfn, end pfn).
+/// A run that finds it full is zeroed when reached, like a page of a run
+/// listed too late.
+struct RunsAhead {
+    runs: [(u64, u64); AHEAD_RUNS],
+    /// The ring's first run, and how many there are.
+    head: usize,
+    len: usize,
+}
+
+/// One chunk's worth of runs (the writer lists at most 250 in one).
+const AHEAD_RUNS: usize = 256;
+
+impl RunsAhead {
+    const fn new() -> Self {
+        Self { runs: [(0, 0); AHEAD_RUNS], head: 0, len: 0 }
+    }
+
+    fn push(&mut self, run: (u64, u64)) {
+        if self.len < AHEAD_RUNS {
+            self.runs[(self.head + self.len) % AHEAD_RUNS] = run;
+            self.len += 1;
+        }
+    }
+
+    fn front(&self) -> Option<(u64, u64)> {
+        (self.len > 0).then(|| self.runs[self.head])
+    }
+
+    fn pop(&mut self) {
+        self.head = (self.head + 1) % AHEAD_RUNS;
+        self.len -= 1;
+    }
 }
 
 impl<M: PhysMemory> Loader<'_, M> {
+    /// Settles every page from `next` up to `pfn` (exclusive): a page of a
+    /// free run listed ahead is left as found, every other page of this
+    /// machine's memory outside the resumer's own range zeroed.
+    fn zero_to(&mut self, pfn: u64) {
+        while self.next < pfn {
+            let Some((first, end)) = self.ahead.as_ref().and_then(RunsAhead::front) else {
+                self.zero_range(pfn);
+                return;
+            };
+            if end <= self.next {
+                self.ahead.as_mut().expect("a run came from it").pop();
+            } else if first <= self.next {
+                // Inside the saved RAM outside the resumer's range (the
+                // reader checked the run): pages of the saved kernel.
+                let to = end.min(pfn);
+                self.left += to - self.next;
+                self.next = to;
+            } else {
+                self.zero_range(first.min(pfn));
+            }
+        }
+    }
+
     /// Zeroes every page of this machine's memory from `next` up to `pfn`
     /// (exclusive), outside the resumer's own range.
-    fn zero_to(&mut self, pfn: u64) {
+    fn zero_range(&mut self, pfn: u64) {
         if pfn <= self.next {
             return;
         }
@@ -454,6 +530,15 @@ impl<M: PhysMemory> Loader<'_, M> {
 }
 
 impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
+    fn free_run(&mut self, first: u64, pages: u64) {
+        let (start, end) = (first.max(self.next), first.saturating_add(pages));
+        if let Some(ahead) = &mut self.ahead
+            && start < end
+        {
+            ahead.push((start, end));
+        }
+    }
+
     fn page(&mut self, pfn: u64, data: &[u8; PAGE]) {
         self.zero_to(pfn);
         // SAFETY: the reader checked the page lies in the saved RAM or NVS,

@@ -290,6 +290,7 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
         free_rule: 0,
         filesystems: &[],
         sealed: false,
+        free_as_found: false,
     };
     // The partition as found and as the host saw it: the first extent's
     // start, the whole store's size.

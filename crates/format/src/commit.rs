@@ -73,6 +73,9 @@ pub struct Plan<'a> {
     /// The image is sealed ([`header::FLAG_SEALED`]): the writer's buffers
     /// carry the cipher.
     pub sealed: bool,
+    /// The saved kernel relies on nothing in its free pages
+    /// ([`header::FLAG_FREE_AS_FOUND`]).
+    pub free_as_found: bool,
 }
 
 /// Which pages the saved kernel's allocator holds free: those are left out
@@ -122,7 +125,7 @@ impl Plan<'_> {
     /// (listed as runs) and those all zero (left out) need no room. Err: a
     /// page `mem` cannot reach.
     pub fn needed(&self, mem: &impl Memory, free: &mut dyn FreePages) -> Result<Needed, u64> {
-        let (mut stored, mut runs, mut free_until, mut next_free) = (0u64, 0u64, 0u64, None);
+        let (mut stored, mut runs, mut free_pages, mut free_until, mut next_free) = (0u64, 0u64, 0u64, 0u64, None);
         for (pfn, is_ram) in self.pages() {
             if is_ram && pfn >= free_until {
                 free_until = free.free_block(pfn).map_or(0, |n| pfn + n);
@@ -133,11 +136,12 @@ impl Plan<'_> {
                     runs += 1;
                 }
                 next_free = Some(pfn + 1);
+                free_pages += 1;
             } else if !crate::is_zero_page(mem.page(pfn).ok_or(pfn)?) {
                 stored += 1;
             }
         }
-        Ok(Needed { stored, free_runs: runs, bytes: writer::bytes_at_most(stored, runs, self.sealed) })
+        Ok(Needed { stored, free_runs: runs, bytes: writer::bytes_at_most(stored, runs, free_pages, self.sealed) })
     }
 }
 
@@ -237,6 +241,10 @@ pub fn save<D: Device>(
     h.free_rule = plan.free_rule;
     h.chunks_crc = totals.chunks_crc;
     h.flags = totals.flags | if plan.iommu_left_on { header::FLAG_IOMMU_LEFT_ON } else { 0 };
+    // Only when free pages were left out (listed) does the flag mean anything.
+    if plan.free_as_found && totals.pages_free > 0 {
+        h.flags |= header::FLAG_FREE_AS_FOUND;
+    }
     h.save_us = now_us() - started_us;
     h.cpu_vendor = plan.cpu_vendor;
     h.return_gdt = plan.return_gdt;

@@ -47,7 +47,8 @@ struct RawConfig {
     partition_guid: [u8; 16],
     partition_first_lba: U64,
     partition_sectors: U64,
-    /// Bit 0 LZ4, bit 1 the fault self-test.
+    /// Bit 0 LZ4, bit 1 the fault self-test, bit 2 a data key, bit 3 free
+    /// pages as found.
     lz4: U32,
     ram_count: U32,
     ram: [RangeLe; MAX_RANGES],
@@ -110,6 +111,9 @@ pub struct Config {
     /// Tests only: fault on purpose once the *writing* header is on disk,
     /// to prove a CPU exception during a save returns to the caller.
     pub selftest_fault_in_save: bool,
+    /// The host proved that the kernel relies on nothing in its free pages
+    /// ([`crate::header::FLAG_FREE_AS_FOUND`]); false in any doubt.
+    pub free_as_found: bool,
     /// The caller's RAM.
     pub ram: [Range; MAX_RANGES],
     /// How many of `ram` are used.
@@ -202,6 +206,7 @@ impl Config {
             partition_sectors: 0,
             lz4: false,
             selftest_fault_in_save: false,
+            free_as_found: false,
             ram: [Range::default(); MAX_RANGES],
             ram_count: 0,
             info: [0; INFO_LEN],
@@ -273,7 +278,7 @@ impl Config {
             partition_guid: self.partition_guid.to_bytes(),
             partition_first_lba: self.partition_first_lba.into(),
             partition_sectors: self.partition_sectors.into(),
-            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1 | (self.data_key.is_some() as u32) << 2).into(),
+            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1 | (self.data_key.is_some() as u32) << 2 | (self.free_as_found as u32) << 3).into(),
             ram_count: (self.ram_count as u32).into(),
             ram,
             info: self.info,
@@ -323,6 +328,7 @@ impl Config {
         c.partition_sectors = raw.partition_sectors.get();
         c.lz4 = raw.lz4.get() & 1 != 0;
         c.selftest_fault_in_save = raw.lz4.get() & 2 != 0;
+        c.free_as_found = raw.lz4.get() & 8 != 0;
         c.ram_count = raw.ram_count.get() as usize;
         if c.ram_count == 0 || c.ram_count > MAX_RANGES {
             return Err(ConfigError::Field("RAM range count"));
@@ -404,6 +410,7 @@ mod tests {
         c.fs_count = 2;
         c.file_map = Some(FileMapAt { offset: 1 << 30, crc: 0x1234_5678 });
         c.data_key = Some(DataKey([0x77; KEY_LEN]));
+        c.free_as_found = true;
         let mut block = [0u8; PAGE];
         c.encode(&mut block);
         assert_eq!(block[DATA_KEY_AT..DATA_KEY_AT + KEY_LEN], [0x77; KEY_LEN]);

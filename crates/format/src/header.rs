@@ -364,6 +364,12 @@ pub const FLAG_IOMMU_LEFT_ON: u32 = 1 << 2;
 /// authenticated under a data key kept in the store's key block.
 pub const FLAG_SEALED: u32 = 1 << 3;
 
+/// The saved kernel was proven, at hibernate, to rely on nothing in the
+/// pages it holds free (neither `init_on_free` nor page poisoning): a
+/// resume leaves the free pages the image lists as it finds them, instead
+/// of zeroing them. Clear (every older image): they are zeroed.
+pub const FLAG_FREE_AS_FOUND: u32 = 1 << 4;
+
 /// Why a header was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderError {

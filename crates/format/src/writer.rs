@@ -30,13 +30,15 @@ pub fn worst_case_bytes(pages: u64, sealed: bool) -> u64 {
 }
 
 /// The largest image that stores `stored` pages and lists `free_runs`
-/// runs of free pages: every stored page raw, a raw chunk header per
-/// [`MAX_RAW_PAGES`] and one more, a free-run chunk per [`MAX_FREE_RUNS`]
-/// runs ([`worst_case_bytes`] with the runs counted, not bounded). A coded
+/// runs of `free_pages` free pages: every stored page raw, a raw chunk
+/// header per [`MAX_RAW_PAGES`] and one more, a free-run chunk per
+/// [`MAX_FREE_RUNS`] runs and one per [`FREE_AHEAD_PAGES`] sent ahead
+/// ([`worst_case_bytes`] with the runs counted, not bounded). A coded
 /// group never costs more than its pages raw and the raw chunk header it
 /// cuts short (the writer stores it raw otherwise).
-pub fn bytes_at_most(stored: u64, free_runs: u64, sealed: bool) -> u64 {
-    DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(raw_chunk_pages(sealed) as u64) + 1 + free_runs.div_ceil(MAX_FREE_RUNS as u64)) * PAGE as u64
+pub fn bytes_at_most(stored: u64, free_runs: u64, free_pages: u64, sealed: bool) -> u64 {
+    let free_chunks = free_runs.div_ceil(MAX_FREE_RUNS as u64) + free_pages / FREE_AHEAD_PAGES;
+    DATA_OFFSET + stored * PAGE as u64 + (stored.div_ceil(raw_chunk_pages(sealed) as u64) + 1 + free_chunks) * PAGE as u64
 }
 
 /// Reads the pages being saved.
@@ -129,8 +131,20 @@ pub struct Writer<'b> {
     /// first pfn, pages, first pfn, pages ...
     free: [u64; 2 * MAX_FREE_RUNS],
     free_count: usize,
+    /// Pages in those runs.
+    free_pages: u64,
     bufs: Buffers<'b>,
 }
+
+/// Queued free pages that go out in a chunk of their own before the next
+/// stored chunk (else they wait for a full chunk of runs). A resume that
+/// leaves free pages as found skips those it knows of before it reaches
+/// them, and zeroes the rest with the zero pages: one header block buys
+/// at least this many pages not zeroed. The worst case stays as counted
+/// ([`worst_case_bytes`]): a chunk of runs is then either full (250 runs,
+/// each but the last followed by a page not free: 499 pages at least) or
+/// holds this many pages, so such chunks stay one per 500 pages.
+pub const FREE_AHEAD_PAGES: u64 = 512;
 
 /// Most groups sent raw after incompressible ones before LZ4 is tried again.
 pub const LZ4_MAX_BACKOFF: usize = 8;
@@ -159,6 +173,7 @@ impl<'b> Writer<'b> {
             lz4_backoff: 0,
             free: [0; 2 * MAX_FREE_RUNS],
             free_count: 0,
+            free_pages: 0,
             bufs,
         }
     }
@@ -193,6 +208,7 @@ impl<'b> Writer<'b> {
     /// ascending order, so adjacent ones extend the last run.
     pub fn add_free<S: Sink>(&mut self, pfn: u64, sink: &mut S) -> Result<(), WriteError<S::Error>> {
         self.totals.pages_free += 1;
+        self.free_pages += 1;
         let n = self.free_count;
         if n > 0 && self.free[2 * n - 2] + self.free[2 * n - 1] == pfn {
             self.free[2 * n - 1] += 1;
@@ -246,6 +262,7 @@ impl<'b> Writer<'b> {
             Some(len) => {
                 // Stored pages go out in ascending order (restore relies on
                 // it): raw pages queued before this group go first.
+                self.flush_free_ahead(sink)?;
                 self.flush_raw(sink)?;
                 let out = &mut self.bufs.lz4_out;
                 let total = encoding.bytes_on_disk(len, self.align) as usize;
@@ -292,6 +309,7 @@ impl<'b> Writer<'b> {
         if n == 0 {
             return Ok(());
         }
+        self.flush_free_ahead(sink)?;
         let fields = ChunkHeader {
             index: self.totals.chunks,
             nonce: self.nonce,
@@ -322,8 +340,15 @@ impl<'b> Writer<'b> {
         Ok(())
     }
 
+    /// Before a stored chunk: the queued free runs, if they hold
+    /// [`FREE_AHEAD_PAGES`].
+    fn flush_free_ahead<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        if self.free_pages >= FREE_AHEAD_PAGES { self.flush_free(sink) } else { Ok(()) }
+    }
+
     fn flush_free<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
         let n = core::mem::take(&mut self.free_count);
+        self.free_pages = 0;
         if n == 0 {
             return Ok(());
         }

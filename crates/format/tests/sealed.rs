@@ -48,7 +48,7 @@ fn a_sealed_image_reads_back_with_its_key_and_holds_no_plaintext() {
         // still bound what it writes.
         assert!(w.loaded.chunks.iter().all(|c| c.pages as usize <= chunk::SEALED_RAW_PAGES || c.encoding == Encoding::Free));
         assert!(DATA_OFFSET + totals.data_bytes <= worst_case_bytes(mem.0.len() as u64, true));
-        assert!(DATA_OFFSET + totals.data_bytes <= bytes_at_most(totals.pages_stored, 0, true));
+        assert!(DATA_OFFSET + totals.data_bytes <= bytes_at_most(totals.pages_stored, 0, 0, true));
     }
     // The plain save of the same memory does hold it: the search works.
     let (plain, _) = save(&mem, false, 8 << 20).unwrap();

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::disks::ksave_with_disk;
 use super::save::{Expect, hibernate_run};
-use super::{Report, SECOND, kernel_a};
+use super::{Kernel, Machine, Report, SECOND, kernel_a, kernel_on};
 use crate::disk::{Bus, PART_GUID, TestDisk};
 use crate::{Vm, VmConfig};
 
@@ -63,21 +63,30 @@ pub fn linux_hibernate_resume(memtest_mib: u64, echo: bool) -> Result<Report> {
 /// [`linux_hibernate_resume`] on memory `lived_in` (churned first, as the
 /// ksave stories do) or fresh from boot.
 pub fn linux_hibernate_resume_on(memtest_mib: u64, lived_in: bool, echo: bool) -> Result<Report> {
-    let name = if lived_in { "linux-hibernate-lived-in" } else { "linux-hibernate" };
-    let disk = TestDisk::create(name, 560, 520)?;
+    linux_hibernate_resume_in(Machine::qemu64(Kernel::Linux6_12), memtest_mib, lived_in, echo)
+}
+
+/// [`linux_hibernate_resume_on`] on `machine` (its memory, CPU and chipset;
+/// the disk on AHCI).
+pub fn linux_hibernate_resume_in(machine: Machine, memtest_mib: u64, lived_in: bool, echo: bool) -> Result<Report> {
+    let name = &format!("linux-hibernate{}-{}m", if lived_in { "-lived-in" } else { "" }, machine.memory_mib);
+    // Swap for an image of up to 2/5 of RAM (the kernel's image_size).
+    let swap_mib = (u64::from(machine.memory_mib) * 2 / 5).max(520);
+    let disk = TestDisk::create(name, swap_mib + 40, swap_mib)?;
     let mut report = Report::new(&format!("Linux hibernation (swap, nocompress), same VM, {memtest_mib} MiB memtest"));
     // loglevel after quiet, and consoles kept during the write: the
     // hibernation code reports its own sizes and rates.
     let lived = if lived_in { " ksave.lived_in=1" } else { "" };
     let args = format!("ksave.memtest_mib={memtest_mib} hibernate=nocompress loglevel=7 no_console_suspend{lived}");
-    let config = kernel_a(name, &format!("linux-hibernate {args}"))?.arg(disk.qemu_args(Bus::Ahci, None));
-    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let config = kernel_on(machine.kernel, name, &format!("linux-hibernate {args}{}", machine.kernel_args()))?.arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let start = vm.expect("ksave-test: linux: hibernating", 300 * SECOND)?;
     expect_linux_image(&mut vm, false, &mut report)?;
     vm.expect_exit(0, 120 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);
-    let config = kernel_a(&format!("{name}-resume"), &format!("linux-resume-failed {args} resume=/dev/sda1 resumewait"))?.arg(disk.qemu_args(Bus::Ahci, None));
-    let mut vm = Vm::start(VmConfig { echo, ..config })?;
+    let resume_args = format!("linux-resume-failed {args} resume=/dev/sda1 resumewait{}", machine.kernel_args());
+    let config = kernel_on(machine.kernel, &format!("{name}-resume"), &resume_args)?.arg(disk.qemu_args(Bus::Ahci, None));
+    let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
     let back = vm.expect("ksave-test: linux: resumed", 600 * SECOND)?;
     report.add_ms("resume: power-on to A running", back.at);
     vm.expect("KSAVE-TEST-RESULT: PASS", 120 * SECOND)?;

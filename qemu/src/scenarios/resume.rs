@@ -33,16 +33,54 @@ pub fn hibernate_resume(by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Re
 
 /// [`hibernate_resume`] on `machine`.
 pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
-    story(machine, by, memtest_mib, true, echo)
+    story(machine, by, memtest_mib, How { rounds: 2, ..How::of(by) }, echo)
+}
+
+/// [`hibernate_resume_on`], one round: for a machine whose claim is its
+/// memory or CPU (RAM above 4 GiB, 5-level paging), where resuming a
+/// resumed kernel again adds nothing the other stories do not show.
+pub fn hibernate_resume_once_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
+    story(machine, by, memtest_mib, How { rounds: 1, ..How::of(by) }, echo)
 }
 
 /// [`hibernate_resume`] for `make bench`: on memory `lived_in` (churned
 /// before each hibernation, as every test story does) or fresh from boot.
 pub fn hibernate_resume_bench(by: ResumeBy, memtest_mib: u64, lived_in: bool) -> Result<Report> {
-    story(Machine::qemu64(Kernel::Linux6_12), by, memtest_mib, lived_in, false)
+    story(Machine::qemu64(Kernel::Linux6_12), by, memtest_mib, How { lived_in, ..How::of(by) }, false)
 }
 
-fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo: bool) -> Result<Report> {
+/// One round on `machine` for `make bench`, on lived-in memory, with A
+/// booted with `init_on_free=1` (every free page then zeroed by the resume)
+/// or not (free pages left as found).
+pub fn hibernate_resume_bench_on(machine: Machine, memtest_mib: u64, init_on_free: bool) -> Result<Report> {
+    story(machine, ResumeBy::Multiboot1, memtest_mib, How { rounds: 1, lived_in: true, init_on_free }, false)
+}
+
+/// How a story runs.
+#[derive(Clone, Copy)]
+struct How {
+    /// Hibernations and resumes (1 or 2).
+    rounds: u32,
+    /// Memory churned and freed before each hibernation.
+    lived_in: bool,
+    /// A boots with `init_on_free=1`: it trusts its free pages to be zero,
+    /// so ksave must zero those it left out.
+    init_on_free: bool,
+}
+
+impl How {
+    /// Two rounds on lived-in memory; A trusts its free pages to be zero
+    /// where the resume follows a boot that leaves its data all over RAM
+    /// (kernel C; the firmware and GRUB EFI): ksave must have zeroed those
+    /// it left out. (The other stories' A relies on nothing there: ksave
+    /// leaves them as found.)
+    fn of(by: ResumeBy) -> Self {
+        Self { rounds: 2, lived_in: true, init_on_free: matches!(by, ResumeBy::KernelC | ResumeBy::UefiApp) }
+    }
+}
+
+fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool) -> Result<Report> {
+    let How { rounds, lived_in, init_on_free } = how;
     let name = format!(
         "resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}",
         machine.firmware,
@@ -58,14 +96,12 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
     let part_mib = machine.partition_mib();
     let disk = TestDisk::create_on(machine.bus, &name, part_mib + 40, part_mib)?;
     let mut report = Report::new(&format!(
-        "hibernate, power off, resume by {by:?}, twice ({memtest_mib} MiB memtest; {:?}, {:?}, {:?}, -cpu {}, {} MiB)",
+        "hibernate, power off, resume by {by:?}, {} ({memtest_mib} MiB memtest; {:?}, {:?}, {:?}, -cpu {}, {} MiB)",
+        if rounds == 1 { "once" } else { "twice" },
         machine.firmware, machine.bus, machine.kernel, machine.cpu, machine.memory_mib
     ));
     let nvs_mark = if uefi { " ksave.nvs_mark=1" } else { "" };
-    // Resumed after kernel C, whose boot leaves its data all over RAM, A
-    // trusts its free pages to be zero (init_on_free=1): ksave must have
-    // zeroed those it left out.
-    let init_on_free = if by == ResumeBy::KernelC { " init_on_free=1 ksave.init_on_free=1" } else { "" };
+    let init_on_free = if init_on_free { " init_on_free=1 ksave.init_on_free=1" } else { "" };
     // Resumed by GRUB, A poisons its free pages (page_poison=1) and checks
     // the poison as it hands each out (mm/page_poison.c): ksave must save
     // them (no free page left out) and the poison must be back after the
@@ -148,7 +184,7 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         ensure!(disk.digest()? == before, "the start that could not finish changed the disk");
         report.add_ms("ksave.efi's own drivers find no disk: power-on to a normal boot, through a reset", normal.at);
     }
-    for round in 1..=2 {
+    for round in 1..=rounds {
         let resume = match by {
             ResumeBy::Multiboot1 => VmConfig::new(&format!("{name}-{round}")).arg([
                 "-kernel".to_string(),
@@ -163,6 +199,19 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         }
         .arg(disk.qemu_args(machine.bus, None));
         let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
+        let loaded = vm.expect_metrics("resume_load_ms", 300 * SECOND)?;
+        let left = loaded.get("pages_left")?;
+        if !init_on_free.is_empty() {
+            // The kernel's boot line says "heap free:on": nothing is left.
+            ensure!(left == 0.0, "A zeroes its freed pages (init_on_free=1), yet ksave left {left} free pages as found");
+        } else if poison.is_empty() && lived_in {
+            // The kernel said "heap free:off": the free runs listed ahead
+            // of the load are left, and the load costs what the image does.
+            ensure!(left > 0.0, "A relies on nothing in its free pages, yet the resume zeroed every one");
+        }
+        report.add(format!("resume {round}: free pages left as found"), left, "pages");
+        report.add(format!("resume {round}: pages zeroed"), loaded.get("pages_zeroed")?, "pages");
+        report.add(format!("resume {round}: one pass over memory (load)"), loaded.get("resume_load_ms")?, "ms");
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;
         if uefi {
@@ -172,6 +221,12 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, lived_in: bool, echo:
         report.add_ms(format!("resume {round}: power-on to the jump into A"), jump.at);
         report.add_ms(format!("resume {round}: power-on to A running"), running.at);
         report.add_ms(format!("resume {round}: power-on to A checked and running"), back.at);
+        vm.refute_seen("CPU exception")?;
+        if round == rounds && rounds == 1 {
+            // A has checked everything and goes on to hibernate again: the
+            // story ends here (the VM is stopped when dropped).
+            break;
+        }
         if round == 1 {
             vm.expect("ksave-test: hibernating (2)", 60 * SECOND)?;
             vm.expect("ksave: powering off", 120 * SECOND)?;

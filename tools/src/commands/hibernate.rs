@@ -84,7 +84,11 @@ pub fn run(how: &How) -> Result<ExitCode> {
     match sys::free_pages_note() {
         Some(note) => println!("ksave: note: {note}"),
         None if all_pages && !poisoning => println!("ksave: saving free pages too (--all-pages)"),
-        None => {}
+        None if all_pages => {}
+        None => match sys::free_pages_as_found() {
+            Ok(proof) => println!("ksave: free pages: the kernel relies on nothing in them, so a resume leaves them as found ({proof})"),
+            Err(doubt) => println!("ksave: free pages: a resume zeroes them: {doubt}"),
+        },
     }
     if drop_caches {
         // Clean page cache only (1): dirty pages are written first, so

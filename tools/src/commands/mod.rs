@@ -180,7 +180,7 @@ fn precheck(setup: &Setup) -> Result<()> {
     // than its RAM): ksave counts what a save needs before it writes, and
     // refuses one that does not fit. Too small for even the image's own
     // structures is no store.
-    let least = ksave_format::writer::bytes_at_most(0, 0, sealed) + (1 << 20);
+    let least = ksave_format::writer::bytes_at_most(0, 0, 0, sealed) + (1 << 20);
     ensure!(bytes >= least, "{} holds {} KiB, too small for any image", setup.describe(), bytes >> 10);
     if worst > bytes {
         println!(

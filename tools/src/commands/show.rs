@@ -1,7 +1,7 @@
 //! How an image header is shown: as text, or as JSON for scripts and the
 //! test harness.
 
-use ksave_format::header::{CR4_NEEDED, DATA_OFFSET, FLAG_LZ4, FLAG_RESUME_ATTEMPTED, Header, State};
+use ksave_format::header::{CR4_NEEDED, DATA_OFFSET, FLAG_FREE_AS_FOUND, FLAG_LZ4, FLAG_RESUME_ATTEMPTED, Header, State};
 use serde_json::json;
 
 /// The header as JSON.
@@ -14,6 +14,7 @@ pub fn header_json(h: &Header) -> serde_json::Value {
         "pages_zero": h.pages_zero,
         "pages_free": h.pages_free,
         "free_rule": h.free_rule,
+        "free_as_found": h.flags & FLAG_FREE_AS_FOUND != 0,
         "chunks": h.chunks,
         "bytes": h.data_bytes.saturating_add(DATA_OFFSET),
         "save_us": h.save_us,
@@ -40,6 +41,12 @@ pub fn print_header(h: &Header) {
     if h.state == State::Complete || h.state == State::Invalidated {
         println!("pages        {} stored, {} left out as zero, {} left out as free", h.pages_stored, h.pages_zero, h.pages_free);
         println!("free pages   {}", freepages::vmcoreinfo::Rule::describe(h.free_rule));
+        if h.pages_free > 0 {
+            println!(
+                "             {}",
+                if h.flags & FLAG_FREE_AS_FOUND != 0 { "left as found by a resume (the kernel relies on nothing in them)" } else { "zeroed by a resume" }
+            );
+        }
         println!("size         {} MiB in {} chunks{}", (h.data_bytes.saturating_add(DATA_OFFSET)) >> 20, h.chunks, if h.flags & FLAG_LZ4 != 0 { ", some LZ4" } else { "" });
         println!("sealed       {}", if h.sealed() { "yes: encrypted and authenticated (AES-256-GCM) under the key in the store's key block" } else { "no (plaintext)" });
         println!("saved in     {} ms", h.save_us / 1000);

@@ -416,6 +416,7 @@ pub fn plan(backup: &[BackupPair], lz4: bool, capacity: usize, align: u32) -> Pl
         free_rule: 0,
         filesystems: &[],
         sealed: false,
+        free_as_found: false,
     }
 }
 

@@ -195,6 +195,7 @@ pub fn save_with(
         free_rule: 2,
         filesystems: &FILESYSTEMS,
         sealed: key.is_some(),
+        free_as_found: false,
     };
     let mut block = Box::new([0u8; PAGE]);
     let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
