@@ -363,7 +363,11 @@ where
     };
     match verdict::resumable(&header, meta.as_ref().map_err(|e| *e), &here) {
         Ok(()) => {}
-        Err(Refusal::SaveFailed) => return Err(Refused::with(Refusal::SaveFailed, format_args!("{}", header.message()))),
+        // The header's message says why (a failed save's reason, the one an
+        // image was invalidated for), as `ksave resume` says it.
+        Err(r @ (Refusal::SaveFailed | Refusal::AlreadyResumed | Refusal::Incomplete)) if !header.message().is_empty() => {
+            return Err(Refused::with(r, format_args!("{}", header.message())));
+        }
         Err(r @ Refusal::HardwareUnknown) => {
             let why = machine.facs_signature.err().unwrap_or("");
             return Err(Refused::with(r, format_args!("{why}")));

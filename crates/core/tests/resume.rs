@@ -180,14 +180,16 @@ fn cases() -> Vec<Case> {
             change_image: |s| s.change_header(|h| h.state = State::Writing),
             change_machine: same,
             code: code::INCOMPLETE,
-            detail: None,
+            detail: Some("test host 6.12"),
         },
         Case {
             label: "invalidated",
-            change_image: |s| s.change_header(|h| h.state = State::Invalidated),
+            change_image: |s| {
+                ksave_core::resume::invalidate(s, Some("image damaged: chunk 3: payload hash"), &mut [0; PAGE]).unwrap();
+            },
             change_machine: same,
             code: code::ALREADY_RESUMED,
-            detail: None,
+            detail: Some("image damaged: chunk 3: payload hash"),
         },
         Case { label: "another ksave", change_image: nothing, change_machine: |m| m.own = OTHER_OWN, code: code::OTHER_KSAVE, detail: None },
         Case {

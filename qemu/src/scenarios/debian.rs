@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use ksave_format::verdict::code;
 
-use super::{Firmware, Kernel, Machine, Report, SECOND};
+use super::{Firmware, Kernel, Machine, Report, SECOND, damage_first_chunk};
 use crate::disk::PART_GUID;
 use crate::{Vm, VmConfig, build_dir, build_input, repo_root};
 
@@ -413,9 +413,11 @@ fn resume(label: &str, boot: &Boot, passphrase: Option<&str>, away: Instant, rep
 /// root file system is clean. On BIOS the initramfs resumes. On UEFI,
 /// `ksave setup --uefi` puts ksave.efi into the ESP with a boot entry
 /// first (efibootmgr), and the firmware starts it and it resumes, with no
-/// kernel before it; with the image spent, it starts the distribution's
-/// GRUB in the ESP, which boots Debian, whose initramfs logs ksave.efi's
-/// reason; `dpkg --purge` takes the entry and the ESP's file back.
+/// kernel before it. Then a damaged image: refused once loading found it
+/// (invalidated, reset), and at the next start, with no image to resume,
+/// ksave.efi starts the distribution's GRUB in the ESP, which boots
+/// Debian, whose initramfs logs the reason; `dpkg --purge` takes the entry
+/// and the ESP's file back.
 pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report> {
     let uefi = firmware == Firmware::Uefi;
     let name = if uefi { "debian-uefi" } else { "debian-bios" };
@@ -441,18 +443,29 @@ pub fn debian_hibernate_resume(firmware: Firmware, echo: bool) -> Result<Report>
         shell.run(&format!("e2e mark after-{round}"), 30 * SECOND)?;
     }
     if uefi {
-        // The image is spent: ksave.efi says why while the firmware runs
-        // and starts the next loader, the distribution's GRUB in the ESP
-        // (not the CD's).
-        shell.power_off()?;
-        let mut vm = power_on(&format!("{name}-no-image"), &machine, &disk, &iso, false, echo)?;
+        // A damaged image: ksave.efi's checks pass (its header and metadata
+        // are sound), it leaves the firmware, and the load finds the first
+        // chunk damaged: the image is invalidated with the reason and the
+        // machine resets. The next start finds no image to resume, says why
+        // while the firmware runs and starts the next loader, the
+        // distribution's GRUB in the ESP (not the CD's); the initramfs logs
+        // the reason.
+        let took = shell.hibernate(Hibernator::Ksave, &mut report)?;
+        report.add_ms("hibernate 3: systemctl hibernate to power-off", took);
+        damage_first_chunk(&disk.path)?;
+        let mut vm = power_on(&format!("{name}-damaged"), &machine, &disk, &iso, true, echo)?;
+        vm.expect("started by the UEFI firmware, load options", 300 * SECOND)?;
+        vm.expect_refusal(code::DAMAGED, 120 * SECOND)?;
+        vm.expect("ksave: not resumed after leaving the firmware: resetting", 30 * SECOND)?;
         vm.expect("started by the UEFI firmware, load options", 300 * SECOND)?;
         vm.expect_refusal(code::ALREADY_RESUMED, 120 * SECOND)?;
         vm.expect("ksave: starting the next loader, \\EFI\\debian\\grubx64.efi", 30 * SECOND)?;
         vm.expect("Debian (ksave test system, GRUB in the ESP)", 60 * SECOND)?;
+        vm.refute_seen("ksave: resume: jumping")?;
         shell = Shell::attach(vm, true, 600 * SECOND)?;
-        report.add_ms("no image: power-on to a shell of the normal boot, through ksave.efi and the ESP's GRUB", shell.vm.elapsed());
-        shell.run("journalctl -b -o cat | grep 'ksave.efi did not resume at this boot' | grep -q 'already resumed'", 60 * SECOND)?;
+        report.add_ms("damaged image: power-on to a shell of the normal boot, through a reset, ksave.efi and the ESP's GRUB", shell.vm.elapsed());
+        shell.run("journalctl -b -o cat | grep 'ksave.efi did not resume at this boot' | grep 'already resumed' | grep -q 'image damaged: chunk 0'", 60 * SECOND)?;
+        shell.run("journalctl -b -o cat | grep 'nothing to resume' | grep -q 'image damaged: chunk 0'", 60 * SECOND)?;
     }
     // The purge takes the (immutable) image file back too, and ksave.efi.
     shell.run("e2e remove", 600 * SECOND)?;

@@ -7,13 +7,12 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ksave_format::PAGE;
 use ksave_format::chunk;
-use ksave_format::header::{DATA_OFFSET, Header, State};
 use ksave_format::verdict::code;
 
-use super::{Kernel, Machine, Report, SECOND, kernel_on};
+use super::{Kernel, Machine, Report, SECOND, complete_header, damage_first_chunk, kernel_on};
 use crate::disk::{Bus, TestDisk};
 use crate::{Vm, VmConfig, build_input};
 
@@ -44,17 +43,6 @@ fn disk_holds(disk: &Path, needle: &[u8]) -> Result<bool> {
     Ok(bytes.windows(needle.len()).any(|w| w == needle))
 }
 
-/// The byte offset of the complete (sealed) image header on `disk`: the
-/// one a save left, found by its magic on a block boundary.
-fn complete_header(disk: &Path) -> Result<(u64, Header)> {
-    let bytes = std::fs::read(disk)?;
-    bytes
-        .chunks_exact(PAGE)
-        .enumerate()
-        .find_map(|(i, b)| Header::decode(b.try_into().unwrap()).ok().filter(|h| h.state == State::Complete).map(|h| ((i * PAGE) as u64, h)))
-        .context("no complete image header on the disk")
-}
-
 /// Rewrites the image's header with the re-entry address an attacker
 /// wants, its CRC made good: only the header's tag can tell.
 fn forge_reentry(disk: &Path) -> Result<()> {
@@ -64,27 +52,6 @@ fn forge_reentry(disk: &Path) -> Result<()> {
     let mut block = [0u8; PAGE];
     header.encode(&mut block);
     std::fs::OpenOptions::new().write(true).open(disk)?.write_all_at(&block, at)?;
-    Ok(())
-}
-
-/// Flips a byte in the middle of the first chunk's payload: its header's
-/// CRC still holds, only the chunk's tag can tell.
-fn damage_first_chunk(disk: &Path) -> Result<()> {
-    let (at, _) = complete_header(disk)?;
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(disk)?;
-    let chunk_at = at + DATA_OFFSET;
-    let mut head = [0u8; PAGE];
-    file.read_exact_at(&mut head, chunk_at)?;
-    let len = chunk::announced_len(&head[..512]).map_err(anyhow::Error::msg)?;
-    let decoded = chunk::decode(&head[..len]).map_err(anyhow::Error::msg)?;
-    let payload = decoded.fields.payload_len as u64;
-    if payload == 0 {
-        bail!("the first chunk has no payload");
-    }
-    let byte_at = chunk_at + len as u64 + payload / 2;
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, byte_at)?;
-    file.write_all_at(&[byte[0] ^ 0x20], byte_at)?;
     Ok(())
 }
 

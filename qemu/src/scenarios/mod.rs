@@ -4,9 +4,14 @@
 //! scenarios read ([`crate::Metrics`]); they never parse prose.
 
 use std::fmt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use ksave_format::PAGE;
+use ksave_format::chunk;
+use ksave_format::header::{DATA_OFFSET, Header, State};
 
 use crate::disk::Bus;
 use crate::{VmConfig, build_input};
@@ -243,4 +248,38 @@ pub(super) fn kernel_on(kernel: Kernel, name: &str, scenario: &str) -> Result<Vm
 /// the test disk, whose protective MBR has a boot signature but no code.
 pub(super) fn grub_resume_menu(name: &str) -> Result<VmConfig> {
     Ok(VmConfig::new(name).arg(["-boot".to_string(), "d".into(), "-cdrom".into(), build_input("grub-resume.iso")?.display().to_string()]))
+}
+
+/// The byte offset of the complete image header on `disk` (a raw disk
+/// image): the one a save left, found by its magic on a block boundary.
+pub(super) fn complete_header(disk: &Path) -> Result<(u64, Header)> {
+    let bytes = std::fs::read(disk)?;
+    bytes
+        .chunks_exact(PAGE)
+        .enumerate()
+        .find_map(|(i, b)| Header::decode(b.try_into().unwrap()).ok().filter(|h| h.state == State::Complete).map(|h| ((i * PAGE) as u64, h)))
+        .context("no complete image header on the disk")
+}
+
+/// Flips a byte in the middle of the first chunk's payload: its header's
+/// CRC still holds, only the chunk's payload hash (or a sealed image's tag)
+/// can tell. The image's first extent must hold its first chunk (a file
+/// store's does: its extents are whole MiB at least).
+pub(super) fn damage_first_chunk(disk: &Path) -> Result<()> {
+    let (at, _) = complete_header(disk)?;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(disk)?;
+    let chunk_at = at + DATA_OFFSET;
+    let mut head = [0u8; PAGE];
+    file.read_exact_at(&mut head, chunk_at)?;
+    let len = chunk::announced_len(&head[..512]).map_err(anyhow::Error::msg)?;
+    let decoded = chunk::decode(&head[..len]).map_err(anyhow::Error::msg)?;
+    let payload = decoded.fields.payload_len as u64;
+    if payload == 0 {
+        bail!("the first chunk has no payload");
+    }
+    let byte_at = chunk_at + len as u64 + payload / 2;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, byte_at)?;
+    file.write_all_at(&[byte[0] ^ 0x20], byte_at)?;
+    Ok(())
 }
