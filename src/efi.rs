@@ -39,7 +39,7 @@ use uefi_raw::{Boolean, Guid, Handle, Status, guid};
 use crate::boot::Mode;
 use crate::physmem::IdentityMapped;
 use crate::work::Exclusive;
-use crate::{cmdline, heap, println, resume};
+use crate::{cmdline, heap, hw, println, resume};
 
 /// ACPI 2.0+ and 1.0 RSDP entries of the configuration table (UEFI 2.10, 4.6.1.1).
 const ACPI_20_TABLE: Guid = guid!("8868e871-e4f1-11d3-bc22-0080c73c8881");
@@ -377,6 +377,9 @@ extern "efiapi" fn ksave_efi_main(image: Handle, system: *const SystemTable) -> 
     println!("ksave {}: started by the UEFI firmware, load options \"{options}\"", env!("CARGO_PKG_VERSION"));
     let mut next = [0u8; 256];
     let next = copy_str(cmdline::get(options, "ksave.next"), &mut next);
+    if let Some(mib) = cmdline::get(options, "ksave.measure_read").and_then(|v| v.parse().ok()) {
+        measure_block_io(&fw, mib);
+    }
     let buf = MAP_BUFFER.take();
     if decide(&fw, handover, buf).is_ok() {
         leave_firmware(&fw, handover, buf);
@@ -393,6 +396,48 @@ extern "efiapi" fn ksave_efi_main(image: Handle, system: *const SystemTable) -> 
             Status::NOT_FOUND
         }
     }
+}
+
+/// `ksave.measure_read=MIB` (`make bench`): reads MIB MiB (at most 256)
+/// from the start of the first whole disk through the firmware's Block
+/// I/O, in requests of [`READ_REQUEST`] into pages the firmware lends, and
+/// says how fast. That is the rate ksave.efi could read an image at before
+/// it leaves the firmware; it reads only the header, the metadata and the
+/// checks' few blocks that way (docs/UEFI.md), and loads with its own
+/// drivers after.
+fn measure_block_io(fw: &Firmware, mib: u64) {
+    const READ_REQUEST: usize = 2 << 20;
+    let pages = READ_REQUEST / ksave_format::PAGE;
+    let mut addr = 0u64;
+    // SAFETY: AllocatePages (UEFI 2.10, 7.2.1) writes the address of
+    // `pages` pages it gives this image into `addr`; freed below.
+    let status = unsafe { (fw.boot().allocate_pages)(uefi_raw::table::boot::AllocateType::ANY_PAGES, uefi_raw::table::boot::MemoryType::LOADER_DATA, pages, &mut addr) };
+    if status.is_error() {
+        println!("ksave: measure_read: no pages from the firmware ({status:?})");
+        return;
+    }
+    hw::calibrate_tsc();
+    fw.disks(|disk| {
+        let bytes = (mib.min(256) << 20).min(disk.info.blocks * u64::from(disk.info.block_size));
+        let start = hw::now_us();
+        let mut lba = 0;
+        for _ in 0..bytes / READ_REQUEST as u64 {
+            // SAFETY: ReadBlocks (UEFI 2.10, 13.9.3) fills READ_REQUEST bytes
+            // at `addr`, the pages allocated above for this alone.
+            let status = unsafe { ((*disk.io).read_blocks)(disk.io, disk.media_id, lba, READ_REQUEST, addr as *mut c_void) };
+            if status.is_error() {
+                println!("ksave: measure_read: read error at block {lba} ({status:?})");
+                return true;
+            }
+            lba += (READ_REQUEST / disk.info.block_size as usize) as u64;
+        }
+        let us = (hw::now_us() - start).max(1);
+        println!("ksave: firmware Block I/O read {} MiB in {} ms = {} MB/s (2 MiB requests)", bytes >> 20, us / 1000, bytes / us);
+        crate::metric!(block_io_read_ms = us / 1000, block_io_read_mib = bytes >> 20);
+        true
+    });
+    // SAFETY: the pages AllocatePages gave above, used no more.
+    let _ = unsafe { (fw.boot().free_pages)(addr, pages) };
 }
 
 /// `s` copied into `buf` (the hand-over's copy of the options is ksave's

@@ -34,7 +34,7 @@ pub use disks::{disk_error, disk_self_test, disk_test_refuses_what_is_not_a_spar
 pub use encrypted::{encrypted_bench, encrypted_store_story, memtest_pages_on, seal_host_bench};
 pub use filestore::{FileFs, file_bench, file_store_story, written_since_is_refused};
 pub use refusals::{grub_no_image_boots_normally, restore_refusals};
-pub use resume::{ResumeBy, hibernate_resume, hibernate_resume_bench, hibernate_resume_bench_on, hibernate_resume_on, hibernate_resume_once_on};
+pub use resume::{ResumeBy, efi_read_bench, hibernate_resume, hibernate_resume_bench, hibernate_resume_bench_on, hibernate_resume_on, hibernate_resume_once_on};
 pub use roundtrip::kexec_round_trip;
 pub use save::{Expect, hibernate_snapshot, hibernate_snapshot_on, hibernate_with_the_iommu_left_on};
 

@@ -53,7 +53,14 @@ pub fn hibernate_resume_bench(by: ResumeBy, memtest_mib: u64, lived_in: bool) ->
 /// booted with `init_on_free=1` (every free page then zeroed by the resume)
 /// or not (free pages left as found).
 pub fn hibernate_resume_bench_on(machine: Machine, memtest_mib: u64, init_on_free: bool) -> Result<Report> {
-    story(machine, ResumeBy::Multiboot1, memtest_mib, How { rounds: 1, lived_in: true, init_on_free }, false)
+    story(machine, ResumeBy::Multiboot1, memtest_mib, How { rounds: 1, lived_in: true, init_on_free, measure_read: false }, false)
+}
+
+/// The ksave.efi story for `make bench`, one round, ksave.efi reading
+/// 64 MiB through the firmware's Block I/O first.
+pub fn efi_read_bench() -> Result<Report> {
+    let machine = Machine::qemu64(Kernel::Linux6_12).uefi().on(Bus::VirtioRootPort);
+    story(machine, ResumeBy::UefiApp, 128, How { rounds: 1, measure_read: true, ..How::of(ResumeBy::UefiApp) }, false)
 }
 
 /// How a story runs.
@@ -66,6 +73,9 @@ struct How {
     /// A boots with `init_on_free=1`: it trusts its free pages to be zero,
     /// so ksave must zero those it left out.
     init_on_free: bool,
+    /// By ksave.efi, which first reads through the firmware's Block I/O to
+    /// say how fast (build/grub-resume-measure.iso: `ksave.measure_read=`).
+    measure_read: bool,
 }
 
 impl How {
@@ -75,12 +85,12 @@ impl How {
     /// it left out. (The other stories' A relies on nothing there: ksave
     /// leaves them as found.)
     fn of(by: ResumeBy) -> Self {
-        Self { rounds: 2, lived_in: true, init_on_free: matches!(by, ResumeBy::KernelC | ResumeBy::UefiApp) }
+        Self { rounds: 2, lived_in: true, init_on_free: matches!(by, ResumeBy::KernelC | ResumeBy::UefiApp), measure_read: false }
     }
 }
 
 fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool) -> Result<Report> {
-    let How { rounds, lived_in, init_on_free } = how;
+    let How { rounds, lived_in, init_on_free, measure_read } = how;
     let name = format!(
         "resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}",
         machine.firmware,
@@ -195,11 +205,24 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
             ResumeBy::KernelC => {
                 kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}{}", machine.kernel_args()))?
             }
+            ResumeBy::UefiApp if measure_read => VmConfig::new(&format!("{name}-{round}")).arg([
+                "-boot".to_string(),
+                "d".into(),
+                "-cdrom".into(),
+                build_input("grub-resume-measure.iso")?.display().to_string(),
+            ]),
             ResumeBy::Grub | ResumeBy::UefiApp => grub_resume_menu(&format!("{name}-{round}"))?,
         }
         .arg(disk.qemu_args(machine.bus, None));
         let mut vm = Vm::start(VmConfig { echo, ..machine.apply(resume)? })?;
+        if measure_read {
+            let read = vm.expect_metrics("block_io_read_ms", 300 * SECOND)?;
+            report.add(format!("resume {round}: firmware Block I/O read"), read.get("block_io_read_mib")? * 1.048576 / read.get("block_io_read_ms")? * 1000.0, "MB/s");
+        }
         let loaded = vm.expect_metrics("resume_load_ms", 300 * SECOND)?;
+        if round == 1 {
+            report.add("resume 1: ksave's one pass, the image's bytes over its time", saved.get("image_bytes")? / loaded.get("resume_load_ms")? / 1000.0, "MB/s");
+        }
         let left = loaded.get("pages_left")?;
         if !init_on_free.is_empty() {
             // The kernel's boot line says "heap free:on": nothing is left.
