@@ -512,10 +512,15 @@ pub fn create(path: &Path, size: u64) -> Result<()> {
 }
 
 /// Drops a file's clean cached pages (POSIX_FADV_DONTNEED): ksave writes
-/// its blocks under the file system, so what is cached is stale.
-pub fn drop_cached_pages(file: &File) {
+/// its blocks under the file system, so what is cached is stale, and a
+/// hibernation would hold it as memory (zero pages a resume must zero).
+/// Err: the kernel cannot (built without CONFIG_ADVISE_SYSCALLS).
+pub fn drop_cached_pages(file: &File) -> std::io::Result<()> {
     // SAFETY: advice only; no memory is passed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
 }
 
 /// Whether a file begins with a ksave file map (written through the file

@@ -83,6 +83,11 @@ esac
 
 ksave setup --file "$image" --elf /ksave.elf > /tmp/setup.log 2>&1 || { cat /tmp/setup.log; say "setup --file failed"; exit 1; }
 cat /tmp/setup.log
+# The zeros setup wrote are stale once ksave writes under the file system:
+# none of them may stay in memory (a hibernation would hold them).
+memtest cached --file "$image" > /tmp/cached || { say "memtest cached failed"; exit 1; }
+grep -q "cached: 0 of" /tmp/cached || { say "setup left the image file in the page cache: $(cat /tmp/cached)"; exit 1; }
+say "after setup, $(sed 's/^memtest: //' /tmp/cached)"
 [ "$(stat -c %a "$image")" = 600 ] || { say "the image file is not 0600"; exit 1; }
 lsattr "$image" | cut -c1-22 | grep -q i || { say "the image file is not immutable"; exit 1; }
 extents=$(sed -n 's/.* in \([0-9]*\) extents.*/\1/p' /tmp/setup.log)

@@ -51,8 +51,29 @@ fn main() -> Result<()> {
         Some("zeroed") => zeroed(arg(&args, "--percent")?.parse()?),
         Some("used") => used(arg(&args, "--pid")?.parse()?),
         Some("prove") => prove(&arg(&args, "--used")?, &arg(&args, "--free-runs")?),
-        _ => bail!("usage: memtest fill|churn|zeroed|used|prove ..."),
+        Some("cached") => cached(&arg(&args, "--file")?),
+        _ => bail!("usage: memtest fill|churn|zeroed|used|prove|cached ..."),
     }
+}
+
+/// Prints how many of `path`'s pages the page cache holds (mincore).
+fn cached(path: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+    let len = file.metadata()?.len() as usize;
+    ensure!(len > 0, "{path} is empty");
+    // SAFETY: a fresh shared read-only mapping of the whole file, unmapped
+    // below; only mincore looks at it (no page is touched, none read in).
+    let at = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    ensure!(at != libc::MAP_FAILED, "mmap {path}: {}", std::io::Error::last_os_error());
+    let mut resident = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: the mapping above, and one byte a page in `resident`.
+    let rc = unsafe { libc::mincore(at, len, resident.as_mut_ptr()) };
+    // SAFETY: the mapping above, used no more.
+    unsafe { libc::munmap(at, len) };
+    ensure!(rc == 0, "mincore {path}: {}", std::io::Error::last_os_error());
+    println!("memtest: cached: {} of {} pages of {path}", resident.iter().filter(|&&b| b & 1 != 0).count(), resident.len());
+    Ok(())
 }
 
 fn available_kib() -> Result<u64> {

@@ -99,6 +99,11 @@ pub fn run(how: &How) -> Result<ExitCode> {
         std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache (/proc/sys/vm/drop_caches)")?;
         println!("ksave: page cache dropped in {} ms", t.elapsed().as_millis());
     }
+    // The image file's cached pages: stale (a boot's reads of its map, or a
+    // kernel that kept what setup wrote), and memory the save would hold.
+    if let Some(file) = &setup.file {
+        let _ = std::fs::File::open(&file.path).and_then(|f| ksave_tools::filestore::drop_cached_pages(&f));
+    }
     // From here until the machine powers off, or goes on, nothing may reach
     // the disk the image will be resumed over (freeze.rs); and what the file
     // systems say of their mounts, recorded with the load, stays true.

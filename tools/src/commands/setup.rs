@@ -279,7 +279,9 @@ fn claim_file(path: &Path, existing: bool, lz4: bool, elf: PathBuf, how: &How) -
             }
         }
         file.sync_all()?;
-        filestore::drop_cached_pages(&file);
+        if let Err(e) = filestore::drop_cached_pages(&file) {
+            println!("ksave: note: the image file's cached pages stay in memory until the kernel reclaims them (fadvise: {e})");
+        }
         let again = filestore::locate(path)?;
         if again.extents == located.extents {
             break crc;
