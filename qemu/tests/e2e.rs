@@ -223,20 +223,20 @@ fn hibernate_power_off_and_resume_on_linux_7_3_with_ram_above_4_gib() {
 #[test]
 fn hibernate_power_off_and_resume_on_nvme() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme);
-    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
 /// A 4Kn namespace: every write whole 4 KiB blocks, the GPT in 4 KiB LBAs.
 #[test]
 fn hibernate_power_off_and_resume_on_nvme_with_4k_blocks() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Nvme4k);
-    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
 #[test]
 fn hibernate_power_off_and_resume_on_virtio() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::Virtio);
-    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
 /// DMA remapping on (q35, QEMU's intel-iommu, kernel A with
@@ -257,7 +257,7 @@ fn hibernate_with_the_iommu_left_on_saves_a_snapshot_and_refuses_power_off() {
 #[test]
 fn hibernate_power_off_and_resume_on_ide() {
     let machine = Machine::qemu64(Kernel::Linux6_12).on(Bus::IdePrimary);
-    run(|echo| scenarios::hibernate_resume_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(machine, scenarios::ResumeBy::Multiboot1, 256, echo));
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn hibernate_into_a_file_on_xfs_on_lvm_and_resume_twice() {
 
 #[test]
 fn hibernate_power_off_and_resume_on_linux_6_1() {
-    run(|echo| scenarios::hibernate_resume_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
+    run(|echo| scenarios::hibernate_resume_once_on(Machine::qemu64(Kernel::Linux6_1), ResumeBy::Multiboot1, 256, echo));
 }
 
 /// The same on 7.3.

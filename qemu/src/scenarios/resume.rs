@@ -37,8 +37,9 @@ pub fn hibernate_resume_on(machine: Machine, by: ResumeBy, memtest_mib: u64, ech
 }
 
 /// [`hibernate_resume_on`], one round: for a machine whose claim is its
-/// memory or CPU (RAM above 4 GiB, 5-level paging), where resuming a
-/// resumed kernel again adds nothing the other stories do not show.
+/// disk, kernel, memory or CPU (NVMe, virtio-blk, IDE; 6.1; RAM above 4
+/// GiB; 5-level paging). Resuming a resumed kernel again is the AHCI,
+/// GRUB, ksave.efi, IOMMU, file-store and Debian stories' second round.
 pub fn hibernate_resume_once_on(machine: Machine, by: ResumeBy, memtest_mib: u64, echo: bool) -> Result<Report> {
     story(machine, by, memtest_mib, How { rounds: 1, ..How::of(by) }, echo)
 }
