@@ -6,7 +6,7 @@ fn main() {
     }
     println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
     println!("cargo:rerun-if-changed=linker.ld");
-    for f in ["entry.s", "tables.s", "exceptions.s", "mem.s"] {
+    for f in ["entry.s", "tables.s", "exceptions.s", "mem.s", "ap.s"] {
         println!("cargo:rerun-if-changed=asm/{f}");
     }
 }

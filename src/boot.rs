@@ -17,7 +17,7 @@ use crate::disktest::{self, Job};
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
 use crate::qemu::ExitCode;
-use crate::{cmdline, paging, physmem, println, resume};
+use crate::{cmdline, paging, physmem, println, resume, smp};
 
 /// What a bootloader told us.
 struct BootInfo<'a> {
@@ -155,6 +155,9 @@ fn run(boot: &BootInfo, info: u64) -> ! {
     match mode {
         Mode::FaultSelfTest => unreachable!("handled above"),
         Mode::Resume { at, no_image } => {
+            if cmdline::get(boot.cmdline, "ksave.helpers") == Some("0") {
+                smp::keep_to_one_cpu();
+            }
             let facs_now = match boot.rsdp {
                 Some((rsdt, xsdt)) => acpi::hardware_signature(&IdentityMapped, rsdt, xsdt).map_err(|e| Message::format(format_args!("{e}"))),
                 None => Err(Message::format(format_args!("{}", acpi::AcpiError::NoRsdp))),

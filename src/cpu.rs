@@ -21,6 +21,9 @@ const IST_FAULT: u8 = 1;
 struct IdtEntry([u64; 2]);
 
 static mut IDT: [IdtEntry; 32] = [const { IdtEntry([0; 2]) }; 32];
+/// The helpers' (smp.rs): the same handlers, on the stack they fault on
+/// (they load no TSS, so no IST).
+static mut HELPER_IDT: [IdtEntry; 32] = [const { IdtEntry([0; 2]) }; 32];
 static mut TSS: TaskStateSegment = TaskStateSegment::new();
 
 #[repr(align(16))]
@@ -47,13 +50,21 @@ pub fn init() {
         (*gdt)[5] = high;
         x86::task::load_tr(SegmentSelector::from_raw(TSS_SELECTOR));
 
-        let idt = &raw mut IDT;
+        let (idt, helper_idt) = (&raw mut IDT, &raw mut HELPER_IDT);
         for (vector, stub) in ksave_exception_stubs.iter().enumerate() {
             let ist = if vector == 2 || vector == 8 { IST_FAULT } else { 0 };
             (*idt)[vector] = interrupt_gate(*stub, ist);
+            (*helper_idt)[vector] = interrupt_gate(*stub, 0);
         }
         lidt(&DescriptorTablePointer { limit: (size_of::<[IdtEntry; 32]>() - 1) as u16, base: idt as *const IdtEntry });
     }
+}
+
+/// Loads the helpers' IDT on a helper CPU (smp.rs), which [`init`] built.
+pub fn init_helper() {
+    // SAFETY: HELPER_IDT was filled by init() on the loading CPU before the
+    // helpers were started, and is only read since.
+    unsafe { lidt(&DescriptorTablePointer { limit: (size_of::<[IdtEntry; 32]>() - 1) as u16, base: &raw const HELPER_IDT as *const IdtEntry }) };
 }
 
 /// A 64-bit TSS descriptor (Intel SDM vol. 3A 8.2.3, figure 8-4): type 9
@@ -154,6 +165,15 @@ extern "C" fn ksave_exception(frame: &ExceptionFrame) -> ! {
         unsafe { (x86::controlregs::cr0().bits(), x86::controlregs::cr3(), x86::controlregs::cr4().bits(), x86::msr::rdmsr(0xC000_0080)) };
     println!("ksave:   cr0 {cr0:#x} cr3 {cr3:#x} cr4 {cr4:#x} efer {efer:#x}");
     print_call_chain(frame.rbp);
+    if crate::smp::on_helper() {
+        // A helper: the loading CPU fails the load rather than wait for it.
+        println!("ksave: the CPU exception was on a helper CPU; the load fails");
+        crate::smp::helper_lost();
+        loop {
+            // SAFETY: interrupts are off; hlt waits for the INIT that parks it.
+            unsafe { x86::halt() };
+        }
+    }
     // Saving: ksave wrote nothing of the caller's, so the caller can go on;
     // halting would lose it. The header on disk still says *writing*.
     if crate::wayback::reentry().is_some() {

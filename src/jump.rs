@@ -29,8 +29,9 @@ pub struct Caller<'a> {
 }
 
 /// Most displaced pages recorded: an exact map lists only ksave's own pages,
-/// so a longer one is refused anyway (1 MiB of image; the image is half that).
-pub const MAX_PAIRS: usize = 256;
+/// so a longer one is refused anyway (2 MiB of image; the image is about
+/// 1.3 MiB, of which the helpers' queue takes 0.3).
+pub const MAX_PAIRS: usize = 512;
 const _: () = assert!(MAX_PAIRS <= MAX_BACKUP_PAIRS);
 
 /// What the jump swapped, for reading the caller's memory as the caller

@@ -35,6 +35,7 @@ mod physmem;
 mod qemu;
 mod resume;
 mod save;
+mod smp;
 mod wayback;
 mod work;
 
@@ -42,6 +43,7 @@ core::arch::global_asm!(include_str!("../asm/entry.s"), options(att_syntax));
 core::arch::global_asm!(include_str!("../asm/tables.s"), options(att_syntax));
 core::arch::global_asm!(include_str!("../asm/exceptions.s"), options(att_syntax));
 core::arch::global_asm!(include_str!("../asm/mem.s"), options(att_syntax));
+core::arch::global_asm!(include_str!("../asm/ap.s"), options(att_syntax));
 
 /// How ksave was entered (asm/entry.s passes one of these in `kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

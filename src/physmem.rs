@@ -2,6 +2,7 @@
 
 use crate::paging::identity_end;
 use bootinfo::PhysRead;
+use ksave_core::helpers::SharedMemory;
 use ksave_core::resume::PhysMemory;
 
 /// Physical memory below [`identity_end`], read through the identity map.
@@ -35,6 +36,25 @@ impl PhysMemory for IdentityMapped {
     unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
         // SAFETY: the trait's contract is `read`'s: RAM or NVS inside the
         // identity map.
+        unsafe { read(addr, buf) }
+    }
+}
+
+/// The same, from any CPU (the helpers share ksave's page tables).
+impl SharedMemory for IdentityMapped {
+    unsafe fn zero(&self, addr: u64, len: u64) {
+        // SAFETY: the trait's contract is `zero`'s, and no other CPU or
+        // device touches the bytes meanwhile.
+        unsafe { zero(addr, len as usize) }
+    }
+
+    unsafe fn write(&self, addr: u64, data: &[u8]) {
+        // SAFETY: as for `zero` above.
+        unsafe { write(addr, data) }
+    }
+
+    unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
+        // SAFETY: the trait's contract is `read`'s.
         unsafe { read(addr, buf) }
     }
 }

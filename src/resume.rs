@@ -30,7 +30,7 @@ use crate::hw;
 use crate::layout::image_range;
 use crate::physmem::IdentityMapped;
 use crate::work::{self, Work};
-use crate::{config, cpu, paging, println, wayback};
+use crate::{config, cpu, paging, println, smp, wayback};
 
 /// Says why the image is not resumed on the console, with the code for the
 /// harness.
@@ -222,13 +222,22 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
     let machine = machine(here, &facs_now, paging::identity_end());
     let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)) };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
+    let mut cpus = smp::Cpus::new();
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or
     // kernel C's, the one the verdict compares), its reach ksave's identity
     // map, through which IdentityMapped and the disk's DMA reach memory;
     // ksave's code, data, stack, work buffers and the disk's DMA memory all
     // lie in its own load range (linker.ld), and every other page of this
-    // boot (firmware, bootloader, kernel C) is given up to the saved kernel.
-    let outcome = unsafe { resume::check_and_load(&mut part.store(), &machine, &mut IdentityMapped, bufs, hw::now_us, when_refused) };
+    // boot (firmware, bootloader, kernel C) is given up to the saved kernel,
+    // the other CPUs' start-up page too (smp.rs).
+    let outcome = unsafe { resume::check_and_load(&mut part.store(), &machine, &mut IdentityMapped, bufs, hw::now_us, when_refused, Some(&mut cpus)) };
+    let (jobs_helped, jobs_own) = cpus.jobs_run().unwrap_or_default();
+    if jobs_helped + jobs_own > 0 {
+        println!("ksave: resume: {jobs_helped} jobs run by the other CPUs, {jobs_own} by this one");
+    }
+    // Every other CPU back to wait for a start-up IPI, before anything
+    // else: the saved kernel starts them itself.
+    drop(cpus);
     match outcome {
         Err(refused) => {
             match &refused.invalidated {
@@ -273,6 +282,8 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
                 pages_stored = loaded.pages_stored,
                 pages_zeroed = loaded.pages_zeroed,
                 pages_left = loaded.pages_left,
+                jobs_helped = jobs_helped,
+                jobs_own = jobs_own,
                 stack_kib = cpu::stack_used().div_ceil(1024),
             );
             // Memory is the saved kernel's now: leave the controller stopped

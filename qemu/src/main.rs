@@ -29,6 +29,9 @@ fn main() -> Result<()> {
     if which == "bench-resume-ram" {
         return ksave_qemu::bench::resume_by_ram_table(bench_runs(), 128);
     }
+    if which == "bench-resume-cpus" {
+        return ksave_qemu::bench::resume_by_cpus_table(bench_runs(), 128);
+    }
     if which == "bench-disks" {
         return ksave_qemu::bench::disk_table(bench_runs(), 256);
     }
@@ -39,6 +42,7 @@ fn main() -> Result<()> {
         ksave_qemu::bench::save_table(runs)?;
         ksave_qemu::bench::hibernation_table(runs, 128)?;
         ksave_qemu::bench::resume_by_ram_table(runs, 128)?;
+        ksave_qemu::bench::resume_by_cpus_table(runs, 128)?;
         ksave_qemu::bench::efi_read_table(runs)?;
         ksave_qemu::bench::file_table()?;
         ksave_qemu::bench::encrypted_table()?;
@@ -81,7 +85,7 @@ fn main() -> Result<()> {
         "file-btrfs" => scenarios::file_store_story(scenarios::FileFs::Btrfs, true)?,
         "encrypted" => scenarios::encrypted_store_story(true)?,
         other => bail!(
-            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, resume-efi, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-resume-ram, bench-efi-read, bench-disks, bench-file, bench-encrypted, encrypted, bench-debian or bench-debian-uefi"
+            "unknown scenario {other:?}: demo, roundtrip, multiboot, grub, exception, hibernate, resume, resume-c, resume-grub, resume-efi, grub-no-image, linux-hibernate, debian-bios, debian-uefi, debian-stale, debian-luks, debian-dracut, file-ext4, file-xfs-lvm, file-btrfs, debian, bench, bench-hibernation, bench-resume-ram, bench-resume-cpus, bench-efi-read, bench-disks, bench-file, bench-encrypted, encrypted, bench-debian or bench-debian-uefi"
         ),
     };
     println!("\n{report}");

@@ -17,6 +17,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod helpers;
 pub mod message;
 pub mod resume;
 pub mod save;

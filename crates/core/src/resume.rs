@@ -26,11 +26,12 @@ use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::Seal;
 use ksave_format::commit::Device;
 use ksave_format::header::{FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
-use ksave_format::reader::{self, ReadError, Source};
+use ksave_format::reader::{self, ChunkAt, CodedChunkAt, ReadError, Source};
 use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_format::{PAGE, PayloadHasher, Range};
 
 use crate::Message;
+use crate::helpers::{self, Failure, Job, Queue, SharedMemory};
 
 /// The CR4 bit of 5-level paging, as the image records the saved kernel's.
 const CR4_LA57: u64 = bootinfo::kexec::CR4_LA57;
@@ -121,6 +122,22 @@ pub struct Buffers<'b> {
 }
 
 const _: () = assert!(META_BLOCKS as usize * PAGE <= LZ4_GROUP * PAGE);
+
+/// The machine's other CPUs, to check, decode and zero on while this one
+/// reads the image ([`helpers`](crate::helpers)). Started only once the
+/// verdict has passed: starting them writes memory outside the resumer's
+/// own range (a start-up page).
+pub trait Helpers {
+    /// Starts them: the queue they serve and the memory they reach it
+    /// through, or `None` to load on this CPU alone (with the reason the
+    /// implementation reports itself).
+    ///
+    /// # Safety
+    /// Called once the verdict has given this machine's memory up
+    /// ([`check_and_load`]'s contract): the implementation may overwrite
+    /// any page of `machine`'s RAM outside its own range.
+    unsafe fn start(&mut self, machine: &Machine) -> Option<(&Queue, &dyn SharedMemory)>;
+}
 
 /// What to do with an image refused before loading began. One refused
 /// after it began is always invalidated: this boot's memory is gone.
@@ -223,7 +240,8 @@ pub struct Resumed {
 /// own range, then the image is invalidated. A refusal says why; one found
 /// after loading began has [`Refused::memory_lost`] and has invalidated the
 /// image with the reason, as has any refusal under
-/// [`WhenRefused::Invalidate`]. `clock` returns microseconds.
+/// [`WhenRefused::Invalidate`]. `clock` returns microseconds. `helpers`,
+/// if any, are started once the verdict has passed, and share the load.
 ///
 /// # Safety
 /// `machine` must describe this machine: `ram` and `nvs` its RAM and ACPI
@@ -239,6 +257,7 @@ pub unsafe fn check_and_load<S, E, M>(
     bufs: Buffers,
     clock: fn() -> u64,
     when_refused: WhenRefused,
+    helpers: Option<&mut dyn Helpers>,
 ) -> Result<Resumed, Refused>
 where
     S: DmaSource<Error = E> + Device<Error = E>,
@@ -248,7 +267,7 @@ where
     let Buffers { block, chunk_header, coded, pages, seal } = bufs;
     let start = clock();
     // SAFETY: check_and_load's contract, passed on.
-    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages, seal }, clock, start) };
+    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages, seal }, clock, start, helpers) };
     match loaded {
         Ok((mut loaded, way_back)) => {
             // Never twice: the image is invalidated before the saved kernel runs.
@@ -282,6 +301,7 @@ unsafe fn load<S: DmaSource, M: PhysMemory>(
     bufs: Buffers,
     clock: fn() -> u64,
     start: u64,
+    helpers: Option<&mut dyn Helpers>,
 ) -> Result<(Loaded, WayBack), Refused>
 where
     S::Error: fmt::Display,
@@ -307,12 +327,26 @@ where
     let saved = reader::Saved::of(&meta, &header);
     let verified = clock();
     let as_found = header.flags & FLAG_FREE_AS_FOUND != 0;
-    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0 };
+    // SAFETY: the verdict has passed: check_and_load's contract gives this
+    // machine's memory up.
+    let helping = helpers.and_then(|h| unsafe { h.start(machine) }).map(|(queue, mem)| Helping { queue, mem, first: None });
+    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping };
     let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
-    if let Err(e) = reader::visit_chunks(store, &header, &saved, bufs, &mut loader) {
+    let walked = reader::visit_chunks(store, &header, &saved, bufs, &mut loader);
+    if walked.is_ok() {
+        loader.zero_to(u64::MAX);
+    }
+    // Every job done, whatever happened: a failure found on another CPU
+    // is the walk's, unless the walk failed on an earlier chunk.
+    let failed_later = loader.settle();
+    let walked = match (walked, failed_later) {
+        (Err(ReadError::Chunk { index, offset, what }), Some(f)) if index < f.at.index => Err(ReadError::Chunk { index, offset, what }),
+        (_, Some(f)) => Err(f.at.failed(f.what)),
+        (walked, None) => walked,
+    };
+    if let Err(e) = walked {
         return Err(Refused { memory_lost: true, ..unreadable(e) });
     }
-    loader.zero_to(u64::MAX);
     let load_done = clock();
     let loaded = Loaded {
         pages_stored: header.pages_stored,
@@ -446,7 +480,20 @@ struct Loader<'a, M> {
     ahead: Option<RunsAhead>,
     /// Free pages left as found.
     left: u64,
+    /// Other CPUs share the work, if any were started.
+    helping: Option<Helping<'a>>,
 }
+
+/// The queue the other CPUs serve, the memory they write, and the first
+/// chunk's failure among the jobs finished so far.
+struct Helping<'a> {
+    queue: &'a Queue,
+    mem: &'a dyn SharedMemory,
+    first: Option<Failure>,
+}
+
+/// Zeroing shorter than this is done at once, not handed over.
+const ZERO_AT_ONCE: u64 = 64 << 10;
 
 /// Free runs listed ahead of the loader, ascending, as (first pfn, end pfn).
 /// A run that finds it full is zeroed when reached, like a page of a run
@@ -524,12 +571,43 @@ impl<M: PhysMemory> Loader<'_, M> {
                     // the resumer's own range: under check_and_load's
                     // contract nothing live is there, and this boot's
                     // memory was given up.
-                    unsafe { self.mem.zero(s, e - s) };
+                    unsafe { self.zero(s, e) };
                     self.zeroed += (e - s) / PAGE as u64;
                 }
             }
         }
         self.next = pfn;
+    }
+
+    /// Zeroes `[start, end)`, on other CPUs if it is worth it.
+    ///
+    /// # Safety
+    /// As for [`PhysMemory::zero`], until [`Self::settle`].
+    unsafe fn zero(&mut self, start: u64, end: u64) {
+        match &mut self.helping {
+            Some(h) if end - start >= ZERO_AT_ONCE => {
+                for at in (start..end).step_by(helpers::ZERO_JOB as usize) {
+                    let job = Job::Zero { addr: at, len: helpers::ZERO_JOB.min(end - at) };
+                    // SAFETY: the caller's promise, which holds until settle.
+                    let Ok(()) = unsafe {
+                        h.queue.submit::<core::convert::Infallible>(h.mem, &mut h.first, |slot| {
+                            slot.job = job;
+                            Ok(())
+                        })
+                    };
+                }
+            }
+            // SAFETY: the caller's promise.
+            _ => unsafe { self.mem.zero(start, end - start) },
+        }
+    }
+
+    /// Waits for every job handed to other CPUs; the first chunk's failure
+    /// among them, if any.
+    fn settle(&mut self) -> Option<Failure> {
+        let h = self.helping.as_mut()?;
+        // SAFETY: the jobs were submitted under check_and_load's contract.
+        unsafe { h.queue.settle(h.mem, &mut h.first) }
     }
 }
 
@@ -553,7 +631,7 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
         self.next = pfn + 1;
     }
 
-    fn raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, S::Error> {
+    fn raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE], chunk: ChunkAt, hash: u64) -> Result<Option<u64>, S::Error> {
         // The gaps first: the pages are written by the device below.
         for &pfn in pfns {
             self.zero_to(pfn);
@@ -564,6 +642,20 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
         // memory and outside the resumer's range (as for `page`), which
         // check_and_load's contract gives up to the saved kernel.
         unsafe { store.read_into_pages(at, pfns)? };
+        if let Some(h) = &mut self.helping {
+            // SAFETY: the pages the device just filled, which nothing
+            // writes again (stored pages ascend, and this CPU goes on
+            // past them).
+            let Ok(()) = unsafe {
+                h.queue.submit::<core::convert::Infallible>(h.mem, &mut h.first, |slot| {
+                    slot.pfns[..pfns.len()].copy_from_slice(pfns);
+                    slot.at = chunk;
+                    slot.job = Job::CheckRaw { hash, pages: pfns.len() as u16 };
+                    Ok(())
+                })
+            };
+            return Ok(None);
+        }
         // The check, over the pages where they now lie.
         let mut hasher = PayloadHasher::new();
         for &pfn in pfns {
@@ -573,6 +665,32 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             unsafe { self.mem.read(pfn * PAGE as u64, page) };
             hasher.update(page);
         }
-        Ok(hasher.digest())
+        Ok(Some(hasher.digest()))
+    }
+
+    fn coded_chunk(&mut self, store: &mut S, chunk: &CodedChunkAt) -> Result<bool, S::Error> {
+        if self.helping.is_none() {
+            return Ok(false);
+        }
+        // The gaps first: the pages are written by whichever CPU decodes them.
+        for &pfn in chunk.pfns {
+            self.zero_to(pfn);
+            self.next = pfn + 1;
+        }
+        let h = self.helping.as_mut().expect("checked above");
+        let job = Job::Coded { encoding: chunk.encoding, payload_at: chunk.payload.start as u32, payload_len: chunk.payload.len() as u32, hash: chunk.hash, pages: chunk.pfns.len() as u16 };
+        // SAFETY: the chunk's pages lie in the saved memory, outside the
+        // resumer's range (the reader checked them, as for `page`), which
+        // check_and_load's contract gives up; nothing else writes them.
+        unsafe {
+            h.queue.submit(h.mem, &mut h.first, |slot| {
+                store.read_at(chunk.at.offset, &mut slot.bytes[..chunk.bytes])?;
+                slot.pfns[..chunk.pfns.len()].copy_from_slice(chunk.pfns);
+                slot.at = chunk.at;
+                slot.job = job;
+                Ok(())
+            })?
+        };
+        Ok(true)
     }
 }

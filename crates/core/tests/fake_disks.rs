@@ -331,7 +331,7 @@ fn resume<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phys:
     // to fall in its RAM and NVS outside ksave's range, the devices' DMA is
     // checked afterwards (every other byte unchanged), and the buffers and
     // the drivers' memory are other mappings.
-    unsafe { resume::check_and_load(&mut store, &machine, phys, bufs.resume(), clock, WhenRefused::KeepImage) }
+    unsafe { resume::check_and_load(&mut store, &machine, phys, bufs.resume(), clock, WhenRefused::KeepImage, None) }
 }
 
 /// The image header in the store's first block on `disk`.

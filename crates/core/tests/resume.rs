@@ -45,7 +45,7 @@ fn assert_nothing_written(refused: &Refused, ram: &Ram, before: &[u8], store: &S
 
 #[test]
 fn a_whole_resume_loads_every_saved_page_and_zeroes_every_other() {
-    for (seed, lz4, align) in [(1, false, 512), (2, true, 512), (3, true, 4096), (4, false, 4096)] {
+    for (seed, lz4, align, helped) in [(1, false, 512, false), (2, true, 512, false), (3, true, 4096, true), (4, false, 4096, true)] {
         let (saved, image, summary) = saved_image(seed, lz4, align);
         let totals = summary.totals;
         assert!(totals.pages_free > 0 && totals.pages_zero > 0 && totals.pages_stored > 0);
@@ -54,7 +54,7 @@ fn a_whole_resume_loads_every_saved_page_and_zeroes_every_other() {
         let before = ram.snapshot();
         let mut store = onto(&image, &ram);
 
-        let resumed = resume(&mut store, &machine(), &mut ram, WhenRefused::KeepImage).expect("resumed");
+        let resumed = resume_with(&mut store, &machine(), &mut ram, WhenRefused::KeepImage, helped).expect("resumed");
 
         assert_resumed(&saved, &before, &ram);
         assert_eq!(resumed.way_back, Ok(WayBack { reentry: REENTRY, gdt: GDT, la57: false }));
@@ -328,7 +328,7 @@ fn assert_lost_and_invalidated(refused: &Refused, store: &Store, image: &[u8]) {
 fn a_damaged_chunk_found_while_loading_gives_up_memory_and_invalidates_the_image() {
     let (_, image, _) = saved_image(15, true, 512);
     let chunks = image.chunks();
-    for encoding in [Encoding::Raw, Encoding::Lz4] {
+    for (encoding, helped) in [(Encoding::Raw, false), (Encoding::Lz4, false), (Encoding::Raw, true), (Encoding::Lz4, true)] {
         // A chunk in the middle, so that loading has begun.
         let candidates: Vec<_> = chunks.iter().filter(|c| c.encoding == encoding).collect();
         let chunk = candidates[candidates.len() / 2];
@@ -338,9 +338,9 @@ fn a_damaged_chunk_found_while_loading_gives_up_memory_and_invalidates_the_image
         store.bytes[(chunk.offset as usize) + encoding.header_len() + 100] ^= 0x08;
         let damaged = store.bytes.clone();
 
-        let refused = resume(&mut store, &machine(), &mut ram, WhenRefused::KeepImage).unwrap_err();
+        let refused = resume_with(&mut store, &machine(), &mut ram, WhenRefused::KeepImage, helped).unwrap_err();
 
-        assert_eq!(refused.refusal, Refusal::Damaged { chunk: chunk.index, what: "payload checksum" }, "{encoding:?}");
+        assert_eq!(refused.refusal, Refusal::Damaged { chunk: chunk.index, what: "payload checksum" }, "{encoding:?}, helped: {helped}");
         assert_eq!(refused.refusal.code(), code::DAMAGED);
         assert_lost_and_invalidated(&refused, &store, &damaged);
         assert_eq!(store.header().unwrap().message(), format!("image damaged: chunk {}: payload checksum", chunk.index));

@@ -116,10 +116,12 @@ pub trait Visitor<S: Source> {
     fn page(&mut self, _pfn: u64, _data: &[u8; PAGE]) {}
 
     /// Reads a raw chunk's pages (`pfns.len()` pages from byte `at`),
-    /// hands them out and returns their [`payload_hash`]. By default through
-    /// `buf`, [`LZ4_GROUP`] pages a read, each handed to [`Self::page`];
-    /// restore reads them straight into place instead.
-    fn raw_pages(&mut self, src: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE]) -> Result<u64, S::Error> {
+    /// hands them out and returns their [`payload_hash`] for the reader to
+    /// check. By default through `buf`, [`LZ4_GROUP`] pages a read, each
+    /// handed to [`Self::page`]; restore reads them straight into place
+    /// instead, and may return `None` to check them against `_hash` itself,
+    /// later (on another CPU), reporting a mismatch as `_chunk`'s.
+    fn raw_pages(&mut self, src: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE], _chunk: ChunkAt, _hash: u64) -> Result<Option<u64>, S::Error> {
         let mut hasher = PayloadHasher::new();
         for (run, run_pfns) in pfns.chunks(LZ4_GROUP).enumerate() {
             let buf = &mut buf[..run_pfns.len() * PAGE];
@@ -129,7 +131,15 @@ pub trait Visitor<S: Source> {
                 self.page(*p, data.try_into().unwrap());
             }
         }
-        Ok(hasher.digest())
+        Ok(Some(hasher.digest()))
+    }
+
+    /// A plain coded chunk, before its bytes are read: return true to take
+    /// it whole (read its bytes, then check and decode it and hand out its
+    /// pages later, on another CPU, reporting a failure as the chunk's:
+    /// [`check_and_decode`]), false for the reader to do it now.
+    fn coded_chunk(&mut self, _src: &mut S, _chunk: &CodedChunkAt) -> Result<bool, S::Error> {
+        Ok(false)
     }
 
     /// A run of pages the saved kernel held free (they read as zeros).
@@ -220,18 +230,14 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                     if payload_len != count * PAGE {
                         return Err(bad("payload length"));
                     }
-                    let hash = visitor.raw_pages(src, payload_at, pfns, lz4_out).map_err(ReadError::Io)?;
-                    if hash != fields.payload_hash {
+                    let at = ChunkAt { index, offset };
+                    let digest = visitor.raw_pages(src, payload_at, pfns, lz4_out, at, fields.payload_hash).map_err(ReadError::Io)?;
+                    if digest.is_some_and(|d| d != fields.payload_hash) {
                         return Err(bad("payload checksum"));
                     }
                 } else {
                     let chunk = CodedChunk { offset, encoding, pfns, payload_len: fields.payload_len, hash: fields.payload_hash, align: header.align, sealed };
-                    let mut lz4 = Lz4;
-                    let codec: &mut dyn PageCodec = match encoding {
-                        Encoding::Lz4 => &mut lz4,
-                        Encoding::Raw | Encoding::Free => unreachable!("handled above"),
-                    };
-                    read_coded_chunk(src, &chunk, codec, lz4_in, lz4_out, visitor).map_err(|e| e.at(index, offset))?;
+                    read_coded_chunk(src, index, &chunk, lz4_in, lz4_out, visitor).map_err(|e| e.at(index, offset))?;
                 }
             }
         }
@@ -365,13 +371,67 @@ struct CodedChunk<'p> {
     sealed: Option<Opening<'p>>,
 }
 
-/// A coded chunk: read whole from its start (header again, payload,
-/// padding: whole blocks of the disk), hashed, decoded by `codec` to
-/// exactly its pages, handed out.
+/// Where a chunk lies in the image: what its failure names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkAt {
+    /// Its index.
+    pub index: u64,
+    /// Its byte offset in the partition.
+    pub offset: u64,
+}
+
+impl ChunkAt {
+    /// `what` is wrong with this chunk.
+    pub fn failed<E>(self, what: &'static str) -> ReadError<E> {
+        ReadError::Chunk { index: self.index, offset: self.offset, what }
+    }
+}
+
+/// A plain coded chunk a [`Visitor`] may take whole
+/// ([`Visitor::coded_chunk`]): its bytes on disk (header again, payload,
+/// padding: whole blocks of the disk) are `bytes` from `at.offset`, of which
+/// `payload` is the payload, to be checked against `hash` and decoded to
+/// exactly the pages `pfns` ([`check_and_decode`]).
+pub struct CodedChunkAt<'p> {
+    /// Where it lies.
+    pub at: ChunkAt,
+    /// Its codec.
+    pub encoding: Encoding,
+    /// Its length on disk; at most [`LZ4_OUT`].
+    pub bytes: usize,
+    /// Its payload, within those bytes.
+    pub payload: core::ops::Range<usize>,
+    /// The payload's [`payload_hash`].
+    pub hash: u64,
+    /// Its pages, checked: ascending, in the saved memory.
+    pub pfns: &'p [u64],
+}
+
+/// Checks a plain coded chunk's payload against its `hash` and decodes it
+/// into exactly `pages` (its pages, whole), or says what is wrong.
+pub fn check_and_decode(encoding: Encoding, payload: &[u8], hash: u64, pages: &mut [u8]) -> Result<(), &'static str> {
+    if payload_hash(payload) != hash {
+        return Err("payload checksum");
+    }
+    decode(encoding, payload, pages)
+}
+
+/// Decodes a checked (or opened) payload by its encoding's codec.
+fn decode(encoding: Encoding, payload: &[u8], pages: &mut [u8]) -> Result<(), &'static str> {
+    match encoding {
+        Encoding::Lz4 => Lz4.decode(payload, pages),
+        Encoding::Raw | Encoding::Free => Err("not a coded chunk"),
+    }
+}
+
+/// A coded chunk: handed whole to the visitor if it takes it (plain only),
+/// else read whole from its start (header again, payload, padding: whole
+/// blocks of the disk), checked (or opened), decoded to exactly its pages,
+/// handed out.
 fn read_coded_chunk<S: Source>(
     src: &mut S,
+    index: u64,
     chunk: &CodedChunk,
-    codec: &mut dyn PageCodec,
     buf: &mut [u8; LZ4_OUT],
     pages_buf: &mut [u8; LZ4_GROUP * PAGE],
     visitor: &mut impl Visitor<S>,
@@ -382,16 +442,23 @@ fn read_coded_chunk<S: Source>(
         return Err(ChunkError::Bad("payload length"));
     }
     let total = chunk.encoding.bytes_on_disk(len, chunk.align) as usize;
+    if chunk.sealed.is_none() {
+        let whole = CodedChunkAt { at: ChunkAt { index, offset: chunk.offset }, encoding: chunk.encoding, bytes: total, payload: head..head + len, hash: chunk.hash, pfns: chunk.pfns };
+        if visitor.coded_chunk(src, &whole).map_err(ChunkError::Io)? {
+            return Ok(());
+        }
+    }
     src.read_at(chunk.offset, &mut buf[..total]).map_err(ChunkError::Io)?;
     let payload = &mut buf[head..head + len];
-    match &chunk.sealed {
-        Some(o) => o.open(payload).map_err(ChunkError::Bad)?,
-        None if payload_hash(payload) != chunk.hash => return Err(ChunkError::Bad("payload checksum")),
-        None => {}
-    }
-    let payload = &*payload;
     let out = &mut pages_buf[..chunk.pfns.len() * PAGE];
-    codec.decode(payload, out).map_err(ChunkError::Bad)?;
+    match &chunk.sealed {
+        Some(o) => {
+            o.open(payload).map_err(ChunkError::Bad)?;
+            decode(chunk.encoding, payload, out)
+        }
+        None => check_and_decode(chunk.encoding, payload, chunk.hash, out),
+    }
+    .map_err(ChunkError::Bad)?;
     for (p, data) in chunk.pfns.iter().zip(out.chunks_exact(PAGE)) {
         visitor.page(*p, data.try_into().unwrap());
     }

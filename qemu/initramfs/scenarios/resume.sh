@@ -15,7 +15,7 @@
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 
-ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf || { say "setup failed"; exit 1; }
+ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf ${KSAVE_LZ4:+--lz4} || { say "setup failed"; exit 1; }
 scratch=$(test_partition 2) || exit 1
 if [ -n "$KSAVE_IOMMU" ]; then
   # shellcheck disable=SC2012 # counting entries, and group names are numbers
@@ -67,6 +67,10 @@ elif [ -z "$KSAVE_FRESH" ]; then
   check
 fi
 last=$count
+# Every CPU comes back: ksave's resume borrows the others and parks them
+# again (INIT), the state the kernel starts them from after the jump back.
+cpus=$(cat /sys/devices/system/cpu/online)
+say "CPUs online: $cpus"
 for round in 1 2; do
   [ -z "$KSAVE_FRESH" ] && lived_in
   say "hibernating ($round), count $last"
@@ -75,6 +79,7 @@ for round in 1 2; do
   check
   [ -n "$KSAVE_NVS_MARK" ] && nvs_check
   [ "$count" -gt "$last" ] || { say "counter did not carry on: $count after $last"; exit 1; }
+  [ "$(cat /sys/devices/system/cpu/online)" = "$cpus" ] || { say "CPUs online after the resume: $(cat /sys/devices/system/cpu/online), before: $cpus"; exit 1; }
   if [ -n "$KSAVE_INIT_ON_FREE" ]; then
     grep -qw init_on_free=1 /proc/cmdline || { say "init_on_free=1 is not on the command line"; exit 1; }
     memtest zeroed --percent 60 || { say "new pages held old data after the resume"; exit 1; }

@@ -141,12 +141,14 @@ pub struct Machine {
     /// one VM to the next under this name (boot entries made in one boot
     /// are there in the next); else each VM starts from OVMF's defaults.
     pub nvram: Option<&'static str>,
+    /// CPUs (`-smp`): ksave's resume starts the others to share its load.
+    pub cpus: u32,
 }
 
 impl Machine {
     /// QEMU's default CPU (4-level paging, no 1 GiB pages), 512 MiB.
     pub const fn qemu64(kernel: Kernel) -> Self {
-        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci, iommu: false, nvram: None }
+        Self { kernel, cpu: "qemu64", memory_mib: 512, firmware: Firmware::Bios, bus: Bus::Ahci, iommu: false, nvram: None, cpus: 2 }
     }
 
     /// QEMU's default CPU with 5 GiB on a q35: RAM above 4 GiB and no
@@ -182,6 +184,7 @@ impl Machine {
 
     /// `config` on this machine.
     pub fn apply(&self, config: VmConfig) -> Result<VmConfig> {
+        let config = VmConfig { cpus: self.cpus, ..config };
         let mut config = if self.memory_mib > 3072 || self.iommu || self.bus.needs_pcie() { config.arg(["-machine", "q35"]) } else { config };
         if self.iommu {
             // QEMU wants the IOMMU created before the PCI devices it covers.

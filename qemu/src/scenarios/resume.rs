@@ -53,8 +53,8 @@ pub fn hibernate_resume_bench(by: ResumeBy, memtest_mib: u64, lived_in: bool) ->
 /// One round on `machine` for `make bench`, on lived-in memory, with A
 /// booted with `init_on_free=1` (every free page then zeroed by the resume)
 /// or not (free pages left as found).
-pub fn hibernate_resume_bench_on(machine: Machine, memtest_mib: u64, init_on_free: bool) -> Result<Report> {
-    story(machine, ResumeBy::Multiboot1, memtest_mib, How { rounds: 1, lived_in: true, init_on_free, measure_read: false }, false)
+pub fn hibernate_resume_bench_on(machine: Machine, memtest_mib: u64, init_on_free: bool, lz4: bool, one_cpu: bool) -> Result<Report> {
+    story(machine, ResumeBy::Multiboot1, memtest_mib, How { rounds: 1, lived_in: true, init_on_free, measure_read: false, lz4, one_cpu }, false)
 }
 
 /// The ksave.efi story for `make bench`, one round, ksave.efi reading
@@ -77,6 +77,11 @@ struct How {
     /// By ksave.efi, which first reads through the firmware's Block I/O to
     /// say how fast (build/grub-resume-measure.iso: `ksave.measure_read=`).
     measure_read: bool,
+    /// The image compressed with LZ4 where it pays: the resume decodes it
+    /// (on every CPU) rather than read raw pages into place.
+    lz4: bool,
+    /// The resume on one CPU (`ksave.helpers=0`; by QEMU -kernel only).
+    one_cpu: bool,
 }
 
 impl How {
@@ -86,12 +91,21 @@ impl How {
     /// it left out. (The other stories' A relies on nothing there: ksave
     /// leaves them as found.)
     fn of(by: ResumeBy) -> Self {
-        Self { rounds: 2, lived_in: true, init_on_free: matches!(by, ResumeBy::KernelC | ResumeBy::UefiApp), measure_read: false }
+        Self {
+            rounds: 2,
+            lived_in: true,
+            init_on_free: matches!(by, ResumeBy::KernelC | ResumeBy::UefiApp),
+            measure_read: false,
+            // The QEMU -kernel story's image is LZ4: coded chunks checked and
+            // decoded on both CPUs; the others' are raw.
+            lz4: by == ResumeBy::Multiboot1,
+            one_cpu: false,
+        }
     }
 }
 
 fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool) -> Result<Report> {
-    let How { rounds, lived_in, init_on_free, measure_read } = how;
+    let How { rounds, lived_in, init_on_free, measure_read, lz4, one_cpu } = how;
     let name = format!(
         "resume-{by:?}-{:?}-{:?}-{:?}-{}-{}m{}",
         machine.firmware,
@@ -118,10 +132,11 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
     // them (no free page left out) and the poison must be back after the
     // resume.
     let poison = if by == ResumeBy::Grub { " page_poison=1 ksave.page_poison=1" } else { "" };
+    let lz4 = if lz4 { " ksave.lz4=1" } else { "" };
     let config = kernel_on(
         machine.kernel,
         &name,
-        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{poison}{}", machine.kernel_args()),
+        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{poison}{lz4}{}", machine.kernel_args()),
     )?
     .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
@@ -201,7 +216,7 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
                 "-kernel".to_string(),
                 build_input("ksave.elf")?.display().to_string(),
                 "-append".into(),
-                format!("ksave.resume={PART_GUID}"),
+                format!("ksave.resume={PART_GUID}{}", if one_cpu { " ksave.helpers=0" } else { "" }),
             ]),
             ResumeBy::KernelC => {
                 kernel_on(machine.kernel, &format!("{name}-{round}"), &format!("resume-c ksave.partuuid={PART_GUID}{}", machine.kernel_args()))?
@@ -236,6 +251,13 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
         report.add(format!("resume {round}: free pages left as found"), left, "pages");
         report.add(format!("resume {round}: pages zeroed"), loaded.get("pages_zeroed")?, "pages");
         report.add(format!("resume {round}: one pass over memory (load)"), loaded.get("resume_load_ms")?, "ms");
+        let (helped, own) = (loaded.get("jobs_helped")?, loaded.get("jobs_own")?);
+        if machine.cpus > 1 && !one_cpu {
+            // The other CPUs took their share of the checks and decoding.
+            ensure!(helped > 0.0, "{} CPUs, yet the resume's jobs all ran on one ({own} jobs)", machine.cpus);
+        }
+        report.add(format!("resume {round}: jobs on the other CPUs"), helped, "jobs");
+        report.add(format!("resume {round}: jobs on the loading CPU"), own, "jobs");
         let jump = vm.expect("ksave: resume: jumping to the saved kernel", 300 * SECOND)?;
         let running = vm.expect("ksave: resumed from the image", 60 * SECOND)?;
         if uefi {

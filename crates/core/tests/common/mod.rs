@@ -14,7 +14,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
-use ksave_core::resume::{self, DmaSource, Machine, PhysMemory, Refused, Resumed, WhenRefused};
+use ksave_core::helpers::{Queue, SharedMemory};
+use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, Refused, Resumed, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
 use ksave_format::commit::{self, Device, FreePages, Plan};
@@ -171,7 +172,7 @@ impl Ram {
     }
 
     /// Writes `data` at `addr` as a device does (DMA), checked like the CPU's writes.
-    fn dma(&self, addr: u64, data: &[u8]) {
+    pub fn dma(&self, addr: u64, data: &[u8]) {
         self.check_writable(addr, data.len() as u64);
         self.bytes.borrow_mut()[addr as usize..][..data.len()].copy_from_slice(data);
     }
@@ -471,9 +472,55 @@ pub fn onto(store: &Store, ram: &Ram) -> Store {
 
 /// A resume of the image on `store` into `ram`, on `machine`.
 pub fn resume(store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused: WhenRefused) -> Result<Resumed, Refused> {
+    resume_with(store, machine, ram, when_refused, false)
+}
+
+/// [`resume`], `helped` through the helpers' queue: every check, decode
+/// and large zeroing is handed over as a job (run by the loading thread
+/// itself, there being no other here; the queue's own tests run helper
+/// threads), so that failures arrive late, as from another CPU.
+pub fn resume_with(store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused: WhenRefused, helped: bool) -> Result<Resumed, Refused> {
     let mut bufs = Bufs::new();
+    let mut helpers = LoneQueue { queue: Box::new(Queue::new()), ram: SharedRam(ram.clone()), started: false };
+    let helpers: Option<&mut dyn Helpers> = if helped { Some(&mut helpers) } else { None };
     // SAFETY: `ram` is a fake: every address is an index into a Vec, every
     // write is checked to fall in the RAM and NVS outside ksave's range,
     // and `machine` describes no other memory.
-    unsafe { resume::check_and_load(store, machine, ram, bufs.resume(), clock, when_refused) }
+    unsafe { resume::check_and_load(store, machine, ram, bufs.resume(), clock, when_refused, helpers) }
+}
+
+/// The helpers' queue with no helper.
+struct LoneQueue {
+    queue: Box<Queue>,
+    ram: SharedRam,
+    started: bool,
+}
+
+impl Helpers for LoneQueue {
+    unsafe fn start(&mut self, _: &Machine) -> Option<(&Queue, &dyn SharedMemory)> {
+        assert!(!self.started, "started twice");
+        self.started = true;
+        Some((&self.queue, &self.ram))
+    }
+}
+
+/// A [`Ram`] reached through a shared reference.
+struct SharedRam(Ram);
+
+// SAFETY: no thread besides the loading one is started (LoneQueue).
+unsafe impl Sync for SharedRam {}
+
+impl SharedMemory for SharedRam {
+    unsafe fn zero(&self, addr: u64, len: u64) {
+        self.0.dma(addr, &vec![0; len as usize]);
+    }
+
+    unsafe fn write(&self, addr: u64, data: &[u8]) {
+        self.0.dma(addr, data);
+    }
+
+    unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
+        // SAFETY: passed on.
+        unsafe { PhysMemory::read(&self.0, addr, buf) }
+    }
 }

@@ -1,0 +1,530 @@
+//! The other CPUs' part in a resume: a ring of job slots that the loading
+//! CPU fills as it reads the image, and that any CPU empties: a coded
+//! chunk's check and decode, the check of raw pages the disk put in place,
+//! zeroing. The loading CPU runs a job itself whenever every slot is
+//! taken, so the queue works with no helper at all. A job's failure stays
+//! with its chunk until [`Queue::settle`] reports the first chunk's.
+//!
+//! The protocol, per slot: the loading CPU takes a FREE slot (it alone
+//! does), fills it and publishes it READY with a release store; any CPU
+//! claims a READY slot with an acquire compare-exchange to BUSY, runs it
+//! and publishes DONE with a release store; the loading CPU, alone again,
+//! reads a DONE slot's outcome after an acquire load and frees it.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+
+use ksave_format::chunk::{Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
+use ksave_format::reader::{ChunkAt, check_and_decode};
+use ksave_format::{PAGE, PayloadHasher, Range};
+
+/// Physical memory that several CPUs reach at once: [`PhysMemory`]'s
+/// operations through a shared reference.
+///
+/// [`PhysMemory`]: crate::resume::PhysMemory
+pub trait SharedMemory: Sync {
+    /// Zeroes the `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// As for [`PhysMemory::zero`](crate::resume::PhysMemory::zero); and no
+    /// other CPU or device uses those bytes meanwhile.
+    unsafe fn zero(&self, addr: u64, len: u64);
+
+    /// Copies `data` to `addr`.
+    ///
+    /// # Safety
+    /// As for [`Self::zero`], for `[addr, addr + data.len())`.
+    unsafe fn write(&self, addr: u64, data: &[u8]);
+
+    /// Copies the memory at `addr` into `buf`.
+    ///
+    /// # Safety
+    /// As for [`PhysMemory::read`](crate::resume::PhysMemory::read); and
+    /// nothing writes those bytes meanwhile.
+    unsafe fn read(&self, addr: u64, buf: &mut [u8]);
+}
+
+/// Slots in the ring: enough to keep a few helpers busy while the loading
+/// CPU reads ahead (each holds one coded chunk's bytes and pages: 69 KiB of
+/// the resumer's footprint).
+pub const SLOTS: usize = 4;
+
+/// The largest piece of zeroing one job does: big enough that a job's cost
+/// dwarfs handing it over, small enough to spread a large range.
+pub const ZERO_JOB: u64 = 2 << 20;
+
+/// The page an application processor starts in, which its start-up IPI
+/// names by number, so below 1 MiB (Intel SDM vol. 3A 11.6.1): the lowest
+/// whole page of `ram` from 4 KiB on (page 0 holds the real-mode interrupt
+/// vectors and the BIOS data).
+pub fn startup_page(ram: &[Range]) -> Option<u64> {
+    const PAGE_U64: u64 = PAGE as u64;
+    ram.iter()
+        .filter_map(|r| {
+            let start = r.start.max(PAGE_U64).next_multiple_of(PAGE_U64);
+            (start + PAGE_U64 <= r.end.min(1 << 20)).then_some(start)
+        })
+        .min()
+}
+
+/// What a slot asks of the CPU that runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)] // Nothing is 0: an empty queue is all zeros
+pub enum Job {
+    /// Nothing (a slot's first state; all zeros).
+    Nothing = 0,
+    /// A plain coded chunk whose bytes are in the slot: check its payload
+    /// (`payload` within the bytes) against `hash`, decode it to its
+    /// `pages` pages (the slot's pfns), write them there.
+    Coded {
+        /// The chunk's codec.
+        encoding: Encoding,
+        /// The payload's start within the slot's bytes.
+        payload_at: u32,
+        /// The payload's length.
+        payload_len: u32,
+        /// The payload's hash.
+        hash: u64,
+        /// How many pages.
+        pages: u16,
+    },
+    /// A raw chunk's `pages` pages (the slot's pfns), which the disk has put
+    /// in place: check them against `hash`.
+    CheckRaw {
+        /// The payload's hash.
+        hash: u64,
+        /// How many pages.
+        pages: u16,
+    },
+    /// Zero `len` bytes at `addr`.
+    Zero {
+        /// The first byte.
+        addr: u64,
+        /// How many.
+        len: u64,
+    },
+}
+
+/// A slot's contents: the job and what it works on. The buffers first and
+/// page aligned: a disk reads into them by DMA.
+#[repr(C, align(4096))]
+pub struct SlotData {
+    /// A coded chunk's bytes on disk.
+    pub bytes: [u8; LZ4_OUT],
+    /// The decoded pages, or a raw page being checked.
+    pages: [u8; LZ4_GROUP * PAGE],
+    /// The chunk's pages.
+    pub pfns: [u64; MAX_RAW_PAGES],
+    /// The job.
+    pub job: Job,
+    /// The chunk it belongs to (for a failure).
+    pub at: ChunkAt,
+    /// Why the job failed.
+    failure: Option<&'static str>,
+}
+
+const FREE: u8 = 0;
+const FILLING: u8 = 1;
+const READY: u8 = 2;
+const BUSY: u8 = 3;
+const DONE: u8 = 4;
+
+struct Slot {
+    state: AtomicU8,
+    data: UnsafeCell<SlotData>,
+}
+
+/// The ring, shared by the loading CPU and its helpers. All zeros is a
+/// valid empty queue, so it can live in memory cleared at entry.
+pub struct Queue {
+    slots: [Slot; SLOTS],
+    stop: AtomicBool,
+    /// A helper died ([`Queue::helper_lost`]).
+    lost: AtomicBool,
+    /// Jobs run by helpers, and by the loading CPU.
+    by_helpers: AtomicU32,
+    by_loader: AtomicU32,
+}
+
+// SAFETY: a slot's data is reached only by the one CPU its state gives it
+// to (the module's protocol above: FREE, FILLING and DONE are the loading
+// CPU's, BUSY the claimer's), with acquire/release on every hand-over.
+unsafe impl Sync for Queue {}
+
+/// A job that failed: its chunk and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The chunk.
+    pub at: ChunkAt,
+    /// What is wrong.
+    pub what: &'static str,
+}
+
+impl Queue {
+    /// An empty queue.
+    pub const fn new() -> Self {
+        const EMPTY: SlotData =
+            SlotData { bytes: [0; LZ4_OUT], pages: [0; LZ4_GROUP * PAGE], pfns: [0; MAX_RAW_PAGES], job: Job::Nothing, at: ChunkAt { index: 0, offset: 0 }, failure: None };
+        Self { slots: [const { Slot { state: AtomicU8::new(FREE), data: UnsafeCell::new(EMPTY) } }; SLOTS], stop: AtomicBool::new(false), lost: AtomicBool::new(false), by_helpers: AtomicU32::new(0), by_loader: AtomicU32::new(0) }
+    }
+
+    /// Hands a job to whichever CPU comes first: `fill` writes it into a
+    /// free slot (waiting for one, and running jobs meanwhile). `first`
+    /// keeps the first chunk's failure among the jobs finished so far. An
+    /// error of `fill` leaves the slot free and is returned.
+    ///
+    /// # Safety
+    /// Only the loading CPU submits. The job may write the memory its
+    /// pages or range name (through `mem`, on any CPU, until [`Self::settle`]
+    /// returns): it must be memory the caller may overwrite, that nothing
+    /// else uses meanwhile ([`SharedMemory::zero`]'s contract); a raw
+    /// check's pages must hold what the disk read.
+    pub unsafe fn submit<E>(&self, mem: &dyn SharedMemory, first: &mut Option<Failure>, fill: impl FnOnce(&mut SlotData) -> Result<(), E>) -> Result<(), E> {
+        let slot = loop {
+            self.harvest(first);
+            if let Some(slot) = self.slots.iter().find(|s| s.state.load(Ordering::Relaxed) == FREE) {
+                break slot;
+            }
+            // SAFETY: the jobs were submitted under this function's contract.
+            if !unsafe { self.run_one(mem, &self.by_loader) } {
+                core::hint::spin_loop();
+            }
+        };
+        slot.state.store(FILLING, Ordering::Relaxed);
+        // SAFETY: FILLING: only this (the loading) CPU reaches the slot.
+        let data = unsafe { &mut *slot.data.get() };
+        data.failure = None;
+        match fill(data) {
+            Ok(()) => {
+                slot.state.store(READY, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                slot.state.store(FREE, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs jobs until every one submitted is done; returns the first
+    /// chunk's failure among them all (with `first`'s).
+    ///
+    /// # Safety
+    /// Only the loading CPU settles; the jobs' memory as for [`Self::submit`].
+    pub unsafe fn settle(&self, mem: &dyn SharedMemory, first: &mut Option<Failure>) -> Option<Failure> {
+        loop {
+            self.harvest(first);
+            if self.slots.iter().all(|s| s.state.load(Ordering::Relaxed) == FREE) {
+                return *first;
+            }
+            if self.lost.load(Ordering::Acquire) && !self.slots.iter().any(|s| s.state.load(Ordering::Relaxed) == READY) {
+                // What the dead helper held is never done: the load failed.
+                let busy = self.slots.iter().find(|s| s.state.load(Ordering::Relaxed) == BUSY);
+                // SAFETY: `at` was written before the slot was published and
+                // is only read since; the dead helper writes nothing more.
+                let at = busy.map(|s| unsafe { core::ptr::addr_of!((*s.data.get()).at).read() }).unwrap_or_default();
+                return Some(first.unwrap_or(Failure { at, what: "a helper CPU took an exception on it" }));
+            }
+            // SAFETY: passed on from this function's contract.
+            if !unsafe { self.run_one(mem, &self.by_loader) } {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// A helper's life: runs jobs as they come until [`Self::stop`].
+    ///
+    /// # Safety
+    /// The jobs' memory as for [`Self::submit`] (the loading CPU's
+    /// promise); `mem` reaches it on this CPU.
+    pub unsafe fn serve(&self, mem: &dyn SharedMemory) {
+        while !self.stop.load(Ordering::Acquire) {
+            // SAFETY: passed on from this function's contract.
+            if !unsafe { self.run_one(mem, &self.by_helpers) } {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Jobs run so far: by helpers, and by the loading CPU itself.
+    pub fn jobs_run(&self) -> (u32, u32) {
+        (self.by_helpers.load(Ordering::Relaxed), self.by_loader.load(Ordering::Relaxed))
+    }
+
+    /// Sends the helpers out of [`Self::serve`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Says a helper died (a CPU exception) and will finish no job it
+    /// held: [`Self::settle`] reports the load failed rather than wait.
+    pub fn helper_lost(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
+
+    /// Frees every DONE slot, keeping the first chunk's failure in `first`.
+    fn harvest(&self, first: &mut Option<Failure>) {
+        for slot in &self.slots {
+            if slot.state.load(Ordering::Acquire) == DONE {
+                // SAFETY: DONE: the runner released the slot to the loading CPU.
+                let data = unsafe { &*slot.data.get() };
+                if let Some(what) = data.failure
+                    && first.is_none_or(|f| data.at.index < f.at.index)
+                {
+                    *first = Some(Failure { at: data.at, what });
+                }
+                slot.state.store(FREE, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Claims a READY slot and runs it, counting it in `count`; false if
+    /// none was READY.
+    ///
+    /// # Safety
+    /// As for [`Self::serve`].
+    unsafe fn run_one(&self, mem: &dyn SharedMemory, count: &AtomicU32) -> bool {
+        for slot in &self.slots {
+            if slot.state.compare_exchange(READY, BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                // SAFETY: BUSY: this CPU claimed the slot.
+                let data = unsafe { &mut *slot.data.get() };
+                // SAFETY: the job was submitted under submit's contract.
+                data.failure = unsafe { run(data, mem) }.err();
+                slot.state.store(DONE, Ordering::Release);
+                count.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs one job.
+///
+/// # Safety
+/// The job's memory as [`Queue::submit`] requires.
+unsafe fn run(data: &mut SlotData, mem: &dyn SharedMemory) -> Result<(), &'static str> {
+    match data.job {
+        Job::Nothing => Ok(()),
+        Job::Coded { encoding, payload_at, payload_len, hash, pages } => {
+            let payload = data.bytes.get(payload_at as usize..(payload_at + payload_len) as usize).ok_or("payload length")?;
+            let out = data.pages.get_mut(..pages as usize * PAGE).ok_or("page count")?;
+            check_and_decode(encoding, payload, hash, out)?;
+            for (&pfn, page) in data.pfns.iter().zip(out.chunks_exact(PAGE)) {
+                // SAFETY: submit's contract: the chunk's pages are the caller's to overwrite.
+                unsafe { mem.write(pfn * PAGE as u64, page) };
+            }
+            Ok(())
+        }
+        Job::CheckRaw { hash, pages } => {
+            let mut hasher = PayloadHasher::new();
+            let page = &mut data.pages[..PAGE];
+            for &pfn in &data.pfns[..pages as usize] {
+                // SAFETY: submit's contract: pages the disk filled, read only here.
+                unsafe { mem.read(pfn * PAGE as u64, page) };
+                hasher.update(page);
+            }
+            if hasher.digest() == hash { Ok(()) } else { Err("payload checksum") }
+        }
+        Job::Zero { addr, len } => {
+            // SAFETY: submit's contract.
+            unsafe { mem.zero(addr, len) };
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ksave_format::codec::PageCodec;
+    use std::boxed::Box;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// Memory several threads write at once, each its own pages.
+    struct Ram(Box<[UnsafeCell<u8>]>);
+    // SAFETY: the jobs of one test name disjoint pages.
+    unsafe impl Sync for Ram {}
+
+    impl Ram {
+        fn new(pages: usize) -> Self {
+            Self((0..pages * PAGE).map(|i| UnsafeCell::new((i / PAGE) as u8 | 1)).collect())
+        }
+        fn page(&self, pfn: u64) -> Vec<u8> {
+            // SAFETY: read between jobs, never while a thread writes.
+            self.0[pfn as usize * PAGE..][..PAGE].iter().map(|b| unsafe { *b.get() }).collect()
+        }
+        /// A pointer with the whole memory's provenance.
+        fn at(&self, addr: u64) -> *mut u8 {
+            assert!((addr as usize) < self.0.len());
+            self.0.as_ptr().cast_mut().cast::<u8>().wrapping_add(addr as usize)
+        }
+    }
+
+    impl SharedMemory for Ram {
+        unsafe fn zero(&self, addr: u64, len: u64) {
+            // SAFETY: inside the Box (the tests' addresses), pages no other job names.
+            unsafe { core::ptr::write_bytes(self.at(addr), 0, len as usize) }
+        }
+        unsafe fn write(&self, addr: u64, data: &[u8]) {
+            // SAFETY: as for `zero`.
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.at(addr), data.len()) }
+        }
+        unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
+            // SAFETY: as for `zero`; nothing writes a page while its check reads it.
+            unsafe { core::ptr::copy_nonoverlapping(self.at(addr), buf.as_mut_ptr(), buf.len()) }
+        }
+    }
+
+    fn page_of(pfn: u64) -> Vec<u8> {
+        (0..PAGE).map(|i| (pfn as usize * 7 + i / 64) as u8).collect()
+    }
+
+    /// Submits, per chunk of 4 pages starting at page 8 * index: a
+    /// coded chunk (even index) or a raw check (odd: the pages are put in
+    /// place first, as the disk does), then zeroing of page 1000 + index.
+    /// Chunk `bad` gets a wrong hash.
+    fn submit_all(queue: &Queue, ram: &Ram, chunks: u64, bad: Option<u64>) -> Option<Failure> {
+        let mut first = None;
+        for index in 0..chunks {
+            let pfns: Vec<u64> = (index * 8..index * 8 + 4).collect();
+            let pages: Vec<u8> = pfns.iter().flat_map(|&p| page_of(p)).collect();
+            let at = ChunkAt { index, offset: index * 4096 };
+            let wrong = if bad == Some(index) { 1 } else { 0 };
+            if index % 2 == 0 {
+                let mut payload = vec![0u8; LZ4_OUT];
+                let len = ksave_format::codec::Lz4.encode(&pages, &mut payload).expect("these pages compress");
+                payload.truncate(len);
+                let hash = ksave_format::payload_hash(&payload) ^ wrong;
+                // SAFETY: the fake memory above; each job names pages no other job does.
+                unsafe {
+                    queue
+                        .submit::<()>(ram, &mut first, |d| {
+                            d.bytes[512..512 + payload.len()].copy_from_slice(&payload);
+                            d.pfns[..4].copy_from_slice(&pfns);
+                            d.at = at;
+                            d.job = Job::Coded { encoding: Encoding::Lz4, payload_at: 512, payload_len: payload.len() as u32, hash, pages: 4 };
+                            Ok(())
+                        })
+                        .unwrap()
+                };
+            } else {
+                for (&p, page) in pfns.iter().zip(pages.chunks(PAGE)) {
+                    // SAFETY: the fake memory above; each job names pages no other job does.
+                    unsafe { ram.write(p * PAGE as u64, page) };
+                }
+                let hash = ksave_format::payload_hash(&pages) ^ wrong;
+                // SAFETY: the fake memory above; each job names pages no other job does.
+                unsafe {
+                    queue
+                        .submit::<()>(ram, &mut first, |d| {
+                            d.pfns[..4].copy_from_slice(&pfns);
+                            d.at = at;
+                            d.job = Job::CheckRaw { hash, pages: 4 };
+                            Ok(())
+                        })
+                        .unwrap()
+                };
+            }
+            let zero = Job::Zero { addr: (1000 + index) * PAGE as u64, len: PAGE as u64 };
+            // SAFETY: the fake memory above; each job names pages no other job does.
+            unsafe {
+                queue
+                    .submit::<()>(ram, &mut first, |d| {
+                        d.job = zero;
+                        Ok(())
+                    })
+                    .unwrap()
+            };
+        }
+        // SAFETY: the fake memory above; each job names pages no other job does.
+        unsafe { queue.settle(ram, &mut first) }
+    }
+
+    fn check_pages(ram: &Ram, chunks: u64) {
+        for index in 0..chunks {
+            for p in index * 8..index * 8 + 4 {
+                assert_eq!(ram.page(p), page_of(p), "page {p}");
+            }
+            assert!(ram.page(1000 + index).iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn the_startup_page_is_a_whole_page_of_ram_below_1_mib_but_page_0() {
+        let r = |start, end| Range { start, end };
+        assert_eq!(startup_page(&[r(0, 0x9fc00), r(0x100000, 0x2000000)]), Some(0x1000));
+        assert_eq!(startup_page(&[r(0x100000, 0x2000000), r(0x8800, 0xa000)]), Some(0x9000));
+        assert_eq!(startup_page(&[r(0x8800, 0x9f00), r(0x100000, 0x2000000)]), None);
+        assert_eq!(startup_page(&[r(0xff000, 0x200000)]), Some(0xff000));
+        assert_eq!(startup_page(&[]), None);
+    }
+
+    #[test]
+    fn the_loading_cpu_alone_runs_every_job() {
+        let (queue, ram) = (Box::new(Queue::new()), Ram::new(1100));
+        assert_eq!(submit_all(&queue, &ram, 40, None), None);
+        check_pages(&ram, 40);
+    }
+
+    #[test]
+    fn helpers_run_jobs_as_they_come_and_the_first_failure_is_reported() {
+        for bad in [None, Some(3), Some(30)] {
+            let (queue, ram) = (Box::new(Queue::new()), Ram::new(1100));
+            let failure = std::thread::scope(|s| {
+                for _ in 0..3 {
+                    // SAFETY: the fake memory above; each job names pages no other job does.
+                    s.spawn(|| unsafe { queue.serve(&ram) });
+                }
+                let failure = submit_all(&queue, &ram, 60, bad);
+                queue.stop();
+                failure
+            });
+            match bad {
+                None => check_pages(&ram, 60),
+                Some(b) => assert_eq!(failure, Some(Failure { at: ChunkAt { index: b, offset: b * 4096 }, what: "payload checksum" })),
+            }
+        }
+    }
+
+    #[test]
+    fn a_helper_lost_mid_job_fails_the_load_instead_of_hanging() {
+        let (queue, ram) = (Box::new(Queue::new()), Ram::new(8));
+        let mut first = None;
+        let at = ChunkAt { index: 5, offset: 5 * 4096 };
+        // SAFETY: the fake memory above; each job names pages no other job does.
+        unsafe {
+            queue
+                .submit::<()>(&ram, &mut first, |d| {
+                    d.at = at;
+                    d.job = Job::Zero { addr: 0, len: PAGE as u64 };
+                    Ok(())
+                })
+                .unwrap()
+        };
+        // A helper claims it, then takes an exception.
+        assert!(queue.slots.iter().any(|s| s.state.compare_exchange(READY, BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok()));
+        queue.helper_lost();
+        // SAFETY: the fake memory above; each job names pages no other job does.
+        assert_eq!(unsafe { queue.settle(&ram, &mut first) }, Some(Failure { at, what: "a helper CPU took an exception on it" }));
+    }
+
+    #[test]
+    fn a_fill_that_fails_frees_its_slot() {
+        let (queue, ram) = (Box::new(Queue::new()), Ram::new(8));
+        let mut first = None;
+        for _ in 0..3 * SLOTS {
+            // SAFETY: the fake memory above; each job names pages no other job does.
+            assert_eq!(unsafe { queue.submit(&ram, &mut first, |_| Err("io")) }, Err("io"));
+        }
+        // SAFETY: the fake memory above; each job names pages no other job does.
+        assert_eq!(unsafe { queue.settle(&ram, &mut first) }, None);
+    }
+}

@@ -1,0 +1,313 @@
+//! The application processors (APs): started for a resume to share its
+//! load ([`ksave_core::helpers`]), then put back to wait for a start-up
+//! IPI, the state the resumed kernel brings its CPUs up from: it sends
+//! INIT and start-up IPIs itself (arch/x86/kernel/smpboot.c,
+//! `wakeup_secondary_cpu_via_init`), to CPUs it had taken offline before
+//! the kexec jump.
+//!
+//! Started as the MP initialization protocol does (Intel SDM vol. 3A
+//! 9.4.4.1): INIT, 10 ms, a start-up IPI, 200 us, another, each to all
+//! CPUs but this one; they run asm/ap.s from a start-up page below 1 MiB
+//! and count themselves in. No ACPI table is needed, so every way in
+//! (bootloader, ksave.efi, kernel C) starts them alike.
+
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+
+use ksave_core::helpers::{Queue, SharedMemory, startup_page};
+use ksave_core::resume::{Helpers, Machine};
+
+use crate::physmem::IdentityMapped;
+use crate::work::Exclusive;
+use crate::{cpu, hw, println};
+
+/// Most helpers: the queue's slots keep about this many busy.
+const MAX_HELPERS: usize = 3;
+/// A helper's stack: a job is a hash and an LZ4 decode into its slot.
+const AP_STACK: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct Stacks([[u8; AP_STACK]; MAX_HELPERS]);
+
+// What asm/ap.s reads and counts (.bss, cleared on every entry, but the
+// constants).
+#[unsafe(no_mangle)]
+static mut KSAVE_AP_STACKS: Stacks = Stacks([[0; AP_STACK]; MAX_HELPERS]);
+#[unsafe(no_mangle)]
+static KSAVE_AP_STACK_COUNT: u32 = MAX_HELPERS as u32;
+#[unsafe(no_mangle)]
+static KSAVE_AP_STACK_SIZE: u64 = AP_STACK as u64;
+#[unsafe(no_mangle)]
+static KSAVE_AP_ARRIVED: AtomicU32 = AtomicU32::new(0);
+#[unsafe(no_mangle)]
+static KSAVE_AP_CR3: AtomicU32 = AtomicU32::new(0);
+#[unsafe(no_mangle)]
+static KSAVE_AP_CR4: AtomicU32 = AtomicU32::new(0);
+#[unsafe(no_mangle)]
+static KSAVE_AP_EFER: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C" {
+    static ksave_ap_startup: [u8; 0];
+    static ksave_ap_startup_end: [u8; 0];
+}
+
+/// `ksave.helpers=0` on a bootloader's command line: no other CPU is
+/// started (a way round firmware that mishandles them; `make bench`'s
+/// one-CPU figures). In .bss: every entry starts with it off.
+static ONE_CPU: AtomicBool = AtomicBool::new(false);
+
+/// Keeps this entry's resume to this CPU.
+pub fn keep_to_one_cpu() {
+    ONE_CPU.store(true, Ordering::Relaxed);
+}
+
+/// The queue the helpers serve, once they may.
+static SERVING: AtomicPtr<Queue> = AtomicPtr::new(core::ptr::null_mut());
+static QUEUE: Exclusive<Queue> = Exclusive::new(Queue::new());
+
+const IA32_APIC_BASE: u32 = 0x1B;
+/// IA32_APIC_BASE: the APIC is on (bit 11), in x2APIC mode (bit 10)
+/// (Intel SDM vol. 3A 11.4.4, 11.12.1); its registers' base (bits 12+).
+const APIC_GLOBAL_ENABLE: u64 = 1 << 11;
+const APIC_X2: u64 = 1 << 10;
+const MSR_EFER: u32 = 0xC000_0080;
+const EFER_LME: u64 = 1 << 8;
+const EFER_NXE: u64 = 1 << 11;
+/// CR4 bits the APs take from this CPU: PAE, LA57, OSFXSR, OSXMMEXCPT
+/// (no PCIDE and the like, which 32-bit code may not set).
+const CR4_FOR_APS: u64 = (1 << 5) | (1 << 12) | (1 << 9) | (1 << 10);
+
+/// ICR, low word (Intel SDM vol. 3A 11.6.1, figure 11-12): to all but
+/// this CPU; INIT asserted, level triggered; or a start-up IPI.
+const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
+const ICR_INIT: u32 = ICR_ALL_BUT_SELF | 1 << 15 | 1 << 14 | 0b101 << 8;
+const ICR_STARTUP: u32 = ICR_ALL_BUT_SELF | 0b110 << 8;
+const ICR_PENDING: u32 = 1 << 12;
+/// Spurious-interrupt vector register: APIC software enable (bit 8).
+const SVR_ENABLE: u32 = 1 << 8;
+
+/// This CPU's local APIC, in the mode the firmware or kernel left it.
+#[derive(Clone, Copy)]
+enum Lapic {
+    /// xAPIC: registers in MMIO at this base (identity-mapped below 4 GiB).
+    Mmio(u64),
+    /// x2APIC: registers as MSRs 0x800 + offset / 16.
+    X2,
+}
+
+impl Lapic {
+    /// The local APIC, if this CPU has one and it is on.
+    fn this_cpu() -> Option<Self> {
+        // CPUID.01h:EDX bit 9: an on-chip APIC (Intel SDM vol. 2A, CPUID).
+        if core::arch::x86_64::__cpuid(1).edx & (1 << 9) == 0 {
+            return None;
+        }
+        // SAFETY: IA32_APIC_BASE exists where CPUID says there is an APIC.
+        let base = unsafe { x86::msr::rdmsr(IA32_APIC_BASE) };
+        match (base & APIC_GLOBAL_ENABLE != 0, base & APIC_X2 != 0) {
+            (false, _) => None,
+            (true, true) => Some(Self::X2),
+            (true, false) => Some(Self::Mmio(base & 0xf_ffff_f000)).filter(|&l| matches!(l, Self::Mmio(a) if a < 1 << 32)),
+        }
+    }
+
+    fn svr(self) -> u32 {
+        match self {
+            // SAFETY: the SVR at offset 0xF0 of the APIC's MMIO page (SDM
+            // vol. 3A table 11-1), mapped by ksave's identity map.
+            Self::Mmio(base) => unsafe { core::ptr::read_volatile((base + 0xF0) as *const u32) },
+            // SAFETY: MSR 0x80F is the SVR in x2APIC mode (table 11-6).
+            Self::X2 => unsafe { x86::msr::rdmsr(0x80F) as u32 },
+        }
+    }
+
+    fn set_svr(self, value: u32) {
+        match self {
+            // SAFETY: as in `svr`; the enable bit and vector only.
+            Self::Mmio(base) => unsafe { core::ptr::write_volatile((base + 0xF0) as *mut u32, value) },
+            // SAFETY: as in `svr`.
+            Self::X2 => unsafe { x86::msr::wrmsr(0x80F, value as u64) },
+        }
+    }
+
+    /// Sends the IPI `icr` (to all but this CPU) and waits until it is sent.
+    ///
+    /// # Safety
+    /// INIT resets every other CPU; a start-up IPI runs the start-up page
+    /// on every one waiting for it, which must hold asm/ap.s's code.
+    unsafe fn send(self, icr: u32) {
+        match self {
+            Self::Mmio(base) => {
+                let low = (base + 0x300) as *mut u32;
+                // SAFETY: ICR high (0x310) and low (0x300) of the APIC's
+                // MMIO page (table 11-1); the shorthand makes the
+                // destination field moot; the write of the low word sends.
+                unsafe {
+                    core::ptr::write_volatile((base + 0x310) as *mut u32, 0);
+                    core::ptr::write_volatile(low, icr);
+                    while core::ptr::read_volatile(low) & ICR_PENDING != 0 {
+                        core::hint::spin_loop();
+                    }
+                }
+            }
+            // SAFETY: MSR 0x830 is the 64-bit ICR in x2APIC mode (11.12.9);
+            // one write sends.
+            Self::X2 => unsafe { x86::msr::wrmsr(0x830, icr as u64) },
+        }
+    }
+}
+
+/// The other CPUs, as a resume's [`Helpers`]. Dropping it puts every one
+/// back to wait for a start-up IPI (INIT), and the APIC as it was.
+pub struct Cpus {
+    lapic: Option<Lapic>,
+    /// The SVR before ksave enabled the APIC to send, if it did.
+    svr_was: Option<u32>,
+}
+
+impl Cpus {
+    /// None started yet.
+    pub fn new() -> Self {
+        Self { lapic: None, svr_was: None }
+    }
+
+    /// Starts the APs; how many serve the queue, or why none do.
+    ///
+    /// # Safety
+    /// As for [`Helpers::start`]: `ram`'s pages below 1 MiB are the
+    /// caller's to overwrite.
+    unsafe fn bring_up(&mut self, ram: &[ksave_format::Range], queue: &'static Queue) -> Result<u32, &'static str> {
+        if ONE_CPU.load(Ordering::Relaxed) {
+            return Err("ksave.helpers=0");
+        }
+        let lapic = Lapic::this_cpu().ok_or("no local APIC on")?;
+        let page = startup_page(ram).ok_or("no page of RAM below 1 MiB to start them in")?;
+        // SAFETY: reading control registers and EFER has no side effects.
+        let (cr3, cr4, efer) = unsafe { (x86::controlregs::cr3(), x86::controlregs::cr4().bits() as u64, x86::msr::rdmsr(MSR_EFER)) };
+        if cr3 >= 1 << 32 {
+            return Err("ksave's page tables lie above 4 GiB");
+        }
+        // SAFETY: the linker places both symbols around the start-up code.
+        let code = unsafe { ksave_ap_startup.as_ptr()..ksave_ap_startup_end.as_ptr() };
+        // SAFETY: `page` is a whole page of the caller's RAM below 1 MiB
+        // (identity-mapped), the caller's to overwrite; the code is shorter.
+        unsafe { core::ptr::copy_nonoverlapping(code.start, page as *mut u8, code.end as usize - code.start as usize) };
+        KSAVE_AP_CR3.store(cr3 as u32, Ordering::Relaxed);
+        KSAVE_AP_CR4.store((cr4 & CR4_FOR_APS) as u32, Ordering::Relaxed);
+        KSAVE_AP_EFER.store((EFER_LME | (efer & EFER_NXE)) as u32, Ordering::Relaxed);
+        SERVING.store(queue as *const Queue as *mut Queue, Ordering::Release);
+        self.lapic = Some(lapic);
+        let svr = lapic.svr();
+        if svr & SVR_ENABLE == 0 {
+            self.svr_was = Some(svr);
+            lapic.set_svr(svr | SVR_ENABLE);
+        }
+        // SAFETY: the other CPUs are the firmware's, kernel C's or parked by
+        // an earlier ksave: none holds anything this boot still needs
+        // (every page of it but ksave's was given up); the start-up page
+        // holds asm/ap.s's code. The stores above are ordered before the
+        // IPIs by the APIC writes (serializing for x2APIC MSRs; UC MMIO).
+        unsafe {
+            lapic.send(ICR_INIT);
+            wait_us(10_000);
+            for _ in 0..2 {
+                lapic.send(ICR_STARTUP | (page >> 12) as u32);
+                wait_us(200);
+            }
+        }
+        // Each counts itself in from its own code in ksave's image; one
+        // that has not within 10 ms never serves (its start-up page is
+        // overwritten by the load).
+        wait_us(10_000);
+        let arrived = KSAVE_AP_ARRIVED.load(Ordering::Acquire);
+        match arrived {
+            0 => Err("no other CPU answered"),
+            n => Ok(n.min(MAX_HELPERS as u32)),
+        }
+    }
+}
+
+impl Helpers for Cpus {
+    unsafe fn start(&mut self, machine: &Machine) -> Option<(&Queue, &dyn SharedMemory)> {
+        let queue: &'static Queue = QUEUE.take();
+        // SAFETY: Helpers::start's contract, passed on.
+        match unsafe { self.bring_up(machine.ram, queue) } {
+            Ok(n) => {
+                println!("ksave: resume: {n} more CPU(s) check and decode");
+                crate::metric!(helpers = n);
+                Some((queue, &IdentityMapped))
+            }
+            Err(why) => {
+                println!("ksave: resume: on this CPU alone: {why}");
+                crate::metric!(helpers = 0);
+                None
+            }
+        }
+    }
+}
+
+impl Cpus {
+    /// Jobs run by the helpers and by the loading CPU, if any were started.
+    pub fn jobs_run(&self) -> Option<(u32, u32)> {
+        let queue = SERVING.load(Ordering::Acquire);
+        // SAFETY: SERVING points at QUEUE, a static, once set.
+        (self.lapic.is_some() && !queue.is_null()).then(|| unsafe { (*queue).jobs_run() })
+    }
+}
+
+impl Drop for Cpus {
+    fn drop(&mut self) {
+        let Some(lapic) = self.lapic else { return };
+        // SAFETY: every job is done (the load settled its queue before it
+        // returned), so the APs only spin in ksave's image: INIT puts them
+        // back to wait for a start-up IPI, as the kernel expects them.
+        unsafe { lapic.send(ICR_INIT) };
+        if let Some(svr) = self.svr_was {
+            lapic.set_svr(svr);
+        }
+    }
+}
+
+/// Waits `us` microseconds on the TSC.
+fn wait_us(us: u64) {
+    let end = hw::now_us() + us;
+    while hw::now_us() < end {
+        core::hint::spin_loop();
+    }
+}
+
+/// Whether this code runs on a helper (on one of their stacks).
+pub fn on_helper() -> bool {
+    let here = &raw const KSAVE_AP_STACKS as u64;
+    let sp: u64;
+    // SAFETY: reads the stack pointer only.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+    (here..here + size_of::<Stacks>() as u64).contains(&sp)
+}
+
+/// A helper took a CPU exception: the load must not wait for its job.
+pub fn helper_lost() {
+    let queue = SERVING.load(Ordering::Acquire);
+    if !queue.is_null() {
+        // SAFETY: SERVING points at QUEUE, a static, once set.
+        unsafe { (*queue).helper_lost() };
+    }
+}
+
+/// A helper's life, from asm/ap.s on its own stack: ksave's IDT for
+/// helpers, then the queue's jobs until INIT.
+#[unsafe(no_mangle)]
+extern "C" fn ksave_ap_main(_index: u32) -> ! {
+    cpu::init_helper();
+    let queue = SERVING.load(Ordering::Acquire);
+    if !queue.is_null() {
+        // SAFETY: SERVING points at QUEUE, a static; the loading CPU
+        // submits only jobs whose memory is given up (Queue::submit's
+        // contract), which IdentityMapped reaches on this CPU too (the same
+        // page tables).
+        unsafe { (*queue).serve(&IdentityMapped) };
+    }
+    loop {
+        // SAFETY: interrupts are off; hlt waits for INIT.
+        unsafe { x86::halt() };
+    }
+}
