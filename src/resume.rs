@@ -214,13 +214,13 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         Ok(p) => p,
         Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };
-    let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work::take();
+    let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, read_ahead, .. } = work::take();
     if let Err(refused) = before_verdict(&mut part, seal, check_filesystems, block, raw_header) {
         part.close();
         return refused;
     }
     let machine = machine(here, &facs_now, paging::identity_end());
-    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)) };
+    let bufs = Buffers { block, chunk_header: raw_header, coded: lz4_out, pages: lz4_in, seal: seal.map(|s| (s, sealed_chunk)), read_ahead };
     let when_refused = if invalidate_refused { WhenRefused::Invalidate } else { WhenRefused::KeepImage };
     let mut cpus = smp::Cpus::new();
     // SAFETY: `machine` is this boot's RAM and NVS map (the bootloader's or

@@ -296,7 +296,7 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
         }
     };
     // The image, by the format's commit protocol.
-    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk } = work;
+    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work;
     if seal.is_some() {
         println!("ksave: sealing the image (AES-256-GCM, the key from the config)");
     }

@@ -4,6 +4,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use ksave_core::resume::READ_AHEAD;
 use ksave_format::PAGE;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 
@@ -62,6 +63,8 @@ pub struct Work {
     pub page0: [u8; PAGE],
     /// A raw chunk header.
     pub raw_header: [u8; PAGE],
+    /// Coded chunks read ahead (restore).
+    pub read_ahead: [u8; READ_AHEAD],
     /// Pages of an LZ4 group.
     pub lz4_in: [u8; LZ4_GROUP * PAGE],
     /// An LZ4 chunk.
@@ -74,6 +77,7 @@ static WORK: Exclusive<Work> = Exclusive::new(Work {
     block: [0; PAGE],
     page0: [0; PAGE],
     raw_header: [0; PAGE],
+    read_ahead: [0; READ_AHEAD],
     lz4_in: [0; LZ4_GROUP * PAGE],
     lz4_out: [0; LZ4_OUT],
     sealed_chunk: [0; size_of::<SealedChunk>()],

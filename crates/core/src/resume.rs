@@ -25,7 +25,7 @@ use core::fmt;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::Seal;
 use ksave_format::commit::Device;
-use ksave_format::header::{FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
+use ksave_format::header::{DATA_OFFSET, FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
 use ksave_format::reader::{self, ChunkAt, CodedChunkAt, ReadError, Source};
 use ksave_format::verdict::{self, Here, Refusal, Resumer};
 use ksave_format::{PAGE, PayloadHasher, Range};
@@ -119,7 +119,13 @@ pub struct Buffers<'b> {
     /// The store is encrypted: the image's cipher (its data key, from the
     /// unlocked volume), and a sealed raw chunk being opened.
     pub seal: Option<(&'b Seal, &'b mut SealedChunk)>,
+    /// Coded chunks read ahead, many at a time ([`ReadAhead`]); memory the
+    /// store's device can write (DMA).
+    pub read_ahead: &'b mut [u8; READ_AHEAD],
 }
+
+/// Bytes of image a coded chunk's read fetches ahead.
+pub const READ_AHEAD: usize = 128 << 10;
 
 const _: () = assert!(META_BLOCKS as usize * PAGE <= LZ4_GROUP * PAGE);
 
@@ -264,10 +270,10 @@ where
     E: fmt::Display,
     M: PhysMemory,
 {
-    let Buffers { block, chunk_header, coded, pages, seal } = bufs;
+    let Buffers { block, chunk_header, coded, pages, seal, read_ahead } = bufs;
     let start = clock();
     // SAFETY: check_and_load's contract, passed on.
-    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages, seal }, clock, start, helpers) };
+    let loaded = unsafe { load(store, machine, mem, Buffers { block: &mut *block, chunk_header, coded, pages, seal, read_ahead }, clock, start, helpers) };
     match loaded {
         Ok((mut loaded, way_back)) => {
             // Never twice: the image is invalidated before the saved kernel runs.
@@ -306,7 +312,7 @@ unsafe fn load<S: DmaSource, M: PhysMemory>(
 where
     S::Error: fmt::Display,
 {
-    let Buffers { block, chunk_header, coded, pages, seal } = bufs;
+    let Buffers { block, chunk_header, coded, pages, seal, read_ahead } = bufs;
     // The metadata is read into the pages buffer: only its copy (`saved`)
     // is needed once the chunks are read.
     let meta_buf = (&mut pages[..META_BLOCKS as usize * PAGE]).try_into().expect("the pages buffer holds the metadata");
@@ -332,7 +338,9 @@ where
     let helping = helpers.and_then(|h| unsafe { h.start(machine) }).map(|(queue, mem)| Helping { queue, mem, first: None });
     let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping };
     let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
-    let walked = reader::visit_chunks(store, &header, &saved, bufs, &mut loader);
+    let end = DATA_OFFSET.saturating_add(header.data_bytes);
+    let mut store = ReadAhead { src: store, window: read_ahead, start: 0, len: 0, last_miss: None, end, align: header.align as u64 };
+    let walked = reader::visit_chunks(&mut store, &header, &saved, bufs, &mut loader);
     if walked.is_ok() {
         loader.zero_to(u64::MAX);
     }
@@ -490,6 +498,56 @@ struct Helping<'a> {
     queue: &'a Queue,
     mem: &'a dyn SharedMemory,
     first: Option<Failure>,
+}
+
+/// The store, its chunks read through a window: a coded chunk is a few
+/// KiB and a disk command costs more than that under most controllers, so
+/// the read of one fetches the chunks after it too. A chunk read twice from
+/// its start (its header, then the whole chunk) is coded; a raw chunk's
+/// header is read once, and its pages go by DMA straight into place, so
+/// reading ahead never fetches a raw payload twice.
+struct ReadAhead<'w, S> {
+    src: &'w mut S,
+    window: &'w mut [u8; READ_AHEAD],
+    /// The window holds the image's bytes `[start, start + len)`.
+    start: u64,
+    len: usize,
+    /// Where the last read outside the window began.
+    last_miss: Option<u64>,
+    /// The end of the image's data, and its disk's block: the window
+    /// reads whole blocks, none beyond the data.
+    end: u64,
+    align: u64,
+}
+
+impl<S: Source> Source for ReadAhead<'_, S> {
+    type Error = S::Error;
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), S::Error> {
+        let len = buf.len() as u64;
+        if offset >= self.start && offset + len <= self.start + self.len as u64 {
+            let at = (offset - self.start) as usize;
+            buf.copy_from_slice(&self.window[at..][..buf.len()]);
+            return Ok(());
+        }
+        let again = self.last_miss.replace(offset) == Some(offset);
+        let fill = (self.end.saturating_sub(offset).min(READ_AHEAD as u64) / self.align.max(1) * self.align.max(1)) as usize;
+        if !again || fill < buf.len() {
+            return self.src.read_at(offset, buf);
+        }
+        self.len = 0;
+        self.src.read_at(offset, &mut self.window[..fill])?;
+        (self.start, self.len) = (offset, fill);
+        buf.copy_from_slice(&self.window[..buf.len()]);
+        Ok(())
+    }
+}
+
+impl<S: DmaSource> DmaSource for ReadAhead<'_, S> {
+    unsafe fn read_into_pages(&mut self, offset: u64, pfns: &[u64]) -> Result<(), S::Error> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.src.read_into_pages(offset, pfns) }
+    }
 }
 
 /// Zeroing shorter than this is done at once, not handed over.

@@ -22,7 +22,7 @@ use diskdrv::nvme::{NvmeDisk, NvmeMemory};
 use diskdrv::pci::Address;
 use diskdrv::virtio::{Transport, VirtioBlk, VirtioMemory};
 use diskdrv::BlockDevice;
-use ksave_core::resume::{self, Machine, PhysMemory, Refused, Resumed, WhenRefused};
+use ksave_core::resume::{self, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
 use ksave_core::store::DiskStore;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
@@ -242,15 +242,16 @@ struct Bufs {
     chunk_header: &'static mut [u8; PAGE],
     coded: &'static mut [u8; LZ4_OUT],
     pages: &'static mut [u8; LZ4_GROUP * PAGE],
+    read_ahead: &'static mut [u8; READ_AHEAD],
 }
 
 impl Bufs {
     fn new() -> Self {
-        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array() }
+        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array(), read_ahead: low_array() }
     }
 
     fn resume(&mut self) -> resume::Buffers<'_> {
-        resume::Buffers { block: self.block, chunk_header: self.chunk_header, coded: self.coded, pages: self.pages, seal: None }
+        resume::Buffers { block: self.block, chunk_header: self.chunk_header, coded: self.coded, pages: self.pages, seal: None, read_ahead: self.read_ahead }
     }
 
     fn save(&mut self) -> commit::Buffers<'_> {

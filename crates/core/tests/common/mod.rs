@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
 use ksave_core::helpers::{Queue, SharedMemory};
-use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, Refused, Resumed, WhenRefused};
+use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
 use ksave_format::commit::{self, Device, FreePages, Plan};
@@ -233,6 +233,8 @@ pub struct Store {
     pub flushes: Vec<Option<State>>,
     /// Pages the device read straight into memory.
     pub dma_pages: usize,
+    /// Reads into buffers (each a disk command).
+    pub reads: usize,
 }
 
 impl Store {
@@ -242,7 +244,7 @@ impl Store {
     pub fn new(capacity: usize, align: u32, ram: &Ram) -> Self {
         let mut bytes = vec![0; capacity];
         Header::claiming(CLAIM, "claimed by ksave setup").encode((&mut bytes[..PAGE]).try_into().unwrap());
-        Self { bytes, align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0 }
+        Self { bytes, align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0, reads: 0 }
     }
 
     /// The image header, if there is one.
@@ -295,6 +297,7 @@ impl Source for Store {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.blocks(offset, buf.len());
+        self.reads += 1;
         Self::fails(self.fail_read_at, offset, buf.len())?;
         buf.copy_from_slice(&self.bytes[offset as usize..][..buf.len()]);
         Ok(())
@@ -351,6 +354,7 @@ pub struct Bufs {
     pub chunk_header: Box<[u8; PAGE]>,
     pub coded: Box<[u8; LZ4_OUT]>,
     pub pages: Box<[u8; LZ4_GROUP * PAGE]>,
+    pub read_ahead: Box<[u8; READ_AHEAD]>,
 }
 
 impl Bufs {
@@ -361,11 +365,12 @@ impl Bufs {
             chunk_header: boxed(PAGE).try_into().unwrap(),
             coded: boxed(LZ4_OUT).try_into().unwrap(),
             pages: boxed(LZ4_GROUP * PAGE).try_into().unwrap(),
+            read_ahead: boxed(READ_AHEAD).try_into().unwrap(),
         }
     }
 
     pub fn resume(&mut self) -> resume::Buffers<'_> {
-        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal: None }
+        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal: None, read_ahead: &mut self.read_ahead }
     }
 
     pub fn save(&mut self) -> commit::Buffers<'_> {
@@ -467,7 +472,7 @@ pub fn saved_image(seed: u64, lz4: bool, align: u32) -> (Ram, Store, Summary) {
 
 /// Moves the image in `store` onto this machine's disk, whose DMA reaches `ram`.
 pub fn onto(store: &Store, ram: &Ram) -> Store {
-    Store { bytes: store.bytes.clone(), align: store.align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0 }
+    Store { bytes: store.bytes.clone(), align: store.align, ram: ram.clone(), fail_read_at: None, fail_write_at: None, flushes: Vec::new(), dma_pages: 0, reads: 0 }
 }
 
 /// A resume of the image on `store` into `ram`, on `machine`.
