@@ -250,8 +250,7 @@ pub fn forget_secrets() {
     // SAFETY: zeroes ksave's own stack from its bottom to the stack pointer:
     // nothing below the stack pointer is live (the block may use the
     // stack, no `nostack`, so the compiler keeps nothing in a red zone),
-    // and rep stos itself touches no stack. The second block clobbers only
-    // the xmm registers it declares.
+    // and rep stos itself touches no stack.
     unsafe {
         core::arch::asm!(
             "mov rcx, rsp",
@@ -261,6 +260,15 @@ pub fn forget_secrets() {
             "rep stosq",
             inout("rdi") bottom => _, out("rcx") _, out("rax") _,
         );
+    }
+    clear_vector_registers();
+}
+
+/// Zeroes this CPU's vector registers (AES-NI and the GHASH multiply work
+/// in them; INIT leaves them as they are: Intel SDM vol. 3A table 10-1).
+pub fn clear_vector_registers() {
+    // SAFETY: clobbers only the xmm registers it declares.
+    unsafe {
         core::arch::asm!(
             "pxor xmm0, xmm0", "pxor xmm1, xmm1", "pxor xmm2, xmm2", "pxor xmm3, xmm3",
             "pxor xmm4, xmm4", "pxor xmm5, xmm5", "pxor xmm6, xmm6", "pxor xmm7, xmm7",

@@ -40,6 +40,8 @@ static KSAVE_AP_STACK_SIZE: u64 = AP_STACK as u64;
 static KSAVE_AP_ARRIVED: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
 static KSAVE_AP_CR3: AtomicU32 = AtomicU32::new(0);
+/// Helpers that left the queue with their registers cleared.
+static LEFT: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
 static KSAVE_AP_CR4: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
@@ -160,6 +162,8 @@ impl Lapic {
 /// back to wait for a start-up IPI (INIT), and the APIC as it was.
 pub struct Cpus {
     lapic: Option<Lapic>,
+    /// Helpers serving the queue.
+    helpers: u32,
     /// The SVR before ksave enabled the APIC to send, if it did.
     svr_was: Option<u32>,
 }
@@ -167,7 +171,7 @@ pub struct Cpus {
 impl Cpus {
     /// None started yet.
     pub fn new() -> Self {
-        Self { lapic: None, svr_was: None }
+        Self { lapic: None, helpers: 0, svr_was: None }
     }
 
     /// Starts the APs; how many serve the queue, or why none do.
@@ -232,6 +236,7 @@ impl Helpers for Cpus {
         // SAFETY: Helpers::start's contract, passed on.
         match unsafe { self.bring_up(machine.ram, queue) } {
             Ok(n) => {
+                self.helpers = n;
                 println!("ksave: resume: {n} more CPU(s) check and decode");
                 crate::metric!(helpers = n);
                 Some((queue, &IdentityMapped))
@@ -257,13 +262,33 @@ impl Cpus {
 impl Drop for Cpus {
     fn drop(&mut self) {
         let Some(lapic) = self.lapic else { return };
+        // The helpers leave the queue and clear their vector registers (a
+        // sealed image's key schedule and plaintext pass through them, and
+        // INIT keeps them); 10 ms at most, then INIT whatever they do.
+        let queue = SERVING.load(Ordering::Acquire);
+        if !queue.is_null() {
+            // SAFETY: SERVING points at QUEUE, a static, once set.
+            unsafe { (*queue).stop() };
+        }
+        let end = hw::now_us() + 10_000;
+        while LEFT.load(Ordering::Acquire) < self.helpers && hw::now_us() < end {
+            core::hint::spin_loop();
+        }
         // SAFETY: every job is done (the load settled its queue before it
-        // returned), so the APs only spin in ksave's image: INIT puts them
-        // back to wait for a start-up IPI, as the kernel expects them.
+        // returned), so the APs only spin or halt in ksave's image: INIT
+        // puts them back to wait for a start-up IPI, as the kernel expects
+        // them.
         unsafe { lapic.send(ICR_INIT) };
         if let Some(svr) = self.svr_was {
             lapic.set_svr(svr);
         }
+        // What their jobs left in ksave's memory (plaintext pages, a sealed
+        // image's keystream on their stacks) goes with them; the saved
+        // kernel gets ksave's pages back as its own after the jump.
+        // SAFETY: no CPU runs on those stacks any more (INIT above), and
+        // zeros are what every entry starts them with.
+        unsafe { core::ptr::write_bytes(&raw mut KSAVE_AP_STACKS, 0, 1) };
+        QUEUE.wipe();
     }
 }
 
@@ -306,6 +331,8 @@ extern "C" fn ksave_ap_main(_index: u32) -> ! {
         // page tables).
         unsafe { (*queue).serve(&IdentityMapped) };
     }
+    cpu::clear_vector_registers();
+    LEFT.fetch_add(1, Ordering::Release);
     loop {
         // SAFETY: interrupts are off; hlt waits for INIT.
         unsafe { x86::halt() };

@@ -16,8 +16,9 @@ pub struct Exclusive<T> {
     value: UnsafeCell<T>,
 }
 
-// SAFETY: the flag hands out at most one reference per entry, and ksave
-// runs on one CPU.
+// SAFETY: the flag hands out at most one reference per entry, on the CPU
+// ksave entered on; the other CPUs of a resume (smp.rs) reach only the
+// helpers' queue, which is Sync itself, through a shared reference.
 unsafe impl<T> Sync for Exclusive<T> {}
 
 impl<T> Exclusive<T> {

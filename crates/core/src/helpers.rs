@@ -15,7 +15,8 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use ksave_format::chunk::{Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
-use ksave_format::reader::{ChunkAt, check_and_decode};
+use ksave_format::reader::{ChunkAt, FORGED, check_and_decode, decode};
+use ksave_format::seal::{Seal, Sealed, TAG_LEN};
 use ksave_format::{PAGE, PayloadHasher, Range};
 
 /// Physical memory that several CPUs reach at once: [`PhysMemory`]'s
@@ -85,6 +86,39 @@ pub enum Job {
         payload_len: u32,
         /// The payload's hash.
         hash: u64,
+        /// How many pages.
+        pages: u16,
+    },
+    /// A sealed coded chunk whose bytes are in the slot: open its payload
+    /// (the tag over the first `aad_len` bytes and the payload, under the
+    /// nonce of the chunk's index), decode it, write its pages.
+    SealedCoded {
+        /// The image's cipher; it outlives the job ([`Queue::submit`]).
+        seal: *const Seal,
+        /// The chunk's tag.
+        tag: [u8; TAG_LEN],
+        /// Bytes of the chunk's start the tag binds.
+        aad_len: u16,
+        /// The chunk's codec.
+        encoding: Encoding,
+        /// The payload's start within the slot's bytes.
+        payload_at: u32,
+        /// The payload's length.
+        payload_len: u32,
+        /// How many pages.
+        pages: u16,
+    },
+    /// A sealed raw chunk's `pages` pages of ciphertext (the slot's pfns),
+    /// which the disk has put in place: check the tag over them (the slot's
+    /// bytes hold the `aad_len` bytes it binds first), then decrypt them in
+    /// place.
+    SealedRaw {
+        /// The image's cipher; it outlives the job ([`Queue::submit`]).
+        seal: *const Seal,
+        /// The chunk's tag.
+        tag: [u8; TAG_LEN],
+        /// Bytes of associated data, at the start of the slot's bytes.
+        aad_len: u16,
         /// How many pages.
         pages: u16,
     },
@@ -178,7 +212,8 @@ impl Queue {
     /// pages or range name (through `mem`, on any CPU, until [`Self::settle`]
     /// returns): it must be memory the caller may overwrite, that nothing
     /// else uses meanwhile ([`SharedMemory::zero`]'s contract); a raw
-    /// check's pages must hold what the disk read.
+    /// check's pages must hold what the disk read; a sealed job's cipher
+    /// must live until [`Self::settle`] returns.
     pub unsafe fn submit<E>(&self, mem: &dyn SharedMemory, first: &mut Option<Failure>, fill: impl FnOnce(&mut SlotData) -> Result<(), E>) -> Result<(), E> {
         let slot = loop {
             self.harvest(first);
@@ -319,6 +354,43 @@ unsafe fn run(data: &mut SlotData, mem: &dyn SharedMemory) -> Result<(), &'stati
             for (&pfn, page) in data.pfns.iter().zip(out.chunks_exact(PAGE)) {
                 // SAFETY: submit's contract: the chunk's pages are the caller's to overwrite.
                 unsafe { mem.write(pfn * PAGE as u64, page) };
+            }
+            Ok(())
+        }
+        Job::SealedCoded { seal, tag, aad_len, encoding, payload_at, payload_len, pages } => {
+            // SAFETY: submit's contract: the cipher outlives the job.
+            let seal = unsafe { &*seal };
+            let (head, rest) = data.bytes.split_at_mut(payload_at as usize);
+            let aad = head.get(..aad_len as usize).ok_or("header length")?;
+            let payload = rest.get_mut(..payload_len as usize).ok_or("payload length")?;
+            seal.open(Sealed::Chunk(data.at.index), aad, payload, &tag).map_err(|_| FORGED)?;
+            let out = data.pages.get_mut(..pages as usize * PAGE).ok_or("page count")?;
+            decode(encoding, payload, out)?;
+            for (&pfn, page) in data.pfns.iter().zip(out.chunks_exact(PAGE)) {
+                // SAFETY: submit's contract: the chunk's pages are the caller's to overwrite.
+                unsafe { mem.write(pfn * PAGE as u64, page) };
+            }
+            Ok(())
+        }
+        Job::SealedRaw { seal, tag, aad_len, pages } => {
+            // SAFETY: submit's contract: the cipher outlives the job.
+            let seal = unsafe { &*seal };
+            let pfns = &data.pfns[..pages as usize];
+            let page = &mut data.pages[..PAGE];
+            let mut opening = seal.open_in_pieces(Sealed::Chunk(data.at.index), data.bytes.get(..aad_len as usize).ok_or("header length")?);
+            for &pfn in pfns {
+                // SAFETY: submit's contract: pages the disk filled, this job's alone.
+                unsafe { mem.read(pfn * PAGE as u64, page) };
+                opening.hash(page);
+            }
+            let mut decrypter = opening.check(&tag).map_err(|_| FORGED)?;
+            for &pfn in pfns {
+                // SAFETY: as above; the caller's to overwrite.
+                unsafe {
+                    mem.read(pfn * PAGE as u64, page);
+                    decrypter.decrypt(page);
+                    mem.write(pfn * PAGE as u64, page);
+                }
             }
             Ok(())
         }

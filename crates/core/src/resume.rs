@@ -23,7 +23,7 @@
 use core::fmt;
 
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
-use ksave_format::seal::Seal;
+use ksave_format::seal::{Seal, TAG_LEN};
 use ksave_format::commit::Device;
 use ksave_format::header::{DATA_OFFSET, FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
 use ksave_format::reader::{self, ChunkAt, CodedChunkAt, ReadError, Source};
@@ -336,7 +336,8 @@ where
     // SAFETY: the verdict has passed: check_and_load's contract gives this
     // machine's memory up.
     let helping = helpers.and_then(|h| unsafe { h.start(machine) }).map(|(queue, mem)| Helping { queue, mem, first: None });
-    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping };
+    let cipher = seal.as_ref().map(|(s, _)| *s);
+    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping, seal: cipher };
     let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
     let end = DATA_OFFSET.saturating_add(header.data_bytes);
     let mut store = ReadAhead { src: store, window: read_ahead, start: 0, len: 0, last_miss: None, end, align: header.align as u64 };
@@ -490,6 +491,8 @@ struct Loader<'a, M> {
     left: u64,
     /// Other CPUs share the work, if any were started.
     helping: Option<Helping<'a>>,
+    /// A sealed image's cipher (for the other CPUs' jobs).
+    seal: Option<&'a Seal>,
 }
 
 /// The queue the other CPUs serve, the memory they write, and the first
@@ -727,6 +730,25 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
     }
 
     fn coded_chunk(&mut self, store: &mut S, chunk: &CodedChunkAt) -> Result<bool, S::Error> {
+        let job = match (chunk.sealed, self.seal) {
+            (None, _) => Job::Coded {
+                encoding: chunk.encoding,
+                payload_at: chunk.payload.start as u32,
+                payload_len: chunk.payload.len() as u32,
+                hash: chunk.hash,
+                pages: chunk.pfns.len() as u16,
+            },
+            (Some(sealed), Some(seal)) => Job::SealedCoded {
+                seal,
+                tag: sealed.tag,
+                aad_len: sealed.aad_len as u16,
+                encoding: chunk.encoding,
+                payload_at: chunk.payload.start as u32,
+                payload_len: chunk.payload.len() as u32,
+                pages: chunk.pfns.len() as u16,
+            },
+            (Some(_), None) => return Ok(false),
+        };
         if self.helping.is_none() {
             return Ok(false);
         }
@@ -736,10 +758,10 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             self.next = pfn + 1;
         }
         let h = self.helping.as_mut().expect("checked above");
-        let job = Job::Coded { encoding: chunk.encoding, payload_at: chunk.payload.start as u32, payload_len: chunk.payload.len() as u32, hash: chunk.hash, pages: chunk.pfns.len() as u16 };
         // SAFETY: the chunk's pages lie in the saved memory, outside the
         // resumer's range (the reader checked them, as for `page`), which
-        // check_and_load's contract gives up; nothing else writes them.
+        // check_and_load's contract gives up; nothing else writes them. A
+        // sealed job's cipher is the load's, which outlives its settle.
         unsafe {
             h.queue.submit(h.mem, &mut h.first, |slot| {
                 store.read_at(chunk.at.offset, &mut slot.bytes[..chunk.bytes])?;
@@ -748,6 +770,32 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
                 slot.job = job;
                 Ok(())
             })?
+        };
+        Ok(true)
+    }
+
+    fn sealed_raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], chunk: ChunkAt, aad: &[u8], tag: &[u8; TAG_LEN]) -> Result<bool, S::Error> {
+        let Some(seal) = self.seal.filter(|_| self.helping.is_some()) else { return Ok(false) };
+        // The gaps first: the pages are written by the device below.
+        for &pfn in pfns {
+            self.zero_to(pfn);
+            self.next = pfn + 1;
+        }
+        // SAFETY: as for raw_pages: the device writes the ciphertext into
+        // pages of the saved memory that check_and_load's contract gives up.
+        unsafe { store.read_into_pages(at, pfns)? };
+        let h = self.helping.as_mut().expect("checked above");
+        let job = Job::SealedRaw { seal, tag: *tag, aad_len: aad.len() as u16, pages: pfns.len() as u16 };
+        // SAFETY: the pages the device just filled, this job's alone (as
+        // for raw_pages); the cipher is the load's, which outlives its settle.
+        let Ok(()) = unsafe {
+            h.queue.submit::<core::convert::Infallible>(h.mem, &mut h.first, |slot| {
+                slot.bytes[..aad.len()].copy_from_slice(aad);
+                slot.pfns[..pfns.len()].copy_from_slice(pfns);
+                slot.at = chunk;
+                slot.job = job;
+                Ok(())
+            })
         };
         Ok(true)
     }

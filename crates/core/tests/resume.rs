@@ -355,6 +355,39 @@ fn a_damaged_chunk_found_while_loading_gives_up_memory_and_invalidates_the_image
     }
 }
 
+/// A sealed image (an encrypted store's), raw and LZ4: resumed with its
+/// key on one CPU and through the helpers' queue (the tag checked over the
+/// pages where the disk put them, then decrypted in place); a chunk whose
+/// ciphertext changed is refused as forged either way.
+#[test]
+fn a_sealed_image_resumes_through_the_helpers_and_a_forged_chunk_is_refused() {
+    for lz4 in [false, true] {
+        let saved = Ram::kernel(21);
+        let mut image = Store::new(CAPACITY, 512, &saved);
+        let backup = backup();
+        let plan = commit::Plan { sealed: true, ..plan(&backup, lz4, CAPACITY, 512) };
+        let ready = stages(plan, &image).check().expect("the stages");
+        ready.write(&mut image, &saved.reader(None), &mut free_blocks(), &mut commit::NoneFree, FREE_RULE, Bufs::sealed().save(), clock).expect("the save");
+        let chunks = image.chunks();
+        for helped in [false, true] {
+            let mut ram = Ram::resume_target(22);
+            let before = ram.snapshot();
+            let mut store = onto(&image, &ram);
+            resume_in(&mut Bufs::sealed(), &mut store, &machine(), &mut ram, WhenRefused::KeepImage, helped).expect("resumed");
+            assert_resumed(&saved, &before, &ram);
+
+            let encoding = if lz4 { Encoding::Lz4 } else { Encoding::Raw };
+            let chunk = chunks.iter().filter(|c| c.encoding == encoding).nth(1).expect("a chunk");
+            let mut ram = Ram::resume_target(23);
+            let mut store = onto(&image, &ram);
+            store.bytes[chunk.offset as usize + encoding.header_len() + 77] ^= 0x20;
+            let refused = resume_in(&mut Bufs::sealed(), &mut store, &machine(), &mut ram, WhenRefused::KeepImage, helped).unwrap_err();
+            assert_eq!(refused.refusal, Refusal::Damaged { chunk: chunk.index, what: "tag does not check (another key, or forged)" }, "lz4 {lz4}, helped {helped}");
+            assert!(refused.memory_lost);
+        }
+    }
+}
+
 #[test]
 fn a_read_error_while_loading_gives_up_memory_and_invalidates_the_image() {
     let (_, image, _) = saved_image(17, false, 512);

@@ -134,11 +134,21 @@ pub trait Visitor<S: Source> {
         Ok(Some(hasher.digest()))
     }
 
-    /// A plain coded chunk, before its bytes are read: return true to take
-    /// it whole (read its bytes, then check and decode it and hand out its
-    /// pages later, on another CPU, reporting a failure as the chunk's:
-    /// [`check_and_decode`]), false for the reader to do it now.
+    /// A coded chunk, before its bytes are read: return true to take it
+    /// whole (read its bytes, then check (or open) and decode it and hand
+    /// out its pages later, on another CPU, reporting a failure as the
+    /// chunk's: [`check_and_decode`], [`Seal::open`] and [`decode`]), false
+    /// for the reader to do it now.
     fn coded_chunk(&mut self, _src: &mut S, _chunk: &CodedChunkAt) -> Result<bool, S::Error> {
+        Ok(false)
+    }
+
+    /// A sealed raw chunk's pages (`pfns.len()` pages of ciphertext from
+    /// byte `at`), before they are read: return true to take them (read
+    /// them, check `tag` over `aad` and them, decrypt them and hand them
+    /// out later, on another CPU: [`Seal::open_in_pieces`], reporting a
+    /// failure as `chunk`'s), false for the reader to do it now.
+    fn sealed_raw_pages(&mut self, _src: &mut S, _at: u64, _pfns: &[u64], _chunk: ChunkAt, _aad: &[u8], _tag: &[u8; crate::seal::TAG_LEN]) -> Result<bool, S::Error> {
         Ok(false)
     }
 
@@ -220,11 +230,13 @@ pub fn visit_chunks<S: Source>(src: &mut S, header: &Header, saved: &Saved, bufs
                     if payload_len != count * PAGE || count > SEALED_RAW_PAGES {
                         return Err(bad("payload length"));
                     }
-                    let pages = &mut chunk[..payload_len];
-                    src.read_at(payload_at, pages).map_err(ReadError::Io)?;
-                    o.open(pages).map_err(bad)?;
-                    for (p, data) in pfns.iter().zip(pages.chunks_exact(PAGE)) {
-                        visitor.page(*p, data.try_into().unwrap());
+                    if !visitor.sealed_raw_pages(src, payload_at, pfns, ChunkAt { index, offset }, o.aad, &o.tag).map_err(ReadError::Io)? {
+                        let pages = &mut chunk[..payload_len];
+                        src.read_at(payload_at, pages).map_err(ReadError::Io)?;
+                        o.open(pages).map_err(bad)?;
+                        for (p, data) in pfns.iter().zip(pages.chunks_exact(PAGE)) {
+                            visitor.page(*p, data.try_into().unwrap());
+                        }
                     }
                 } else if encoding == Encoding::Raw {
                     if payload_len != count * PAGE {
@@ -344,6 +356,9 @@ fn read_chunk_header<S: Source>(src: &mut S, offset: u64, align: u32, buf: &mut 
     Ok(len)
 }
 
+/// What is wrong with a sealed chunk whose tag does not check.
+pub const FORGED: &str = "tag does not check (another key, or forged)";
+
 /// A sealed chunk's tag, with what it binds.
 struct Opening<'a> {
     seal: &'a Seal,
@@ -355,7 +370,7 @@ struct Opening<'a> {
 impl Opening<'_> {
     /// Checks the tag over `payload` (as read) and decrypts it in place.
     fn open(&self, payload: &mut [u8]) -> Result<(), &'static str> {
-        self.seal.open(Sealed::Chunk(self.index), self.aad, payload, &self.tag).map_err(|_| "tag does not check (another key, or forged)")
+        self.seal.open(Sealed::Chunk(self.index), self.aad, payload, &self.tag).map_err(|_| FORGED)
     }
 }
 
@@ -387,11 +402,11 @@ impl ChunkAt {
     }
 }
 
-/// A plain coded chunk a [`Visitor`] may take whole
-/// ([`Visitor::coded_chunk`]): its bytes on disk (header again, payload,
-/// padding: whole blocks of the disk) are `bytes` from `at.offset`, of which
-/// `payload` is the payload, to be checked against `hash` and decoded to
-/// exactly the pages `pfns` ([`check_and_decode`]).
+/// A coded chunk a [`Visitor`] may take whole ([`Visitor::coded_chunk`]):
+/// its bytes on disk (header again, payload, padding: whole blocks of the
+/// disk) are `bytes` from `at.offset`, of which `payload` is the payload,
+/// to be checked against `hash` (or, sealed, opened) and decoded to exactly
+/// the pages `pfns` ([`check_and_decode`], [`decode`]).
 pub struct CodedChunkAt<'p> {
     /// Where it lies.
     pub at: ChunkAt,
@@ -405,6 +420,19 @@ pub struct CodedChunkAt<'p> {
     pub hash: u64,
     /// Its pages, checked: ascending, in the saved memory.
     pub pfns: &'p [u64],
+    /// A sealed image's chunk: opened rather than checked by its hash.
+    pub sealed: Option<SealedAt>,
+}
+
+/// What opens a sealed chunk (under the nonce of its index): its tag over
+/// the first `aad_len` bytes of the chunk (its header before the tag) and
+/// its payload.
+#[derive(Clone, Copy, Debug)]
+pub struct SealedAt {
+    /// Bytes of the chunk's start the tag binds.
+    pub aad_len: usize,
+    /// The tag.
+    pub tag: [u8; crate::seal::TAG_LEN],
 }
 
 /// Checks a plain coded chunk's payload against its `hash` and decodes it
@@ -417,14 +445,14 @@ pub fn check_and_decode(encoding: Encoding, payload: &[u8], hash: u64, pages: &m
 }
 
 /// Decodes a checked (or opened) payload by its encoding's codec.
-fn decode(encoding: Encoding, payload: &[u8], pages: &mut [u8]) -> Result<(), &'static str> {
+pub fn decode(encoding: Encoding, payload: &[u8], pages: &mut [u8]) -> Result<(), &'static str> {
     match encoding {
         Encoding::Lz4 => Lz4.decode(payload, pages),
         Encoding::Raw | Encoding::Free => Err("not a coded chunk"),
     }
 }
 
-/// A coded chunk: handed whole to the visitor if it takes it (plain only),
+/// A coded chunk: handed whole to the visitor if it takes it,
 /// else read whole from its start (header again, payload, padding: whole
 /// blocks of the disk), checked (or opened), decoded to exactly its pages,
 /// handed out.
@@ -442,11 +470,10 @@ fn read_coded_chunk<S: Source>(
         return Err(ChunkError::Bad("payload length"));
     }
     let total = chunk.encoding.bytes_on_disk(len, chunk.align) as usize;
-    if chunk.sealed.is_none() {
-        let whole = CodedChunkAt { at: ChunkAt { index, offset: chunk.offset }, encoding: chunk.encoding, bytes: total, payload: head..head + len, hash: chunk.hash, pfns: chunk.pfns };
-        if visitor.coded_chunk(src, &whole).map_err(ChunkError::Io)? {
-            return Ok(());
-        }
+    let sealed = chunk.sealed.as_ref().map(|o| SealedAt { aad_len: o.aad.len(), tag: o.tag });
+    let whole = CodedChunkAt { at: ChunkAt { index, offset: chunk.offset }, encoding: chunk.encoding, bytes: total, payload: head..head + len, hash: chunk.hash, pfns: chunk.pfns, sealed };
+    if visitor.coded_chunk(src, &whole).map_err(ChunkError::Io)? {
+        return Ok(());
     }
     src.read_at(chunk.offset, &mut buf[..total]).map_err(ChunkError::Io)?;
     let payload = &mut buf[head..head + len];

@@ -9,8 +9,13 @@
 //! jumps back, so a nonce need only be unique inside one image: chunk `i`
 //! uses `i` and the header a value no chunk index takes.
 
+use aes::Aes256;
+use aes::cipher::{BlockEncrypt, InnerIvInit, StreamCipher};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use ctr::Ctr32BE;
+use ghash::GHash;
+use ghash::universal_hash::UniversalHash;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
@@ -66,14 +71,36 @@ impl Sealed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Forged;
 
-/// AES-256-GCM under one image's data key (the key schedule is wiped when
-/// dropped).
-pub struct Seal(Aes256Gcm);
+/// AES-256-GCM under one image's data key (the key schedules are wiped
+/// when dropped): aes-gcm's, and the block cipher alone for
+/// [`Self::open_in_pieces`].
+pub struct Seal(Aes256Gcm, Aes256);
 
 impl Seal {
     /// The cipher for `key`.
     pub fn new(key: &DataKey) -> Self {
-        Self(Aes256Gcm::new(&key.0.into()))
+        Self(Aes256Gcm::new(&key.0.into()), Aes256::new(&key.0.into()))
+    }
+
+    /// [`Self::open`] for data that lies in pieces (a sealed raw chunk's
+    /// pages, read where they belong), as GCM does it (NIST SP 800-38D,
+    /// 7.2; aes-gcm 0.10's `AesGcm::decrypt_in_place_detached`): feed every
+    /// piece in order to [`OpenInPieces::hash`], check the tag, then
+    /// decrypt every piece in the same order.
+    pub fn open_in_pieces(&self, what: Sealed, aad: &[u8]) -> OpenInPieces {
+        // H = E(0^128); J0 = nonce || 0^31 || 1 for a 96-bit nonce; the
+        // tag's mask is E(J0); the data's keystream starts at inc32(J0).
+        let mut h = aes::Block::default();
+        self.1.encrypt_block(&mut h);
+        let mut ghash = GHash::new(&h);
+        ghash.update_padded(aad);
+        let mut j0 = [0u8; 16];
+        j0[..12].copy_from_slice(&what.nonce());
+        j0[15] = 1;
+        let mut ctr = Ctr32BE::<Aes256>::from_core(ctr::CtrCore::inner_iv_init(self.1.clone(), &j0.into()));
+        let mut mask = [0u8; 16];
+        ctr.apply_keystream(&mut mask);
+        OpenInPieces { ghash, ctr, mask, aad_len: aad.len() as u64, data_len: 0 }
     }
 
     /// Encrypts `data` in place, binding `aad`; returns the tag.
@@ -109,6 +136,50 @@ impl Seal {
     /// against `expected`, in constant time.
     pub fn check(made: [u8; TAG_LEN], expected: &[u8; TAG_LEN]) -> Result<(), Forged> {
         if bool::from(made.ct_eq(expected)) { Ok(()) } else { Err(Forged) }
+    }
+}
+
+/// A GCM opening fed piece by piece ([`Seal::open_in_pieces`]).
+pub struct OpenInPieces {
+    ghash: GHash,
+    ctr: Ctr32BE<Aes256>,
+    mask: [u8; 16],
+    aad_len: u64,
+    data_len: u64,
+}
+
+impl OpenInPieces {
+    /// Feeds the next piece of ciphertext to the tag: whole 16-byte
+    /// blocks but for the last piece.
+    pub fn hash(&mut self, piece: &[u8]) {
+        debug_assert!(self.data_len.is_multiple_of(16), "only the last piece may end mid-block");
+        self.ghash.update_padded(piece);
+        self.data_len += piece.len() as u64;
+    }
+
+    /// Checks `tag` over everything fed, in constant time: the decrypter
+    /// of the pieces, in the same order, if it holds.
+    pub fn check(self, tag: &[u8; TAG_LEN]) -> Result<Decrypter, Forged> {
+        let mut lengths = ghash::Block::default();
+        lengths[..8].copy_from_slice(&(self.aad_len * 8).to_be_bytes());
+        lengths[8..].copy_from_slice(&(self.data_len * 8).to_be_bytes());
+        let mut ghash = self.ghash;
+        ghash.update(&[lengths]);
+        let mut made: [u8; TAG_LEN] = ghash.finalize().into();
+        for (m, k) in made.iter_mut().zip(self.mask) {
+            *m ^= k;
+        }
+        Seal::check(made, tag).map(|()| Decrypter(self.ctr))
+    }
+}
+
+/// Decrypts the pieces of a checked opening, in order.
+pub struct Decrypter(Ctr32BE<Aes256>);
+
+impl Decrypter {
+    /// Decrypts the next piece in place: whole 16-byte blocks but for the last.
+    pub fn decrypt(&mut self, piece: &mut [u8]) {
+        self.0.apply_keystream(piece);
     }
 }
 
@@ -191,6 +262,37 @@ impl KeyBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_in_pieces_opens_as_gcm_opens_it_whole() {
+        let seal = Seal::new(&DataKey([9; KEY_LEN]));
+        let plain: std::vec::Vec<u8> = (0..3 * PAGE).map(|i| (i * 31 / 7) as u8).collect();
+        let mut sealed = plain.clone();
+        let tag = seal.seal(Sealed::Chunk(41), b"the chunk header", &mut sealed);
+        let open = |data: &mut [u8], what, aad: &[u8], tag: &[u8; TAG_LEN]| {
+            let mut opening = seal.open_in_pieces(what, aad);
+            data.chunks(PAGE).for_each(|p| opening.hash(p));
+            let mut decrypter = opening.check(tag)?;
+            data.chunks_mut(PAGE).for_each(|p| decrypter.decrypt(p));
+            Ok::<(), Forged>(())
+        };
+        let mut data = sealed.clone();
+        open(&mut data, Sealed::Chunk(41), b"the chunk header", &tag).expect("opens");
+        assert_eq!(data, plain);
+        // Another chunk's nonce, other associated data, a flipped bit, another tag.
+        let mut flipped = sealed.clone();
+        flipped[PAGE + 5] ^= 1;
+        let mut other_tag = tag;
+        other_tag[0] ^= 1;
+        for (mut data, what, aad, tag) in [
+            (sealed.clone(), Sealed::Chunk(42), &b"the chunk header"[..], tag),
+            (sealed.clone(), Sealed::Chunk(41), &b"the chunk headex"[..], tag),
+            (flipped, Sealed::Chunk(41), &b"the chunk header"[..], tag),
+            (sealed.clone(), Sealed::Chunk(41), &b"the chunk header"[..], other_tag),
+        ] {
+            assert_eq!(open(&mut data, what, aad, &tag), Err(Forged));
+        }
+    }
 
     #[test]
     fn a_sealed_payload_opens_only_with_its_key_nonce_and_data() {

@@ -17,7 +17,8 @@ use bootinfo::kexec::Coverage;
 use ksave_core::helpers::{Queue, SharedMemory};
 use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
-use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT};
+use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT, SealedChunk};
+use ksave_format::seal::{DataKey, Seal};
 use ksave_format::commit::{self, Device, FreePages, Plan};
 use ksave_format::header::{Header, State};
 use ksave_format::reader::{self, Source};
@@ -270,10 +271,14 @@ impl Store {
         let mut src = &self.bytes[..];
         let mut bufs = Bufs::new();
         let header = reader::read_header(&mut src, &mut bufs.block).unwrap();
+        if header.sealed() {
+            bufs = Bufs::sealed();
+        }
         let meta_buf = (&mut bufs.pages[..ksave_format::header::META_BLOCKS as usize * PAGE]).try_into().unwrap();
         let saved = reader::Saved::of(&reader::read_meta(&mut src, &header, meta_buf).unwrap(), &header);
         let mut chunks = Chunks(Vec::new());
-        let rb = reader::Buffers { header: &mut bufs.chunk_header, lz4_in: &mut bufs.coded, lz4_out: &mut bufs.pages, seal: None };
+        let seal = bufs.seal.as_mut().map(|(s, c)| (&*s, &mut **c));
+        let rb = reader::Buffers { header: &mut bufs.chunk_header, lz4_in: &mut bufs.coded, lz4_out: &mut bufs.pages, seal };
         reader::visit_chunks(&mut src, &header, &saved, rb, &mut chunks).unwrap();
         chunks.0
     }
@@ -355,6 +360,8 @@ pub struct Bufs {
     pub coded: Box<[u8; LZ4_OUT]>,
     pub pages: Box<[u8; LZ4_GROUP * PAGE]>,
     pub read_ahead: Box<[u8; READ_AHEAD]>,
+    /// A sealed image's cipher and raw chunk.
+    pub seal: Option<(Seal, Box<SealedChunk>)>,
 }
 
 impl Bufs {
@@ -366,17 +373,25 @@ impl Bufs {
             coded: boxed(LZ4_OUT).try_into().unwrap(),
             pages: boxed(LZ4_GROUP * PAGE).try_into().unwrap(),
             read_ahead: boxed(READ_AHEAD).try_into().unwrap(),
+            seal: None,
         }
     }
 
+    /// The buffers of a sealed image's save or resume, under [`DATA_KEY`].
+    pub fn sealed() -> Self {
+        let chunk = vec![0u8; size_of::<SealedChunk>()].into_boxed_slice().try_into().unwrap();
+        Self { seal: Some((Seal::new(&DataKey(DATA_KEY)), chunk)), ..Self::new() }
+    }
+
     pub fn resume(&mut self) -> resume::Buffers<'_> {
-        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal: None, read_ahead: &mut self.read_ahead }
+        let seal = self.seal.as_mut().map(|(s, c)| (&*s, &mut **c));
+        resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal, read_ahead: &mut self.read_ahead }
     }
 
     pub fn save(&mut self) -> commit::Buffers<'_> {
         commit::Buffers {
             block: &mut self.block,
-            writer: writer::Buffers { raw_header: &mut self.chunk_header, lz4_in: &mut self.pages, lz4_out: &mut self.coded, seal: None },
+            writer: writer::Buffers { raw_header: &mut self.chunk_header, lz4_in: &mut self.pages, lz4_out: &mut self.coded, seal: self.seal.as_mut().map(|(s, c)| (&*s, &mut **c)) },
         }
     }
 }
@@ -485,7 +500,14 @@ pub fn resume(store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused:
 /// itself, there being no other here; the queue's own tests run helper
 /// threads), so that failures arrive late, as from another CPU.
 pub fn resume_with(store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused: WhenRefused, helped: bool) -> Result<Resumed, Refused> {
-    let mut bufs = Bufs::new();
+    resume_in(&mut Bufs::new(), store, machine, ram, when_refused, helped)
+}
+
+/// The key a sealed image is saved and resumed under ([`Bufs::sealed`]).
+pub const DATA_KEY: [u8; 32] = [0x5e; 32];
+
+/// [`resume_with`] in `bufs` (a sealed image's: [`Bufs::sealed`]).
+pub fn resume_in(bufs: &mut Bufs, store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused: WhenRefused, helped: bool) -> Result<Resumed, Refused> {
     let mut helpers = LoneQueue { queue: Box::new(Queue::new()), ram: SharedRam(ram.clone()), started: false };
     let helpers: Option<&mut dyn Helpers> = if helped { Some(&mut helpers) } else { None };
     // SAFETY: `ram` is a fake: every address is an index into a Vec, every
