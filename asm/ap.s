@@ -44,9 +44,10 @@ ksave_ap_entry32:
     rdmsr
     or KSAVE_AP_EFER, %eax          # LME, and NXE as the BSP has it
     wrmsr
-    mov %cr0, %eax
-    and $~((1 << 2) | (1 << 3)), %eax   # EM, TS off: SSE
-    or $0x80000003, %eax            # PG, MP, PE: long mode active
+    # All of CR0, not OR-ed into what INIT left (which keeps CD and NW: a
+    # CPU never started since power-on would run uncached): PG, NE, ET,
+    # MP, PE; EM and TS clear for SSE. Long mode is active from here.
+    mov $0x80000033, %eax
     mov %eax, %cr0
     ljmp $KERNEL_CS, $1f
 .code64

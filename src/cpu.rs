@@ -244,6 +244,7 @@ unsafe extern "C" {
 /// pages back as its own after the jump (kexec's swap pages), and a reset
 /// keeps RAM: neither may find the key.
 pub fn forget_secrets() {
+    crate::smp::park();
     crate::config::forget();
     // SAFETY: only the addresses of the linker-placed symbols are taken.
     let bottom = unsafe { ksave_stack.as_ptr() } as u64;

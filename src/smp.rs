@@ -11,10 +11,11 @@
 //! and count themselves in. No ACPI table is needed, so every way in
 //! (bootloader, ksave.efi, kernel C) starts them alike.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-use ksave_core::helpers::{Queue, SharedMemory, startup_page};
-use ksave_core::resume::{Helpers, Machine};
+use ksave_core::helpers::{Queue, startup_page};
+use ksave_format::PAGE;
+use ksave_core::resume::{Helpers, Machine, Started};
 
 use crate::physmem::IdentityMapped;
 use crate::work::Exclusive;
@@ -40,8 +41,6 @@ static KSAVE_AP_STACK_SIZE: u64 = AP_STACK as u64;
 static KSAVE_AP_ARRIVED: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
 static KSAVE_AP_CR3: AtomicU32 = AtomicU32::new(0);
-/// Helpers that left the queue with their registers cleared.
-static LEFT: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
 static KSAVE_AP_CR4: AtomicU32 = AtomicU32::new(0);
 #[unsafe(no_mangle)]
@@ -61,6 +60,9 @@ static ONE_CPU: AtomicBool = AtomicBool::new(false);
 pub fn keep_to_one_cpu() {
     ONE_CPU.store(true, Ordering::Relaxed);
 }
+
+/// Helpers that left the queue with their registers cleared.
+static LEFT: AtomicU32 = AtomicU32::new(0);
 
 /// The queue the helpers serve, once they may.
 static SERVING: AtomicPtr<Queue> = AtomicPtr::new(core::ptr::null_mut());
@@ -97,18 +99,27 @@ enum Lapic {
 }
 
 impl Lapic {
-    /// The local APIC, if this CPU has one and it is on.
-    fn this_cpu() -> Option<Self> {
+    /// The local APIC, or why ksave cannot use it.
+    fn this_cpu() -> Result<Self, &'static str> {
         // CPUID.01h:EDX bit 9: an on-chip APIC (Intel SDM vol. 2A, CPUID).
         if core::arch::x86_64::__cpuid(1).edx & (1 << 9) == 0 {
-            return None;
+            return Err("no local APIC");
         }
         // SAFETY: IA32_APIC_BASE exists where CPUID says there is an APIC.
         let base = unsafe { x86::msr::rdmsr(IA32_APIC_BASE) };
-        match (base & APIC_GLOBAL_ENABLE != 0, base & APIC_X2 != 0) {
-            (false, _) => None,
-            (true, true) => Some(Self::X2),
-            (true, false) => Some(Self::Mmio(base & 0xf_ffff_f000)).filter(|&l| matches!(l, Self::Mmio(a) if a < 1 << 32)),
+        match (base & APIC_GLOBAL_ENABLE != 0, base & APIC_X2 != 0, base & 0xf_ffff_f000) {
+            (false, _, _) => Err("the local APIC is off"),
+            (true, true, _) => Ok(Self::X2),
+            (true, false, at) if at < 1 << 32 && at != 0 => Ok(Self::Mmio(at)),
+            (true, false, _) => Err("the local APIC's registers lie above 4 GiB"),
+        }
+    }
+
+    /// What [`PARK_APIC`] keeps of it.
+    fn code(self) -> u64 {
+        match self {
+            Self::X2 => 1,
+            Self::Mmio(base) => base,
         }
     }
 
@@ -142,48 +153,73 @@ impl Lapic {
                 let low = (base + 0x300) as *mut u32;
                 // SAFETY: ICR high (0x310) and low (0x300) of the APIC's
                 // MMIO page (table 11-1); the shorthand makes the
-                // destination field moot; the write of the low word sends.
+                // destination field moot; the write of the low word sends
+                // (uncached MMIO: after every earlier store).
                 unsafe {
                     core::ptr::write_volatile((base + 0x310) as *mut u32, 0);
                     core::ptr::write_volatile(low, icr);
-                    while core::ptr::read_volatile(low) & ICR_PENDING != 0 {
-                        core::hint::spin_loop();
-                    }
+                }
+                // Delivered within microseconds; not waited on for ever.
+                let end = hw::now_us() + 10_000;
+                // SAFETY: as above; reading the ICR has no effects.
+                while unsafe { core::ptr::read_volatile(low) } & ICR_PENDING != 0 && hw::now_us() < end {
+                    core::hint::spin_loop();
                 }
             }
             // SAFETY: MSR 0x830 is the 64-bit ICR in x2APIC mode (11.12.9);
-            // one write sends.
-            Self::X2 => unsafe { x86::msr::wrmsr(0x830, icr as u64) },
+            // one write sends. That WRMSR is not serializing (11.12.3): the
+            // fences make every earlier store visible first, as Linux's
+            // weak_wrmsr_fence does.
+            Self::X2 => unsafe {
+                core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags));
+                x86::msr::wrmsr(0x830, icr as u64)
+            },
         }
     }
 }
 
-/// The other CPUs, as a resume's [`Helpers`]. Dropping it puts every one
-/// back to wait for a start-up IPI (INIT), and the APIC as it was.
-pub struct Cpus {
-    lapic: Option<Lapic>,
-    /// Helpers serving the queue.
-    helpers: u32,
-    /// The SVR before ksave enabled the APIC to send, if it did.
-    svr_was: Option<u32>,
-}
+/// The other CPUs, as a resume's [`Helpers`]. Dropping it parks them
+/// ([`park`]).
+pub struct Cpus(());
+
+/// What [`park`] needs once the others were sent start-up IPIs: the APIC
+/// (0: none; 1: x2APIC; else the xAPIC's base), the SVR to put back (bit
+/// 32 set if ksave changed it), and the start-up page whose contents the
+/// load put in [`STAND_IN`] (0: none).
+static PARK_APIC: AtomicU64 = AtomicU64::new(0);
+static PARK_SVR: AtomicU64 = AtomicU64::new(0);
+static HELD_PAGE: AtomicU64 = AtomicU64::new(0);
+
+/// The start-up page's stand-in while the others run (a late one may still
+/// run the start-up code): the load fills it, [`park`] copies it into place.
+#[repr(C, align(4096))]
+struct Page([u8; PAGE]);
+static mut STAND_IN: Page = Page([0; PAGE]);
 
 impl Cpus {
     /// None started yet.
     pub fn new() -> Self {
-        Self { lapic: None, helpers: 0, svr_was: None }
+        Self(())
     }
 
-    /// Starts the APs; how many serve the queue, or why none do.
+    /// Jobs run by the helpers and by the loading CPU, if any were started.
+    pub fn jobs_run(&self) -> Option<(u32, u32)> {
+        let queue = SERVING.load(Ordering::Acquire);
+        // SAFETY: SERVING points at QUEUE, a static, once set.
+        (!queue.is_null()).then(|| unsafe { (*queue).jobs_run() })
+    }
+
+    /// Starts the APs; how many serve the queue and the start-up page, or
+    /// why none do (then every other CPU is parked again at once).
     ///
     /// # Safety
     /// As for [`Helpers::start`]: `ram`'s pages below 1 MiB are the
     /// caller's to overwrite.
-    unsafe fn bring_up(&mut self, ram: &[ksave_format::Range], queue: &'static Queue) -> Result<u32, &'static str> {
+    unsafe fn bring_up(&mut self, ram: &[ksave_format::Range], queue: &'static Queue) -> Result<(u32, u64), &'static str> {
         if ONE_CPU.load(Ordering::Relaxed) {
             return Err("ksave.helpers=0");
         }
-        let lapic = Lapic::this_cpu().ok_or("no local APIC on")?;
+        let lapic = Lapic::this_cpu()?;
         let page = startup_page(ram).ok_or("no page of RAM below 1 MiB to start them in")?;
         // SAFETY: reading control registers and EFER has no side effects.
         let (cr3, cr4, efer) = unsafe { (x86::controlregs::cr3(), x86::controlregs::cr4().bits() as u64, x86::msr::rdmsr(MSR_EFER)) };
@@ -199,17 +235,17 @@ impl Cpus {
         KSAVE_AP_CR4.store((cr4 & CR4_FOR_APS) as u32, Ordering::Relaxed);
         KSAVE_AP_EFER.store((EFER_LME | (efer & EFER_NXE)) as u32, Ordering::Relaxed);
         SERVING.store(queue as *const Queue as *mut Queue, Ordering::Release);
-        self.lapic = Some(lapic);
         let svr = lapic.svr();
         if svr & SVR_ENABLE == 0 {
-            self.svr_was = Some(svr);
+            PARK_SVR.store(1 << 32 | svr as u64, Ordering::Relaxed);
             lapic.set_svr(svr | SVR_ENABLE);
         }
+        PARK_APIC.store(lapic.code(), Ordering::Release);
         // SAFETY: the other CPUs are the firmware's, kernel C's or parked by
         // an earlier ksave: none holds anything this boot still needs
         // (every page of it but ksave's was given up); the start-up page
-        // holds asm/ap.s's code. The stores above are ordered before the
-        // IPIs by the APIC writes (serializing for x2APIC MSRs; UC MMIO).
+        // holds asm/ap.s's code, and the stores above are visible before
+        // the IPIs (`send` fences them).
         unsafe {
             lapic.send(ICR_INIT);
             wait_us(10_000);
@@ -218,28 +254,35 @@ impl Cpus {
                 wait_us(200);
             }
         }
-        // Each counts itself in from its own code in ksave's image; one
-        // that has not within 10 ms never serves (its start-up page is
-        // overwritten by the load).
+        // Each counts itself in from its own code in ksave's image. One
+        // slower than 10 ms still finds the start-up code: the load fills
+        // a stand-in for that page until they are parked.
         wait_us(10_000);
-        let arrived = KSAVE_AP_ARRIVED.load(Ordering::Acquire);
-        match arrived {
-            0 => Err("no other CPU answered"),
-            n => Ok(n.min(MAX_HELPERS as u32)),
+        match KSAVE_AP_ARRIVED.load(Ordering::Acquire) {
+            0 => {
+                // None to wait for: back to wait-for-SIPI at once, before
+                // the load overwrites the start-up page.
+                park();
+                Err("no other CPU answered")
+            }
+            n => {
+                HELD_PAGE.store(page, Ordering::Relaxed);
+                Ok((n.min(MAX_HELPERS as u32), page))
+            }
         }
     }
 }
 
 impl Helpers for Cpus {
-    unsafe fn start(&mut self, machine: &Machine) -> Option<(&Queue, &dyn SharedMemory)> {
+    unsafe fn start(&mut self, machine: &Machine) -> Option<Started<'_>> {
         let queue: &'static Queue = QUEUE.take();
         // SAFETY: Helpers::start's contract, passed on.
         match unsafe { self.bring_up(machine.ram, queue) } {
-            Ok(n) => {
-                self.helpers = n;
+            Ok((n, page)) => {
                 println!("ksave: resume: {n} more CPU(s) check and decode");
                 crate::metric!(helpers = n);
-                Some((queue, &IdentityMapped))
+                let stand_in = &raw const STAND_IN as u64;
+                Some(Started { queue, mem: &IdentityMapped, held: Some((page / PAGE as u64, stand_in / PAGE as u64)) })
             }
             Err(why) => {
                 println!("ksave: resume: on this CPU alone: {why}");
@@ -250,46 +293,57 @@ impl Helpers for Cpus {
     }
 }
 
-impl Cpus {
-    /// Jobs run by the helpers and by the loading CPU, if any were started.
-    pub fn jobs_run(&self) -> Option<(u32, u32)> {
-        let queue = SERVING.load(Ordering::Acquire);
-        // SAFETY: SERVING points at QUEUE, a static, once set.
-        (self.lapic.is_some() && !queue.is_null()).then(|| unsafe { (*queue).jobs_run() })
+impl Drop for Cpus {
+    fn drop(&mut self) {
+        park();
     }
 }
 
-impl Drop for Cpus {
-    fn drop(&mut self) {
-        let Some(lapic) = self.lapic else { return };
-        // The helpers leave the queue and clear their vector registers (a
-        // sealed image's key schedule and plaintext pass through them, and
-        // INIT keeps them); 10 ms at most, then INIT whatever they do.
-        let queue = SERVING.load(Ordering::Acquire);
-        if !queue.is_null() {
-            // SAFETY: SERVING points at QUEUE, a static, once set.
-            unsafe { (*queue).stop() };
-        }
-        let end = hw::now_us() + 10_000;
-        while LEFT.load(Ordering::Acquire) < self.helpers && hw::now_us() < end {
-            core::hint::spin_loop();
-        }
-        // SAFETY: every job is done (the load settled its queue before it
-        // returned), so the APs only spin or halt in ksave's image: INIT
-        // puts them back to wait for a start-up IPI, as the kernel expects
-        // them.
-        unsafe { lapic.send(ICR_INIT) };
-        if let Some(svr) = self.svr_was {
-            lapic.set_svr(svr);
-        }
-        // What their jobs left in ksave's memory (plaintext pages, a sealed
-        // image's keystream on their stacks) goes with them; the saved
-        // kernel gets ksave's pages back as its own after the jump.
-        // SAFETY: no CPU runs on those stacks any more (INIT above), and
-        // zeros are what every entry starts them with.
-        unsafe { core::ptr::write_bytes(&raw mut KSAVE_AP_STACKS, 0, 1) };
-        QUEUE.wipe();
+/// Puts every other CPU back to wait for a start-up IPI, as the saved
+/// kernel expects them, if ksave started them; then the APIC as it was,
+/// the start-up page from its stand-in, and nothing of their work left in
+/// ksave's memory. Called when the load is over, and on any way out
+/// (`cpu::forget_secrets`).
+pub fn park() {
+    let lapic = match PARK_APIC.swap(0, Ordering::AcqRel) {
+        0 => return,
+        1 => Lapic::X2,
+        base => Lapic::Mmio(base),
+    };
+    // The helpers leave the queue and clear their vector registers (a
+    // sealed image's key schedule and plaintext pass through them, and
+    // INIT keeps them); 10 ms at most, then INIT whatever they do.
+    let queue = SERVING.load(Ordering::Acquire);
+    if !queue.is_null() {
+        // SAFETY: SERVING points at QUEUE, a static, once set.
+        unsafe { (*queue).stop() };
     }
+    let serving = KSAVE_AP_ARRIVED.load(Ordering::Acquire).min(MAX_HELPERS as u32);
+    let end = hw::now_us() + 10_000;
+    while LEFT.load(Ordering::Acquire) < serving && hw::now_us() < end {
+        core::hint::spin_loop();
+    }
+    // SAFETY: the load is over or abandoned: the APs only spin or halt in
+    // ksave's image (or run the start-up code, which the stand-in kept):
+    // INIT resets every one to wait for a start-up IPI.
+    unsafe { lapic.send(ICR_INIT) };
+    let svr = PARK_SVR.swap(0, Ordering::Relaxed);
+    if svr >> 32 != 0 {
+        lapic.set_svr(svr as u32);
+    }
+    let page = HELD_PAGE.swap(0, Ordering::Relaxed);
+    // SAFETY: no other CPU runs any more (INIT above). The start-up page is
+    // RAM the load gave up, whose contents the load put in the stand-in;
+    // the stacks, the stand-in and the queue are ksave's, and zeros are
+    // what every entry starts them with.
+    unsafe {
+        if page != 0 {
+            core::ptr::copy_nonoverlapping((&raw const STAND_IN).cast::<u8>(), page as *mut u8, PAGE);
+        }
+        core::ptr::write_bytes(&raw mut STAND_IN, 0, 1);
+        core::ptr::write_bytes(&raw mut KSAVE_AP_STACKS, 0, 1);
+    }
+    QUEUE.wipe();
 }
 
 /// Waits `us` microseconds on the TSC.

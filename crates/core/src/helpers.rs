@@ -254,9 +254,11 @@ impl Queue {
             }
             if self.lost.load(Ordering::Acquire) && !self.slots.iter().any(|s| s.state.load(Ordering::Relaxed) == READY) {
                 // What the dead helper held is never done: the load failed.
+                // (Named by a chunk still being worked on: the dead helper's,
+                // or one a live helper holds as the load gives up.)
                 let busy = self.slots.iter().find(|s| s.state.load(Ordering::Relaxed) == BUSY);
-                // SAFETY: `at` was written before the slot was published and
-                // is only read since; the dead helper writes nothing more.
+                // SAFETY: `at` was written before the slot was published
+                // (release, acquired by the claimer) and no runner writes it.
                 let at = busy.map(|s| unsafe { core::ptr::addr_of!((*s.data.get()).at).read() }).unwrap_or_default();
                 return Some(first.unwrap_or(Failure { at, what: "a helper CPU took an exception on it" }));
             }
@@ -325,8 +327,9 @@ impl Queue {
                 let data = unsafe { &mut *slot.data.get() };
                 // SAFETY: the job was submitted under submit's contract.
                 data.failure = unsafe { run(data, mem) }.err();
-                slot.state.store(DONE, Ordering::Release);
+                // Counted before it is handed back: a settled queue's counts are whole.
                 count.fetch_add(1, Ordering::Relaxed);
+                slot.state.store(DONE, Ordering::Release);
                 return true;
             }
         }

@@ -22,7 +22,7 @@
 
 use core::fmt;
 
-use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
+use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES, SealedChunk};
 use ksave_format::seal::{Seal, TAG_LEN};
 use ksave_format::commit::Device;
 use ksave_format::header::{DATA_OFFSET, FLAG_FREE_AS_FOUND, Header, META_BLOCKS, Meta, State};
@@ -134,15 +134,28 @@ const _: () = assert!(META_BLOCKS as usize * PAGE <= LZ4_GROUP * PAGE);
 /// verdict has passed: starting them writes memory outside the resumer's
 /// own range (a start-up page).
 pub trait Helpers {
-    /// Starts them: the queue they serve and the memory they reach it
-    /// through, or `None` to load on this CPU alone (with the reason the
-    /// implementation reports itself).
+    /// Starts them, or returns `None` to load on this CPU alone (with the
+    /// reason the implementation reports itself).
     ///
     /// # Safety
     /// Called once the verdict has given this machine's memory up
     /// ([`check_and_load`]'s contract): the implementation may overwrite
     /// any page of `machine`'s RAM outside its own range.
-    unsafe fn start(&mut self, machine: &Machine) -> Option<(&Queue, &dyn SharedMemory)>;
+    unsafe fn start(&mut self, machine: &Machine) -> Option<Started<'_>>;
+}
+
+/// Helpers at work.
+pub struct Started<'h> {
+    /// The queue they serve.
+    pub queue: &'h Queue,
+    /// The memory they reach it through.
+    pub mem: &'h dyn SharedMemory,
+    /// `(page, stand-in)`: a page of the machine's RAM their start ran
+    /// from, which a CPU slow to start could still run, and a page of the
+    /// implementation's own that the load fills instead (both pfns). The
+    /// implementation copies the stand-in into place once every other CPU
+    /// is parked.
+    pub held: Option<(u64, u64)>,
 }
 
 /// What to do with an image refused before loading began. One refused
@@ -335,9 +348,11 @@ where
     let as_found = header.flags & FLAG_FREE_AS_FOUND != 0;
     // SAFETY: the verdict has passed: check_and_load's contract gives this
     // machine's memory up.
-    let helping = helpers.and_then(|h| unsafe { h.start(machine) }).map(|(queue, mem)| Helping { queue, mem, first: None });
+    let started = helpers.and_then(|h| unsafe { h.start(machine) });
+    let held = started.as_ref().and_then(|s| s.held);
+    let helping = started.map(|s| Helping { queue: s.queue, mem: s.mem, first: None });
     let cipher = seal.as_ref().map(|(s, _)| *s);
-    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping, seal: cipher };
+    let mut loader = Loader { machine, mem, next: 0, zeroed: 0, ahead: as_found.then(RunsAhead::new), left: 0, helping, seal: cipher, held };
     let bufs = reader::Buffers { header: chunk_header, lz4_in: coded, lz4_out: pages, seal };
     let end = DATA_OFFSET.saturating_add(header.data_bytes);
     let mut store = ReadAhead { src: store, window: read_ahead, start: 0, len: 0, last_miss: None, end, align: header.align as u64 };
@@ -493,6 +508,8 @@ struct Loader<'a, M> {
     helping: Option<Helping<'a>>,
     /// A sealed image's cipher (for the other CPUs' jobs).
     seal: Option<&'a Seal>,
+    /// A page loaded into a stand-in ([`Started::held`]).
+    held: Option<(u64, u64)>,
 }
 
 /// The queue the other CPUs serve, the memory they write, and the first
@@ -507,8 +524,9 @@ struct Helping<'a> {
 /// KiB and a disk command costs more than that under most controllers, so
 /// the read of one fetches the chunks after it too. A chunk read twice from
 /// its start (its header, then the whole chunk) is coded; a raw chunk's
-/// header is read once, and its pages go by DMA straight into place, so
-/// reading ahead never fetches a raw payload twice.
+/// header is read once, and its pages go by DMA straight into place (a
+/// window may hold the start of a raw payload after coded chunks, which
+/// the DMA reads again: only a cost in speed).
 struct ReadAhead<'w, S> {
     src: &'w mut S,
     window: &'w mut [u8; READ_AHEAD],
@@ -640,11 +658,56 @@ impl<M: PhysMemory> Loader<'_, M> {
         self.next = pfn;
     }
 
-    /// Zeroes `[start, end)`, on other CPUs if it is worth it.
+    /// Where page `pfn` is loaded: its stand-in if it is held.
+    fn placed(&self, pfn: u64) -> u64 {
+        match self.held {
+            Some((page, stand_in)) if page == pfn => stand_in,
+            _ => pfn,
+        }
+    }
+
+    /// `pfns` as they are loaded ([`Self::placed`]), in `buf` if one is held.
+    fn placed_pfns<'p>(&self, pfns: &'p [u64], buf: &'p mut [u64; MAX_RAW_PAGES]) -> &'p [u64] {
+        match self.held {
+            Some((page, _)) if pfns.contains(&page) => {
+                for (slot, &pfn) in buf.iter_mut().zip(pfns) {
+                    *slot = self.placed(pfn);
+                }
+                &buf[..pfns.len()]
+            }
+            _ => pfns,
+        }
+    }
+
+    /// Zeroes `[start, end)`, a held page's stand-in for the page.
     ///
     /// # Safety
     /// As for [`PhysMemory::zero`], until [`Self::settle`].
     unsafe fn zero(&mut self, start: u64, end: u64) {
+        let page = PAGE as u64;
+        match self.held {
+            Some((held, stand_in)) if (start..end).contains(&(held * page)) => {
+                // SAFETY: the caller's promise; the stand-in is the helpers'
+                // implementation's to fill.
+                unsafe {
+                    self.zero_now(start, held * page);
+                    self.mem.zero(stand_in * page, page);
+                    self.zero_now((held + 1) * page, end);
+                }
+            }
+            // SAFETY: the caller's promise.
+            _ => unsafe { self.zero_now(start, end) },
+        }
+    }
+
+    /// Zeroes `[start, end)`, on other CPUs if it is worth it.
+    ///
+    /// # Safety
+    /// As for [`PhysMemory::zero`], until [`Self::settle`].
+    unsafe fn zero_now(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
         match &mut self.helping {
             Some(h) if end - start >= ZERO_AT_ONCE => {
                 for at in (start..end).step_by(helpers::ZERO_JOB as usize) {
@@ -687,8 +750,9 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
         // SAFETY: the reader checked the page lies in the saved RAM or NVS,
         // which the verdict found equal to this machine's and inside the
         // reach, and outside the saving ksave's range, which the verdict
-        // found equal to this one's: check_and_load's contract gives it up.
-        unsafe { self.mem.write(pfn * PAGE as u64, data) };
+        // found equal to this one's: check_and_load's contract gives it up
+        // (or its stand-in, the helpers' own).
+        unsafe { self.mem.write(self.placed(pfn) * PAGE as u64, data) };
         self.next = pfn + 1;
     }
 
@@ -698,10 +762,13 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             self.zero_to(pfn);
             self.next = pfn + 1;
         }
+        let mut buf_pfns = [0; MAX_RAW_PAGES];
+        let pfns = self.placed_pfns(pfns, &mut buf_pfns);
         // SAFETY: the device writes these pages (a disk read). Each is RAM
         // or NVS of this machine that the reader checked lies in the saved
         // memory and outside the resumer's range (as for `page`), which
-        // check_and_load's contract gives up to the saved kernel.
+        // check_and_load's contract gives up to the saved kernel (or a held
+        // page's stand-in, the helpers' own).
         unsafe { store.read_into_pages(at, pfns)? };
         if let Some(h) = &mut self.helping {
             // SAFETY: the pages the device just filled, which nothing
@@ -757,6 +824,8 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             self.zero_to(pfn);
             self.next = pfn + 1;
         }
+        let mut buf_pfns = [0; MAX_RAW_PAGES];
+        let pfns = self.placed_pfns(chunk.pfns, &mut buf_pfns);
         let h = self.helping.as_mut().expect("checked above");
         // SAFETY: the chunk's pages lie in the saved memory, outside the
         // resumer's range (the reader checked them, as for `page`), which
@@ -765,7 +834,12 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
         unsafe {
             h.queue.submit(h.mem, &mut h.first, |slot| {
                 store.read_at(chunk.at.offset, &mut slot.bytes[..chunk.bytes])?;
-                slot.pfns[..chunk.pfns.len()].copy_from_slice(chunk.pfns);
+                // A sealed chunk's tag binds the header the reader checked
+                // and took the pages from, not what a second read returned.
+                if let Some(aad) = chunk.aad {
+                    slot.bytes[..aad.len()].copy_from_slice(aad);
+                }
+                slot.pfns[..pfns.len()].copy_from_slice(pfns);
                 slot.at = chunk.at;
                 slot.job = job;
                 Ok(())
@@ -781,6 +855,8 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             self.zero_to(pfn);
             self.next = pfn + 1;
         }
+        let mut buf_pfns = [0; MAX_RAW_PAGES];
+        let pfns = self.placed_pfns(pfns, &mut buf_pfns);
         // SAFETY: as for raw_pages: the device writes the ciphertext into
         // pages of the saved memory that check_and_load's contract gives up.
         unsafe { store.read_into_pages(at, pfns)? };

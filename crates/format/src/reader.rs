@@ -422,6 +422,9 @@ pub struct CodedChunkAt<'p> {
     pub pfns: &'p [u64],
     /// A sealed image's chunk: opened rather than checked by its hash.
     pub sealed: Option<SealedAt>,
+    /// A sealed chunk's header as the reader checked it, whose pages these
+    /// are: what its tag binds (the chunk's first `aad_len` bytes).
+    pub aad: Option<&'p [u8]>,
 }
 
 /// What opens a sealed chunk (under the nonce of its index): its tag over
@@ -471,7 +474,8 @@ fn read_coded_chunk<S: Source>(
     }
     let total = chunk.encoding.bytes_on_disk(len, chunk.align) as usize;
     let sealed = chunk.sealed.as_ref().map(|o| SealedAt { aad_len: o.aad.len(), tag: o.tag });
-    let whole = CodedChunkAt { at: ChunkAt { index, offset: chunk.offset }, encoding: chunk.encoding, bytes: total, payload: head..head + len, hash: chunk.hash, pfns: chunk.pfns, sealed };
+    let aad = chunk.sealed.as_ref().map(|o| o.aad);
+    let whole = CodedChunkAt { at: ChunkAt { index, offset: chunk.offset }, encoding: chunk.encoding, bytes: total, payload: head..head + len, hash: chunk.hash, pfns: chunk.pfns, sealed, aad };
     if visitor.coded_chunk(src, &whole).map_err(ChunkError::Io)? {
         return Ok(());
     }

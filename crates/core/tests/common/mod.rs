@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
 use ksave_core::helpers::{Queue, SharedMemory};
-use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, WhenRefused};
+use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, Started, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::{DataKey, Seal};
@@ -508,26 +508,53 @@ pub const DATA_KEY: [u8; 32] = [0x5e; 32];
 
 /// [`resume_with`] in `bufs` (a sealed image's: [`Bufs::sealed`]).
 pub fn resume_in(bufs: &mut Bufs, store: &mut Store, machine: &Machine, ram: &mut Ram, when_refused: WhenRefused, helped: bool) -> Result<Resumed, Refused> {
-    let mut helpers = LoneQueue { queue: Box::new(Queue::new()), ram: SharedRam(ram.clone()), started: false };
-    let helpers: Option<&mut dyn Helpers> = if helped { Some(&mut helpers) } else { None };
+    let mut helpers = LoneQueue { queue: Box::new(Queue::new()), ram: SharedRam(ram.clone()), started: false, stand_in_was: Vec::new() };
+    let lone: Option<&mut dyn Helpers> = if helped { Some(&mut helpers) } else { None };
     // SAFETY: `ram` is a fake: every address is an index into a Vec, every
     // write is checked to fall in the RAM and NVS outside ksave's range,
     // and `machine` describes no other memory.
-    unsafe { resume::check_and_load(store, machine, ram, bufs.resume(), clock, when_refused, helpers) }
+    let resumed = unsafe { resume::check_and_load(store, machine, ram, bufs.resume(), clock, when_refused, lone) };
+    if helpers.started {
+        helpers.park();
+    }
+    resumed
 }
+
+/// The page a [`LoneQueue`] "starts CPUs from" (the lowest RAM page from
+/// 4 KiB on, as ksave picks it) and its stand-in, outside the memory map.
+const HELD: (u64, u64) = (1, 0x78_0000 / PAGE as u64);
 
 /// The helpers' queue with no helper.
 struct LoneQueue {
     queue: Box<Queue>,
     ram: SharedRam,
     started: bool,
+    /// The stand-in page as it was before the load.
+    stand_in_was: Vec<u8>,
 }
 
 impl Helpers for LoneQueue {
-    unsafe fn start(&mut self, _: &Machine) -> Option<(&Queue, &dyn SharedMemory)> {
+    unsafe fn start(&mut self, _: &Machine) -> Option<Started<'_>> {
         assert!(!self.started, "started twice");
         self.started = true;
-        Some((&self.queue, &self.ram))
+        // The stand-in is the helpers' to fill.
+        let at = HELD.1 * PAGE as u64;
+        self.ram.0.writable.borrow_mut().push(Range { start: at, end: at + PAGE as u64 });
+        self.stand_in_was = self.ram.0.bytes.borrow()[at as usize..][..PAGE].to_vec();
+        Some(Started { queue: &self.queue, mem: &self.ram, held: Some(HELD) })
+    }
+}
+
+impl LoneQueue {
+    /// What ksave does once the other CPUs are parked: the held page from
+    /// its stand-in, which goes back as it was.
+    fn park(&mut self) {
+        let ram = &self.ram.0;
+        let (page, stand_in) = (HELD.0 as usize * PAGE, HELD.1 as usize * PAGE);
+        ram.writable.borrow_mut().pop();
+        let mut bytes = ram.bytes.borrow_mut();
+        bytes.copy_within(stand_in..stand_in + PAGE, page);
+        bytes[stand_in..stand_in + PAGE].copy_from_slice(&self.stand_in_was);
     }
 }
 
@@ -547,6 +574,11 @@ impl SharedMemory for SharedRam {
     }
 
     unsafe fn read(&self, addr: u64, buf: &mut [u8]) {
+        if addr / PAGE as u64 == HELD.1 {
+            // The stand-in, outside the memory map.
+            buf.copy_from_slice(&self.0.bytes.borrow()[addr as usize..][..buf.len()]);
+            return;
+        }
         // SAFETY: passed on.
         unsafe { PhysMemory::read(&self.0, addr, buf) }
     }
