@@ -658,6 +658,33 @@ impl<M: PhysMemory> Loader<'_, M> {
         self.next = pfn;
     }
 
+    /// Settles every page before `pfns` (the next stored pages, ascending)
+    /// and steps past them: they are written by whoever loads them.
+    fn pass(&mut self, pfns: &[u64]) {
+        for &pfn in pfns {
+            self.zero_to(pfn);
+            self.next = pfn + 1;
+        }
+    }
+
+    /// [`Self::pass`], then has the device read `pfns.len()` pages from
+    /// byte `at` of the image into them (a held page into its stand-in);
+    /// returns where they went.
+    ///
+    /// # Safety
+    /// `pfns` as the reader checked them (in the saved memory, outside the
+    /// resumer's range), under [`check_and_load`]'s contract.
+    unsafe fn read_into_place<'p, S: DmaSource>(&mut self, store: &mut S, at: u64, pfns: &'p [u64], buf: &'p mut [u64; MAX_RAW_PAGES]) -> Result<&'p [u64], S::Error> {
+        self.pass(pfns);
+        let placed = self.placed_pfns(pfns, buf);
+        // SAFETY: the device writes these pages (a disk read). Each is RAM
+        // or NVS of this machine in the saved memory outside the resumer's
+        // range, which check_and_load's contract gives up to the saved
+        // kernel, or a held page's stand-in, the helpers' own.
+        unsafe { store.read_into_pages(at, placed)? };
+        Ok(placed)
+    }
+
     /// Where page `pfn` is loaded: its stand-in if it is held.
     fn placed(&self, pfn: u64) -> u64 {
         match self.held {
@@ -757,19 +784,10 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
     }
 
     fn raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], buf: &mut [u8; LZ4_GROUP * PAGE], chunk: ChunkAt, hash: u64) -> Result<Option<u64>, S::Error> {
-        // The gaps first: the pages are written by the device below.
-        for &pfn in pfns {
-            self.zero_to(pfn);
-            self.next = pfn + 1;
-        }
         let mut buf_pfns = [0; MAX_RAW_PAGES];
-        let pfns = self.placed_pfns(pfns, &mut buf_pfns);
-        // SAFETY: the device writes these pages (a disk read). Each is RAM
-        // or NVS of this machine that the reader checked lies in the saved
-        // memory and outside the resumer's range (as for `page`), which
-        // check_and_load's contract gives up to the saved kernel (or a held
-        // page's stand-in, the helpers' own).
-        unsafe { store.read_into_pages(at, pfns)? };
+        // SAFETY: pages the reader checked (in the saved memory, outside the
+        // resumer's range), under check_and_load's contract.
+        let pfns = unsafe { self.read_into_place(store, at, pfns, &mut buf_pfns)? };
         if let Some(h) = &mut self.helping {
             // SAFETY: the pages the device just filled, which nothing
             // writes again (stored pages ascend, and this CPU goes on
@@ -820,10 +838,7 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
             return Ok(false);
         }
         // The gaps first: the pages are written by whichever CPU decodes them.
-        for &pfn in chunk.pfns {
-            self.zero_to(pfn);
-            self.next = pfn + 1;
-        }
+        self.pass(chunk.pfns);
         let mut buf_pfns = [0; MAX_RAW_PAGES];
         let pfns = self.placed_pfns(chunk.pfns, &mut buf_pfns);
         let h = self.helping.as_mut().expect("checked above");
@@ -850,16 +865,9 @@ impl<S: DmaSource, M: PhysMemory> reader::Visitor<S> for Loader<'_, M> {
 
     fn sealed_raw_pages(&mut self, store: &mut S, at: u64, pfns: &[u64], chunk: ChunkAt, aad: &[u8], tag: &[u8; TAG_LEN]) -> Result<bool, S::Error> {
         let Some(seal) = self.seal.filter(|_| self.helping.is_some()) else { return Ok(false) };
-        // The gaps first: the pages are written by the device below.
-        for &pfn in pfns {
-            self.zero_to(pfn);
-            self.next = pfn + 1;
-        }
         let mut buf_pfns = [0; MAX_RAW_PAGES];
-        let pfns = self.placed_pfns(pfns, &mut buf_pfns);
-        // SAFETY: as for raw_pages: the device writes the ciphertext into
-        // pages of the saved memory that check_and_load's contract gives up.
-        unsafe { store.read_into_pages(at, pfns)? };
+        // SAFETY: as for raw_pages: the device writes the ciphertext there.
+        let pfns = unsafe { self.read_into_place(store, at, pfns, &mut buf_pfns)? };
         let h = self.helping.as_mut().expect("checked above");
         let job = Job::SealedRaw { seal, tag: *tag, aad_len: aad.len() as u16, pages: pfns.len() as u16 };
         // SAFETY: the pages the device just filled, this job's alone (as
