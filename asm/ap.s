@@ -51,11 +51,9 @@ ksave_ap_entry32:
     mov %eax, %cr0
     ljmp $KERNEL_CS, $1f
 .code64
-1:  mov $KERNEL_DS, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    xor %eax, %eax
+    # DS, ES and SS hold the flat data segment loaded above, valid in long
+    # mode too; FS and GS only need to be null (nothing uses them).
+1:  xor %eax, %eax
     mov %eax, %fs
     mov %eax, %gs
     # Which AP this is: the order of arrival. Those beyond the stacks wait.
