@@ -16,10 +16,11 @@ use ksave_core::Message;
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
 use ksave_format::commit::{self, Device, FreePages, NoneFree, Plan, Step};
 use ksave_format::config::Config;
-use ksave_format::header::{DATA_OFFSET, fail};
+use ksave_format::header::{DATA_OFFSET, META_BYTES, fail};
 use ksave_format::reader::Source;
 use ksave_format::store::Claimed;
-use ksave_format::writer::{self, Memory, Sink};
+use ksave_format::writer::{self, GroupCoder, Memory, Sink};
+use ksave_core::helpers::QueueCoder;
 use ksave_format::{PAGE, Range};
 
 use crate::disks::{self, CloseOnException, FileAt, OpenPartition, StoreAt};
@@ -31,21 +32,24 @@ use crate::physmem;
 use crate::disks::DiskStore;
 use ksave_core::store::StoreIoError;
 use crate::work::{self, Work};
-use crate::{paging, println};
+use crate::{paging, println, smp};
 
 /// The caller's pages, read through the identity map. Page 0 is real RAM,
 /// but no Rust reference may point at address 0: it is read through a copy.
+/// The page the other CPUs start in is read from its stand-in.
 struct CallerMemory<'a> {
     end: u64,
     page0: &'a [u8; PAGE],
+    /// The start-up page's frame and its stand-in's address.
+    held: Option<(u64, u64)>,
 }
 
 impl<'a> CallerMemory<'a> {
-    fn new(end: u64, page0: &'a mut [u8; PAGE]) -> Self {
+    fn new(end: u64, page0: &'a mut [u8; PAGE], held: Option<(u64, u64)>) -> Self {
         // SAFETY: physical page 0 is identity-mapped RAM (physmem::read
         // copies it in asm: address 0 is null to the compiler).
         unsafe { physmem::read(0, page0) };
-        Self { end, page0 }
+        Self { end, page0, held }
     }
 }
 
@@ -57,6 +61,13 @@ impl Memory for CallerMemory<'_> {
         }
         if addr == 0 {
             return Some(self.page0);
+        }
+        if let Some((held, stand_in)) = self.held
+            && held == pfn
+        {
+            // SAFETY: the stand-in is a page of ksave's image, written only
+            // when the other CPUs are parked, after the save.
+            return Some(unsafe { &*(stand_in as *const [u8; PAGE]) });
         }
         // SAFETY: the page is inside the identity map, non-null, and RAM or
         // ACPI NVS the config listed (Plan::pages yields no other); the caller is stopped, so nothing writes it while
@@ -296,15 +307,41 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
         }
     };
     // The image, by the format's commit protocol.
-    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk, .. } = work;
+    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk, read_ahead, .. } = work;
     if seal.is_some() {
         println!("ksave: sealing the image (AES-256-GCM, the key from the config)");
     }
-    let mem = CallerMemory::new(paging::identity_end(), page0);
+    if config.one_cpu {
+        smp::keep_to_one_cpu();
+    }
+    // The other CPUs code LZ4 (parked again when `cpus` goes, before the
+    // jump back).
+    let mut cpus = smp::Cpus::new();
+    // SAFETY: the config's RAM is the caller's (the host listed it), and
+    // the start-up page's contents go back into it when they are parked.
+    let started = config.lz4.then(|| unsafe { cpus.for_save(config.ram()) });
+    let held = started.and_then(|(_, held)| held);
+    // SAFETY: this CPU alone submits; coding jobs touch only their slots.
+    let mut coder = started.map(|(queue, _)| unsafe { QueueCoder::new(queue) });
+    let mem = CallerMemory::new(paging::identity_end(), page0, held);
     let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
+    if let Some((pfn, stand_in)) = held {
+        // SAFETY: the stand-in is a page of ksave's image, not written
+        // until the other CPUs are parked, after the save.
+        unsafe { sink.store.take_page_from(pfn, stand_in) };
+    }
     sink.fault_at_header = config.selftest_fault_in_save;
-    let bufs = commit::Buffers { block, writer: writer::Buffers { raw_header, lz4_in, lz4_out, seal: seal.map(|s| (s, sealed_chunk)) } };
-    let summary = ready.write(&mut sink, &mem, free, counting, free_rule, bufs, hw::now_us)?;
+    let meta = (&mut lz4_in[..META_BYTES]).try_into().expect("the work buffer holds the metadata");
+    let scratch = (&mut lz4_out[..META_BYTES]).try_into().expect("the work buffer holds the metadata");
+    let coder = coder.as_mut().map(|c| c as &mut dyn GroupCoder);
+    // The restore's read-ahead window gathers the save's chunks for the disk.
+    let writer = writer::Buffers { raw_header, coder, write_behind: Some(&mut read_ahead[..]), seal: seal.map(|s| (s, sealed_chunk)) };
+    let summary = ready.write(&mut sink, &mem, free, counting, free_rule, commit::Buffers { block, meta, scratch, writer }, hw::now_us)?;
+    if let Some((queue, _)) = started {
+        let (jobs_helped, jobs_own) = queue.jobs_run();
+        println!("ksave: {jobs_helped} groups coded by the other CPUs, {jobs_own} by this one");
+        crate::metric!(jobs_helped = jobs_helped, jobs_own = jobs_own);
+    }
     Ok((summary, sink.disk_us))
 }
 

@@ -1,9 +1,10 @@
-//! The application processors (APs): started for a resume to share its
-//! load ([`ksave_core::helpers`]), then put back to wait for a start-up
-//! IPI, the state the resumed kernel brings its CPUs up from: it sends
-//! INIT and start-up IPIs itself (arch/x86/kernel/smpboot.c,
-//! `wakeup_secondary_cpu_via_init`), to CPUs it had taken offline before
-//! the kexec jump.
+//! The application processors (APs): started to share a resume's load or
+//! a save's coding ([`ksave_core::helpers`]), then put back to wait for a
+//! start-up IPI, the state the resumed or saved kernel brings its CPUs up
+//! from: it sends INIT and start-up IPIs itself
+//! (arch/x86/kernel/smpboot.c, `wakeup_secondary_cpu_via_init`), to CPUs
+//! it had taken offline before the kexec jump (`kernel_kexec`,
+//! `suspend_disable_secondary_cpus`).
 //!
 //! Started as the MP initialization protocol does (Intel SDM vol. 3A
 //! 9.4.4.1): INIT, 10 ms, a start-up IPI, 200 us, another, each to all
@@ -14,7 +15,7 @@
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use ksave_core::helpers::{Queue, startup_page};
-use ksave_format::PAGE;
+use ksave_format::{PAGE, Range};
 use ksave_core::resume::{Helpers, Machine, Started};
 
 use crate::physmem::IdentityMapped;
@@ -51,12 +52,13 @@ unsafe extern "C" {
     static ksave_ap_startup_end: [u8; 0];
 }
 
-/// `ksave.helpers=0` on a bootloader's command line: no other CPU is
-/// started (a way round firmware that mishandles them; `make bench`'s
-/// one-CPU figures). In .bss: every entry starts with it off.
+/// `ksave.helpers=0` on a bootloader's command line, or `ksave hibernate
+/// --one-cpu`: no other CPU is started (a way round firmware that
+/// mishandles them; `make bench`'s one-CPU figures). In .bss: every entry
+/// starts with it off.
 static ONE_CPU: AtomicBool = AtomicBool::new(false);
 
-/// Keeps this entry's resume to this CPU.
+/// Keeps this entry's resume or save to this CPU.
 pub fn keep_to_one_cpu() {
     ONE_CPU.store(true, Ordering::Relaxed);
 }
@@ -191,7 +193,8 @@ static PARK_SVR: AtomicU64 = AtomicU64::new(0);
 static HELD_PAGE: AtomicU64 = AtomicU64::new(0);
 
 /// The start-up page's stand-in while the others run (a late one may still
-/// run the start-up code): the load fills it, [`park`] copies it into place.
+/// run the start-up code): a resume's load fills it, a save copies the
+/// page's contents into it first; [`park`] copies it into place.
 #[repr(C, align(4096))]
 struct Page([u8; PAGE]);
 static mut STAND_IN: Page = Page([0; PAGE]);
@@ -210,26 +213,36 @@ impl Cpus {
     }
 
     /// Starts the APs; how many serve the queue and the start-up page, or
-    /// why none do (then every other CPU is parked again at once).
+    /// why none do (then every other CPU is parked again at once). With
+    /// `keep`, the start-up page's contents are put in the stand-in first.
     ///
     /// # Safety
-    /// As for [`Helpers::start`]: `ram`'s pages below 1 MiB are the
-    /// caller's to overwrite.
-    unsafe fn bring_up(&mut self, ram: &[ksave_format::Range], queue: &'static Queue) -> Result<(u32, u64), &'static str> {
+    /// `ram` is RAM, and its pages below 1 MiB outside ksave's image are
+    /// the caller's to overwrite, or (with `keep`) to overwrite until
+    /// [`park`] puts them back.
+    unsafe fn bring_up(&mut self, ram: &[Range], queue: &'static Queue, keep: bool) -> Result<(u32, u64), &'static str> {
         if ONE_CPU.load(Ordering::Relaxed) {
-            return Err("ksave.helpers=0");
+            return Err("kept to one CPU (ksave.helpers=0, or --one-cpu for a save)");
         }
         let lapic = Lapic::this_cpu()?;
-        let page = startup_page(ram).ok_or("no page of RAM below 1 MiB to start them in")?;
+        let (image_start, image_end) = crate::layout::image_range();
+        let page = startup_page(ram, Range { start: image_start, end: image_end }).ok_or("no page of RAM below 1 MiB to start them in")?;
         // SAFETY: reading control registers and EFER has no side effects.
         let (cr3, cr4, efer) = unsafe { (x86::controlregs::cr3(), x86::controlregs::cr4().bits() as u64, x86::msr::rdmsr(MSR_EFER)) };
         if cr3 >= 1 << 32 {
             return Err("ksave's page tables lie above 4 GiB");
         }
+        if keep {
+            // SAFETY: `page` is a whole page of RAM below 1 MiB
+            // (identity-mapped), the stand-in ksave's; only this CPU runs.
+            unsafe { core::ptr::copy_nonoverlapping(page as *const u8, (&raw mut STAND_IN).cast::<u8>(), PAGE) };
+            HELD_PAGE.store(page, Ordering::Relaxed);
+        }
         // SAFETY: the linker places both symbols around the start-up code.
         let code = unsafe { ksave_ap_startup.as_ptr()..ksave_ap_startup_end.as_ptr() };
-        // SAFETY: `page` is a whole page of the caller's RAM below 1 MiB
-        // (identity-mapped), the caller's to overwrite; the code is shorter.
+        // SAFETY: `page` is a whole page of RAM below 1 MiB (identity-mapped),
+        // the caller's to overwrite (its contents kept with `keep`); the
+        // code is shorter.
         unsafe { core::ptr::copy_nonoverlapping(code.start, page as *mut u8, code.end as usize - code.start as usize) };
         KSAVE_AP_CR3.store(cr3 as u32, Ordering::Relaxed);
         KSAVE_AP_CR4.store((cr4 & CR4_FOR_APS) as u32, Ordering::Relaxed);
@@ -261,7 +274,8 @@ impl Cpus {
         match KSAVE_AP_ARRIVED.load(Ordering::Acquire) {
             0 => {
                 // None to wait for: back to wait-for-SIPI at once, before
-                // the load overwrites the start-up page.
+                // the load overwrites the start-up page (or a save's
+                // contents go back into it).
                 park();
                 Err("no other CPU answered")
             }
@@ -277,7 +291,7 @@ impl Helpers for Cpus {
     unsafe fn start(&mut self, machine: &Machine) -> Option<Started<'_>> {
         let queue: &'static Queue = QUEUE.take();
         // SAFETY: Helpers::start's contract, passed on.
-        match unsafe { self.bring_up(machine.ram, queue) } {
+        match unsafe { self.bring_up(machine.ram, queue, false) } {
             Ok((n, page)) => {
                 println!("ksave: resume: {n} more CPU(s) check and decode");
                 crate::metric!(helpers = n);
@@ -288,6 +302,34 @@ impl Helpers for Cpus {
                 println!("ksave: resume: on this CPU alone: {why}");
                 crate::metric!(helpers = 0);
                 None
+            }
+        }
+    }
+}
+
+impl Cpus {
+    /// The queue a save codes its pages on, with the other CPUs started to
+    /// serve it if they answer (else this CPU runs every job itself), and
+    /// the start-up page they hold meanwhile with the physical address of
+    /// its contents (the stand-in), which the image takes instead.
+    ///
+    /// # Safety
+    /// `ram` is the caller's RAM: below 1 MiB outside ksave's image, the
+    /// start-up page is overwritten until the others are parked
+    /// (`Drop`, or [`park`] on any way out), which puts its contents back.
+    pub unsafe fn for_save(&mut self, ram: &[Range]) -> (&'static Queue, Option<(u64, u64)>) {
+        let queue: &'static Queue = QUEUE.take();
+        // SAFETY: this function's contract, passed on, with `keep`.
+        match unsafe { self.bring_up(ram, queue, true) } {
+            Ok((n, page)) => {
+                println!("ksave: {n} more CPU(s) code the pages");
+                crate::metric!(helpers = n);
+                (queue, Some((page / PAGE as u64, &raw const STAND_IN as u64)))
+            }
+            Err(why) => {
+                println!("ksave: coding the pages on this CPU alone: {why}");
+                crate::metric!(helpers = 0);
+                (queue, None)
             }
         }
     }

@@ -99,6 +99,10 @@ pub enum Command {
         /// that ksave's checks decide. For testing ksave.
         #[arg(long)]
         no_precheck: bool,
+        /// Save on this CPU alone (ksave otherwise starts the others,
+        /// offline during the save, to share its LZ4 coding).
+        #[arg(long)]
+        one_cpu: bool,
         /// Tests only: ksave faults on purpose in the middle of the save.
         #[arg(long, hide = true)]
         selftest_fault_in_save: bool,

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
+use ksave_format::codec::Lz4;
 use ksave_format::commit::{self, Device, NoneFree, Plan};
-use ksave_format::header::Header;
+use ksave_format::header::{Header, META_BYTES};
 use ksave_format::store::{Claim, Claimed};
-use ksave_format::writer::{self, Memory, Sink};
+use ksave_format::writer::{self, GROUPS_IN_FLIGHT, GroupBuffers, Inline, Memory, Sink};
 use ksave_format::{PAGE, Range};
 
 const RAM: [Range; 1] = [Range { start: 0x10_0000, end: 0x40_0000 }];
@@ -83,8 +83,11 @@ fn image_file(dir: &Path) -> std::path::PathBuf {
         free_as_found: false,
     };
     let (mut block, mut raw_header) = (Box::new([0u8; PAGE]), Box::new([0u8; PAGE]));
-    let (mut lz4_in, mut lz4_out) = (Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
-    let bufs = commit::Buffers { block: &mut block, writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out, seal: None } };
+    let (mut meta, mut scratch) = (Box::new([0u8; META_BYTES]), Box::new([0u8; META_BYTES]));
+    let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
+    let mut coder = Inline::new(&mut lz4, &mut groups);
+    let writer = writer::Buffers { raw_header: &mut raw_header, coder: Some(&mut coder), write_behind: None, seal: None };
+    let bufs = commit::Buffers { block: &mut block, meta: &mut meta, scratch: &mut scratch, writer };
     commit::save(&plan, &claimed, &Noise, &mut NoneFree, &mut store, bufs, || 0, 0).expect("the image");
     let path = dir.join("image.img");
     std::fs::write(&path, &store.0).unwrap();

@@ -1,9 +1,11 @@
-//! The other CPUs' part in a resume: a ring of job slots that the loading
-//! CPU fills as it reads the image, and that any CPU empties: a coded
-//! chunk's check and decode, the check of raw pages the disk put in place,
-//! zeroing. The loading CPU runs a job itself whenever every slot is
-//! taken, so the queue works with no helper at all. A job's failure stays
-//! with its chunk until [`Queue::settle`] reports the first chunk's.
+//! The other CPUs' part in a resume and a save: a ring of job slots that
+//! the loading (or saving) CPU fills, and that any CPU empties. In a
+//! resume: a coded chunk's check and decode, the check of raw pages the
+//! disk put in place, zeroing; a job's failure stays with its chunk until
+//! [`Queue::settle`] reports the first chunk's. In a save: the LZ4 coding
+//! of groups of pages, whose slots the writer keeps and takes back in
+//! order ([`QueueCoder`]). The loading CPU runs a job itself whenever it
+//! waits, so the queue works with no helper at all.
 //!
 //! The protocol, per slot: the loading CPU takes a FREE slot (it alone
 //! does), fills it and publishes it READY with a release store; any CPU
@@ -15,6 +17,8 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use ksave_format::chunk::{Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
+use ksave_format::codec::Lz4;
+use ksave_format::writer::{Coded, GROUPS_IN_FLIGHT, Group, GroupCoder, code_group};
 use ksave_format::reader::{ChunkAt, FORGED, check_and_decode, decode};
 use ksave_format::seal::{Seal, Sealed, TAG_LEN};
 use ksave_format::{PAGE, PayloadHasher, Range};
@@ -47,8 +51,10 @@ pub trait SharedMemory: Sync {
 
 /// Slots in the ring: enough to keep a few helpers busy while the loading
 /// CPU reads ahead (each holds one coded chunk's bytes and pages: 69 KiB of
-/// the resumer's footprint).
+/// the resumer's footprint); in a save, the writer's groups in flight and
+/// the one it gathers.
 pub const SLOTS: usize = 4;
+const _: () = assert!(SLOTS == GROUPS_IN_FLIGHT + 1);
 
 /// The largest piece of zeroing one job does: big enough that a job's cost
 /// dwarfs handing it over, small enough to spread a large range.
@@ -57,12 +63,15 @@ pub const ZERO_JOB: u64 = 2 << 20;
 /// The page an application processor starts in, which its start-up IPI
 /// names by number, so below 1 MiB (Intel SDM vol. 3A 11.6.1): the lowest
 /// whole page of `ram` from 4 KiB on (page 0 holds the real-mode interrupt
-/// vectors and the BIOS data).
-pub fn startup_page(ram: &[Range]) -> Option<u64> {
+/// vectors and the BIOS data) outside `own` (ksave's image).
+pub fn startup_page(ram: &[Range], own: Range) -> Option<u64> {
     const PAGE_U64: u64 = PAGE as u64;
     ram.iter()
         .filter_map(|r| {
-            let start = r.start.max(PAGE_U64).next_multiple_of(PAGE_U64);
+            let mut start = r.start.max(PAGE_U64).next_multiple_of(PAGE_U64);
+            if start < own.end && own.start < start + PAGE_U64 {
+                start = own.end.next_multiple_of(PAGE_U64);
+            }
             (start + PAGE_U64 <= r.end.min(1 << 20)).then_some(start)
         })
         .min()
@@ -137,6 +146,14 @@ pub enum Job {
         /// How many.
         len: u64,
     },
+    /// Code the slot's first `pages` pages into its bytes after the chunk
+    /// header (a save's group, [`code_group`]).
+    Encode {
+        /// The codec's encoding.
+        encoding: Encoding,
+        /// How many pages.
+        pages: u16,
+    },
 }
 
 /// A slot's contents: the job and what it works on. The buffers first and
@@ -155,7 +172,15 @@ pub struct SlotData {
     pub at: ChunkAt,
     /// Why the job failed.
     failure: Option<&'static str>,
+    /// An [`Job::Encode`]'s outcome (no pages: none yet). Not an `Option`:
+    /// its `None` would not be all zeros, which an empty queue is.
+    coded: Coded,
+    /// The submitter takes the slot back itself ([`Queue::wait`]), rather
+    /// than the queue freeing it when done.
+    kept: bool,
 }
+
+const NOT_CODED: Coded = Coded { pages: 0, payload: None };
 
 const FREE: u8 = 0;
 const FILLING: u8 = 1;
@@ -198,7 +223,7 @@ impl Queue {
     /// An empty queue.
     pub const fn new() -> Self {
         const EMPTY: SlotData =
-            SlotData { bytes: [0; LZ4_OUT], pages: [0; LZ4_GROUP * PAGE], pfns: [0; MAX_RAW_PAGES], job: Job::Nothing, at: ChunkAt { index: 0, offset: 0 }, failure: None };
+            SlotData { bytes: [0; LZ4_OUT], pages: [0; LZ4_GROUP * PAGE], pfns: [0; MAX_RAW_PAGES], job: Job::Nothing, at: ChunkAt { index: 0, offset: 0 }, failure: None, coded: NOT_CODED, kept: false };
         Self { slots: [const { Slot { state: AtomicU8::new(FREE), data: UnsafeCell::new(EMPTY) } }; SLOTS], stop: AtomicBool::new(false), lost: AtomicBool::new(false), by_helpers: AtomicU32::new(0), by_loader: AtomicU32::new(0) }
     }
 
@@ -229,6 +254,7 @@ impl Queue {
         // SAFETY: FILLING: only this (the loading) CPU reaches the slot.
         let data = unsafe { &mut *slot.data.get() };
         data.failure = None;
+        data.kept = false;
         match fill(data) {
             Ok(()) => {
                 slot.state.store(READY, Ordering::Release);
@@ -299,12 +325,83 @@ impl Queue {
         self.lost.store(true, Ordering::Release);
     }
 
+    /// Takes a free slot (running jobs while none is) that the submitter
+    /// fills at leisure ([`Self::slot`]), publishes ([`Self::publish`]),
+    /// waits for and frees itself ([`Self::wait`], [`Self::free`]).
+    ///
+    /// # Safety
+    /// As for [`Self::submit`].
+    pub unsafe fn reserve(&self, mem: &dyn SharedMemory) -> usize {
+        loop {
+            self.harvest(&mut None);
+            if let Some(i) = self.slots.iter().position(|s| s.state.load(Ordering::Relaxed) == FREE) {
+                self.slots[i].state.store(FILLING, Ordering::Relaxed);
+                // SAFETY: FILLING: only this CPU reaches the slot.
+                let data = unsafe { &mut *self.slots[i].data.get() };
+                (data.failure, data.coded, data.kept) = (None, NOT_CODED, true);
+                return i;
+            }
+            // SAFETY: the jobs were submitted under submit's contract.
+            if !unsafe { self.run_one(mem, &self.by_loader) } {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// A slot this CPU reserved, while it fills it or once it is done.
+    ///
+    /// # Safety
+    /// `slot` came from [`Self::reserve`], and is not published or is done
+    /// ([`Self::wait`]) and not freed; one reference to it at a time.
+    #[allow(clippy::mut_from_ref)] // the slot's state makes the reference unique
+    pub unsafe fn slot(&self, slot: usize) -> &mut SlotData {
+        // SAFETY: the caller holds the slot (FILLING or a kept DONE).
+        unsafe { &mut *self.slots[slot].data.get() }
+    }
+
+    /// Hands a reserved slot, filled, to whichever CPU comes first.
+    pub fn publish(&self, slot: usize) {
+        debug_assert_eq!(self.slots[slot].state.load(Ordering::Relaxed), FILLING);
+        self.slots[slot].state.store(READY, Ordering::Release);
+    }
+
+    /// Runs jobs until the published `slot` is done; or says why it never
+    /// will be (a helper died).
+    ///
+    /// # Safety
+    /// As for [`Self::settle`].
+    pub unsafe fn wait(&self, slot: usize, mem: &dyn SharedMemory) -> Result<(), &'static str> {
+        loop {
+            match self.slots[slot].state.load(Ordering::Acquire) {
+                DONE => return Ok(()),
+                BUSY if self.lost.load(Ordering::Acquire) => return Err("a helper CPU took an exception"),
+                _ => {}
+            }
+            // SAFETY: passed on from this function's contract.
+            if !unsafe { self.run_one(mem, &self.by_loader) } {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Frees a reserved slot, done or never published (one still held by
+    /// a helper, lost, stays as it is).
+    pub fn free(&self, slot: usize) {
+        let state = &self.slots[slot].state;
+        if matches!(state.load(Ordering::Acquire), DONE | FILLING) {
+            state.store(FREE, Ordering::Relaxed);
+        }
+    }
+
     /// Frees every DONE slot, keeping the first chunk's failure in `first`.
     fn harvest(&self, first: &mut Option<Failure>) {
         for slot in &self.slots {
             if slot.state.load(Ordering::Acquire) == DONE {
                 // SAFETY: DONE: the runner released the slot to the loading CPU.
                 let data = unsafe { &*slot.data.get() };
+                if data.kept {
+                    continue;
+                }
                 if let Some(what) = data.failure
                     && first.is_none_or(|f| data.at.index < f.at.index)
                 {
@@ -412,6 +509,107 @@ unsafe fn run(data: &mut SlotData, mem: &dyn SharedMemory) -> Result<(), &'stati
             unsafe { mem.zero(addr, len) };
             Ok(())
         }
+        Job::Encode { encoding, pages } => {
+            let mut lz4 = Lz4;
+            let codec = match encoding {
+                Encoding::Lz4 => &mut lz4,
+                Encoding::Raw | Encoding::Free => return Err("not a codec"),
+            };
+            let input = data.pages.get(..pages as usize * PAGE).ok_or("page count")?;
+            data.coded = code_group(codec, input, &mut data.bytes, pages as usize);
+            Ok(())
+        }
+    }
+}
+
+/// A save's [`GroupCoder`] on every CPU: each group is gathered in a slot
+/// of the queue and coded by whichever CPU comes first (the saving one
+/// while it waits); the writer takes them back in order.
+pub struct QueueCoder<'q> {
+    queue: &'q Queue,
+    encoding: Encoding,
+    /// The slot being gathered in.
+    gathering: Option<usize>,
+    /// The slots in flight, oldest first, from `oldest`.
+    order: [usize; SLOTS],
+    oldest: usize,
+    in_flight: usize,
+}
+
+impl<'q> QueueCoder<'q> {
+    /// Codes LZ4 on `queue`.
+    ///
+    /// # Safety
+    /// This CPU alone submits to `queue` while the coder lives (its jobs
+    /// touch only their slots).
+    pub unsafe fn new(queue: &'q Queue) -> Self {
+        Self { queue, encoding: Encoding::Lz4, gathering: None, order: [0; SLOTS], oldest: 0, in_flight: 0 }
+    }
+
+    fn group(data: &mut SlotData) -> Group<'_> {
+        let pfns = (&mut data.pfns[..LZ4_GROUP]).try_into().expect("a slot holds a group's frames");
+        Group { pages: &mut data.pages, pfns, out: &mut data.bytes }
+    }
+}
+
+impl GroupCoder for QueueCoder<'_> {
+    fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn gathering(&mut self) -> Group<'_> {
+        // SAFETY: new's contract: this CPU alone submits, and Encode jobs
+        // touch no memory but their slots.
+        let slot = *self.gathering.get_or_insert_with(|| unsafe { self.queue.reserve(&NO_MEMORY) });
+        // SAFETY: reserved and not published; the one reference (`&mut self`).
+        Self::group(unsafe { self.queue.slot(slot) })
+    }
+
+    fn start(&mut self, pages: usize) {
+        let slot = self.gathering.take().expect("a group is gathered before it starts");
+        // SAFETY: reserved and not published.
+        let data = unsafe { self.queue.slot(slot) };
+        data.job = Job::Encode { encoding: self.encoding, pages: pages as u16 };
+        self.queue.publish(slot);
+        self.order[(self.oldest + self.in_flight) % SLOTS] = slot;
+        self.in_flight += 1;
+    }
+
+    fn finished(&mut self) -> Result<(Group<'_>, Coded), &'static str> {
+        let slot = self.order[self.oldest];
+        // SAFETY: new's contract, as in `gathering`.
+        unsafe { self.queue.wait(slot, &NO_MEMORY)? };
+        // SAFETY: done, kept, not freed; the one reference (`&mut self`).
+        let data = unsafe { self.queue.slot(slot) };
+        let coded = data.coded;
+        if coded.pages == 0 {
+            return Err("a group was not coded");
+        }
+        Ok((Self::group(data), coded))
+    }
+
+    fn release(&mut self) {
+        self.queue.free(self.order[self.oldest]);
+        self.oldest = (self.oldest + 1) % SLOTS;
+        self.in_flight -= 1;
+    }
+
+}
+
+/// Memory a coder's queue never reads (its jobs touch their slots only).
+struct NoMemory;
+
+static NO_MEMORY: NoMemory = NoMemory;
+
+impl SharedMemory for NoMemory {
+    unsafe fn zero(&self, _: u64, _: u64) {
+        unreachable!("a coding job touches its slot only")
+    }
+    unsafe fn write(&self, _: u64, _: &[u8]) {
+        unreachable!("a coding job touches its slot only")
+    }
+    unsafe fn read(&self, _: u64, _: &mut [u8]) {
+        unreachable!("a coding job touches its slot only")
     }
 }
 
@@ -419,6 +617,7 @@ unsafe fn run(data: &mut SlotData, mem: &dyn SharedMemory) -> Result<(), &'stati
 mod tests {
     use super::*;
     use ksave_format::codec::PageCodec;
+    use ksave_format::writer::{Buffers as WriterBuffers, GroupBuffers, Inline, Memory, Sink, Totals, WriteError, Writer};
     use std::boxed::Box;
     use std::vec;
     use std::vec::Vec;
@@ -533,13 +732,17 @@ mod tests {
     }
 
     #[test]
-    fn the_startup_page_is_a_whole_page_of_ram_below_1_mib_but_page_0() {
+    fn the_startup_page_is_a_whole_page_of_ram_below_1_mib_but_page_0_and_ksaves_own() {
         let r = |start, end| Range { start, end };
-        assert_eq!(startup_page(&[r(0, 0x9fc00), r(0x100000, 0x2000000)]), Some(0x1000));
-        assert_eq!(startup_page(&[r(0x100000, 0x2000000), r(0x8800, 0xa000)]), Some(0x9000));
-        assert_eq!(startup_page(&[r(0x8800, 0x9f00), r(0x100000, 0x2000000)]), None);
-        assert_eq!(startup_page(&[r(0xff000, 0x200000)]), Some(0xff000));
-        assert_eq!(startup_page(&[]), None);
+        let own = r(0x100_0000, 0x110_0000);
+        assert_eq!(startup_page(&[r(0, 0x9fc00), r(0x100000, 0x2000000)], own), Some(0x1000));
+        assert_eq!(startup_page(&[r(0x100000, 0x2000000), r(0x8800, 0xa000)], own), Some(0x9000));
+        assert_eq!(startup_page(&[r(0x8800, 0x9f00), r(0x100000, 0x2000000)], own), None);
+        assert_eq!(startup_page(&[r(0xff000, 0x200000)], own), Some(0xff000));
+        assert_eq!(startup_page(&[], own), None);
+        // Not in ksave's own pages.
+        assert_eq!(startup_page(&[r(0, 0x9fc00)], r(0x1000, 0x3000)), Some(0x3000));
+        assert_eq!(startup_page(&[r(0, 0x9fc00)], r(0, 0x9f000)), None);
     }
 
     #[test]
@@ -601,5 +804,115 @@ mod tests {
         }
         // SAFETY: the fake memory above; each job names pages no other job does.
         assert_eq!(unsafe { queue.settle(&ram, &mut first) }, None);
+    }
+
+    /// Pages as a save meets them: runs of text, noise and zeros, so that
+    /// groups compress, fail and back off, with zero pages between.
+    fn save_memory(pages: u64) -> Vec<[u8; PAGE]> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..pages)
+            .map(|pfn| {
+                let mut page = [0u8; PAGE];
+                match (pfn / 151) % 3 {
+                    0 => page.iter_mut().enumerate().for_each(|(i, b)| *b = b"ksave writes pages "[(i + pfn as usize) % 19]),
+                    1 => page.chunks_mut(8).for_each(|c| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        c.copy_from_slice(&x.to_le_bytes())
+                    }),
+                    _ if pfn % 2 == 0 => {}
+                    _ => page[pfn as usize % PAGE] = 1,
+                }
+                page
+            })
+            .collect()
+    }
+
+    struct Pages(Vec<[u8; PAGE]>);
+
+    impl Memory for Pages {
+        fn page(&self, pfn: u64) -> Option<&[u8; PAGE]> {
+            self.0.get(pfn as usize)
+        }
+    }
+
+
+    /// A store in a Vec: raw chunks' pages copied from where they lie; the
+    /// writes it took.
+    struct Image<'m>(Vec<u8>, &'m Pages, usize);
+
+    impl Sink for Image<'_> {
+        type Error = ();
+        fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), ()> {
+            let bytes: Vec<u8> = header.iter().copied().chain(pfns.iter().flat_map(|&p| self.1.0[p as usize])).collect();
+            self.write_bytes(offset, &bytes)
+        }
+        fn write_bytes(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ()> {
+            self.2 += 1;
+            let end = offset as usize + bytes.len();
+            if self.0.len() < end {
+                self.0.resize(end, 0);
+            }
+            self.0[offset as usize..end].copy_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// Every page of `mem` through a writer coding with `coder`, chunks
+    /// gathered in `write_behind` if given; the image and the writes it took.
+    fn write_all(mem: &Pages, coder: &mut dyn GroupCoder, write_behind: Option<&mut [u8]>) -> Result<(Vec<u8>, Totals, usize), WriteError<()>> {
+        let mut raw_header = [0u8; PAGE];
+        let mut image = Image(Vec::new(), mem, 0);
+        let mut w = Writer::new(7, 1 << 30, 512, true, WriterBuffers { raw_header: &mut raw_header, coder: Some(coder), write_behind, seal: None });
+        for pfn in 0..mem.0.len() as u64 {
+            w.add_page(pfn, mem, &mut image)?;
+        }
+        let totals = w.finish(&mut image)?;
+        Ok((image.0, totals, image.2))
+    }
+
+    #[test]
+    fn a_save_coded_on_every_cpu_is_the_image_coded_on_one() {
+        let mem = Pages(save_memory(3000));
+        let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
+        let (one, one_totals, one_writes) = write_all(&mem, &mut Inline::new(&mut lz4, &mut groups), None).unwrap();
+        assert!(one_totals.pages_lz4 > 0 && one_totals.pages_lz4_skipped > 0 && one_totals.pages_zero > 0, "{one_totals:?}");
+        for helpers in [0, 1, 3] {
+            let queue = Box::new(Queue::new());
+
+            let (image, totals, writes) = std::thread::scope(|s| {
+                for _ in 0..helpers {
+                    // SAFETY: coding jobs touch their slots only.
+                    s.spawn(|| unsafe { queue.serve(&NO_MEMORY) });
+                }
+                // SAFETY: this thread alone submits; coding jobs touch their slots only.
+                let written = write_all(&mem, &mut unsafe { QueueCoder::new(&queue) }, Some(&mut [0u8; 128 << 10]));
+                queue.stop();
+                written.unwrap()
+            });
+            assert_eq!(totals, one_totals, "{helpers} helpers");
+            assert!(image == one, "{helpers} helpers, chunks gathered for the disk: the images differ");
+            assert!(writes * 4 < one_writes, "{writes} writes gathered, {one_writes} not");
+            let (by_helpers, by_saver) = queue.jobs_run();
+            // Every page not skipped was in one group coded (a group cut short by a skip or the end holds fewer).
+            let (jobs, tried) = (u64::from(by_helpers + by_saver), totals.pages_stored - totals.pages_lz4_skipped);
+            assert!((tried.div_ceil(LZ4_GROUP as u64)..=tried).contains(&jobs), "{jobs} jobs for {tried} pages");
+            assert!(helpers == 0 || by_helpers > 0, "{helpers} helpers ran no job");
+        }
+    }
+
+    #[test]
+    fn a_helper_lost_while_coding_fails_the_save_instead_of_hanging() {
+        let (queue, ram) = (Box::new(Queue::new()), Ram::new(1));
+        // SAFETY: this thread alone submits; coding jobs touch their slots only.
+        let mut coder = unsafe { QueueCoder::new(&queue) };
+        let _ = &ram;
+        coder.gathering().pages.fill(7);
+        coder.start(LZ4_GROUP);
+        // A helper claims the group, then takes an exception.
+        assert!(queue.slots.iter().any(|s| s.state.compare_exchange(READY, BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok()));
+        queue.helper_lost();
+        assert_eq!(coder.finished().err(), Some("a helper CPU took an exception"));
     }
 }

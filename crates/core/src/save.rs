@@ -230,6 +230,7 @@ impl Ready<'_> {
             WriteError::Sink(d) => fail!(fail::IO, "disk error: {d}"),
             WriteError::Unreachable(pfn) => fail!(fail::MEMORY, "page {pfn:#x} unreachable"),
             WriteError::Full => fail!(fail::TOO_SMALL, "partition full"),
+            WriteError::Coder(why) => fail!(fail::EXCEPTION, "coding pages: {why}"),
         })?;
         Ok(Summary { totals, us: header.save_us })
     }

@@ -55,6 +55,9 @@ pub struct DiskStore<'d, D: BlockDevice, H: Hal> {
     disk: &'d mut D,
     hal: H,
     map: StoreMap<'d>,
+    /// A page whose contents a raw chunk takes from elsewhere: (its frame,
+    /// the physical address of its stand-in).
+    stand_in: Option<(u64, u64)>,
 }
 
 impl<'d, D: BlockDevice, H: Hal> DiskStore<'d, D, H> {
@@ -62,7 +65,18 @@ impl<'d, D: BlockDevice, H: Hal> DiskStore<'d, D, H> {
     /// gives the bus addresses of the buffers handed to the disk.
     pub fn new(disk: &'d mut D, hal: H, map: StoreMap<'d>) -> Self {
         debug_assert_eq!(map.block_size(), disk.info().block_size);
-        Self { disk, hal, map }
+        Self { disk, hal, map, stand_in: None }
+    }
+
+    /// Raw chunks take page `pfn`'s contents from the page at physical
+    /// address `at` (a save while that page holds the other CPUs'
+    /// start-up code).
+    ///
+    /// # Safety
+    /// The device reads the page at `at` by DMA whenever a raw chunk names
+    /// `pfn`: it must stay memory the device may read while this store is.
+    pub unsafe fn take_page_from(&mut self, pfn: u64, at: u64) {
+        self.stand_in = Some((pfn, at));
     }
 
     /// Its size in bytes.
@@ -157,12 +171,17 @@ impl<D: BlockDevice, H: Hal> Sink for DiskStore<'_, D, H> {
     fn write_raw(&mut self, offset: u64, header: &[u8], pfns: &[u64]) -> Result<(), StoreIoError> {
         let len = (header.len() + pfns.len() * PAGE) as u64;
         let header = (self.hal.virt_to_phys(header.as_ptr()), header.len() as u64);
-        let pages = pfns.iter().map(|pfn| (pfn * PAGE as u64, PAGE as u64));
+        let stand_in = self.stand_in;
+        let pages = pfns.iter().map(|&pfn| match stand_in {
+            Some((held, at)) if held == pfn => (at, PAGE as u64),
+            _ => (pfn * PAGE as u64, PAGE as u64),
+        });
         // SAFETY: every piece is read by the device (a write to the disk),
         // never written: the header is the writer's buffer, borrowed for
         // this call (in ksave, in its own image); each page is memory the
         // save's plan listed (in ksave, caller RAM or NVS that Plan::pages
-        // listed, and the caller is stopped while ksave runs).
+        // listed, and the caller is stopped while ksave runs), or its
+        // stand-in (take_page_from's contract).
         unsafe { self.transfer(Direction::Write, offset, len, core::iter::once(header).chain(pages)) }
     }
 

@@ -27,7 +27,7 @@ use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary};
 use ksave_core::store::DiskStore;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT};
 use ksave_format::commit::{self, FreePages, Plan};
-use ksave_format::header::{Header, State};
+use ksave_format::header::{Header, META_BYTES, State};
 use ksave_format::store::{Extent, StoreMap};
 use ksave_format::verdict::Refusal;
 use ksave_format::writer::{self, Memory};
@@ -243,11 +243,12 @@ struct Bufs {
     coded: &'static mut [u8; LZ4_OUT],
     pages: &'static mut [u8; LZ4_GROUP * PAGE],
     read_ahead: &'static mut [u8; READ_AHEAD],
+    coder: ksave_core::helpers::QueueCoder<'static>,
 }
 
 impl Bufs {
     fn new() -> Self {
-        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array(), read_ahead: low_array() }
+        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array(), read_ahead: low_array(), coder: common::queue_coder() }
     }
 
     fn resume(&mut self) -> resume::Buffers<'_> {
@@ -255,18 +256,35 @@ impl Bufs {
     }
 
     fn save(&mut self) -> commit::Buffers<'_> {
-        commit::Buffers { block: self.block, writer: writer::Buffers { raw_header: self.chunk_header, lz4_in: self.pages, lz4_out: self.coded, seal: None } }
+        commit::Buffers {
+            block: self.block,
+            meta: (&mut self.pages[..META_BYTES]).try_into().unwrap(),
+            scratch: (&mut self.coded[..META_BYTES]).try_into().unwrap(),
+            writer: writer::Buffers { raw_header: self.chunk_header, coder: Some(&mut self.coder), write_behind: Some(&mut self.read_ahead[..]), seal: None },
+        }
     }
 }
 
 /// A whole save of `phys` through the core's stages into the store
 /// `extents` on `disk`, with the free blocks left out.
 fn save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phys: &Phys) -> Summary {
-    try_save(disk, hal, extents, phys).expect("the save")
+    try_save(disk, hal, extents, phys, None).expect("the save")
 }
 
-/// [`save`], failing as it fails.
-fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phys: &Phys) -> Result<Summary, Failure> {
+/// The saved memory while one of its pages lies elsewhere (ksave's
+/// start-up page, while the other CPUs run): (its frame, its stand-in).
+struct Held<'p>(&'p Phys, u64, &'p [u8; PAGE]);
+
+impl Memory for Held<'_> {
+    fn page(&self, pfn: u64) -> Option<&[u8; PAGE]> {
+        if pfn == self.1 { Some(self.2) } else { self.0.page(pfn) }
+    }
+}
+
+/// [`save`], failing as it fails; with `held`, one page's contents are
+/// taken from its stand-in (where the writer reads and where the disk
+/// does DMA: `DiskStore::take_page_from`).
+fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phys: &Phys, held: Option<(u64, &[u8; PAGE])>) -> Result<Summary, Failure> {
     let block_size = disk.info().block_size;
     let map = StoreMap::new(block_size, extents).expect("a store map");
     let capacity = map.bytes();
@@ -317,7 +335,15 @@ fn try_save<D: BlockDevice>(disk: &mut D, hal: &FakeHal, extents: &[Extent], phy
     };
     let ready = stages.check().expect("the stages pass");
     assert!(ready.worst_case_bytes() <= capacity);
-    ready.write(&mut store, phys, &mut phys.free_blocks(), &mut ksave_format::commit::NoneFree, FREE_RULE, bufs.save(), clock)
+    match held {
+        Some((pfn, stand_in)) => {
+            // SAFETY: the stand-in is low memory of this test, read only while the store lives.
+            unsafe { store.take_page_from(pfn, stand_in.as_ptr() as u64) };
+            let mem = Held(phys, pfn, stand_in);
+            ready.write(&mut store, &mem, &mut phys.free_blocks(), &mut ksave_format::commit::NoneFree, FREE_RULE, bufs.save(), clock)
+        }
+        None => ready.write(&mut store, phys, &mut phys.free_blocks(), &mut ksave_format::commit::NoneFree, FREE_RULE, bufs.save(), clock),
+    }
 }
 
 /// A whole resume of the image in the store `extents` on `disk` into `phys`.
@@ -437,6 +463,44 @@ fn whole_save_and_resume_on_ahci() {
     assert!(fake.borrow().written().all(|s| (FIRST_SECTOR..end).contains(&s)));
 }
 
+/// A page whose contents lie elsewhere during the save (ksave's start-up
+/// page while the other CPUs run) is saved from its stand-in: a page of
+/// noise, so stored raw and moved by DMA, and a page of text, coded.
+#[test]
+fn a_page_held_elsewhere_is_saved_from_its_stand_in() {
+    for want_raw in [true, false] {
+        let (hal, _fake) = ahci_machine();
+        let mut mem = Box::new(AhciMemory::new());
+        let mut disk = open_ahci(&hal, &mut mem);
+        let mut phys = Phys::kernel(7);
+        let free = phys.free_blocks();
+        let is_free = |pfn: u64| free.0.iter().any(|(&first, &n)| (first..first + n).contains(&pfn));
+        // Noise has nearly every byte value; text a handful.
+        let kinds = |page: &[u8; PAGE]| page.iter().collect::<std::collections::BTreeSet<_>>().len();
+        let pfn = phys
+            .pfns()
+            .filter(|&pfn| !phys.own.contains(pfn * PAGE as u64) && !is_free(pfn))
+            .find(|&pfn| {
+                let k = kinds(phys.page(pfn).unwrap());
+                if want_raw { k > 250 } else { (2..40).contains(&k) }
+            })
+            .expect("such a page");
+        let saved = phys.bytes().to_vec();
+        let stand_in = low_array::<PAGE>();
+        stand_in.copy_from_slice(phys.page(pfn).unwrap());
+        let at = (pfn * PAGE as u64 - phys.base) as usize;
+        phys.bytes_mut()[at..at + PAGE].fill(0xcc);
+        let summary = try_save(&mut disk, &hal, &partition(512), &phys, Some((pfn, stand_in))).expect("the save");
+        assert!(summary.totals.pages_lz4 > 0);
+        // Put back, as parking the other CPUs does; then a fresh boot.
+        phys.bytes_mut()[at..at + PAGE].copy_from_slice(stand_in);
+        phys.garble(99);
+        let before = phys.bytes().to_vec();
+        resume(&mut disk, &hal, &partition(512), &mut phys).expect("the image resumes");
+        check_restored(&phys, &saved, &before, &free);
+    }
+}
+
 #[test]
 fn whole_save_and_resume_on_nvme_with_4k_blocks() {
     let (hal, fake) = nvme_machine();
@@ -526,7 +590,7 @@ fn a_write_error_fails_the_save_with_the_disk_error() {
     let mut disk = open_ahci(&hal, &mut mem);
     hal.0.hba.borrow_mut().as_mut().unwrap().ports[1].faults.write_error_at = Some(FIRST_SECTOR + 2000);
     let phys = Phys::kernel(7);
-    let failure = try_save(&mut disk, &hal, &partition(512), &phys).expect_err("the save fails");
+    let failure = try_save(&mut disk, &hal, &partition(512), &phys, None).expect_err("the save fails");
     assert!(failure.message.as_str().starts_with("disk error: device error"), "{}", failure.message.as_str());
     // The header says the image is no use: it was never completed.
     assert_ne!(header(&fake, FIRST_SECTOR).state, State::Complete);

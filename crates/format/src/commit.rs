@@ -5,8 +5,7 @@
 //! Pages go in ascending order; those the kernel holds free ([`FreePages`])
 //! are listed rather than stored.
 
-use crate::codec::{Lz4, PageCodec};
-use crate::header::{self, Header, META_BLOCKS, META_OFFSET, State};
+use crate::header::{self, Header, META_BYTES, META_OFFSET, State};
 use crate::store::Claimed;
 use crate::writer::{self, Memory, Sink, Totals, WriteError, Writer};
 use crate::{BackupPair, PAGE, Range};
@@ -160,12 +159,14 @@ pub struct Needed {
 pub struct Buffers<'b> {
     /// One header block.
     pub block: &'b mut [u8; PAGE],
-    /// The chunk encoder's buffers; the metadata blocks are encoded in its
-    /// LZ4 input buffer first (they are written before any chunk).
+    /// The metadata blocks, encoded before any chunk.
+    pub meta: &'b mut [u8; META_BYTES],
+    /// Scratch for a sealed image's metadata tag.
+    pub scratch: &'b mut [u8; META_BYTES],
+    /// The chunk encoder's buffers (its coder codes groups only if the plan
+    /// says LZ4).
     pub writer: writer::Buffers<'b>,
 }
-
-const _: () = assert!(META_BLOCKS as usize * PAGE <= crate::chunk::LZ4_GROUP * PAGE);
 
 /// Runs the whole protocol for `plan`, reading pages from `mem`, on the
 /// store `claimed` proves ksave's; returns the committed header and the
@@ -192,23 +193,21 @@ pub fn save<D: Device>(
     dev.reached(Step::HeaderWritten);
 
     assert_eq!(plan.sealed, bufs.writer.seal.is_some(), "a sealed plan is written with its cipher");
-    let meta = &mut bufs.writer.lz4_in[..META_BLOCKS as usize * PAGE];
+    let meta = &mut bufs.meta[..];
     meta.fill(0);
     let (meta_len, meta_crc) = header::encode_meta(header::MetaLists { ram: plan.ram, backup: plan.backup, nvs: plan.nvs }, meta);
     let align = plan.align as usize;
     let meta_bytes = meta_len.next_multiple_of(align).max(align);
     dev.write_bytes(META_OFFSET, &meta[..meta_bytes]).map_err(sink)?;
     // A sealed image's metadata stays plaintext, under a tag the header
-    // carries (scratch: the LZ4 output buffer, not in use yet).
+    // carries.
     let meta_tag = match &bufs.writer.seal {
-        Some((seal, _)) => seal.meta_tag(&bufs.writer.lz4_in[..meta_len], &mut bufs.writer.lz4_out[..]),
+        Some((seal, _)) => seal.meta_tag(&bufs.meta[..meta_len], &mut bufs.scratch[..]),
         None => [0; crate::seal::TAG_LEN],
     };
 
-    let mut lz4 = Lz4;
-    let codec: Option<&mut dyn PageCodec> = if plan.lz4 { Some(&mut lz4) } else { None };
     let seal = bufs.writer.seal.as_ref().map(|(seal, _)| *seal);
-    let mut w = Writer::new(plan.nonce, codec, plan.capacity, plan.align, bufs.writer);
+    let mut w = Writer::new(plan.nonce, plan.capacity, plan.align, plan.lz4, bufs.writer);
     let mut free_until = 0;
     for (pfn, is_ram) in plan.pages() {
         if is_ram && pfn >= free_until {

@@ -114,6 +114,9 @@ pub struct Config {
     /// The host proved that the kernel relies on nothing in its free pages
     /// ([`crate::header::FLAG_FREE_AS_FOUND`]); false in any doubt.
     pub free_as_found: bool,
+    /// The save codes its pages on this CPU alone, leaving the others
+    /// offline (`ksave hibernate --one-cpu`).
+    pub one_cpu: bool,
     /// The caller's RAM.
     pub ram: [Range; MAX_RANGES],
     /// How many of `ram` are used.
@@ -207,6 +210,7 @@ impl Config {
             lz4: false,
             selftest_fault_in_save: false,
             free_as_found: false,
+            one_cpu: false,
             ram: [Range::default(); MAX_RANGES],
             ram_count: 0,
             info: [0; INFO_LEN],
@@ -278,7 +282,7 @@ impl Config {
             partition_guid: self.partition_guid.to_bytes(),
             partition_first_lba: self.partition_first_lba.into(),
             partition_sectors: self.partition_sectors.into(),
-            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1 | (self.data_key.is_some() as u32) << 2 | (self.free_as_found as u32) << 3).into(),
+            lz4: (self.lz4 as u32 | (self.selftest_fault_in_save as u32) << 1 | (self.data_key.is_some() as u32) << 2 | (self.free_as_found as u32) << 3 | (self.one_cpu as u32) << 4).into(),
             ram_count: (self.ram_count as u32).into(),
             ram,
             info: self.info,
@@ -329,6 +333,7 @@ impl Config {
         c.lz4 = raw.lz4.get() & 1 != 0;
         c.selftest_fault_in_save = raw.lz4.get() & 2 != 0;
         c.free_as_found = raw.lz4.get() & 8 != 0;
+        c.one_cpu = raw.lz4.get() & 16 != 0;
         c.ram_count = raw.ram_count.get() as usize;
         if c.ram_count == 0 || c.ram_count > MAX_RANGES {
             return Err(ConfigError::Field("RAM range count"));

@@ -16,6 +16,8 @@ pub const MAGIC: [u8; 8] = *b"KSAVEIMG";
 pub const VERSION: u32 = 2;
 /// Blocks (4 KiB) of metadata after the header.
 pub const META_BLOCKS: u64 = 4;
+/// The metadata blocks' bytes.
+pub const META_BYTES: usize = META_BLOCKS as usize * PAGE;
 /// Byte offset of the metadata.
 pub const META_OFFSET: u64 = PAGE as u64;
 /// Byte offset of the first chunk.

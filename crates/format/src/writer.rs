@@ -1,8 +1,15 @@
 //! The encoder ksave drives while saving: pages in, chunks out (layout in
-//! [`chunk`](crate::chunk)). Groups of pages go through a
-//! [`PageCodec`] when one is given and it pays; the rest are raw chunks,
-//! whose payloads are the pages themselves, written by the sink from where
-//! they lie.
+//! [`chunk`](crate::chunk)). Groups of pages go through a [`GroupCoder`]
+//! when one is given and coding pays; the rest are raw chunks, whose
+//! payloads are the pages themselves, written by the sink from where they
+//! lie.
+//!
+//! Coding is pipelined: up to [`GROUPS_IN_FLIGHT`] groups are being coded
+//! (on other CPUs, with ksave's queue) while the writer gathers the next
+//! and writes what is finished, always in the order gathered. Every
+//! decision depends on the order of pages only, never on timing: a coder
+//! that runs each group at once ([`Inline`]) writes the same image, byte
+//! for byte, as one on every CPU.
 
 use crc::{Digest, Table};
 
@@ -23,7 +30,7 @@ pub const fn raw_chunk_pages(sealed: bool) -> usize {
 /// every other page at most), and one more header for a raw chunk cut
 /// short by an LZ4 group's flush at the end (a coded group is taken only
 /// when it costs no more than its pages raw and the header of the raw
-/// chunk it cuts short, `flush_group`). A store smaller than this counts
+/// chunk it cuts short, `write_group`). A store smaller than this counts
 /// what a save needs first ([`bytes_at_most`]).
 pub fn worst_case_bytes(pages: u64, sealed: bool) -> u64 {
     DATA_OFFSET + pages * PAGE as u64 + (pages.div_ceil(raw_chunk_pages(sealed) as u64) + pages.div_ceil(MAX_RAW_PAGES as u64) + 1) * PAGE as u64
@@ -67,16 +74,139 @@ pub enum WriteError<E> {
     Unreachable(u64),
     /// The partition is full (the worst-case check should prevent this).
     Full,
+    /// A group's coding was lost (a CPU coding it took an exception).
+    Coder(&'static str),
+}
+
+/// Groups started and not yet finished, at most: with the one being
+/// gathered, a coder holds this many and one more.
+pub const GROUPS_IN_FLIGHT: usize = 3;
+
+/// A group of pages on its way through a [`GroupCoder`]: gathered by the
+/// writer, coded by the coder, written by the writer.
+pub struct Group<'a> {
+    /// The pages, as gathered.
+    pub pages: &'a mut [u8; LZ4_GROUP * PAGE],
+    /// Their frames.
+    pub pfns: &'a mut [u64; LZ4_GROUP],
+    /// The chunk: room for its header ([`LZ4_HEADER`] bytes), then the
+    /// payload the coder made.
+    pub out: &'a mut [u8; chunk::LZ4_OUT],
+}
+
+/// A group's coding, as [`GroupCoder::finished`] gives it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coded {
+    /// Pages in the group.
+    pub pages: usize,
+    /// The payload's length after the header, and its hash
+    /// ([`payload_hash`]); `None` when coding does not pay.
+    pub payload: Option<(usize, u64)>,
+}
+
+/// Codes groups of pages, maybe on other CPUs, and gives them back in the
+/// order they were started. It holds [`GROUPS_IN_FLIGHT`] groups and one
+/// more: the one the writer is gathering.
+pub trait GroupCoder {
+    /// The encoding its payloads have.
+    fn encoding(&self) -> Encoding;
+    /// The group being gathered: the same one until [`Self::start`].
+    fn gathering(&mut self) -> Group<'_>;
+    /// Starts coding the group gathered, its first `pages` pages. Never
+    /// called with [`GROUPS_IN_FLIGHT`] groups in flight.
+    fn start(&mut self, pages: usize);
+    /// Waits for the oldest group started and gives it back, with its
+    /// coding; or says why it never will be (a CPU coding it was lost).
+    fn finished(&mut self) -> Result<(Group<'_>, Coded), &'static str>;
+    /// Lets the oldest group go (after [`Self::finished`]).
+    fn release(&mut self);
+}
+
+/// One group's memory, for [`Inline`].
+#[repr(C)]
+pub struct GroupBuffers {
+    /// [`Group::out`].
+    pub out: [u8; chunk::LZ4_OUT],
+    /// [`Group::pages`].
+    pub pages: [u8; LZ4_GROUP * PAGE],
+    /// [`Group::pfns`].
+    pub pfns: [u64; LZ4_GROUP],
+    coded: Option<Coded>,
+}
+
+impl GroupBuffers {
+    /// Empty buffers.
+    pub const EMPTY: Self = Self { out: [0; chunk::LZ4_OUT], pages: [0; LZ4_GROUP * PAGE], pfns: [0; LZ4_GROUP], coded: None };
+}
+
+/// A [`GroupCoder`] that codes each group on this CPU as it starts.
+pub struct Inline<'b> {
+    codec: &'b mut dyn PageCodec,
+    groups: &'b mut [GroupBuffers; GROUPS_IN_FLIGHT + 1],
+    /// The oldest group in flight, and how many are.
+    oldest: usize,
+    in_flight: usize,
+}
+
+impl<'b> Inline<'b> {
+    /// Codes with `codec` in `groups`.
+    pub fn new(codec: &'b mut dyn PageCodec, groups: &'b mut [GroupBuffers; GROUPS_IN_FLIGHT + 1]) -> Self {
+        Self { codec, groups, oldest: 0, in_flight: 0 }
+    }
+
+    fn group(&mut self, i: usize) -> Group<'_> {
+        let g = &mut self.groups[i % (GROUPS_IN_FLIGHT + 1)];
+        Group { pages: &mut g.pages, pfns: &mut g.pfns, out: &mut g.out }
+    }
+}
+
+impl GroupCoder for Inline<'_> {
+    fn encoding(&self) -> Encoding {
+        self.codec.encoding()
+    }
+
+    fn gathering(&mut self) -> Group<'_> {
+        self.group(self.oldest + self.in_flight)
+    }
+
+    fn start(&mut self, pages: usize) {
+        assert!(self.in_flight < GROUPS_IN_FLIGHT);
+        let g = &mut self.groups[(self.oldest + self.in_flight) % (GROUPS_IN_FLIGHT + 1)];
+        g.coded = Some(code_group(self.codec, &g.pages[..pages * PAGE], &mut g.out, pages));
+        self.in_flight += 1;
+    }
+
+    fn finished(&mut self) -> Result<(Group<'_>, Coded), &'static str> {
+        assert!(self.in_flight > 0);
+        let coded = self.groups[self.oldest].coded.ok_or("a group never started")?;
+        Ok((self.group(self.oldest), coded))
+    }
+
+    fn release(&mut self) {
+        self.groups[self.oldest].coded = None;
+        self.oldest = (self.oldest + 1) % (GROUPS_IN_FLIGHT + 1);
+        self.in_flight -= 1;
+    }
+}
+
+/// Codes `pages` pages (`input`) with `codec` into `out` after the chunk
+/// header: what every [`GroupCoder`] runs, on whichever CPU.
+pub fn code_group(codec: &mut dyn PageCodec, input: &[u8], out: &mut [u8; chunk::LZ4_OUT], pages: usize) -> Coded {
+    let payload = codec.encode(input, &mut out[LZ4_HEADER..]).map(|len| (len, payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len])));
+    Coded { pages, payload }
 }
 
 /// Working memory for a [`Writer`]; ksave keeps it in its image.
 pub struct Buffers<'b> {
     /// One raw chunk header.
     pub raw_header: &'b mut [u8; PAGE],
-    /// Pages of the LZ4 group being gathered.
-    pub lz4_in: &'b mut [u8; LZ4_GROUP * PAGE],
-    /// The LZ4 chunk being built.
-    pub lz4_out: &'b mut [u8; chunk::LZ4_OUT],
+    /// Codes groups of pages; `None`: every page raw.
+    pub coder: Option<&'b mut dyn GroupCoder>,
+    /// Where consecutive chunks built in buffers (coded, free runs,
+    /// sealed) gather to reach the sink in one write of up to its size: a
+    /// disk command costs about as much as coding a group. `None`: each
+    /// its own write.
+    pub write_behind: Option<&'b mut [u8]>,
     /// A sealed image: its cipher, and the raw chunk being built (every
     /// chunk is encrypted on its way out, so none goes from memory where
     /// its pages lie).
@@ -109,8 +239,6 @@ pub struct Totals {
 /// The chunk encoder.
 pub struct Writer<'b> {
     nonce: u64,
-    /// Tried on every group of [`LZ4_GROUP`] pages; `None`: all raw.
-    codec: Option<&'b mut dyn PageCodec>,
     capacity: u64,
     align: u32,
     offset: u64,
@@ -119,12 +247,18 @@ pub struct Writer<'b> {
     raw: [u64; MAX_RAW_PAGES],
     raw_count: usize,
     raw_hasher: PayloadHasher,
-    group: [u64; LZ4_GROUP],
-    group_count: usize,
+    /// Groups go through the coder (the plan says LZ4).
+    code_groups: bool,
+    /// Pages in the group being gathered, and groups started and not yet
+    /// written.
+    gathered: usize,
+    in_flight: usize,
     /// Pages still to send raw without trying the codec, and the current
     /// backoff in groups: after a group fails to compress, the next 1, 2,
-    /// 4 .. 8 groups skip the attempt (random data costs LZ4 its full time
-    /// for nothing); a group that compresses resets it.
+    /// 4 .. 8 groups' worth of pages skip the attempt (random data costs
+    /// LZ4 its full time for nothing); a group that compresses resets
+    /// both. Groups already in flight when a failure is written count
+    /// against the skip.
     lz4_skip: usize,
     lz4_backoff: usize,
     /// Runs of free pages not yet in a chunk, as the chunk lists them:
@@ -133,7 +267,48 @@ pub struct Writer<'b> {
     free_count: usize,
     /// Pages in those runs.
     free_pages: u64,
+    /// Chunks written, not yet handed to the sink.
+    behind: WriteBehind<'b>,
     bufs: Buffers<'b>,
+}
+
+/// Consecutive chunks gathered for one write to the sink.
+struct WriteBehind<'b> {
+    buf: Option<&'b mut [u8]>,
+    /// Their offset, and bytes so far.
+    at: u64,
+    len: usize,
+}
+
+impl WriteBehind<'_> {
+    /// Writes `bytes` at `offset`: gathered after the chunks before if it
+    /// follows them and fits, else those first.
+    fn put<S: Sink>(&mut self, sink: &mut S, offset: u64, bytes: &[u8]) -> Result<(), S::Error> {
+        let room = self.buf.as_ref().map_or(0, |b| b.len());
+        if self.len > 0 && (self.at + self.len as u64 != offset || self.len + bytes.len() > room) {
+            self.flush(sink)?;
+        }
+        match self.buf.as_deref_mut() {
+            Some(buf) if bytes.len() <= buf.len() => {
+                if self.len == 0 {
+                    self.at = offset;
+                }
+                buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+                self.len += bytes.len();
+                Ok(())
+            }
+            _ => sink.write_bytes(offset, bytes),
+        }
+    }
+
+    /// Hands what is gathered to the sink.
+    fn flush<S: Sink>(&mut self, sink: &mut S) -> Result<(), S::Error> {
+        let len = core::mem::take(&mut self.len);
+        match self.buf.as_deref() {
+            Some(buf) if len > 0 => sink.write_bytes(self.at, &buf[..len]),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Queued free pages that go out in a chunk of their own before the next
@@ -152,13 +327,12 @@ pub const LZ4_MAX_BACKOFF: usize = 8;
 impl<'b> Writer<'b> {
     /// A writer for attempt `nonce` into a store of `capacity` bytes, of
     /// chunks padded to `align` (512 or 4096, the disk's block size), that
-    /// tries `codec` on each group of pages. The codec's payload must fit
-    /// [`chunk::LZ4_OUT`] less a header.
-    pub fn new(nonce: u64, codec: Option<&'b mut dyn PageCodec>, capacity: u64, align: u32, bufs: Buffers<'b>) -> Self {
+    /// tries the buffers' coder on each group of pages if `code_groups`.
+    pub fn new(nonce: u64, capacity: u64, align: u32, code_groups: bool, mut bufs: Buffers<'b>) -> Self {
         assert!(align == 512 || align == MAX_ALIGN);
         Self {
+            code_groups: code_groups && bufs.coder.is_some(),
             nonce,
-            codec,
             capacity,
             align,
             offset: DATA_OFFSET,
@@ -167,13 +341,14 @@ impl<'b> Writer<'b> {
             raw: [0; MAX_RAW_PAGES],
             raw_count: 0,
             raw_hasher: PayloadHasher::new(),
-            group: [0; LZ4_GROUP],
-            group_count: 0,
+            gathered: 0,
+            in_flight: 0,
             lz4_skip: 0,
             lz4_backoff: 0,
             free: [0; 2 * MAX_FREE_RUNS],
             free_count: 0,
             free_pages: 0,
+            behind: WriteBehind { buf: bufs.write_behind.take(), at: 0, len: 0 },
             bufs,
         }
     }
@@ -185,22 +360,27 @@ impl<'b> Writer<'b> {
             self.totals.pages_zero += 1;
             return Ok(());
         }
-        if self.codec.is_some() && self.lz4_skip > 0 {
+        if !self.code_groups {
+            return self.push_raw(pfn, page, sink);
+        }
+        if self.lz4_skip > 0 {
+            // Raw pages go after every group gathered before them (which
+            // may end the skip: one of them compressed).
+            self.drain(sink)?;
+        }
+        if self.lz4_skip > 0 {
             self.lz4_skip -= 1;
             self.totals.pages_lz4_skipped += 1;
-            self.push_raw(pfn, page, sink)
-        } else if self.codec.is_some() {
-            let i = self.group_count;
-            self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
-            self.group[i] = pfn;
-            self.group_count += 1;
-            if self.group_count == LZ4_GROUP {
-                self.flush_group(sink)?;
-            }
-            Ok(())
-        } else {
-            self.push_raw(pfn, page, sink)
+            return self.push_raw(pfn, page, sink);
         }
+        let group = self.bufs.coder.as_deref_mut().expect("checked above").gathering();
+        group.pages[self.gathered * PAGE..(self.gathered + 1) * PAGE].copy_from_slice(page);
+        group.pfns[self.gathered] = pfn;
+        self.gathered += 1;
+        if self.gathered == LZ4_GROUP {
+            self.start_group(sink)?;
+        }
+        Ok(())
     }
 
     /// Leaves out page `pfn`, which the saved kernel holds free: it is
@@ -242,44 +422,74 @@ impl<'b> Writer<'b> {
         Ok(())
     }
 
-    fn flush_group<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
-        let n = core::mem::take(&mut self.group_count);
-        if n == 0 {
+    /// Starts coding the group gathered, first writing the oldest in
+    /// flight if the coder holds no more.
+    fn start_group<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        if self.gathered == 0 {
             return Ok(());
         }
-        let input = &self.bufs.lz4_in[..n * PAGE];
-        let out = &mut self.bufs.lz4_out;
-        let codec = self.codec.as_mut().expect("groups are gathered only with a codec");
-        let encoding = codec.encoding();
+        if self.in_flight == GROUPS_IN_FLIGHT {
+            self.write_oldest(sink)?;
+        }
+        let pages = core::mem::take(&mut self.gathered);
+        self.bufs.coder.as_deref_mut().expect("groups are gathered only with a coder").start(pages);
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Writes every group gathered, in order.
+    fn drain<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        self.start_group(sink)?;
+        while self.in_flight > 0 {
+            self.write_oldest(sink)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest group in flight once coded: a coded chunk if that
+    /// pays, else its pages raw.
+    fn write_oldest<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let written = self.write_group(sink);
+        self.coder().release();
+        self.in_flight -= 1;
+        written
+    }
+
+    fn coder(&mut self) -> &mut dyn GroupCoder {
+        self.bufs.coder.as_deref_mut().expect("groups are in flight only with a coder")
+    }
+
+    fn write_group<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let encoding = self.coder().encoding();
+        let (_, Coded { pages: n, payload }) = self.coder().finished().map_err(WriteError::Coder)?;
         // A group is stored coded only when that costs no more than its
         // pages raw, counting the header of the raw chunk it cuts short:
         // then no image is larger than all its pages raw
         // ([`worst_case_bytes`], [`bytes_at_most`]), whatever the alignment.
         let cut = if self.raw_count > 0 { PAGE } else { 0 };
         let align = self.align;
-        let coded = codec.encode(input, &mut out[LZ4_HEADER..]).filter(|&len| encoding.bytes_on_disk(len, align) as usize + cut <= n * PAGE);
-        match coded {
-            Some(len) => {
+        match payload.filter(|&(len, _)| encoding.bytes_on_disk(len, align) as usize + cut <= n * PAGE) {
+            Some((len, hash)) => {
                 // Stored pages go out in ascending order (restore relies on
                 // it): raw pages queued before this group go first.
                 self.flush_free_ahead(sink)?;
                 self.flush_raw(sink)?;
-                let out = &mut self.bufs.lz4_out;
                 let total = encoding.bytes_on_disk(len, self.align) as usize;
-                out[LZ4_HEADER + len..total].fill(0);
                 let sealed = self.bufs.seal.as_ref().map(|(seal, _)| *seal);
-                let fields = ChunkHeader {
-                    index: self.totals.chunks,
-                    nonce: self.nonce,
-                    encoding,
-                    payload_len: len as u32,
-                    payload_hash: if sealed.is_some() { 0 } else { payload_hash(&out[LZ4_HEADER..LZ4_HEADER + len]) },
-                };
-                let header_crc = chunk::encode(&mut out[..LZ4_HEADER], &fields, &self.group[..n]);
+                let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding, payload_len: len as u32, payload_hash: if sealed.is_some() { 0 } else { hash } };
+                // The group's buffers are the coder's: borrowed apart from
+                // the writer's own state.
+                let coder = self.bufs.coder.as_deref_mut().expect("groups are in flight only with a coder");
+                let (group, _) = coder.finished().map_err(WriteError::Coder)?;
+                let out = group.out;
+                out[LZ4_HEADER + len..total].fill(0);
+                let header_crc = chunk::encode(&mut out[..LZ4_HEADER], &fields, &group.pfns[..n]);
                 let (head, payload) = out.split_at_mut(LZ4_HEADER);
                 let header_crc = seal_chunk(sealed, fields.index, head, &mut payload[..len]).unwrap_or(header_crc);
-                self.check_room(total as u64)?;
-                sink.write_bytes(self.offset, &self.bufs.lz4_out[..total]).map_err(WriteError::Sink)?;
+                if self.offset + total as u64 > self.capacity {
+                    return Err(WriteError::Full);
+                }
+                self.behind.put(sink, self.offset, &out[..total]).map_err(WriteError::Sink)?;
                 self.chunk_written(total as u64, header_crc);
                 self.totals.pages_stored += n as u64;
                 if encoding == Encoding::Lz4 {
@@ -287,16 +497,21 @@ impl<'b> Writer<'b> {
                     self.totals.flags |= FLAG_LZ4;
                 }
                 self.lz4_backoff = 0;
+                self.lz4_skip = 0;
                 Ok(())
             }
             // Incompressible: these pages go raw, from memory where they lie,
-            // and the next groups skip the attempt.
-            _ => {
+            // and the next pages skip the attempt: those gathered since
+            // (in flight, tried already) count as skipped ones.
+            None => {
                 self.lz4_backoff = (self.lz4_backoff * 2).clamp(1, LZ4_MAX_BACKOFF);
-                self.lz4_skip = self.lz4_backoff * LZ4_GROUP;
+                let gathered_since = (self.in_flight - 1) * LZ4_GROUP + self.gathered;
+                self.lz4_skip = (self.lz4_backoff * LZ4_GROUP).saturating_sub(gathered_since);
                 for i in 0..n {
-                    let pfn = self.group[i];
-                    let page: [u8; PAGE] = self.bufs.lz4_in[i * PAGE..(i + 1) * PAGE].try_into().unwrap();
+                    // Each page copied out of the group, whose buffers are
+                    // the coder's: queuing it may write a raw chunk.
+                    let (group, _) = self.coder().finished().map_err(WriteError::Coder)?;
+                    let (pfn, page): (u64, [u8; PAGE]) = (group.pfns[i], group.pages[i * PAGE..(i + 1) * PAGE].try_into().expect("a page"));
                     self.push_raw(pfn, &page, sink)?;
                 }
                 Ok(())
@@ -320,22 +535,22 @@ impl<'b> Writer<'b> {
         self.raw_hasher.reset();
         let total = Encoding::Raw.bytes_on_disk(n * PAGE, self.align);
         self.check_room(total)?;
-        let header_crc = match &mut self.bufs.seal {
+        match &mut self.bufs.seal {
             // Sealed: header and encrypted pages from the chunk buffer.
             Some((seal, chunk)) => {
                 let (head, payload) = chunk.split_at_mut(PAGE);
                 chunk::encode(head, &fields, &self.raw[..n]);
                 let crc = seal_chunk(Some(seal), fields.index, head, &mut payload[..n * PAGE]).expect("sealed");
-                sink.write_bytes(self.offset, &chunk[..PAGE * (1 + n)]).map_err(WriteError::Sink)?;
-                crc
+                self.behind.put(sink, self.offset, &chunk[..PAGE * (1 + n)]).map_err(WriteError::Sink)?;
+                self.chunk_written(total, crc);
             }
             None => {
                 let crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
+                self.behind.flush(sink).map_err(WriteError::Sink)?;
                 sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
-                crc
+                self.chunk_written(total, crc);
             }
-        };
-        self.chunk_written(total, header_crc);
+        }
         self.totals.pages_stored += n as u64;
         Ok(())
     }
@@ -358,7 +573,7 @@ impl<'b> Writer<'b> {
         let header_crc = seal_chunk(sealed, fields.index, &mut self.bufs.raw_header[..], &mut []).unwrap_or(header_crc);
         let total = Encoding::Free.bytes_on_disk(0, self.align);
         self.check_room(total)?;
-        sink.write_bytes(self.offset, &self.bufs.raw_header[..]).map_err(WriteError::Sink)?;
+        self.behind.put(sink, self.offset, &self.bufs.raw_header[..total as usize]).map_err(WriteError::Sink)?;
         self.chunk_written(total, header_crc);
         Ok(())
     }
@@ -375,9 +590,12 @@ impl<'b> Writer<'b> {
 
     /// Writes what is still queued and returns the totals for the header.
     pub fn finish<S: Sink>(mut self, sink: &mut S) -> Result<Totals, WriteError<S::Error>> {
-        self.flush_group(sink)?;
+        if self.bufs.coder.is_some() {
+            self.drain(sink)?;
+        }
         self.flush_raw(sink)?;
         self.flush_free(sink)?;
+        self.behind.flush(sink).map_err(WriteError::Sink)?;
         self.totals.data_bytes = self.offset - DATA_OFFSET;
         self.totals.chunks_crc = self.chunks_digest.finalize();
         if self.bufs.seal.is_some() {

@@ -69,6 +69,9 @@ else
   ksave setup --partuuid "$KSAVE_PARTUUID" --elf /ksave.elf ${KSAVE_LZ4:+--lz4} || { say "setup failed"; exit 1; }
 fi
 memtest_start "${KSAVE_MEMTEST_MIB:-256}"
+# Every CPU comes back after ksave returns: it borrows the ones the kernel
+# took offline for the jump (to code LZ4) and parks them again (INIT).
+cpus=$(cat /sys/devices/system/cpu/online)
 
 case $expect in
   ok)
@@ -154,7 +157,8 @@ if [ "$expect" = reformatted ]; then
   say "the file system on the store is intact (e2fsck -fn, its file)"
 fi
 memtest_check
-say "still running, memory intact"
+[ "$(cat /sys/devices/system/cpu/online)" = "$cpus" ] || { say "CPUs online after ksave returned: $(cat /sys/devices/system/cpu/online), before: $cpus"; exit 1; }
+say "still running, memory intact, CPUs online: $cpus"
 ksave status
 if [ "$expect" = ok ]; then
   scratch=$(test_partition 2) || exit 1

@@ -75,7 +75,7 @@ for round in 1 2; do
   [ -z "$KSAVE_FRESH" ] && lived_in
   say "hibernating ($round), count $last"
   [ -n "$KSAVE_NVS_MARK" ] && nvs_mark
-  ksave hibernate || { say "hibernate failed"; exit 1; }
+  ksave hibernate ${KSAVE_ONE_CPU:+--one-cpu} || { say "hibernate failed"; exit 1; }
   check
   [ -n "$KSAVE_NVS_MARK" ] && nvs_check
   [ "$count" -gt "$last" ] || { say "counter did not carry on: $count after $last"; exit 1; }

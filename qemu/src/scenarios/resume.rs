@@ -132,11 +132,13 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
     // them (no free page left out) and the poison must be back after the
     // resume.
     let poison = if by == ResumeBy::Grub { " page_poison=1 ksave.page_poison=1" } else { "" };
+    let coded = lz4;
     let lz4 = if lz4 { " ksave.lz4=1" } else { "" };
+    let one_cpu_save = if one_cpu { " ksave.one_cpu=1" } else { "" };
     let config = kernel_on(
         machine.kernel,
         &name,
-        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{poison}{lz4}{}", machine.kernel_args()),
+        &format!("resume ksave.partuuid={PART_GUID} ksave.memtest_mib={memtest_mib}{nvs_mark}{init_on_free}{poison}{lz4}{one_cpu_save}{}", machine.kernel_args()),
     )?
     .arg(disk.qemu_args(machine.bus, None));
     let mut vm = Vm::start(VmConfig { echo, ..machine.apply(config)? })?;
@@ -163,8 +165,19 @@ fn story(machine: Machine, by: ResumeBy, memtest_mib: u64, how: How, echo: bool)
         let unit = vm.expect("ksave:   IOMMU Vtd(", 120 * SECOND)?;
         report.add("IOMMU translating at the jump (1 yes, 0 no)", unit.text.contains("translation on") as u8 as f64, "");
     }
+    if coded {
+        // The save's LZ4 coding: shared with the other CPUs unless kept to one.
+        let jobs = vm.expect_metrics("jobs_helped", 300 * SECOND)?;
+        let (helped, own) = (jobs.get("jobs_helped")?, jobs.get("jobs_own")?);
+        if machine.cpus > 1 && !one_cpu {
+            ensure!(helped > 0.0, "{} CPUs, yet the save coded every group on one ({own} groups)", machine.cpus);
+        }
+        report.add("save: groups coded by the other CPUs", helped, "groups");
+        report.add("save: groups coded by the saving CPU", own, "groups");
+    }
     vm.expect("ksave: image complete", 120 * SECOND)?;
     let saved = vm.expect_metrics("image_bytes", 5 * SECOND)?;
+    report.add("save: ksave's save", saved.get("save_ms")?, "ms");
     vm.expect("ksave: powering off", 60 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;
     report.add_ms("hibernate: start to power-off", vm.elapsed() - start.at);

@@ -27,10 +27,12 @@ pub struct How {
     pub drop_caches: bool,
     pub no_precheck: bool,
     pub selftest_fault_in_save: bool,
+    /// The save on this CPU alone.
+    pub one_cpu: bool,
 }
 
 pub fn run(how: &How) -> Result<ExitCode> {
-    let &How { snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } = how;
+    let &How { snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, one_cpu, selftest_fault_in_save } = how;
     // A kernel that poisons free pages expects the poison back in them:
     // only a save of every page gives it that.
     let poisoning = sys::page_poisoning();
@@ -111,7 +113,7 @@ pub fn run(how: &How) -> Result<ExitCode> {
     for note in &frozen.notes {
         frozen.say(&format!("ksave: note: {note}"));
     }
-    let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save, all_pages)?;
+    let loaded = load_ksave(&setup, kexec_tools, selftest_fault_in_save, all_pages, one_cpu)?;
     // Free pages on the per-CPU lists look used to ksave: send them back to
     // the allocator for the jump (the knob is restored when this is dropped).
     let per_cpu_before = sys::per_cpu_list_pages();

@@ -25,7 +25,7 @@ pub fn run(kexec_tools: bool) -> Result<ExitCode> {
         super::check_store(&setup)?;
     }
     // A kernel that poisons free pages gets them saved (as hibernate does).
-    let loaded = load_ksave(&setup, kexec_tools, false, ksave_tools::sys::page_poisoning())?;
+    let loaded = load_ksave(&setup, kexec_tools, false, ksave_tools::sys::page_poisoning(), false)?;
     println!("ksave: loaded for nonce {:#018x}; the kernel holds about {} KiB for it until it is unloaded", loaded.config.nonce, loaded.held_kib);
     Ok(ExitCode::SUCCESS)
 }
@@ -44,10 +44,11 @@ pub struct Loaded {
 }
 
 /// Configures and loads ksave for one attempt.
-pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool, all_pages: bool) -> Result<Loaded> {
+pub fn load_ksave(setup: &Setup, kexec_tools: bool, selftest_fault_in_save: bool, all_pages: bool, one_cpu: bool) -> Result<Loaded> {
     let t = Instant::now();
     let mut config = load::attempt_config(setup)?;
     config.selftest_fault_in_save = selftest_fault_in_save;
+    config.one_cpu = one_cpu;
     if all_pages {
         config.vmcoreinfo = ksave_format::Range::default();
     }

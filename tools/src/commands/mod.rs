@@ -35,8 +35,8 @@ pub fn run(command: Command) -> Result<ExitCode> {
             setup::run(partition, partuuid, lz4, elf, &setup::How { no_precheck, claim, yes, allow_plaintext, uefi })
         }
         Command::Load { kexec_tools } => load::run(kexec_tools),
-        Command::Hibernate { poweroff: _, snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save } => {
-            let how = hibernate::How { snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, selftest_fault_in_save };
+        Command::Hibernate { poweroff: _, snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, one_cpu, selftest_fault_in_save } => {
+            let how = hibernate::How { snapshot, then_suspend, suspend_first, kexec_tools, all_pages, drop_caches, no_precheck, one_cpu, selftest_fault_in_save };
             hibernate::run(&how)
         }
         Command::Resume { partuuid, elf, file_at, key_at, or_invalidate } => resume::run(partuuid, elf, file_at, key_at, or_invalidate),

@@ -14,13 +14,13 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
-use ksave_core::helpers::{Queue, SharedMemory};
+use ksave_core::helpers::{Queue, QueueCoder, SharedMemory};
 use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, Started, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::{DataKey, Seal};
 use ksave_format::commit::{self, Device, FreePages, Plan};
-use ksave_format::header::{Header, State};
+use ksave_format::header::{Header, META_BYTES, State};
 use ksave_format::reader::{self, Source};
 use ksave_format::store::Claim;
 use ksave_format::writer::{self, Memory, Sink};
@@ -362,6 +362,14 @@ pub struct Bufs {
     pub read_ahead: Box<[u8; READ_AHEAD]>,
     /// A sealed image's cipher and raw chunk.
     pub seal: Option<(Seal, Box<SealedChunk>)>,
+    /// The save's coder, as ksave runs it (on this thread alone).
+    pub coder: QueueCoder<'static>,
+}
+
+/// A save's coder on a queue of its own, served by this thread alone.
+pub fn queue_coder() -> QueueCoder<'static> {
+    // SAFETY: a fresh queue, which only this coder's thread submits to.
+    unsafe { QueueCoder::new(Box::leak(Box::new(Queue::new()))) }
 }
 
 impl Bufs {
@@ -374,6 +382,7 @@ impl Bufs {
             pages: boxed(LZ4_GROUP * PAGE).try_into().unwrap(),
             read_ahead: boxed(READ_AHEAD).try_into().unwrap(),
             seal: None,
+            coder: queue_coder(),
         }
     }
 
@@ -391,7 +400,14 @@ impl Bufs {
     pub fn save(&mut self) -> commit::Buffers<'_> {
         commit::Buffers {
             block: &mut self.block,
-            writer: writer::Buffers { raw_header: &mut self.chunk_header, lz4_in: &mut self.pages, lz4_out: &mut self.coded, seal: self.seal.as_mut().map(|(s, c)| (&*s, &mut **c)) },
+            meta: (&mut self.pages[..META_BYTES]).try_into().unwrap(),
+            scratch: (&mut self.coded[..META_BYTES]).try_into().unwrap(),
+            writer: writer::Buffers {
+                raw_header: &mut self.chunk_header,
+                coder: Some(&mut self.coder),
+                write_behind: Some(&mut self.read_ahead[..]),
+                seal: self.seal.as_mut().map(|(s, c)| (&*s, &mut **c)),
+            },
         }
     }
 }

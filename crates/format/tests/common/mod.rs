@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use ksave_format::chunk::{self, LZ4_GROUP, LZ4_OUT, SealedChunk};
 use ksave_format::seal::{DataKey, Seal};
 use ksave_format::commit;
-use ksave_format::header::{self, Header, META_BLOCKS, State};
+use ksave_format::codec::Lz4;
+use ksave_format::header::{self, Header, META_BLOCKS, META_BYTES, State};
 use ksave_format::reader::{self, ReadError};
 use ksave_format::store::{Claim, Claimed};
-use ksave_format::writer::{self, Memory, Sink, Totals, WriteError};
+use ksave_format::writer::{self, GROUPS_IN_FLIGHT, GroupBuffers, Inline, Memory, Sink, Totals, WriteError};
 use ksave_format::{BackupPair, PAGE, Range};
 
 /// Test memory: page frame -> contents.
@@ -198,12 +199,17 @@ pub fn save_with(
         free_as_found: false,
     };
     let mut block = Box::new([0u8; PAGE]);
-    let (mut raw_header, mut lz4_in, mut lz4_out) = (Box::new([0u8; PAGE]), Box::new([0u8; LZ4_GROUP * PAGE]), Box::new([0u8; LZ4_OUT]));
+    let (mut raw_header, mut meta, mut scratch) = (Box::new([0u8; PAGE]), Box::new([0u8; META_BYTES]), Box::new([0u8; META_BYTES]));
     let seal = key.map(Seal::new);
     let mut chunk = Box::new([0u8; size_of::<SealedChunk>()]);
+    let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
+    let mut coder = Inline::new(&mut lz4, &mut groups);
+    let mut behind = vec![0u8; 128 << 10];
     let bufs = commit::Buffers {
         block: &mut block,
-        writer: writer::Buffers { raw_header: &mut raw_header, lz4_in: &mut lz4_in, lz4_out: &mut lz4_out, seal: seal.as_ref().map(|s| (s, &mut *chunk)) },
+        meta: &mut meta,
+        scratch: &mut scratch,
+        writer: writer::Buffers { raw_header: &mut raw_header, coder: Some(&mut coder), write_behind: Some(&mut behind), seal: seal.as_ref().map(|s| (s, &mut *chunk)) },
     };
     commit::save(&plan, &claimed(), mem, free, disk, bufs, || 0, 0)
 }
