@@ -904,10 +904,9 @@ mod tests {
 
     #[test]
     fn a_helper_lost_while_coding_fails_the_save_instead_of_hanging() {
-        let (queue, ram) = (Box::new(Queue::new()), Ram::new(1));
+        let queue = Box::new(Queue::new());
         // SAFETY: this thread alone submits; coding jobs touch their slots only.
         let mut coder = unsafe { QueueCoder::new(&queue) };
-        let _ = &ram;
         coder.gathering().pages.fill(7);
         coder.start(LZ4_GROUP);
         // A helper claims the group, then takes an exception.

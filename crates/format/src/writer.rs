@@ -475,6 +475,7 @@ impl<'b> Writer<'b> {
                 self.flush_free_ahead(sink)?;
                 self.flush_raw(sink)?;
                 let total = encoding.bytes_on_disk(len, self.align) as usize;
+                self.check_room(total as u64)?;
                 let sealed = self.bufs.seal.as_ref().map(|(seal, _)| *seal);
                 let fields = ChunkHeader { index: self.totals.chunks, nonce: self.nonce, encoding, payload_len: len as u32, payload_hash: if sealed.is_some() { 0 } else { hash } };
                 // The group's buffers are the coder's: borrowed apart from
@@ -486,9 +487,6 @@ impl<'b> Writer<'b> {
                 let header_crc = chunk::encode(&mut out[..LZ4_HEADER], &fields, &group.pfns[..n]);
                 let (head, payload) = out.split_at_mut(LZ4_HEADER);
                 let header_crc = seal_chunk(sealed, fields.index, head, &mut payload[..len]).unwrap_or(header_crc);
-                if self.offset + total as u64 > self.capacity {
-                    return Err(WriteError::Full);
-                }
                 self.behind.put(sink, self.offset, &out[..total]).map_err(WriteError::Sink)?;
                 self.chunk_written(total as u64, header_crc);
                 self.totals.pages_stored += n as u64;
@@ -535,22 +533,23 @@ impl<'b> Writer<'b> {
         self.raw_hasher.reset();
         let total = Encoding::Raw.bytes_on_disk(n * PAGE, self.align);
         self.check_room(total)?;
-        match &mut self.bufs.seal {
+        let header_crc = match &mut self.bufs.seal {
             // Sealed: header and encrypted pages from the chunk buffer.
             Some((seal, chunk)) => {
                 let (head, payload) = chunk.split_at_mut(PAGE);
                 chunk::encode(head, &fields, &self.raw[..n]);
                 let crc = seal_chunk(Some(seal), fields.index, head, &mut payload[..n * PAGE]).expect("sealed");
                 self.behind.put(sink, self.offset, &chunk[..PAGE * (1 + n)]).map_err(WriteError::Sink)?;
-                self.chunk_written(total, crc);
+                crc
             }
             None => {
                 let crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
                 self.behind.flush(sink).map_err(WriteError::Sink)?;
                 sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
-                self.chunk_written(total, crc);
+                crc
             }
-        }
+        };
+        self.chunk_written(total, header_crc);
         self.totals.pages_stored += n as u64;
         Ok(())
     }
@@ -590,9 +589,7 @@ impl<'b> Writer<'b> {
 
     /// Writes what is still queued and returns the totals for the header.
     pub fn finish<S: Sink>(mut self, sink: &mut S) -> Result<Totals, WriteError<S::Error>> {
-        if self.bufs.coder.is_some() {
-            self.drain(sink)?;
-        }
+        self.drain(sink)?;
         self.flush_raw(sink)?;
         self.flush_free(sink)?;
         self.behind.flush(sink).map_err(WriteError::Sink)?;
