@@ -214,7 +214,7 @@ fn run(at: StoreAt, here: Memory, iommus: &[RemappingUnit], invalidate_refused: 
         Ok(p) => p,
         Err(e) => return Refused::with(Refusal::NoStore, format_args!("{e}")),
     };
-    let Work { block, raw_header, lz4_in, lz4_out, sealed_chunk, read_ahead, .. } = work::take();
+    let Work { block, raw_header, lz4_in, lz4_out, sealed_chunks: [sealed_chunk, ..], read_ahead, .. } = work::take();
     if let Err(refused) = before_verdict(&mut part, seal, check_filesystems, block, raw_header) {
         part.close();
         return refused;

@@ -19,8 +19,8 @@ use ksave_format::config::Config;
 use ksave_format::header::{DATA_OFFSET, META_BYTES, fail};
 use ksave_format::reader::Source;
 use ksave_format::store::Claimed;
-use ksave_format::writer::{self, GroupCoder, Memory, Sink};
-use ksave_core::helpers::QueueCoder;
+use ksave_format::writer::{self, ChunkSealer, GroupCoder, Memory, Sink};
+use ksave_core::helpers::{QueueCoder, QueueSealer};
 use ksave_format::{PAGE, Range};
 
 use crate::disks::{self, CloseOnException, FileAt, OpenPartition, StoreAt};
@@ -307,22 +307,25 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
         }
     };
     // The image, by the format's commit protocol.
-    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunk, read_ahead, .. } = work;
+    let Work { block, page0, raw_header, lz4_in, lz4_out, sealed_chunks, read_ahead, .. } = work;
     if seal.is_some() {
         println!("ksave: sealing the image (AES-256-GCM, the key from the config)");
     }
     if config.one_cpu {
         smp::keep_to_one_cpu();
     }
-    // The other CPUs code LZ4 (parked again when `cpus` goes, before the
-    // jump back).
+    // The other CPUs code LZ4 and seal raw chunks (parked again when `cpus`
+    // goes, before the jump back): a plain save has nothing to share.
     let mut cpus = smp::Cpus::new();
     // SAFETY: the config's RAM is the caller's (the host listed it), and
     // the start-up page's contents go back into it when they are parked.
-    let started = config.lz4.then(|| unsafe { cpus.for_save(config.ram()) });
+    let started = (config.lz4 || seal.is_some()).then(|| unsafe { cpus.for_save(config.ram()) });
     let held = started.and_then(|(_, held)| held);
     // SAFETY: this CPU alone submits; coding jobs touch only their slots.
     let mut coder = started.map(|(queue, _)| unsafe { QueueCoder::new(queue) });
+    // SAFETY: this CPU alone submits; the sealer goes before `cpus`, which
+    // parks the other CPUs before the chunks' buffers are used again.
+    let mut sealer = seal.zip(started).map(|(seal, (queue, _))| unsafe { QueueSealer::new(queue, seal, sealed_chunks) });
     let mem = CallerMemory::new(paging::identity_end(), page0, held);
     let mut sink = DiskSink::new(part, start, ready.worst_case_bytes());
     if let Some((pfn, stand_in)) = held {
@@ -335,11 +338,12 @@ fn save(config: &Config, caller: &Caller, part: &mut OpenPartition, claimed: Cla
     let scratch = (&mut lz4_out[..META_BYTES]).try_into().expect("the work buffer holds the metadata");
     let coder = coder.as_mut().map(|c| c as &mut dyn GroupCoder);
     // The restore's read-ahead window gathers the save's chunks for the disk.
-    let writer = writer::Buffers { raw_header, coder, write_behind: Some(&mut read_ahead[..]), seal: seal.map(|s| (s, sealed_chunk)) };
+    let seal = seal.zip(sealer.as_mut()).map(|(seal, sealer)| (seal, sealer as &mut dyn ChunkSealer));
+    let writer = writer::Buffers { raw_header, coder, write_behind: Some(&mut read_ahead[..]), seal };
     let summary = ready.write(&mut sink, &mem, free, counting, free_rule, commit::Buffers { block, meta, scratch, writer }, hw::now_us)?;
     if let Some((queue, _)) = started {
         let (jobs_helped, jobs_own) = queue.jobs_run();
-        println!("ksave: {jobs_helped} groups coded by the other CPUs, {jobs_own} by this one");
+        println!("ksave: {jobs_helped} jobs (groups coded, chunks sealed) run by the other CPUs, {jobs_own} by this one");
         crate::metric!(jobs_helped = jobs_helped, jobs_own = jobs_own);
     }
     Ok((summary, sink.disk_us))

@@ -4,6 +4,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use ksave_core::helpers::CHUNKS_SEALING;
 use ksave_core::resume::READ_AHEAD;
 use ksave_format::PAGE;
 use ksave_format::chunk::{LZ4_GROUP, LZ4_OUT, SealedChunk};
@@ -70,8 +71,9 @@ pub struct Work {
     pub lz4_in: [u8; LZ4_GROUP * PAGE],
     /// An LZ4 chunk.
     pub lz4_out: [u8; LZ4_OUT],
-    /// A sealed image's raw chunk, encrypted or opened in place.
-    pub sealed_chunk: SealedChunk,
+    /// A sealed image's raw chunks, encrypted (a save seals
+    /// [`CHUNKS_SEALING`] at once, on every CPU) or opened in place.
+    pub sealed_chunks: [SealedChunk; CHUNKS_SEALING],
 }
 
 static WORK: Exclusive<Work> = Exclusive::new(Work {
@@ -81,7 +83,7 @@ static WORK: Exclusive<Work> = Exclusive::new(Work {
     read_ahead: [0; READ_AHEAD],
     lz4_in: [0; LZ4_GROUP * PAGE],
     lz4_out: [0; LZ4_OUT],
-    sealed_chunk: [0; size_of::<SealedChunk>()],
+    sealed_chunks: [[0; size_of::<SealedChunk>()]; CHUNKS_SEALING],
 });
 
 /// The work buffers; once per entry.

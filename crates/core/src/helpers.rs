@@ -3,8 +3,8 @@
 //! resume: a coded chunk's check and decode, the check of raw pages the
 //! disk put in place, zeroing; a job's failure stays with its chunk until
 //! [`Queue::settle`] reports the first chunk's. In a save: the LZ4 coding
-//! of groups of pages, whose slots the writer keeps and takes back in
-//! order ([`QueueCoder`]). The loading CPU runs a job itself whenever it
+//! of groups of pages and the sealing of raw chunks, whose slots the writer
+//! keeps and takes back in order ([`QueueCoder`], [`QueueSealer`]). The loading CPU runs a job itself whenever it
 //! waits, so the queue works with no helper at all.
 //!
 //! The protocol, per slot: the loading CPU takes a FREE slot (it alone
@@ -16,9 +16,12 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
-use ksave_format::chunk::{Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES};
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use ksave_format::chunk::{Encoding, LZ4_GROUP, LZ4_OUT, MAX_RAW_PAGES, SEALED_RAW_PAGES, SealedChunk};
 use ksave_format::codec::Lz4;
-use ksave_format::writer::{Coded, GROUPS_IN_FLIGHT, Group, GroupCoder, code_group};
+use ksave_format::writer::{ChunkSealer, Coded, GROUPS_IN_FLIGHT, Group, GroupCoder, code_group, seal_raw_chunk};
 use ksave_format::reader::{ChunkAt, FORGED, check_and_decode, decode};
 use ksave_format::seal::{Seal, Sealed, TAG_LEN};
 use ksave_format::{PAGE, PayloadHasher, Range};
@@ -151,6 +154,18 @@ pub enum Job {
     Encode {
         /// The codec's encoding.
         encoding: Encoding,
+        /// How many pages.
+        pages: u16,
+    },
+    /// Seal raw chunk `index` in place: its encoded header and `pages`
+    /// pages in the buffer at `chunk` (a save's, [`seal_raw_chunk`]).
+    SealRaw {
+        /// The image's cipher; it outlives the job ([`QueueSealer::new`]).
+        seal: *const Seal,
+        /// The chunk, this job's alone until done ([`QueueSealer::new`]).
+        chunk: *mut SealedChunk,
+        /// The chunk's index (its nonce).
+        index: u64,
         /// How many pages.
         pages: u16,
     },
@@ -333,12 +348,7 @@ impl Queue {
     /// As for [`Self::submit`].
     pub unsafe fn reserve(&self, mem: &dyn SharedMemory) -> usize {
         loop {
-            self.harvest(&mut None);
-            if let Some(i) = self.slots.iter().position(|s| s.state.load(Ordering::Relaxed) == FREE) {
-                self.slots[i].state.store(FILLING, Ordering::Relaxed);
-                // SAFETY: FILLING: only this CPU reaches the slot.
-                let data = unsafe { &mut *self.slots[i].data.get() };
-                (data.failure, data.coded, data.kept) = (None, NOT_CODED, true);
+            if let Some(i) = self.try_reserve() {
                 return i;
             }
             // SAFETY: the jobs were submitted under submit's contract.
@@ -346,6 +356,18 @@ impl Queue {
                 core::hint::spin_loop();
             }
         }
+    }
+
+    /// [`Self::reserve`], but `None` at once if no slot is free. Only the
+    /// submitting CPU reserves.
+    pub fn try_reserve(&self) -> Option<usize> {
+        self.harvest(&mut None);
+        let i = self.slots.iter().position(|s| s.state.load(Ordering::Relaxed) == FREE)?;
+        self.slots[i].state.store(FILLING, Ordering::Relaxed);
+        // SAFETY: FILLING: only this (the submitting) CPU reaches the slot.
+        let data = unsafe { &mut *self.slots[i].data.get() };
+        (data.failure, data.coded, data.kept) = (None, NOT_CODED, true);
+        Some(i)
     }
 
     /// A slot this CPU reserved, while it fills it or once it is done.
@@ -519,6 +541,16 @@ unsafe fn run(data: &mut SlotData, mem: &dyn SharedMemory) -> Result<(), &'stati
             data.coded = code_group(codec, input, &mut data.bytes, pages as usize);
             Ok(())
         }
+        Job::SealRaw { seal, chunk, index, pages } => {
+            if pages as usize > SEALED_RAW_PAGES {
+                return Err("page count");
+            }
+            // SAFETY: QueueSealer::new's contract: the cipher and the chunk
+            // outlive the job, and the chunk is the job's alone meanwhile.
+            let (seal, chunk) = unsafe { (&*seal, &mut *chunk) };
+            seal_raw_chunk(seal, index, chunk, pages as usize);
+            Ok(())
+        }
     }
 }
 
@@ -596,20 +628,132 @@ impl GroupCoder for QueueCoder<'_> {
 
 }
 
-/// Memory a coder's queue never reads (its jobs touch their slots only).
+/// Raw chunks a [`QueueSealer`] seals at once: each is a [`SealedChunk`]
+/// of ksave's memory (260 KiB). Two keep two CPUs sealing: the saving CPU
+/// seals the newer while it waits for the older, and writes and fills one
+/// while another CPU seals the other.
+pub const CHUNKS_SEALING: usize = 2;
+
+/// A save's [`ChunkSealer`] on every CPU: each raw chunk is sealed in its
+/// buffer by whichever CPU comes first (the saving one while it waits);
+/// when the coder holds every slot of the queue, at once on this CPU.
+pub struct QueueSealer<'q> {
+    queue: &'q Queue,
+    seal: &'q Seal,
+    /// The chunks' buffers: jobs on other CPUs reach them by address.
+    chunks: NonNull<SealedChunk>,
+    /// Per chunk: the slot sealing it (`None`: sealed already) and its pages.
+    jobs: [(Option<usize>, usize); CHUNKS_SEALING],
+    oldest: usize,
+    in_flight: usize,
+    _chunks: PhantomData<&'q mut [SealedChunk; CHUNKS_SEALING]>,
+}
+
+impl<'q> QueueSealer<'q> {
+    /// Seals with `seal` in `chunks`, on `queue`.
+    ///
+    /// # Safety
+    /// This CPU alone submits to `queue` while the sealer lives; the CPUs
+    /// serving it are stopped before `seal` and `chunks` are used again
+    /// if the sealer goes while one of them holds a job (a helper lost:
+    /// ksave parks every CPU on its way out).
+    pub unsafe fn new(queue: &'q Queue, seal: &'q Seal, chunks: &'q mut [SealedChunk; CHUNKS_SEALING]) -> Self {
+        Self { queue, seal, chunks: NonNull::from(chunks).cast(), jobs: [(None, 0); CHUNKS_SEALING], oldest: 0, in_flight: 0, _chunks: PhantomData }
+    }
+
+    fn chunk(&self, i: usize) -> *mut SealedChunk {
+        // SAFETY: `i` < CHUNKS_SEALING, within the array `new` took.
+        unsafe { self.chunks.as_ptr().add(i % CHUNKS_SEALING) }
+    }
+}
+
+impl ChunkSealer for QueueSealer<'_> {
+    fn chunks(&self) -> usize {
+        CHUNKS_SEALING
+    }
+
+    fn filling(&mut self) -> &mut SealedChunk {
+        assert!(self.in_flight < CHUNKS_SEALING);
+        // SAFETY: not in flight: no job holds it; the one reference
+        // (`&mut self`).
+        unsafe { &mut *self.chunk(self.oldest + self.in_flight) }
+    }
+
+    fn start(&mut self, index: u64, pages: usize) {
+        let i = (self.oldest + self.in_flight) % CHUNKS_SEALING;
+        let chunk = self.chunk(i);
+        let slot = self.queue.try_reserve();
+        match slot {
+            Some(slot) => {
+                // SAFETY: reserved and not published.
+                let data = unsafe { self.queue.slot(slot) };
+                data.job = Job::SealRaw { seal: self.seal, chunk, index, pages: pages as u16 };
+                data.at = ChunkAt { index, offset: 0 };
+                self.queue.publish(slot);
+            }
+            // SAFETY: not in flight: no job holds it.
+            None => seal_raw_chunk(self.seal, index, unsafe { &mut *chunk }, pages),
+        }
+        self.jobs[i] = (slot, pages);
+        self.in_flight += 1;
+    }
+
+    fn finished(&mut self) -> Result<&[u8], &'static str> {
+        assert!(self.in_flight > 0);
+        let (slot, pages) = self.jobs[self.oldest];
+        if let Some(slot) = slot {
+            // SAFETY: new's contract; the queue's jobs touch no memory but
+            // their slots and chunks.
+            unsafe { self.queue.wait(slot, &NO_MEMORY)? };
+            // SAFETY: done, kept, not freed; the one reference (`&mut self`).
+            if let Some(why) = unsafe { self.queue.slot(slot) }.failure {
+                return Err(why);
+            }
+        }
+        // SAFETY: sealed: no job holds it any more.
+        let chunk: &SealedChunk = unsafe { &*self.chunk(self.oldest) };
+        Ok(&chunk[..PAGE * (1 + pages)])
+    }
+
+    fn release(&mut self) {
+        if let (Some(slot), _) = self.jobs[self.oldest] {
+            self.queue.free(slot);
+        }
+        self.jobs[self.oldest] = (None, 0);
+        self.oldest = (self.oldest + 1) % CHUNKS_SEALING;
+        self.in_flight -= 1;
+    }
+}
+
+impl Drop for QueueSealer<'_> {
+    /// A save that failed may leave chunks sealing: they are waited for
+    /// (or their CPU is lost) before the buffers go back to the caller.
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            if let (Some(slot), _) = self.jobs[self.oldest] {
+                // SAFETY: as in `finished`.
+                let _ = unsafe { self.queue.wait(slot, &NO_MEMORY) };
+            }
+            self.release();
+        }
+    }
+}
+
+/// Memory a save's queue never reads (its jobs touch their slots and
+/// chunks only).
 struct NoMemory;
 
 static NO_MEMORY: NoMemory = NoMemory;
 
 impl SharedMemory for NoMemory {
     unsafe fn zero(&self, _: u64, _: u64) {
-        unreachable!("a coding job touches its slot only")
+        unreachable!("a save's job touches its slot and chunk only")
     }
     unsafe fn write(&self, _: u64, _: &[u8]) {
-        unreachable!("a coding job touches its slot only")
+        unreachable!("a save's job touches its slot and chunk only")
     }
     unsafe fn read(&self, _: u64, _: &mut [u8]) {
-        unreachable!("a coding job touches its slot only")
+        unreachable!("a save's job touches its slot and chunk only")
     }
 }
 
@@ -617,7 +761,9 @@ impl SharedMemory for NoMemory {
 mod tests {
     use super::*;
     use ksave_format::codec::PageCodec;
-    use ksave_format::writer::{Buffers as WriterBuffers, GroupBuffers, Inline, Memory, Sink, Totals, WriteError, Writer};
+    use ksave_format::header::FLAG_SEALED;
+    use ksave_format::seal::DataKey;
+    use ksave_format::writer::{Buffers as WriterBuffers, GroupBuffers, Inline, InlineSealer, Memory, Sink, Totals, WriteError, Writer};
     use std::boxed::Box;
     use std::vec;
     use std::vec::Vec;
@@ -862,9 +1008,16 @@ mod tests {
     /// Every page of `mem` through a writer coding with `coder`, chunks
     /// gathered in `write_behind` if given; the image and the writes it took.
     fn write_all(mem: &Pages, coder: &mut dyn GroupCoder, write_behind: Option<&mut [u8]>) -> Result<(Vec<u8>, Totals, usize), WriteError<()>> {
+        write_sealed(mem, true, coder, write_behind, None)
+    }
+
+    /// [`write_all`], coding groups if `code_groups`, sealed if `seal`.
+    fn write_sealed(mem: &Pages, code_groups: bool, coder: &mut dyn GroupCoder, write_behind: Option<&mut [u8]>, seal: Option<(&Seal, &mut dyn ChunkSealer)>) -> Result<(Vec<u8>, Totals, usize), WriteError<()>> {
         let mut raw_header = [0u8; PAGE];
         let mut image = Image(Vec::new(), mem, 0);
-        let mut w = Writer::new(7, 1 << 30, 512, true, WriterBuffers { raw_header: &mut raw_header, coder: Some(coder), write_behind, seal: None });
+        // The sealer's borrow shortened to the header's.
+        let seal = seal.map(|(seal, sealer)| (seal, sealer as &mut dyn ChunkSealer));
+        let mut w = Writer::new(7, 1 << 30, 512, code_groups, WriterBuffers { raw_header: &mut raw_header, coder: Some(coder), write_behind, seal });
         for pfn in 0..mem.0.len() as u64 {
             w.add_page(pfn, mem, &mut image)?;
         }
@@ -900,6 +1053,63 @@ mod tests {
             assert!((tried.div_ceil(LZ4_GROUP as u64)..=tried).contains(&jobs), "{jobs} jobs for {tried} pages");
             assert!(helpers == 0 || by_helpers > 0, "{helpers} helpers ran no job");
         }
+    }
+
+    fn sealed_chunks() -> Box<[SealedChunk]> {
+        vec![[0u8; size_of::<SealedChunk>()]; CHUNKS_SEALING].into_boxed_slice()
+    }
+
+    #[test]
+    fn a_save_sealed_on_every_cpu_is_the_image_sealed_on_one() {
+        let mem = Pages(save_memory(1000));
+        let seal = Seal::new(&DataKey([0x5e; 32]));
+        for code_groups in [false, true] {
+            let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
+            let mut chunk = sealed_chunks();
+            let mut inline = InlineSealer::new(&seal, &mut chunk[0]);
+            let (one, one_totals, _) = write_sealed(&mem, code_groups, &mut Inline::new(&mut lz4, &mut groups), None, Some((&seal, &mut inline))).unwrap();
+            assert!(one_totals.flags & FLAG_SEALED != 0 && one_totals.pages_stored > 5 * SEALED_RAW_PAGES as u64, "{one_totals:?}");
+            for helpers in [0, 1, 3] {
+                let queue = Box::new(Queue::new());
+                let mut chunks = sealed_chunks();
+                let (image, totals, _) = std::thread::scope(|s| {
+                    for _ in 0..helpers {
+                        // SAFETY: a save's jobs touch their slots and chunks only.
+                        s.spawn(|| unsafe { queue.serve(&NO_MEMORY) });
+                    }
+                    // SAFETY: this thread alone submits; the chunks are the
+                    // sealer's; the helpers stop before they go.
+                    let (mut coder, mut sealer) = unsafe { (QueueCoder::new(&queue), QueueSealer::new(&queue, &seal, (&mut chunks[..]).try_into().unwrap())) };
+                    let written = write_sealed(&mem, code_groups, &mut coder, Some(&mut [0u8; 128 << 10]), Some((&seal, &mut sealer)));
+                    drop(sealer);
+                    queue.stop();
+                    written.unwrap()
+                });
+                assert_eq!(totals, one_totals, "{helpers} helpers, groups coded: {code_groups}");
+                assert!(image == one, "{helpers} helpers, groups coded: {code_groups}: the images differ");
+                let (by_helpers, by_saver) = queue.jobs_run();
+                assert!(helpers == 0 || by_helpers > 0, "{helpers} helpers ran no job");
+                if !code_groups {
+                    // Every raw chunk was a job: no coder held the slots.
+                    assert_eq!(u64::from(by_helpers + by_saver), totals.chunks - (totals.pages_free > 0) as u64, "{totals:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_helper_lost_while_sealing_fails_the_save_instead_of_hanging() {
+        let queue = Box::new(Queue::new());
+        let seal = Seal::new(&DataKey([0x5e; 32]));
+        let mut chunks = sealed_chunks();
+        // SAFETY: this thread alone submits; the chunks are the sealer's;
+        // no helper runs.
+        let mut sealer = unsafe { QueueSealer::new(&queue, &seal, (&mut chunks[..]).try_into().unwrap()) };
+        sealer.filling().fill(7);
+        sealer.start(0, 4);
+        assert!(queue.slots.iter().any(|s| s.state.compare_exchange(READY, BUSY, Ordering::Acquire, Ordering::Relaxed).is_ok()));
+        queue.helper_lost();
+        assert_eq!(sealer.finished().err(), Some("a helper CPU took an exception"));
     }
 
     #[test]

@@ -248,7 +248,7 @@ struct Bufs {
 
 impl Bufs {
     fn new() -> Self {
-        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array(), read_ahead: low_array(), coder: common::queue_coder() }
+        Self { block: low_array(), chunk_header: low_array(), coded: low_array(), pages: low_array(), read_ahead: low_array(), coder: common::queue_coder(common::save_queue()) }
     }
 
     fn resume(&mut self) -> resume::Buffers<'_> {

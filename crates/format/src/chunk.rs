@@ -118,6 +118,11 @@ pub fn set_tag(h: &mut [u8], tag: &[u8; crate::seal::TAG_LEN]) -> [u8; 4] {
     crc
 }
 
+/// An encoded chunk header's CRC (its last four bytes).
+pub fn header_crc(h: &[u8]) -> [u8; 4] {
+    h[h.len() - 4..].try_into().unwrap()
+}
+
 /// A sealed chunk header's tag.
 pub fn tag(h: &[u8]) -> [u8; crate::seal::TAG_LEN] {
     let at = crate::seal::chunk_tag_at(h.len());

@@ -196,6 +196,75 @@ pub fn code_group(codec: &mut dyn PageCodec, input: &[u8], out: &mut [u8; chunk:
     Coded { pages, payload }
 }
 
+/// Seals a sealed image's raw chunks, maybe on other CPUs, and gives them
+/// back in the order they were started. Every decision about a chunk is
+/// made before it starts (its index is its nonce), so who seals it changes
+/// no byte of the image.
+pub trait ChunkSealer {
+    /// How many chunks it holds: once this many are started, the writer
+    /// writes the oldest before it fills another.
+    fn chunks(&self) -> usize;
+    /// The chunk being filled (header block, then pages): the same one
+    /// until [`Self::start`].
+    fn filling(&mut self) -> &mut SealedChunk;
+    /// Starts sealing the chunk filled, whose header is encoded: chunk
+    /// `index`, `pages` pages.
+    fn start(&mut self, index: u64, pages: usize);
+    /// Waits for the oldest chunk started and gives it back sealed, as it
+    /// goes on disk; or says why it never will be (a CPU sealing it was
+    /// lost).
+    fn finished(&mut self) -> Result<&[u8], &'static str>;
+    /// Lets the oldest chunk go (after [`Self::finished`]).
+    fn release(&mut self);
+}
+
+/// A [`ChunkSealer`] that seals each chunk on this CPU as it starts.
+pub struct InlineSealer<'b> {
+    seal: &'b Seal,
+    chunk: &'b mut SealedChunk,
+    /// Pages of the chunk sealed and not yet released.
+    sealed: Option<usize>,
+}
+
+impl<'b> InlineSealer<'b> {
+    /// Seals with `seal` in `chunk`.
+    pub fn new(seal: &'b Seal, chunk: &'b mut SealedChunk) -> Self {
+        Self { seal, chunk, sealed: None }
+    }
+}
+
+impl ChunkSealer for InlineSealer<'_> {
+    fn chunks(&self) -> usize {
+        1
+    }
+
+    fn filling(&mut self) -> &mut SealedChunk {
+        assert!(self.sealed.is_none());
+        self.chunk
+    }
+
+    fn start(&mut self, index: u64, pages: usize) {
+        seal_raw_chunk(self.seal, index, self.chunk, pages);
+        self.sealed = Some(pages);
+    }
+
+    fn finished(&mut self) -> Result<&[u8], &'static str> {
+        let pages = self.sealed.ok_or("no chunk started")?;
+        Ok(&self.chunk[..PAGE * (1 + pages)])
+    }
+
+    fn release(&mut self) {
+        self.sealed = None;
+    }
+}
+
+/// Seals raw chunk `index` in `chunk`: its header (encoded) and `pages`
+/// pages after it. What every [`ChunkSealer`] runs, on whichever CPU.
+pub fn seal_raw_chunk(seal: &Seal, index: u64, chunk: &mut SealedChunk, pages: usize) {
+    let (head, payload) = chunk.split_at_mut(PAGE);
+    seal_chunk(Some(seal), index, head, &mut payload[..pages * PAGE]);
+}
+
 /// Working memory for a [`Writer`]; ksave keeps it in its image.
 pub struct Buffers<'b> {
     /// One raw chunk header.
@@ -207,10 +276,12 @@ pub struct Buffers<'b> {
     /// disk command costs about as much as coding a group. `None`: each
     /// its own write.
     pub write_behind: Option<&'b mut [u8]>,
-    /// A sealed image: its cipher, and the raw chunk being built (every
-    /// chunk is encrypted on its way out, so none goes from memory where
-    /// its pages lie).
-    pub seal: Option<(&'b Seal, &'b mut SealedChunk)>,
+    /// A sealed image: its cipher, and what seals its raw chunks with it
+    /// (every chunk is encrypted on its way out, so none goes from memory
+    /// where its pages lie; coded and free-run chunks are sealed here as
+    /// they are written). Raw chunks sealing and groups coding share
+    /// ksave's queue, so no group is gathered while a raw chunk seals.
+    pub seal: Option<(&'b Seal, &'b mut dyn ChunkSealer)>,
 }
 
 /// What a finished save wrote.
@@ -267,6 +338,10 @@ pub struct Writer<'b> {
     free_count: usize,
     /// Pages in those runs.
     free_pages: u64,
+    /// Raw chunks started sealing and not yet written, and the offset of
+    /// the oldest (they follow each other: any other chunk waits for them).
+    sealing: usize,
+    sealing_at: u64,
     /// Chunks written, not yet handed to the sink.
     behind: WriteBehind<'b>,
     bufs: Buffers<'b>,
@@ -348,6 +423,8 @@ impl<'b> Writer<'b> {
             free: [0; 2 * MAX_FREE_RUNS],
             free_count: 0,
             free_pages: 0,
+            sealing: 0,
+            sealing_at: 0,
             behind: WriteBehind { buf: bufs.write_behind.take(), at: 0, len: 0 },
             bufs,
         }
@@ -372,6 +449,10 @@ impl<'b> Writer<'b> {
             self.lz4_skip -= 1;
             self.totals.pages_lz4_skipped += 1;
             return self.push_raw(pfn, page, sink);
+        }
+        if self.gathered == 0 {
+            // A group takes a slot of the queue the raw chunks sealing hold.
+            self.drain_sealing(sink)?;
         }
         let group = self.bufs.coder.as_deref_mut().expect("checked above").gathering();
         group.pages[self.gathered * PAGE..(self.gathered + 1) * PAGE].copy_from_slice(page);
@@ -413,7 +494,7 @@ impl<'b> Writer<'b> {
         self.raw[i] = pfn;
         self.raw_count += 1;
         match &mut self.bufs.seal {
-            Some((_, chunk)) => chunk[PAGE * (1 + i)..PAGE * (2 + i)].copy_from_slice(page),
+            Some((_, sealer)) => sealer.filling()[PAGE * (1 + i)..PAGE * (2 + i)].copy_from_slice(page),
             None => self.raw_hasher.update(page),
         }
         if self.raw_count == raw_chunk_pages(self.bufs.seal.is_some()) {
@@ -474,6 +555,7 @@ impl<'b> Writer<'b> {
                 // it): raw pages queued before this group go first.
                 self.flush_free_ahead(sink)?;
                 self.flush_raw(sink)?;
+                self.drain_sealing(sink)?;
                 let total = encoding.bytes_on_disk(len, self.align) as usize;
                 self.check_room(total as u64)?;
                 let sealed = self.bufs.seal.as_ref().map(|(seal, _)| *seal);
@@ -533,24 +615,49 @@ impl<'b> Writer<'b> {
         self.raw_hasher.reset();
         let total = Encoding::Raw.bytes_on_disk(n * PAGE, self.align);
         self.check_room(total)?;
-        let header_crc = match &mut self.bufs.seal {
-            // Sealed: header and encrypted pages from the chunk buffer.
-            Some((seal, chunk)) => {
-                let (head, payload) = chunk.split_at_mut(PAGE);
-                chunk::encode(head, &fields, &self.raw[..n]);
-                let crc = seal_chunk(Some(seal), fields.index, head, &mut payload[..n * PAGE]).expect("sealed");
-                self.behind.put(sink, self.offset, &chunk[..PAGE * (1 + n)]).map_err(WriteError::Sink)?;
-                crc
-            }
-            None => {
-                let crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
-                self.behind.flush(sink).map_err(WriteError::Sink)?;
-                sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
-                crc
-            }
-        };
-        self.chunk_written(total, header_crc);
         self.totals.pages_stored += n as u64;
+        let Some((_, sealer)) = &mut self.bufs.seal else {
+            let crc = chunk::encode(&mut self.bufs.raw_header[..], &fields, &self.raw[..n]);
+            self.behind.flush(sink).map_err(WriteError::Sink)?;
+            sink.write_raw(self.offset, &self.bufs.raw_header[..], &self.raw[..n]).map_err(WriteError::Sink)?;
+            self.chunk_written(total, crc);
+            return Ok(());
+        };
+        // Sealed: the header and encrypted pages go from the chunk buffer
+        // once sealed; its place and index are taken now, its header's CRC
+        // (over the tag) counted when it is written.
+        debug_assert_eq!(total, (PAGE * (1 + n)) as u64);
+        chunk::encode(&mut sealer.filling()[..PAGE], &fields, &self.raw[..n]);
+        sealer.start(fields.index, n);
+        if self.sealing == 0 {
+            self.sealing_at = self.offset;
+        }
+        self.sealing += 1;
+        self.offset += total;
+        self.totals.chunks += 1;
+        if self.sealing == sealer.chunks() {
+            self.write_sealed(sink)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest raw chunk sealing, once sealed.
+    fn write_sealed<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        let (_, sealer) = self.bufs.seal.as_mut().expect("chunks seal only with a sealer");
+        let chunk = sealer.finished().map_err(WriteError::Coder)?;
+        self.behind.put(sink, self.sealing_at, chunk).map_err(WriteError::Sink)?;
+        self.chunks_digest.update(&chunk::header_crc(&chunk[..PAGE]));
+        self.sealing_at += chunk.len() as u64;
+        sealer.release();
+        self.sealing -= 1;
+        Ok(())
+    }
+
+    /// Writes every raw chunk sealing, in order: before any other chunk.
+    fn drain_sealing<S: Sink>(&mut self, sink: &mut S) -> Result<(), WriteError<S::Error>> {
+        while self.sealing > 0 {
+            self.write_sealed(sink)?;
+        }
         Ok(())
     }
 
@@ -572,6 +679,7 @@ impl<'b> Writer<'b> {
         let header_crc = seal_chunk(sealed, fields.index, &mut self.bufs.raw_header[..], &mut []).unwrap_or(header_crc);
         let total = Encoding::Free.bytes_on_disk(0, self.align);
         self.check_room(total)?;
+        self.drain_sealing(sink)?;
         self.behind.put(sink, self.offset, &self.bufs.raw_header[..total as usize]).map_err(WriteError::Sink)?;
         self.chunk_written(total, header_crc);
         Ok(())
@@ -592,6 +700,7 @@ impl<'b> Writer<'b> {
         self.drain(sink)?;
         self.flush_raw(sink)?;
         self.flush_free(sink)?;
+        self.drain_sealing(sink)?;
         self.behind.flush(sink).map_err(WriteError::Sink)?;
         self.totals.data_bytes = self.offset - DATA_OFFSET;
         self.totals.chunks_crc = self.chunks_digest.finalize();

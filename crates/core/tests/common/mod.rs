@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bootinfo::kexec::Coverage;
-use ksave_core::helpers::{Queue, QueueCoder, SharedMemory};
+use ksave_core::helpers::{CHUNKS_SEALING, Queue, QueueCoder, QueueSealer, SharedMemory};
 use ksave_core::resume::{self, DmaSource, Helpers, Machine, PhysMemory, READ_AHEAD, Refused, Resumed, Started, WhenRefused};
 use ksave_core::save::{Failure, FoundPartition, HostPartition, Stages, Summary, check_claim};
 use ksave_format::chunk::{ChunkInfo, LZ4_GROUP, LZ4_OUT, SealedChunk};
@@ -23,7 +23,7 @@ use ksave_format::commit::{self, Device, FreePages, Plan};
 use ksave_format::header::{Header, META_BYTES, State};
 use ksave_format::reader::{self, Source};
 use ksave_format::store::Claim;
-use ksave_format::writer::{self, Memory, Sink};
+use ksave_format::writer::{self, ChunkSealer, Memory, Sink};
 use ksave_format::{BackupPair, PAGE, Range};
 
 /// The machine's address space: 8 MiB.
@@ -277,7 +277,7 @@ impl Store {
         let meta_buf = (&mut bufs.pages[..ksave_format::header::META_BLOCKS as usize * PAGE]).try_into().unwrap();
         let saved = reader::Saved::of(&reader::read_meta(&mut src, &header, meta_buf).unwrap(), &header);
         let mut chunks = Chunks(Vec::new());
-        let seal = bufs.seal.as_mut().map(|(s, c)| (&*s, &mut **c));
+        let seal = bufs.seal.as_mut().map(|(s, c)| (*s, &mut **c));
         let rb = reader::Buffers { header: &mut bufs.chunk_header, lz4_in: &mut bufs.coded, lz4_out: &mut bufs.pages, seal };
         reader::visit_chunks(&mut src, &header, &saved, rb, &mut chunks).unwrap();
         chunks.0
@@ -360,21 +360,30 @@ pub struct Bufs {
     pub coded: Box<[u8; LZ4_OUT]>,
     pub pages: Box<[u8; LZ4_GROUP * PAGE]>,
     pub read_ahead: Box<[u8; READ_AHEAD]>,
-    /// A sealed image's cipher and raw chunk.
-    pub seal: Option<(Seal, Box<SealedChunk>)>,
-    /// The save's coder, as ksave runs it (on this thread alone).
+    /// A sealed image's cipher and raw chunk (the resume's).
+    pub seal: Option<(&'static Seal, Box<SealedChunk>)>,
+    /// The save's coder and a sealed image's sealer, as ksave runs them
+    /// (on this thread alone), on one queue.
     pub coder: QueueCoder<'static>,
+    pub sealer: Option<QueueSealer<'static>>,
+    queue: &'static Queue,
 }
 
-/// A save's coder on a queue of its own, served by this thread alone.
-pub fn queue_coder() -> QueueCoder<'static> {
+/// A fresh queue for a save, served by this thread alone.
+pub fn save_queue() -> &'static Queue {
+    Box::leak(Box::new(Queue::new()))
+}
+
+/// A save's coder on `queue`.
+pub fn queue_coder(queue: &'static Queue) -> QueueCoder<'static> {
     // SAFETY: a fresh queue, which only this coder's thread submits to.
-    unsafe { QueueCoder::new(Box::leak(Box::new(Queue::new()))) }
+    unsafe { QueueCoder::new(queue) }
 }
 
 impl Bufs {
     pub fn new() -> Self {
         let boxed = |n| vec![0u8; n].into_boxed_slice();
+        let queue = save_queue();
         Self {
             block: boxed(PAGE).try_into().unwrap(),
             chunk_header: boxed(PAGE).try_into().unwrap(),
@@ -382,18 +391,27 @@ impl Bufs {
             pages: boxed(LZ4_GROUP * PAGE).try_into().unwrap(),
             read_ahead: boxed(READ_AHEAD).try_into().unwrap(),
             seal: None,
-            coder: queue_coder(),
+            coder: queue_coder(queue),
+            sealer: None,
+            queue,
         }
     }
 
     /// The buffers of a sealed image's save or resume, under [`DATA_KEY`].
     pub fn sealed() -> Self {
         let chunk = vec![0u8; size_of::<SealedChunk>()].into_boxed_slice().try_into().unwrap();
-        Self { seal: Some((Seal::new(&DataKey(DATA_KEY)), chunk)), ..Self::new() }
+        let seal: &'static Seal = Box::leak(Box::new(Seal::new(&DataKey(DATA_KEY))));
+        let chunks = Box::leak(vec![0u8; CHUNKS_SEALING * size_of::<SealedChunk>()].into_boxed_slice()).as_mut_ptr();
+        let bufs = Self::new();
+        // SAFETY: the queue is the coder's, on this thread alone; the
+        // chunks are leaked, CHUNKS_SEALING of them (u8 arrays: any
+        // alignment), and the sealer's alone.
+        let sealer = unsafe { QueueSealer::new(bufs.queue, seal, &mut *chunks.cast()) };
+        Self { seal: Some((seal, chunk)), sealer: Some(sealer), ..bufs }
     }
 
     pub fn resume(&mut self) -> resume::Buffers<'_> {
-        let seal = self.seal.as_mut().map(|(s, c)| (&*s, &mut **c));
+        let seal = self.seal.as_mut().map(|(s, c)| (*s, &mut **c));
         resume::Buffers { block: &mut self.block, chunk_header: &mut self.chunk_header, coded: &mut self.coded, pages: &mut self.pages, seal, read_ahead: &mut self.read_ahead }
     }
 
@@ -406,7 +424,7 @@ impl Bufs {
                 raw_header: &mut self.chunk_header,
                 coder: Some(&mut self.coder),
                 write_behind: Some(&mut self.read_ahead[..]),
-                seal: self.seal.as_mut().map(|(s, c)| (&*s, &mut **c)),
+                seal: self.seal.as_ref().zip(self.sealer.as_mut()).map(|((s, _), c)| (*s, c as &mut dyn ChunkSealer)),
             },
         }
     }

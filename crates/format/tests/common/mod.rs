@@ -12,7 +12,7 @@ use ksave_format::codec::Lz4;
 use ksave_format::header::{self, Header, META_BLOCKS, META_BYTES, State};
 use ksave_format::reader::{self, ReadError};
 use ksave_format::store::{Claim, Claimed};
-use ksave_format::writer::{self, GROUPS_IN_FLIGHT, GroupBuffers, Inline, Memory, Sink, Totals, WriteError};
+use ksave_format::writer::{self, ChunkSealer, GROUPS_IN_FLIGHT, GroupBuffers, Inline, InlineSealer, Memory, Sink, Totals, WriteError};
 use ksave_format::{BackupPair, PAGE, Range};
 
 /// Test memory: page frame -> contents.
@@ -205,11 +205,12 @@ pub fn save_with(
     let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
     let mut coder = Inline::new(&mut lz4, &mut groups);
     let mut behind = vec![0u8; 128 << 10];
+    let mut sealer = seal.as_ref().map(|s| InlineSealer::new(s, &mut chunk));
     let bufs = commit::Buffers {
         block: &mut block,
         meta: &mut meta,
         scratch: &mut scratch,
-        writer: writer::Buffers { raw_header: &mut raw_header, coder: Some(&mut coder), write_behind: Some(&mut behind), seal: seal.as_ref().map(|s| (s, &mut *chunk)) },
+        writer: writer::Buffers { raw_header: &mut raw_header, coder: Some(&mut coder), write_behind: Some(&mut behind), seal: seal.as_ref().zip(sealer.as_mut()).map(|(s, c)| (s, c as &mut dyn ChunkSealer)) },
     };
     commit::save(&plan, &claimed(), mem, free, disk, bufs, || 0, 0)
 }
