@@ -24,7 +24,8 @@ use crate::{cpu, hw, println};
 
 /// Most helpers: the queue's slots keep about this many busy.
 const MAX_HELPERS: usize = 3;
-/// A helper's stack: a job is a hash and an LZ4 decode into its slot.
+/// A helper's stack: a job is a hash, an LZ4 decode or code into its slot,
+/// or a chunk's AES-GCM.
 const AP_STACK: usize = 16 * 1024;
 
 #[repr(C, align(16))]

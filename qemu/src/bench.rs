@@ -369,6 +369,7 @@ pub fn encrypted_table() -> Result<()> {
         println!("{r}");
         print_ratios(&r, &[
             ("sealed / plain, ksave's save time", "sealed: ksave's save", "plain: ksave's save"),
+            ("sealed, two CPUs / one, ksave's save time", "sealed: ksave's save", "sealed, one CPU: ksave's save"),
             ("sealed / plain, ksave's load time", "sealed: ksave's load at the resume", "plain: ksave's load at the resume"),
         ]);
     }

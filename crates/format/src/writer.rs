@@ -6,10 +6,11 @@
 //!
 //! Coding is pipelined: up to [`GROUPS_IN_FLIGHT`] groups are being coded
 //! (on other CPUs, with ksave's queue) while the writer gathers the next
-//! and writes what is finished, always in the order gathered. Every
-//! decision depends on the order of pages only, never on timing: a coder
-//! that runs each group at once ([`Inline`]) writes the same image, byte
-//! for byte, as one on every CPU.
+//! and writes what is finished, always in the order gathered. So is a
+//! sealed image's sealing of raw chunks ([`ChunkSealer`]). Every decision
+//! depends on the order of pages only, never on timing: a coder and a
+//! sealer that run each job at once ([`Inline`], [`InlineSealer`]) write
+//! the same image, byte for byte, as those on every CPU.
 
 use crc::{Digest, Table};
 
@@ -451,7 +452,8 @@ impl<'b> Writer<'b> {
             return self.push_raw(pfn, page, sink);
         }
         if self.gathered == 0 {
-            // A group takes a slot of the queue the raw chunks sealing hold.
+            // A new group may need a slot of ksave's queue, where raw
+            // chunks sealing hold theirs until written: they go first.
             self.drain_sealing(sink)?;
         }
         let group = self.bufs.coder.as_deref_mut().expect("checked above").gathering();

@@ -1,9 +1,8 @@
 #!/bin/sh
 # `make bench`: the same memory saved plain (ksave's partition, partition
 # 1), sealed (a file on ext4 on LUKS2, partition 2) and sealed on one CPU
-# (`--one-cpu`), in turns, each resumed by the harness (plain: QEMU
-# -kernel; sealed: kernel C after the unlock); and the kernel's own
-# dm-crypt throughput in this VM.
+# (`--one-cpu`), in turns, each resumed by the harness (kernel C after
+# the unlock); and the kernel's own dm-crypt throughput in this VM.
 # shellcheck source=SCRIPTDIR/../lib/test.sh # in the initramfs, as qemu/mkinitramfs.sh installs it
 . /lib/ksave-test/test.sh
 export DM_DISABLE_UDEV=1
