@@ -100,7 +100,7 @@ pub enum Command {
         #[arg(long)]
         no_precheck: bool,
         /// Save on this CPU alone (ksave otherwise starts the others,
-        /// offline during the save, to share its LZ4 coding).
+        /// offline during the save, to share its LZ4 coding and sealing).
         #[arg(long)]
         one_cpu: bool,
         /// Tests only: ksave faults on purpose in the middle of the save.

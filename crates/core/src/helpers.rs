@@ -348,7 +348,8 @@ impl Queue {
     /// As for [`Self::submit`].
     pub unsafe fn reserve(&self, mem: &dyn SharedMemory) -> usize {
         loop {
-            if let Some(i) = self.try_reserve() {
+            // SAFETY: this function's contract: only the submitting CPU.
+            if let Some(i) = unsafe { self.try_reserve() } {
                 return i;
             }
             // SAFETY: the jobs were submitted under submit's contract.
@@ -358,9 +359,12 @@ impl Queue {
         }
     }
 
-    /// [`Self::reserve`], but `None` at once if no slot is free. Only the
-    /// submitting CPU reserves.
-    pub fn try_reserve(&self) -> Option<usize> {
+    /// [`Self::reserve`], but `None` at once if no slot is free.
+    ///
+    /// # Safety
+    /// Only the submitting CPU reserves (a slot's FREE to FILLING is its
+    /// own, no atomic exchange).
+    pub unsafe fn try_reserve(&self) -> Option<usize> {
         self.harvest(&mut None);
         let i = self.slots.iter().position(|s| s.state.load(Ordering::Relaxed) == FREE)?;
         self.slots[i].state.store(FILLING, Ordering::Relaxed);
@@ -661,8 +665,9 @@ impl<'q> QueueSealer<'q> {
         Self { queue, seal, chunks: NonNull::from(chunks).cast(), jobs: [(None, 0); CHUNKS_SEALING], oldest: 0, in_flight: 0, _chunks: PhantomData }
     }
 
+    /// Chunk `i` of the ring (modulo [`CHUNKS_SEALING`]).
     fn chunk(&self, i: usize) -> *mut SealedChunk {
-        // SAFETY: `i` < CHUNKS_SEALING, within the array `new` took.
+        // SAFETY: `i % CHUNKS_SEALING` is within the array `new` took.
         unsafe { self.chunks.as_ptr().add(i % CHUNKS_SEALING) }
     }
 }
@@ -682,7 +687,8 @@ impl ChunkSealer for QueueSealer<'_> {
     fn start(&mut self, index: u64, pages: usize) {
         let i = (self.oldest + self.in_flight) % CHUNKS_SEALING;
         let chunk = self.chunk(i);
-        let slot = self.queue.try_reserve();
+        // SAFETY: new's contract: this CPU alone submits.
+        let slot = unsafe { self.queue.try_reserve() };
         match slot {
             Some(slot) => {
                 // SAFETY: reserved and not published.
@@ -727,7 +733,10 @@ impl ChunkSealer for QueueSealer<'_> {
 
 impl Drop for QueueSealer<'_> {
     /// A save that failed may leave chunks sealing: they are waited for
-    /// (or their CPU is lost) before the buffers go back to the caller.
+    /// before the buffers go back to the caller, unless a CPU was lost
+    /// (then `wait` gives up on every chunk still held, a live helper's
+    /// too, and `new`'s contract holds: ksave parks every CPU before the
+    /// buffers are used again).
     fn drop(&mut self) {
         while self.in_flight > 0 {
             if let (Some(slot), _) = self.jobs[self.oldest] {

@@ -114,8 +114,8 @@ pub struct Config {
     /// The host proved that the kernel relies on nothing in its free pages
     /// ([`crate::header::FLAG_FREE_AS_FOUND`]); false in any doubt.
     pub free_as_found: bool,
-    /// The save codes its pages on this CPU alone, leaving the others
-    /// offline (`ksave hibernate --one-cpu`).
+    /// The save codes and seals its pages on this CPU alone, leaving the
+    /// others offline (`ksave hibernate --one-cpu`).
     pub one_cpu: bool,
     /// The caller's RAM.
     pub ram: [Range; MAX_RANGES],

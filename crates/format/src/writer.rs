@@ -111,7 +111,10 @@ pub struct Coded {
 pub trait GroupCoder {
     /// The encoding its payloads have.
     fn encoding(&self) -> Encoding;
-    /// The group being gathered: the same one until [`Self::start`].
+    /// The group being gathered: the same one until [`Self::start`]. A
+    /// new group may wait for a free slot of ksave's queue: the writer
+    /// calls it with no raw chunk sealing ([`ChunkSealer`]), whose slots
+    /// only the writer frees.
     fn gathering(&mut self) -> Group<'_>;
     /// Starts coding the group gathered, its first `pages` pages. Never
     /// called with [`GROUPS_IN_FLIGHT`] groups in flight.
@@ -628,7 +631,8 @@ impl<'b> Writer<'b> {
         // Sealed: the header and encrypted pages go from the chunk buffer
         // once sealed; its place and index are taken now, its header's CRC
         // (over the tag) counted when it is written.
-        debug_assert_eq!(total, (PAGE * (1 + n)) as u64);
+        // What `write_sealed` counts the chunk as: its header block and pages.
+        assert_eq!(total, (PAGE * (1 + n)) as u64);
         chunk::encode(&mut sealer.filling()[..PAGE], &fields, &self.raw[..n]);
         sealer.start(fields.index, n);
         if self.sealing == 0 {

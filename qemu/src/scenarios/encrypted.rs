@@ -112,6 +112,11 @@ pub fn encrypted_store_story(echo: bool) -> Result<Report> {
     ensure!(helped > 0.0, "2 CPUs, yet the save sealed every chunk on one ({own} chunks)");
     report.add("save 1: chunks sealed by the other CPU", helped, "chunks");
     report.add("save 1: chunks sealed by the saving CPU", own, "chunks");
+    // Sealing is the deepest job a helper runs, on a stack with no guard
+    // page below it: a quarter of it stays unused.
+    let stack = vm.expect_metrics("helper_stack_kib", 60 * SECOND)?.get("helper_stack_kib")?;
+    ensure!(stack <= 24.0, "the other CPU used {stack} KiB of its 32 KiB stack");
+    report.add("save 1: the other CPU's stack used", stack, "KiB");
     let saved = vm.expect_metrics("image_bytes", 300 * SECOND)?;
     vm.expect("ksave: powering off", 60 * SECOND)?;
     vm.expect_exit(0, 60 * SECOND)?;

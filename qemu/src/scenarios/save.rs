@@ -146,7 +146,7 @@ pub(super) fn hibernate_run(bus: Bus, expect: Expect, lz4: bool, memtest_mib: u6
             if expect == Expect::CpuException && lz4 {
                 // The fault comes while the other CPU serves the coding:
                 // ksave parks it on its way back, and A brings it online.
-                vm.expect("more CPU(s) code the pages", 300 * SECOND)?;
+                vm.expect("more CPU(s) share the save", 300 * SECOND)?;
             }
             let ksave_says = vm.expect_metrics("save_failed", 300 * SECOND)?;
             ensure!(ksave_says.get("save_failed")? == expected as f64, "ksave failed with code {}, expected {expected}", ksave_says.get("save_failed")?);
