@@ -770,6 +770,8 @@ impl SharedMemory for NoMemory {
 mod tests {
     use super::*;
     use ksave_format::codec::PageCodec;
+    use std::sync::Barrier;
+
     use ksave_format::header::FLAG_SEALED;
     use ksave_format::seal::DataKey;
     use ksave_format::writer::{Buffers as WriterBuffers, GroupBuffers, Inline, InlineSealer, Memory, Sink, Totals, WriteError, Writer};
@@ -1040,14 +1042,27 @@ mod tests {
         let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
         let (one, one_totals, one_writes) = write_all(&mem, &mut Inline::new(&mut lz4, &mut groups), None).unwrap();
         assert!(one_totals.pages_lz4 > 0 && one_totals.pages_lz4_skipped > 0 && one_totals.pages_zero > 0, "{one_totals:?}");
-        for helpers in [0, 1, 3] {
+        // A helper scheduled late may find every job done (the host's CPUs
+        // are shared with other tests): a save is tried again until one
+        // ran a job, each checked.
+        let mut helped = Vec::new();
+        for (helpers, attempt) in [0, 1, 3].into_iter().flat_map(|h| (1..=ATTEMPTS).map(move |a| (h, a))) {
+            if attempt > 1 && helped.contains(&helpers) {
+                continue;
+            }
             let queue = Box::new(Queue::new());
-
+            let serving = Barrier::new(helpers + 1);
             let (image, totals, writes) = std::thread::scope(|s| {
                 for _ in 0..helpers {
-                    // SAFETY: coding jobs touch their slots only.
-                    s.spawn(|| unsafe { queue.serve(&NO_MEMORY) });
+                    s.spawn(|| {
+                        serving.wait();
+                        // SAFETY: coding jobs touch their slots only.
+                        unsafe { queue.serve(&NO_MEMORY) }
+                    });
                 }
+                // The save starts once every helper serves (else, fast, it
+                // may be over before one does).
+                serving.wait();
                 // SAFETY: this thread alone submits; coding jobs touch their slots only.
                 let written = write_all(&mem, &mut unsafe { QueueCoder::new(&queue) }, Some(&mut [0u8; 128 << 10]));
                 queue.stop();
@@ -1060,9 +1075,15 @@ mod tests {
             // Every page not skipped was in one group coded (a group cut short by a skip or the end holds fewer).
             let (jobs, tried) = (u64::from(by_helpers + by_saver), totals.pages_stored - totals.pages_lz4_skipped);
             assert!((tried.div_ceil(LZ4_GROUP as u64)..=tried).contains(&jobs), "{jobs} jobs for {tried} pages");
-            assert!(helpers == 0 || by_helpers > 0, "{helpers} helpers ran no job");
+            if helpers == 0 || by_helpers > 0 {
+                helped.push(helpers);
+            }
+            assert!(helped.contains(&helpers) || attempt < ATTEMPTS, "{helpers} helpers ran no job in {ATTEMPTS} saves");
         }
     }
+
+    /// Saves tried per helper count until helpers ran a job.
+    const ATTEMPTS: usize = 200;
 
     fn sealed_chunks() -> Box<[SealedChunk]> {
         vec![[0u8; size_of::<SealedChunk>()]; CHUNKS_SEALING].into_boxed_slice()
@@ -1078,14 +1099,24 @@ mod tests {
             let mut inline = InlineSealer::new(&seal, &mut chunk[0]);
             let (one, one_totals, _) = write_sealed(&mem, code_groups, &mut Inline::new(&mut lz4, &mut groups), None, Some((&seal, &mut inline))).unwrap();
             assert!(one_totals.flags & FLAG_SEALED != 0 && one_totals.pages_stored > 5 * SEALED_RAW_PAGES as u64, "{one_totals:?}");
-            for helpers in [0, 1, 3] {
+            // Tried again until a helper ran a job, as in the test above.
+            let mut helped = Vec::new();
+            for (helpers, attempt) in [0, 1, 3].into_iter().flat_map(|h| (1..=ATTEMPTS).map(move |a| (h, a))) {
+                if attempt > 1 && helped.contains(&helpers) {
+                    continue;
+                }
                 let queue = Box::new(Queue::new());
                 let mut chunks = sealed_chunks();
+                let serving = Barrier::new(helpers + 1);
                 let (image, totals, _) = std::thread::scope(|s| {
                     for _ in 0..helpers {
-                        // SAFETY: a save's jobs touch their slots and chunks only.
-                        s.spawn(|| unsafe { queue.serve(&NO_MEMORY) });
+                        s.spawn(|| {
+                            serving.wait();
+                            // SAFETY: a save's jobs touch their slots and chunks only.
+                            unsafe { queue.serve(&NO_MEMORY) }
+                        });
                     }
+                    serving.wait();
                     // SAFETY: this thread alone submits; the chunks are the
                     // sealer's; the helpers stop before they go.
                     let (mut coder, mut sealer) = unsafe { (QueueCoder::new(&queue), QueueSealer::new(&queue, &seal, (&mut chunks[..]).try_into().unwrap())) };
@@ -1097,11 +1128,14 @@ mod tests {
                 assert_eq!(totals, one_totals, "{helpers} helpers, groups coded: {code_groups}");
                 assert!(image == one, "{helpers} helpers, groups coded: {code_groups}: the images differ");
                 let (by_helpers, by_saver) = queue.jobs_run();
-                assert!(helpers == 0 || by_helpers > 0, "{helpers} helpers ran no job");
                 if !code_groups {
                     // Every raw chunk was a job: no coder held the slots.
                     assert_eq!(u64::from(by_helpers + by_saver), totals.chunks - (totals.pages_free > 0) as u64, "{totals:?}");
                 }
+                if helpers == 0 || by_helpers > 0 {
+                    helped.push(helpers);
+                }
+                assert!(helped.contains(&helpers) || attempt < ATTEMPTS, "{helpers} helpers ran no job in {ATTEMPTS} saves");
             }
         }
     }
