@@ -1042,31 +1042,11 @@ mod tests {
         let (mut lz4, mut groups) = (Lz4, Box::new([GroupBuffers::EMPTY; GROUPS_IN_FLIGHT + 1]));
         let (one, one_totals, one_writes) = write_all(&mem, &mut Inline::new(&mut lz4, &mut groups), None).unwrap();
         assert!(one_totals.pages_lz4 > 0 && one_totals.pages_lz4_skipped > 0 && one_totals.pages_zero > 0, "{one_totals:?}");
-        // A helper scheduled late may find every job done (the host's CPUs
-        // are shared with other tests): a save is tried again until one
-        // ran a job, each checked.
-        let mut helped = Vec::new();
-        for (helpers, attempt) in [0, 1, 3].into_iter().flat_map(|h| (1..=ATTEMPTS).map(move |a| (h, a))) {
-            if attempt > 1 && helped.contains(&helpers) {
-                continue;
-            }
+        for_every_helper_count(|helpers| {
             let queue = Box::new(Queue::new());
-            let serving = Barrier::new(helpers + 1);
-            let (image, totals, writes) = std::thread::scope(|s| {
-                for _ in 0..helpers {
-                    s.spawn(|| {
-                        serving.wait();
-                        // SAFETY: coding jobs touch their slots only.
-                        unsafe { queue.serve(&NO_MEMORY) }
-                    });
-                }
-                // The save starts once every helper serves (else, fast, it
-                // may be over before one does).
-                serving.wait();
+            let (image, totals, writes) = served(&queue, helpers, || {
                 // SAFETY: this thread alone submits; coding jobs touch their slots only.
-                let written = write_all(&mem, &mut unsafe { QueueCoder::new(&queue) }, Some(&mut [0u8; 128 << 10]));
-                queue.stop();
-                written.unwrap()
+                write_all(&mem, &mut unsafe { QueueCoder::new(&queue) }, Some(&mut [0u8; 128 << 10])).unwrap()
             });
             assert_eq!(totals, one_totals, "{helpers} helpers");
             assert!(image == one, "{helpers} helpers, chunks gathered for the disk: the images differ");
@@ -1075,11 +1055,42 @@ mod tests {
             // Every page not skipped was in one group coded (a group cut short by a skip or the end holds fewer).
             let (jobs, tried) = (u64::from(by_helpers + by_saver), totals.pages_stored - totals.pages_lz4_skipped);
             assert!((tried.div_ceil(LZ4_GROUP as u64)..=tried).contains(&jobs), "{jobs} jobs for {tried} pages");
-            if helpers == 0 || by_helpers > 0 {
-                helped.push(helpers);
+            by_helpers
+        });
+    }
+
+    /// Runs `save` with 0, 1 and 3 helper threads; `save` returns how many
+    /// jobs the helpers ran. A helper scheduled late may find every job
+    /// done (the host's CPUs are shared with other tests): a save is tried
+    /// again (each checked by `save`) until helpers ran a job.
+    fn for_every_helper_count(mut save: impl FnMut(usize) -> u32) {
+        for helpers in [0, 1, 3] {
+            let mut attempt = 1;
+            while save(helpers) == 0 && helpers > 0 {
+                assert!(attempt < ATTEMPTS, "{helpers} helpers ran no job in {ATTEMPTS} saves");
+                attempt += 1;
             }
-            assert!(helped.contains(&helpers) || attempt < ATTEMPTS, "{helpers} helpers ran no job in {ATTEMPTS} saves");
         }
+    }
+
+    /// Runs `save` on this thread while `helpers` threads serve `queue`,
+    /// started together (else, fast, the save may be over before one
+    /// serves); stops them after.
+    fn served<R: Send>(queue: &Queue, helpers: usize, save: impl FnOnce() -> R) -> R {
+        let serving = Barrier::new(helpers + 1);
+        std::thread::scope(|s| {
+            for _ in 0..helpers {
+                s.spawn(|| {
+                    serving.wait();
+                    // SAFETY: a save's jobs touch their slots and chunks only.
+                    unsafe { queue.serve(&NO_MEMORY) }
+                });
+            }
+            serving.wait();
+            let saved = save();
+            queue.stop();
+            saved
+        })
     }
 
     /// Saves tried per helper count until helpers ran a job.
@@ -1099,31 +1110,14 @@ mod tests {
             let mut inline = InlineSealer::new(&seal, &mut chunk[0]);
             let (one, one_totals, _) = write_sealed(&mem, code_groups, &mut Inline::new(&mut lz4, &mut groups), None, Some((&seal, &mut inline))).unwrap();
             assert!(one_totals.flags & FLAG_SEALED != 0 && one_totals.pages_stored > 5 * SEALED_RAW_PAGES as u64, "{one_totals:?}");
-            // Tried again until a helper ran a job, as in the test above.
-            let mut helped = Vec::new();
-            for (helpers, attempt) in [0, 1, 3].into_iter().flat_map(|h| (1..=ATTEMPTS).map(move |a| (h, a))) {
-                if attempt > 1 && helped.contains(&helpers) {
-                    continue;
-                }
+            for_every_helper_count(|helpers| {
                 let queue = Box::new(Queue::new());
                 let mut chunks = sealed_chunks();
-                let serving = Barrier::new(helpers + 1);
-                let (image, totals, _) = std::thread::scope(|s| {
-                    for _ in 0..helpers {
-                        s.spawn(|| {
-                            serving.wait();
-                            // SAFETY: a save's jobs touch their slots and chunks only.
-                            unsafe { queue.serve(&NO_MEMORY) }
-                        });
-                    }
-                    serving.wait();
+                let (image, totals, _) = served(&queue, helpers, || {
                     // SAFETY: this thread alone submits; the chunks are the
-                    // sealer's; the helpers stop before they go.
+                    // sealer's; the helpers stop after the sealer goes.
                     let (mut coder, mut sealer) = unsafe { (QueueCoder::new(&queue), QueueSealer::new(&queue, &seal, (&mut chunks[..]).try_into().unwrap())) };
-                    let written = write_sealed(&mem, code_groups, &mut coder, Some(&mut [0u8; 128 << 10]), Some((&seal, &mut sealer)));
-                    drop(sealer);
-                    queue.stop();
-                    written.unwrap()
+                    write_sealed(&mem, code_groups, &mut coder, Some(&mut [0u8; 128 << 10]), Some((&seal, &mut sealer))).unwrap()
                 });
                 assert_eq!(totals, one_totals, "{helpers} helpers, groups coded: {code_groups}");
                 assert!(image == one, "{helpers} helpers, groups coded: {code_groups}: the images differ");
@@ -1132,11 +1126,8 @@ mod tests {
                     // Every raw chunk was a job: no coder held the slots.
                     assert_eq!(u64::from(by_helpers + by_saver), totals.chunks - (totals.pages_free > 0) as u64, "{totals:?}");
                 }
-                if helpers == 0 || by_helpers > 0 {
-                    helped.push(helpers);
-                }
-                assert!(helped.contains(&helpers) || attempt < ATTEMPTS, "{helpers} helpers ran no job in {ATTEMPTS} saves");
-            }
+                by_helpers
+            });
         }
     }
 
